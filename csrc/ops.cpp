@@ -1,0 +1,20 @@
+// Every schema of the mpvit_kernels namespace, in one place. Implementations register
+// themselves per dispatch key in cpu/ and cuda/; fakes and autograd live in Python
+// (mpvit_kernels/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import mpvit_kernels._C` loads this library, which runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(mpvit_kernels, m) {
+  // y = x * scale[c] + shift[c], then Hardswish if `hswish`; channel dim 1, any dense layout.
+  m.def("affine_hswish(Tensor x, Tensor scale, Tensor shift, bool hswish) -> Tensor");
+  // Returns (grad_x, grad_scale, grad_shift).
+  m.def(
+      "affine_hswish_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, bool hswish)"
+      " -> (Tensor, Tensor, Tensor)");
+}
