@@ -1,0 +1,13 @@
+"""mpvit-kernels: fused GPU kernels for MPViT, with autograd, drop-in modules and a reference model."""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from mpvit_kernels import ops, reference
+from mpvit_kernels.backend import BACKENDS, extension_available, get_backend, use_backend
+from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "Conv2dBN", "ConvPosEnc", "ConvRelPosEnc", "DWConv2dBN", "FactorAttention",
+    "extension_available", "get_backend", "ops", "reference", "use_backend",
+]

@@ -1,0 +1,91 @@
+"""Which implementation an op runs: the backend switch and the compiled extension.
+
+Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
+
+- ``auto`` (default): the fastest available implementation per call: Triton or CUDA kernels on
+  CUDA tensors, the extension's C++ kernels on CPU tensors, the eager reference where neither
+  exists for an op.
+- ``reference``: the eager PyTorch ground truth of :mod:`mpvit_kernels.reference` everywhere
+  ("kernels off").
+- ``cuda``: the compiled extension ``mpvit_kernels._C`` (its CUDA kernels, or their C++ CPU twins
+  for CPU tensors) wherever an op has one; an error if the extension is not built.
+- ``triton``: the Triton kernels wherever an op has one, ``auto`` elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+_forced: str | None = None
+_extension: bool | None = None
+_warned_missing = False
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: :func:`use_backend`'s, else ``MPVIT_KERNELS_BACKEND``, else auto."""
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get("MPVIT_KERNELS_BACKEND", "auto") or "auto", "MPVIT_KERNELS_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed code with backend ``name`` (``with use_backend("reference"): ...``)."""
+    global _forced
+    previous, _forced = _forced, _check_name(name, "backend")
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def extension_available() -> bool:
+    """Whether ``mpvit_kernels._C`` is built and loaded (registers the ``mpvit_kernels`` ops)."""
+    global _extension
+    if _extension is None:
+        if os.environ.get("MPVIT_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
+            _extension = False
+        else:
+            try:
+                from mpvit_kernels import _C  # noqa: F401  (loading it registers the ops)
+
+                _extension = True
+            except ImportError:
+                _extension = False
+    return _extension
+
+
+def use_extension(op: str, device: torch.device) -> bool:
+    """Whether op ``op`` runs its compiled kernel for tensors on ``device``.
+
+    Under ``auto`` a missing extension falls back to the reference, with one warning per
+    process; under ``cuda`` it is an error.
+    """
+    global _warned_missing
+    backend = get_backend()
+    if backend == "reference" or device.type not in ("cpu", "cuda"):
+        return False
+    if extension_available():
+        return True
+    if backend == "cuda":
+        raise RuntimeError(
+            f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "
+            "not built (installed with MPVIT_KERNELS_NO_EXTENSION=1, or the build failed)")
+    if not _warned_missing:
+        _warned_missing = True
+        warnings.warn(
+            "mpvit_kernels._C is not built: compiled ops run on the eager reference path "
+            "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.",
+            RuntimeWarning, stacklevel=3)
+    return False

@@ -1,0 +1,248 @@
+"""MPViT (Lee et al., CVPR 2022), written from ../shared/MPVIT_SPEC.md.
+
+Module and parameter names equal the public checkpoints', so they load strictly. Ops with a
+fused implementation go through mpvit_kernels.nn / mpvit_kernels.ops, so the backend switch
+(``mpvit_kernels.use_backend("reference")`` or ``MPVIT_KERNELS_BACKEND``) turns kernels off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, bn_hswish
+
+# size: (num_layers, embed_dims, mlp_ratio)
+CONFIGS = {
+    "tiny": ((1, 2, 4, 1), (64, 96, 176, 216), 2),
+    "xsmall": ((1, 2, 4, 1), (64, 128, 192, 256), 4),
+    "small": ((1, 3, 6, 3), (64, 128, 216, 288), 4),
+    "base": ((1, 3, 8, 3), (128, 224, 368, 480), 4),
+}
+NUM_PATH = (2, 3, 3, 3)
+NUM_HEADS = 8
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch per sample, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MHCABlock(nn.Module):
+    """One transformer block; ``cpe`` and ``crpe`` are its encoder's shared modules."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path_rate: float, cpe: ConvPosEnc, crpe: ConvRelPosEnc):
+        super().__init__()
+        self.cpe = cpe
+        self.crpe = crpe
+        self.factoratt_crpe = FactorAttention(dim, NUM_HEADS, qkv_bias=True, shared_crpe=crpe)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.cpe(x, size)
+        x = x + drop_path(self.factoratt_crpe(self.norm1(x), size), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class MHCAEncoder(nn.Module):
+    """One path's encoder: its layers share one cpe and one crpe."""
+
+    def __init__(self, dim: int, num_layers: int, mlp_ratio: float, drop_path_rates: Sequence[float]):
+        super().__init__()
+        self.cpe = ConvPosEnc(dim, 3)
+        self.crpe = ConvRelPosEnc(dim // NUM_HEADS, NUM_HEADS)
+        self.MHCA_layers = nn.ModuleList(
+            MHCABlock(dim, mlp_ratio, drop_path_rates[i], self.cpe, self.crpe) for i in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view of a channels-last image
+        for layer in self.MHCA_layers:
+            tokens = layer(tokens, (H, W))
+        return tokens.transpose(1, 2).reshape(B, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """``InvRes``, the local path: 1x1 conv-BN-Hardswish -> dw3x3 -> BN -> Hardswish ->
+    1x1 conv-BN, plus the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = Conv2dBN(dim, dim, 1, hswish=True)
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
+        self.norm = nn.BatchNorm2d(dim)
+        self.conv2 = Conv2dBN(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(bn_hswish(self.dwconv(self.conv1(x)), self.norm, True))
+
+
+class PatchEmbedStage(nn.Module):
+    """``num_path`` DWConv2d_BN applied in a chain; every path's output is kept."""
+
+    def __init__(self, dim: int, num_path: int, downsample: bool):
+        super().__init__()
+        self.patch_embeds = nn.ModuleList(DWCPatchEmbed(dim, 2 if downsample and j == 0 else 1) for j in range(num_path))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for embed in self.patch_embeds:
+            x = embed(x)
+            outs.append(x)
+        return outs
+
+
+class DWCPatchEmbed(nn.Module):
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.patch_conv = DWConv2dBN(dim, dim, 3, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_conv(x)
+
+
+class MHCAStage(nn.Module):
+    """InvRes on path 0's input, one encoder per path, then the GLI ``aggregate`` over the
+    channel concat [InvRes, path 0, path 1, ...]."""
+
+    def __init__(self, dim: int, out_dim: int, num_layers: int, mlp_ratio: float, num_path: int,
+                 drop_path_rates: Sequence[float]):
+        super().__init__()
+        self.mhca_blks = nn.ModuleList(MHCAEncoder(dim, num_layers, mlp_ratio, drop_path_rates) for _ in range(num_path))
+        self.InvRes = ResBlock(dim)
+        self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, 1, hswish=True)
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        outs = [self.InvRes(inputs[0])] + [enc(x) for enc, x in zip(self.mhca_blks, inputs)]
+        return self.aggregate(torch.cat(outs, dim=1))
+
+
+class ClsHead(nn.Module):
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.cls = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(x.mean(dim=(2, 3)))
+
+
+class MPViT(nn.Module):
+    """Multi-Path Vision Transformer. ``forward(x)`` gives logits, ``forward_features(x)`` the
+    four stage maps (strides 4, 8, 16, 32) for dense prediction. Any H and W."""
+
+    def __init__(self, num_layers: Sequence[int], embed_dims: Sequence[int], mlp_ratio: float,
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3):
+        super().__init__()
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if in_chans < 1 or num_classes < 1:
+            raise ValueError(f"in_chans and num_classes must be positive, got {in_chans} and {num_classes}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dims = tuple(embed_dims)
+        rates = torch.linspace(0, drop_path_rate, sum(num_layers)).tolist()
+        stage_rates = [rates[sum(num_layers[:i]):sum(num_layers[:i + 1])] for i in range(4)]
+        self.stem = nn.Sequential(
+            Conv2dBN(in_chans, embed_dims[0] // 2, 3, 2, hswish=True),
+            Conv2dBN(embed_dims[0] // 2, embed_dims[0], 3, 2, hswish=True))
+        self.patch_embed_stages = nn.ModuleList(
+            PatchEmbedStage(embed_dims[i], NUM_PATH[i], downsample=i > 0) for i in range(4))
+        self.mhca_stages = nn.ModuleList(
+            MHCAStage(embed_dims[i], embed_dims[min(i + 1, 3)], num_layers[i], mlp_ratio, NUM_PATH[i], stage_rates[i])
+            for i in range(4))
+        self.cls_head = ClsHead(embed_dims[3], num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MPViT: x must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"MPViT: x must be (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        x = self.stem(x)
+        features = []
+        for embed, stage in zip(self.patch_embed_stages, self.mhca_stages):
+            x = stage(embed(x))
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls_head(self.forward_features(x)[-1])
+
+
+def _build(size: str, num_classes: int, drop_path_rate: float, in_chans: int) -> MPViT:
+    num_layers, embed_dims, mlp_ratio = CONFIGS[size]
+    return MPViT(num_layers, embed_dims, mlp_ratio, num_classes, drop_path_rate, in_chans)
+
+
+def mpvit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
+    return _build("tiny", num_classes, drop_path_rate, in_chans)
+
+
+def mpvit_xsmall(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
+    return _build("xsmall", num_classes, drop_path_rate, in_chans)
+
+
+def mpvit_small(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
+    return _build("small", num_classes, drop_path_rate, in_chans)
+
+
+def mpvit_base(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
+    return _build("base", num_classes, drop_path_rate, in_chans)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a public MPViT checkpoint (``{"model": state_dict}``, ``{"state_dict": ...}`` or a bare
+    state_dict) into ``model``. With ``strict`` (default), any missing, unexpected or mis-shaped
+    key is a ValueError that lists them; without, mis-shaped keys still are, the rest is skipped."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                state = ckpt[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{os.fspath(path)}: not an MPViT checkpoint (expected a state_dict, or a dict with 'model')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    problems = [("mis-shaped", mis_shaped)] + ([("missing", missing), ("unexpected", unexpected)] if strict else [])
+    if any(keys for _, keys in problems):
+        lines = [f"  {what} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+                 for what, keys in problems if keys]
+        raise ValueError(f"{os.fspath(path)} does not fit {type(model).__name__}:\n" + "\n".join(lines))
+    model.load_state_dict(state, strict=strict)
+    return model

@@ -1,0 +1,115 @@
+"""Drop-in modules. Parameter names follow the public MPViT checkpoints, so a public
+state_dict loads into them strictly. Each forward goes through :mod:`mpvit_kernels.ops` (the
+backend switch picks kernels or the reference) where a fused op exists.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mpvit_kernels import ops, reference
+
+DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
+
+
+def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor:
+    """BatchNorm then optional Hardswish. In training (batch statistics) the module runs as is;
+    in eval it is folded to a per-channel affine and runs as one ``affine_hswish`` op."""
+    if bn.training or bn.running_mean is None:
+        x = bn(x)
+        return F.hardswish(x) if hswish else x
+    scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    return ops.affine_hswish(x, scale, shift, hswish)
+
+
+class Conv2dBN(nn.Module):
+    """``Conv2d_BN``: bias-free conv -> BatchNorm2d -> optional Hardswish."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, hswish: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.hswish = hswish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_hswish(self.conv(x), self.bn, self.hswish)
+
+
+class DWConv2dBN(nn.Module):
+    """``DWConv2d_BN``: depthwise k x k (stride s) -> 1x1 conv -> BatchNorm2d -> Hardswish."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(in_ch, in_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=in_ch, bias=False)
+        self.pwconv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_hswish(self.pwconv(self.dwconv(x)), self.bn, True)
+
+
+class ConvPosEnc(nn.Module):
+    """``cpe``: tokens + depthwise 3x3 conv (with bias) of the tokens seen as an image."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        img = x.transpose(1, 2).reshape(B, C, H, W)  # a view when x is contiguous tokens
+        return reference.cpe(img, self.proj.weight, self.proj.bias).flatten(2).transpose(1, 2)
+
+
+class ConvRelPosEnc(nn.Module):
+    """``crpe``: depthwise convs (with bias) over v, one window size per group of heads."""
+
+    def __init__(self, head_dim: int, num_heads: int, window: Mapping[int, int] | None = None):
+        super().__init__()
+        window = dict(DEFAULT_CRPE_WINDOW if window is None else window)
+        for k, h in window.items():
+            if not (isinstance(k, int) and k > 0 and k % 2 == 1):
+                raise ValueError(f"crpe_window keys must be odd kernel sizes, got {k!r}")
+            if not (isinstance(h, int) and h > 0):
+                raise ValueError(f"crpe_window values must be positive head counts, got {h!r} for kernel {k}")
+        if sum(window.values()) != num_heads:
+            raise ValueError(f"crpe_window {window} covers {sum(window.values())} heads, expected num_heads={num_heads}")
+        self.head_dim = head_dim
+        self.window = window
+        self.conv_list = nn.ModuleList(
+            nn.Conv2d(h * head_dim, h * head_dim, k, 1, k // 2, groups=h * head_dim) for k, h in window.items())
+
+
+class FactorAttention(nn.Module):
+    """Factorized attention with convolutional relative position encoding
+    (``FactorAtt_ConvRelPosEnc``): ``proj(scale * q softmax_N(k)^T v + q * crpe(v))`` per head.
+
+    ``forward(x: (B, N, C), size: (H, W)) -> (B, N, C)`` with N = H * W row-major.
+    ``crpe_window`` maps kernel size to head count (default ``{3: 2, 5: 3, 7: 3}``);
+    ``shared_crpe`` reuses another module's CRPE, as MPViT's blocks do.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_scale: float | None = None,
+                 crpe_window: Mapping[int, int] | None = None, shared_crpe: ConvRelPosEnc | None = None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.crpe = shared_crpe if shared_crpe is not None else ConvRelPosEnc(head_dim, num_heads, crpe_window)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        if N != size[0] * size[1]:
+            raise ValueError(f"FactorAttention: x has N={N} tokens but size={tuple(size)} gives {size[0] * size[1]}")
+        convs = self.crpe.conv_list
+        out = reference.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
+                                         [c.weight for c in convs], [c.bias for c in convs])
+        return self.proj(out)

@@ -1,0 +1,77 @@
+"""Eager PyTorch ground truth of every op family: the tests' oracle and the "kernels off" path.
+
+Plain compositions of torch ops, written for clarity; every fused kernel is tested against
+these. Images are (B, C, H, W) in any memory format; tokens are (B, N, C) with N = H*W
+row-major (the same memory as channels-last).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fold_bn(weight, bias, running_mean, running_var, eps: float):
+    """Eval BatchNorm as a per-channel affine: ``bn(x) == x * scale + shift``."""
+    scale = weight * torch.rsqrt(running_var + eps)
+    return scale, bias - running_mean * scale
+
+
+def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hswish: bool = True) -> torch.Tensor:
+    """``hardswish(x * scale[c] + shift[c])`` over channel dim 1, computed in fp32 (fp64 for fp64)."""
+    acc = _acc_dtype(x.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    z = x.to(acc) * scale.to(acc).view(shape) + shift.to(acc).view(shape)
+    return (F.hardswish(z) if hswish else z).to(x.dtype)
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   stride: int = 1) -> torch.Tensor:
+    """Depthwise k x k conv with "same" padding k // 2; weight (C, 1, k, k)."""
+    return F.conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def cpe(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Convolutional position encoding on an image: ``x + dwconv3x3(x) + bias``."""
+    return x + depthwise_conv(x, weight, bias)
+
+
+def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, scale: torch.Tensor,
+              shift: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Depthwise-separable conv + eval BatchNorm (folded) + Hardswish (``DWConv2d_BN``)."""
+    return affine_hswish(F.conv2d(depthwise_conv(x, dw_weight, stride=stride), pw_weight), scale, shift)
+
+
+def gli_projection(xs: Sequence[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor) -> torch.Tensor:
+    """Channel concat of the path outputs -> 1x1 conv -> eval BatchNorm (folded) -> Hardswish."""
+    return affine_hswish(F.conv2d(torch.cat(list(xs), dim=1), weight), scale, shift)
+
+
+def factor_attention(qkv: torch.Tensor, size: tuple[int, int], num_heads: int, scale: float,
+                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Factorized attention with convolutional relative position encoding, qkv -> (B, N, C).
+
+    qkv: the qkv Linear's output (B, N, 3C), seen as (B, N, 3, heads, Ch). Per head,
+    ``out = scale * q @ (softmax_N(k)^T @ v) + q * crpe(v)``. crpe_weights[i] (ci, 1, k, k) and
+    crpe_biases[i] (ci,) convolve the next ci channels of v seen as the image (B, heads*Ch, H, W);
+    the ci sum to C. Heads are merged head-major into (B, N, C), ready for ``proj``.
+    """
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Ch = C // num_heads
+    H, W = size
+    q, k, v = qkv.reshape(B, N, 3, num_heads, Ch).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
+    context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, heads, Ch, Ch)
+    factor = scale * (q @ context)
+    v_img = v.transpose(-1, -2).reshape(B, C, H, W)
+    v_parts = torch.split(v_img, [w.shape[0] for w in crpe_weights], dim=1)
+    conv_v = torch.cat([depthwise_conv(p, w, b) for p, w, b in zip(v_parts, crpe_weights, crpe_biases)], dim=1)
+    conv_v = conv_v.reshape(B, num_heads, Ch, N).transpose(-1, -2)
+    out = factor + q * conv_v
+    return out.transpose(1, 2).reshape(B, N, C)
