@@ -27,11 +27,11 @@ inline acc_t hswish_fwd(acc_t z) {
   return z * std::min(std::max(z + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
 }
 
-// Same branches as ATen's hardswish_backward, boundaries included.
+// Same branches as ATen's hardswish_backward, boundaries included (slope 0 at -3, 1 at 3).
 template <typename acc_t>
 inline acc_t hswish_slope(acc_t z) {
-  if (z < acc_t(-3)) return acc_t(0);
-  if (z <= acc_t(3)) return z / acc_t(3) + acc_t(0.5);
+  if (z <= acc_t(-3)) return acc_t(0);
+  if (z < acc_t(3)) return z / acc_t(3) + acc_t(0.5);
   return acc_t(1);
 }
 

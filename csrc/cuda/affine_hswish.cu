@@ -31,8 +31,8 @@ __device__ __forceinline__ acc_t hswish_fwd(acc_t z) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t hswish_slope(acc_t z) {
-  if (z < acc_t(-3)) return acc_t(0);
-  if (z <= acc_t(3)) return z / acc_t(3) + acc_t(0.5);
+  if (z <= acc_t(-3)) return acc_t(0);
+  if (z < acc_t(3)) return z / acc_t(3) + acc_t(0.5);
   return acc_t(1);
 }
 

@@ -1,0 +1,35 @@
+# The two commands a fresh machine needs: `make test` and `make bench` (each creates .venv,
+# installs torch and the test extra, builds the extension, then runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CUDA 13.0 build of PyTorch (from local disk on the project's machines).
+TORCH_SPEC ?= torch==2.14.1
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+
+.PHONY: test bench build wheel clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+	touch $@
+
+# The extension, rebuilt when a source or setup.py changes.
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e '.[test]'
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q -ra tests
+
+bench: build
+	$(PY) -m mpvit_kernels.bench
+
+wheel: $(VENV)/.deps
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info mpvit_kernels/_C*.so $(VENV)

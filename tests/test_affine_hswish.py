@@ -1,0 +1,265 @@
+"""affine_hswish: the compiled op (C++ CPU twin here, CUDA with a GPU) against the reference."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mpvit_kernels
+from mpvit_kernels import ops, reference
+from mpvit_kernels.nn import Conv2dBN
+from tests.utils import LAYOUTS, assert_close, make_image
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
+requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
+
+
+def params(C, dtype=torch.float32, device="cpu", requires_grad=False):
+    scale = (torch.rand(C, dtype=dtype, device=device) + 0.5).requires_grad_(requires_grad)
+    shift = torch.randn(C, dtype=dtype, device=device).requires_grad_(requires_grad)
+    return scale, shift
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    for shape in [(2, 3, 5, 7), (1, 16, 4, 3)]:
+        for layout in LAYOUTS:
+            for hswish in (True, False):
+                x = make_image(shape, dtype, layout, device, requires_grad=True)
+                yield (x, *params(shape[1], dtype, device, requires_grad=True), hswish)
+    yield (torch.randn(5, 6, dtype=dtype, device=device, requires_grad=True),
+           *params(6, dtype, device, requires_grad=True), True)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@requires_ext
+def test_extension_registers_cpu_and_cuda_kernels():
+    import mpvit_kernels._C  # noqa: F401
+
+    for name in ("mpvit_kernels::affine_hswish", "mpvit_kernels::affine_hswish_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        if torch.version.cuda is not None:  # built as a CUDAExtension: the .cu kernels linked in
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("hswish", [True, False])
+def test_matches_reference(shape, layout, dtype, hswish):
+    x = make_image(shape, dtype, layout, requires_grad=True)
+    scale, shift = params(shape[1], dtype, requires_grad=True)
+    y = torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, hswish)
+    x_ref, scale_ref, shift_ref = (t.detach().clone().requires_grad_() for t in (x, scale, shift))
+    y_ref = reference.affine_hswish(x_ref, scale_ref, shift_ref, hswish)
+    assert_close(y, y_ref)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = make_image(shape, dtype, "nchw")
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert_close(x.grad, x_ref.grad)
+    # parameter grads sum over B*H*W elements: allow the summation-order difference
+    assert_close(scale.grad, scale_ref.grad, scale=10)
+    assert_close(shift.grad, shift_ref.grad, scale=10)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu_matches_reference(dtype):
+    x = make_image((2, 24, 7, 5), dtype, "channels_last")
+    scale, shift = params(24, torch.float32)
+    assert_close(torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, True),
+                 reference.affine_hswish(x, scale, shift, True))
+
+
+@requires_ext
+def test_hardswish_kinks_match_aten():
+    # Exactly at z = -3 and z = 3 the slope follows ATen's hardswish_backward.
+    x = torch.tensor([-3.0, 3.0, -3.5, 0.0, 2.0, 4.0], dtype=torch.float64).view(1, 6, 1).requires_grad_()
+    ones = torch.ones(6, dtype=torch.float64)
+    zeros = torch.zeros(6, dtype=torch.float64)
+    torch.ops.mpvit_kernels.affine_hswish(x, ones, zeros, True).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.nn.functional.hardswish(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
+
+
+@requires_ext
+def test_opcheck():
+    for args in sample_inputs():
+        torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish.default, args)
+    x = make_image((2, 5, 3, 4), layout="channels_last")
+    scale, shift = params(5)
+    torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish_backward.default,
+                          (torch.randn(2, 5, 3, 4), x, scale, shift, True))
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(layout):
+    x = make_image((2, 3, 4, 5), torch.float64, layout, requires_grad=True)
+    scale, shift = params(3, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.affine_hswish(*a, True), (x, scale, shift))
+
+
+@requires_ext
+def test_backward_is_deterministic_across_thread_counts():
+    x = make_image((4, 32, 33, 31), layout="channels_last", requires_grad=True)
+    scale, shift = params(32, requires_grad=True)
+    grad = torch.randn_like(x)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@requires_ext
+def test_backend_switch_picks_the_kernel_or_the_reference():
+    x = make_image((1, 4, 3, 3))
+    scale, shift = params(4)
+    with RecordOps() as rec:
+        ops.affine_hswish(x, scale, shift)
+    assert "mpvit_kernels.affine_hswish" in rec.names
+    with mpvit_kernels.use_backend("reference"), RecordOps() as rec:
+        ops.affine_hswish(x, scale, shift)
+    assert not any(n.startswith("mpvit_kernels") for n in rec.names)
+    with pytest.raises(ValueError, match="backend"):
+        with mpvit_kernels.use_backend("fast"):
+            pass
+
+
+@pytest.mark.parametrize("make_args, exc, match", [
+    (lambda: (torch.randn(2, 3, 4, 4), torch.ones(4), torch.zeros(3)), ValueError, "scale"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3, 1)), ValueError, "shift"),
+    (lambda: (torch.randn(3), torch.ones(3), torch.zeros(3)), ValueError, "x must be"),
+    (lambda: (torch.ones(2, 3, 4, 4, dtype=torch.int32), torch.ones(3), torch.zeros(3)), TypeError, "x must be"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3, dtype=torch.float64)), TypeError, "share"),
+    (lambda: (torch.randn(2, 3, 4, 4), torch.ones(3, device="meta"), torch.zeros(3)), ValueError, "scale"),
+    (lambda: ([1.0], torch.ones(3), torch.zeros(3)), TypeError, "x must be a Tensor"),
+])
+def test_bad_inputs_raise_before_any_kernel(make_args, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.affine_hswish(*make_args())
+
+
+@requires_ext
+def test_compiled_op_rejects_bad_shapes_too():
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.mpvit_kernels.affine_hswish(torch.randn(2, 3, 4, 4), torch.ones(4), torch.zeros(4), True)
+
+
+def test_empty_input():
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    scale, shift = params(3, requires_grad=True)
+    y = ops.affine_hswish(x, scale, shift)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(shift.grad, torch.zeros(3))
+
+
+@requires_ext
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_module_under_torch_compile_fullgraph(compile_backend):
+    torch._dynamo.reset()
+    m = Conv2dBN(3, 8, 3, 2, hswish=True)
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    m.eval()
+    x = make_image((2, 3, 9, 11), layout="channels_last", requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
+    with RecordOps() as rec:
+        m(x)
+    assert "mpvit_kernels.affine_hswish" in rec.names
+    y, y_ref = compiled(x), m(x)
+    assert_close(y, y_ref)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    assert_close(g, g_ref)
+
+
+def test_without_extension_falls_back_and_says_so_once():
+    code = textwrap.dedent("""
+        import warnings, torch, mpvit_kernels
+        from mpvit_kernels import ops, reference
+        assert not mpvit_kernels.extension_available()
+        x, s, b = torch.randn(2, 3, 4, 4), torch.rand(3), torch.randn(3)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y = ops.affine_hswish(x, s, b)
+            ops.affine_hswish(x, s, b)
+        assert len([m for m in w if "not built" in str(m.message)]) == 1, [str(m.message) for m in w]
+        assert torch.equal(y, reference.affine_hswish(x, s, b))
+        with mpvit_kernels.use_backend("cuda"):
+            try:
+                ops.affine_hswish(x, s, b)
+            except RuntimeError as e:
+                assert "not built" in str(e)
+            else:
+                raise AssertionError("backend cuda without the extension must raise")
+        print("ok")
+    """)
+    env = dict(os.environ, MPVIT_KERNELS_NO_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ---- CUDA (run with a GPU: pytest -m cuda) -------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 17, 9, 13), (16, 64, 56, 56), (2, 288, 7, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_cpu_twin(shape, layout, dtype):
+    x = make_image(shape, dtype, layout, device="cuda", requires_grad=True)
+    scale, shift = params(shape[1], torch.float32, device="cuda", requires_grad=True)
+    y = torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, True)
+    grad = torch.randn_like(y)
+    gx, gs, gb = torch.autograd.grad(y, (x, scale, shift), grad)
+    xc, sc, bc = (t.detach().cpu().requires_grad_() for t in (x, scale, shift))
+    yc = torch.ops.mpvit_kernels.affine_hswish(xc, sc, bc, True)
+    gxc, gsc, gbc = torch.autograd.grad(yc, (xc, sc, bc), grad.cpu())
+    assert y.stride() == x.stride() or layout == "strided"
+    assert_close(y.cpu(), yc, dtype)
+    assert_close(gx.cpu(), gxc, dtype)
+    n = x.numel() / shape[1]
+    assert_close(gs.cpu(), gsc, torch.float32, scale=max(10.0, n ** 0.5))
+    assert_close(gb.cpu(), gbc, torch.float32, scale=max(10.0, n ** 0.5))
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_deterministic():
+    x = make_image((16, 64, 56, 56), torch.bfloat16, "channels_last", device="cuda")
+    scale, shift = params(64, device="cuda")
+    grad = torch.randn_like(x)
+    first = torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, True)
+    for _ in range(3):
+        for a, b in zip(first, torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, True)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    for args in sample_inputs(device="cuda"):
+        torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish.default, args)

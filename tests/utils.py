@@ -1,0 +1,30 @@
+"""Shared test helpers: one tolerance table per dtype, tensors in the layouts the ops meet."""
+import torch
+
+# (atol, rtol) of a kernel against the reference computed in the same dtype.
+TOL = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+LAYOUTS = ("nchw", "channels_last", "strided")
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0):
+    atol, rtol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale)
+
+
+def make_image(shape, dtype=torch.float32, layout="nchw", device="cpu", requires_grad=False):
+    """A (B, C, H, W) tensor in `layout`: NCHW contiguous, channels-last, or a non-dense
+    strided view (every other column of a wider tensor)."""
+    B, C, H, W = shape
+    if layout == "strided":
+        x = torch.randn(B, C, H, 2 * W, dtype=dtype, device=device)[..., ::2]
+    else:
+        x = torch.randn(shape, dtype=dtype, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)
