@@ -6,12 +6,11 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import Conv2dBN
-from tests.utils import LAYOUTS, assert_close, make_image
+from tests.utils import LAYOUTS, RecordOps, assert_close, make_image
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
 requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
@@ -31,16 +30,6 @@ def sample_inputs(device="cpu", dtype=torch.float32):
                 yield (x, *params(shape[1], dtype, device, requires_grad=True), hswish)
     yield (torch.randn(5, 6, dtype=dtype, device=device, requires_grad=True),
            *params(6, dtype, device, requires_grad=True), True)
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 @requires_ext

@@ -1,5 +1,6 @@
 """Shared test helpers: one tolerance table per dtype, tensors in the layouts the ops meet."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (atol, rtol) of a kernel against the reference computed in the same dtype.
 TOL = {
@@ -28,3 +29,15 @@ def make_image(shape, dtype=torch.float32, layout="nchw", device="cpu", requires
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten/custom op dispatched inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

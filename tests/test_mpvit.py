@@ -1,0 +1,165 @@
+"""The reference MPViT: checkpoint parity, dense features, odd sizes, kernels on vs off."""
+import os
+
+import pytest
+import torch
+
+import mpvit_kernels
+from tests.utils import RecordOps
+from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
+
+SIZES = {"tiny": mpvit_tiny, "xsmall": mpvit_xsmall, "small": mpvit_small, "base": mpvit_base}
+PARAMS = {"tiny": 5_843_736, "xsmall": 10_573_448, "small": 22_892_400, "base": 74_845_976}
+EMBED = {"tiny": (64, 96, 176, 216), "xsmall": (64, 128, 192, 256), "small": (64, 128, 216, 288),
+         "base": (128, 224, 368, 480)}
+REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+
+
+def reference_keys(size):
+    path = os.path.join(REFERENCE_DIR, f"mpvit_{size}_state_dict_keys.txt")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found (shared/ beside the checkout)")
+    with open(path) as f:
+        return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+
+
+def randomize_bn(model):
+    """Non-trivial BatchNorm statistics, so eval outputs depend on them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_state_dict_keys_shapes_and_parameter_count(size):
+    model = SIZES[size]()
+    ours = {k: str(tuple(v.shape)) for k, v in model.state_dict().items()}
+    expected = reference_keys(size)
+    assert sorted(set(expected) - set(ours)) == []
+    assert sorted(set(ours) - set(expected)) == []
+    assert {k: v for k, v in ours.items() if v != expected[k]} == {}
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[size]
+
+
+def test_cpe_and_crpe_are_shared_like_the_checkpoint():
+    enc = mpvit_tiny().mhca_stages[2].mhca_blks[1]
+    for layer in enc.MHCA_layers:
+        assert layer.cpe is enc.cpe and layer.crpe is enc.crpe and layer.factoratt_crpe.crpe is enc.crpe
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_dense_features_shapes_and_strides(size):
+    model = SIZES[size]().eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 64, 96))
+    e = EMBED[size]
+    assert [tuple(f.shape) for f in feats] == [
+        (1, e[1], 16, 24), (1, e[2], 8, 12), (1, e[3], 4, 6), (1, e[3], 2, 3)]
+
+
+@pytest.mark.parametrize("hw", [(97, 75), (33, 29), (1, 1)])
+def test_odd_input_sizes(hw):
+    model = mpvit_tiny(num_classes=7).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(2, 3, *hw))
+        logits = model(torch.randn(2, 3, *hw))
+    h, w = hw
+    for f in feats:
+        h, w = (h + 1) // 2, (w + 1) // 2  # each stride-2 conv with padding 1
+        if f is feats[0]:
+            h, w = (h + 1) // 2, (w + 1) // 2  # the stem has two
+        assert f.shape[-2:] == (h, w)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+
+
+def test_in_chans_and_bad_inputs():
+    model = mpvit_tiny(num_classes=3, in_chans=1).eval()
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.randn(1, 32, 32))
+    with pytest.raises(TypeError, match="Tensor"):
+        model([[1.0]])
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        mpvit_tiny(drop_path_rate=1.5)
+
+
+@pytest.mark.parametrize("wrap", ["model", "bare"])
+def test_checkpoint_round_trip(tmp_path, wrap):
+    src = randomize_bn(mpvit_tiny()).eval()
+    state = src.state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": state} if wrap == "model" else state, path)
+    dst = load_checkpoint(mpvit_tiny(), path).eval()
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_checkpoint_errors_list_the_keys(tmp_path):
+    state = mpvit_tiny().state_dict()
+    state.pop("cls_head.cls.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["stem.0.conv.weight"] = torch.zeros(1, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(mpvit_tiny(), path)
+    msg = str(err.value)
+    assert "missing (1): cls_head.cls.bias" in msg
+    assert "unexpected (1): extra.weight" in msg
+    assert "stem.0.conv.weight" in msg and "mis-shaped" in msg
+    with pytest.raises(ValueError, match="mis-shaped"):  # shapes are checked even when not strict
+        load_checkpoint(mpvit_tiny(), path, strict=False)
+    torch.save({"model": [1, 2]}, path)
+    with pytest.raises(ValueError, match="not an MPViT checkpoint"):
+        load_checkpoint(mpvit_tiny(), path)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_kernels_on_equal_kernels_off(memory_format):
+    model = randomize_bn(mpvit_tiny()).eval()
+    x = torch.randn(2, 3, 64, 56).contiguous(memory_format=memory_format)
+    with torch.no_grad(), RecordOps() as rec:
+        on = model(x)
+        with mpvit_kernels.use_backend("reference"):
+            off = model(x)
+    if mpvit_kernels.extension_available():
+        # every eval BatchNorm runs as the compiled op when kernels are on, none when off
+        num_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert rec.names.count("mpvit_kernels.affine_hswish") == num_bn
+    torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
+
+
+def test_training_step_with_drop_path():
+    model = mpvit_tiny(num_classes=5, drop_path_rate=0.1).train()
+    x = torch.randn(2, 3, 32, 32)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert int(model.stem[0].bn.num_batches_tracked) == 1
+
+
+def test_frozen_batchnorm_finetuning_gets_affine_grads():
+    # Detection fine-tuning: BN in eval (running stats), its weight and bias still trained.
+    model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    bn = model.stem[0].bn
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+    assert bn.bias.grad is not None and bn.bias.grad.abs().sum() > 0
+
+
+def test_whole_model_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
