@@ -1,0 +1,1 @@
+"""The speed report: ``python -m mpvit_kernels.bench``."""
