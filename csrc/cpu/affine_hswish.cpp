@@ -156,9 +156,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_hswish_backward_cpu(
     // Blocks are summed in index order: same bits for any thread count.
     at::Tensor sum_scale = at::zeros({L.channels}, partial.options());
     at::Tensor sum_shift = at::zeros({L.channels}, partial.options());
+    acc_t* ss = sum_scale.mutable_data_ptr<acc_t>();
+    acc_t* sb = sum_shift.mutable_data_ptr<acc_t>();
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      sum_scale.add_(partial[blk][0]);
-      sum_shift.add_(partial[blk][1]);
+      for (int64_t c = 0; c < L.channels; ++c) {
+        ss[c] += pp[blk * 2 * L.channels + c];
+        sb[c] += pp[(blk * 2 + 1) * L.channels + c];
+      }
     }
     grad_scale = sum_scale.to(scale.scalar_type());
     grad_shift = sum_shift.to(shift.scalar_type());
