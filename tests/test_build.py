@@ -1,0 +1,45 @@
+"""The package builds as a user builds it: `pip wheel --no-build-isolation .` against this torch,
+with the CUDA kernels compiled for the documented default architectures."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cuobjdump():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+@pytest.mark.slow
+def test_pip_wheel_builds_cuda_kernels_for_sm80_and_sm90(tmp_path):
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("needs a CUDA build of torch and nvcc")
+    src = tmp_path / "src"
+    # a copy without build products, so the wheel is built from scratch
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "build", "dist", "*.so", ".git", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".benchmarks"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "MPVIT_KERNELS_NO_EXTENSION")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU to pick an arch from: the documented default applies
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w",
+                          str(tmp_path / "dist"), str(src)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "building CUDA + CPU kernels" in out.stderr + out.stdout
+    (wheel,) = glob.glob(str(tmp_path / "dist" / "mpvit_kernels-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        (so,) = [n for n in zf.namelist() if n.startswith("mpvit_kernels/_C") and n.endswith(".so")]
+        zf.extract(so, tmp_path / "unpacked")
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the cubins")
+    listing = subprocess.run([tool, "--list-elf", str(tmp_path / "unpacked" / so)], capture_output=True, text=True)
+    assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout + listing.stderr
