@@ -12,14 +12,12 @@ SIZES = {"tiny": mpvit_tiny, "xsmall": mpvit_xsmall, "small": mpvit_small, "base
 PARAMS = {"tiny": 5_843_736, "xsmall": 10_573_448, "small": 22_892_400, "base": 74_845_976}
 EMBED = {"tiny": (64, 96, 176, 216), "xsmall": (64, 128, 192, 256), "small": (64, 128, 216, 288),
          "base": (128, 224, 368, 480)}
-REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+# Every state_dict key and shape of the public checkpoints, one "key<TAB>(shape)" a line.
+REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "data")
 
 
 def reference_keys(size):
-    path = os.path.join(REFERENCE_DIR, f"mpvit_{size}_state_dict_keys.txt")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found (shared/ beside the checkout)")
-    with open(path) as f:
+    with open(os.path.join(REFERENCE_DIR, f"mpvit_{size}_state_dict_keys.txt")) as f:
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
 
 

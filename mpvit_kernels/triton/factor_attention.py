@@ -1,0 +1,287 @@
+"""Triton kernels of factorized attention with convolutional relative position encoding.
+
+Per batch b and head h, with q, k, v the head's (N, Ch) slices of the qkv Linear output
+(B, N, 3, heads, Ch) and A = softmax over the N tokens of k (column-wise):
+
+    O = scale * q @ S + q * (crpe_bias + dwconv_w(v)),   S = A^T v   (Ch x Ch)
+
+Forward (minimum traffic: k, v once, then q, v and O once):
+  1. ``context_partial``: per (b*h, chunk of tokens) online column max m, sum l of exp(k - m)
+     and exp(k - m)^T v over the chunk, so that B=1 still fills the GPU at large N.
+  2. ``context_combine``: per b*h, a fixed-order merge of the chunks: S and lse = m + log(l).
+  3. ``output``: per (b*h, tile of tokens), O = scale * q S + q * crpe(v), v read with its halo.
+Backward (dO given; dS = scale * q^T dO, c_d = sum_e S_de dS_de):
+  1. ``grad_partial``: per (b*h, chunk) q^T dO and, per CRPE tap, sum (q*dO) * shifted v.
+  2. ``grad_combine``: per b*h, dS and c from the chunk partials, in fixed order.
+  3. ``grad_qkv``: per (b*h, tile), elementwise in the tokens:
+     dq = scale dO S^T + dO * crpe(v), dv = A dS + crpe^T(q*dO), dk = A * (v dS^T - c),
+     written into one d(qkv) in the Linear's layout.
+All reductions run in a fixed order: the results are bitwise reproducible.
+
+Layouts: qkv rows are tokens (stride ``stride_n``, batch stride ``stride_b``, unit stride in
+the 3C columns); q of head h is columns [h*Ch, (h+1)*Ch), k is +C, v is +2C. O is (B, N, C)
+with the same convention. CRPE weights are packed to (C, KMAX*KMAX), each head's k x k window
+centred in KMAX x KMAX; ``ksize`` (heads,) holds each head's k.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_tokens(base, offs_n, col, stride_n, mask, other):
+    """(len(offs_n), len(col)) tile of a token-major matrix, in fp32/fp64 as loaded."""
+    return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
+
+
+@triton.jit
+def context_partial_kernel(
+    qkv_ptr,  # (B, N, 3C) qkv Linear output
+    m_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk column max of k
+    l_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk column sum of exp(k - m)
+    s_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) out: chunk exp(k - m)^T v
+    N, C, Ch, heads, stride_b, stride_n, chunk,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = bh // heads
+    h = bh % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < Ch
+    base = qkv_ptr + b.to(tl.int64) * stride_b
+    k_col = C + h * Ch + offs_d
+    v_col = 2 * C + h * Ch + offs_d
+    m = tl.full([BLOCK_D], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    for start in range(split * chunk, tl.minimum(split * chunk + chunk, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & dmask[None, :]
+        k = _load_tokens(base, offs_n, k_col, stride_n, mask, float("-inf")).to(ACC)
+        v = _load_tokens(base, offs_n, v_col, stride_n, mask, 0.0)
+        m_new = tl.maximum(m, tl.max(k, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # columns with nothing yet
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(k - m_safe[None, :])
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(v.dtype)), v, out_dtype=ACC,
+                                            input_precision=DOT_PRECISION)
+        m = m_new
+    row = bh * splits + split
+    tl.store(m_ptr + row * BLOCK_D + offs_d, m)
+    tl.store(l_ptr + row * BLOCK_D + offs_d, l)
+    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def context_combine_kernel(
+    m_ptr, l_ptr, s_ptr,  # chunk partials of context_partial_kernel
+    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: S = softmax_N(k)^T v
+    lse_ptr,  # (B*heads, BLOCK_D) out: column log-sum-exp of k
+    splits,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    m_max = tl.full([BLOCK_D], float("-inf"), ACC)
+    for s in range(0, splits):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * splits + s) * BLOCK_D + offs_d))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l = tl.zeros([BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    for s in range(0, splits):
+        row = bh * splits + s
+        w = tl.exp(tl.load(m_ptr + row * BLOCK_D + offs_d) - m_safe)
+        l += w * tl.load(l_ptr + row * BLOCK_D + offs_d)
+        acc += w[:, None] * tl.load(s_ptr + row * BLOCK_D * BLOCK_D + tile)
+    l_safe = tl.where(l > 0, l, 1.0)  # padded head-dim columns have l = 0
+    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, acc / l_safe[:, None])
+    tl.store(lse_ptr + bh * BLOCK_D + offs_d, m_safe + tl.log(l_safe))
+
+
+@triton.jit
+def _crpe_tap(v_base, offs_n, ys, xs, dy, dx, H, W, v_col, stride_n, nmask, dmask):
+    """v at the token shifted by (dy, dx) from each of offs_n, zero outside the image."""
+    yy = ys + dy
+    xx = xs + dx
+    ok = nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    return _load_tokens(v_base, offs_n + dy * W + dx, v_col, stride_n, ok[:, None] & dmask[None, :], 0.0)
+
+
+@triton.jit
+def output_kernel(
+    qkv_ptr,  # (B, N, 3C) qkv Linear output
+    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S of context_combine_kernel
+    w_ptr,  # (C, KMAX*KMAX) packed CRPE weights
+    bias_ptr,  # (C,) CRPE bias
+    ksize_ptr,  # (heads,) int32 window of each head
+    out_ptr,  # (B, N, C) out
+    N, H, W, C, Ch, heads, stride_b, stride_n, out_stride_b, out_stride_n, scale,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // heads
+    h = bh % heads
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < N
+    dmask = offs_d < Ch
+    mask = nmask[:, None] & dmask[None, :]
+    ys = offs_n // W
+    xs = offs_n % W
+    base = qkv_ptr + b.to(tl.int64) * stride_b
+    chan = h * Ch + offs_d
+    q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
+    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+    out = scale * tl.dot(q, ctx, out_dtype=ACC, input_precision=DOT_PRECISION)
+    conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
+    k = tl.load(ksize_ptr + h)
+    r = k // 2
+    pad = KMAX // 2 - r
+    for dy in range(0, k):
+        for dx in range(0, k):
+            v = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
+            w = tl.load(w_ptr + chan * (KMAX * KMAX) + (dy + pad) * KMAX + dx + pad, mask=dmask, other=0.0)
+            conv += v.to(ACC) * w.to(ACC)[None, :]
+    out += q * conv
+    out_base = out_ptr + b.to(tl.int64) * out_stride_b
+    tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_partial_kernel(
+    qkv_ptr,  # (B, N, 3C) qkv Linear output
+    dout_ptr,  # (B, N, C) gradient of the attention output
+    ds_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) out: chunk q^T dO
+    dw_ptr,  # (B*heads, SPLITS, KK, BLOCK_D) out: chunk sum of (q*dO) * v shifted by each tap
+    db_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk sum of q*dO
+    ksize_ptr,  # (heads,) int32 window of each head
+    N, H, W, C, Ch, heads, stride_b, stride_n, dout_stride_b, dout_stride_n, chunk,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr, KK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = bh // heads
+    h = bh % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < Ch
+    chan = h * Ch + offs_d
+    base = qkv_ptr + b.to(tl.int64) * stride_b
+    dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
+    k = tl.load(ksize_ptr + h)
+    r = k // 2
+    pad = KMAX // 2 - r
+    taps = tl.arange(0, KK)  # row t of dw_acc is the tap (t // KMAX, t % KMAX) of the KMAX window
+    ds_acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    dw_acc = tl.zeros([KK, BLOCK_D], ACC)
+    db_acc = tl.zeros([BLOCK_D], ACC)
+    for start in range(split * chunk, tl.minimum(split * chunk + chunk, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        mask = nmask[:, None] & dmask[None, :]
+        ys = offs_n // W
+        xs = offs_n % W
+        q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0)
+        do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0)
+        ds_acc += tl.dot(tl.trans(q), do, out_dtype=ACC, input_precision=DOT_PRECISION)
+        g = q.to(ACC) * do.to(ACC)
+        db_acc += tl.sum(g, axis=0)
+        for dy in range(0, k):
+            for dx in range(0, k):
+                v = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
+                contrib = tl.sum(g * v.to(ACC), axis=0)
+                tap = (dy + pad) * KMAX + dx + pad
+                dw_acc += tl.where(taps[:, None] == tap, contrib[None, :], 0.0)
+    row = bh * splits + split
+    tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds_acc)
+    tl.store(dw_ptr + row * KK * BLOCK_D + taps[:, None] * BLOCK_D + offs_d[None, :], dw_acc)
+    tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
+
+
+@triton.jit
+def grad_combine_kernel(
+    ds_part_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) chunk q^T dO
+    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S
+    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: dS = scale * q^T dO
+    c_ptr,  # (B*heads, BLOCK_D) out: c_d = sum_e S_de dS_de
+    splits, scale,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    for s in range(0, splits):
+        acc += tl.load(ds_part_ptr + (bh * splits + s) * BLOCK_D * BLOCK_D + tile)
+    ds = scale * acc
+    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile)
+    tl.store(ds_ptr + bh * BLOCK_D * BLOCK_D + tile, ds)
+    tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
+
+
+@triton.jit
+def grad_qkv_kernel(
+    qkv_ptr,  # (B, N, 3C) qkv Linear output
+    dout_ptr,  # (B, N, C) gradient of the attention output
+    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S
+    lse_ptr,  # (B*heads, BLOCK_D) column log-sum-exp of k
+    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) dS
+    c_ptr,  # (B*heads, BLOCK_D) c
+    w_ptr,  # (C, KMAX*KMAX) packed CRPE weights
+    bias_ptr,  # (C,) CRPE bias
+    ksize_ptr,  # (heads,) int32 window of each head
+    dqkv_ptr,  # (B, N, 3C) out, contiguous
+    N, H, W, C, Ch, heads, stride_b, stride_n, dout_stride_b, dout_stride_n, scale,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // heads
+    h = bh % heads
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < N
+    dmask = offs_d < Ch
+    mask = nmask[:, None] & dmask[None, :]
+    ys = offs_n // W
+    xs = offs_n % W
+    chan = h * Ch + offs_d
+    base = qkv_ptr + b.to(tl.int64) * stride_b
+    dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
+    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
+    k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
+    v = _load_tokens(base, offs_n, 2 * C + chan, stride_n, mask, 0.0).to(ACC)
+    do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
+    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile)
+    ds = tl.load(ds_ptr + bh * BLOCK_D * BLOCK_D + tile)
+    lse = tl.load(lse_ptr + bh * BLOCK_D + offs_d)
+    c = tl.load(c_ptr + bh * BLOCK_D + offs_d)
+    a = tl.where(mask, tl.exp(k - lse[None, :]), 0.0)
+    dq = scale * tl.dot(do, tl.trans(ctx), out_dtype=ACC, input_precision=DOT_PRECISION)
+    dv = tl.dot(a, ds, out_dtype=ACC, input_precision=DOT_PRECISION)
+    dk = a * (tl.dot(v, tl.trans(ds), out_dtype=ACC, input_precision=DOT_PRECISION) - c[None, :])
+    conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
+    kw = tl.load(ksize_ptr + h)
+    r = kw // 2
+    pad = KMAX // 2 - r
+    for dy in range(0, kw):
+        for dx in range(0, kw):
+            w = tl.load(w_ptr + chan * (KMAX * KMAX) + (dy + pad) * KMAX + dx + pad, mask=dmask, other=0.0).to(ACC)
+            v_in = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
+            conv += v_in.to(ACC) * w[None, :]
+            # transposed conv: this token feeds the one shifted by -(dy - r, dx - r) through tap (dy, dx)
+            q_out = _crpe_tap(base, offs_n, ys, xs, r - dy, r - dx, H, W, chan, stride_n, nmask, dmask)
+            do_out = _crpe_tap(dbase, offs_n, ys, xs, r - dy, r - dx, H, W, chan, dout_stride_n, nmask, dmask)
+            dv += q_out.to(ACC) * do_out.to(ACC) * w[None, :]
+    dq += do * conv
+    out = dqkv_ptr + b.to(tl.int64) * N * 3 * C + offs_n[:, None] * (3 * C) + chan[None, :]
+    ty = dqkv_ptr.dtype.element_ty
+    tl.store(out, dq.to(ty), mask=mask)
+    tl.store(out + C, dk.to(ty), mask=mask)
+    tl.store(out + 2 * C, dv.to(ty), mask=mask)
