@@ -89,3 +89,28 @@ def use_extension(op: str, device: torch.device) -> bool:
             "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.",
             RuntimeWarning, stacklevel=3)
     return False
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(op: str, device: torch.device) -> bool:
+    """Whether op ``op`` runs its Triton kernels for tensors on ``device``: CUDA tensors, or CPU
+    tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how CI checks the kernels)."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    runs_here = device.type == "cuda" or (device.type == "cpu" and interpreting)
+    if runs_here and _triton_importable():
+        return True
+    if backend == "triton":
+        raise RuntimeError(
+            f"mpvit_kernels: backend 'triton' asked for the Triton kernels of {op!r} on {device.type} tensors; "
+            "they run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported")
+    return False

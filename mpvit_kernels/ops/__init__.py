@@ -1,4 +1,5 @@
 """One module per op family: torch.library registration, fake, autograd and backend choice."""
 from mpvit_kernels.ops.affine_hswish import affine_hswish
+from mpvit_kernels.ops.factor_attention import factor_attention
 
-__all__ = ["affine_hswish"]
+__all__ = ["affine_hswish", "factor_attention"]

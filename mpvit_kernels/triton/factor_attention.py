@@ -23,8 +23,22 @@ the 3C columns); q of head h is columns [h*Ch, (h+1)*Ch), k is +C, v is +2C. O i
 with the same convention. CRPE weights are packed to (C, KMAX*KMAX), each head's k x k window
 centred in KMAX x KMAX; ``ksize`` (heads,) holds each head's k.
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def _configs(block_ns, warps):
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
+    # The interpreter has no driver to benchmark with: it takes the first config.
+    return configs[:1] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else configs
+
+
+# Token tiles: the reductions stream long chunks (bigger tiles, fewer loop trips); the
+# per-token passes keep q, v (and in the backward k, dO) tiles plus the CRPE sum in registers.
+REDUCE_CONFIGS = _configs((64, 128), (4, 8))
+TOKEN_CONFIGS = _configs((32, 64), (4, 8))
 
 
 @triton.jit
@@ -33,6 +47,7 @@ def _load_tokens(base, offs_n, col, stride_n, mask, other):
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
 
 
+@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"])
 @triton.jit
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -110,6 +125,7 @@ def _crpe_tap(v_base, offs_n, ys, xs, dy, dx, H, W, v_col, stride_n, nmask, dmas
     return _load_tokens(v_base, offs_n + dy * W + dx, v_col, stride_n, ok[:, None] & dmask[None, :], 0.0)
 
 
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"])
 @triton.jit
 def output_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -151,6 +167,7 @@ def output_kernel(
     tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"])
 @triton.jit
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -224,6 +241,7 @@ def grad_combine_kernel(
     tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"])
 @triton.jit
 def grad_qkv_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output

@@ -1,0 +1,263 @@
+"""factor_attention: ``scale * q softmax_N(k)^T v + q * crpe(v)`` per head, qkv -> (B, N, C).
+
+The Triton kernels of mpvit_kernels/triton/factor_attention.py behind two torch.library ops,
+``mpvit_kernels::factor_attention_fwd`` (returns the output and the per-head softmax stats and
+context S the backward needs, never the N x Ch softmax) and ``factor_attention_bwd``, with
+fakes and registered autograd, so torch.compile(fullgraph=True) goes through them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from mpvit_kernels import backend, reference
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Programs the context pass aims for, so that B=1 with 8 heads still fills 132 SMs at large N.
+# A constant, not the SM count, so the chunking (and the bits) do not depend on the GPU.
+_TARGET_PROGRAMS = 1024
+_CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N of the autotune list
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_kernels():
+    from mpvit_kernels.triton import factor_attention as kernels
+
+    return kernels
+
+
+def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int, int, int, int, int]:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"factor_attention: qkv must be a Tensor, got {type(qkv).__name__}")
+    if qkv.dtype not in _FLOATS:
+        raise TypeError(f"factor_attention: qkv must be float16/bfloat16/float32/float64, got {qkv.dtype}")
+    if qkv.dim() != 3 or qkv.shape[2] % 3 != 0:
+        raise ValueError(f"factor_attention: qkv must be (B, N, 3*C), got shape {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads != 0:
+        raise ValueError(f"factor_attention: num_heads must be a positive divisor of C={C}, got {num_heads!r}")
+    if len(size) != 2 or any(not isinstance(s, int) or s <= 0 for s in size) or size[0] * size[1] != N:
+        raise ValueError(f"factor_attention: size must be (H, W) with H*W = N = {N}, got {tuple(size)}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"factor_attention: scale must be a finite float, got {scale!r}")
+    Ch = C // num_heads
+    if len(crpe_weights) == 0 or len(crpe_weights) != len(crpe_biases):
+        raise ValueError("factor_attention: crpe_weights and crpe_biases must be non-empty lists of one length")
+    total = 0
+    for i, (w, b) in enumerate(zip(crpe_weights, crpe_biases)):
+        if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
+            raise TypeError(f"factor_attention: crpe_weights[{i}] and crpe_biases[{i}] must be Tensors")
+        if w.dim() != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+            raise ValueError(f"factor_attention: crpe_weights[{i}] must be (c, 1, k, k) with odd k, "
+                             f"got {tuple(w.shape)}")
+        if w.shape[0] % Ch != 0 or w.shape[0] == 0:
+            raise ValueError(f"factor_attention: crpe_weights[{i}] has {w.shape[0]} channels, "
+                             f"not a whole number of heads of {Ch}")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"factor_attention: crpe_biases[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+        for name, t in ((f"crpe_weights[{i}]", w), (f"crpe_biases[{i}]", b)):
+            if t.device != qkv.device:
+                raise ValueError(f"factor_attention: {name} is on {t.device} but qkv is on {qkv.device}")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"factor_attention: {name} must be floating point, got {t.dtype}")
+        total += w.shape[0]
+    if total != C:
+        raise ValueError(f"factor_attention: the CRPE windows cover {total} channels, expected C = {C}")
+    return B, N, C, Ch, num_heads
+
+
+def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, scale: float,
+                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Factorized attention with convolutional relative position encoding.
+
+    qkv: the qkv Linear's output (B, N, 3C), read in place as (B, N, 3, heads, Ch); size: (H, W)
+    with H*W = N (row-major tokens); crpe_weights[i] (ci, 1, k, k) and crpe_biases[i] (ci,)
+    are the depthwise convs over the next ci channels of v (the ci sum to C, whole heads each).
+    Returns (B, N, C), head-major channels, ready for ``proj``. fp16/bf16/fp32 inputs run with
+    fp32 math, fp64 with fp64.
+    """
+    size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
+    _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
+    if backend.use_triton("factor_attention", qkv.device):
+        out, _, _ = torch.ops.mpvit_kernels.factor_attention_fwd(
+            qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases))
+        return out
+    return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
+
+
+# ---- launch helpers -----------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_d(Ch: int) -> int:
+    return max(16, triton_next_pow2(Ch))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _chunking(BH: int, N: int) -> tuple[int, int]:
+    """Tokens per chunk of the reduction passes and the number of chunks."""
+    tiles = -(-N // _CHUNK_ALIGN)
+    splits = max(1, min(tiles, -(-_TARGET_PROGRAMS // BH)))
+    chunk = -(-tiles // splits) * _CHUNK_ALIGN
+    return chunk, -(-N // chunk)
+
+
+def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
+    """(C, KMAX*KMAX) weights with each window centred in KMAX x KMAX, (C,) bias, (heads,) k."""
+    kmax = max(w.shape[-1] for w in weights)
+    packed = []
+    for w in weights:
+        p = (kmax - w.shape[-1]) // 2
+        packed.append(torch.nn.functional.pad(w.reshape(w.shape[0], w.shape[-2], w.shape[-1]).to(acc), (p, p, p, p)))
+    w_packed = torch.cat(packed).reshape(-1, kmax * kmax).contiguous()
+    bias = torch.cat([b.to(acc) for b in biases]).contiguous()
+    ksize = torch.tensor([w.shape[-1] for w in weights for _ in range(w.shape[0] // Ch)],
+                         dtype=torch.int32, device=w_packed.device)
+    return w_packed, bias, ksize, kmax
+
+
+def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kmax: int):
+    grads, start = [], 0
+    for w in weights:
+        c, k = w.shape[0], w.shape[-1]
+        p = (kmax - k) // 2
+        g = grad_packed[start:start + c].reshape(c, kmax, kmax)[:, p:p + k, p:p + k]
+        grads.append(g.reshape(c, 1, k, k).to(w.dtype))
+        start += c
+    return grads
+
+
+def _kernel_args(qkv: torch.Tensor):
+    acc = _acc_dtype(qkv.dtype)
+    kernels = _triton_kernels()
+    tl_acc = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
+    precision = "ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32"
+    return kernels, acc, tl_acc, precision
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride along channels; rows may have any stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---- the registered ops -------------------------------------------------------------------
+
+@torch.library.custom_op("mpvit_kernels::factor_attention_fwd", mutates_args=())
+def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
+                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, N, C), context S (B*heads, BD, BD), column log-sum-exp of k (B*heads, BD))."""
+    qkv = _rows(qkv)
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Ch = C // num_heads
+    BD = _block_d(Ch)
+    BH = B * num_heads
+    kernels, acc, tl_acc, precision = _kernel_args(qkv)
+    w_packed, bias, ksize, kmax = _pack_crpe(crpe_weights, crpe_biases, Ch, acc)
+    chunk, splits = _chunking(BH, N)
+    m = torch.empty(BH, splits, BD, device=qkv.device, dtype=acc)
+    l = torch.empty_like(m)
+    s = torch.empty(BH, splits, BD, BD, device=qkv.device, dtype=acc)
+    kernels.context_partial_kernel[(BH, splits)](
+        qkv, m, l, s, N, C, Ch, num_heads, qkv.stride(0), qkv.stride(1), chunk,
+        ACC=tl_acc, DOT_PRECISION=precision, BLOCK_D=BD)
+    ctx = torch.empty(BH, BD, BD, device=qkv.device, dtype=acc)
+    lse = torch.empty(BH, BD, device=qkv.device, dtype=acc)
+    kernels.context_combine_kernel[(BH,)](m, l, s, ctx, lse, splits, ACC=tl_acc, BLOCK_D=BD)
+    out = torch.empty(B, N, C, device=qkv.device, dtype=qkv.dtype)
+    grid = lambda meta: (BH, -(-N // meta["BLOCK_N"]))  # noqa: E731
+    kernels.output_kernel[grid](
+        qkv, ctx, w_packed, bias, ksize, out, N, H, W, C, Ch, num_heads, qkv.stride(0), qkv.stride(1),
+        out.stride(0), out.stride(1), scale, ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, BLOCK_D=BD)
+    return out, ctx, lse
+
+
+@factor_attention_fwd.register_fake
+def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases):
+    B, N, C3 = qkv.shape
+    BD = _block_d(C3 // 3 // num_heads)
+    acc = _acc_dtype(qkv.dtype)
+    return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B * num_heads, BD, BD, dtype=acc),
+            qkv.new_empty(B * num_heads, BD, dtype=acc))
+
+
+@torch.library.custom_op("mpvit_kernels::factor_attention_bwd", mutates_args=())
+def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tensor, lse: torch.Tensor, H: int, W: int,
+                         num_heads: int, scale: float, crpe_weights: list[torch.Tensor],
+                         crpe_biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d qkv (B, N, 3C), d packed CRPE weights (C, KMAX*KMAX), d CRPE bias (C,)), in fp32/fp64
+    for the two CRPE grads."""
+    qkv = _rows(qkv)
+    dout = _rows(dout.to(qkv.dtype))
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    Ch = C // num_heads
+    BD = _block_d(Ch)
+    BH = B * num_heads
+    kernels, acc, tl_acc, precision = _kernel_args(qkv)
+    w_packed, bias, ksize, kmax = _pack_crpe(crpe_weights, crpe_biases, Ch, acc)
+    kk = triton_next_pow2(kmax * kmax)
+    chunk, splits = _chunking(BH, N)
+    ds_part = torch.empty(BH, splits, BD, BD, device=qkv.device, dtype=acc)
+    dw_part = torch.empty(BH, splits, kk, BD, device=qkv.device, dtype=acc)
+    db_part = torch.empty(BH, splits, BD, device=qkv.device, dtype=acc)
+    kernels.grad_partial_kernel[(BH, splits)](
+        qkv, dout, ds_part, dw_part, db_part, ksize, N, H, W, C, Ch, num_heads, qkv.stride(0), qkv.stride(1),
+        dout.stride(0), dout.stride(1), chunk, ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, KK=kk, BLOCK_D=BD)
+    ds = torch.empty(BH, BD, BD, device=qkv.device, dtype=acc)
+    c = torch.empty(BH, BD, device=qkv.device, dtype=acc)
+    kernels.grad_combine_kernel[(BH,)](ds_part, ctx, ds, c, splits, scale, ACC=tl_acc, BLOCK_D=BD)
+    dqkv = torch.empty(B, N, C3, device=qkv.device, dtype=qkv.dtype)
+    grid = lambda meta: (BH, -(-N // meta["BLOCK_N"]))  # noqa: E731
+    kernels.grad_qkv_kernel[grid](
+        qkv, dout, ctx, lse, ds, c, w_packed, bias, ksize, dqkv, N, H, W, C, Ch, num_heads,
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale,
+        ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, BLOCK_D=BD)
+    # CRPE weights are shared by the batch: sum the (b, chunk) partials in a fixed order.
+    dw = dw_part.view(B, num_heads, splits, kk, BD).sum(dim=(0, 2))[:, :kmax * kmax, :Ch]  # (heads, KK, Ch)
+    db = db_part.view(B, num_heads, splits, BD).sum(dim=(0, 2))[:, :Ch]
+    return dqkv, dw.transpose(1, 2).reshape(C, kmax * kmax).contiguous(), db.reshape(C).contiguous()
+
+
+@factor_attention_bwd.register_fake
+def _(dout, qkv, ctx, lse, H, W, num_heads, scale, crpe_weights, crpe_biases):
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    kmax = max(w.shape[-1] for w in crpe_weights)
+    acc = _acc_dtype(qkv.dtype)
+    return qkv.new_empty(B, N, C3), qkv.new_empty(C, kmax * kmax, dtype=acc), qkv.new_empty(C, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, H, W, num_heads, scale, weights, biases = inputs
+    _, context, lse = output
+    ctx.save_for_backward(qkv, context, lse, *weights, *biases)
+    ctx.shape = (H, W, num_heads, scale, len(weights))
+
+
+def _backward(ctx, dout, _dcontext, _dlse):
+    H, W, num_heads, scale, n = ctx.shape
+    qkv, context, lse, *crpe = ctx.saved_tensors
+    weights, biases = crpe[:n], crpe[n:]
+    dqkv, dw, db = torch.ops.mpvit_kernels.factor_attention_bwd(
+        dout, qkv, context, lse, H, W, num_heads, scale, weights, biases)
+    kmax = max(w.shape[-1] for w in weights)
+    dweights = _unpack_crpe(dw, weights, kmax)
+    dbiases = [g.to(b.dtype) for g, b in zip(db.split([b.shape[0] for b in biases]), biases)]
+    return dqkv, None, None, None, None, dweights, dbiases
+
+
+factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
