@@ -30,9 +30,11 @@ import triton.language as tl
 
 
 def _configs(block_ns, warps):
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
-    # The interpreter has no driver to benchmark with: it takes the first config.
-    return configs[:1] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else configs
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The interpreter has no driver to benchmark with, and runs programs one by one in
+        # Python: one config, the largest tile (fewest programs).
+        return [triton.Config({"BLOCK_N": 128}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
 
 
 # Token tiles: the reductions stream long chunks (bigger tiles, fewer loop trips); the
@@ -117,12 +119,11 @@ def context_combine_kernel(
 
 
 @triton.jit
-def _crpe_tap(v_base, offs_n, ys, xs, dy, dx, H, W, v_col, stride_n, nmask, dmask):
-    """v at the token shifted by (dy, dx) from each of offs_n, zero outside the image."""
+def _in_image(ys, xs, dy, dx, H, W, nmask):
+    """Which tokens still lie in the H x W image when shifted by (dy, dx)."""
     yy = ys + dy
     xx = xs + dx
-    ok = nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    return _load_tokens(v_base, offs_n + dy * W + dx, v_col, stride_n, ok[:, None] & dmask[None, :], 0.0)
+    return nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
 
 
 @triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"])
@@ -156,11 +157,13 @@ def output_kernel(
     conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
     k = tl.load(ksize_ptr + h)
     r = k // 2
-    pad = KMAX // 2 - r
-    for dy in range(0, k):
-        for dx in range(0, k):
-            v = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
-            w = tl.load(w_ptr + chan * (KMAX * KMAX) + (dy + pad) * KMAX + dx + pad, mask=dmask, other=0.0)
+    v_ptrs = base + offs_n[:, None] * stride_n + (2 * C + chan)[None, :]
+    w_ptrs = w_ptr + chan * (KMAX * KMAX) + (KMAX // 2 - r) * (KMAX + 1)  # the window's first tap
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            ok = _in_image(ys, xs, dy, dx, H, W, nmask)
+            v = tl.load(v_ptrs + (dy * W + dx) * stride_n, mask=ok[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(w_ptrs + (dy + r) * KMAX + (dx + r), mask=dmask, other=0.0)
             conv += v.to(ACC) * w.to(ACC)[None, :]
     out += q * conv
     out_base = out_ptr + b.to(tl.int64) * out_stride_b
@@ -192,7 +195,7 @@ def grad_partial_kernel(
     dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
     k = tl.load(ksize_ptr + h)
     r = k // 2
-    pad = KMAX // 2 - r
+    first_tap = (KMAX // 2 - r) * (KMAX + 1)
     taps = tl.arange(0, KK)  # row t of dw_acc is the tap (t // KMAX, t % KMAX) of the KMAX window
     ds_acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     dw_acc = tl.zeros([KK, BLOCK_D], ACC)
@@ -208,11 +211,13 @@ def grad_partial_kernel(
         ds_acc += tl.dot(tl.trans(q), do, out_dtype=ACC, input_precision=DOT_PRECISION)
         g = q.to(ACC) * do.to(ACC)
         db_acc += tl.sum(g, axis=0)
-        for dy in range(0, k):
-            for dx in range(0, k):
-                v = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
+        v_ptrs = base + offs_n[:, None] * stride_n + (2 * C + chan)[None, :]
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                ok = _in_image(ys, xs, dy, dx, H, W, nmask)
+                v = tl.load(v_ptrs + (dy * W + dx) * stride_n, mask=ok[:, None] & dmask[None, :], other=0.0)
                 contrib = tl.sum(g * v.to(ACC), axis=0)
-                tap = (dy + pad) * KMAX + dx + pad
+                tap = first_tap + (dy + r) * KMAX + (dx + r)
                 dw_acc += tl.where(taps[:, None] == tap, contrib[None, :], 0.0)
     row = bh * splits + split
     tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds_acc)
@@ -287,16 +292,21 @@ def grad_qkv_kernel(
     conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
     kw = tl.load(ksize_ptr + h)
     r = kw // 2
-    pad = KMAX // 2 - r
-    for dy in range(0, kw):
-        for dx in range(0, kw):
-            w = tl.load(w_ptr + chan * (KMAX * KMAX) + (dy + pad) * KMAX + dx + pad, mask=dmask, other=0.0).to(ACC)
-            v_in = _crpe_tap(base, offs_n, ys, xs, dy - r, dx - r, H, W, 2 * C + chan, stride_n, nmask, dmask)
+    q_ptrs = base + offs_n[:, None] * stride_n + chan[None, :]
+    do_ptrs = dbase + offs_n[:, None] * dout_stride_n + chan[None, :]
+    w_ptrs = w_ptr + chan * (KMAX * KMAX) + (KMAX // 2 - r) * (KMAX + 1)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            w = tl.load(w_ptrs + (dy + r) * KMAX + (dx + r), mask=dmask, other=0.0).to(ACC)
+            ok = _in_image(ys, xs, dy, dx, H, W, nmask)[:, None] & dmask[None, :]
+            shift = dy * W + dx
+            v_in = tl.load(q_ptrs + 2 * C + shift * stride_n, mask=ok, other=0.0)
             conv += v_in.to(ACC) * w[None, :]
-            # transposed conv: this token feeds the one shifted by -(dy - r, dx - r) through tap (dy, dx)
-            q_out = _crpe_tap(base, offs_n, ys, xs, r - dy, r - dx, H, W, chan, stride_n, nmask, dmask)
-            do_out = _crpe_tap(dbase, offs_n, ys, xs, r - dy, r - dx, H, W, chan, dout_stride_n, nmask, dmask)
-            dv += q_out.to(ACC) * do_out.to(ACC) * w[None, :]
+            # transposed conv: the token at -(dy, dx) reaches this one through tap (dy, dx)
+            ok_t = _in_image(ys, xs, -dy, -dx, H, W, nmask)[:, None] & dmask[None, :]
+            q_t = tl.load(q_ptrs - shift * stride_n, mask=ok_t, other=0.0)
+            do_t = tl.load(do_ptrs - shift * dout_stride_n, mask=ok_t, other=0.0)
+            dv += q_t.to(ACC) * do_t.to(ACC) * w[None, :]
     dq += do * conv
     out = dqkv_ptr + b.to(tl.int64) * N * 3 * C + offs_n[:, None] * (3 * C) + chan[None, :]
     ty = dqkv_ptr.dtype.element_ty
