@@ -88,6 +88,9 @@ class FactorAttention(nn.Module):
     """Factorized attention with convolutional relative position encoding
     (``FactorAtt_ConvRelPosEnc``): ``proj(scale * q softmax_N(k)^T v + q * crpe(v))`` per head.
 
+    The attention core between the two Linears is one fused op (``ops.factor_attention``): the
+    Triton kernels on CUDA tensors, the eager reference elsewhere (or with kernels off).
+
     ``forward(x: (B, N, C), size: (H, W)) -> (B, N, C)`` with N = H * W row-major.
     ``crpe_window`` maps kernel size to head count (default ``{3: 2, 5: 3, 7: 3}``);
     ``shared_crpe`` reuses another module's CRPE, as MPViT's blocks do.
@@ -110,6 +113,6 @@ class FactorAttention(nn.Module):
         if N != size[0] * size[1]:
             raise ValueError(f"FactorAttention: x has N={N} tokens but size={tuple(size)} gives {size[0] * size[1]}")
         convs = self.crpe.conv_list
-        out = reference.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
-                                         [c.weight for c in convs], [c.bias for c in convs])
+        out = ops.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
+                                   [c.weight for c in convs], [c.bias for c in convs])
         return self.proj(out)

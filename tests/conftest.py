@@ -1,12 +1,14 @@
 import os
 
-# Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton
-# is imported anywhere.
-if not os.environ.get("CUDA_VISIBLE_DEVICES_FOR_TESTS"):
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter; it must be
+# chosen before triton is imported anywhere. With a GPU they run for real on CUDA tensors.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
