@@ -20,8 +20,10 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
+OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise")
 
 _forced: str | None = None
+_forced_ops: dict[str, str] = {}
 _extension: bool | None = None
 _warned_missing = False
 
@@ -32,22 +34,34 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def get_backend() -> str:
-    """The backend in force: :func:`use_backend`'s, else ``MPVIT_KERNELS_BACKEND``, else auto."""
+def get_backend(op: str | None = None) -> str:
+    """The backend in force (for op family ``op``): :func:`use_backend`'s, else
+    ``MPVIT_KERNELS_BACKEND``, else auto."""
+    if op in _forced_ops:
+        return _forced_ops[op]
     if _forced is not None:
         return _forced
     return _check_name(os.environ.get("MPVIT_KERNELS_BACKEND", "auto") or "auto", "MPVIT_KERNELS_BACKEND")
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Run the enclosed code with backend ``name`` (``with use_backend("reference"): ...``)."""
-    global _forced
-    previous, _forced = _forced, _check_name(name, "backend")
+def use_backend(name: str, ops=None):
+    """Run the enclosed code with backend ``name`` (``with use_backend("reference"): ...``), for
+    every op family or only those named in ``ops`` (e.g. ``ops=["factor_attention"]``)."""
+    global _forced, _forced_ops
+    _check_name(name, "backend")
+    unknown = sorted(set(ops or ()) - set(OP_FAMILIES))
+    if unknown:
+        raise ValueError(f"ops must name op families of {OP_FAMILIES}, got {unknown}")
+    previous = _forced, _forced_ops
+    if ops is None:
+        _forced, _forced_ops = name, {}
+    else:
+        _forced_ops = {**_forced_ops, **{op: name for op in ops}}
     try:
         yield
     finally:
-        _forced = previous
+        _forced, _forced_ops = previous
 
 
 def extension_available() -> bool:
@@ -73,7 +87,7 @@ def use_extension(op: str, device: torch.device) -> bool:
     process; under ``cuda`` it is an error.
     """
     global _warned_missing
-    backend = get_backend()
+    backend = get_backend(op)
     if backend == "reference" or device.type not in ("cpu", "cuda"):
         return False
     if extension_available():
@@ -102,7 +116,7 @@ def _triton_importable() -> bool:
 def use_triton(op: str, device: torch.device) -> bool:
     """Whether op ``op`` runs its Triton kernels for tensors on ``device``: CUDA tensors, or CPU
     tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how CI checks the kernels)."""
-    backend = get_backend()
+    backend = get_backend(op)
     if backend == "reference":
         return False
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -132,8 +132,17 @@ def test_backend_switch_picks_the_kernel_or_the_reference():
     with mpvit_kernels.use_backend("reference"), RecordOps() as rec:
         ops.affine_hswish(x, scale, shift)
     assert not any(n.startswith("mpvit_kernels") for n in rec.names)
+    with mpvit_kernels.use_backend("reference", ops=["factor_attention"]), RecordOps() as rec:
+        ops.affine_hswish(x, scale, shift)
+    assert "mpvit_kernels.affine_hswish" in rec.names
+    with mpvit_kernels.use_backend("reference", ops=["affine_hswish"]), RecordOps() as rec:
+        ops.affine_hswish(x, scale, shift)
+    assert not any(n.startswith("mpvit_kernels") for n in rec.names)
     with pytest.raises(ValueError, match="backend"):
         with mpvit_kernels.use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="op families"):
+        with mpvit_kernels.use_backend("reference", ops=["attention"]):
             pass
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mpvit_kernels
+from tests.conftest import KERNEL_DEVICE
 from tests.utils import RecordOps
 from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 
@@ -19,6 +20,18 @@ REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "data")
 def reference_keys(size):
     with open(os.path.join(REFERENCE_DIR, f"mpvit_{size}_state_dict_keys.txt")) as f:
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+
+
+@pytest.fixture(autouse=True)
+def _attention_on_the_reference_path(request):
+    """Model tests run on CPU tensors, where the Triton attention kernels only run through the
+    interpreter (seconds per call): they take the reference attention, except the test that
+    runs the whole model through the kernels."""
+    if "whole_model_through_the_kernels" in request.node.name:
+        yield
+        return
+    with mpvit_kernels.use_backend("reference", ops=["factor_attention"]):
+        yield
 
 
 def randomize_bn(model):
@@ -135,6 +148,17 @@ def test_kernels_on_equal_kernels_off(memory_format):
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
+def test_whole_model_through_the_kernels_equals_kernels_off():
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
+    x = torch.randn(1, 3, 24, 20, device=KERNEL_DEVICE)
+    with torch.no_grad(), RecordOps() as rec:
+        on = model(x)
+        with mpvit_kernels.use_backend("reference"):
+            off = model(x)
+    assert rec.names.count("mpvit_kernels.factor_attention_fwd") == 23  # every block of every path
+    torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
+
+
 def test_training_step_with_drop_path():
     model = mpvit_tiny(num_classes=5, drop_path_rate=0.1).train()
     x = torch.randn(2, 3, 32, 32)
@@ -154,10 +178,10 @@ def test_frozen_batchnorm_finetuning_gets_affine_grads():
     assert bn.bias.grad is not None and bn.bias.grad.abs().sum() > 0
 
 
-def test_whole_model_under_torch_compile_fullgraph():
+def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     torch._dynamo.reset()
-    model = randomize_bn(mpvit_tiny(num_classes=10)).eval()
-    x = torch.randn(1, 3, 64, 64)
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
+    x = torch.randn(1, 3, 20, 24, device=KERNEL_DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
