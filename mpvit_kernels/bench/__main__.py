@@ -1,8 +1,8 @@
-"""Speed report of what exists so far: the affine + Hardswish op (eval BatchNorm + Hardswish)
-at MPViT-S shapes, eager PyTorch vs torch.compile vs ours, forward and forward+backward,
-on the available device (CUDA if there is one, else CPU).
+"""The speed report: eager PyTorch vs torch.compile vs ours, side by side in one run, on the
+available device (CUDA if there is one, else CPU), medians with quartiles.
 
-    python -m mpvit_kernels.bench [--batch B] [--dtype bf16|fp16|fp32] [--no-compile] [--json PATH]
+    python -m mpvit_kernels.bench [--ops affine_hswish,factor_attention] [--batch B]
+        [--dtypes bf16,fp32] [--resolutions 224,512] [--no-compile] [--json PATH]
 """
 from __future__ import annotations
 
@@ -12,91 +12,59 @@ import platform
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import mpvit_kernels
-from mpvit_kernels.bench.timing import device_name, measure
+from mpvit_kernels.bench import affine_hswish, factor_attention
+from mpvit_kernels.bench.timing import device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# (name, channels, resolution) of the eval BatchNorm + Hardswish sites of MPViT-S at 224x224
-SITES = [("stem.0", 32, 112), ("stem.1", 64, 56), ("InvRes stage 1", 128, 28), ("InvRes stage 3", 288, 7)]
+SECTIONS = {"affine_hswish": affine_hswish, "factor_attention": factor_attention}
 
 
-def eager(x, w, b, mean, var):
-    return F.hardswish(F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
-
-
-def ours(x, w, b, mean, var):
-    scale, shift = mpvit_kernels.reference.fold_bn(w, b, mean, var, 1e-5)
-    return mpvit_kernels.ops.affine_hswish(x, scale, shift, True)
-
-
-def run(args) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype]
-    impls = {"eager": eager, "ours": ours}
-    if not args.no_compile:
-        impls["torch.compile"] = torch.compile(eager, fullgraph=True)
-    rows = []
-    for name, C, R in SITES:
-        x = torch.randn(args.batch, C, R, R, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        params = [torch.randn(C, device=device).requires_grad_(), torch.randn(C, device=device).requires_grad_(),
-                  torch.randn(C, device=device), torch.rand(C, device=device) + 0.5]
-        elem = x.element_size() * x.numel()
-        for mode in ("forward", "forward+backward"):
-            xg = x.detach().requires_grad_(mode != "forward")
-            grad = torch.randn_like(x)
-            # fwd reads x, writes y; bwd reads grad and x, writes grad_x (parameters are tiny)
-            nbytes = 2 * elem if mode == "forward" else 5 * elem
-            for impl, fn in impls.items():
-                if mode == "forward":
-                    def step(fn=fn):
-                        with torch.no_grad():
-                            fn(xg, *params)
-                else:
-                    def step(fn=fn):
-                        fn(xg, *params).backward(grad)
-                t = measure(step, device, warmup=args.warmup, reps=args.reps)
-                rows.append({"op": "affine_hswish", "site": name, "shape": [args.batch, C, R, R],
-                             "dtype": args.dtype, "mode": mode, "impl": impl, **t,
-                             "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    out = ["| site | shape (NHWC) | mode | impl | median ms | p25-p75 ms | GB/s | speedup vs eager |",
-           "|---|---|---|---|---|---|---|---|"]
-    base = {(r["site"], r["mode"]): r["median_ms"] for r in rows if r["impl"] == "eager"}
-    for r in rows:
-        out.append(f"| {r['site']} | {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['impl']} | "
-                   f"{r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | {r['GB/s']:.1f} | "
-                   f"{base[(r['site'], r['mode'])] / r['median_ms']:.2f}x |")
-    return "\n".join(out)
+def csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpvit_kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 2 on CPU)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--ops", type=csv(str), default=list(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 1 on CPU)")
+    p.add_argument("--dtypes", type=csv(str), default=None, help="comma list (default bf16,fp32 on CUDA, fp32 on CPU)")
+    p.add_argument("--resolutions", type=csv(int), default=None,
+                   help="input sizes for the attention shapes (default 224,512 on CUDA, 224 on CPU)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
-    args.batch = args.batch or (16 if cuda else 2)
-    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or (16 if cuda else 1)
+    args.dtypes = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32"])
+    args.resolutions = args.resolutions or ([224, 512] if cuda else [224])
+    for name in args.ops:
+        if name not in SECTIONS:
+            p.error(f"unknown op {name!r}; choose from {', '.join(SECTIONS)}")
+    for name in args.dtypes:
+        if name not in DTYPES:
+            p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     device = torch.device("cuda" if cuda else "cpu")
     print(f"# mpvit-kernels speed report\n\ndevice: {device_name(device)}; torch {torch.__version__}; "
           f"python {platform.python_version()}; extension built: {mpvit_kernels.extension_available()}; "
-          f"backend: {mpvit_kernels.get_backend()}\n")
+          f"backend: {mpvit_kernels.get_backend()}; batch {args.batch}\n")
     if not cuda:
-        print("No GPU here: these are CPU timings of the C++ CPU kernels, not GPU figures.\n")
-    rows = run(args)
-    print(table(rows))
+        print("No GPU here: CPU timings. affine_hswish 'ours' is the C++ CPU twin; the Triton attention "
+              "kernels run only on a GPU, so the attention rows are eager and torch.compile alone.\n")
+    results = []
+    for name in args.ops:
+        section = SECTIONS[name]
+        rows = []
+        for dtype_name in args.dtypes:
+            rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
+        print(f"## {name}\n\n{section.table(rows)}\n", flush=True)
+        results += rows
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": device_name(device), "torch": torch.__version__, "rows": results}, f, indent=1)
     return 0
 
 

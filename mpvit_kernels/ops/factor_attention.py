@@ -143,6 +143,7 @@ def _kernel_args(qkv: torch.Tensor):
     acc = _acc_dtype(qkv.dtype)
     kernels = _triton_kernels()
     tl_acc = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
+    # fp32 inputs keep fp32 products; fp16/bf16 q and v are exact in tf32, S and dS round to it
     precision = "ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32"
     return kernels, acc, tl_acc, precision
 

@@ -37,10 +37,26 @@ def _configs(block_ns, warps):
     return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
 
 
+def _fits(budget):
+    """Autotune prune: keep the configs whose (BLOCK_N, BLOCK_D) tile holds at most `budget`
+    elements per thread for fp16/bf16 inputs, half that for fp32 (fp32 tiles and FMA dots),
+    a quarter for fp64. Budgets are per kernel, read off sm_80/sm_90a cubins with cuobjdump:
+    one step past them the kernel spills."""
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION"))
+        wide = kwargs.get("ACC", named_args.get("ACC")) == tl.float64
+        limit = budget // (4 if wide else 2 if precision == "ieee" else 1)
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * bd <= limit * c.num_warps * 32]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
+
+    return {"early_config_prune": prune}
+
+
 # Token tiles: the reductions stream long chunks (bigger tiles, fewer loop trips); the
 # per-token passes keep q, v (and in the backward k, dO) tiles plus the CRPE sum in registers.
-REDUCE_CONFIGS = _configs((64, 128), (4, 8))
-TOKEN_CONFIGS = _configs((32, 64), (4, 8))
+REDUCE_CONFIGS = _configs((32, 64, 128), (4, 8))
+TOKEN_CONFIGS = _configs((16, 32, 64), (4, 8))
 
 
 @triton.jit
@@ -49,7 +65,7 @@ def _load_tokens(base, offs_n, col, stride_n, mask, other):
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
 
 
-@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"])
+@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(64))
 @triton.jit
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -126,7 +142,7 @@ def _in_image(ys, xs, dy, dx, H, W, nmask):
     return nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"])
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16))
 @triton.jit
 def output_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -170,7 +186,7 @@ def output_kernel(
     tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"])
+@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16))
 @triton.jit
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -246,7 +262,7 @@ def grad_combine_kernel(
     tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"])
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(8))
 @triton.jit
 def grad_qkv_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output

@@ -1,0 +1,40 @@
+"""pytest-benchmark: the factorized attention core (qkv -> attention output, CRPE included) at
+MPViT-S stage 1 for a 224 input, eager vs torch.compile vs ours. `pytest benchmarks/`.
+Ours needs a GPU (the Triton kernels); on CPU its rows are skipped."""
+import pytest
+import torch
+
+from mpvit_kernels import ops, reference
+from mpvit_kernels.bench.factor_attention import core_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH = 16 if DEVICE == "cuda" else 1
+SIDE, C = 56, 64
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", ["eager", "torch.compile", "ours"])
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_factor_attention_core(benchmark, impl, mode):
+    if impl == "ours" and DEVICE != "cuda":
+        pytest.skip("the Triton kernels need a GPU")
+    backward = mode == "forward+backward"
+    qkv, heads, scale, w, b = core_inputs(BATCH, SIDE * SIDE, C, torch.float32, DEVICE, backward)
+    grad = torch.randn(BATCH, SIDE * SIDE, C, device=DEVICE)
+    fn = {"eager": reference.factor_attention, "ours": ops.factor_attention,
+          "torch.compile": torch.compile(reference.factor_attention)}[impl]
+
+    def step():
+        if backward:
+            fn(qkv, (SIDE, SIDE), heads, scale, w, b).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(qkv, (SIDE, SIDE), heads, scale, w, b)
+        sync()
+
+    benchmark.group = f"factor_attention core {mode} {DEVICE} B{BATCH}-N{SIDE * SIDE}-C{C}"
+    benchmark(step)

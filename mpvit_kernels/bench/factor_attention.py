@@ -1,0 +1,111 @@
+"""Speed report section: factorized attention at MPViT-S shapes, eager vs torch.compile vs ours.
+
+Two scopes: the attention core (qkv Linear output -> attention output, CRPE included) and the
+whole FactorAttention module (x -> proj). Bytes are what our kernels move (each kernel's loads
+and stores, halos assumed cached), so GB/s compares directly with the device's peak.
+"""
+from __future__ import annotations
+
+import torch
+
+from mpvit_kernels import FactorAttention, ops, reference, use_backend
+from mpvit_kernels.bench.timing import measure
+
+# MPViT-S: (stage, C) with 8 heads; N = (input / stride)^2 at strides 4, 8, 16, 32.
+STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
+
+
+def kernel_bytes(B: int, N: int, C: int, elem: int, backward: bool) -> int:
+    """HBM bytes our kernels move: forward reads k, v (context pass) then q, v and writes O
+    (output pass): 5NC; backward reads q, dO, v (reduction pass) then q, k, v, dO and writes
+    dq, dk, dv (elementwise pass): 10NC. Per-head stats and partials are O(C^2), left out."""
+    return B * N * C * elem * (5 + (10 if backward else 0))
+
+
+def core_inputs(B, N, C, dtype, device, requires_grad):
+    heads, Ch = 8, C // 8
+    window = {3: 2, 5: 3, 7: 3}
+    qkv = torch.randn(B, N, 3 * C, device=device, dtype=dtype, requires_grad=requires_grad)
+    weights = [(0.1 * torch.randn(h * Ch, 1, k, k, device=device, dtype=dtype)).requires_grad_(requires_grad)
+               for k, h in window.items()]
+    biases = [torch.zeros(h * Ch, device=device, dtype=dtype, requires_grad=requires_grad) for h in window.values()]
+    return qkv, heads, Ch ** -0.5, weights, biases
+
+
+def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
+    rows = []
+    use_ours = device.type == "cuda"
+    for res in args.resolutions:
+        for stage, C, stride in STAGES:
+            side = res // stride
+            N = side * side
+            for scope in ("core", "module"):
+                for mode in ("forward", "forward+backward"):
+                    backward = mode != "forward"
+                    if scope == "core":
+                        qkv, heads, scale, w, b = core_inputs(args.batch, N, C, dtype, device, backward)
+                        grad = torch.randn(args.batch, N, C, device=device, dtype=dtype)
+
+                        def eager_core(qkv=qkv, w=w, b=b):
+                            return reference.factor_attention(qkv, (side, side), heads, scale, w, b)
+
+                        def ours_core(qkv=qkv, w=w, b=b):
+                            return ops.factor_attention(qkv, (side, side), heads, scale, w, b)
+
+                        impls = {"eager": eager_core, "ours": ours_core}
+                        if not args.no_compile:
+                            impls["torch.compile"] = torch.compile(eager_core)
+                    else:
+                        m = FactorAttention(C).to(device=device, dtype=dtype)
+                        x = torch.randn(args.batch, N, C, device=device, dtype=dtype, requires_grad=backward)
+                        grad = torch.randn_like(x)
+
+                        def eager_mod(m=m, x=x):
+                            with use_backend("reference"):
+                                return m(x, (side, side))
+
+                        def ours_mod(m=m, x=x):
+                            return m(x, (side, side))
+
+                        impls = {"eager": eager_mod, "ours": ours_mod}
+                        if not args.no_compile:
+                            compiled = torch.compile(lambda x, m=m: m(x, (side, side)))
+
+                            def compiled_mod(x=x, compiled=compiled):
+                                with use_backend("reference"):
+                                    return compiled(x)
+
+                            impls["torch.compile"] = compiled_mod
+                    if not use_ours:
+                        impls.pop("ours")
+                    nbytes = kernel_bytes(args.batch, N, C, torch.finfo(dtype).bits // 8, backward)
+                    for impl, fn in impls.items():
+                        if backward:
+                            def step(fn=fn, grad=grad):
+                                fn().backward(grad)
+                        else:
+                            def step(fn=fn):
+                                with torch.no_grad():
+                                    fn()
+                        t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                        row = {"op": "factor_attention", "scope": scope, "input": res, "stage": stage,
+                               "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl, **t,
+                               "bytes": nbytes}
+                        if impl == "ours":  # the bytes are our kernels'; for the module add the GEMMs' own
+                            row["GB/s"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
+                        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| input | stage | scope | B x N x C | dtype | mode | impl | median ms | p25-p75 ms | speedup vs eager | "
+           "kernel MB | kernel GB/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["input"], r["stage"], r["scope"], r["dtype"], r["mode"])  # noqa: E731
+    base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        gbs = f"{r['GB/s']:.0f}" if "GB/s" in r and r["scope"] == "core" else "-"
+        out.append(f"| {r['input']} | {r['stage']} | {r['scope']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
+                   f"{r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
+                   f"{base[key(r)] / r['median_ms']:.2f}x | {r['bytes'] / 1e6:.1f} | {gbs} |")
+    return "\n".join(out)
