@@ -15,7 +15,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels.bench import affine_hswish, factor_attention
-from mpvit_kernels.bench.timing import device_name
+from mpvit_kernels.bench.timing import copy_bandwidth_gbs, device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = {"affine_hswish": affine_hswish, "factor_attention": factor_attention}
@@ -51,7 +51,11 @@ def main(argv=None) -> int:
     print(f"# mpvit-kernels speed report\n\ndevice: {device_name(device)}; torch {torch.__version__}; "
           f"python {platform.python_version()}; extension built: {mpvit_kernels.extension_available()}; "
           f"backend: {mpvit_kernels.get_backend()}; batch {args.batch}\n")
-    if not cuda:
+    if cuda:
+        args.peak_gbs = copy_bandwidth_gbs(device)
+        print(f"measured copy bandwidth (the roofline for the GB/s columns): {args.peak_gbs:.0f} GB/s\n")
+    else:
+        args.peak_gbs = None
         print("No GPU here: CPU timings. affine_hswish 'ours' is the C++ CPU twin; the Triton attention "
               "kernels run only on a GPU, so the attention rows are eager and torch.compile alone.\n")
     results = []

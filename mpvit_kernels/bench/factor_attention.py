@@ -93,19 +93,23 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                "bytes": nbytes}
                         if impl == "ours":  # the bytes are our kernels'; for the module add the GEMMs' own
                             row["GB/s"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
+                            if args.peak_gbs:
+                                row["% of copy peak"] = 100 * row["GB/s"] / args.peak_gbs
                         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     out = ["| input | stage | scope | B x N x C | dtype | mode | impl | median ms | p25-p75 ms | speedup vs eager | "
-           "kernel MB | kernel GB/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "kernel MB | kernel GB/s | % of copy peak |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["input"], r["stage"], r["scope"], r["dtype"], r["mode"])  # noqa: E731
     base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
-        gbs = f"{r['GB/s']:.0f}" if "GB/s" in r and r["scope"] == "core" else "-"
+        core_ours = r["impl"] == "ours" and r["scope"] == "core"
+        gbs = f"{r['GB/s']:.0f}" if core_ours else "-"
+        peak = f"{r['% of copy peak']:.0f}%" if core_ours and "% of copy peak" in r else "-"
         out.append(f"| {r['input']} | {r['stage']} | {r['scope']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
                    f"{r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
-                   f"{base[key(r)] / r['median_ms']:.2f}x | {r['bytes'] / 1e6:.1f} | {gbs} |")
+                   f"{base[key(r)] / r['median_ms']:.2f}x | {r['bytes'] / 1e6:.1f} | {gbs} | {peak} |")
     return "\n".join(out)

@@ -37,3 +37,11 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": reps}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Achievable HBM bandwidth: a device-to-device copy of ``nbytes`` (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
