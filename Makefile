@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: test bench build wheel clean
+.PHONY: test bench build wheel clean gpu-proof
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: build
 
 bench: build
 	$(PY) -m mpvit_kernels.bench
+
+# On a machine with a GPU, with its own torch (no venv): build, pytest -m cuda,
+# compute-sanitizer, speed report; results under benchmarks/results/<device>/.
+gpu-proof:
+	bash tools/gpu_proof.sh
 
 wheel: $(VENV)/.deps
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

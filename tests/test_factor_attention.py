@@ -72,6 +72,16 @@ def test_kernels_are_used():
     assert not any(n.startswith("mpvit_kernels") for n in rec.names)
 
 
+def test_module_forward_is_two_gemms_and_our_op_without_copies():
+    # q, k, v are read in place from the qkv Linear's output and O is written ready for proj:
+    # a layout copy (permute + contiguous, clone, cat) between them would show up here.
+    m = FactorAttention(24, num_heads=2, crpe_window={3: 1, 7: 1}).to(KERNEL_DEVICE)
+    x = torch.randn(2, 20, 24, device=KERNEL_DEVICE)
+    with torch.no_grad(), RecordOps() as rec:
+        m(x, (4, 5))
+    assert rec.compute == ["aten.addmm", "mpvit_kernels.factor_attention_fwd", "aten.addmm"], rec.names
+
+
 def test_strided_qkv_rows_are_read_in_place():
     qkv, size, heads, scale, weights, biases = make_inputs(2, 4, 5, 12, {3: 1, 7: 1}, torch.float32,
                                                            requires_grad=False)

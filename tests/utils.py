@@ -32,12 +32,16 @@ def make_image(shape, dtype=torch.float32, layout="nchw", device="cpu", requires
 
 
 class RecordOps(TorchDispatchMode):
-    """Records the name of every aten/custom op dispatched inside the context."""
+    """Records the name of every aten/custom op dispatched inside the context; ``compute``
+    keeps the ones that are not views (views move no data)."""
 
     def __init__(self):
         super().__init__()
         self.names = []
+        self.compute = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
+        if not func.is_view:
+            self.compute.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
