@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: test bench build wheel clean gpu-proof
+.PHONY: test bench build wheel clean gpu-proof static-report
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: build
 # compute-sanitizer, speed report; results under benchmarks/results/<device>/.
 gpu-proof:
 	bash tools/gpu_proof.sh
+
+# Every Triton kernel compiled for sm_80 / sm_90a here (no GPU needed): registers, shared
+# memory, spills, occupancy.
+static-report: build
+	$(PY) -m mpvit_kernels.triton.static_compile --out benchmarks/results/static/resource_usage.md
 
 wheel: $(VENV)/.deps
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

@@ -329,3 +329,36 @@ def grad_qkv_kernel(
     tl.store(out, dq.to(ty), mask=mask)
     tl.store(out + C, dk.to(ty), mask=mask)
     tl.store(out + 2 * C, dv.to(ty), mask=mask)
+
+
+def compile_specs():
+    """What the ops can launch, for the ahead-of-time compile check
+    (mpvit_kernels/triton/static_compile.py): per kernel, its pointer and float argument types
+    and the constexpr combinations at the model's shapes (head dims 8..60 -> BLOCK_D 16..64,
+    windows up to 7) for fp16/bf16/fp32 inputs; the autotune configs come from the kernel."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        precision = "ieee" if dt == "fp32" else "tf32"
+        common = {"ACC": tl.float32, "DOT_PRECISION": precision}
+        acc = "*fp32"
+        for bd in (16, 32, 64):
+            tag = f"{dt} BLOCK_D={bd}"
+            specs += [
+                (context_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "m_ptr": acc, "l_ptr": acc, "s_ptr": acc},
+                 {**common, "BLOCK_D": bd}),
+                (context_combine_kernel, tag, {"m_ptr": acc, "l_ptr": acc, "s_ptr": acc, "ctx_ptr": acc,
+                                               "lse_ptr": acc}, {"ACC": tl.float32, "BLOCK_D": bd}),
+                (output_kernel, tag, {"qkv_ptr": f"*{dt}", "ctx_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
+                                      "ksize_ptr": "*i32", "out_ptr": f"*{dt}", "scale": "fp32"},
+                 {**common, "BLOCK_D": bd, "KMAX": 7}),
+                (grad_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ds_ptr": acc, "dw_ptr": acc,
+                                            "db_ptr": acc, "ksize_ptr": "*i32"},
+                 {**common, "BLOCK_D": bd, "KMAX": 7, "KK": 64}),
+                (grad_combine_kernel, tag, {"ds_part_ptr": acc, "ctx_ptr": acc, "ds_ptr": acc, "c_ptr": acc,
+                                            "scale": "fp32"}, {"ACC": tl.float32, "BLOCK_D": bd}),
+                (grad_qkv_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ctx_ptr": acc, "lse_ptr": acc,
+                                        "ds_ptr": acc, "c_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
+                                        "ksize_ptr": "*i32", "dqkv_ptr": f"*{dt}", "scale": "fp32"},
+                 {**common, "BLOCK_D": bd, "KMAX": 7}),
+            ]
+    return specs

@@ -1,0 +1,164 @@
+"""Ahead-of-time GPU compile of every Triton kernel of the package, on a machine with no GPU.
+
+Each kernel module gives ``compile_specs()``: (kernel, tag, argument types, constexprs). Every
+spec is compiled with ``triton.compile`` for each target arch and each autotune config that
+survives the kernel's own pruning, and the cubin's registers and spills are read with the
+cuobjdump that ships inside Triton's NVIDIA backend; dynamic shared memory comes from the
+compiled kernel's metadata (cuobjdump's SHARED is the static part only).
+
+    python -m mpvit_kernels.triton.static_compile [--out benchmarks/results/static/resource_usage.md]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCHS = {80: "sm_80 (A100)", 90: "sm_90a (H100)"}
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per block, opt-in maximum
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+
+
+@dataclasses.dataclass
+class Usage:
+    kernel: str
+    tag: str
+    config: str
+    arch: int
+    registers: int = 0
+    shared: int = 0
+    spill_bytes: int = 0
+    warps_per_sm: int = 0
+    error: str = ""
+
+
+def kernel_modules():
+    import mpvit_kernels.triton as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "static_compile":
+            yield importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def jit_function(kernel):
+    """The JITFunction behind a kernel, autotuned or not."""
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def launched_kernels(module) -> dict[str, object]:
+    """The module's launchable kernels: @triton.jit functions (bare or autotuned) whose names do
+    not start with '_' (those are device helpers inlined into the kernels)."""
+    found = {}
+    for name, obj in vars(module).items():
+        fn = jit_function(obj)
+        if isinstance(fn, triton.runtime.JITFunction) and not name.startswith("_") and fn.fn.__module__ == module.__name__:
+            found[name] = obj
+    return found
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def configs_of(kernel, constexprs):
+    if isinstance(kernel, triton.runtime.Autotuner):
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, {}, **constexprs)
+        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+    return [({}, 4, 3)]
+
+
+def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
+    fn = jit_function(kernel)
+    kwargs, warps, stages = config
+    cx = {**constexprs, **kwargs}
+    label = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", warps={warps}"
+    usage = Usage(fn.__name__, tag, label, arch)
+    signature = {name: types.get(name, "i32") for name in fn.arg_names}
+    signature.update({name: "constexpr" for name in cx})
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=cx),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+    except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+        usage.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return usage
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = {}
+    for line in dump.splitlines():
+        if "REG:" in line:
+            fields = dict(kv.split(":", 1) for kv in line.split() if ":" in kv)
+    usage.registers = int(fields.get("REG", 0))
+    usage.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    usage.shared = int(compiled.metadata.shared) + int(fields.get("SHARED", 0))
+    regs_per_warp = max(usage.registers, 1) * 32
+    usage.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (regs_per_warp * warps)) * warps)
+    if usage.shared:
+        usage.warps_per_sm = min(usage.warps_per_sm, (SHARED_LIMIT[arch] // usage.shared) * warps)
+    return usage
+
+
+def run_all(archs=tuple(ARCHS)) -> tuple[list[Usage], list[str]]:
+    """Compile every spec; also return the launchable kernels that have no spec."""
+    results, missing = [], []
+    for module in kernel_modules():
+        kernels = launched_kernels(module)
+        specs = module.compile_specs() if hasattr(module, "compile_specs") else []
+        covered = {jit_function(k).__name__ for k, *_ in specs}
+        missing += [f"{module.__name__}.{name}" for name, k in kernels.items() if jit_function(k).__name__ not in covered]
+        for kernel, tag, types, constexprs in specs:
+            for config in configs_of(kernel, constexprs):
+                for arch in archs:
+                    results.append(compile_one(kernel, tag, types, constexprs, config, arch))
+    return results, missing
+
+
+def table(results: list[Usage]) -> str:
+    lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for u in results:
+        status = "COMPILE ERROR: " + u.error if u.error else (
+            "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else "ok"))
+        lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
+                     f"{u.spill_bytes} | {u.warps_per_sm} | {status} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="write the markdown table here")
+    args = p.parse_args(argv)
+    results, missing = run_all()
+    text = ("# Triton kernels compiled ahead of time (no GPU)\n\n"
+            f"triton {triton.__version__}; registers and spills from cuobjdump --dump-resource-usage, shared memory "
+            "from the compiled kernel's metadata; warps/SM is the occupancy those allow.\n\n" + table(results) + "\n")
+    if missing:
+        text += "\nKernels without a compile spec: " + ", ".join(missing) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    bad = [u for u in results if u.error or u.shared > SHARED_LIMIT[u.arch]]
+    spills = [u for u in results if u.spill_bytes]
+    print(f"{len(results)} compiles, {len(bad)} errors or over the shared-memory limit, {len(spills)} with spills",
+          file=sys.stderr)
+    return 1 if bad or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
