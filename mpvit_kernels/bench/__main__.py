@@ -14,11 +14,11 @@ import sys
 import torch
 
 import mpvit_kernels
-from mpvit_kernels.bench import affine_hswish, factor_attention
+from mpvit_kernels.bench import affine_hswish, factor_attention, traffic
 from mpvit_kernels.bench.timing import copy_bandwidth_gbs, device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SECTIONS = {"affine_hswish": affine_hswish, "factor_attention": factor_attention}
+SECTIONS = {"affine_hswish": affine_hswish, "factor_attention": factor_attention, "traffic": traffic}
 
 
 def csv(kind):

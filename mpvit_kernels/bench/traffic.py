@@ -1,0 +1,126 @@
+"""Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
+
+Eager is counted, not estimated: the op runs on meta tensors under a TorchDispatchMode that
+records every non-view aten op (one kernel each) and the bytes of its tensor inputs and
+outputs, i.e. its traffic if nothing stayed in cache. Ours comes from each kernel's own loads
+and stores (``ours_factor_attention``), halo re-reads assumed to hit cache. The ratio
+eager/ours of bytes is the speedup bound of a memory-bound op.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from mpvit_kernels import FactorAttention, reference, use_backend
+from mpvit_kernels.bench.factor_attention import STAGES
+from mpvit_kernels.ops.factor_attention import _block_d, _chunking
+
+
+class CountTraffic(TorchDispatchMode):
+    """Counts the non-view ops dispatched inside the context and the bytes they touch."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+        self.bytes = 0
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func is not torch.ops.aten.empty.memory_format:
+            self.launches += 1
+            self.ops.append(str(func.overloadpacket))
+            seen = set()
+            for t in tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def _meta_core(B, N, C, dtype, requires_grad):
+    heads, Ch = 8, C // 8
+    window = {3: 2, 5: 3, 7: 3}
+    qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dtype, requires_grad=requires_grad)
+    weights = [torch.empty(h * Ch, 1, k, k, device="meta", dtype=dtype, requires_grad=requires_grad)
+               for k, h in window.items()]
+    biases = [torch.empty(h * Ch, device="meta", dtype=dtype, requires_grad=requires_grad) for h in window.values()]
+    return qkv, heads, Ch ** -0.5, weights, biases
+
+
+def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") -> CountTraffic:
+    side = int(round(N ** 0.5))
+    count = CountTraffic()
+    if scope == "core":
+        qkv, heads, scale, w, b = _meta_core(B, N, C, dtype, backward)
+        with count:
+            out = reference.factor_attention(qkv, (side, side), heads, scale, w, b)
+            if backward:
+                out.backward(torch.empty_like(out))
+    else:
+        m = FactorAttention(C).to(device="meta", dtype=dtype)
+        x = torch.empty(B, N, C, device="meta", dtype=dtype, requires_grad=backward)
+        with use_backend("reference"), count:
+            out = m(x, (side, side))
+            if backward:
+                out.backward(torch.empty_like(out))
+    return count
+
+
+def ours_factor_attention(B, N, C, elem, backward: bool) -> list[tuple[str, int]]:
+    """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
+    launches around them (CRPE weight packing, the backward's sums over batch and chunks)."""
+    heads = 8
+    BD, BH = _block_d(C // heads), B * heads
+    _, splits = _chunking(BH, N)
+    nc = B * N * C * elem
+    w = C * 49 * 4  # packed CRPE weights (fp32), 7x7 each
+    stats = BH * (BD * BD + BD) * 4  # S and lse per head
+    partials = BH * splits * (BD * BD + 2 * BD) * 4
+    pack = [("pack crpe weights/bias (pad, cat, ksize)", 2 * w)] * 6
+    launches = pack + [
+        ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
+        ("context_combine: partials -> S, lse", partials + stats),
+        ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
+    ]
+    if backward:
+        dw_partials = BH * splits * (64 * BD + BD) * 4
+        launches += pack + [
+            ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * BD * BD * 4 + dw_partials),
+            ("grad_combine: partials -> dS, c", BH * splits * BD * BD * 4 + 2 * stats),
+            ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + 2 * stats + w),
+            ("sum CRPE weight/bias grads over batch and chunks", dw_partials + w),
+            ("sum", dw_partials),
+            ("reshape CRPE grads", 2 * w),
+        ]
+    return launches
+
+
+def run(args, device, dtype, dtype_name) -> list[dict]:
+    rows = []
+    elem = torch.finfo(dtype).bits // 8
+    for res in args.resolutions:
+        for stage, C, stride in STAGES:
+            N = (res // stride) ** 2
+            for mode in ("forward", "forward+backward"):
+                backward = mode != "forward"
+                eager = eager_factor_attention(args.batch, N, C, dtype, backward)
+                ours = ours_factor_attention(args.batch, N, C, elem, backward)
+                ours_bytes = sum(b for _, b in ours)
+                rows.append({"op": "factor_attention core", "input": res, "stage": stage, "shape": [args.batch, N, C],
+                             "dtype": dtype_name, "mode": mode, "eager_launches": eager.launches,
+                             "eager_bytes": eager.bytes, "ours_launches": len(ours), "ours_bytes": ours_bytes,
+                             "bytes_ratio": eager.bytes / ours_bytes})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| op | input | stage | B x N x C | dtype | mode | eager launches | eager MB | ours launches | ours MB | "
+           "eager/ours bytes (speedup bound) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['op']} | {r['input']} | {r['stage']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
+                   f"{r['mode']} | {r['eager_launches']} | {r['eager_bytes'] / 1e6:.1f} | {r['ours_launches']} | "
+                   f"{r['ours_bytes'] / 1e6:.1f} | {r['bytes_ratio']:.1f}x |")
+    return "\n".join(out)
