@@ -139,13 +139,26 @@ def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kma
     return grads
 
 
-def _kernel_args(qkv: torch.Tensor):
-    acc = _acc_dtype(qkv.dtype)
-    kernels = _triton_kernels()
-    tl_acc = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
-    # fp32 inputs keep fp32 products; fp16/bf16 q and v are exact in tf32, S and dS round to it
-    precision = "ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32"
-    return kernels, acc, tl_acc, precision
+class _Launch:
+    """What both passes derive from the inputs: sizes, accumulation type, packed CRPE, chunking."""
+
+    def __init__(self, qkv: torch.Tensor, num_heads: int, weights, biases):
+        self.B, self.N, C3 = qkv.shape
+        self.C = C3 // 3
+        self.Ch = self.C // num_heads
+        self.BD = _block_d(self.Ch)
+        self.BH = self.B * num_heads
+        self.acc = _acc_dtype(qkv.dtype)
+        self.kernels = _triton_kernels()
+        self.tl_acc = self.kernels.tl.float64 if self.acc == torch.float64 else self.kernels.tl.float32
+        # fp32 inputs keep fp32 products; fp16/bf16 q and v are exact in tf32, S and dS round to it
+        self.precision = "ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32"
+        self.w_packed, self.bias, self.ksize, self.kmax = _pack_crpe(weights, biases, self.Ch, self.acc)
+        self.chunk, self.splits = _chunking(self.BH, self.N)
+        self.device = qkv.device
+
+    def empty(self, *shape):
+        return torch.empty(*shape, device=self.device, dtype=self.acc)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -161,28 +174,18 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (B, N, C), context S (B*heads, BD, BD), column log-sum-exp of k (B*heads, BD))."""
     qkv = _rows(qkv)
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    Ch = C // num_heads
-    BD = _block_d(Ch)
-    BH = B * num_heads
-    kernels, acc, tl_acc, precision = _kernel_args(qkv)
-    w_packed, bias, ksize, kmax = _pack_crpe(crpe_weights, crpe_biases, Ch, acc)
-    chunk, splits = _chunking(BH, N)
-    m = torch.empty(BH, splits, BD, device=qkv.device, dtype=acc)
-    l = torch.empty_like(m)
-    s = torch.empty(BH, splits, BD, BD, device=qkv.device, dtype=acc)
-    kernels.context_partial_kernel[(BH, splits)](
-        qkv, m, l, s, N, C, Ch, num_heads, qkv.stride(0), qkv.stride(1), chunk,
-        ACC=tl_acc, DOT_PRECISION=precision, BLOCK_D=BD)
-    ctx = torch.empty(BH, BD, BD, device=qkv.device, dtype=acc)
-    lse = torch.empty(BH, BD, device=qkv.device, dtype=acc)
-    kernels.context_combine_kernel[(BH,)](m, l, s, ctx, lse, splits, ACC=tl_acc, BLOCK_D=BD)
-    out = torch.empty(B, N, C, device=qkv.device, dtype=qkv.dtype)
-    grid = lambda meta: (BH, -(-N // meta["BLOCK_N"]))  # noqa: E731
-    kernels.output_kernel[grid](
-        qkv, ctx, w_packed, bias, ksize, out, N, H, W, C, Ch, num_heads, qkv.stride(0), qkv.stride(1),
-        out.stride(0), out.stride(1), scale, ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, BLOCK_D=BD)
+    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
+    k = L.kernels
+    m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
+    k.context_partial_kernel[(L.BH, L.splits)](
+        qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
+        ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
+    ctx, lse = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
+    k.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
+    out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
+    k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+        qkv, ctx, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1),
+        out.stride(0), out.stride(1), scale, ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     return out, ctx, lse
 
 
@@ -203,34 +206,27 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     for the two CRPE grads."""
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    Ch = C // num_heads
-    BD = _block_d(Ch)
-    BH = B * num_heads
-    kernels, acc, tl_acc, precision = _kernel_args(qkv)
-    w_packed, bias, ksize, kmax = _pack_crpe(crpe_weights, crpe_biases, Ch, acc)
-    kk = triton_next_pow2(kmax * kmax)
-    chunk, splits = _chunking(BH, N)
-    ds_part = torch.empty(BH, splits, BD, BD, device=qkv.device, dtype=acc)
-    dw_part = torch.empty(BH, splits, kk, BD, device=qkv.device, dtype=acc)
-    db_part = torch.empty(BH, splits, BD, device=qkv.device, dtype=acc)
-    kernels.grad_partial_kernel[(BH, splits)](
-        qkv, dout, ds_part, dw_part, db_part, ksize, N, H, W, C, Ch, num_heads, qkv.stride(0), qkv.stride(1),
-        dout.stride(0), dout.stride(1), chunk, ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, KK=kk, BLOCK_D=BD)
-    ds = torch.empty(BH, BD, BD, device=qkv.device, dtype=acc)
-    c = torch.empty(BH, BD, device=qkv.device, dtype=acc)
-    kernels.grad_combine_kernel[(BH,)](ds_part, ctx, ds, c, splits, scale, ACC=tl_acc, BLOCK_D=BD)
-    dqkv = torch.empty(B, N, C3, device=qkv.device, dtype=qkv.dtype)
-    grid = lambda meta: (BH, -(-N // meta["BLOCK_N"]))  # noqa: E731
-    kernels.grad_qkv_kernel[grid](
-        qkv, dout, ctx, lse, ds, c, w_packed, bias, ksize, dqkv, N, H, W, C, Ch, num_heads,
+    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
+    k = L.kernels
+    kk = triton_next_pow2(L.kmax * L.kmax)
+    ds_part = L.empty(L.BH, L.splits, L.BD, L.BD)
+    dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
+    k.grad_partial_kernel[(L.BH, L.splits)](
+        qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1),
+        dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, KK=kk,
+        BLOCK_D=L.BD)
+    ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
+    k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+    dqkv = torch.empty(L.B, L.N, 3 * L.C, device=qkv.device, dtype=qkv.dtype)
+    k.grad_qkv_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+        qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale,
-        ACC=tl_acc, DOT_PRECISION=precision, KMAX=kmax, BLOCK_D=BD)
+        ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     # CRPE weights are shared by the batch: sum the (b, chunk) partials in a fixed order.
-    dw = dw_part.view(B, num_heads, splits, kk, BD).sum(dim=(0, 2))[:, :kmax * kmax, :Ch]  # (heads, KK, Ch)
-    db = db_part.view(B, num_heads, splits, BD).sum(dim=(0, 2))[:, :Ch]
-    return dqkv, dw.transpose(1, 2).reshape(C, kmax * kmax).contiguous(), db.reshape(C).contiguous()
+    kmax2 = L.kmax * L.kmax
+    dw = dw_part.view(L.B, num_heads, L.splits, kk, L.BD).sum(dim=(0, 2))[:, :kmax2, :L.Ch]  # (heads, KK, Ch)
+    db = db_part.view(L.B, num_heads, L.splits, L.BD).sum(dim=(0, 2))[:, :L.Ch]
+    return dqkv, dw.transpose(1, 2).reshape(L.C, kmax2).contiguous(), db.reshape(L.C).contiguous()
 
 
 @factor_attention_bwd.register_fake

@@ -135,6 +135,17 @@ def context_combine_kernel(
 
 
 @triton.jit
+def _token_tile(N, W, Ch, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's token tile (axis 1 of the grid): token and head-dim offsets, their masks,
+    and each token's (y, x) in the W-wide image."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < N
+    dmask = offs_d < Ch
+    return offs_n, offs_d, nmask, dmask, nmask[:, None] & dmask[None, :], offs_n // W, offs_n % W
+
+
+@triton.jit
 def _in_image(ys, xs, dy, dx, H, W, nmask):
     """Which tokens still lie in the H x W image when shifted by (dy, dx)."""
     yy = ys + dy
@@ -158,13 +169,7 @@ def output_kernel(
     bh = tl.program_id(0)
     b = bh // heads
     h = bh % heads
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    nmask = offs_n < N
-    dmask = offs_d < Ch
-    mask = nmask[:, None] & dmask[None, :]
-    ys = offs_n // W
-    xs = offs_n % W
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(N, W, Ch, BLOCK_N, BLOCK_D)
     base = qkv_ptr + b.to(tl.int64) * stride_b
     chan = h * Ch + offs_d
     q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
@@ -282,13 +287,7 @@ def grad_qkv_kernel(
     bh = tl.program_id(0)
     b = bh // heads
     h = bh % heads
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    nmask = offs_n < N
-    dmask = offs_d < Ch
-    mask = nmask[:, None] & dmask[None, :]
-    ys = offs_n // W
-    xs = offs_n % W
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(N, W, Ch, BLOCK_N, BLOCK_D)
     chan = h * Ch + offs_d
     base = qkv_ptr + b.to(tl.int64) * stride_b
     dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
