@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,43 @@ def run_all(archs=tuple(ARCHS)) -> tuple[list[Usage], list[str]]:
     return results, missing
 
 
+def extension_library() -> str | None:
+    """Path of the built mpvit_kernels._C, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mpvit_kernels._C")
+    return spec.origin if spec and spec.origin and os.path.exists(spec.origin) else None
+
+
+def _demangle(name: str) -> str:
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return name
+    # "void ns::(anonymous namespace)::kernel<args>(params)" -> "kernel<args>"
+    m = re.search(r"(\w+(?:<[^()]*>)?)\(", out)
+    return (m.group(1) if m else out).replace("c10::", "")
+
+
+def cuda_extension_usage(library: str) -> list[Usage]:
+    """The CUDA kernels of the extension, per arch, as cuobjdump reads them off the library."""
+    dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", library], capture_output=True, text=True).stdout
+    results, arch, name = [], None, None
+    for line in dump.splitlines():
+        line = line.strip()
+        if line.startswith("arch = sm_"):
+            arch = int(re.sub(r"\D", "", line.split("sm_")[1]))
+        elif line.startswith("Function "):
+            name = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:") and name and arch in ARCHS:
+            fields = dict(kv.split(":", 1) for kv in line.split() if ":" in kv)
+            u = Usage(_demangle(name), "CUDA (_C)", "256 threads", arch, int(fields["REG"]), int(fields["SHARED"]),
+                      int(fields["STACK"]) + int(fields["LOCAL"]))
+            u.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (max(u.registers, 1) * 32 * 8)) * 8)
+            results.append(u)
+    return results
+
+
 def table(results: list[Usage]) -> str:
     lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | status |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -143,9 +181,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
     results, missing = run_all()
-    text = ("# Triton kernels compiled ahead of time (no GPU)\n\n"
+    library = extension_library()
+    cuda = cuda_extension_usage(library) if library else []
+    text = ("# GPU kernels compiled ahead of time (no GPU)\n\n"
             f"triton {triton.__version__}; registers and spills from cuobjdump --dump-resource-usage, shared memory "
-            "from the compiled kernel's metadata; warps/SM is the occupancy those allow.\n\n" + table(results) + "\n")
+            "from the compiled kernel's metadata (Triton) or cuobjdump (CUDA); warps/SM is the occupancy those "
+            "allow.\n\n## Triton kernels\n\n" + table(results) + "\n")
+    text += ("\n## CUDA kernels of mpvit_kernels._C\n\n" + table(cuda) + "\n") if cuda else \
+        "\n(mpvit_kernels._C is not built: no CUDA kernels read)\n"
+    results += cuda
     if missing:
         text += "\nKernels without a compile spec: " + ", ".join(missing) + "\n"
     if args.out:
