@@ -29,24 +29,27 @@ import triton
 import triton.language as tl
 
 
-def _configs(block_ns, warps):
+def _configs(block_ns, warps, maxnreg=None):
+    """Autotune list. ``maxnreg`` pins ptxas's register budget: without it, ptxas 13 (with the
+    --regAllocOptLevel=2 Triton passes) spills a few bytes in some small kernels; with it,
+    the FMA-dot fp32 context pass spills more. So it is set per kernel, as measured."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter has no driver to benchmark with, and runs programs one by one in
         # Python: one config, the largest tile (fewest programs).
         return [triton.Config({"BLOCK_N": 128}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, maxnreg=maxnreg) for n in block_ns for w in warps]
 
 
-def _fits(budget):
-    """Autotune prune: keep the configs whose (BLOCK_N, BLOCK_D) tile holds at most `budget`
-    elements per thread for fp16/bf16 inputs, half that for fp32 (fp32 tiles and FMA dots),
-    a quarter for fp64. Budgets are per kernel, read off sm_80/sm_90a cubins with cuobjdump:
-    one step past them the kernel spills."""
+def _fits(budget_16bit, budget_fp32):
+    """Autotune prune: keep the configs whose (BLOCK_N, BLOCK_D) tile holds at most the budget
+    of elements per thread: one for fp16/bf16 inputs (tensor-core dots), one for fp32 (fp32
+    tiles and FMA dots), half the fp32 one for fp64. Budgets are per kernel, read off
+    sm_80/sm_90a cubins with cuobjdump (`make static-report`): one step past them it spills."""
     def prune(configs, named_args, **kwargs):
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION"))
         wide = kwargs.get("ACC", named_args.get("ACC")) == tl.float64
-        limit = budget // (4 if wide else 2 if precision == "ieee" else 1)
+        limit = budget_fp32 // 2 if wide else budget_fp32 if precision == "ieee" else budget_16bit
         kept = [c for c in configs if c.kwargs["BLOCK_N"] * bd <= limit * c.num_warps * 32]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
 
@@ -55,8 +58,11 @@ def _fits(budget):
 
 # Token tiles: the reductions stream long chunks (bigger tiles, fewer loop trips); the
 # per-token passes keep q, v (and in the backward k, dO) tiles plus the CRPE sum in registers.
-REDUCE_CONFIGS = _configs((32, 64, 128), (4, 8))
-TOKEN_CONFIGS = _configs((16, 32, 64), (4, 8))
+CONTEXT_CONFIGS = _configs((16, 32, 64, 128), (4, 8))
+GRAD_REDUCE_CONFIGS = _configs((32, 64, 128), (4, 8), maxnreg=255)
+TOKEN_CONFIGS = _configs((16, 32, 64), (4, 8), maxnreg=255)
+# The per-head combines are tiny: one config, the register budget pinned (see _configs).
+COMBINE_CONFIGS = [triton.Config({}, num_warps=8, maxnreg=128)]
 
 
 @triton.jit
@@ -65,7 +71,7 @@ def _load_tokens(base, offs_n, col, stride_n, mask, other):
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
 
 
-@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(64))
+@triton.autotune(CONTEXT_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(32, 4))
 @triton.jit
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -107,6 +113,7 @@ def context_partial_kernel(
     tl.store(s_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
+@triton.autotune(COMBINE_CONFIGS, key=[])
 @triton.jit
 def context_combine_kernel(
     m_ptr, l_ptr, s_ptr,  # chunk partials of context_partial_kernel
@@ -153,7 +160,7 @@ def _in_image(ys, xs, dy, dx, H, W, nmask):
     return nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16))
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16, 8))
 @triton.jit
 def output_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -191,7 +198,7 @@ def output_kernel(
     tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16))
+@triton.autotune(GRAD_REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16, 8))
 @triton.jit
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -246,6 +253,7 @@ def grad_partial_kernel(
     tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
 
 
+@triton.autotune(COMBINE_CONFIGS, key=[])
 @triton.jit
 def grad_combine_kernel(
     ds_part_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) chunk q^T dO
@@ -267,7 +275,7 @@ def grad_combine_kernel(
     tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(8))
+@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(8, 4))
 @triton.jit
 def grad_qkv_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
@@ -291,20 +299,12 @@ def grad_qkv_kernel(
     chan = h * Ch + offs_d
     base = qkv_ptr + b.to(tl.int64) * stride_b
     dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
-    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
-    q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
-    k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
-    v = _load_tokens(base, offs_n, 2 * C + chan, stride_n, mask, 0.0).to(ACC)
-    do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
-    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile)
-    ds = tl.load(ds_ptr + bh * BLOCK_D * BLOCK_D + tile)
-    lse = tl.load(lse_ptr + bh * BLOCK_D + offs_d)
-    c = tl.load(c_ptr + bh * BLOCK_D + offs_d)
-    a = tl.where(mask, tl.exp(k - lse[None, :]), 0.0)
-    dq = scale * tl.dot(do, tl.trans(ctx), out_dtype=ACC, input_precision=DOT_PRECISION)
-    dv = tl.dot(a, ds, out_dtype=ACC, input_precision=DOT_PRECISION)
-    dk = a * (tl.dot(v, tl.trans(ds), out_dtype=ACC, input_precision=DOT_PRECISION) - c[None, :])
+    out = dqkv_ptr + b.to(tl.int64) * N * 3 * C + offs_n[:, None] * (3 * C) + chan[None, :]
+    ty = dqkv_ptr.dtype.element_ty
+    # Ordered so that few (BLOCK_N, BLOCK_D) tiles are live at once: the CRPE taps first
+    # (conv(v) for dq, conv^T(q*dO) for dv), then dq, dv and dk, each stored when done.
     conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     kw = tl.load(ksize_ptr + h)
     r = kw // 2
     q_ptrs = base + offs_n[:, None] * stride_n + chan[None, :]
@@ -322,12 +322,35 @@ def grad_qkv_kernel(
             q_t = tl.load(q_ptrs - shift * stride_n, mask=ok_t, other=0.0)
             do_t = tl.load(do_ptrs - shift * dout_stride_n, mask=ok_t, other=0.0)
             dv += q_t.to(ACC) * do_t.to(ACC) * w[None, :]
-    dq += do * conv
-    out = dqkv_ptr + b.to(tl.int64) * N * 3 * C + offs_n[:, None] * (3 * C) + chan[None, :]
-    ty = dqkv_ptr.dtype.element_ty
+    # The three (BLOCK_N x BLOCK_D) @ (BLOCK_D x BLOCK_D) products run in K chunks of 16 read
+    # straight from memory (L1/L2-hot): whole 64 x 64 right operands would not fit in registers
+    # next to the token tiles for fp32 inputs (their dots are FMA, not tensor-core).
+    head = bh * BLOCK_D * BLOCK_D
+    do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
+    dq = do * conv
+    for e0 in tl.static_range(0, BLOCK_D, 16):
+        e = e0 + tl.arange(0, 16)
+        emask = nmask[:, None] & (e < Ch)[None, :]
+        do_e = _load_tokens(dbase, offs_n, h * Ch + e, dout_stride_n, emask, 0.0).to(ACC)
+        ctx_t = tl.load(ctx_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = S[d, e]
+        dq += scale * tl.dot(do_e, ctx_t, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out, dq.to(ty), mask=mask)
-    tl.store(out + C, dk.to(ty), mask=mask)
+    v_ds = tl.zeros([BLOCK_N, BLOCK_D], ACC)  # v dS^T
+    for e0 in tl.static_range(0, BLOCK_D, 16):
+        e = e0 + tl.arange(0, 16)
+        emask = nmask[:, None] & (e < Ch)[None, :]
+        v_e = _load_tokens(base, offs_n, 2 * C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
+        ds_t = tl.load(ds_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = dS[d, e]
+        v_ds += tl.dot(v_e, ds_t, out_dtype=ACC, input_precision=DOT_PRECISION)
+        k_e = _load_tokens(base, offs_n, C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
+        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh * BLOCK_D + e)[None, :]), 0.0)
+        ds_e = tl.load(ds_ptr + head + e[:, None] * BLOCK_D + offs_d[None, :])  # rows e of dS
+        dv += tl.dot(a_e, ds_e, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out + 2 * C, dv.to(ty), mask=mask)
+    k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
+    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh * BLOCK_D + offs_d)[None, :]), 0.0)
+    dk = a * (v_ds - tl.load(c_ptr + bh * BLOCK_D + offs_d)[None, :])
+    tl.store(out + C, dk.to(ty), mask=mask)
 
 
 def compile_specs():

@@ -76,13 +76,13 @@ def configs_of(kernel, constexprs):
         configs = kernel.configs
         if kernel.early_config_prune:
             configs = kernel.early_config_prune(configs, {}, **constexprs)
-        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
-    return [({}, 4, 3)]
+        return [(dict(c.kwargs), c.num_warps, c.num_stages, c.maxnreg) for c in configs]
+    return [({}, 4, 3, None)]
 
 
 def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     fn = jit_function(kernel)
-    kwargs, warps, stages = config
+    kwargs, warps, stages, maxnreg = config
     cx = {**constexprs, **kwargs}
     label = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", warps={warps}"
     usage = Usage(fn.__name__, tag, label, arch)
@@ -91,7 +91,8 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=cx),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
+                                  options={"num_warps": warps, "num_stages": stages,
+                                           **({"maxnreg": maxnreg} if maxnreg else {})})
     except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
         usage.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return usage
