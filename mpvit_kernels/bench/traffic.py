@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from mpvit_kernels import FactorAttention, reference, use_backend
 from mpvit_kernels.bench.factor_attention import STAGES
-from mpvit_kernels.ops.factor_attention import _block_d, _chunking
+from mpvit_kernels.ops.factor_attention import _block_d, _chunking, pack_launches
 
 
 class CountTraffic(TorchDispatchMode):
@@ -71,17 +71,20 @@ def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") 
     return count
 
 
-def ours_factor_attention(B, N, C, elem, backward: bool) -> list[tuple[str, int]]:
+def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int]]:
     """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
     launches around them (CRPE weight packing, the backward's sums over batch and chunks)."""
     heads = 8
+    elem = torch.finfo(dtype).bits // 8
     BD, BH = _block_d(C // heads), B * heads
     _, splits = _chunking(BH, N)
     nc = B * N * C * elem
     w = C * 49 * 4  # packed CRPE weights (fp32), 7x7 each
     stats = BH * (BD * BD + BD) * 4  # S and lse per head
     partials = BH * splits * (BD * BD + 2 * BD) * 4
-    pack = [("pack crpe weights/bias (pad, cat, ksize)", 2 * w)] * 6
+    weights = [torch.empty(h * (C // heads), 1, k, k, device="meta", dtype=dtype)
+               for k, h in {3: 2, 5: 3, 7: 3}.items()]
+    pack = [("pack CRPE weights/bias (pad, cat, cast)", 2 * w)] * pack_launches(weights, torch.float32)
     launches = pack + [
         ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
         ("context_combine: partials -> S, lse", partials + stats),
@@ -102,7 +105,6 @@ def ours_factor_attention(B, N, C, elem, backward: bool) -> list[tuple[str, int]
 
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
-    elem = torch.finfo(dtype).bits // 8
     for res in args.resolutions:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2
@@ -110,7 +112,7 @@ def run(args, device, dtype, dtype_name) -> list[dict]:
                 backward = mode != "forward"
                 core = eager_factor_attention(args.batch, N, C, dtype, backward)
                 module = eager_factor_attention(args.batch, N, C, dtype, backward, scope="module")
-                ours = ours_factor_attention(args.batch, N, C, elem, backward)
+                ours = ours_factor_attention(args.batch, N, C, dtype, backward)
                 ours_core = (len(ours), sum(b for _, b in ours))
                 # the module is the two Linears around the core: ours keeps eager's Linears
                 linears = (module.launches - core.launches, module.bytes - core.bytes)

@@ -7,6 +7,7 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Sequence
@@ -114,17 +115,31 @@ def _chunking(BH: int, N: int) -> tuple[int, int]:
     return chunk, -(-N // chunk)
 
 
+@functools.lru_cache(maxsize=64)
+def _ksize_table(windows: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """(heads,) int32 window of each head; a function of the layout alone, so built once."""
+    return torch.tensor([k for k, heads in windows for _ in range(heads)], dtype=torch.int32, device=device)
+
+
+def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
+    """Small launches _pack_crpe makes: a pad per window smaller than the largest, a cat and
+    (when the weights are not in the accumulation dtype) a cast for the weights and the biases."""
+    kmax = max(w.shape[-1] for w in weights)
+    casts = 2 if weights[0].dtype != acc else 0
+    return sum(w.shape[-1] < kmax for w in weights) + 2 + casts
+
+
 def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
     """(C, KMAX*KMAX) weights with each window centred in KMAX x KMAX, (C,) bias, (heads,) k."""
     kmax = max(w.shape[-1] for w in weights)
     packed = []
     for w in weights:
         p = (kmax - w.shape[-1]) // 2
-        packed.append(torch.nn.functional.pad(w.reshape(w.shape[0], w.shape[-2], w.shape[-1]).to(acc), (p, p, p, p)))
-    w_packed = torch.cat(packed).reshape(-1, kmax * kmax).contiguous()
-    bias = torch.cat([b.to(acc) for b in biases]).contiguous()
-    ksize = torch.tensor([w.shape[-1] for w in weights for _ in range(w.shape[0] // Ch)],
-                         dtype=torch.int32, device=w_packed.device)
+        w3 = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
+        packed.append(torch.nn.functional.pad(w3, (p, p, p, p)) if p else w3)
+    w_packed = torch.cat(packed).reshape(-1, kmax * kmax).to(acc)
+    bias = torch.cat(list(biases)).to(acc)
+    ksize = _ksize_table(tuple((w.shape[-1], w.shape[0] // Ch) for w in weights), w_packed.device)
     return w_packed, bias, ksize, kmax
 
 
