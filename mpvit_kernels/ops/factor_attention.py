@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -21,10 +20,6 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # A constant, not the SM count, so the chunking (and the bits) do not depend on the GPU.
 _TARGET_PROGRAMS = 1024
 _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N of the autotune list
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_kernels():
@@ -100,10 +95,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _block_d(Ch: int) -> int:
-    return max(16, triton_next_pow2(Ch))
+    return max(16, _next_pow2(Ch))
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
@@ -223,7 +218,7 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     dout = _rows(dout.to(qkv.dtype))
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
     k = L.kernels
-    kk = triton_next_pow2(L.kmax * L.kmax)
+    kk = _next_pow2(L.kmax * L.kmax)
     ds_part = L.empty(L.BH, L.splits, L.BD, L.BD)
     dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
     k.grad_partial_kernel[(L.BH, L.splits)](
