@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     args.batch = args.batch or (16 if cuda else 1)
     args.dtypes = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32"])
+    # the traffic model costs nothing to run: it always covers 224 and 512 unless told otherwise
+    args.traffic_resolutions = args.resolutions or [224, 512]
     args.resolutions = args.resolutions or ([224, 512] if cuda else [224])
     for name in args.ops:
         if name not in SECTIONS:

@@ -105,7 +105,7 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
 
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
-    for res in args.resolutions:
+    for res in args.traffic_resolutions:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2
             for mode in ("forward", "forward+backward"):
