@@ -261,3 +261,35 @@ def test_cuda_backward_is_deterministic():
 def test_cuda_opcheck():
     for args in sample_inputs(device="cuda"):
         torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish.default, args)
+
+
+@requires_ext
+def test_any_shape_and_dimension_order_matches_reference():
+    """Property test: random sizes (primes, ones, zero) and any permutation of the memory order."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+    @hypothesis.given(sizes=st.lists(st.sampled_from([0, 1, 2, 3, 5, 7, 13]), min_size=2, max_size=5),
+                      order_seed=st.integers(0, 10_000), hswish=st.booleans(),
+                      dtype=st.sampled_from([torch.float32, torch.float64]))
+    def check(sizes, order_seed, hswish, dtype):
+        g = torch.Generator().manual_seed(order_seed)
+        order = torch.randperm(len(sizes), generator=g).tolist()
+        x = torch.randn([sizes[i] for i in order], dtype=dtype, generator=g)
+        x = x.permute([order.index(i) for i in range(len(sizes))])  # logical `sizes`, permuted memory
+        C = sizes[1]
+        scale, shift = torch.rand(C, dtype=dtype, generator=g) + 0.5, torch.randn(C, dtype=dtype, generator=g)
+        y = torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, hswish)
+        assert y.shape == x.shape and y.stride() == torch.empty_like(x).stride()
+        assert_close(y, reference.affine_hswish(x, scale, shift, hswish))
+        grad = torch.randn(x.shape, dtype=dtype, generator=g)
+        gx, gs, gb = torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, hswish)
+        xr, sr, br = (t.clone().requires_grad_() for t in (x, scale, shift))
+        rx, rs, rb = torch.autograd.grad(reference.affine_hswish(xr, sr, br, hswish), (xr, sr, br), grad,
+                                         allow_unused=True)
+        assert_close(gx, rx)
+        assert_close(gs, rs if rs is not None else torch.zeros_like(gs), scale=10)
+        assert_close(gb, rb if rb is not None else torch.zeros_like(gb), scale=10)
+
+    check()
