@@ -21,7 +21,7 @@ def cuobjdump():
 
 
 @pytest.mark.slow
-def test_pip_wheel_builds_cuda_kernels_for_sm80_and_sm90(tmp_path):
+def test_pip_wheel_builds_installs_and_has_cuda_kernels_for_sm80_and_sm90(tmp_path):
     if torch.version.cuda is None or shutil.which("nvcc") is None:
         pytest.skip("needs a CUDA build of torch and nvcc")
     src = tmp_path / "src"
@@ -38,6 +38,18 @@ def test_pip_wheel_builds_cuda_kernels_for_sm80_and_sm90(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         (so,) = [n for n in zf.namelist() if n.startswith("mpvit_kernels/_C") and n.endswith(".so")]
         zf.extract(so, tmp_path / "unpacked")
+    # the wheel installs and its extension loads, away from the source tree
+    site = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), wheel],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mpvit_kernels, mpvit_kernels._C, torch; "
+            "assert mpvit_kernels.__file__.startswith(sys.argv[1]), mpvit_kernels.__file__; "
+            "assert mpvit_kernels.extension_available(); "
+            "assert torch._C._dispatch_has_kernel_for_dispatch_key('mpvit_kernels::affine_hswish', 'CUDA'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     tool = cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump to read the cubins")
