@@ -67,7 +67,7 @@ COMBINE_CONFIGS = [triton.Config({}, num_warps=8, maxnreg=128)]
 
 @triton.jit
 def _load_tokens(base, offs_n, col, stride_n, mask, other):
-    """(len(offs_n), len(col)) tile of a token-major matrix, in fp32/fp64 as loaded."""
+    """(len(offs_n), len(col)) tile of a token-major matrix, in the dtype it is stored in."""
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
 
 
