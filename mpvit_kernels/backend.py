@@ -25,7 +25,12 @@ OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection
 _forced: str | None = None
 _forced_ops: dict[str, str] = {}
 _extension: bool | None = None
+_triton: bool | None = None
 _warned_missing = False
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
 
 
 def _check_name(name: str, where: str) -> str:
@@ -68,7 +73,7 @@ def extension_available() -> bool:
     """Whether ``mpvit_kernels._C`` is built and loaded (registers the ``mpvit_kernels`` ops)."""
     global _extension
     if _extension is None:
-        if os.environ.get("MPVIT_KERNELS_NO_EXTENSION", "0") not in ("", "0"):
+        if _env_flag("MPVIT_KERNELS_NO_EXTENSION"):
             _extension = False
         else:
             try:
@@ -106,11 +111,16 @@ def use_extension(op: str, device: torch.device) -> bool:
 
 
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Asked on every attention call: the import is tried once."""
+    global _triton
+    if _triton is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton = True
+        except ImportError:
+            _triton = False
+    return _triton
 
 
 def use_triton(op: str, device: torch.device) -> bool:
@@ -119,8 +129,7 @@ def use_triton(op: str, device: torch.device) -> bool:
     backend = get_backend(op)
     if backend == "reference":
         return False
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    runs_here = device.type == "cuda" or (device.type == "cpu" and interpreting)
+    runs_here = device.type == "cuda" or (device.type == "cpu" and _env_flag("TRITON_INTERPRET"))
     if runs_here and _triton_importable():
         return True
     if backend == "triton":
