@@ -28,8 +28,8 @@ test: build
 bench: build
 	$(PY) -m mpvit_kernels.bench
 
-# On a machine with a GPU, with its own torch (no venv): build, pytest -m cuda,
-# compute-sanitizer, speed report; results under benchmarks/results/<device>/.
+# On a machine with a GPU, with its own torch (no venv): build, the kernel tests on CUDA, speed
+# report (STAGES=sanitizer: compute-sanitizer); results under benchmarks/results/<device>/.
 gpu-proof:
 	bash tools/gpu_proof.sh
 

@@ -23,13 +23,14 @@ def log(msg):
     print(f"[mpvit_kernels setup] {msg}", file=sys.stderr)
 
 
-def find_cuda_home():
-    """CUDA_HOME/CUDA_PATH, else the toolkit nvcc belongs to. torch alone would take
-    dirname(dirname(which nvcc)), which is wrong when nvcc is a wrapper or a link."""
+def find_cuda_home(environ=os.environ, fallback="/usr/local/cuda"):
+    """CUDA_HOME/CUDA_PATH, else the toolkit of the nvcc on PATH, else that of ``fallback``'s nvcc
+    (where torch itself looks last: an image may have the toolkit without nvcc on PATH). torch
+    alone would take dirname(dirname(which nvcc)), which is wrong when nvcc is a wrapper or a link."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
+        if environ.get(var):
+            return environ[var]
+    nvcc = shutil.which("nvcc", path=environ.get("PATH")) or shutil.which("nvcc", path=os.path.join(fallback, "bin"))
     if nvcc is None:
         return None
     candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
@@ -79,6 +80,7 @@ def extensions():
     return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})
+if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import it
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass,
+          options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})

@@ -2,6 +2,7 @@
 with the CUDA kernels compiled for the documented default architectures."""
 import glob
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,21 @@ def test_pip_wheel_builds_installs_and_has_cuda_kernels_for_sm80_and_sm90(tmp_pa
         pytest.skip("no cuobjdump to read the cubins")
     listing = subprocess.run([tool, "--list-elf", str(tmp_path / "unpacked" / so)], capture_output=True, text=True)
     assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout + listing.stderr
+
+
+def test_cuda_home_is_found_without_nvcc_on_path(tmp_path):
+    # An image may have the toolkit at /usr/local/cuda with no nvcc on PATH: torch finds it there,
+    # so must setup.py, or it builds the CPU kernels alone and every CUDA test fails later.
+    find_cuda_home = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="setup_under_test")["find_cuda_home"]
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    no_nvcc = {"PATH": str(tmp_path / "empty")}
+    assert find_cuda_home(no_nvcc, fallback=str(toolkit)) == str(toolkit)
+    assert find_cuda_home(no_nvcc, fallback=str(tmp_path / "nothing")) is None
+    assert find_cuda_home({"PATH": str(toolkit / "bin")}, fallback=str(tmp_path / "nothing")) == str(toolkit)
+    assert find_cuda_home({**no_nvcc, "CUDA_HOME": "/opt/cuda-x"}, fallback=str(toolkit)) == "/opt/cuda-x"

@@ -1,12 +1,19 @@
 """factor_attention: the Triton kernels (interpreted on CPU here, real on a GPU) against the
 reference, forward and every gradient, through the op and through the public module."""
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps, assert_close
+from tests.utils import RecordLaunches, RecordOps, assert_close
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
@@ -212,30 +219,111 @@ def test_bad_op_inputs_raise_before_any_kernel():
         FactorAttention(8, num_heads=2, crpe_window={3: 2})(torch.randn(1, 6, 8), (2, 2))
 
 
+def test_fp64_launches_pass_every_float_argument_as_fp64():
+    # Triton types a Python float argument as fp32 unless its parameter says otherwise, and fp64
+    # math with an fp32-rounded scale is off by ~1e-8 (the interpreter hides it; a GPU does not).
+    from mpvit_kernels.triton.static_compile import float_launch_type
+
+    args = make_inputs(1, 3, 4, 6, {3: 1, 5: 1}, torch.float64)
+    with RecordLaunches() as rec:
+        ops.factor_attention(*args).sum().backward()
+    floats = [(fn, name) for fn, bound in rec.launches for name, value in bound.items() if isinstance(value, float)]
+    assert {fn.__name__ for fn, _ in floats} == {"output_kernel", "grad_combine_kernel", "grad_qkv_kernel"}
+    assert [(fn.__name__, name, float_launch_type(fn, name)) for fn, name in floats
+            if float_launch_type(fn, name) != "fp64"] == []
+
+
+def test_autotune_key_buckets_the_token_count():
+    from mpvit_kernels.triton.factor_attention import n_bucket
+
+    assert n_bucket(1) == 1 and n_bucket(49) == 64 and n_bucket(56 * 56) == n_bucket(60 * 60) == 4096
+    assert n_bucket(4096) == 4096 and n_bucket(4097) == 8192
+    # every map size of a multi-scale detection run (inputs 320..1333 at strides 4..32) tunes a handful of times
+    sizes = {(h // s) * (w // s) for h in range(320, 1334, 32) for w in range(320, 1334, 32) for s in (4, 8, 16, 32)}
+    assert len(sizes) > 500 and len({n_bucket(n) for n in sizes}) <= 12
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_what_a_gpu_tunes(autotune):
+    # Read in a process of its own without the interpreter: the tuning a GPU run gets. The
+    # reduction passes never autotune (their tile fixes the summation order); the per-token
+    # passes tune per (bucket of N, head-dim tile) unless MPVIT_KERNELS_AUTOTUNE=0, which pins one tile each.
+    code = """if True:
+        import json, triton
+        from mpvit_kernels.triton import factor_attention as fa
+        from mpvit_kernels.triton.static_compile import launched_kernels
+        out = {}
+        for name, k in launched_kernels(fa).items():
+            if isinstance(k, triton.runtime.Autotuner):
+                out[name] = {"configs": len(k.configs), "key": k.keys}
+            else:
+                out[name] = {"heuristics": sorted(k.values)}
+        print(json.dumps(out))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MPVIT_KERNELS_AUTOTUNE"] = autotune
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("context_partial_kernel", "grad_partial_kernel"):
+        assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
+    for name in ("context_combine_kernel", "grad_combine_kernel"):
+        assert kernels[name]["configs"] == 1
+    for name in ("output_kernel", "grad_qkv_kernel"):
+        if autotune == "1":
+            assert kernels[name]["key"] == ["n_bucket", "BLOCK_D"] and kernels[name]["configs"] > 1, kernels[name]
+        else:
+            assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
+
+
+def test_reduction_tiles_depend_on_dtype_and_head_dim_alone():
+    from mpvit_kernels.triton import factor_attention as fa
+
+    for tiles in (fa.CONTEXT_TILES, fa.GRAD_REDUCE_TILES):
+        for acc, precision in ((fa.tl.float32, "tf32x3"), (fa.tl.float32, "ieee"), (fa.tl.float64, "ieee")):
+            for bd in (16, 32, 64):
+                meta = {"ACC": acc, "DOT_PRECISION": precision, "BLOCK_D": bd}
+                first = tiles.fitting(meta)[0]
+                assert tiles.fitting({**meta, "N": 7, "Ch": bd - 1, "chunk": 128})[0] == first
+                # whole tiles in every chunk, and big enough for tl.dot
+                assert 128 % first[0] == 0 and first[0] >= 16
+
+
 # ---- CUDA (run with a GPU: pytest -m cuda) -------------------------------------------------
 
-# MPViT-S stage shapes at 224x224 input: (N, C); 8 heads.
+# MPViT-S and MPViT-B stage shapes at 224x224 input: (N, C); 8 heads.
 MPVIT_S_STAGES = [(56 * 56, 64), (28 * 28, 128), (14 * 14, 216), (7 * 7, 288)]
+MPVIT_B_STAGES = [(56 * 56, 128), (28 * 28, 224), (14 * 14, 368), (7 * 7, 480)]
 # Low precision tolerance: the kernel's error against the fp64 reference may be at most this
-# multiple of eager PyTorch's own error in the same dtype (plus a small floor).
+# multiple of eager PyTorch's own error in the same dtype (plus a floor of 1e-3 of the
+# reference's magnitude), for the output and for every gradient.
 LOW_PRECISION_FACTOR = 2.0
 
 
+def _all_grads(out, inputs, g):
+    return [out, *torch.autograd.grad(out, inputs, g.to(out.dtype))]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("N, C", MPVIT_S_STAGES)
-def test_cuda_low_precision_vs_fp64_reference(N, C, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("N, C", MPVIT_S_STAGES + MPVIT_B_STAGES, ids=lambda v: str(v))
+def test_cuda_low_precision_every_gradient_at_model_shapes(N, C, dtype):
     side = int(N ** 0.5)
-    Ch = C // 8
-    qkv, size, heads, scale, weights, biases = make_inputs(16, side, side, Ch, DEFAULT, torch.float64,
-                                                           requires_grad=False)
-    exact = reference.factor_attention(qkv, size, heads, scale, weights, biases)
-    low = [t.to(dtype) for t in (qkv, *weights, *biases)]
-    ours = ops.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7])
-    eager = reference.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7])
-    err_ours = (ours.double() - exact).abs().max().item()
-    err_eager = (eager.double() - exact).abs().max().item()
-    assert err_ours <= LOW_PRECISION_FACTOR * err_eager + 1e-3, (err_ours, err_eager)
+    qkv, size, heads, scale, weights, biases = make_inputs(8, side, side, C // 8, DEFAULT, torch.float64)
+    exact_inputs = [qkv, *weights, *biases]
+    g = torch.randn(8, N, C, dtype=torch.float64, device=qkv.device)
+    exact = _all_grads(reference.factor_attention(qkv, size, heads, scale, weights, biases), exact_inputs, g)
+    low = [t.detach().to(dtype).requires_grad_() for t in exact_inputs]
+    ours = _all_grads(ops.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7]), low, g)
+    eager = _all_grads(reference.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7]), low, g)
+    names = ["out", "qkv", "w3", "w5", "w7", "b3", "b5", "b7"]
+    worse = []
+    for name, e, o, r in zip(names, exact, ours, eager):
+        err_ours = (o.double() - e).abs().max().item()
+        err_eager = (r.double() - e).abs().max().item()
+        if err_ours > LOW_PRECISION_FACTOR * err_eager + 1e-3 * e.abs().max().item():
+            worse.append((name, err_ours, err_eager))
+    assert worse == []
 
 
 @pytest.mark.cuda
@@ -256,3 +344,72 @@ def test_cuda_backward_is_deterministic_at_large_n():
         _, _, again, _ = run_both(args)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def forced_tile(kernel, tile):
+    """Run ``kernel`` (autotuned, or pinned by heuristics) with this (BLOCK_N, num_warps)."""
+    import triton
+
+    if isinstance(kernel, triton.runtime.Autotuner):
+        saved = kernel.configs, dict(kernel.cache)
+        kernel.configs = [triton.Config({"BLOCK_N": tile[0]}, num_warps=tile[1], maxnreg=saved[0][0].maxnreg)]
+        kernel.cache.clear()
+        try:
+            yield
+        finally:
+            kernel.configs, kernel.cache = saved
+    else:
+        saved = dict(kernel.values)
+        kernel.values.update(BLOCK_N=lambda meta: tile[0], num_warps=lambda meta: tile[1])
+        try:
+            yield
+        finally:
+            kernel.values.clear()
+            kernel.values.update(saved)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, Ch", [(torch.bfloat16, 16), (torch.float32, 27)], ids=["bf16", "fp32"])
+def test_cuda_token_tile_does_not_change_the_bits(dtype, Ch):
+    # The per-token passes autotune their tile by timing: the bits must not depend on the pick
+    # (the reduction passes pin theirs). Each tile the tuner may pick, forced in turn.
+    from mpvit_kernels.ops.factor_attention import _block_d
+    from mpvit_kernels.triton import factor_attention as fa
+
+    args = make_inputs(2, 28, 28, Ch, DEFAULT, dtype)
+    meta = {"BLOCK_D": _block_d(Ch), "ACC": fa.tl.float32,
+            "DOT_PRECISION": fa.dot_precision("bf16" if dtype == torch.bfloat16 else "fp32")}
+    pairs = list(itertools.zip_longest(fa.OUTPUT_TILES.fitting(meta), fa.GRAD_QKV_TILES.fitting(meta)))
+    assert len(pairs) > 1
+    results = []
+    for out_tile, grad_tile in pairs:
+        with contextlib.ExitStack() as stack:
+            if out_tile:
+                stack.enter_context(forced_tile(fa.output_kernel, out_tile))
+            if grad_tile:
+                stack.enter_context(forced_tile(fa.grad_qkv_kernel, grad_tile))
+            out, ref, grads, ref_grads = run_both(args)
+        results.append(((out_tile, grad_tile), [out, *grads]))
+        if len(results) == 1:
+            assert_close(out, ref, scale=4)
+    (first_tiles, first), rest = results[0], results[1:]
+    for tiles, tensors in rest:
+        for a, b in zip(first, tensors):
+            assert torch.equal(a, b), (first_tiles, tiles)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_runs_on_the_tensors_device_not_the_current_one():
+    args = make_inputs(2, 7, 9, 16, DEFAULT, torch.float32)
+    moved = [args[0].detach().to("cuda:1").requires_grad_(), args[1], args[2], args[3],
+             [w.detach().to("cuda:1").requires_grad_() for w in args[4]],
+             [b.detach().to("cuda:1").requires_grad_() for b in args[5]]]
+    with torch.cuda.device(0):
+        out, ref, grads, ref_grads = run_both(moved)
+        assert torch.cuda.current_device() == 0
+    assert out.device == torch.device("cuda:1")
+    assert_close(out, ref, scale=4)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, scale=10)

@@ -1,19 +1,50 @@
-"""`make gpu-proof` on a machine without a GPU stops at once, saying why."""
+"""`make gpu-proof` (tools/gpu_proof.sh): without a GPU it stops at once, saying why; on a GPU its
+results come back whole from the device tool (at most 8 files, one folder, logs in one archive)."""
 import os
+import stat
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "gpu_proof.sh")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the proof would run")
 def test_gpu_proof_stops_without_a_gpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
-    out = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_proof.sh")], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "no CUDA GPU visible" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing was built or written
+
+
+def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
+    # The script's own steps on a stand-in python that answers the three device questions (is
+    # there a GPU, its name, its arch) and runs everything else for real: a short test and
+    # bench stage, whose results and logs must land as the device tool can copy them back.
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'case "$*" in\n'
+                    "  *is_available*) exit 0 ;;\n"
+                    "  *get_device_name*) echo 'Stand-in GPU'; exit 0 ;;\n"
+                    "  *get_device_capability*) echo 9.0; exit 0 ;;\n"
+                    "esac\n"
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out_dir = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench",
+               TESTS="tests/test_bench.py -k traffic_model", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224")
+    out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*"))
+    assert files == ["logs.tar.gz", "results.json", "speed_report.md", "summary.md"], files
+    with tarfile.open(out_dir / "logs.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"versions.txt", "gpu_proof.log", "pytest.log", "pytest.xml", "bench.log"} <= names, names
+    summary = (out_dir / "summary.md").read_text()
+    assert "| tests | ok |" in summary and "| bench | ok |" in summary and "1 passed" in summary, summary
+    assert "## traffic" in (out_dir / "speed_report.md").read_text()

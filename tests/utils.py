@@ -45,3 +45,30 @@ class RecordOps(TorchDispatchMode):
         if not func.is_view:
             self.compute.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+class RecordLaunches:
+    """Records every Triton kernel launch inside the context, on a GPU or in the interpreter:
+    ``launches`` holds (kernel function, {argument name: value}) after autotune and heuristics
+    have filled in their meta-parameters."""
+
+    def __init__(self):
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.classes = (triton.runtime.JITFunction, InterpretedFunction)
+        self.launches = []
+
+    def __enter__(self):
+        self.saved = [cls.run for cls in self.classes]
+        for cls, run in zip(self.classes, self.saved):
+            def recording(fn, *args, _run=run, **kwargs):
+                self.launches.append((fn, {**dict(zip(fn.arg_names, args)), **kwargs}))
+                return _run(fn, *args, **kwargs)
+
+            cls.run = recording
+        return self
+
+    def __exit__(self, *exc):
+        for cls, run in zip(self.classes, self.saved):
+            cls.run = run

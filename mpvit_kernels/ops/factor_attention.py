@@ -7,6 +7,7 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Sequence
@@ -16,10 +17,11 @@ import torch
 from mpvit_kernels import backend, reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Programs the context pass aims for, so that B=1 with 8 heads still fills 132 SMs at large N.
 # A constant, not the SM count, so the chunking (and the bits) do not depend on the GPU.
 _TARGET_PROGRAMS = 1024
-_CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N of the autotune list
+_CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass may pin
 
 
 def _triton_kernels():
@@ -161,14 +163,18 @@ class _Launch:
         self.acc = _acc_dtype(qkv.dtype)
         self.kernels = _triton_kernels()
         self.tl_acc = self.kernels.tl.float64 if self.acc == torch.float64 else self.kernels.tl.float32
-        # fp32 inputs keep fp32 products; fp16/bf16 q and v are exact in tf32, S and dS round to it
-        self.precision = "ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32"
+        self.precision = self.kernels.dot_precision(_TRITON_NAMES[qkv.dtype])
+        self.n_bucket = self.kernels.n_bucket(self.N)
         self.w_packed, self.bias, self.ksize, self.kmax = _pack_crpe(weights, biases, self.Ch, self.acc)
         self.chunk, self.splits = _chunking(self.BH, self.N)
         self.device = qkv.device
 
     def empty(self, *shape):
         return torch.empty(*shape, device=self.device, dtype=self.acc)
+
+    def on_device(self):
+        """Triton launches on the current CUDA device, not the tensors': make it theirs."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -187,15 +193,17 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
     k = L.kernels
     m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
-    k.context_partial_kernel[(L.BH, L.splits)](
-        qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
-        ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
     ctx, lse = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
-    k.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
-    k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
-        qkv, ctx, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1),
-        out.stride(0), out.stride(1), scale, ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
+    with L.on_device():
+        k.context_partial_kernel[(L.BH, L.splits)](
+            qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
+            ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
+        k.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
+        k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+            qkv, ctx, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
+            qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
+            ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     return out, ctx, lse
 
 
@@ -221,17 +229,18 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     kk = _next_pow2(L.kmax * L.kmax)
     ds_part = L.empty(L.BH, L.splits, L.BD, L.BD)
     dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
-    k.grad_partial_kernel[(L.BH, L.splits)](
-        qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1),
-        dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, KK=kk,
-        BLOCK_D=L.BD)
     ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
-    k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
     dqkv = torch.empty(L.B, L.N, 3 * L.C, device=qkv.device, dtype=qkv.dtype)
-    k.grad_qkv_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
-        qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
-        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale,
-        ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
+    with L.on_device():
+        k.grad_partial_kernel[(L.BH, L.splits)](
+            qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
+            qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision,
+            KMAX=L.kmax, KK=kk, BLOCK_D=L.BD)
+        k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+        k.grad_qkv_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+            qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
+            qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale, L.n_bucket,
+            ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     # CRPE weights are shared by the batch: sum the (b, chunk) partials in a fixed order.
     kmax2 = L.kmax * L.kmax
     dw = dw_part.view(L.B, num_heads, L.splits, kk, L.BD).sum(dim=(0, 2))[:, :kmax2, :L.Ch]  # (heads, KK, Ch)

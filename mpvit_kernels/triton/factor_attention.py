@@ -16,53 +16,105 @@ Backward (dO given; dS = scale * q^T dO, c_d = sum_e S_de dS_de):
   3. ``grad_qkv``: per (b*h, tile), elementwise in the tokens:
      dq = scale dO S^T + dO * crpe(v), dv = A dS + crpe^T(q*dO), dk = A * (v dS^T - c),
      written into one d(qkv) in the Linear's layout.
-All reductions run in a fixed order: the results are bitwise reproducible.
+Every reduction runs in a fixed order (chunks sized from B*heads and N alone, pinned tiles in
+the reduction passes, see Tiles), so the results are bitwise reproducible for the same inputs on
+the same GPU model with the same Triton, across runs and processes; another GPU architecture may
+pick other tensor-core instructions and round differently.
 
 Layouts: qkv rows are tokens (stride ``stride_n``, batch stride ``stride_b``, unit stride in
 the 3C columns); q of head h is columns [h*Ch, (h+1)*Ch), k is +C, v is +2C. O is (B, N, C)
 with the same convention. CRPE weights are packed to (C, KMAX*KMAX), each head's k x k window
 centred in KMAX x KMAX; ``ksize`` (heads,) holds each head's k.
 """
+import functools
 import os
 
 import triton
 import triton.language as tl
 
 
-def _configs(block_ns, warps, maxnreg=None):
-    """Autotune list. ``maxnreg`` pins ptxas's register budget: without it, ptxas 13 (with the
-    --regAllocOptLevel=2 Triton passes) spills a few bytes in some small kernels; with it,
-    the FMA-dot fp32 context pass spills more. So it is set per kernel, as measured."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # The interpreter has no driver to benchmark with, and runs programs one by one in
-        # Python: one config, the largest tile (fewest programs).
-        return [triton.Config({"BLOCK_N": 128}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, maxnreg=maxnreg) for n in block_ns for w in warps]
+# Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of
+# BLOCK_N tokens, and num_warps sets how each tile's tl.sum splits across threads: both fix the
+# order of the float sums. So those two kernels run one pinned (BLOCK_N, num_warps) per (input
+# dtype, BLOCK_D), never autotuned, and their bits do not depend on timing, process or run.
+# The per-token passes (output, grad_qkv) sum nothing over tokens: they autotune their tile.
+# MPVIT_KERNELS_AUTOTUNE=0 pins every kernel to its first fitting tile (no benchmarking), for
+# compute-sanitizer and for runs that must not spend time tuning; the interpreter runs one
+# tile, the largest (it runs programs one by one in Python: fewest programs is fastest).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = not INTERPRET and os.environ.get("MPVIT_KERNELS_AUTOTUNE", "1") not in ("", "0")
+_INTERPRETER_TILE = (128, 4)
 
 
-def _fits(budget_16bit, budget_fp32):
-    """Autotune prune: keep the configs whose (BLOCK_N, BLOCK_D) tile holds at most the budget
-    of elements per thread: one for fp16/bf16 inputs (tensor-core dots), one for fp32 (fp32
-    tiles and FMA dots), half the fp32 one for fp64. Budgets are per kernel, read off
-    sm_80/sm_90a cubins with cuobjdump (`make static-report`): one step past them it spills."""
-    def prune(configs, named_args, **kwargs):
-        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION"))
-        wide = kwargs.get("ACC", named_args.get("ACC")) == tl.float64
-        limit = budget_fp32 // 2 if wide else budget_fp32 if precision == "ieee" else budget_16bit
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * bd <= limit * c.num_warps * 32]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
-
-    return {"early_config_prune": prune}
+def n_bucket(N: int) -> int:
+    """Autotune key of the token count: its next power of two, so that inputs of varying size
+    (multi-scale training, detection) share a handful of tunings instead of one per size."""
+    return 1 << (max(N, 1) - 1).bit_length()
 
 
-# Token tiles: the reductions stream long chunks (bigger tiles, fewer loop trips); the
-# per-token passes keep q, v (and in the backward k, dO) tiles plus the CRPE sum in registers.
-CONTEXT_CONFIGS = _configs((16, 32, 64, 128), (4, 8))
-GRAD_REDUCE_CONFIGS = _configs((32, 64, 128), (4, 8), maxnreg=255)
-TOKEN_CONFIGS = _configs((16, 32, 64), (4, 8), maxnreg=255)
-# The per-head combines are tiny: one config, the register budget pinned (see _configs).
+class Tiles:
+    """The (BLOCK_N, num_warps) token tiles a kernel may run with and the register budget they
+    must fit: at most ``budget`` elements of a (BLOCK_N, BLOCK_D) tile per thread, one budget for
+    16-bit inputs (tensor-core dots), one for fp32 (fp32 tiles and FMA dots), half the fp32 one
+    for fp64. Budgets are per kernel, read off sm_80/sm_90a cubins (`make static-report`): one
+    step past them it spills. ``maxnreg`` pins ptxas's register budget: without it, ptxas 13
+    (with Triton's --regAllocOptLevel=2) spills a few bytes in some kernels; with it, the fp32
+    FMA-dot context pass spills more. So it is set per kernel, as measured."""
+
+    def __init__(self, block_ns, warps, budget_16bit, budget_fp32, maxnreg=None):
+        self.candidates = [(n, w) for n in block_ns for w in warps]
+        self.budget_16bit, self.budget_fp32, self.maxnreg = budget_16bit, budget_fp32, maxnreg
+
+    def fitting(self, meta) -> list[tuple[int, int]]:
+        """The candidates that fit at these constexprs (BLOCK_D, ACC, DOT_PRECISION), largest
+        tile first, then fewest warps; the smallest per-thread tile if none fits."""
+        if INTERPRET:
+            return [_INTERPRETER_TILE]
+        return self._fitting(meta["BLOCK_D"], meta["ACC"] == tl.float64, meta["DOT_PRECISION"])
+
+    @functools.lru_cache(maxsize=None)  # asked at every launch; a handful of distinct answers
+    def _fitting(self, bd, wide, precision):
+        if wide:
+            limit = self.budget_fp32 // 2
+        else:
+            limit = self.budget_fp32 if precision == "ieee" else self.budget_16bit
+        fit = [(n, w) for n, w in self.candidates if n * bd <= limit * w * 32]
+        fit = fit or [min(self.candidates, key=lambda t: t[0] / t[1])]
+        return sorted(fit, key=lambda t: (-t[0], t[1]))
+
+    def pinned(self):
+        """Decorator: one tile per (dtype, BLOCK_D), computed at launch (triton.heuristics)."""
+        values = {"BLOCK_N": lambda meta: self.fitting(meta)[0][0],
+                  "num_warps": lambda meta: self.fitting(meta)[0][1]}
+        if self.maxnreg and not INTERPRET:
+            values["maxnreg"] = lambda meta: self.maxnreg
+        return triton.heuristics(values)
+
+    def tuned(self):
+        """Decorator: autotune over the fitting tiles, per (bucket of N, head-dim tile, dtypes)."""
+        if not AUTOTUNE:
+            return self.pinned()
+
+        def prune(configs, named_args, **kwargs):
+            fit = self.fitting({**named_args, **kwargs})
+            return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in fit]
+
+        configs = [triton.Config({"BLOCK_N": n}, num_warps=w, maxnreg=self.maxnreg) for n, w in self.candidates]
+        return triton.autotune(configs, key=["n_bucket", "BLOCK_D"], prune_configs_by={"early_config_prune": prune})
+
+
+# The reductions stream long chunks (bigger tiles, fewer loop trips); the per-token passes keep
+# q, v (and in the backward k, dO) tiles plus the CRPE sum in registers.
+CONTEXT_TILES = Tiles((16, 32, 64, 128), (4, 8), 32, 4)
+GRAD_REDUCE_TILES = Tiles((16, 32, 64, 128), (4, 8), 16, 8, maxnreg=255)
+OUTPUT_TILES = Tiles((16, 32, 64), (4, 8), 8, 8, maxnreg=255)
+GRAD_QKV_TILES = Tiles((16, 32, 64), (4, 8), 4, 4, maxnreg=255)
+# The per-head combines are tiny: one config, the register budget pinned (see Tiles).
 COMBINE_CONFIGS = [triton.Config({}, num_warps=8, maxnreg=128)]
+# Integer arguments Triton would otherwise specialise on (== 1, % 16 == 0), compiling a variant
+# of each kernel per case: sizes whose divisibility buys nothing (the vector loads run along the
+# channels, whose strides and offsets stay specialised), so that image sizes reuse compiles.
+SIZES = ["N", "H", "W", "heads"]
 
 
 @triton.jit
@@ -71,8 +123,8 @@ def _load_tokens(base, offs_n, col, stride_n, mask, other):
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
 
 
-@triton.autotune(CONTEXT_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(32, 4))
-@triton.jit
+@CONTEXT_TILES.pinned()
+@triton.jit(do_not_specialize=SIZES)
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     m_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk column max of k
@@ -114,7 +166,7 @@ def context_partial_kernel(
 
 
 @triton.autotune(COMBINE_CONFIGS, key=[])
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def context_combine_kernel(
     m_ptr, l_ptr, s_ptr,  # chunk partials of context_partial_kernel
     ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: S = softmax_N(k)^T v
@@ -160,8 +212,8 @@ def _in_image(ys, xs, dy, dx, H, W, nmask):
     return nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16, 8))
-@triton.jit
+@OUTPUT_TILES.tuned()
+@triton.jit(do_not_specialize=SIZES + ["n_bucket"])
 def output_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S of context_combine_kernel
@@ -169,7 +221,9 @@ def output_kernel(
     bias_ptr,  # (C,) CRPE bias
     ksize_ptr,  # (heads,) int32 window of each head
     out_ptr,  # (B, N, C) out
-    N, H, W, C, Ch, heads, stride_b, stride_n, out_stride_b, out_stride_n, scale,
+    N, H, W, C, Ch, heads, stride_b, stride_n, out_stride_b, out_stride_n,
+    scale: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
+    n_bucket,  # n_bucket(N): the autotune key, unused in the body
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -181,7 +235,7 @@ def output_kernel(
     chan = h * Ch + offs_d
     q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
     ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
-    out = scale * tl.dot(q, ctx, out_dtype=ACC, input_precision=DOT_PRECISION)
+    out = tl.full([], scale, ACC) * tl.dot(q, ctx, out_dtype=ACC, input_precision=DOT_PRECISION)
     conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
     k = tl.load(ksize_ptr + h)
     r = k // 2
@@ -198,8 +252,8 @@ def output_kernel(
     tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(GRAD_REDUCE_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(16, 8))
-@triton.jit
+@GRAD_REDUCE_TILES.pinned()
+@triton.jit(do_not_specialize=SIZES)
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     dout_ptr,  # (B, N, C) gradient of the attention output
@@ -254,13 +308,13 @@ def grad_partial_kernel(
 
 
 @triton.autotune(COMBINE_CONFIGS, key=[])
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def grad_combine_kernel(
     ds_part_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) chunk q^T dO
     ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S
     ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: dS = scale * q^T dO
     c_ptr,  # (B*heads, BLOCK_D) out: c_d = sum_e S_de dS_de
-    splits, scale,
+    splits, scale: tl.float64,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -269,14 +323,14 @@ def grad_combine_kernel(
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
         acc += tl.load(ds_part_ptr + (bh * splits + s) * BLOCK_D * BLOCK_D + tile)
-    ds = scale * acc
+    ds = tl.full([], scale, ACC) * acc
     ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile)
     tl.store(ds_ptr + bh * BLOCK_D * BLOCK_D + tile, ds)
     tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
-@triton.autotune(TOKEN_CONFIGS, key=["N", "Ch"], prune_configs_by=_fits(8, 4))
-@triton.jit
+@GRAD_QKV_TILES.tuned()
+@triton.jit(do_not_specialize=SIZES + ["n_bucket"])
 def grad_qkv_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     dout_ptr,  # (B, N, C) gradient of the attention output
@@ -288,7 +342,9 @@ def grad_qkv_kernel(
     bias_ptr,  # (C,) CRPE bias
     ksize_ptr,  # (heads,) int32 window of each head
     dqkv_ptr,  # (B, N, 3C) out, contiguous
-    N, H, W, C, Ch, heads, stride_b, stride_n, dout_stride_b, dout_stride_n, scale,
+    N, H, W, C, Ch, heads, stride_b, stride_n, dout_stride_b, dout_stride_n,
+    scale: tl.float64,  # fp64 whatever ACC (see output_kernel)
+    n_bucket,  # n_bucket(N): the autotune key, unused in the body
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -297,6 +353,7 @@ def grad_qkv_kernel(
     h = bh % heads
     offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(N, W, Ch, BLOCK_N, BLOCK_D)
     chan = h * Ch + offs_d
+    scale_acc = tl.full([], scale, ACC)
     base = qkv_ptr + b.to(tl.int64) * stride_b
     dbase = dout_ptr + b.to(tl.int64) * dout_stride_b
     out = dqkv_ptr + b.to(tl.int64) * N * 3 * C + offs_n[:, None] * (3 * C) + chan[None, :]
@@ -333,7 +390,7 @@ def grad_qkv_kernel(
         emask = nmask[:, None] & (e < Ch)[None, :]
         do_e = _load_tokens(dbase, offs_n, h * Ch + e, dout_stride_n, emask, 0.0).to(ACC)
         ctx_t = tl.load(ctx_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = S[d, e]
-        dq += scale * tl.dot(do_e, ctx_t, out_dtype=ACC, input_precision=DOT_PRECISION)
+        dq += scale_acc * tl.dot(do_e, ctx_t, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out, dq.to(ty), mask=mask)
     v_ds = tl.zeros([BLOCK_N, BLOCK_D], ACC)  # v dS^T
     for e0 in tl.static_range(0, BLOCK_D, 16):
@@ -353,34 +410,43 @@ def grad_qkv_kernel(
     tl.store(out + C, dk.to(ty), mask=mask)
 
 
+def dot_precision(dtype_name: str) -> str:
+    """input_precision of the kernels' dots for inputs of this dtype. Products of two fp32
+    operands (q S, dO S^T, v dS^T, A dS) would run as tf32 for 16-bit inputs, which truncates S,
+    dS and A to 10 mantissa bits (no rounding): tf32x3 keeps them to fp32 accuracy at three
+    tensor-core products, a small cost in these memory-bound passes (the 16-bit x 16-bit dots
+    ignore it). fp32 and fp64 inputs take exact FMA dots."""
+    return "tf32x3" if dtype_name in ("fp16", "bf16") else "ieee"
+
+
 def compile_specs():
     """What the ops can launch, for the ahead-of-time compile check
     (mpvit_kernels/triton/static_compile.py): per kernel, its pointer and float argument types
     and the constexpr combinations at the model's shapes (head dims 8..60 -> BLOCK_D 16..64,
-    windows up to 7) for fp16/bf16/fp32 inputs; the autotune configs come from the kernel."""
+    windows up to 7) for fp16/bf16/fp32/fp64 inputs; the tiles come from the kernel's own Tiles."""
     specs = []
-    for dt in ("fp16", "bf16", "fp32"):
-        precision = "ieee" if dt == "fp32" else "tf32"
-        common = {"ACC": tl.float32, "DOT_PRECISION": precision}
-        acc = "*fp32"
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        acc = "*fp64" if dt == "fp64" else "*fp32"
+        common = {"ACC": acc_ty, "DOT_PRECISION": dot_precision(dt)}
         for bd in (16, 32, 64):
             tag = f"{dt} BLOCK_D={bd}"
             specs += [
                 (context_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "m_ptr": acc, "l_ptr": acc, "s_ptr": acc},
                  {**common, "BLOCK_D": bd}),
                 (context_combine_kernel, tag, {"m_ptr": acc, "l_ptr": acc, "s_ptr": acc, "ctx_ptr": acc,
-                                               "lse_ptr": acc}, {"ACC": tl.float32, "BLOCK_D": bd}),
+                                               "lse_ptr": acc}, {"ACC": acc_ty, "BLOCK_D": bd}),
                 (output_kernel, tag, {"qkv_ptr": f"*{dt}", "ctx_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
-                                      "ksize_ptr": "*i32", "out_ptr": f"*{dt}", "scale": "fp32"},
+                                      "ksize_ptr": "*i32", "out_ptr": f"*{dt}", "scale": "fp64"},
                  {**common, "BLOCK_D": bd, "KMAX": 7}),
                 (grad_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ds_ptr": acc, "dw_ptr": acc,
                                             "db_ptr": acc, "ksize_ptr": "*i32"},
                  {**common, "BLOCK_D": bd, "KMAX": 7, "KK": 64}),
                 (grad_combine_kernel, tag, {"ds_part_ptr": acc, "ctx_ptr": acc, "ds_ptr": acc, "c_ptr": acc,
-                                            "scale": "fp32"}, {"ACC": tl.float32, "BLOCK_D": bd}),
+                                            "scale": "fp64"}, {"ACC": acc_ty, "BLOCK_D": bd}),
                 (grad_qkv_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ctx_ptr": acc, "lse_ptr": acc,
                                         "ds_ptr": acc, "c_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
-                                        "ksize_ptr": "*i32", "dqkv_ptr": f"*{dt}", "scale": "fp32"},
+                                        "ksize_ptr": "*i32", "dqkv_ptr": f"*{dt}", "scale": "fp64"},
                  {**common, "BLOCK_D": bd, "KMAX": 7}),
             ]
     return specs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import os
 import pkgutil
 import re
@@ -52,17 +53,32 @@ def kernel_modules():
 
 
 def jit_function(kernel):
-    """The JITFunction behind a kernel, autotuned or not."""
-    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    """The JITFunction behind a kernel (the interpreter's stand-in under TRITON_INTERPRET=1),
+    under any autotune / heuristics wrappers."""
+    while isinstance(kernel, (triton.runtime.Autotuner, triton.runtime.Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
+FLOAT_TYPES = ("fp16", "bf16", "fp32", "fp64")
+
+
+def float_launch_type(fn, name: str) -> str:
+    """The type Triton's launcher gives a Python float passed to parameter ``name`` of the
+    kernel ``fn`` (a JITFunction): the parameter's annotation if it has one, else what Triton
+    makes of any float (fp32)."""
+    param = inspect.signature(fn.fn).parameters[name]
+    return triton.runtime.jit.KernelParam(0, param, False, False).annotation_type or triton.runtime.jit.mangle_type(0.1)
 
 
 def launched_kernels(module) -> dict[str, object]:
-    """The module's launchable kernels: @triton.jit functions (bare or autotuned) whose names do
+    """The module's launchable kernels: @triton.jit functions (bare, autotuned or with heuristics) whose names do
     not start with '_' (those are device helpers inlined into the kernels)."""
     found = {}
     for name, obj in vars(module).items():
-        fn = jit_function(obj)
-        if isinstance(fn, triton.runtime.JITFunction) and not name.startswith("_") and fn.fn.__module__ == module.__name__:
+        if not isinstance(obj, triton.runtime.KernelInterface) or name.startswith("_"):
+            continue
+        if jit_function(obj).fn.__module__ == module.__name__:
             found[name] = obj
     return found
 
@@ -72,11 +88,17 @@ def _cuobjdump() -> str:
 
 
 def configs_of(kernel, constexprs):
+    """(meta-parameters, num_warps, num_stages, maxnreg) of each config the kernel can launch
+    with at these constexprs: its autotune list as its own prune leaves it, or what its
+    heuristics compute."""
     if isinstance(kernel, triton.runtime.Autotuner):
         configs = kernel.configs
         if kernel.early_config_prune:
             configs = kernel.early_config_prune(configs, {}, **constexprs)
         return [(dict(c.kwargs), c.num_warps, c.num_stages, c.maxnreg) for c in configs]
+    if isinstance(kernel, triton.runtime.Heuristics):
+        meta = {name: value(dict(constexprs)) for name, value in kernel.values.items()}
+        return [(meta, meta.pop("num_warps", 4), meta.pop("num_stages", 3), meta.pop("maxnreg", None))]
     return [({}, 4, 3, None)]
 
 
@@ -84,10 +106,15 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     fn = jit_function(kernel)
     kwargs, warps, stages, maxnreg = config
     cx = {**constexprs, **kwargs}
-    label = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", warps={warps}"
+    label = ", ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"warps={warps}"])
     usage = Usage(fn.__name__, tag, label, arch)
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in cx})
+    narrowed = [f"{name}: spec {ty}, launched as {float_launch_type(fn, name)}" for name, ty in types.items()
+                if ty in FLOAT_TYPES and float_launch_type(fn, name) != ty]
+    if narrowed:  # the compile would not be what a launch with a Python float runs
+        usage.error = "float argument typed unlike its launch: " + "; ".join(narrowed)
+        return usage
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=cx),
                                   target=GPUTarget("cuda", arch, 32),
