@@ -60,6 +60,12 @@ def extensions():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     cxx_flags = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp the CPU kernels
+        # run on one thread. The link finds libgomp.so.1, the one torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
     os.environ["MAX_JOBS"] = jobs
     if with_cuda:
@@ -70,12 +76,12 @@ def extensions():
         log(f"building CUDA + CPU kernels: CUDA_HOME={cuda_home}, archs {archs}, {jobs} jobs")
         ext = cpp_extension.CUDAExtension(
             "mpvit_kernels._C", sources, py_limited_api=True,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link_flags)
     else:
         why = "torch has no CUDA" if torch.version.cuda is None else "no nvcc / CUDA_HOME"
         log(f"building the CPU kernels only ({why}), {jobs} jobs")
         ext = cpp_extension.CppExtension("mpvit_kernels._C", sources, py_limited_api=True,
-                                         extra_compile_args={"cxx": cxx_flags})
+                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

@@ -17,4 +17,14 @@ TORCH_LIBRARY(mpvit_kernels, m) {
   m.def(
       "affine_hswish_backward(Tensor grad, Tensor x, Tensor scale, Tensor shift, bool hswish)"
       " -> (Tensor, Tensor, Tensor)");
+  // y = depthwise k x k conv of x (padding k/2, stride 1 or 2) + bias, then * scale + shift if
+  // given, Hardswish if `hswish`, + x if `residual`; y is channels-last (NHWC memory).
+  m.def(
+      "depthwise(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? scale, Tensor? shift, bool hswish,"
+      " bool residual) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_bias, grad_scale, grad_shift); grad_bias is the grad of a
+  // zero bias when there is none, grad_scale and grad_shift are empty without scale.
+  m.def(
+      "depthwise_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? scale,"
+      " Tensor? shift, bool hswish, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -25,6 +25,16 @@ def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor
     return ops.affine_hswish(x, scale, shift, hswish)
 
 
+def dwconv_bn_hswish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Depthwise ``conv`` -> BatchNorm -> Hardswish. In eval one ``depthwise`` op with the
+    BatchNorm folded into its epilogue; in training the conv alone, then BatchNorm with batch
+    statistics as usual."""
+    if bn.training or bn.running_mean is None:
+        return bn_hswish(ops.depthwise(x, conv.weight, conv.bias, conv.stride[0]), bn, True)
+    scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    return ops.depthwise(x, conv.weight, conv.bias, conv.stride[0], scale, shift, hswish=True)
+
+
 class Conv2dBN(nn.Module):
     """``Conv2d_BN``: bias-free conv -> BatchNorm2d -> optional Hardswish."""
 
@@ -52,7 +62,9 @@ class DWConv2dBN(nn.Module):
 
 
 class ConvPosEnc(nn.Module):
-    """``cpe``: tokens + depthwise 3x3 conv (with bias) of the tokens seen as an image."""
+    """``cpe``: tokens + depthwise 3x3 conv (with bias) of the tokens seen as an image, one
+    ``depthwise`` op with its residual epilogue. Tokens (B, N, C) are a channels-last image and
+    the op returns one: both changes of view are free."""
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
@@ -61,8 +73,10 @@ class ConvPosEnc(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         H, W = size
+        if N != H * W:
+            raise ValueError(f"ConvPosEnc: x has N={N} tokens but size={tuple(size)} gives {H * W}")
         img = x.transpose(1, 2).reshape(B, C, H, W)  # a view when x is contiguous tokens
-        return reference.cpe(img, self.proj.weight, self.proj.bias).flatten(2).transpose(1, 2)
+        return ops.depthwise(img, self.proj.weight, self.proj.bias, residual=True).flatten(2).transpose(1, 2)
 
 
 class ConvRelPosEnc(nn.Module):

@@ -36,6 +36,19 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.conv2d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 
+def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+              scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, hswish: bool = False,
+              residual: bool = False) -> torch.Tensor:
+    """Depthwise conv, then ``* scale + shift`` (a folded BatchNorm) if given, Hardswish if
+    ``hswish``, ``+ x`` if ``residual``: the eager composition the ``depthwise`` op fuses."""
+    y = depthwise_conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride)
+    if scale is not None:
+        y = affine_hswish(y, scale, shift, hswish)
+    elif hswish:
+        y = F.hardswish(y)
+    return y + x if residual else y
+
+
 def cpe(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Convolutional position encoding on an image: ``x + dwconv3x3(x) + bias``."""
     return x + depthwise_conv(x, weight, bias)

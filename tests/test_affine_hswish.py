@@ -10,7 +10,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import Conv2dBN
-from tests.utils import LAYOUTS, RecordOps, assert_close, make_image
+from tests.utils import LAYOUTS, RecordOps, across_thread_counts, assert_close, make_image
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
 requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
@@ -109,14 +109,7 @@ def test_backward_is_deterministic_across_thread_counts():
     x = make_image((4, 32, 33, 31), layout="channels_last", requires_grad=True)
     scale, shift = params(32, requires_grad=True)
     grad = torch.randn_like(x)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            results.append(torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, True))
-    finally:
-        torch.set_num_threads(threads)
+    results = across_thread_counts(lambda: torch.ops.mpvit_kernels.affine_hswish_backward(grad, x, scale, shift, True))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)

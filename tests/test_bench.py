@@ -16,7 +16,20 @@ def test_traffic_model_counts_eager_ops_and_beats_it_at_large_n():
 
 
 def test_speed_report_runs(capsys):
-    assert report.main(["--ops", "traffic,affine_hswish", "--batch", "1", "--reps", "1", "--warmup", "0",
-                        "--no-compile"]) == 0
+    assert report.main(["--ops", "traffic,affine_hswish,depthwise", "--batch", "1", "--reps", "1", "--warmup", "0",
+                        "--no-compile", "--resolutions", "64"]) == 0
     out = capsys.readouterr().out
     assert "## traffic" in out and "## affine_hswish" in out and "speedup bound" in out
+    assert "## depthwise" in out and "| CPE | 64 | 1 | 1x16x16x64 |" in out
+
+
+def test_traffic_model_of_the_depthwise_sites():
+    from mpvit_kernels.bench.traffic import eager_depthwise, ours_depthwise
+
+    for site, eager_ops in (("CPE", {"aten.convolution", "aten.add"}), ("InvRes dw", {"aten.convolution"})):
+        eager = eager_depthwise(site, 2, 64, 56, torch.bfloat16)
+        assert eager_ops <= set(eager.ops)
+        ours = ours_depthwise(site, 2, 64, 56, torch.bfloat16)
+        x_bytes = 2 * 64 * 56 * 56 * 2
+        assert sum(b for _, b in ours) >= 2 * x_bytes  # x read once, y written once: never less
+        assert eager.bytes > 2 * sum(b for _, b in ours)

@@ -142,9 +142,13 @@ def test_kernels_on_equal_kernels_off(memory_format):
         with mpvit_kernels.use_backend("reference"):
             off = model(x)
     if mpvit_kernels.extension_available():
-        # every eval BatchNorm runs as the compiled op when kernels are on, none when off
+        # every eval BatchNorm runs as a compiled op when kernels are on, none when off: the
+        # InvRes one (one per stage) folded into its depthwise conv, the others as affine_hswish;
+        # every block's CPE is one depthwise op too
         num_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-        assert rec.names.count("mpvit_kernels.affine_hswish") == num_bn
+        num_blocks = sum(type(m).__name__ == "MHCABlock" for m in model.modules())
+        assert rec.names.count("mpvit_kernels.affine_hswish") == num_bn - 4
+        assert rec.names.count("mpvit_kernels.depthwise") == 4 + num_blocks
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 

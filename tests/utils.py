@@ -72,3 +72,16 @@ class RecordLaunches:
     def __exit__(self, *exc):
         for cls, run in zip(self.classes, self.saved):
             cls.run = run
+
+
+def across_thread_counts(fn, counts=(1, 2, 1)):
+    """fn() run with each intra-op thread count in turn; the results, in order."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../activation.h"
 #include "../affine_hswish.h"
 
 namespace mpvit_kernels {
@@ -28,17 +29,6 @@ constexpr int64_t kElemsPerBlock = 1 << 14;
 #else
 #define MPVIT_VECTOR_CLONES inline
 #endif
-
-template <typename acc_t>
-inline acc_t hswish_fwd(acc_t z) {
-  return z * std::min(std::max(z + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
-}
-
-// Same branches as ATen's hardswish_backward, boundaries included (slope 0 at -3, 1 at 3).
-template <typename acc_t>
-inline acc_t hswish_slope(acc_t z) {
-  return z <= acc_t(-3) ? acc_t(0) : (z < acc_t(3) ? z / acc_t(3) + acc_t(0.5) : acc_t(1));
-}
 
 // y[j] = act(x[j] * a[j * A_STEP] + b[j * A_STEP]) over n elements; A_STEP is 1 for a run of
 // channels (channels-last) and 0 for a run of one channel. Branch-free so it vectorizes.

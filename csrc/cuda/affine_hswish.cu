@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../activation.h"
 #include "../affine_hswish.h"
 
 namespace mpvit_kernels {
@@ -23,18 +24,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kChannelTile = 32;     // channels per block when channels are innermost
 constexpr int kMaxRowChunks = 1024;  // fixed, so the reduction order is the same on any GPU
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t hswish_fwd(acc_t z) {
-  return z * min(max(z + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t hswish_slope(acc_t z) {
-  if (z <= acc_t(-3)) return acc_t(0);
-  if (z < acc_t(3)) return z / acc_t(3) + acc_t(0.5);
-  return acc_t(1);
-}
 
 // x, y: dense, numel elements, channel of element i is (i / inner) % C.
 template <typename scalar_t, typename acc_t, typename index_t>

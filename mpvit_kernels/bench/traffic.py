@@ -1,7 +1,8 @@
 """Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
 
-Scopes: the attention core (qkv Linear output -> attention output) and the whole FactorAttention
-module (x -> proj), whose two Linears run as eager's in both columns.
+Scopes: the depthwise op at the CPE and InvRes sites (forward); the attention core (qkv Linear
+output -> attention output) and the whole FactorAttention module (x -> proj), whose two Linears
+run as eager's in both columns.
 
 Eager is counted, not estimated: the op runs on meta tensors under a TorchDispatchMode that
 records every non-view aten op (one kernel each) and the bytes of its tensor inputs and
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mpvit_kernels import FactorAttention, reference, use_backend
+from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench.factor_attention import STAGES
 from mpvit_kernels.ops.factor_attention import _block_d, _chunking, pack_launches
 
@@ -103,8 +105,48 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     return launches
 
 
+def eager_depthwise(site: str, B: int, C: int, side: int, dtype) -> CountTraffic:
+    """The public module's op sequence at a CPE or InvRes site (forward), counted on meta tensors."""
+    x, w, b, bn = depthwise_bench.site_inputs(B, C, side, dtype, "meta")
+    count = CountTraffic()
+    with torch.no_grad(), count:
+        depthwise_bench.IMPLS[site][0](x, w, b, bn)
+    return count
+
+
+def ours_depthwise(site: str, B: int, C: int, side: int, dtype) -> list[tuple[str, int]]:
+    """(launch, bytes) of the depthwise op forward: one kernel reading x and writing y (halo
+    re-reads assumed cached) and its parameters in fp32; before it, a cast per parameter not
+    in fp32 and, at the InvRes site, the BatchNorm fold (counted on meta tensors)."""
+    elem = torch.finfo(dtype).bits // 8
+    params = [("weight", C * 9)] + ([("bias", C)] if site == "CPE" else [("scale", C), ("shift", C)])
+    launches = [("depthwise: read x, write y", 2 * B * C * side * side * elem + sum(n for _, n in params) * 4)]
+    if site == "CPE" and dtype != torch.float32:
+        launches += [(f"cast {name} to fp32", n * (elem + 4)) for name, n in params]
+    if site == "InvRes dw":
+        if dtype != torch.float32:
+            launches.append(("cast weight to fp32", C * 9 * (elem + 4)))
+        _, _, _, (mean, var, gamma, beta) = depthwise_bench.site_inputs(B, C, side, dtype, "meta")
+        fold = CountTraffic()
+        with torch.no_grad(), fold:
+            reference.fold_bn(gamma, beta, mean, var, 1e-5)
+        launches += [(f"fold BatchNorm: {op}", fold.bytes // fold.launches) for op in fold.ops]
+    return launches
+
+
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
+    for res in args.traffic_resolutions:
+        for stage, C, stride in depthwise_bench.STAGES:
+            side = res // stride
+            for site in depthwise_bench.SITES:
+                eager = eager_depthwise(site, args.batch, C, side, dtype)
+                ours = ours_depthwise(site, args.batch, C, side, dtype)
+                mine = sum(b for _, b in ours)
+                rows.append({"op": site, "input": res, "stage": stage, "shape": [args.batch, side * side, C],
+                             "dtype": dtype_name, "mode": "forward", "eager_launches": eager.launches,
+                             "eager_bytes": eager.bytes, "ours_launches": len(ours), "ours_bytes": mine,
+                             "bytes_ratio": eager.bytes / mine})
     for res in args.traffic_resolutions:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2

@@ -1,0 +1,41 @@
+"""pytest-benchmark: the depthwise op at MPViT-S's stage-1 CPE site (x + dw3x3(x) + bias on a
+channels-last map), eager (the public module's conv + add) vs ours, forward and forward+backward,
+on CUDA when there is one (else the C++ CPU twin). `pytest benchmarks/`."""
+import pytest
+import torch
+
+from mpvit_kernels.bench.depthwise import eager_cpe, ours_cpe, site_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH = 16 if DEVICE == "cuda" else 2
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return site_inputs(BATCH, 64, 56, DTYPE, DEVICE)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", ["eager", "ours"])
+def test_depthwise_cpe(benchmark, inputs, impl, backward):
+    x, w, b, bn = inputs
+    fn = eager_cpe if impl == "eager" else ours_cpe
+    xg = x.detach().requires_grad_(backward)
+    grad = torch.randn_like(x)
+
+    def step():
+        if backward:
+            fn(xg, w, b, bn).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(xg, w, b, bn)
+        sync()
+
+    benchmark.group = f"depthwise CPE {'forward+backward' if backward else 'forward'} {DEVICE} {tuple(x.shape)}"
+    benchmark(step)
