@@ -37,7 +37,7 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out_dir = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench",
-               TESTS="tests/test_bench.py -k traffic_model", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224")
+               TESTS="tests/test_bench.py -k counts_eager_ops", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*"))
