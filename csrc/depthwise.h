@@ -42,6 +42,8 @@ inline void check_depthwise_grad(const at::Tensor& grad, const at::Tensor& x, in
                         grad.size(3) == Wo,
                     "depthwise_backward: grad must be (", x.size(0), ", ", x.size(1), ", ", Ho, ", ", Wo, "), got ",
                     grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == x.device(), "depthwise_backward: grad must be on x's device ", x.device(),
+                    ", got ", grad.device());
 }
 
 // (B, C, H, W) allocated channels-last, i.e. NHWC memory.

@@ -25,7 +25,7 @@ def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor
     return ops.affine_hswish(x, scale, shift, hswish)
 
 
-def dwconv_bn_hswish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+def depthwise_bn_hswish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """Depthwise ``conv`` -> BatchNorm -> Hardswish. In eval one ``depthwise`` op with the
     BatchNorm folded into its epilogue; in training the conv alone, then BatchNorm with batch
     statistics as usual."""
@@ -49,7 +49,10 @@ class Conv2dBN(nn.Module):
 
 
 class DWConv2dBN(nn.Module):
-    """``DWConv2d_BN``: depthwise k x k (stride s) -> 1x1 conv -> BatchNorm2d -> Hardswish."""
+    """``DWConv2d_BN``: depthwise k x k (stride s) -> 1x1 conv -> BatchNorm2d -> Hardswish, through
+    ``ops.dwconv_bn``: in eval one fused op with the BatchNorm folded in; in training the fused
+    depthwise + 1x1, then BatchNorm with batch statistics (running statistics as nn.BatchNorm2d
+    keeps them) and Hardswish. Output channels-last."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
         super().__init__()
@@ -58,7 +61,12 @@ class DWConv2dBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bn_hswish(self.pwconv(self.dwconv(x)), self.bn, True)
+        dw, pw, stride = self.dwconv.weight, self.pwconv.weight, self.dwconv.stride[0]
+        if self.bn.training or self.bn.running_mean is None:
+            return bn_hswish(ops.dwconv_bn(x, dw, pw, stride), self.bn, True)
+        scale, shift = reference.fold_bn(self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
+                                         self.bn.eps)
+        return ops.dwconv_bn(x, dw, pw, stride, scale, shift, hswish=True)
 
 
 class ConvPosEnc(nn.Module):

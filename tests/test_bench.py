@@ -16,11 +16,12 @@ def test_traffic_model_counts_eager_ops_and_beats_it_at_large_n():
 
 
 def test_speed_report_runs(capsys):
-    assert report.main(["--ops", "traffic,affine_hswish,depthwise", "--batch", "1", "--reps", "1", "--warmup", "0",
-                        "--no-compile", "--resolutions", "64"]) == 0
+    assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn", "--batch", "1", "--reps", "1",
+                        "--warmup", "0", "--no-compile", "--resolutions", "64"]) == 0
     out = capsys.readouterr().out
     assert "## traffic" in out and "## affine_hswish" in out and "speedup bound" in out
     assert "## depthwise" in out and "| CPE | 64 | 1 | 1x16x16x64 |" in out
+    assert "## dwconv_bn" in out and "| 64 | 2 | 2 | 1x16x16x128 |" in out
 
 
 def test_traffic_model_of_the_depthwise_sites():
@@ -33,3 +34,13 @@ def test_traffic_model_of_the_depthwise_sites():
         x_bytes = 2 * 64 * 56 * 56 * 2
         assert sum(b for _, b in ours) >= 2 * x_bytes  # x read once, y written once: never less
         assert eager.bytes > 2 * sum(b for _, b in ours)
+
+
+def test_traffic_model_of_the_patch_embeddings():
+    from mpvit_kernels.bench.traffic import eager_dwconv_bn, ours_dwconv_bn
+
+    eager = eager_dwconv_bn(2, 64, 56, 1, torch.bfloat16)
+    assert eager.ops.count("aten.convolution") == 2 and "aten.hardswish" in eager.ops
+    ours = ours_dwconv_bn(2, 64, 56, 1, torch.bfloat16)
+    x_bytes = 2 * 64 * 56 * 56 * 2
+    assert 2 * x_bytes <= sum(b for _, b in ours) < eager.bytes / 3  # x read once, y written once

@@ -232,6 +232,7 @@ def cuda_host(tmp_path_factory):
     so.dw_backward.argtypes = [I, I, I, I64, I64, I64, I64, I, P, P, P, P, P, P, I, I, P, P, P, P]
     so.dw_partial_numel.argtypes = [I, I, I64, I64, I64, I64, I]
     so.dw_partial_numel.restype = I64
+    so.dw_fits_grid.argtypes = [I, I64, I64, I64, I64, I]
     return so
 
 
@@ -293,6 +294,25 @@ def test_cuda_kernels_on_the_host_match_reference(cuda_host, case, dtype):
         assert_close(y.double(), ref, tol, scale=4 if dtype != torch.float16 else 400)
         for g, w in zip(got, want):
             assert_close(g.double(), w, tol, scale=20 if dtype != torch.float16 else 2000)
+
+
+def test_cuda_launcher_refuses_sizes_beyond_its_grids(cuda_host):
+    # checked before any launch: 32-bit tile counters, 65535 blocks along y (channels) and z (batch)
+    assert cuda_host.dw_fits_grid(8, 16, 512, 512, 64, 1)
+    assert not cuda_host.dw_fits_grid(1, 65535, 65537, 1, 1, 1)  # 2^31 tiles of 2 pixels each
+    assert not cuda_host.dw_fits_grid(1, 1, 8, 8, 16 * 65536, 1)  # 65536 channel blocks
+    assert not cuda_host.dw_fits_grid(8, 65536, 8, 8, 8, 1)
+
+
+def test_cuda_kernels_on_the_host_keep_weight_grads_finite_past_the_image_edge(cuda_host):
+    # a tile's pixels past the output's last row must not read x: tap row 0 of the weight grad
+    # sums x rows -1..H-2 only, so an inf in the last row must not reach it (0 * inf = NaN)
+    args = make_args((1, 8, 3, 5), 3, 1, "plain", requires_grad=False)
+    with torch.no_grad():
+        args["x"][:, :, -1] = float("inf")
+    grad = torch.randn(1, 8, 3, 5)
+    _, (gx, gw) = run_on_host(cuda_host, args, 4, grad)
+    assert torch.isfinite(gw[:, :, 0]).all(), gw[:, :, 0]
 
 
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------

@@ -22,15 +22,18 @@ def reference_keys(size):
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
 
 
+TRITON_FAMILIES = ["factor_attention", "dwconv_bn"]
+
+
 @pytest.fixture(autouse=True)
-def _attention_on_the_reference_path(request):
-    """Model tests run on CPU tensors, where the Triton attention kernels only run through the
-    interpreter (seconds per call): they take the reference attention, except the test that
-    runs the whole model through the kernels."""
+def _triton_families_on_the_reference_path(request):
+    """Model tests run on CPU tensors, where the Triton kernels (attention, the patch
+    embeddings' dwconv_bn) only run through the interpreter (seconds per call): they take the
+    reference for those, except the tests that run the whole model through the kernels."""
     if "whole_model_through_the_kernels" in request.node.name:
         yield
         return
-    with mpvit_kernels.use_backend("reference", ops=["factor_attention"]):
+    with mpvit_kernels.use_backend("reference", ops=TRITON_FAMILIES):
         yield
 
 
@@ -147,8 +150,10 @@ def test_kernels_on_equal_kernels_off(memory_format):
         # every block's CPE is one depthwise op too
         num_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         num_blocks = sum(type(m).__name__ == "MHCABlock" for m in model.modules())
+        num_embeds = sum(isinstance(m, mpvit_kernels.DWConv2dBN) for m in model.modules())
         assert rec.names.count("mpvit_kernels.affine_hswish") == num_bn - 4
-        assert rec.names.count("mpvit_kernels.depthwise") == 4 + num_blocks
+        # (dwconv_bn runs unfused here, CPU tests take its reference: its depthwise is the op too)
+        assert rec.names.count("mpvit_kernels.depthwise") == 4 + num_blocks + num_embeds
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
@@ -160,6 +165,7 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
         with mpvit_kernels.use_backend("reference"):
             off = model(x)
     assert rec.names.count("mpvit_kernels.factor_attention_fwd") == 23  # every block of every path
+    assert rec.names.count("mpvit_kernels.dwconv_bn") == 11  # every patch embedding of every stage
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 

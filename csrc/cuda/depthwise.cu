@@ -54,18 +54,16 @@ void with_tile(int64_t C, bool aligned, int64_t K, F&& f) {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
-// Grid limits: the batch is grid dimension z, and the kernels index tiles in 32 bits.
-void check_grid(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.size(0) <= 65535, "depthwise: batch must be at most 65535 on CUDA, got ", x.size(0));
-  TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) / 8 < (int64_t{1} << 31),
-                    "depthwise: more than 2^34 pixels in one call on CUDA, got x of shape ", x.sizes());
+void check_grid(const depthwise::Geometry& g, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(depthwise::fits_grid(g), "depthwise: x of shape ", x.sizes(),
+                    " needs more CUDA blocks than one launch takes (batch and channel blocks at most 65535, tiles "
+                    "below 2^31): split the batch");
 }
 
 at::Tensor depthwise_cuda(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           int64_t stride, const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& shift, bool hswish, bool residual) {
   check_depthwise_args(x_in, weight, bias, stride, scale, shift, residual);
-  check_grid(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   at::Tensor y = empty_nhwc(x_in, B, C, depthwise_out_size(H, stride), depthwise_out_size(W, stride));
@@ -78,6 +76,7 @@ at::Tensor depthwise_cuda(const at::Tensor& x_in, const at::Tensor& weight, cons
     with_tile<scalar_t>(C, aligned16(x), weight.size(2), [&](auto vec, auto k) {
       constexpr int V = decltype(vec)::value, KS = decltype(k)::value;
       const auto g = depthwise::geometry<V>(B, H, W, C, stride);
+      check_grid(g, x);
       depthwise::run_forward<scalar_t, acc_t, V, KS>(
           launch, g, x.const_data_ptr<scalar_t>(), p.weight.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(p.bias),
           ptr_or_null<acc_t>(p.scale), ptr_or_null<acc_t>(p.shift), y.mutable_data_ptr<scalar_t>(), hswish, residual);
@@ -92,7 +91,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
     bool residual) {
   check_depthwise_args(x_in, weight, bias, stride, scale, shift, residual);
   check_depthwise_grad(grad_in, x_in, stride);
-  check_grid(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight.size(2);
   const int64_t Ho = depthwise_out_size(H, stride), Wo = depthwise_out_size(W, stride);
@@ -109,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
       with_tile<scalar_t>(C, aligned16(x) && aligned16(grad), K, [&](auto vec, auto k) {
         constexpr int V = decltype(vec)::value, KS = decltype(k)::value;
         const auto g = depthwise::geometry<V>(B, H, W, C, stride);
+        check_grid(g, x);
         const bool epilogue = hswish || p.scale.defined();
         at::Tensor gconv = at::empty({epilogue ? B * Ho * Wo * C : 0}, x.options().dtype(acc));
         at::Tensor partial = at::empty({depthwise::partial_numel(g, KS)}, x.options().dtype(acc));

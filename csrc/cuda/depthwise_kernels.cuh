@@ -80,6 +80,14 @@ inline Grid params_grid(const Geometry& g) {
   return {chunks < param_tiles(g) ? chunks : param_tiles(g), g.channel_blocks, 1};
 }
 
+// Whether every launch fits CUDA's grid limits and the kernels' 32-bit tile indices (pass 1 of
+// the backward counts tiles in int, up to param_tiles + chunks).
+inline bool fits_grid(const Geometry& g) {
+  constexpr int64_t kMaxX = (int64_t{1} << 31) - 1, kMaxYZ = 65535;
+  return forward_grid(g).x <= kMaxX && input_grid(g).x <= kMaxX && param_tiles(g) + params_grid(g).x <= kMaxX &&
+         g.channel_blocks <= kMaxYZ && g.B <= kMaxYZ;
+}
+
 // Halo tile side for `tile` outputs at stride s of a K-wide window.
 __host__ __device__ constexpr int halo(int tile, int K, int s) { return (tile - 1) * s + K; }
 
@@ -287,6 +295,8 @@ __global__ void __launch_bounds__(kThreads, kParamMinBlocks<K>)
     const T* xs = reinterpret_cast<const T*>(tile);  // scalar view: pixel-major, CB channels each
 #pragma unroll 1
     for (int p = 0; p < Tl::PIX; ++p) {
+      // pixels past the image add nothing, and must not read x there (an inf would make a NaN)
+      if (oh0 + p / Tl::TW >= g.Ho || ow0 + p % Tl::TW >= g.Wo) continue;
       const int at = ((p / Tl::TW) * cols + p % Tl::TW) * g.stride * Tl::CB;  // the pixel's first tap
 #pragma unroll
       for (int i = 0; i < PAIRS; ++i) {

@@ -1,7 +1,7 @@
 """Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
 
-Scopes: the depthwise op at the CPE and InvRes sites (forward); the attention core (qkv Linear
-output -> attention output) and the whole FactorAttention module (x -> proj), whose two Linears
+Scopes: the patch embeddings' DWConv2d_BN and the depthwise op at the CPE and InvRes sites
+(forward); the attention core (qkv Linear output -> attention output) and the whole FactorAttention module (x -> proj), whose two Linears
 run as eager's in both columns.
 
 Eager is counted, not estimated: the op runs on meta tensors under a TorchDispatchMode that
@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from mpvit_kernels import FactorAttention, reference, use_backend
 from mpvit_kernels.bench import depthwise as depthwise_bench
+from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
 from mpvit_kernels.bench.factor_attention import STAGES
 from mpvit_kernels.ops.factor_attention import _block_d, _chunking, pack_launches
 
@@ -134,8 +135,43 @@ def ours_depthwise(site: str, B: int, C: int, side: int, dtype) -> list[tuple[st
     return launches
 
 
+def eager_dwconv_bn(B: int, C: int, side: int, stride: int, dtype) -> CountTraffic:
+    """The public DWConv2d_BN's op sequence (eval forward), counted on meta tensors."""
+    x, dw, pw, bn = dwconv_bn_bench.embed_inputs(B, C, side, dtype, "meta")
+    count = CountTraffic()
+    with torch.no_grad(), count:
+        dwconv_bn_bench.eager(x, dw, pw, bn, stride)
+    return count
+
+
+def ours_dwconv_bn(B: int, C: int, side: int, stride: int, dtype) -> list[tuple[str, int]]:
+    """(launch, bytes) of the fused op (eval forward): one kernel reading x (its halo from cache),
+    the weights, and writing y; before it the BatchNorm fold and a cast of the depthwise weights
+    to fp32 when they are not (counted on meta tensors)."""
+    elem = torch.finfo(dtype).bits // 8
+    out = (side - 1) // stride + 1
+    launches = [("dwconv_bn: read x, write y", B * C * (side * side + out * out) * elem + C * C * elem + C * 11 * 4)]
+    x, dw, pw, (mean, var, gamma, beta) = dwconv_bn_bench.embed_inputs(B, C, side, dtype, "meta")
+    prep = CountTraffic()
+    with torch.no_grad(), prep:
+        reference.fold_bn(gamma, beta, mean, var, 1e-5)
+        dw.reshape(C, 9).to(torch.float32)
+    launches += [(f"prepare weights: {op}", prep.bytes // prep.launches) for op in prep.ops]
+    return launches
+
+
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
+    for res in args.traffic_resolutions:
+        for stage, C, map_stride, stride in dwconv_bn_bench.EMBEDS:
+            side = res // map_stride
+            eager = eager_dwconv_bn(args.batch, C, side, stride, dtype)
+            ours = ours_dwconv_bn(args.batch, C, side, stride, dtype)
+            mine = sum(b for _, b in ours)
+            rows.append({"op": f"DWConv2d_BN s{stride}", "input": res, "stage": stage,
+                         "shape": [args.batch, side * side, C], "dtype": dtype_name, "mode": "eval forward",
+                         "eager_launches": eager.launches, "eager_bytes": eager.bytes, "ours_launches": len(ours),
+                         "ours_bytes": mine, "bytes_ratio": eager.bytes / mine})
     for res in args.traffic_resolutions:
         for stage, C, stride in depthwise_bench.STAGES:
             side = res // stride

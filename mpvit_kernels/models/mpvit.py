@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, dwconv_bn_hswish
+from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, depthwise_bn_hswish
 
 # size: (num_layers, embed_dims, mlp_ratio)
 CONFIGS = {
@@ -94,7 +94,7 @@ class ResBlock(nn.Module):
         self.conv2 = Conv2dBN(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(dwconv_bn_hswish(self.conv1(x), self.dwconv, self.norm))
+        return x + self.conv2(depthwise_bn_hswish(self.conv1(x), self.dwconv, self.norm))
 
 
 class PatchEmbedStage(nn.Module):

@@ -69,11 +69,19 @@ int dispatch(const Call& c, int dtype, int vec, bool backward) {
 
 extern "C" {
 
+static Geometry geometry_for(int vec, int64_t B, int64_t H, int64_t W, int64_t C, int stride) {
+  return vec == 1 ? geometry<1>(B, H, W, C, stride) : vec == 2 ? geometry<2>(B, H, W, C, stride)
+       : vec == 4 ? geometry<4>(B, H, W, C, stride) : geometry<8>(B, H, W, C, stride);
+}
+
 // Scratch sizes (elements of the accumulation type) of the backward.
 int64_t dw_partial_numel(int vec, int K, int64_t B, int64_t H, int64_t W, int64_t C, int stride) {
-  const Geometry g = vec == 1 ? geometry<1>(B, H, W, C, stride) : vec == 2 ? geometry<2>(B, H, W, C, stride)
-                   : vec == 4 ? geometry<4>(B, H, W, C, stride) : geometry<8>(B, H, W, C, stride);
-  return partial_numel(g, K);
+  return partial_numel(geometry_for(vec, B, H, W, C, stride), K);
+}
+
+// Whether depthwise.cu accepts these sizes (fits_grid): 1 or 0.
+int dw_fits_grid(int vec, int64_t B, int64_t H, int64_t W, int64_t C, int stride) {
+  return fits_grid(geometry_for(vec, B, H, W, C, stride));
 }
 
 // dtype: 0 float, 1 double, 2 half; vec: 1 or 16 / sizeof(element). All tensors NHWC, dense;

@@ -1,0 +1,162 @@
+"""dwconv_bn: the depthwise-separable conv of MPViT's patch embeddings (``DWConv2d_BN``),
+
+    y = act(conv1x1(dwconv(x, dw_weight, stride), pw_weight) * scale + shift)
+
+with a folded eval BatchNorm (scale, shift) and Hardswish in the epilogue of one Triton kernel
+(mpvit_kernels/triton/dwconv_bn.py): a GEMM over the output pixels whose A operand, the depthwise
+conv, is computed in its K loop and never written to memory. Without scale/shift it is the
+pre-BatchNorm output, what training normalises with batch statistics.
+
+Registered as ``mpvit_kernels::dwconv_bn`` (custom op with a fake, so torch.compile(fullgraph)
+goes through it). The backward recomputes the depthwise output (the depthwise op) and runs the
+rest as GEMMs: grad of the 1x1 weight and of the depthwise output, then the depthwise op's
+backward for x and the depthwise weight.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from mpvit_kernels import backend
+from mpvit_kernels.ops.affine_hswish import affine_hswish
+from mpvit_kernels.ops.depthwise import _check as _check_depthwise
+from mpvit_kernels.ops.depthwise import depthwise
+
+_TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
+    _check_depthwise(x, dw_weight, None, stride, scale=None, shift=None, residual=False)
+    if not isinstance(pw_weight, torch.Tensor):
+        raise TypeError(f"dwconv_bn: pw_weight must be a Tensor, got {type(pw_weight).__name__}")
+    C = x.shape[1]
+    if pw_weight.dim() != 4 or tuple(pw_weight.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"dwconv_bn: pw_weight must be (out_channels, {C}, 1, 1), got {tuple(pw_weight.shape)}")
+    if pw_weight.dtype not in _TRITON_NAMES:
+        raise TypeError(f"dwconv_bn: pw_weight must be floating point, got {pw_weight.dtype}")
+    if pw_weight.device != x.device:
+        raise ValueError(f"dwconv_bn: pw_weight is on {pw_weight.device} but x is on {x.device}")
+    if (scale is None) != (shift is None):
+        raise ValueError("dwconv_bn: scale and shift must be given together (a folded BatchNorm)")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in _TRITON_NAMES:
+            raise TypeError(f"dwconv_bn: {name} must be a floating point Tensor")
+        if tuple(t.shape) != (pw_weight.shape[0],):
+            raise ValueError(f"dwconv_bn: {name} must have shape ({pw_weight.shape[0]},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"dwconv_bn: {name} is on {t.device} but x is on {x.device}")
+
+
+def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, stride: int = 1,
+              scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+              hswish: bool = False) -> torch.Tensor:
+    """``act(conv1x1(dwconv(x)) * scale + shift)``: x (B, Cin, H, W) any layout, dw_weight
+    (Cin, 1, k, k) with k in (3, 5, 7), pw_weight (Cout, Cin, 1, 1), stride 1 or 2; scale and
+    shift (Cout,) a folded BatchNorm or both None; Hardswish if ``hswish``. Returns
+    (B, Cout, H', W') channels-last. fp16/bf16/fp32 compute in fp32 (the depthwise output rounds
+    to x's dtype before the 1x1, as eager's does), fp64 in fp64."""
+    _check(x, dw_weight, pw_weight, stride, scale, shift)
+    if backend.use_triton("dwconv_bn", x.device):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
+        if scale is not None:
+            scale, shift = scale.to(acc), shift.to(acc)
+        return torch.ops.mpvit_kernels.dwconv_bn(x, dw_weight, w, scale, shift, int(stride), bool(hswish))
+    # Unfused: the depthwise and affine_hswish ops (compiled or reference, as their families run)
+    y = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))
+    if scale is not None:
+        return affine_hswish(y, scale, shift, hswish)
+    return F.hardswish(y) if hswish else y
+
+
+def _out_shape(x, pw, stride):
+    B, _, H, W = x.shape
+    return B, pw.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1
+
+
+def _on_device(t):
+    """Triton launches on the current CUDA device, not the tensors': make it theirs."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.library.custom_op("mpvit_kernels::dwconv_bn", mutates_args=())
+def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, scale: torch.Tensor | None,
+               shift: torch.Tensor | None, stride: int, hswish: bool) -> torch.Tensor:
+    """y (B, Cout, H', W') channels-last = act((dw(x) @ pw_weight^T) * scale + shift); pw_weight
+    (Cout, Cin) in x's dtype, scale and shift (Cout,) in the accumulation type, or both None."""
+    from mpvit_kernels.triton import dwconv_bn as kernels
+
+    B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
+    Cin, K = x.shape[1], dw_weight.shape[-1]
+    xn = x.contiguous(memory_format=torch.channels_last)  # NHWC memory, in place when it is
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dw = dw_weight.reshape(Cin, K * K).to(acc).contiguous()
+    pw = pw_weight.contiguous()
+    y = torch.empty((B, Cout, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    M = B * Ho * Wo
+    if M == 0 or Cout == 0:
+        return y
+    BN = kernels.block_n(Cout)
+    precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    with _on_device(x):
+        kernels.dwconv_pw_kernel[lambda meta: (triton_cdiv(M, meta["BLOCK_M"]), triton_cdiv(Cout, BN))](
+            xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, M, x.shape[2], x.shape[3],
+            Ho, Wo, Cin, Cout, xn.stride(0), xn.stride(2), xn.stride(3), stride, K=K, AFFINE=scale is not None,
+            HSWISH=hswish,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
+            BLOCK_N=BN)
+    return y
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@_dwconv_bn.register_fake
+def _(x, dw_weight, pw_weight, scale, shift, stride, hswish):
+    return torch.empty(_out_shape(x, pw_weight, stride), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, scale, shift, stride, hswish = inputs
+    ctx.save_for_backward(x, dw_weight, pw_weight, scale, shift)
+    ctx.args = (stride, hswish)
+
+
+def _backward(ctx, grad):
+    x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
+    stride, hswish = ctx.args
+    B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
+    Cin = x.shape[1]
+    d = depthwise(x, dw_weight.to(x.dtype), None, stride)  # recomputed: the forward never stored it
+    dm = d.permute(0, 2, 3, 1).reshape(-1, Cin)  # (M, Cin) rows, a view of NHWC memory
+    g = grad.to(x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
+    grad_scale = grad_shift = None
+    if scale is not None or hswish:
+        z = (dm @ pw_weight.t()).to(scale.dtype if scale is not None else x.dtype)  # the 1x1 output
+        u = z * scale + shift if scale is not None else z
+        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if hswish else g.to(u.dtype)
+        if scale is not None:
+            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
+            g = g * scale
+        g = g.to(x.dtype)
+    grad_pw = g.t() @ dm
+    gd = (g @ pw_weight).reshape(B, Ho, Wo, Cin).permute(0, 3, 1, 2)  # channels-last (B, Cin, Ho, Wo)
+    if backend.extension_available():
+        gx, gdw = torch.ops.mpvit_kernels.depthwise_backward(gd, x, dw_weight, None, stride, None, None, False,
+                                                            False)[:2]
+    else:
+        K = dw_weight.shape[-1]
+        xd, wd = x.detach().requires_grad_(), dw_weight.detach().to(x.dtype).requires_grad_()
+        with torch.enable_grad():
+            out = F.conv2d(xd, wd, None, stride, K // 2, groups=Cin)
+        gx, gdw = torch.autograd.grad(out, (xd, wd), gd)
+    return gx, gdw.to(dw_weight.dtype), grad_pw.to(pw_weight.dtype), grad_scale, grad_shift, None, None
+
+
+_dwconv_bn.register_autograd(_backward, setup_context=_setup_context)
