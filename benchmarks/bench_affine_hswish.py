@@ -5,14 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import mpvit_kernels
+from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 16 if DEVICE == "cuda" else 2
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")

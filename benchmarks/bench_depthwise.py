@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from mpvit_kernels.bench.depthwise import eager_cpe, ours_cpe, site_inputs
+from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 16 if DEVICE == "cuda" else 2
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,10 @@ import torch
 
 from mpvit_kernels import ops, reference
 from mpvit_kernels.bench.factor_attention import core_inputs
+from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 16 if DEVICE == "cuda" else 1
 SIDE, C = 56, 64
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("impl", ["eager", "torch.compile", "ours"])

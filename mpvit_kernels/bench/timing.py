@@ -45,3 +45,13 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), device, warmup=3, reps=10)
     return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+# The pytest-benchmark suite (benchmarks/) runs on CUDA when there is one, else on the CPU.
+SUITE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    """Waits for the suite's device, so that a benchmarked step includes its kernels."""
+    if SUITE_DEVICE == "cuda":
+        torch.cuda.synchronize()
