@@ -137,3 +137,9 @@ def use_triton(op: str, device: torch.device) -> bool:
             f"mpvit_kernels: backend 'triton' asked for the Triton kernels of {op!r} on {device.type} tensors; "
             "they run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported")
     return False
+
+
+def triton_device(t: torch.Tensor):
+    """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
+    tensors', so make it theirs (nothing to do for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -14,8 +14,6 @@ backward for x and the depthwise weight.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -78,11 +76,6 @@ def _out_shape(x, pw, stride):
     return B, pw.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1
 
 
-def _on_device(t):
-    """Triton launches on the current CUDA device, not the tensors': make it theirs."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.library.custom_op("mpvit_kernels::dwconv_bn", mutates_args=())
 def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, scale: torch.Tensor | None,
                shift: torch.Tensor | None, stride: int, hswish: bool) -> torch.Tensor:
@@ -102,18 +95,14 @@ def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor
         return y
     BN = kernels.block_n(Cout)
     precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
-    with _on_device(x):
-        kernels.dwconv_pw_kernel[lambda meta: (triton_cdiv(M, meta["BLOCK_M"]), triton_cdiv(Cout, BN))](
+    with backend.triton_device(x):
+        kernels.dwconv_pw_kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-Cout // BN))](
             xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, M, x.shape[2], x.shape[3],
             Ho, Wo, Cin, Cout, xn.stride(0), xn.stride(2), xn.stride(3), stride, K=K, AFFINE=scale is not None,
             HSWISH=hswish,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
             BLOCK_N=BN)
     return y
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @_dwconv_bn.register_fake

@@ -7,7 +7,6 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Sequence
@@ -172,9 +171,6 @@ class _Launch:
     def empty(self, *shape):
         return torch.empty(*shape, device=self.device, dtype=self.acc)
 
-    def on_device(self):
-        """Triton launches on the current CUDA device, not the tensors': make it theirs."""
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -195,7 +191,7 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
     m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
     ctx, lse = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
-    with L.on_device():
+    with backend.triton_device(qkv):
         k.context_partial_kernel[(L.BH, L.splits)](
             qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
@@ -231,7 +227,7 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
     ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
     dqkv = torch.empty(L.B, L.N, 3 * L.C, device=qkv.device, dtype=qkv.dtype)
-    with L.on_device():
+    with backend.triton_device(qkv):
         k.grad_partial_kernel[(L.BH, L.splits)](
             qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision,
