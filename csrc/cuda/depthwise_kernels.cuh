@@ -17,7 +17,6 @@ namespace mpvit_kernels {
 namespace depthwise {
 
 constexpr int kThreads = 256;
-constexpr int kMaxK = 7;
 constexpr int kMaxStride = 2;
 
 template <typename T, int N>

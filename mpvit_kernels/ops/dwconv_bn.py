@@ -19,10 +19,8 @@ import torch.nn.functional as F
 
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import affine_hswish
+from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
-from mpvit_kernels.ops.depthwise import depthwise
-
-_TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
@@ -32,7 +30,7 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
     C = x.shape[1]
     if pw_weight.dim() != 4 or tuple(pw_weight.shape[1:]) != (C, 1, 1):
         raise ValueError(f"dwconv_bn: pw_weight must be (out_channels, {C}, 1, 1), got {tuple(pw_weight.shape)}")
-    if pw_weight.dtype not in _TRITON_NAMES:
+    if pw_weight.dtype not in _FLOATS:
         raise TypeError(f"dwconv_bn: pw_weight must be floating point, got {pw_weight.dtype}")
     if pw_weight.device != x.device:
         raise ValueError(f"dwconv_bn: pw_weight is on {pw_weight.device} but x is on {x.device}")
@@ -41,7 +39,7 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
     for name, t in (("scale", scale), ("shift", shift)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in _TRITON_NAMES:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
             raise TypeError(f"dwconv_bn: {name} must be a floating point Tensor")
         if tuple(t.shape) != (pw_weight.shape[0],):
             raise ValueError(f"dwconv_bn: {name} must have shape ({pw_weight.shape[0]},), got {tuple(t.shape)}")
@@ -73,7 +71,7 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
 
 def _out_shape(x, pw, stride):
     B, _, H, W = x.shape
-    return B, pw.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1
+    return B, pw.shape[0], _out_size(H, stride), _out_size(W, stride)
 
 
 @torch.library.custom_op("mpvit_kernels::dwconv_bn", mutates_args=())
