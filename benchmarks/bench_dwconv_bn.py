@@ -1,10 +1,11 @@
-"""pytest-benchmark: DWConv2d_BN (depthwise 3x3 -> 1x1 -> BN -> Hardswish, eval) at MPViT-S's
+"""pytest-benchmark: DWConv2d_BN (depthwise 3x3 -> 1x1 -> BN -> Hardswish; eval forward, and
+training forward+backward) at MPViT-S's
 stage-2 patch embedding (128 channels, 28x28 map, stride 1), eager (the public module's four ops)
 vs ours, on CUDA when there is one (else ours runs unfused on the C++ twins). `pytest benchmarks/`."""
 import pytest
 import torch
 
-from mpvit_kernels.bench.dwconv_bn import eager, embed_inputs, ours
+from mpvit_kernels.bench.dwconv_bn import eager, eager_train, embed_inputs, ours, ours_train, train_step
 from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
 BATCH = 16 if DEVICE == "cuda" else 2
@@ -27,4 +28,20 @@ def test_dwconv_bn_eval(benchmark, inputs, impl):
         sync()
 
     benchmark.group = f"dwconv_bn eval {DEVICE} {tuple(x.shape)}"
+    benchmark(step)
+
+
+@pytest.mark.parametrize("impl", ["eager", "ours"])
+def test_dwconv_bn_train(benchmark, inputs, impl):
+    x, dw, pw, (mean, var, gamma, beta) = (t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t
+                                           for t in inputs)
+    bn = (mean.detach(), var.detach(), gamma.detach().requires_grad_(), beta.detach().requires_grad_())
+    fn = eager_train if impl == "eager" else ours_train
+    grad = torch.randn(BATCH, 128, 28, 28, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        train_step(fn, x, dw, pw, bn, 1, grad)
+        sync()
+
+    benchmark.group = f"dwconv_bn train forward+backward {DEVICE} {tuple(x.shape)}"
     benchmark(step)

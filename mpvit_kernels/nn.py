@@ -4,13 +4,14 @@ backend switch picks kernels or the reference) where a fused op exists.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
+from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
 
@@ -48,11 +49,24 @@ class Conv2dBN(nn.Module):
         return bn_hswish(self.conv(x), self.bn, self.hswish)
 
 
+def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """Update ``bn``'s running statistics with a batch's (mean, biased var) over ``count`` values
+    per channel, as a training nn.BatchNorm2d does: momentum, or the cumulative average when
+    momentum is None; the unbiased variance goes into running_var."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
+        bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype) * (factor * count / max(count - 1, 1)))
+
+
 class DWConv2dBN(nn.Module):
     """``DWConv2d_BN``: depthwise k x k (stride s) -> 1x1 conv -> BatchNorm2d -> Hardswish, through
-    ``ops.dwconv_bn``: in eval one fused op with the BatchNorm folded in; in training the fused
-    depthwise + 1x1, then BatchNorm with batch statistics (running statistics as nn.BatchNorm2d
-    keeps them) and Hardswish. Output channels-last."""
+    ``ops.dwconv_bn``: in eval one fused op with the BatchNorm folded in; in training
+    ``ops.dwconv_bn_train`` (the fused conv writing batch statistics, then one normalise +
+    Hardswish pass; running statistics as nn.BatchNorm2d keeps them). Output channels-last."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
         super().__init__()
@@ -61,12 +75,51 @@ class DWConv2dBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dw, pw, stride = self.dwconv.weight, self.pwconv.weight, self.dwconv.stride[0]
-        if self.bn.training or self.bn.running_mean is None:
-            return bn_hswish(ops.dwconv_bn(x, dw, pw, stride), self.bn, True)
+        dw, pw, stride, bn = self.dwconv.weight, self.pwconv.weight, self.dwconv.stride[0], self.bn
+        if bn.training or bn.running_mean is None:
+            if not bn.affine:
+                return bn_hswish(ops.dwconv_bn(x, dw, pw, stride), bn, True)
+            y, mean, var = ops.dwconv_bn_train(x, dw, pw, stride, bn.weight, bn.bias, bn.eps, hswish=True)
+            track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
+            return y
         scale, shift = reference.fold_bn(self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
                                          self.bn.eps)
         return ops.dwconv_bn(x, dw, pw, stride, scale, shift, hswish=True)
+
+
+class GLIProjection(nn.Module):
+    """MPViT's global-to-local interaction (the stage's ``aggregate`` Conv2d_BN): channel concat of
+    ``num_inputs`` maps of ``in_channels`` -> 1x1 conv -> BatchNorm2d -> Hardswish, through
+    ``ops.gli_projection`` (eval: one fused GEMM with the BatchNorm folded in) and
+    ``ops.gli_projection_train`` (training: the GEMM writing batch statistics, then one normalise +
+    Hardswish pass; running statistics as nn.BatchNorm2d keeps them). The concat is never built.
+
+    ``forward(inputs, size=None)``: a list of ``num_inputs`` maps (B, in_channels, H, W) in any
+    memory format, or tokens (B, N, in_channels) with ``size=(H, W)``; returns
+    (B, out_channels, H, W) channels-last. Submodules ``conv`` and ``bn`` as the public
+    checkpoints name them."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_inputs: int):
+        super().__init__()
+        if not 1 <= num_inputs <= GLI_MAX_INPUTS:
+            raise ValueError(f"num_inputs must be in 1..{GLI_MAX_INPUTS}, got {num_inputs}")
+        self.num_inputs = num_inputs
+        self.conv = nn.Conv2d(in_channels * num_inputs, out_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, inputs: Sequence[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_inputs:
+            raise ValueError(f"GLIProjection: expected a list of {self.num_inputs} inputs, got "
+                             f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}")
+        bn, w = self.bn, self.conv.weight
+        if bn.training or bn.running_mean is None:
+            if not bn.affine:
+                return bn_hswish(ops.gli_projection(list(inputs), w, size=size), bn, True)
+            y, mean, var = ops.gli_projection_train(list(inputs), w, bn.weight, bn.bias, bn.eps, hswish=True, size=size)
+            track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
+            return y
+        scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        return ops.gli_projection(list(inputs), w, scale, shift, hswish=True, size=size)
 
 
 class ConvPosEnc(nn.Module):

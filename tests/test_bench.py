@@ -16,12 +16,13 @@ def test_traffic_model_counts_eager_ops_and_beats_it_at_large_n():
 
 
 def test_speed_report_runs(capsys):
-    assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn", "--batch", "1", "--reps", "1",
+    assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn,gli_projection", "--batch", "1", "--reps", "1",
                         "--warmup", "0", "--no-compile", "--resolutions", "64"]) == 0
     out = capsys.readouterr().out
     assert "## traffic" in out and "## affine_hswish" in out and "speedup bound" in out
     assert "## depthwise" in out and "| CPE | 64 | 1 | 1x16x16x64 |" in out
-    assert "## dwconv_bn" in out and "| 64 | 2 | 2 | 1x16x16x128 |" in out
+    assert "## gli_projection" in out and "| S | 64 | 1 | 1x16x16x(4x64 -> 128) | fp32 | eval forward | ours |" in out
+    assert "## dwconv_bn" in out and "| 64 | 2 | 2 | 1x16x16x128 | fp32 | train forward+backward | ours |" in out
 
 
 def test_traffic_model_of_the_depthwise_sites():
@@ -44,3 +45,14 @@ def test_traffic_model_of_the_patch_embeddings():
     ours = ours_dwconv_bn(2, 64, 56, 1, torch.bfloat16)
     x_bytes = 2 * 64 * 56 * 56 * 2
     assert 2 * x_bytes <= sum(b for _, b in ours) < eager.bytes / 3  # x read once, y written once
+
+
+def test_traffic_model_of_the_gli_projection():
+    from mpvit_kernels.bench.traffic import eager_gli_projection, ours_gli_projection
+
+    eager = eager_gli_projection(2, 64, 128, 56, torch.bfloat16)
+    assert {"aten.cat", "aten.convolution"} <= set(eager.ops)
+    ours = ours_gli_projection(2, 64, 128, 56, torch.bfloat16)
+    M = 2 * 56 * 56
+    assert sum(b for _, b in ours) >= M * (4 * 64 + 128) * 2  # the inputs read once, y written once
+    assert eager.bytes > 2 * sum(b for _, b in ours)

@@ -52,7 +52,7 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
     x = make_image((B, Cin, H, W), dtype, layout, KERNEL_DEVICE, requires_grad=True)
     with RecordOps() as rec:
         y = m(x)
-    assert "mpvit_kernels.dwconv_bn" in rec.names
+    assert ("mpvit_kernels.dwconv_bn_train" if training else "mpvit_kernels.dwconv_bn") in rec.names
     y_ref = chain(ref, x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_close(y, y_ref, scale=10)
@@ -65,6 +65,66 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
     if training:  # running statistics exactly as nn.BatchNorm2d keeps them
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_training_statistics_over_steps_and_a_large_mean(momentum):
+    """Three steps on inputs whose 1x1 output has a mean far above its spread (where a plain sum
+    of squares would cancel in fp32): outputs, grads and running statistics as nn's."""
+    m = make_module(8, 12, 3, 2, torch.float32, training=True)
+    m.bn.momentum = momentum
+    ref = copy.deepcopy(m)
+    for step in range(3):
+        x = (torch.randn(2, 8, 9, 7, device=KERNEL_DEVICE) * 0.01 + 30.0 * (step + 1)).requires_grad_()
+        y, y_ref = m(x), chain(ref, x)
+        assert_close(y, y_ref, scale=10)
+        grad = torch.randn_like(y_ref)
+        got = torch.autograd.grad(y, [x, m.bn.weight, m.pwconv.weight], grad)
+        want = torch.autograd.grad(y_ref, [x, ref.bn.weight, ref.pwconv.weight], grad)
+        for g, r in zip(got, want):
+            assert_close(g, r, scale=1000)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
+def test_train_op_gradcheck_float64_and_statistics():
+    x = torch.randn(2, 4, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    dw = torch.randn(4, 1, 3, 3, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    pw = torch.randn(6, 4, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    gamma = (torch.rand(6, dtype=torch.float64, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+    beta = torch.randn(6, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    for hswish in (True, False):
+        assert torch.autograd.gradcheck(lambda *a: ops.dwconv_bn_train(a[0], a[1], a[2], 2, a[3], a[4], 1e-5, hswish)[0],
+                                        (x, dw, pw, gamma, beta), fast_mode=True)
+    y, mean, var = ops.dwconv_bn_train(x, dw, pw, 2, gamma, beta, 1e-5)
+    z = F.conv2d(F.conv2d(x, dw, None, 2, 1, groups=4), pw)
+    torch.testing.assert_close(mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(var, z.var((0, 2, 3), correction=0))
+    assert not mean.requires_grad and not var.requires_grad
+
+
+def test_train_op_opcheck():
+    for layout in ("nchw", "channels_last"):
+        for hswish in (True, False):
+            x = make_image((2, 8, 5, 6), torch.float32, layout, KERNEL_DEVICE, requires_grad=True)
+            dw = torch.randn(8, 1, 3, 3, device=KERNEL_DEVICE, requires_grad=True)
+            pw = torch.randn(12, 8, device=KERNEL_DEVICE, requires_grad=True)
+            gamma = (torch.rand(12, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+            beta = torch.randn(12, device=KERNEL_DEVICE, requires_grad=True)
+            torch.library.opcheck(torch.ops.mpvit_kernels.dwconv_bn_train.default,
+                                  (x, dw, pw, gamma, beta, 1e-5, 1 if hswish else 2, hswish))
+    z = torch.randn(2, 5, 6, 12, device=KERNEL_DEVICE).permute(0, 3, 1, 2)  # channels-last (B, C, H, W)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 12)
+    var, mean = torch.var_mean(rows, 0, correction=0)
+    torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish_batch_backward.default,
+                          (torch.randn_like(rows), rows, torch.rand(12, device=KERNEL_DEVICE) + 0.5,
+                           torch.randn(12, device=KERNEL_DEVICE), mean, var, 1e-5, True))
+
+
+def test_train_needs_more_than_one_value_per_channel():
+    m = make_module(4, 6, 3, 2, torch.float32, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 4, 2, 1, device=KERNEL_DEVICE))
 
 
 def test_op_without_batchnorm_is_the_pre_batchnorm_output():
@@ -143,21 +203,23 @@ PATCH_EMBEDS = [(C, side, s) for dims in ((64, 128, 216, 288), (128, 224, 368, 4
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("embed", PATCH_EMBEDS, ids=lambda e: f"{e[0]}ch-{e[1]}px-s{e[2]}")
-def test_cuda_low_precision_at_model_shapes(embed, dtype):
+def test_cuda_low_precision_at_model_shapes(embed, dtype, training):
     C, side, stride = embed
-    exact = make_module(C, C, 3, stride, torch.float64, training=False)
+    exact = make_module(C, C, 3, stride, torch.float64, training)
+    params = ["dwconv.weight", "pwconv.weight"] + (["bn.weight", "bn.bias"] if training else [])
     x64 = torch.randn(8, C, side, side, dtype=torch.float64, device="cuda").contiguous(
         memory_format=torch.channels_last).requires_grad_()
+    low = copy.deepcopy(exact).to(dtype)
     want = chain(exact, x64)
     grad = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, [x64, exact.dwconv.weight, exact.pwconv.weight], grad)
-    low = copy.deepcopy(exact).to(dtype)
+    want_grads = torch.autograd.grad(want, [x64] + [exact.get_parameter(p) for p in params], grad)
     xl = x64.detach().to(dtype).requires_grad_()
     for name, fn in (("ours", low), ("eager", lambda t: chain(low, t))):
         out = fn(xl)
-        grads = torch.autograd.grad(out, [xl, low.dwconv.weight, low.pwconv.weight], grad.to(dtype))
+        grads = torch.autograd.grad(out, [xl] + [low.get_parameter(p) for p in params], grad.to(dtype))
         errs = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [want, *want_grads])]
         if name == "ours":
             ours = errs
@@ -165,6 +227,21 @@ def test_cuda_low_precision_at_model_shapes(embed, dtype):
             eager = errs
     scales = [t.abs().max().item() for t in [want, *want_grads]]
     assert all(o <= 2 * e + 1e-3 * max(1.0, s) for o, e, s in zip(ours, eager, scales)), (ours, eager)
+
+
+@pytest.mark.cuda
+def test_cuda_training_is_deterministic():
+    """Fixed-order statistics and backward sums: two steps give the same bits."""
+    C, side, stride = PATCH_EMBEDS[1]
+    m = make_module(C, C, 3, stride, torch.bfloat16, training=True)
+    x = torch.randn(16, C, side, side, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    runs = []
+    for _ in range(2):
+        y = m(x)
+        runs.append([y, *torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

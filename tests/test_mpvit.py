@@ -1,4 +1,5 @@
 """The reference MPViT: checkpoint parity, dense features, odd sizes, kernels on vs off."""
+import copy
 import os
 
 import pytest
@@ -22,13 +23,13 @@ def reference_keys(size):
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
 
 
-TRITON_FAMILIES = ["factor_attention", "dwconv_bn"]
+TRITON_FAMILIES = ["factor_attention", "dwconv_bn", "gli_projection"]
 
 
 @pytest.fixture(autouse=True)
 def _triton_families_on_the_reference_path(request):
     """Model tests run on CPU tensors, where the Triton kernels (attention, the patch
-    embeddings' dwconv_bn) only run through the interpreter (seconds per call): they take the
+    embeddings' dwconv_bn, the GLI projections) only run through the interpreter (seconds per call): they take the
     reference for those, except the tests that run the whole model through the kernels."""
     if "whole_model_through_the_kernels" in request.node.name:
         yield
@@ -166,6 +167,7 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
             off = model(x)
     assert rec.names.count("mpvit_kernels.factor_attention_fwd") == 23  # every block of every path
     assert rec.names.count("mpvit_kernels.dwconv_bn") == 11  # every patch embedding of every stage
+    assert rec.names.count("mpvit_kernels.gli_projection") == 4  # every stage's aggregate
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
@@ -177,6 +179,28 @@ def test_training_step_with_drop_path():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert int(model.stem[0].bn.num_batches_tracked) == 1
+
+
+def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
+    """A training step with the patch embeddings' fused dwconv_bn and the fused GLI projections
+    (batch statistics in their epilogues, their backward kernels) equals kernels off: every grad, running statistics. In fp64:
+    at this input stage 4's BatchNorms see 2 values per channel, which amplifies any rounding
+    (fp32 grads differ by 3e-3 of their size either way). Attention takes the reference (its
+    interpreted backward would cost minutes here)."""
+    torch.manual_seed(0)
+    on = randomize_bn(mpvit_tiny(num_classes=5)).train().to(KERNEL_DEVICE, torch.float64)
+    off = copy.deepcopy(on)
+    x, target = torch.randn(2, 3, 24, 28, device=KERNEL_DEVICE, dtype=torch.float64), torch.tensor([1, 3], device=KERNEL_DEVICE)
+    with mpvit_kernels.use_backend("reference", ops=["factor_attention"]), RecordOps() as rec:
+        torch.nn.functional.cross_entropy(on(x), target).backward()
+    assert rec.names.count("mpvit_kernels.dwconv_bn_train") == 11
+    assert rec.names.count("mpvit_kernels.gli_projection_train") == 4
+    with mpvit_kernels.use_backend("reference"):
+        torch.nn.functional.cross_entropy(off(x), target).backward()
+    for (name, a), b in zip(on.named_parameters(), off.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-7, msg=name)
+    for (name, a), b in zip(on.named_buffers(), off.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
 
 
 def test_frozen_batchnorm_finetuning_gets_affine_grads():

@@ -1,7 +1,7 @@
 """The speed report: eager PyTorch vs torch.compile vs ours, side by side in one run, on the
 available device (CUDA if there is one, else CPU), medians with quartiles.
 
-    python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,factor_attention,traffic] [--batch B]
+    python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,traffic] [--batch B]
         [--dtypes bf16,fp32] [--resolutions 224,512] [--no-compile] [--json PATH]
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import sys
 import torch
 
 import mpvit_kernels
-from mpvit_kernels.bench import affine_hswish, depthwise, dwconv_bn, factor_attention, traffic
+from mpvit_kernels.bench import affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, traffic
 from mpvit_kernels.bench.timing import copy_bandwidth_gbs, device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = {"affine_hswish": affine_hswish, "depthwise": depthwise, "dwconv_bn": dwconv_bn,
-            "factor_attention": factor_attention, "traffic": traffic}
+            "gli_projection": gli_projection, "factor_attention": factor_attention, "traffic": traffic}
 
 
 def csv(kind):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     else:
         args.peak_gbs = None
         print("No GPU here: CPU timings. affine_hswish and depthwise 'ours' are the C++ CPU twins, dwconv_bn "
-              "'ours' runs unfused on them; the Triton kernels run only on a GPU, so the attention rows are eager and "
+              "and gli_projection 'ours' run unfused on them; the Triton kernels run only on a GPU, so the attention rows are eager and "
               "torch.compile alone.\n")
     results = []
     for name in args.ops:

@@ -1,6 +1,6 @@
 """Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
 
-Scopes: the patch embeddings' DWConv2d_BN and the depthwise op at the CPE and InvRes sites
+Scopes: the patch embeddings' DWConv2d_BN, the stages' GLI projection (eval forward), and the depthwise op at the CPE and InvRes sites
 (forward); the attention core (qkv Linear output -> attention output) and the whole FactorAttention module (x -> proj), whose two Linears
 run as eager's in both columns.
 
@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 from mpvit_kernels import FactorAttention, reference, use_backend
 from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
+from mpvit_kernels.bench import gli_projection as gli_bench
 from mpvit_kernels.bench.factor_attention import STAGES
 from mpvit_kernels.ops.factor_attention import _block_d, _chunking, pack_launches
 
@@ -160,8 +161,46 @@ def ours_dwconv_bn(B: int, C: int, side: int, stride: int, dtype) -> list[tuple[
     return launches
 
 
+def eager_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> CountTraffic:
+    """The public aggregate's op sequence (cat, 1x1 conv, eval BN, Hardswish), on meta tensors."""
+    xs, w, bn = gli_bench.aggregate_inputs(B, C, Cout, side, dtype, "meta")
+    count = CountTraffic()
+    with torch.no_grad(), count:
+        gli_bench.eager(xs, w, bn)
+    return count
+
+
+def ours_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> list[tuple[str, int]]:
+    """(launch, bytes) of the fused op (eval forward): one GEMM reading every input once per
+    BLOCK_N column block of the output (once up to 128 output channels) and the weight, writing
+    y; before it the BatchNorm fold (counted on meta tensors)."""
+    from mpvit_kernels.triton.gli_projection import block_n
+
+    elem = torch.finfo(dtype).bits // 8
+    n, M = gli_bench.INPUTS, B * side * side
+    column_blocks = -(-Cout // block_n(Cout))
+    launches = [("gli_projection: read the inputs, write y",
+                 column_blocks * M * n * C * elem + M * Cout * elem + Cout * n * C * elem + 2 * Cout * 4)]
+    _, _, (mean, var, gamma, beta) = gli_bench.aggregate_inputs(B, C, Cout, side, dtype, "meta", n=1)
+    fold = CountTraffic()
+    with torch.no_grad(), fold:
+        reference.fold_bn(gamma, beta, mean, var, 1e-5)
+    launches += [(f"fold BatchNorm: {op}", fold.bytes // fold.launches) for op in fold.ops]
+    return launches
+
+
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
+    for res in args.traffic_resolutions:
+        for model, stage, C, Cout, stride in gli_bench.AGGREGATES:
+            side = res // stride
+            eager = eager_gli_projection(args.batch, C, Cout, side, dtype)
+            ours = ours_gli_projection(args.batch, C, Cout, side, dtype)
+            mine = sum(b for _, b in ours)
+            rows.append({"op": f"GLI projection MPViT-{model}", "input": res, "stage": stage,
+                         "shape": [args.batch, side * side, gli_bench.INPUTS * C], "dtype": dtype_name,
+                         "mode": "eval forward", "eager_launches": eager.launches, "eager_bytes": eager.bytes,
+                         "ours_launches": len(ours), "ours_bytes": mine, "bytes_ratio": eager.bytes / mine})
     for res in args.traffic_resolutions:
         for stage, C, map_stride, stride in dwconv_bn_bench.EMBEDS:
             side = res // map_stride

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, depthwise_bn_hswish
+from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
+                              depthwise_bn_hswish)
 
 # size: (num_layers, embed_dims, mlp_ratio)
 CONFIGS = {
@@ -123,18 +124,18 @@ class DWCPatchEmbed(nn.Module):
 
 class MHCAStage(nn.Module):
     """InvRes on path 0's input, one encoder per path, then the GLI ``aggregate`` over the
-    channel concat [InvRes, path 0, path 1, ...]."""
+    channel concat [InvRes, path 0, path 1, ...], which GLIProjection never builds."""
 
     def __init__(self, dim: int, out_dim: int, num_layers: int, mlp_ratio: float, num_path: int,
                  drop_path_rates: Sequence[float]):
         super().__init__()
         self.mhca_blks = nn.ModuleList(MHCAEncoder(dim, num_layers, mlp_ratio, drop_path_rates) for _ in range(num_path))
         self.InvRes = ResBlock(dim)
-        self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, 1, hswish=True)
+        self.aggregate = GLIProjection(dim, out_dim, num_path + 1)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         outs = [self.InvRes(inputs[0])] + [enc(x) for enc, x in zip(self.mhca_blks, inputs)]
-        return self.aggregate(torch.cat(outs, dim=1))
+        return self.aggregate(outs)
 
 
 class ClsHead(nn.Module):

@@ -1,7 +1,9 @@
 """One module per op family: torch.library registration, fake, autograd and backend choice."""
 from mpvit_kernels.ops.affine_hswish import affine_hswish
 from mpvit_kernels.ops.depthwise import depthwise
-from mpvit_kernels.ops.dwconv_bn import dwconv_bn
+from mpvit_kernels.ops.dwconv_bn import dwconv_bn, dwconv_bn_train
 from mpvit_kernels.ops.factor_attention import factor_attention
+from mpvit_kernels.ops.gli_projection import gli_projection, gli_projection_train
 
-__all__ = ["affine_hswish", "depthwise", "dwconv_bn", "factor_attention"]
+__all__ = ["affine_hswish", "depthwise", "dwconv_bn", "dwconv_bn_train", "factor_attention", "gli_projection",
+           "gli_projection_train"]

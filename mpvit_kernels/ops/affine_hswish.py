@@ -4,6 +4,12 @@ An eval BatchNorm folded to (scale, shift) plus its activation, after the stem c
 ResBlock convs. The kernels are ``mpvit_kernels::affine_hswish`` (csrc/cpu, csrc/cuda); this
 file gives them a fake for torch.compile and autograd (grads for x, scale and shift, so a
 frozen-statistics BatchNorm still trains its affine parameters).
+
+It also holds the training BatchNorm (batch statistics) + Hardswish that the fused GEMM ops
+(``dwconv_bn``, ``gli_projection``) run after their GEMM, whose epilogue wrote per-tile
+statistics: :func:`batch_stats` combines them (called inside those ops), ``affine_hswish``
+normalises, and ``mpvit_kernels::affine_hswish_batch_backward`` (:func:`batch_norm_backward`, an
+op because their backward graphs call it) is the backward (mpvit_kernels/triton/affine_hswish.py).
 """
 from __future__ import annotations
 
@@ -43,6 +49,69 @@ def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hsw
     if backend.use_extension("affine_hswish", x.device):
         return torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, bool(hswish))
     return reference.affine_hswish(x, scale, shift, hswish)
+
+
+def batch_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows_per_tile: int, M: int,
+                gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """Batch (mean, biased var) per channel from the row tiles' (mean, M2), each (P, C) with tile
+    p over rows p*rows_per_tile.. of M, and the normalise pass's (scale, shift) for BatchNorm
+    weight ``gamma`` and bias ``beta``; all (C,) in tile_mean's dtype (the accumulation type)."""
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    P, C = tile_mean.shape
+    acc = tile_mean.dtype
+    mean, var, scale, shift = (torch.empty(C, dtype=acc, device=tile_mean.device) for _ in range(4))
+    BC = kernels.block_c(C)
+    with backend.triton_device(tile_mean):
+        kernels.stats_kernel[(-(-C // BC),)](
+            tile_mean, tile_m2, gamma.to(acc).contiguous(), beta.to(acc).contiguous(), mean, var, scale, shift,
+            P, M, C, rows_per_tile, float(eps), ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            BLOCK_P=32, BLOCK_C=BC)
+    return mean, var, scale, shift
+
+
+
+def batch_norm_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                        mean: torch.Tensor, var: torch.Tensor, eps: float, hswish: bool):
+    """See ``mpvit_kernels::affine_hswish_batch_backward``."""
+    return torch.ops.mpvit_kernels.affine_hswish_batch_backward(grad, z, gamma, beta, mean, var, float(eps),
+                                                               bool(hswish))
+
+
+@torch.library.custom_op("mpvit_kernels::affine_hswish_batch_backward", mutates_args=())
+def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor, eps: float, hswish: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``y = act(batch_norm(z))`` with the batch's statistics (mean, biased var, in
+    the accumulation type): grad and z (M, C) row-major in z's dtype. Returns (grad_z in z's
+    dtype, grad_gamma, grad_beta in the accumulation type). Two passes over (grad, z): the
+    per-channel sums, then the elementwise grad_z."""
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    M, C = z.shape
+    acc = mean.dtype
+    ACC = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
+    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
+    grad = grad.to(z.dtype).contiguous()
+    P = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES))
+    BC = kernels.block_c(C)
+    sums, sums_dev = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
+    grad_z = torch.empty_like(z)
+    if M == 0 or C == 0:
+        return grad_z, torch.zeros_like(mean), torch.zeros_like(mean)
+    with backend.triton_device(z):
+        kernels.grad_sums_kernel[(P, -(-C // BC))](
+            grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,
+            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.GRAD_TILES)
+        grad_beta, sum_dev = sums.sum(0), sums_dev.sum(0)  # fixed order: torch's sum has no atomics
+        kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
+            grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
+            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC)
+    return grad_z, sum_dev * torch.rsqrt(var + eps), grad_beta
+
+
+@_batch_backward.register_fake
+def _(grad, z, gamma, beta, mean, var, eps, hswish):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(mean), torch.empty_like(mean)
 
 
 def _register() -> None:

@@ -7,10 +7,18 @@ with a folded eval BatchNorm (scale, shift) and Hardswish in the epilogue of one
 conv, is computed in its K loop and never written to memory. Without scale/shift it is the
 pre-BatchNorm output, what training normalises with batch statistics.
 
-Registered as ``mpvit_kernels::dwconv_bn`` (custom op with a fake, so torch.compile(fullgraph)
-goes through it). The backward recomputes the depthwise output (the depthwise op) and runs the
-rest as GEMMs: grad of the 1x1 weight and of the depthwise output, then the depthwise op's
-backward for x and the depthwise weight.
+Training (:func:`dwconv_bn_train`, BatchNorm with batch statistics) is two passes: the same
+kernel writes the pre-BatchNorm output z and per-tile statistics in its epilogue, a small kernel
+combines them, and one ``affine_hswish`` pass normalises (ops/affine_hswish.py).
+
+Registered as ``mpvit_kernels::dwconv_bn`` and ``mpvit_kernels::dwconv_bn_train`` (custom ops
+with fakes, so torch.compile(fullgraph) goes through them). The backward recomputes the depthwise
+output from x rather than saving it: per image the recompute reads x (the size of the depthwise
+output at stride 1, 4x it at stride 2) where saving would write and keep one more activation of
+the depthwise output's size for the whole step; at stride 1 the two cost the same traffic and
+recomputing holds less memory. Then the 1x1 weight's grad and the depthwise output's grad are
+GEMMs, and the depthwise op's backward gives x's and the depthwise weight's. In training, the
+BatchNorm + Hardswish backward runs first (two passes over grad and z, no atomics).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import affine_hswish
+from mpvit_kernels.ops.affine_hswish import affine_hswish, batch_norm_backward, batch_stats
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
@@ -47,6 +55,20 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
             raise ValueError(f"dwconv_bn: {name} is on {t.device} but x is on {x.device}")
 
 
+def _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride) -> None:
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise TypeError(f"dwconv_bn_train: {name} must be a floating point Tensor")
+        if tuple(t.shape) != (pw_weight.shape[0],):
+            raise ValueError(f"dwconv_bn_train: {name} must have shape ({pw_weight.shape[0]},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"dwconv_bn_train: {name} is on {t.device} but x is on {x.device}")
+    B, _, Ho, Wo = _out_shape(x, pw_weight, stride)
+    if B * Ho * Wo == 1:
+        raise ValueError(f"dwconv_bn_train: batch statistics need more than 1 value per channel, x of shape "
+                         f"{tuple(x.shape)} gives 1")
+
+
 def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, stride: int = 1,
               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
               hswish: bool = False) -> torch.Tensor:
@@ -69,16 +91,37 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
     return F.hardswish(y) if hswish else y
 
 
+def dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, stride: int,
+                    bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
+                    hswish: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``act(batch_norm(conv1x1(dwconv(x))))`` with the batch's statistics, as a training
+    ``nn.BatchNorm2d`` (weight ``bn_weight``, bias ``bn_bias``, ``eps``) normalises. Arguments as
+    :func:`dwconv_bn`. Returns (y channels-last, the batch mean, the biased batch variance), the
+    statistics (Cout,) in the accumulation type and without grad: the caller updates its running
+    statistics with them (nn.DWConv2dBN does, as nn.BatchNorm2d would)."""
+    _check(x, dw_weight, pw_weight, stride, None, None)
+    _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if backend.use_triton("dwconv_bn", x.device) and x.numel() > 0:
+        w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
+        y, _, mean, var = torch.ops.mpvit_kernels.dwconv_bn_train(x, dw_weight, w, bn_weight, bn_bias, float(eps),
+                                                                  int(stride), bool(hswish))
+        return y, mean, var
+    z = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))
+    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
+    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
+    y = affine_hswish(z, scale, bn_bias.to(acc) - mean * scale, hswish)
+    return y, mean.detach(), var.detach()
+
+
 def _out_shape(x, pw, stride):
     B, _, H, W = x.shape
     return B, pw.shape[0], _out_size(H, stride), _out_size(W, stride)
 
 
-@torch.library.custom_op("mpvit_kernels::dwconv_bn", mutates_args=())
-def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, scale: torch.Tensor | None,
-               shift: torch.Tensor | None, stride: int, hswish: bool) -> torch.Tensor:
-    """y (B, Cout, H', W') channels-last = act((dw(x) @ pw_weight^T) * scale + shift); pw_weight
-    (Cout, Cin) in x's dtype, scale and shift (Cout,) in the accumulation type, or both None."""
+def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
+    """The fused kernel: y (B, Cout, H', W') channels-last, and with ``stats`` the row tiles'
+    (mean, M2) of y and the rows per tile."""
     from mpvit_kernels.triton import dwconv_bn as kernels
 
     B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
@@ -89,18 +132,29 @@ def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor
     pw = pw_weight.contiguous()
     y = torch.empty((B, Cout, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     M = B * Ho * Wo
-    if M == 0 or Cout == 0:
-        return y
     BN = kernels.block_n(Cout)
+    BM = kernels.tile(BN, acc == torch.float64)[0]
+    tiles = (torch.empty(-(-M // BM), Cout, dtype=acc, device=x.device) for _ in range(2)) if stats else (dw, dw)
+    tile_mean, tile_m2 = tiles
+    if M == 0 or Cout == 0:
+        return y, tile_mean, tile_m2, BM
     precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
     with backend.triton_device(x):
-        kernels.dwconv_pw_kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-Cout // BN))](
-            xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, M, x.shape[2], x.shape[3],
-            Ho, Wo, Cin, Cout, xn.stride(0), xn.stride(2), xn.stride(3), stride, K=K, AFFINE=scale is not None,
-            HSWISH=hswish,
+        kernels.dwconv_pw_kernel[(-(-M // BM), -(-Cout // BN))](
+            xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, tile_mean, tile_m2, M,
+            x.shape[2], x.shape[3], Ho, Wo, Cin, Cout, xn.stride(0), xn.stride(2), xn.stride(3), stride, K=K,
+            AFFINE=scale is not None, HSWISH=hswish, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
             BLOCK_N=BN)
-    return y
+    return y, tile_mean, tile_m2, BM
+
+
+@torch.library.custom_op("mpvit_kernels::dwconv_bn", mutates_args=())
+def _dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, scale: torch.Tensor | None,
+               shift: torch.Tensor | None, stride: int, hswish: bool) -> torch.Tensor:
+    """y (B, Cout, H', W') channels-last = act((dw(x) @ pw_weight^T) * scale + shift); pw_weight
+    (Cout, Cin) in x's dtype, scale and shift (Cout,) in the accumulation type, or both None."""
+    return _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats=False)[0]
 
 
 @_dwconv_bn.register_fake
@@ -109,29 +163,39 @@ def _(x, dw_weight, pw_weight, scale, shift, stride, hswish):
                        memory_format=torch.channels_last)
 
 
-def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, scale, shift, stride, hswish = inputs
-    ctx.save_for_backward(x, dw_weight, pw_weight, scale, shift)
-    ctx.args = (stride, hswish)
+@torch.library.custom_op("mpvit_kernels::dwconv_bn_train", mutates_args=())
+def _dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, bn_weight: torch.Tensor,
+                     bn_bias: torch.Tensor, eps: float, stride: int,
+                     hswish: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, mean, var): z = dw(x) @ pw_weight^T the pre-BatchNorm output (x's dtype, for the
+    backward), (mean, var) its per-channel batch statistics (accumulation type), y = act(batch
+    norm of z), both (B, Cout, H', W') channels-last."""
+    z, tile_mean, tile_m2, rows = _launch(x, dw_weight, pw_weight, None, None, stride, False, stats=True)
+    M = z.numel() // z.shape[1]
+    mean, var, scale, shift = batch_stats(tile_mean, tile_m2, rows, M, bn_weight, bn_bias, eps)
+    return affine_hswish(z, scale, shift, hswish), z, mean, var
 
 
-def _backward(ctx, grad):
-    x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
-    stride, hswish = ctx.args
+@_dwconv_bn_train.register_fake
+def _(x, dw_weight, pw_weight, bn_weight, bn_bias, eps, stride, hswish):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = _out_shape(x, pw_weight, stride)
+    y, z = (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in range(2))
+    return y, z, x.new_empty(shape[1], dtype=acc), x.new_empty(shape[1], dtype=acc)
+
+
+def _depthwise_rows(x, dw_weight, stride):
+    """The depthwise output as (M, Cin) rows (a view of its NHWC memory), recomputed: the forward
+    never stored it."""
+    return depthwise(x, dw_weight.to(x.dtype), None, stride).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
+    """Grads of x, dw_weight and pw_weight from g (M, Cout) in x's dtype, the grad of the 1x1
+    output; dm the depthwise rows if the caller has them."""
     B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
     Cin = x.shape[1]
-    d = depthwise(x, dw_weight.to(x.dtype), None, stride)  # recomputed: the forward never stored it
-    dm = d.permute(0, 2, 3, 1).reshape(-1, Cin)  # (M, Cin) rows, a view of NHWC memory
-    g = grad.to(x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
-    grad_scale = grad_shift = None
-    if scale is not None or hswish:
-        z = (dm @ pw_weight.t()).to(scale.dtype if scale is not None else x.dtype)  # the 1x1 output
-        u = z * scale + shift if scale is not None else z
-        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if hswish else g.to(u.dtype)
-        if scale is not None:
-            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
-            g = g * scale
-        g = g.to(x.dtype)
+    dm = _depthwise_rows(x, dw_weight, stride) if dm is None else dm
     grad_pw = g.t() @ dm
     gd = (g @ pw_weight).reshape(B, Ho, Wo, Cin).permute(0, 3, 1, 2)  # channels-last (B, Cin, Ho, Wo)
     if backend.extension_available():
@@ -143,7 +207,53 @@ def _backward(ctx, grad):
         with torch.enable_grad():
             out = F.conv2d(xd, wd, None, stride, K // 2, groups=Cin)
         gx, gdw = torch.autograd.grad(out, (xd, wd), gd)
-    return gx, gdw.to(dw_weight.dtype), grad_pw.to(pw_weight.dtype), grad_scale, grad_shift, None, None
+    return gx, gdw.to(dw_weight.dtype), grad_pw.to(pw_weight.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, scale, shift, stride, hswish = inputs
+    ctx.save_for_backward(x, dw_weight, pw_weight, scale, shift)
+    ctx.args = (stride, hswish)
+
+
+def _backward(ctx, grad):
+    x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
+    stride, hswish = ctx.args
+    Cout = pw_weight.shape[0]
+    g = grad.to(x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
+    grad_scale = grad_shift = d = None
+    if scale is not None or hswish:
+        d = _depthwise_rows(x, dw_weight, stride)
+        z = (d @ pw_weight.t()).to(scale.dtype if scale is not None else x.dtype)  # the 1x1 output
+        u = z * scale + shift if scale is not None else z
+        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if hswish else g.to(u.dtype)
+        if scale is not None:
+            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
+            g = g * scale
+        g = g.to(x.dtype)
+    return *_conv_backward(x, dw_weight, pw_weight, stride, g, d), grad_scale, grad_shift, None, None
 
 
 _dwconv_bn.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, bn_weight, bn_bias, eps, stride, hswish = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.save_for_backward(x, dw_weight, pw_weight, bn_weight, bn_bias, z, mean, var)
+    ctx.args = (eps, stride, hswish)
+
+
+def _train_backward(ctx, grad, *_):
+    x, dw_weight, pw_weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
+    eps, stride, hswish = ctx.args
+    Cout = pw_weight.shape[0]
+    g, grad_weight, grad_bias = batch_norm_backward(grad.permute(0, 2, 3, 1).reshape(-1, Cout),
+                                                    z.permute(0, 2, 3, 1).reshape(-1, Cout), bn_weight, bn_bias,
+                                                    mean, var, eps, hswish)
+    return (*_conv_backward(x, dw_weight, pw_weight, stride, g), grad_weight.to(bn_weight.dtype),
+            grad_bias.to(bn_bias.dtype), None, None, None)
+
+
+_dwconv_bn_train.register_autograd(_train_backward, setup_context=_train_setup_context)

@@ -6,12 +6,16 @@
 A GEMM with M = B*Ho*Wo output pixels, N = Cout, K = Cin, whose K loop computes its A operand,
 the depthwise conv of a chunk of input channels for the program's pixels (taps read straight
 from x, the halo from cache), so the depthwise output never goes to memory. In eval (scale,
-shift) is the folded BatchNorm; in training the op gives the pre-BatchNorm output.
+shift) is the folded BatchNorm; in training (STATS) the epilogue also writes each row tile's
+per-channel mean and M2 of the pre-BatchNorm output it stores, for the batch statistics
+(triton/affine_hswish.py).
 """
 import os
 
 import triton
 import triton.language as tl
+
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -22,16 +26,20 @@ def block_n(cout: int) -> int:
     return min(128, max(16, triton.next_power_of_2(cout)))
 
 
-def _tile(meta) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) for this BLOCK_N and accumulation type: the largest tiles
-    that compile without spills for sm_80 and sm_90a (read off the cubins, `make static-report`);
-    the interpreter takes the fewest programs."""
-    wide = meta["ACC"] == tl.float64
+def tile(block_n: int, wide: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) for this BLOCK_N and accumulation type (``wide``: fp64): the
+    largest tiles that compile without spills for sm_80 and sm_90a (read off the cubins, `make
+    static-report`); the interpreter takes the fewest programs. The op sizes the statistics
+    buffers of training with BLOCK_M."""
     if INTERPRET:
         return 64, 16 if wide else 32, 4
-    if meta["BLOCK_N"] == 128:
+    if block_n == 128:
         return 64, 16 if wide else 32, 8
     return 32, 16 if wide else 32, 4
+
+
+def _tile(meta) -> tuple[int, int, int]:
+    return tile(meta["BLOCK_N"], meta["ACC"] == tl.float64)
 
 
 # The taps loop runs over loads whose software pipelining would stage every tap's tile in shared
@@ -52,8 +60,9 @@ def dwconv_pw_kernel(
     pw_ptr,  # (Cout, Cin) 1x1 weights
     scale_ptr, shift_ptr,  # (Cout,) each, in the accumulation type: a folded BatchNorm (AFFINE)
     y_ptr,  # (M, Cout) out: NHWC rows, M = B*Ho*Wo
+    tile_mean_ptr, tile_m2_ptr,  # (cdiv(M, BLOCK_M), Cout) out if STATS, in the accumulation type
     M, H, W, Ho, Wo, Cin, Cout, stride_b, stride_h, stride_w, stride,
-    K: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, ACC: tl.constexpr,
+    K: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     P: tl.constexpr = K // 2
@@ -85,18 +94,13 @@ def dwconv_pw_kernel(
         w = tl.load(pw_ptr + offs_n[None, :] * Cin + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.dot(a.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), out_dtype=ACC,
                       input_precision=DOT_PRECISION)
-    if AFFINE:
-        acc = acc * tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)[None, :] + \
-            tl.load(shift_ptr + offs_n, mask=nmask, other=0.0)[None, :]
-    if HSWISH:  # (the constants are exact in fp32, so fp64 keeps its precision)
-        acc = acc * tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) / 6.0
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
+                   AFFINE, HSWISH, STATS, ACC, BLOCK_M)
 
 
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
-    BLOCK_N and dtype, with the eval epilogue and without (training); windows 3 and 7 (the taps
+    BLOCK_N and dtype, with the eval epilogue and the training one (statistics); windows 3 and 7 (the taps
     are a loop, so the window changes its trip count, not the code)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -107,7 +111,8 @@ def compile_specs():
             for k, eval_epilogue in ((3, True), (3, False), (7, True)):
                 specs.append((dwconv_pw_kernel, f"{dt} BLOCK_N={bn} k={k}" + (" eval" if eval_epilogue else " train"),
                               {"x_ptr": f"*{dt}", "dw_ptr": acc, "pw_ptr": f"*{dt}", "scale_ptr": acc,
-                               "shift_ptr": acc, "y_ptr": f"*{dt}"},
-                              {"K": k, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue, "ACC": acc_ty,
+                               "shift_ptr": acc, "y_ptr": f"*{dt}", "tile_mean_ptr": acc, "tile_m2_ptr": acc},
+                              {"K": k, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue,
+                               "STATS": not eval_epilogue, "ACC": acc_ty,
                                "DOT_PRECISION": precision, "BLOCK_N": bn}))
     return specs

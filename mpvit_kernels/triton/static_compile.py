@@ -11,9 +11,11 @@ compiled kernel's metadata (cuobjdump's SHARED is the static part only).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib
 import inspect
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -141,19 +143,32 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     return usage
 
 
+def _compile_job(job) -> Usage:
+    """One compile, named by (module, spec index, config index, arch) so a worker process can
+    run it: kernels do not pickle."""
+    module_name, spec, config, arch = job
+    kernel, tag, types, constexprs = importlib.import_module(module_name).compile_specs()[spec]
+    return compile_one(kernel, tag, types, constexprs, configs_of(kernel, constexprs)[config], arch)
+
+
 def run_all(archs=tuple(ARCHS)) -> tuple[list[Usage], list[str]]:
-    """Compile every spec; also return the launchable kernels that have no spec."""
-    results, missing = [], []
+    """Compile every spec, one worker process per core (in spec order); also return the
+    launchable kernels that have no spec."""
+    jobs, missing = [], []
     for module in kernel_modules():
         kernels = launched_kernels(module)
         specs = module.compile_specs() if hasattr(module, "compile_specs") else []
         covered = {jit_function(k).__name__ for k, *_ in specs}
         missing += [f"{module.__name__}.{name}" for name, k in kernels.items() if jit_function(k).__name__ not in covered]
-        for kernel, tag, types, constexprs in specs:
-            for config in configs_of(kernel, constexprs):
-                for arch in archs:
-                    results.append(compile_one(kernel, tag, types, constexprs, config, arch))
-    return results, missing
+        for i, (kernel, tag, types, constexprs) in enumerate(specs):
+            for j in range(len(configs_of(kernel, constexprs))):
+                jobs += [(module.__name__, i, j, arch) for arch in archs]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [_compile_job(job) for job in jobs], missing
+    # fork: the workers inherit the imported kernels (and this process never touches a GPU)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_job, jobs, chunksize=4)), missing
 
 
 def extension_library() -> str | None:

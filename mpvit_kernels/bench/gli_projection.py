@@ -1,0 +1,111 @@
+"""Speed report section: the GLI projection (every stage's ``aggregate``: concat of num_path + 1
+maps -> 1x1 conv -> BN -> Hardswish) at MPViT-S and -B shapes, channels-last: eager vs
+torch.compile vs ours, eval forward and training forward+backward, and a bare ``torch.mm`` of the
+same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that).
+
+Eager is the public module's sequence: torch.cat, the 1x1 conv, BatchNorm, Hardswish. Ours on a
+GPU is one Triton GEMM in eval (the concat never built, BN and Hardswish in the epilogue); on a CPU
+the op runs unfused (a concat and a GEMM, then the affine_hswish C++ twin). Bytes are the eval
+minimum traffic: every input read once, y written once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mpvit_kernels import ops, reference
+from mpvit_kernels.bench.timing import measure
+
+# (model, stage, C per path, C out, input stride of the map): num_path + 1 = 4 inputs everywhere
+AGGREGATES = [("S", 1, 64, 128, 4), ("S", 2, 128, 216, 8), ("S", 3, 216, 288, 16), ("S", 4, 288, 288, 32),
+              ("B", 1, 128, 224, 4), ("B", 2, 224, 368, 8), ("B", 3, 368, 480, 16), ("B", 4, 480, 480, 32)]
+INPUTS = 4
+
+
+def aggregate_inputs(B, C, Cout, side, dtype, device, n=INPUTS):
+    xs = [torch.randn(B, C, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+          for _ in range(n)]
+    w = torch.randn(Cout, n * C, 1, 1, device=device, dtype=dtype) / (n * C) ** 0.5
+    bn = (torch.randn(Cout, device=device), torch.rand(Cout, device=device) + 0.5,
+          torch.rand(Cout, device=device) + 0.5, torch.randn(Cout, device=device))
+    return xs, w, bn
+
+
+def eager(xs, w, bn):
+    mean, var, gamma, beta = bn
+    return F.hardswish(F.batch_norm(F.conv2d(torch.cat(xs, 1), w), mean, var, gamma, beta, False, 0.0, 1e-5))
+
+
+def ours(xs, w, bn):
+    mean, var, gamma, beta = bn
+    scale, shift = reference.fold_bn(gamma, beta, mean, var, 1e-5)
+    return ops.gli_projection(xs, w, scale, shift, hswish=True)
+
+
+def eager_train(xs, w, bn):
+    mean, var, gamma, beta = bn
+    return F.hardswish(F.batch_norm(F.conv2d(torch.cat(xs, 1), w), mean, var, gamma, beta, True, 0.1, 1e-5))
+
+
+def ours_train(xs, w, bn):
+    return ops.gli_projection_train(xs, w, bn[2], bn[3], 1e-5, hswish=True)[0]
+
+
+def train_step(fn, xs, w, bn, grad):
+    y = fn(xs, w, bn)
+    torch.autograd.grad(y, (*xs, w, bn[2], bn[3]), grad)
+
+
+def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
+    rows = []
+    modes = {"eval forward": {"eager": eager, "ours": ours},
+             "train forward+backward": {"eager": eager_train, "ours": ours_train}}
+    if not args.no_compile:
+        for impls in modes.values():
+            impls["torch.compile"] = torch.compile(impls["eager"], fullgraph=True)
+    for res in args.resolutions:
+        for model, stage, C, Cout, stride in AGGREGATES:
+            side = res // stride
+            xs, w, bn = aggregate_inputs(args.batch, C, Cout, side, dtype, device)
+            M, K = args.batch * side * side, INPUTS * C
+            nbytes = xs[0].element_size() * M * (K + Cout)
+            flops = 2 * M * K * Cout
+            for mode, impls in modes.items():
+                train = mode != "eval forward"
+                impls = dict(impls)
+                if train:  # the backward's two GEMMs
+                    flops *= 3
+                    xs, w = [x.detach().requires_grad_() for x in xs], w.detach().requires_grad_()
+                    bn = (*bn[:2], bn[2].detach().requires_grad_(), bn[3].detach().requires_grad_())
+                    grad = torch.randn(args.batch, Cout, side, side, device=device, dtype=dtype).contiguous(
+                        memory_format=torch.channels_last)
+                else:  # the GEMM alone, its A operand concatenated beforehand (not timed)
+                    a, b = torch.cat(xs, 1).permute(0, 2, 3, 1).reshape(M, K), w.reshape(Cout, K).t()
+                    impls["torch.mm (pre-concatenated)"] = lambda *_, a=a, b=b: torch.mm(a, b)
+                for impl, fn in impls.items():
+                    def step(fn=fn):
+                        if train:
+                            train_step(fn, xs, w, bn, grad)
+                        else:
+                            with torch.no_grad():
+                                fn(xs, w, bn)
+                    t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                    seconds = t["median_ms"] * 1e-3
+                    rows.append({"op": "gli_projection", "model": model, "input": res, "stage": stage,
+                                 "shape": [args.batch, side, side, INPUTS, C, Cout], "dtype": dtype_name, "mode": mode,
+                                 "impl": impl, **t, "bytes": nbytes, "GB/s": nbytes / seconds / 1e9,
+                                 "TFLOP/s": flops / seconds / 1e12})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | input | stage | B x H x W x (n x C -> Cout) | dtype | mode | impl | median ms | p25-p75 ms | "
+           "GB/s | TFLOP/s | speedup vs eager |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["model"], r["input"], r["stage"], r["dtype"], r["mode"])  # noqa: E731
+    base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        B, H, W, n, C, Cout = r["shape"]
+        out.append(f"| {r['model']} | {r['input']} | {r['stage']} | {B}x{H}x{W}x({n}x{C} -> {Cout}) | {r['dtype']} | "
+                   f"{r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
+                   f"{r['GB/s']:.1f} | {r['TFLOP/s']:.2f} | {base[key(r)] / r['median_ms']:.2f}x |")
+    return "\n".join(out)

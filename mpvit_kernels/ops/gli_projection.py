@@ -1,0 +1,281 @@
+"""gli_projection: MPViT's global-to-local interaction, the ``aggregate`` of every stage,
+
+    y = act(conv1x1(cat(inputs, channels), weight) * scale + shift)
+
+with a folded eval BatchNorm (scale, shift) and Hardswish in the epilogue of one Triton GEMM
+(mpvit_kernels/triton/gli_projection.py) whose K loop walks the inputs, so the concat is never
+built. Inputs are maps (B, C, H, W) in any layout or tokens (B, N, C): a channels-last map or a
+token tensor with unit channel stride is read in place, anything else is converted once.
+
+Training (:func:`gli_projection_train`, batch statistics) is two passes, as dwconv_bn's: the
+GEMM writes the pre-BatchNorm output z and per-tile statistics, a small kernel combines them,
+one ``affine_hswish`` pass normalises (ops/affine_hswish.py).
+
+Registered as ``mpvit_kernels::gli_projection`` and ``mpvit_kernels::gli_projection_train``
+(custom ops with fakes and autograd). Backward: the BatchNorm + Hardswish grads (eval: over the
+1x1 output, recomputed with the fused GEMM; train: the two Triton passes over the saved one),
+then the weight's grad as one GEMM per input (g^T x_i, a column block of it) and each input's
+grad as its own GEMM, g @ W_i, written straight into that input's tensor: no concatenated grad
+to split. Deterministic (cuBLAS GEMMs and fixed-order reductions).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mpvit_kernels import backend
+from mpvit_kernels.ops.affine_hswish import affine_hswish, batch_norm_backward, batch_stats
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_INPUTS = 5
+
+
+def _as_rows(inputs, size, where):
+    """Check the inputs; return them as (B, N, C) tensors with unit channel stride (views when
+    they are channels-last maps or such tokens), and (B, C, H, W)."""
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise TypeError(f"{where}: inputs must be a non-empty list of tensors, got {type(inputs).__name__}")
+    if len(inputs) > MAX_INPUTS:
+        raise ValueError(f"{where}: at most {MAX_INPUTS} inputs, got {len(inputs)}")
+    first = inputs[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{where}: inputs[0] must be a Tensor, got {type(first).__name__}")
+    if first.dim() == 4:
+        B, C, H, W = first.shape
+        if size is not None and tuple(size) != (H, W):
+            raise ValueError(f"{where}: size={tuple(size)} but the maps are {H}x{W}")
+    elif first.dim() == 3:
+        if size is None:
+            raise ValueError(f"{where}: token inputs (B, N, C) need size=(H, W)")
+        B, N, C = first.shape
+        H, W = size
+        if H * W != N:
+            raise ValueError(f"{where}: inputs have N={N} tokens but size={tuple(size)} gives {H * W}")
+    else:
+        raise ValueError(f"{where}: inputs must be maps (B, C, H, W) or tokens (B, N, C), got shape "
+                         f"{tuple(first.shape)}")
+    rows = []
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{where}: inputs[{i}] must be float16/bfloat16/float32/float64, got {x.dtype}")
+        if x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"{where}: inputs[{i}] is {x.dtype} on {x.device}, inputs[0] {first.dtype} on {first.device}")
+        want = (B, C, H, W) if first.dim() == 4 else (B, H * W, C)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{where}: inputs[{i}] has shape {tuple(x.shape)}, expected {want} like inputs[0]")
+        t = x.permute(0, 2, 3, 1).reshape(B, H * W, C) if x.dim() == 4 else x
+        rows.append(t if t.stride(-1) == 1 or C == 1 else t.contiguous())
+    return rows, (B, C, H, W)
+
+
+def _check_weight(weight, n, C, device, where):
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOATS:
+        raise TypeError(f"{where}: weight must be a floating point Tensor")
+    if weight.dim() not in (2, 4) or weight.shape[1] != n * C or (weight.dim() == 4 and weight.shape[2:] != (1, 1)):
+        raise ValueError(f"{where}: weight must be (out_channels, {n * C}, 1, 1) or (out_channels, {n * C}) for "
+                         f"{n} inputs of {C} channels, got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{where}: weight is on {weight.device} but the inputs are on {device}")
+
+
+def _check_channels(where, Cout, device, **named):
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise TypeError(f"{where}: {name} must be a floating point Tensor")
+        if tuple(t.shape) != (Cout,):
+            raise ValueError(f"{where}: {name} must have shape ({Cout},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{where}: {name} is on {t.device} but the inputs are on {device}")
+
+
+def _image(y, B, H, W):
+    """(B, N, Cout) rows as the (B, Cout, H, W) channels-last map they are."""
+    return y.view(B, H, W, y.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _unfused_pre_bn(rows, weight, B, H, W):
+    x = torch.cat(rows, dim=2)  # (B, N, n*C): the concat the kernel avoids
+    return _image(x @ weight.reshape(weight.shape[0], -1).to(x.dtype).t(), B, H, W)
+
+
+def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None, hswish: bool = False, size=None) -> torch.Tensor:
+    """``act(conv1x1(cat(inputs)) * scale + shift)``: ``inputs`` a list of 1 to 5 maps
+    (B, C, H, W) in any layout, or tokens (B, N, C) with ``size=(H, W)``; weight
+    (Cout, n*C, 1, 1) or (Cout, n*C); scale and shift (Cout,) a folded BatchNorm or both None;
+    Hardswish if ``hswish``. Returns (B, Cout, H, W) channels-last. fp16/bf16/fp32 accumulate in
+    fp32, fp64 in fp64."""
+    rows, (B, C, H, W) = _as_rows(inputs, size, "gli_projection")
+    _check_weight(weight, len(rows), C, rows[0].device, "gli_projection")
+    if (scale is None) != (shift is None):
+        raise ValueError("gli_projection: scale and shift must be given together (a folded BatchNorm)")
+    if scale is not None:
+        _check_channels("gli_projection", weight.shape[0], rows[0].device, scale=scale, shift=shift)
+    dtype = rows[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if backend.use_triton("gli_projection", rows[0].device):
+        w = weight.reshape(weight.shape[0], -1).to(dtype)
+        if scale is not None:
+            scale, shift = scale.to(acc), shift.to(acc)
+        return _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish)), B, H, W)
+    z = _unfused_pre_bn(rows, weight, B, H, W)
+    if scale is not None:
+        return affine_hswish(z, scale, shift, hswish)
+    return F.hardswish(z) if hswish else z
+
+
+def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
+                         hswish: bool = False, size=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same with a training BatchNorm (batch statistics; weight ``bn_weight``, bias
+    ``bn_bias``, ``eps``). Returns (y channels-last, the batch mean, the biased batch variance),
+    the statistics (Cout,) in the accumulation type and without grad, for the caller's running
+    statistics (nn.GLIProjection updates them as nn.BatchNorm2d would)."""
+    rows, (B, C, H, W) = _as_rows(inputs, size, "gli_projection_train")
+    device = rows[0].device
+    _check_weight(weight, len(rows), C, device, "gli_projection_train")
+    _check_channels("gli_projection_train", weight.shape[0], device, bn_weight=bn_weight, bn_bias=bn_bias)
+    if B * H * W == 1:
+        raise ValueError("gli_projection_train: batch statistics need more than 1 value per channel, the inputs "
+                         "give 1")
+    dtype = rows[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if backend.use_triton("gli_projection", device) and B * H * W > 0:
+        w = weight.reshape(weight.shape[0], -1).to(dtype)
+        y, _, mean, var = torch.ops.mpvit_kernels.gli_projection_train(rows, w, bn_weight, bn_bias, float(eps),
+                                                                       bool(hswish))
+        return _image(y, B, H, W), mean, var
+    z = _unfused_pre_bn(rows, weight, B, H, W)
+    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
+    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
+    y = affine_hswish(z, scale, bn_bias.to(acc) - mean * scale, hswish)
+    return y, mean.detach(), var.detach()
+
+
+def _launch(xs, weight, scale, shift, hswish, stats):
+    """The fused GEMM: y (B, N, Cout), and with ``stats`` the row tiles' (mean, M2) of y and the
+    rows per tile."""
+    from mpvit_kernels.triton import gli_projection as kernels
+
+    B, N, C = xs[0].shape
+    Cout = weight.shape[0]
+    dtype = xs[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = weight.contiguous()
+    y = torch.empty((B, N, Cout), dtype=dtype, device=w.device)
+    M = B * N
+    BN = kernels.block_n(Cout)
+    BM = kernels.tile(BN, {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16-bit"))[0]
+    if stats:
+        tile_mean, tile_m2 = (torch.empty(-(-M // BM), Cout, dtype=acc, device=w.device) for _ in range(2))
+    else:
+        tile_mean = tile_m2 = y
+    if M == 0 or Cout == 0:
+        return y, tile_mean, tile_m2, BM
+    padded = list(xs) + [xs[0]] * (kernels.MAX_INPUTS - len(xs))
+    strides = [s for x in padded for s in (x.stride(0), x.stride(1))]
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    with backend.triton_device(w):
+        kernels.gli_gemm_kernel[(-(-M // BM), -(-Cout // BN))](
+            *padded, *strides, w, y if scale is None else scale, y if shift is None else shift, y, tile_mean, tile_m2,
+            M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish, STATS=stats,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
+            BLOCK_N=BN)
+    return y, tile_mean, tile_m2, BM
+
+
+@torch.library.custom_op("mpvit_kernels::gli_projection", mutates_args=())
+def _gli_projection(xs: list[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor | None,
+                    shift: torch.Tensor | None, hswish: bool) -> torch.Tensor:
+    """y (B, N, Cout) = act((cat(xs, -1) @ weight^T) * scale + shift); xs (B, N, C) each with
+    unit channel stride, weight (Cout, n*C) in their dtype, scale and shift (Cout,) in the
+    accumulation type, or both None."""
+    return _launch(xs, weight, scale, shift, hswish, stats=False)[0]
+
+
+@_gli_projection.register_fake
+def _(xs, weight, scale, shift, hswish):
+    B, N, _ = xs[0].shape
+    return xs[0].new_empty((B, N, weight.shape[0]))
+
+
+@torch.library.custom_op("mpvit_kernels::gli_projection_train", mutates_args=())
+def _gli_projection_train(xs: list[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                          bn_bias: torch.Tensor, eps: float,
+                          hswish: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, mean, var): z = cat(xs, -1) @ weight^T the pre-BatchNorm output (the inputs' dtype,
+    for the backward), (mean, var) its per-channel batch statistics (accumulation type), y =
+    act(batch norm of z), both (B, N, Cout)."""
+    z, tile_mean, tile_m2, rows = _launch(xs, weight, None, None, False, stats=True)
+    Cout = weight.shape[0]
+    mean, var, scale, shift = batch_stats(tile_mean, tile_m2, rows, z.numel() // max(Cout, 1), bn_weight, bn_bias,
+                                          eps)
+    y = affine_hswish(z.view(-1, Cout), scale, shift, hswish).view(z.shape)
+    return y, z, mean, var
+
+
+@_gli_projection_train.register_fake
+def _(xs, weight, bn_weight, bn_bias, eps, hswish):
+    B, N, _ = xs[0].shape
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    Cout = weight.shape[0]
+    return (xs[0].new_empty((B, N, Cout)), xs[0].new_empty((B, N, Cout)), xs[0].new_empty(Cout, dtype=acc),
+            xs[0].new_empty(Cout, dtype=acc))
+
+
+def _gemm_backward(xs, weight, g):
+    """Grads of each input (its own tensor, (B, N, C)) and of the weight from g (M, Cout) in the
+    inputs' dtype, the grad of the 1x1 output."""
+    B, N, C = xs[0].shape
+    rows = [x.reshape(-1, C) for x in xs]
+    grad_w = torch.cat([g.t() @ x for x in rows], dim=1)
+    grad_xs = [(g @ weight[:, i * C:(i + 1) * C]).view(B, N, C) for i in range(len(xs))]
+    return grad_xs, grad_w
+
+
+def _setup_context(ctx, inputs, output):
+    xs, weight, scale, shift, hswish = inputs
+    ctx.save_for_backward(*xs, weight, scale, shift)
+    ctx.hswish = hswish
+
+
+def _backward(ctx, grad):
+    *xs, weight, scale, shift = ctx.saved_tensors
+    Cout = weight.shape[0]
+    g = grad.reshape(-1, Cout)
+    grad_scale = grad_shift = None
+    if scale is not None or ctx.hswish:
+        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False).reshape(-1, Cout)
+        z = z.to(scale.dtype if scale is not None else z.dtype)  # the 1x1 output, recomputed
+        u = z * scale + shift if scale is not None else z
+        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if ctx.hswish else g.to(u.dtype)
+        if scale is not None:
+            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
+            g = g * scale
+    grad_xs, grad_w = _gemm_backward(xs, weight, g.to(xs[0].dtype))
+    return grad_xs, grad_w, grad_scale, grad_shift, None
+
+
+_gli_projection.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _train_setup_context(ctx, inputs, output):
+    xs, weight, bn_weight, bn_bias, eps, hswish = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.save_for_backward(*xs, weight, bn_weight, bn_bias, z, mean, var)
+    ctx.args = (eps, hswish)
+
+
+def _train_backward(ctx, grad, *_):
+    *xs, weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
+    eps, hswish = ctx.args
+    Cout = weight.shape[0]
+    g, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad.reshape(-1, Cout), z.reshape(-1, Cout), bn_weight,
+                                                          bn_bias, mean, var, eps, hswish)
+    grad_xs, grad_w = _gemm_backward(xs, weight, g)
+    return grad_xs, grad_w, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype), None, None
+
+
+_gli_projection_train.register_autograd(_train_backward, setup_context=_train_setup_context)

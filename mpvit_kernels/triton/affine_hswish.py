@@ -1,0 +1,193 @@
+"""Triton kernels of a training BatchNorm + Hardswish that follows a fused GEMM (``dwconv_bn``,
+``gli_projection``): the statistics and the backward. The normalise pass itself is the
+``affine_hswish`` op with the batch's (scale, shift).
+
+Rows are pixels (M = B*H*W, NHWC), columns channels. Deterministic: every reduction has a fixed
+order and there are no atomics.
+
+- The GEMM's epilogue (``_gemm_epilogue``, shared by both ops' kernels) writes, per row tile and channel, the tile's mean
+  and M2 (sum of squared deviations from that mean), so a large mean cannot cancel the variance
+  away as a plain sum of squares would.
+- ``stats_kernel`` combines them (Chan et al.) into the batch mean and biased variance, and gives
+  the normalise pass its scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
+- Backward: ``grad_sums_kernel`` reduces sum(g_u) and sum(g_u * (z - mean)) per row block, with
+  g_u = grad * hardswish'(u); ``grad_kernel`` is the elementwise
+  grad_z = scale * (g_u - sum(g_u) / M - xhat * sum(g_u * xhat) / M).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_stats(z, rows, n_rows):
+    """Per-column mean and M2 of the rows of z (BLOCK_M, BLOCK_N) where ``rows`` holds; n_rows
+    of them (at least one)."""
+    mean = tl.sum(tl.where(rows[:, None], z, 0.0), 0) / n_rows
+    dev = tl.where(rows[:, None], z - mean[None, :], 0.0)
+    return mean, tl.sum(dev * dev, 0)
+
+
+@triton.jit
+def _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
+                   AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """The fused GEMMs' epilogue on their (BLOCK_M, BLOCK_N) tile of (M, Cout) NHWC rows: the
+    folded BatchNorm (AFFINE), Hardswish, the one store of y, and with STATS the tile's
+    per-channel mean and M2 of y as stored (what the normalise pass reads)."""
+    if AFFINE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)[None, :] + \
+            tl.load(shift_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    if HSWISH:  # times 1/6 in ACC (exact for fp64): an IEEE division would be a call with a stack frame
+        acc = acc * tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) * tl.full([], 1.0 / 6.0, ACC)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :], y, mask=mmask[:, None] & nmask[None, :])
+    if STATS:
+        mean, m2 = _tile_stats(y.to(ACC), mmask, tl.minimum(M - tl.program_id(0) * BLOCK_M, BLOCK_M).to(ACC))
+        tl.store(tile_mean_ptr + tl.program_id(0) * Cout + offs_n, mean, mask=nmask)
+        tl.store(tile_m2_ptr + tl.program_id(0) * Cout + offs_n, m2, mask=nmask)
+
+
+@triton.jit
+def _hswish_slope(u):
+    """ATen's hardswish_backward branches, boundaries included (csrc/activation.h)."""
+    return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC: tl.constexpr):
+    if ACC == tl.float64:
+        invstd = 1.0 / tl.sqrt(var + tl.full([], eps, ACC))
+    else:  # tl.sqrt is the approximate square root in fp32
+        invstd = 1.0 / tl.sqrt_rn(var + tl.full([], eps, ACC))
+    scale = tl.load(gamma_ptr + offs_c, mask=cmask, other=0.0) * invstd
+    return invstd, scale, tl.load(beta_ptr + offs_c, mask=cmask, other=0.0) - mean * scale
+
+
+@triton.jit
+def stats_kernel(
+    tile_mean_ptr, tile_m2_ptr,  # (P, C) each: the row tiles' statistics, tile p has rows p*ROWS..
+    gamma_ptr, beta_ptr,  # (C,) BatchNorm weight and bias, in the accumulation type
+    mean_ptr, var_ptr, scale_ptr, shift_ptr,  # (C,) out
+    P, M, C, ROWS,
+    eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    total = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < P)[:, None] & cmask[None, :]
+        n = tl.minimum(M - offs_p * ROWS, ROWS).to(ACC)
+        total += tl.sum(tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+                        * n[:, None], 0)
+    mean = total / M
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < P)[:, None] & cmask[None, :]
+        n = tl.minimum(M - offs_p * ROWS, ROWS).to(ACC)
+        d = tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask,
+                                            other=0.0) + n[:, None] * d * d, 0.0), 0)
+    var = m2 / M
+    invstd, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
+    tl.store(mean_ptr + offs_c, mean, mask=cmask)
+    tl.store(var_ptr + offs_c, var, mask=cmask)
+    tl.store(scale_ptr + offs_c, scale, mask=cmask)
+    tl.store(shift_ptr + offs_c, shift, mask=cmask)
+
+
+@triton.jit
+def _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH: tl.constexpr,
+            ACC: tl.constexpr):
+    """(grad into the BatchNorm output, z - mean) of a (rows, channels) tile."""
+    at = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    z = tl.load(z_ptr + at, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + at, mask=mask, other=0.0).to(ACC)
+    if HSWISH:
+        g = g * _hswish_slope(z * scale[None, :] + shift[None, :])
+    return g, z - mean[None, :]
+
+
+@triton.jit(do_not_specialize=["M"])
+def grad_sums_kernel(
+    g_ptr, z_ptr,  # (M, C) each: grad of the output, the pre-BatchNorm output (rows NHWC)
+    gamma_ptr, beta_ptr, mean_ptr, var_ptr,  # (C,) in the accumulation type
+    sum_ptr, sum_dev_ptr,  # (P, C) out: per row block, sum(g_u) and sum(g_u * (z - mean))
+    M, C, eps: tl.float64, HSWISH: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=cmask, other=0.0)
+    var = tl.load(var_ptr + offs_c, mask=cmask, other=0.0)
+    _, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
+    s = tl.zeros([BLOCK_C], ACC)
+    s_dev = tl.zeros([BLOCK_C], ACC)
+    for t in range(TILES):
+        offs_m = (pid_m * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & cmask[None, :]
+        g, dev = _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH, ACC)
+        s += tl.sum(g, 0)
+        s_dev += tl.sum(tl.where(mask, g * dev, 0.0), 0)
+    tl.store(sum_ptr + pid_m * C + offs_c, s, mask=cmask)
+    tl.store(sum_dev_ptr + pid_m * C + offs_c, s_dev, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def grad_kernel(
+    g_ptr, z_ptr,  # (M, C) each, as grad_sums_kernel's
+    gamma_ptr, beta_ptr, mean_ptr, var_ptr, sum_ptr, sum_dev_ptr,  # (C,) in the accumulation type
+    gz_ptr,  # (M, C) out: grad of the pre-BatchNorm output
+    M, C, eps: tl.float64, HSWISH: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    mask = (offs_m < M)[:, None] & cmask[None, :]
+    mean = tl.load(mean_ptr + offs_c, mask=cmask, other=0.0)
+    var = tl.load(var_ptr + offs_c, mask=cmask, other=0.0)
+    invstd, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
+    mean_g = tl.load(sum_ptr + offs_c, mask=cmask, other=0.0) / M
+    # sum(g_u * xhat) / M * invstd, the slope of the mean-removed grad along xhat
+    along = tl.load(sum_dev_ptr + offs_c, mask=cmask, other=0.0) * invstd / M * invstd
+    g, dev = _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH, ACC)
+    gz = scale[None, :] * (g - mean_g[None, :] - dev * along[None, :])
+    tl.store(gz_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows per tile and tiles per program of the backward kernels: a 64-channel tile of 32 rows is what
+# fits 4 warps' registers in fp64 without spills; a sums program covers 512 rows.
+GRAD_ROWS, GRAD_TILES = 32, 16
+
+
+def block_c(C: int) -> int:
+    """Channels per program of the statistics and backward kernels."""
+    return min(64, max(16, triton.next_power_of_2(C)))
+
+
+def compile_specs():
+    """Every dtype with and without Hardswish; every BLOCK_C the op launches."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        acc = "*fp64" if dt == "fp64" else "*fp32"
+        for bc in (16, 32, 64):
+            specs.append((stats_kernel, f"{dt} BLOCK_C={bc}",
+                          {n: acc for n in ("tile_mean_ptr", "tile_m2_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
+                                            "var_ptr", "scale_ptr", "shift_ptr")} | {"eps": "fp64"},
+                          {"ACC": acc_ty, "BLOCK_P": 32, "BLOCK_C": bc}))
+            for hswish in (True, False):
+                per_channel = {n: acc for n in ("gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "sum_ptr",
+                                                "sum_dev_ptr")}
+                tag = f"{dt} BLOCK_C={bc}" + (" hswish" if hswish else "")
+                specs.append((grad_sums_kernel, tag,
+                              {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", **per_channel, "eps": "fp64"},
+                              {"HSWISH": hswish, "ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc, "TILES": GRAD_TILES}))
+                specs.append((grad_kernel, tag,
+                              {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", "gz_ptr": f"*{dt}", **per_channel, "eps": "fp64"},
+                              {"HSWISH": hswish, "ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc}))
+    return specs

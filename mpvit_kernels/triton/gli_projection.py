@@ -1,0 +1,125 @@
+"""Triton kernel of MPViT's GLI projection (the ``aggregate`` of every stage): the channel concat
+of up to 5 maps -> 1x1 conv, with a bias and Hardswish fused into the epilogue:
+
+    y = act((cat(x_0, ..., x_{n-1}) @ W^T) * scale + shift)   x_i (M, C) rows, y (M, Cout) NHWC rows
+
+A GEMM with M = B*H*W pixels, N = Cout, K = n*C, whose K loop walks the list of inputs (each with
+its own batch and pixel strides, channels unit-stride: a channels-last image or a token tensor,
+read in place), so the concat never exists. In eval (scale, shift) is the folded BatchNorm; in
+training (STATS) the epilogue also writes each row tile's per-channel mean and M2 of the
+pre-BatchNorm output for the batch statistics (triton/affine_hswish.py).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAX_INPUTS = 5
+
+
+def block_n(cout: int) -> int:
+    """Output channels per program: all of them up to 128, so the inputs are read once for
+    MPViT's widths up to 128 and at most 4 times (MPViT-B's 480)."""
+    return min(128, max(16, triton.next_power_of_2(cout)))
+
+
+def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for this BLOCK_N and input dtype ("fp64", "fp32",
+    or "16-bit"): the largest tiles that compile without spills for sm_80 and sm_90a with no
+    alignment hints (the worst case a launch can specialise to; `make static-report`). fp32 and
+    fp64 dots run on FMA units, whose operands live in registers: smaller tiles. The interpreter
+    takes the fewest programs. The op sizes the statistics buffers of training with BLOCK_M."""
+    if INTERPRET:
+        return 64, 16 if dtype == "fp64" else 32, 4, 1
+    if dtype == "fp64":
+        return 32, 16, 4, 2
+    if dtype == "fp32":
+        return (32 if block_n == 128 else 64), 16, 8 if block_n >= 64 else 4, 2
+    if block_n == 128:
+        return 64, 32, 8, 3
+    return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
+
+
+def _tile(meta):
+    # the op passes ieee precision for fp32 and fp64 inputs only
+    dtype = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
+    return tile(meta["BLOCK_N"], dtype)
+
+
+LAUNCH = triton.heuristics({
+    "BLOCK_M": lambda meta: _tile(meta)[0],
+    "BLOCK_K": lambda meta: _tile(meta)[1],
+    "num_warps": lambda meta: _tile(meta)[2],
+    "num_stages": lambda meta: _tile(meta)[3],
+    # ptxas would otherwise cap some fp32/fp64 tiles at 128 registers and spill a few bytes
+    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
+})
+
+
+@LAUNCH
+@triton.jit(do_not_specialize=["M", "N"])
+def gli_gemm_kernel(
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr,  # inputs (B, N, C) with channel stride 1; unused ones any
+    sb0, sn0, sb1, sn1, sb2, sn2, sb3, sn3, sb4, sn4,  # their batch and pixel strides
+    w_ptr,  # (Cout, NUM_INPUTS * C) the 1x1 weight, in the inputs' dtype
+    scale_ptr, shift_ptr,  # (Cout,) each, in the accumulation type: a folded BatchNorm (AFFINE)
+    y_ptr,  # (M, Cout) out: NHWC rows, M = B*N
+    tile_mean_ptr, tile_m2_ptr,  # (cdiv(M, BLOCK_M), Cout) out if STATS, in the accumulation type
+    M, N, C, Cout,
+    NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < Cout
+    b = offs_m // N
+    n = offs_m % N
+    K_total = NUM_INPUTS * C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    # A runtime loop over the inputs, not an unrolled one: unrolled, the compiler hoists every
+    # input's row pointers out of its K loop and keeps them all live (spills).
+    for i in range(NUM_INPUTS):
+        x_ptr, sb, sn = x0_ptr, sb0, sn0
+        if i == 1:
+            x_ptr, sb, sn = x1_ptr, sb1, sn1
+        if i == 2:
+            x_ptr, sb, sn = x2_ptr, sb2, sn2
+        if i == 3:
+            x_ptr, sb, sn = x3_ptr, sb3, sn3
+        if i == 4:
+            x_ptr, sb, sn = x4_ptr, sb4, sn4
+        rows = x_ptr + b.to(tl.int64) * sb + n.to(tl.int64) * sn
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < C
+            a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[None, :] * K_total + (i * C + offs_k)[:, None],
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
+    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
+                   AFFINE, HSWISH, STATS, ACC, BLOCK_M)
+
+
+def compile_specs():
+    """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
+    BLOCK_N and dtype, with the eval epilogue and the training one; 4 inputs (MPViT-S/B's
+    num_path + 1) and 5 (the most)."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        acc = "*fp64" if dt == "fp64" else "*fp32"
+        precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
+        for bn in (16, 32, 64, 128):
+            for inputs, eval_epilogue in ((4, True), (4, False), (5, True)):
+                types = {f"x{i}_ptr": f"*{dt}" for i in range(MAX_INPUTS)}
+                types.update({"w_ptr": f"*{dt}", "scale_ptr": acc, "shift_ptr": acc, "y_ptr": f"*{dt}",
+                              "tile_mean_ptr": acc, "tile_m2_ptr": acc})
+                specs.append((gli_gemm_kernel, f"{dt} BLOCK_N={bn} inputs={inputs}" + (" eval" if eval_epilogue else " train"),
+                              types, {"NUM_INPUTS": inputs, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue,
+                                      "STATS": not eval_epilogue, "ACC": acc_ty, "DOT_PRECISION": precision,
+                                      "BLOCK_N": bn}))
+    return specs

@@ -1,0 +1,226 @@
+"""gli_projection: the fused GLI projection (Triton, interpreted on CPU here, real on a GPU)
+against the nn chain hardswish(bn(conv1x1(cat(inputs)))), eval and train, every gradient."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpvit_kernels
+from mpvit_kernels import GLIProjection, ops
+from tests.conftest import KERNEL_DEVICE
+from tests.utils import RecordOps, assert_close
+
+# (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
+CASES = [
+    (2, 8, 12, 5, 7, 2),
+    (1, 22, 27, 3, 9, 3),
+    (2, 27, 22, 7, 5, 4),
+    (1, 8, 8, 9, 3, 5),
+]
+
+
+def case_id(c):
+    B, C, Cout, H, W, n = c
+    return f"B{B}-{n}x{C}to{Cout}-{H}x{W}"
+
+
+def chain(m, xs):
+    """The eager composition the fused op replaces, on maps."""
+    return F.hardswish(m.bn(m.conv(torch.cat(xs, dim=1))))
+
+
+def make_module(C, Cout, n, dtype, training):
+    m = GLIProjection(C, Cout, n).to(device=KERNEL_DEVICE, dtype=dtype)
+    with torch.no_grad():
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.normal_()
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.train(training)
+
+
+def make_inputs(B, C, H, W, n, dtype, layout):
+    """n leaf inputs in ``layout`` ("nchw", "channels_last", or "tokens": (B, N, C) slices of a
+    wider token tensor, so not dense), and the same values as NCHW maps for the chain."""
+    leaves = []
+    for _ in range(n):
+        if layout == "tokens":
+            wide = torch.randn(B, H * W, C + 3, dtype=dtype, device=KERNEL_DEVICE)
+            leaves.append(wide[..., 1:C + 1].requires_grad_())  # strided: not a dense tensor
+        else:
+            x = torch.randn(B, C, H, W, dtype=dtype, device=KERNEL_DEVICE)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            leaves.append(x.requires_grad_())
+    maps = [x.transpose(1, 2).reshape(B, C, H, W) if layout == "tokens" else x for x in leaves]
+    return leaves, maps
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_module_matches_the_eager_chain(case, training, dtype, layout):
+    B, C, Cout, H, W, n = case
+    m = make_module(C, Cout, n, dtype, training)
+    ref = copy.deepcopy(m)
+    leaves, maps = make_inputs(B, C, H, W, n, dtype, layout)
+    with RecordOps() as rec:
+        y = m(leaves, size=(H, W))
+    assert ("mpvit_kernels.gli_projection_train" if training else "mpvit_kernels.gli_projection") in rec.names
+    assert "aten.cat" not in rec.names  # the concat is never built
+    y_ref = chain(ref, maps)
+    assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, scale=10)
+    grad = torch.randn_like(y_ref)
+    params = ["conv.weight", "bn.weight", "bn.bias"]
+    got = torch.autograd.grad(y, leaves + [m.get_parameter(p) for p in params], grad)
+    want = torch.autograd.grad(y_ref, leaves + [ref.get_parameter(p) for p in params], grad)
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=100)  # reductions over B*H*W in another order
+    if training:  # running statistics exactly as nn.BatchNorm2d keeps them
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
+def test_gradcheck_float64():
+    xs = [torch.randn(1, 5, 3, 4, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3)]
+    w = torch.randn(6, 15, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    scale = (torch.rand(6, dtype=torch.float64, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+    shift = torch.randn(6, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.gli_projection(list(a[:3]), a[3], a[4], a[5], True),
+                                    (*xs, w, scale, shift), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.gli_projection_train(list(a[:3]), a[3], a[4], a[5], 1e-5, True)[0],
+                                    (*xs, w, scale, shift), fast_mode=True)
+
+
+def test_opcheck():
+    for layout in ("channels_last", "tokens"):
+        leaves, _ = make_inputs(2, 8, 3, 5, 3, torch.float32, layout)
+        rows = [x.permute(0, 2, 3, 1).reshape(2, 15, 8) if x.dim() == 4 else x for x in leaves]
+        w = torch.randn(12, 24, device=KERNEL_DEVICE, requires_grad=True)
+        scale = (torch.rand(12, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+        shift = torch.randn(12, device=KERNEL_DEVICE, requires_grad=True)
+        for args in ((scale, shift, True), (None, None, False), (None, None, True)):
+            torch.library.opcheck(torch.ops.mpvit_kernels.gli_projection.default, (rows, w, *args))
+        for hswish in (True, False):
+            torch.library.opcheck(torch.ops.mpvit_kernels.gli_projection_train.default,
+                                  (rows, w, scale, shift, 1e-5, hswish))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_module_under_torch_compile_fullgraph(training):
+    torch._dynamo.reset()
+    m = make_module(8, 12, 3, torch.float32, training)
+    ref = copy.deepcopy(m)
+    leaves, maps = make_inputs(2, 8, 5, 3, 3, torch.float32, "channels_last")
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y, y_ref = compiled(leaves), chain(ref, maps)
+    assert_close(y, y_ref, scale=10)
+    got = torch.autograd.grad(y.sum(), leaves)
+    want = torch.autograd.grad(y_ref.sum(), leaves)
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=100)
+
+
+def test_reference_backend_runs_unfused():
+    m = make_module(8, 8, 2, torch.float32, training=False)
+    leaves, maps = make_inputs(1, 8, 4, 4, 2, torch.float32, "nchw")
+    with mpvit_kernels.use_backend("reference"), RecordOps() as rec:
+        y = m(leaves)
+    assert not any(n.startswith("mpvit_kernels") for n in rec.names)
+    assert_close(y, chain(m, maps))
+
+
+def test_train_needs_more_than_one_value_per_channel():
+    m = make_module(4, 6, 2, torch.float32, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m([torch.randn(1, 4, 1, 1, device=KERNEL_DEVICE) for _ in range(2)])
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(inputs=[]), TypeError, "non-empty list"),
+    (dict(inputs=[torch.randn(1, 4, 3, 3)] * 6, weight=torch.randn(6, 24, 1, 1)), ValueError, "at most 5"),
+    (dict(inputs=[torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 2)]), ValueError, r"inputs\[1\] has shape"),
+    (dict(inputs=[torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3, dtype=torch.float64)]), ValueError, "inputs"),
+    (dict(inputs=[torch.randn(1, 9, 4)] * 2), ValueError, "need size"),
+    (dict(inputs=[torch.randn(1, 9, 4)] * 2, size=(2, 4)), ValueError, "N=9"),
+    (dict(inputs=[torch.randn(4, 3)] * 2), ValueError, "maps"),
+    (dict(inputs=[torch.randn(1, 4, 3, 3), "x"]), TypeError, r"inputs\[1\] must be a Tensor"),
+    (dict(weight=torch.randn(6, 7, 1, 1)), ValueError, "weight must be"),
+    (dict(scale=torch.rand(6)), ValueError, "scale and shift"),
+    (dict(scale=torch.rand(5), shift=torch.randn(5)), ValueError, "scale"),
+])
+def test_bad_inputs_raise_before_any_kernel(change, exc, match):
+    args = dict(inputs=[torch.randn(1, 4, 3, 3)] * 2, weight=torch.randn(6, 8, 1, 1))
+    with pytest.raises(exc, match=match):
+        ops.gli_projection(**{**args, **change})
+
+
+def test_module_rejects_a_wrong_number_of_inputs():
+    with pytest.raises(ValueError, match="num_inputs"):
+        GLIProjection(4, 4, 6)
+    with pytest.raises(ValueError, match="list of 3 inputs"):
+        GLIProjection(4, 4, 3)([torch.randn(1, 4, 3, 3)] * 2)
+
+
+# ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
+
+# MPViT-S and -B aggregates at a 224 input: (C in per path, C out, side, inputs = num_path + 1)
+AGGREGATES = [(C, Cout, side, 4) for dims in ((64, 128, 216, 288), (128, 224, 368, 480))
+              for C, Cout, side in zip(dims, dims[1:] + dims[-1:], (56, 28, 14, 7))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("agg", AGGREGATES, ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
+def test_cuda_low_precision_at_model_shapes(agg, dtype, training):
+    C, Cout, side, n = agg
+    exact = make_module(C, Cout, n, torch.float64, training)
+    xs64 = [torch.randn(8, C, side, side, dtype=torch.float64, device="cuda").contiguous(
+        memory_format=torch.channels_last).requires_grad_() for _ in range(n)]
+    low = copy.deepcopy(exact).to(dtype)
+    params = ["conv.weight", "bn.weight", "bn.bias"] if training else ["conv.weight"]
+    want = chain(exact, xs64)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, xs64 + [exact.get_parameter(p) for p in params], grad)
+    xsl = [x.detach().to(dtype).requires_grad_() for x in xs64]
+    errs = {}
+    for name, fn in (("ours", low), ("eager", lambda t: chain(low, t))):
+        out = fn(xsl)
+        grads = torch.autograd.grad(out, xsl + [low.get_parameter(p) for p in params], grad.to(dtype))
+        errs[name] = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [want, *want_grads])]
+    scales = [t.abs().max().item() for t in [want, *want_grads]]
+    assert all(o <= 2 * e + 1e-3 * max(1.0, s) for o, e, s in zip(errs["ours"], errs["eager"], scales)), errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("agg", AGGREGATES[:4], ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
+def test_cuda_fp32_at_model_shapes(agg, training):
+    C, Cout, side, n = agg
+    m = make_module(C, Cout, n, torch.float32, training)
+    ref = copy.deepcopy(m)
+    xs = [torch.randn(4, C, side, side, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+          for _ in range(n)]
+    y, y_ref = m(xs), chain(ref, xs)
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, xs + [m.conv.weight], g), torch.autograd.grad(y_ref, xs + [ref.conv.weight], g)):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_training_is_deterministic():
+    C, Cout, side, n = AGGREGATES[1]
+    m = make_module(C, Cout, n, torch.bfloat16, training=True)
+    xs = [torch.randn(16, C, side, side, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_() for _ in range(n)]
+    runs = []
+    for _ in range(2):
+        y = m(xs)
+        runs.append([y, *torch.autograd.grad(y, [*xs, *m.parameters()], torch.ones_like(y))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
