@@ -51,6 +51,21 @@ def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hsw
     return reference.affine_hswish(x, scale, shift, hswish)
 
 
+def affine_hswish_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                       hswish: bool):
+    """Backward of ``act(z * scale + shift)`` (or of ``act(z)`` without scale/shift) for the fused
+    GEMM ops' eval epilogue, inside their backward: (grad_z in z's dtype, grad_scale, grad_shift,
+    None without scale). z (M, C) rows, grad likewise in z's dtype. With the extension: its one
+    reduction pass (``affine_hswish_backward``)."""
+    if scale is not None and backend.extension_available():
+        return torch.ops.mpvit_kernels.affine_hswish_backward(grad, z, scale, shift, hswish)
+    u = z.to(scale.dtype) * scale + shift if scale is not None else z
+    g = torch.ops.aten.hardswish_backward(grad.to(u.dtype), u) if hswish else grad.to(u.dtype)
+    if scale is None:
+        return g.to(z.dtype), None, None
+    return (g * scale).to(z.dtype), (g * z.to(scale.dtype)).sum(0), g.sum(0)
+
+
 def batch_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows_per_tile: int, M: int,
                 gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     """Batch (mean, biased var) per channel from the row tiles' (mean, M2), each (P, C) with tile

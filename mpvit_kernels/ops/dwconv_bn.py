@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import affine_hswish, batch_norm_backward, batch_stats
+from mpvit_kernels.ops.affine_hswish import affine_hswish, affine_hswish_grad, batch_norm_backward, batch_stats
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
@@ -224,13 +224,7 @@ def _backward(ctx, grad):
     grad_scale = grad_shift = d = None
     if scale is not None or hswish:
         d = _depthwise_rows(x, dw_weight, stride)
-        z = (d @ pw_weight.t()).to(scale.dtype if scale is not None else x.dtype)  # the 1x1 output
-        u = z * scale + shift if scale is not None else z
-        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if hswish else g.to(u.dtype)
-        if scale is not None:
-            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
-            g = g * scale
-        g = g.to(x.dtype)
+        g, grad_scale, grad_shift = affine_hswish_grad(g, d @ pw_weight.t(), scale, shift, hswish)
     return *_conv_backward(x, dw_weight, pw_weight, stride, g, d), grad_scale, grad_shift, None, None
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import affine_hswish, batch_norm_backward, batch_stats
+from mpvit_kernels.ops.affine_hswish import affine_hswish, affine_hswish_grad, batch_norm_backward, batch_stats
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INPUTS = 5
@@ -246,13 +246,8 @@ def _backward(ctx, grad):
     g = grad.reshape(-1, Cout)
     grad_scale = grad_shift = None
     if scale is not None or ctx.hswish:
-        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False).reshape(-1, Cout)
-        z = z.to(scale.dtype if scale is not None else z.dtype)  # the 1x1 output, recomputed
-        u = z * scale + shift if scale is not None else z
-        g = torch.ops.aten.hardswish_backward(g.to(u.dtype), u) if ctx.hswish else g.to(u.dtype)
-        if scale is not None:
-            grad_scale, grad_shift = (g * z).sum(0), g.sum(0)
-            g = g * scale
+        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False).reshape(-1, Cout)  # recomputed
+        g, grad_scale, grad_shift = affine_hswish_grad(g.to(z.dtype), z, scale, shift, ctx.hswish)
     grad_xs, grad_w = _gemm_backward(xs, weight, g.to(xs[0].dtype))
     return grad_xs, grad_w, grad_scale, grad_shift, None
 
