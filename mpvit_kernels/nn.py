@@ -16,13 +16,38 @@ from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
 
 
+def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BatchNorm as (scale, shift) with ``bn(x) == x * scale + shift``, computed once and
+    cached on the module: reused while its weight, bias and running statistics are the same
+    tensors at the same version (any in-place change, an optimiser step or a load_state_dict,
+    bumps a version and recomputes). Not cached where the fold is part of an autograd graph (the
+    affine parameters train, as in frozen-BN fine-tuning: each forward needs its own graph), nor
+    inside torch.compile (which fuses the fold into its graph)."""
+    C = bn.running_mean.shape[0]
+    weight = bn.weight if bn.weight is not None else bn.running_mean.new_ones(C)
+    bias = bn.bias if bn.bias is not None else bn.running_mean.new_zeros(C)
+    if (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)) or torch.compiler.is_compiling():
+        return reference.fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.eps)
+    # The cache holds the tensors it was computed from (so their ids cannot be reused) and their
+    # data_ptr: module.to() swaps .data under the same Parameter without a version bump.
+    sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    state = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in sources)
+    state += (bn.eps, torch.is_inference_mode_enabled())
+    cached = bn.__dict__.get("_mpvit_folded")
+    if cached is None or cached[2] != state or any(a is not b for a, b in zip(cached[0], sources)):
+        with torch.no_grad():
+            cached = (sources, reference.fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.eps), state)
+        bn.__dict__["_mpvit_folded"] = cached
+    return cached[1]
+
+
 def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor:
     """BatchNorm then optional Hardswish. In training (batch statistics) the module runs as is;
     in eval it is folded to a per-channel affine and runs as one ``affine_hswish`` op."""
     if bn.training or bn.running_mean is None:
         x = bn(x)
         return F.hardswish(x) if hswish else x
-    scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    scale, shift = folded_bn(bn)
     return ops.affine_hswish(x, scale, shift, hswish)
 
 
@@ -32,7 +57,7 @@ def depthwise_bn_hswish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) ->
     statistics as usual."""
     if bn.training or bn.running_mean is None:
         return bn_hswish(ops.depthwise(x, conv.weight, conv.bias, conv.stride[0]), bn, True)
-    scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    scale, shift = folded_bn(bn)
     return ops.depthwise(x, conv.weight, conv.bias, conv.stride[0], scale, shift, hswish=True)
 
 
@@ -82,8 +107,7 @@ class DWConv2dBN(nn.Module):
             y, mean, var = ops.dwconv_bn_train(x, dw, pw, stride, bn.weight, bn.bias, bn.eps, hswish=True)
             track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
             return y
-        scale, shift = reference.fold_bn(self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
-                                         self.bn.eps)
+        scale, shift = folded_bn(bn)
         return ops.dwconv_bn(x, dw, pw, stride, scale, shift, hswish=True)
 
 
@@ -118,7 +142,7 @@ class GLIProjection(nn.Module):
             y, mean, var = ops.gli_projection_train(list(inputs), w, bn.weight, bn.bias, bn.eps, hswish=True, size=size)
             track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
             return y
-        scale, shift = reference.fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        scale, shift = folded_bn(bn)
         return ops.gli_projection(list(inputs), w, scale, shift, hswish=True, size=size)
 
 

@@ -203,6 +203,29 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
 
 
+def test_eval_batchnorm_folds_are_cached_until_a_statistic_or_parameter_changes():
+    model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        first = model(x)
+        with RecordOps() as rec:
+            again = model(x)
+        assert "aten.rsqrt" not in rec.names  # no BatchNorm folded again
+        torch.testing.assert_close(again, first)
+        bn = model.mhca_stages[0].aggregate.bn
+        bn.running_var.mul_(4.0)  # an in-place change bumps the version: that BN folds again
+        with RecordOps() as rec:
+            changed = model(x)
+        assert rec.names.count("aten.rsqrt") == 1
+        assert not torch.allclose(changed, first)
+        bn.running_var.div_(4.0)
+        torch.testing.assert_close(model(x), first)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), first)
+        double = model.double()(x.double())  # .to() swaps the tensors' data: folds again, in fp64
+        torch.testing.assert_close(double.float(), first, atol=1e-4, rtol=1e-4)
+
+
 def test_frozen_batchnorm_finetuning_gets_affine_grads():
     # Detection fine-tuning: BN in eval (running stats), its weight and bias still trained.
     model = randomize_bn(mpvit_tiny(num_classes=4)).eval()

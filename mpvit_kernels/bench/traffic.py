@@ -119,7 +119,7 @@ def eager_depthwise(site: str, B: int, C: int, side: int, dtype) -> CountTraffic
 def ours_depthwise(site: str, B: int, C: int, side: int, dtype) -> list[tuple[str, int]]:
     """(launch, bytes) of the depthwise op forward: one kernel reading x and writing y (halo
     re-reads assumed cached) and its parameters in fp32; before it, a cast per parameter not
-    in fp32 and, at the InvRes site, the BatchNorm fold (counted on meta tensors)."""
+    in fp32 (the InvRes site's BatchNorm fold is cached by the module, nn.folded_bn: no launch)."""
     elem = torch.finfo(dtype).bits // 8
     params = [("weight", C * 9)] + ([("bias", C)] if site == "CPE" else [("scale", C), ("shift", C)])
     launches = [("depthwise: read x, write y", 2 * B * C * side * side * elem + sum(n for _, n in params) * 4)]
@@ -128,11 +128,6 @@ def ours_depthwise(site: str, B: int, C: int, side: int, dtype) -> list[tuple[st
     if site == "InvRes dw":
         if dtype != torch.float32:
             launches.append(("cast weight to fp32", C * 9 * (elem + 4)))
-        _, _, _, (mean, var, gamma, beta) = depthwise_bench.site_inputs(B, C, side, dtype, "meta")
-        fold = CountTraffic()
-        with torch.no_grad(), fold:
-            reference.fold_bn(gamma, beta, mean, var, 1e-5)
-        launches += [(f"fold BatchNorm: {op}", fold.bytes // fold.launches) for op in fold.ops]
     return launches
 
 
@@ -147,15 +142,14 @@ def eager_dwconv_bn(B: int, C: int, side: int, stride: int, dtype) -> CountTraff
 
 def ours_dwconv_bn(B: int, C: int, side: int, stride: int, dtype) -> list[tuple[str, int]]:
     """(launch, bytes) of the fused op (eval forward): one kernel reading x (its halo from cache),
-    the weights, and writing y; before it the BatchNorm fold and a cast of the depthwise weights
-    to fp32 when they are not (counted on meta tensors)."""
+    the weights, and writing y; before it a cast of the depthwise weights to fp32 when they are
+    not (counted on meta tensors; the BatchNorm fold is cached by the module, nn.folded_bn)."""
     elem = torch.finfo(dtype).bits // 8
     out = (side - 1) // stride + 1
     launches = [("dwconv_bn: read x, write y", B * C * (side * side + out * out) * elem + C * C * elem + C * 11 * 4)]
-    x, dw, pw, (mean, var, gamma, beta) = dwconv_bn_bench.embed_inputs(B, C, side, dtype, "meta")
+    x, dw, pw, _ = dwconv_bn_bench.embed_inputs(B, C, side, dtype, "meta")
     prep = CountTraffic()
     with torch.no_grad(), prep:
-        reference.fold_bn(gamma, beta, mean, var, 1e-5)
         dw.reshape(C, 9).to(torch.float32)
     launches += [(f"prepare weights: {op}", prep.bytes // prep.launches) for op in prep.ops]
     return launches
@@ -173,7 +167,7 @@ def eager_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> CountTr
 def ours_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> list[tuple[str, int]]:
     """(launch, bytes) of the fused op (eval forward): one GEMM reading every input once per
     BLOCK_N column block of the output (once up to 128 output channels) and the weight, writing
-    y; before it the BatchNorm fold (counted on meta tensors)."""
+    y (the BatchNorm fold is cached by the module, nn.folded_bn: no launch)."""
     from mpvit_kernels.triton.gli_projection import block_n
 
     elem = torch.finfo(dtype).bits // 8
@@ -181,11 +175,6 @@ def ours_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> list[tup
     column_blocks = -(-Cout // block_n(Cout))
     launches = [("gli_projection: read the inputs, write y",
                  column_blocks * M * n * C * elem + M * Cout * elem + Cout * n * C * elem + 2 * Cout * 4)]
-    _, _, (mean, var, gamma, beta) = gli_bench.aggregate_inputs(B, C, Cout, side, dtype, "meta", n=1)
-    fold = CountTraffic()
-    with torch.no_grad(), fold:
-        reference.fold_bn(gamma, beta, mean, var, 1e-5)
-    launches += [(f"fold BatchNorm: {op}", fold.bytes // fold.launches) for op in fold.ops]
     return launches
 
 
