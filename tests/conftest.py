@@ -7,6 +7,8 @@ import torch
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
+    torch.backends.cudnn.allow_tf32 = False
 
 import pytest  # noqa: E402
 

@@ -159,16 +159,32 @@ def test_kernels_on_equal_kernels_off(memory_format):
 
 
 def test_whole_model_through_the_kernels_equals_kernels_off():
+    """Eval logits with every fused op on equal kernels off. The same forward is channels-last
+    without copies: no clone/copy/contiguous/cat dispatched but the one that makes the NCHW
+    3-channel input NHWC, and every activation a conv or fused op receives is a channels-last map
+    or unit-channel-stride tokens, so no op converts a layout inside either."""
+    from torch.utils._pytree import tree_leaves
+
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 24, 20, device=KERNEL_DEVICE)
-    with torch.no_grad(), RecordOps() as rec:
-        on = model(x)
+    with torch.no_grad():
+        with RecordOps() as rec:
+            on = model(x)
         with mpvit_kernels.use_backend("reference"):
             off = model(x)
     assert rec.names.count("mpvit_kernels.factor_attention_fwd") == 23  # every block of every path
     assert rec.names.count("mpvit_kernels.dwconv_bn") == 11  # every patch embedding of every stage
     assert rec.names.count("mpvit_kernels.gli_projection") == 4  # every stage's aggregate
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
+    assert rec.names.count("aten.clone") == 1  # the input
+    assert not {"aten.copy_", "aten._to_copy", "aten.contiguous", "aten.cat", "aten.constant_pad_nd"} & set(rec.names)
+    for name, args in rec.calls:
+        if name.startswith("mpvit_kernels") or name == "aten.convolution":
+            for t in tree_leaves(args):
+                if isinstance(t, torch.Tensor) and not t.requires_grad and t.dim() == 4 and t.shape[1] > 3:
+                    assert t.is_contiguous(memory_format=torch.channels_last), (name, tuple(t.shape), t.stride())
+                if isinstance(t, torch.Tensor) and t.dim() == 3:
+                    assert t.stride(-1) == 1, (name, tuple(t.shape), t.stride())
 
 
 def test_training_step_with_drop_path():

@@ -39,9 +39,11 @@ class RecordOps(TorchDispatchMode):
         super().__init__()
         self.names = []
         self.compute = []
+        self.calls = []  # (name, args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
+        self.calls.append((str(func.overloadpacket), args))
         if not func.is_view:
             self.compute.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))

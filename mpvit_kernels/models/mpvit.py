@@ -189,7 +189,10 @@ class MPViT(nn.Module):
             raise TypeError(f"MPViT: x must be a Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"MPViT: x must be (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        x = self.stem(x)
+        # NHWC from the first conv on: every later activation is channels-last (the fused ops
+        # read and write it, image <-> token changes are views). Copying the 3-channel input is
+        # cheap next to converting any later map.
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         features = []
         for embed, stage in zip(self.patch_embed_stages, self.mhca_stages):
             x = stage(embed(x))

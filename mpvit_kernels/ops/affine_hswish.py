@@ -106,11 +106,12 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     acc = mean.dtype
     ACC = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
     gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
-    grad = grad.to(z.dtype).contiguous()
+    mean, var = mean.contiguous(), var.to(acc).contiguous()
+    grad, z = grad.to(z.dtype).contiguous(), z.contiguous()  # the kernels index (M, C) row-major
     P = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES))
     BC = kernels.block_c(C)
     sums, sums_dev = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
-    grad_z = torch.empty_like(z)
+    grad_z = torch.empty((M, C), dtype=z.dtype, device=z.device)
     if M == 0 or C == 0:
         return grad_z, torch.zeros_like(mean), torch.zeros_like(mean)
     with backend.triton_device(z):
@@ -121,7 +122,7 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
         kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC)
-    return grad_z, sum_dev * torch.rsqrt(var + eps), grad_beta
+    return grad_z, (sum_dev * torch.rsqrt(var + eps)).to(acc), grad_beta
 
 
 @_batch_backward.register_fake

@@ -82,7 +82,7 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
         if scale is not None:
-            scale, shift = scale.to(acc), shift.to(acc)
+            scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         return torch.ops.mpvit_kernels.dwconv_bn(x, dw_weight, w, scale, shift, int(stride), bool(hswish))
     # Unfused: the depthwise and affine_hswish ops (compiled or reference, as their families run)
     y = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))

@@ -118,7 +118,7 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
     if backend.use_triton("gli_projection", rows[0].device):
         w = weight.reshape(weight.shape[0], -1).to(dtype)
         if scale is not None:
-            scale, shift = scale.to(acc), shift.to(acc)
+            scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         return _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish)), B, H, W)
     z = _unfused_pre_bn(rows, weight, B, H, W)
     if scale is not None:

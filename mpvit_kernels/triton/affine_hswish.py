@@ -19,10 +19,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_stats(z, rows, n_rows):
+def _div(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded in ACC: Triton's fp32 ``/`` is div.full.f32 (up to 2 ulp off);
+    its fp64 one is exact."""
+    if ACC == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _tile_stats(z, rows, n_rows, ACC: tl.constexpr):
     """Per-column mean and M2 of the rows of z (BLOCK_M, BLOCK_N) where ``rows`` holds; n_rows
-    of them (at least one)."""
-    mean = tl.sum(tl.where(rows[:, None], z, 0.0), 0) / n_rows
+    of them (at least one, in ACC)."""
+    mean = _div(tl.sum(tl.where(rows[:, None], z, 0.0), 0), n_rows, ACC)
     dev = tl.where(rows[:, None], z - mean[None, :], 0.0)
     return mean, tl.sum(dev * dev, 0)
 
@@ -42,28 +52,30 @@ def _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :], y, mask=mmask[:, None] & nmask[None, :])
     if STATS:
-        mean, m2 = _tile_stats(y.to(ACC), mmask, tl.minimum(M - tl.program_id(0) * BLOCK_M, BLOCK_M).to(ACC))
+        mean, m2 = _tile_stats(y.to(ACC), mmask, tl.minimum(M - tl.program_id(0) * BLOCK_M, BLOCK_M).to(ACC), ACC)
         tl.store(tile_mean_ptr + tl.program_id(0) * Cout + offs_n, mean, mask=nmask)
         tl.store(tile_m2_ptr + tl.program_id(0) * Cout + offs_n, m2, mask=nmask)
 
 
 @triton.jit
-def _hswish_slope(u):
-    """ATen's hardswish_backward branches, boundaries included (csrc/activation.h)."""
-    return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
+def _hswish_slope(u, ACC: tl.constexpr):
+    """ATen's hardswish_backward branches, boundaries included, u / 3 as u * (1/3) in ACC as in
+    csrc/activation.h."""
+    return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u * tl.full([], 1.0 / 3.0, ACC) + 0.5, 1.0))
 
 
 @triton.jit
 def _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC: tl.constexpr):
     if ACC == tl.float64:
-        invstd = 1.0 / tl.sqrt(var + tl.full([], eps, ACC))
+        root = tl.sqrt(var + tl.full([], eps, ACC))
     else:  # tl.sqrt is the approximate square root in fp32
-        invstd = 1.0 / tl.sqrt_rn(var + tl.full([], eps, ACC))
+        root = tl.sqrt_rn(var + tl.full([], eps, ACC))
+    invstd = _div(tl.full([], 1.0, ACC), root, ACC)
     scale = tl.load(gamma_ptr + offs_c, mask=cmask, other=0.0) * invstd
     return invstd, scale, tl.load(beta_ptr + offs_c, mask=cmask, other=0.0) - mean * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "M"])
 def stats_kernel(
     tile_mean_ptr, tile_m2_ptr,  # (P, C) each: the row tiles' statistics, tile p has rows p*ROWS..
     gamma_ptr, beta_ptr,  # (C,) BatchNorm weight and bias, in the accumulation type
@@ -81,7 +93,7 @@ def stats_kernel(
         n = tl.minimum(M - offs_p * ROWS, ROWS).to(ACC)
         total += tl.sum(tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
                         * n[:, None], 0)
-    mean = total / M
+    mean = _div(total, M.to(ACC), ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -90,7 +102,7 @@ def stats_kernel(
         d = tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask,
                                             other=0.0) + n[:, None] * d * d, 0.0), 0)
-    var = m2 / M
+    var = _div(m2, M.to(ACC), ACC)
     invstd, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
     tl.store(mean_ptr + offs_c, mean, mask=cmask)
     tl.store(var_ptr + offs_c, var, mask=cmask)
@@ -106,7 +118,7 @@ def _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH: t
     z = tl.load(z_ptr + at, mask=mask, other=0.0).to(ACC)
     g = tl.load(g_ptr + at, mask=mask, other=0.0).to(ACC)
     if HSWISH:
-        g = g * _hswish_slope(z * scale[None, :] + shift[None, :])
+        g = g * _hswish_slope(z * scale[None, :] + shift[None, :], ACC)
     return g, z - mean[None, :]
 
 
@@ -151,9 +163,9 @@ def grad_kernel(
     mean = tl.load(mean_ptr + offs_c, mask=cmask, other=0.0)
     var = tl.load(var_ptr + offs_c, mask=cmask, other=0.0)
     invstd, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
-    mean_g = tl.load(sum_ptr + offs_c, mask=cmask, other=0.0) / M
+    mean_g = _div(tl.load(sum_ptr + offs_c, mask=cmask, other=0.0), M.to(ACC), ACC)
     # sum(g_u * xhat) / M * invstd, the slope of the mean-removed grad along xhat
-    along = tl.load(sum_dev_ptr + offs_c, mask=cmask, other=0.0) * invstd / M * invstd
+    along = _div(tl.load(sum_dev_ptr + offs_c, mask=cmask, other=0.0) * invstd, M.to(ACC), ACC) * invstd
     g, dev = _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH, ACC)
     gz = scale[None, :] * (g - mean_g[None, :] - dev * along[None, :])
     tl.store(gz_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], gz.to(gz_ptr.dtype.element_ty), mask=mask)
