@@ -7,6 +7,7 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Sequence
@@ -139,6 +140,33 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
     return w_packed, bias, ksize, kmax
 
 
+_PACKS: collections.OrderedDict = collections.OrderedDict()  # id(first weight) -> (sources, state, packed)
+_MAX_PACKS = 256  # MPViT-B has 12 CRPE weight sets; room for several models
+
+
+def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
+    """_pack_crpe once per version of the weights: in eval every forward reuses one packing, in
+    training the backward reuses its forward's (an optimiser step bumps the versions and the
+    next forward packs again). An entry holds the tensors it was packed from, so their ids
+    cannot be reused while it lives, and their data_ptr, which module.to() changes without a
+    version bump."""
+    sources = (*weights, *biases)
+    state = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources), Ch, acc,
+             torch.is_inference_mode_enabled())
+    key = id(weights[0])
+    hit = _PACKS.get(key)
+    if hit is not None and hit[1] == state and len(hit[0]) == len(sources) and \
+            all(a is b for a, b in zip(hit[0], sources)):
+        _PACKS.move_to_end(key)
+        return hit[2]
+    packed = _pack_crpe(weights, biases, Ch, acc)
+    _PACKS[key] = (sources, state, packed)
+    _PACKS.move_to_end(key)
+    while len(_PACKS) > _MAX_PACKS:
+        _PACKS.popitem(last=False)
+    return packed
+
+
 def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kmax: int):
     grads, start = [], 0
     for w in weights:
@@ -164,7 +192,7 @@ class _Launch:
         self.tl_acc = self.kernels.tl.float64 if self.acc == torch.float64 else self.kernels.tl.float32
         self.precision = self.kernels.dot_precision(_TRITON_NAMES[qkv.dtype])
         self.n_bucket = self.kernels.n_bucket(self.N)
-        self.w_packed, self.bias, self.ksize, self.kmax = _pack_crpe(weights, biases, self.Ch, self.acc)
+        self.w_packed, self.bias, self.ksize, self.kmax = _pack_crpe_cached(weights, biases, self.Ch, self.acc)
         self.chunk, self.splits = _chunking(self.BH, self.N)
         self.device = qkv.device
 
