@@ -89,26 +89,33 @@ def test_module_forward_is_two_gemms_and_our_op_without_copies():
     assert rec.compute == ["aten.addmm", "mpvit_kernels.factor_attention_fwd", "aten.addmm"], rec.names
 
 
-def test_crpe_weights_are_packed_once_per_version(monkeypatch):
-    """The CRPE weight packing (pads, cat, casts) runs once per version of the weights: not
-    again in a second forward or in the backward; again after an in-place update."""
+def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
+    """Where no graph through the CRPE weights is built, their packing (pads, cat, casts) runs
+    once per version: not again in a second forward, again after an in-place update or
+    clear_caches(). Where they take grads (training, gradcheck) every call packs."""
     fa = sys.modules["mpvit_kernels.ops.factor_attention"]  # the module (the package exports the function)
     calls = []
     pack = fa._pack_crpe
     monkeypatch.setattr(fa, "_pack_crpe", lambda *a: calls.append(1) or pack(*a))
     args = make_inputs(1, 3, 4, 4, {3: 1, 5: 1}, torch.float32)
     qkv, size, heads, scale, weights, biases = args
-    first = ops.factor_attention(*args)
-    again = ops.factor_attention(*args)
-    torch.autograd.grad(again.sum(), [qkv, *weights, *biases])
-    assert len(calls) == 1
-    torch.testing.assert_close(again, first)
     with torch.no_grad():
+        first = ops.factor_attention(*args)
+        again = ops.factor_attention(*args)
+        assert len(calls) == 1
+        torch.testing.assert_close(again, first)
         weights[1].mul_(2.0)  # an optimiser step: a new version
-    changed = ops.factor_attention(*args)
-    assert len(calls) == 2
-    with mpvit_kernels.use_backend("reference"):
-        assert_close(changed, ops.factor_attention(*args))
+        changed = ops.factor_attention(*args)
+        assert len(calls) == 2
+        with mpvit_kernels.use_backend("reference"):
+            assert_close(changed, ops.factor_attention(*args))
+        weights[1].data.mul_(0.5)  # .data bumps no version: the cache cannot see it...
+        mpvit_kernels.clear_caches()  # ...so it is dropped by hand
+        torch.testing.assert_close(ops.factor_attention(*args), first)
+        assert len(calls) == 3
+    out = ops.factor_attention(*args)
+    torch.autograd.grad(out.sum(), [qkv, *weights, *biases])
+    assert len(calls) == 5  # with grads: the forward and the backward pack
 
 
 def test_strided_qkv_rows_are_read_in_place():

@@ -78,8 +78,8 @@ def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") 
 def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int]]:
     """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
     launches around them (the backward's sums over batch and chunks, and the CRPE weight packing:
-    once per version of the weights, so never in an inference forward after the first and once
-    per training step, whose optimiser changes them)."""
+    cached per version of the weights where no graph is built, so never in an inference forward
+    after the first; in training the forward and the backward each pack)."""
     heads = 8
     elem = torch.finfo(dtype).bits // 8
     BD, BH = _block_d(C // heads), B * heads
@@ -91,14 +91,14 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     weights = [torch.empty(h * (C // heads), 1, k, k, device="meta", dtype=dtype)
                for k, h in {3: 2, 5: 3, 7: 3}.items()]
     pack = [("pack CRPE weights/bias (pad, cat, cast)", 2 * w)] * pack_launches(weights, torch.float32)
-    launches = (pack if backward else []) + [
+    launches = (pack if backward else []) + [  # inference: the packing is cached
         ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
         ("context_combine: partials -> S, lse", partials + stats),
         ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
     ]
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
-        launches += [
+        launches += pack + [
             ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * BD * BD * 4 + dw_partials),
             ("grad_combine: partials -> dS, c", BH * splits * BD * BD * 4 + 2 * stats),
             ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + 2 * stats + w),

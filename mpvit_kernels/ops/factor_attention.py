@@ -8,6 +8,7 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import math
 from typing import Sequence
@@ -84,9 +85,18 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
     if backend.use_triton("factor_attention", qkv.device):
-        out, _, _ = torch.ops.mpvit_kernels.factor_attention_fwd(
-            qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases))
-        return out
+        # Reuse a cached CRPE packing only where no graph through the weights is built: inside
+        # the op grad mode is always off, so the decision is made here (under torch.compile this
+        # wrapper is traced away and the op packs every call, as conservative as it gets).
+        args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases))
+        crpe = (*crpe_weights, *crpe_biases)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in crpe)):
+            return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
+        token = _REUSE_PACKING.set(True)
+        try:
+            return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
+        finally:
+            _REUSE_PACKING.reset(token)
     return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
 
 
@@ -140,17 +150,20 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
     return w_packed, bias, ksize, kmax
 
 
+_REUSE_PACKING = contextvars.ContextVar("mpvit_kernels_reuse_crpe_packing", default=False)
 _PACKS: collections.OrderedDict = collections.OrderedDict()  # id(first weight) -> (sources, state, packed)
 _MAX_PACKS = 256  # MPViT-B has 12 CRPE weight sets; room for several models
 
 
 def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
-    """_pack_crpe once per version of the weights: in eval every forward reuses one packing, in
-    training the backward reuses its forward's (an optimiser step bumps the versions and the
-    next forward packs again). An entry holds the tensors it was packed from, so their ids
-    cannot be reused while it lives, and their data_ptr, which module.to() changes without a
-    version bump."""
+    """_pack_crpe once per version of the weights where no autograd graph is built (inference:
+    every forward after the first reuses one packing; factor_attention decides); packed afresh
+    where the weights take grads. An entry holds the tensors it was packed from, so their ids cannot be reused while it
+    lives, and their data_ptr, which module.to() changes without a version bump. Writes through
+    ``.data`` bump no version: call mpvit_kernels.clear_caches() after them."""
     sources = (*weights, *biases)
+    if not _REUSE_PACKING.get():
+        return _pack_crpe(weights, biases, Ch, acc)
     state = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources), Ch, acc,
              torch.is_inference_mode_enabled())
     key = id(weights[0])
@@ -165,6 +178,10 @@ def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
     while len(_PACKS) > _MAX_PACKS:
         _PACKS.popitem(last=False)
     return packed
+
+
+def clear_packing_cache() -> None:
+    _PACKS.clear()
 
 
 def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kmax: int):
