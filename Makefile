@@ -12,7 +12,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja pybind11 pytest pytest-benchmark hypothesis numpy
+	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja pybind11 pytest pytest-benchmark pytest-xdist hypothesis numpy
 	touch $@
 
 # The extension, rebuilt when a source or setup.py changes.
@@ -22,8 +22,9 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 build: $(VENV)/.built
 
+# One pytest worker per core (pytest-xdist): the interpreted Triton tests are CPU-bound.
 test: build
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n auto tests
 
 bench: build
 	$(PY) -m mpvit_kernels.bench
