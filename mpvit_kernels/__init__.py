@@ -5,9 +5,11 @@ from mpvit_kernels import ops, reference
 from mpvit_kernels.backend import BACKENDS, extension_available, get_backend, use_backend
 from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection, clear_caches
 
+from mpvit_kernels.fuse import fuse
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "Conv2dBN", "ConvPosEnc", "ConvRelPosEnc", "DWConv2dBN", "FactorAttention", "GLIProjection",
-    "clear_caches", "extension_available", "get_backend", "ops", "reference", "use_backend",
+    "clear_caches", "extension_available", "fuse", "get_backend", "ops", "reference", "use_backend",
 ]
