@@ -2,8 +2,8 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.backend import BACKENDS, extension_available, get_backend, use_backend
-from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection, clear_caches
+from mpvit_kernels.backend import BACKENDS, clear_caches, extension_available, get_backend, use_backend
+from mpvit_kernels.nn import Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection
 
 from mpvit_kernels.fuse import fuse
 

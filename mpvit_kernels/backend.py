@@ -13,6 +13,7 @@ Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import warnings
@@ -143,3 +144,38 @@ def triton_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
     tensors', so make it theirs (nothing to do for CPU tensors under the interpreter)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---- values derived from parameters, kept until the parameters change ----------------------
+
+_DERIVED: collections.OrderedDict = collections.OrderedDict()  # ids of the sources -> (sources, state, value)
+_DERIVED_SIZE = 512  # an MPViT-B holds about 30 BatchNorm folds and 12 CRPE packings
+
+
+def cached_by_version(sources, extra, compute):
+    """``compute()`` once per version of the tensors ``sources`` (None allowed) and of ``extra``
+    (hashable settings), then the same value until one of them changes: an in-place write bumps a
+    tensor's version, module.to() changes its data_ptr, a new tensor its identity (an entry holds
+    its sources, so their ids cannot be reused while it lives). A write through ``.data`` bumps
+    no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds and packed
+    CRPE weights, never where the value must be part of an autograd graph."""
+    state = (tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources), extra,
+             torch.is_inference_mode_enabled())
+    key = tuple(id(t) for t in sources)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[1] == state and all(a is b for a, b in zip(hit[0], sources)):
+        _DERIVED.move_to_end(key)
+        return hit[2]
+    value = compute()
+    _DERIVED[key] = (tuple(sources), state, value)
+    _DERIVED.move_to_end(key)
+    while len(_DERIVED) > _DERIVED_SIZE:
+        _DERIVED.popitem(last=False)
+    return value
+
+
+def clear_caches() -> None:
+    """Drop every cached eval BatchNorm fold and CRPE weight packing. The caches follow the
+    tensors' version counters, which any in-place change bumps, except a write through ``.data``
+    (PyTorch gives it a counter of its own): call this after such writes."""
+    _DERIVED.clear()

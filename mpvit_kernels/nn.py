@@ -4,57 +4,34 @@ backend switch picks kernels or the reference) where a fused op exists.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpvit_kernels import ops, reference
-from mpvit_kernels.ops.factor_attention import clear_packing_cache
+from mpvit_kernels import backend, ops, reference
 from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
 
 
-_FOLDED: "weakref.WeakSet[nn.BatchNorm2d]" = weakref.WeakSet()  # BatchNorms holding a cached fold
-
-
-def clear_caches() -> None:
-    """Drop every cached eval BatchNorm fold and CRPE weight packing. The caches follow the
-    tensors' version counters, which any in-place change bumps, except a write through ``.data``
-    (PyTorch gives it a counter of its own): call this after such writes."""
-    for bn in list(_FOLDED):
-        bn.__dict__.pop("_mpvit_folded", None)
-    _FOLDED.clear()
-    clear_packing_cache()
-
-
 def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as (scale, shift) with ``bn(x) == x * scale + shift``, computed once and
-    cached on the module: reused while its weight, bias and running statistics are the same
-    tensors at the same version (any in-place change, an optimiser step or a load_state_dict,
-    bumps a version and recomputes; a write through ``.data`` does not: see clear_caches). Not cached where the fold is part of an autograd graph (the
-    affine parameters train, as in frozen-BN fine-tuning: each forward needs its own graph), nor
-    inside torch.compile (which fuses the fold into its graph)."""
+    reused while its weight, bias and running statistics are the same tensors at the same version
+    (backend.cached_by_version: an optimiser step or a load_state_dict recomputes it). Not cached
+    where the fold is part of an autograd graph (the affine parameters train, as in frozen-BN
+    fine-tuning: each forward needs its own graph), nor inside torch.compile (which fuses the
+    fold into its graph)."""
     C = bn.running_mean.shape[0]
     weight = bn.weight if bn.weight is not None else bn.running_mean.new_ones(C)
     bias = bn.bias if bn.bias is not None else bn.running_mean.new_zeros(C)
     if (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)) or torch.compiler.is_compiling():
         return reference.fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.eps)
-    # The cache holds the tensors it was computed from (so their ids cannot be reused) and their
-    # data_ptr: module.to() swaps .data under the same Parameter without a version bump.
-    sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    state = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in sources)
-    state += (bn.eps, torch.is_inference_mode_enabled())
-    cached = bn.__dict__.get("_mpvit_folded")
-    if cached is None or cached[2] != state or any(a is not b for a, b in zip(cached[0], sources)):
-        with torch.no_grad():
-            cached = (sources, reference.fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.eps), state)
-        bn.__dict__["_mpvit_folded"] = cached
-        _FOLDED.add(bn)
-    return cached[1]
+    with torch.no_grad():
+        return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps,
+                                         lambda: reference.fold_bn(weight, bias, bn.running_mean, bn.running_var,
+                                                                   bn.eps))
 
 
 def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor:

@@ -51,6 +51,28 @@ def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hsw
     return reference.affine_hswish(x, scale, shift, hswish)
 
 
+def check_channel_params(where: str, C: int, device: torch.device, **named) -> None:
+    """Per-output-channel parameters of the fused GEMM ops (scale/shift, BatchNorm weight/bias):
+    floating point tensors of shape (C,) on the inputs' device."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise TypeError(f"{where}: {name} must be a floating point Tensor")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"{where}: {name} must have shape ({C},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{where}: {name} is on {t.device} but the input is on {device}")
+
+
+def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, hswish: bool):
+    """``act(batch_norm(z))`` with z's batch statistics over every dim but 1, as eager ops (the
+    fused GEMM ops' unfused path; autograd as usual). Returns (y, mean, biased var), the
+    statistics in the accumulation type, without grad."""
+    acc = reference._acc_dtype(z.dtype)
+    var, mean = torch.var_mean(z.to(acc), dim=[d for d in range(z.dim()) if d != 1], correction=0)
+    scale = weight.to(acc) * torch.rsqrt(var + eps)
+    return affine_hswish(z, scale, bias.to(acc) - mean * scale, hswish), mean.detach(), var.detach()
+
+
 def affine_hswish_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                        hswish: bool):
     """Backward of ``act(z * scale + shift)`` (or of ``act(z)`` without scale/shift) for the fused

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import affine_hswish, affine_hswish_grad, batch_norm_backward, batch_stats
+from mpvit_kernels.ops.affine_hswish import (affine_hswish, affine_hswish_grad, batch_norm_backward,
+                                             batch_norm_hswish, batch_stats, check_channel_params)
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
@@ -44,25 +45,12 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
         raise ValueError(f"dwconv_bn: pw_weight is on {pw_weight.device} but x is on {x.device}")
     if (scale is None) != (shift is None):
         raise ValueError("dwconv_bn: scale and shift must be given together (a folded BatchNorm)")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
-            raise TypeError(f"dwconv_bn: {name} must be a floating point Tensor")
-        if tuple(t.shape) != (pw_weight.shape[0],):
-            raise ValueError(f"dwconv_bn: {name} must have shape ({pw_weight.shape[0]},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"dwconv_bn: {name} is on {t.device} but x is on {x.device}")
+    if scale is not None:
+        check_channel_params("dwconv_bn", pw_weight.shape[0], x.device, scale=scale, shift=shift)
 
 
 def _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride) -> None:
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
-            raise TypeError(f"dwconv_bn_train: {name} must be a floating point Tensor")
-        if tuple(t.shape) != (pw_weight.shape[0],):
-            raise ValueError(f"dwconv_bn_train: {name} must have shape ({pw_weight.shape[0]},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"dwconv_bn_train: {name} is on {t.device} but x is on {x.device}")
+    check_channel_params("dwconv_bn_train", pw_weight.shape[0], x.device, bn_weight=bn_weight, bn_bias=bn_bias)
     B, _, Ho, Wo = _out_shape(x, pw_weight, stride)
     if B * Ho * Wo == 1:
         raise ValueError(f"dwconv_bn_train: batch statistics need more than 1 value per channel, x of shape "
@@ -101,17 +89,13 @@ def dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.T
     statistics with them (nn.DWConv2dBN does, as nn.BatchNorm2d would)."""
     _check(x, dw_weight, pw_weight, stride, None, None)
     _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if backend.use_triton("dwconv_bn", x.device) and x.numel() > 0:
         w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
         y, _, mean, var = torch.ops.mpvit_kernels.dwconv_bn_train(x, dw_weight, w, bn_weight, bn_bias, float(eps),
                                                                   int(stride), bool(hswish))
         return y, mean, var
-    z = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))
-    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
-    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
-    y = affine_hswish(z, scale, bn_bias.to(acc) - mean * scale, hswish)
-    return y, mean.detach(), var.detach()
+    return batch_norm_hswish(F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype)), bn_weight,
+                             bn_bias, eps, hswish)
 
 
 def _out_shape(x, pw, stride):

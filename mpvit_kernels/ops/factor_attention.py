@@ -7,7 +7,6 @@ fakes and registered autograd, so torch.compile(fullgraph=True) goes through the
 """
 from __future__ import annotations
 
-import collections
 import contextvars
 import functools
 import math
@@ -151,37 +150,16 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
 
 
 _REUSE_PACKING = contextvars.ContextVar("mpvit_kernels_reuse_crpe_packing", default=False)
-_PACKS: collections.OrderedDict = collections.OrderedDict()  # id(first weight) -> (sources, state, packed)
-_MAX_PACKS = 256  # MPViT-B has 12 CRPE weight sets; room for several models
 
 
 def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
-    """_pack_crpe once per version of the weights where no autograd graph is built (inference:
-    every forward after the first reuses one packing; factor_attention decides); packed afresh
-    where the weights take grads. An entry holds the tensors it was packed from, so their ids cannot be reused while it
-    lives, and their data_ptr, which module.to() changes without a version bump. Writes through
-    ``.data`` bump no version: call mpvit_kernels.clear_caches() after them."""
-    sources = (*weights, *biases)
+    """_pack_crpe once per version of the weights (backend.cached_by_version) where no autograd
+    graph is built (inference: every forward after the first reuses one packing;
+    factor_attention decides); packed afresh where the weights take grads."""
     if not _REUSE_PACKING.get():
         return _pack_crpe(weights, biases, Ch, acc)
-    state = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in sources), Ch, acc,
-             torch.is_inference_mode_enabled())
-    key = id(weights[0])
-    hit = _PACKS.get(key)
-    if hit is not None and hit[1] == state and len(hit[0]) == len(sources) and \
-            all(a is b for a, b in zip(hit[0], sources)):
-        _PACKS.move_to_end(key)
-        return hit[2]
-    packed = _pack_crpe(weights, biases, Ch, acc)
-    _PACKS[key] = (sources, state, packed)
-    _PACKS.move_to_end(key)
-    while len(_PACKS) > _MAX_PACKS:
-        _PACKS.popitem(last=False)
-    return packed
-
-
-def clear_packing_cache() -> None:
-    _PACKS.clear()
+    return backend.cached_by_version((*weights, *biases), ("crpe", Ch, acc),
+                                     lambda: _pack_crpe(weights, biases, Ch, acc))
 
 
 def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kmax: int):

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import affine_hswish, affine_hswish_grad, batch_norm_backward, batch_stats
+from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswish_grad, batch_norm_backward,
+                                             batch_norm_hswish, batch_stats, check_channel_params)
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INPUTS = 5
 
 
@@ -80,16 +80,6 @@ def _check_weight(weight, n, C, device, where):
         raise ValueError(f"{where}: weight is on {weight.device} but the inputs are on {device}")
 
 
-def _check_channels(where, Cout, device, **named):
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
-            raise TypeError(f"{where}: {name} must be a floating point Tensor")
-        if tuple(t.shape) != (Cout,):
-            raise ValueError(f"{where}: {name} must have shape ({Cout},), got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{where}: {name} is on {t.device} but the inputs are on {device}")
-
-
 def _image(y, B, H, W):
     """(B, N, Cout) rows as the (B, Cout, H, W) channels-last map they are."""
     return y.view(B, H, W, y.shape[-1]).permute(0, 3, 1, 2)
@@ -112,7 +102,7 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
     if (scale is None) != (shift is None):
         raise ValueError("gli_projection: scale and shift must be given together (a folded BatchNorm)")
     if scale is not None:
-        _check_channels("gli_projection", weight.shape[0], rows[0].device, scale=scale, shift=shift)
+        check_channel_params("gli_projection", weight.shape[0], rows[0].device, scale=scale, shift=shift)
     dtype = rows[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if backend.use_triton("gli_projection", rows[0].device):
@@ -135,22 +125,16 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
     rows, (B, C, H, W) = _as_rows(inputs, size, "gli_projection_train")
     device = rows[0].device
     _check_weight(weight, len(rows), C, device, "gli_projection_train")
-    _check_channels("gli_projection_train", weight.shape[0], device, bn_weight=bn_weight, bn_bias=bn_bias)
+    check_channel_params("gli_projection_train", weight.shape[0], device, bn_weight=bn_weight, bn_bias=bn_bias)
     if B * H * W == 1:
         raise ValueError("gli_projection_train: batch statistics need more than 1 value per channel, the inputs "
                          "give 1")
-    dtype = rows[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     if backend.use_triton("gli_projection", device) and B * H * W > 0:
-        w = weight.reshape(weight.shape[0], -1).to(dtype)
+        w = weight.reshape(weight.shape[0], -1).to(rows[0].dtype)
         y, _, mean, var = torch.ops.mpvit_kernels.gli_projection_train(rows, w, bn_weight, bn_bias, float(eps),
                                                                        bool(hswish))
         return _image(y, B, H, W), mean, var
-    z = _unfused_pre_bn(rows, weight, B, H, W)
-    var, mean = torch.var_mean(z.to(acc), dim=(0, 2, 3), correction=0)
-    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
-    y = affine_hswish(z, scale, bn_bias.to(acc) - mean * scale, hswish)
-    return y, mean.detach(), var.detach()
+    return batch_norm_hswish(_unfused_pre_bn(rows, weight, B, H, W), bn_weight, bn_bias, eps, hswish)
 
 
 def _launch(xs, weight, scale, shift, hswish, stats):
