@@ -140,6 +140,17 @@ def use_triton(op: str, device: torch.device) -> bool:
     return False
 
 
+def autocast(t):
+    """``t`` as autocast casts a conv's or a matmul's input: inside an autocast region for its
+    device, a float16/bfloat16/float32 tensor in the autocast dtype; anything else unchanged
+    (float64 too, as autocast leaves it). The fused ops call it on their activations, so they
+    compute in the autocast dtype (accumulating in fp32) and return it, as eager would."""
+    if (isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)):
+        return t.to(torch.get_autocast_dtype(t.device.type))
+    return t
+
+
 def triton_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
     tensors', so make it theirs (nothing to do for CPU tensors under the interpreter)."""

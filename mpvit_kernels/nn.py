@@ -4,9 +4,11 @@ backend switch picks kernels or the reference) where a fused op exists.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,6 +34,93 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps,
                                          lambda: reference.fold_bn(weight, bias, bn.running_mean, bn.running_var,
                                                                    bn.eps))
+
+
+def sync_group(bn: nn.BatchNorm2d):
+    """The process group a training synchronised BatchNorm (ours, or nn.SyncBatchNorm) takes its
+    statistics over, or None where there is nothing to synchronise."""
+    if not (isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) and bn.training and dist.is_available()
+            and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; each process's output depends on every input, so the
+    grad of an input is the sum of the output grads."""
+
+    @staticmethod
+    def forward(ctx, group, t):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _AllReduceSum.apply(ctx.group, grad)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics cover the batch of every process in
+    ``process_group`` (default: the whole world), on any device, CPU with gloo included, where
+    nn.SyncBatchNorm (and DDP around it) takes CUDA modules only. Same parameters, buffers and
+    state_dict as nn.BatchNorm2d; :func:`convert_sync_batchnorm` swaps it in.
+
+    The sums go through differentiable all-reduces, so the backward sums their grads across
+    processes as SyncBatchNorm's does. Two passes (the mean, then the centred squares) keep a
+    large mean from cancelling the variance. Running statistics as nn.BatchNorm2d keeps them
+    (over the global batch)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = sync_group(self)
+        if group is None:
+            return super().forward(x)
+        all_reduce = functools.partial(_AllReduceSum.apply, group)
+        C, acc = x.shape[1], reference._acc_dtype(x.dtype)
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, C] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // max(C, 1)], dtype=acc, device=x.device)
+        dist.all_reduce(count, group=group)
+        xa = x.to(acc)
+        mean = all_reduce(xa.sum(dims)) / count
+        centred = xa - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.to(acc)
+        y = centred * scale.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(acc).view(shape)
+        track_batch_stats(self, mean.detach(), var.detach(), int(count.item()))
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Every nn.BatchNorm2d in ``module`` (in place; a bare BatchNorm2d is returned converted)
+    replaced by a :class:`SyncBatchNorm2d` holding the very same Parameters and buffers, as
+    nn.SyncBatchNorm.convert_sync_batchnorm does for CUDA; the fused modules then normalise with
+    the global batch statistics. For DDP on CPU (gloo), or on any device."""
+    if type(module) is nn.BatchNorm2d:
+        sync = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, process_group, device="meta")
+        for name in ("weight", "bias"):
+            sync._parameters[name] = module._parameters[name]
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            sync._buffers[name] = module._buffers[name]
+        sync.training = module.training
+        return sync
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor:
@@ -95,7 +184,7 @@ class DWConv2dBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dw, pw, stride, bn = self.dwconv.weight, self.pwconv.weight, self.dwconv.stride[0], self.bn
         if bn.training or bn.running_mean is None:
-            if not bn.affine:
+            if not bn.affine or sync_group(bn) is not None:  # the conv fused, the BatchNorm as is
                 return bn_hswish(ops.dwconv_bn(x, dw, pw, stride), bn, True)
             y, mean, var = ops.dwconv_bn_train(x, dw, pw, stride, bn.weight, bn.bias, bn.eps, hswish=True)
             track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
@@ -130,7 +219,7 @@ class GLIProjection(nn.Module):
                              f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}")
         bn, w = self.bn, self.conv.weight
         if bn.training or bn.running_mean is None:
-            if not bn.affine:
+            if not bn.affine or sync_group(bn) is not None:  # the GEMM fused, the BatchNorm as is
                 return bn_hswish(ops.gli_projection(list(inputs), w, size=size), bn, True)
             y, mean, var = ops.gli_projection_train(list(inputs), w, bn.weight, bn.bias, bn.eps, hswish=True, size=size)
             track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))

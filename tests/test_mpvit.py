@@ -7,7 +7,7 @@ import torch
 
 import mpvit_kernels
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps
+from tests.utils import RecordOps, randomize_bn
 from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 
 SIZES = {"tiny": mpvit_tiny, "xsmall": mpvit_xsmall, "small": mpvit_small, "base": mpvit_base}
@@ -36,18 +36,6 @@ def _triton_families_on_the_reference_path(request):
         return
     with mpvit_kernels.use_backend("reference", ops=TRITON_FAMILIES):
         yield
-
-
-def randomize_bn(model):
-    """Non-trivial BatchNorm statistics, so eval outputs depend on them."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -254,6 +242,49 @@ def test_frozen_batchnorm_finetuning_gets_affine_grads():
     bn = model.stem[0].bn
     assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
     assert bn.bias.grad is not None and bn.bias.grad.abs().sum() > 0
+
+
+def test_norm_eval_keeps_every_batchnorm_in_eval_while_training():
+    model = randomize_bn(mpvit_tiny(num_classes=4, norm_eval=True)).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns)
+    assert model.training and model.mhca_stages[0].mhca_blks[0].MHCA_layers[0].norm1.training
+    stats = copy.deepcopy([(bn.running_mean, bn.running_var) for bn in bns])
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, torch.tensor([1, 2])).backward()
+    for bn, (mean, var) in zip(bns, stats):  # used, never updated
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+        assert bn.weight.grad is not None and bn.bias.grad is not None
+    plain = copy.deepcopy(model)
+    plain.norm_eval = False
+    plain.train()
+    for m in plain.modules():  # what norm_eval means: the same model with its BatchNorms in eval
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    torch.testing.assert_close(plain(x), out)
+    assert not model.eval().training and not any(bn.training for bn in bns)
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_frozen_stages_take_no_grads_and_stay_in_eval(frozen):
+    model = randomize_bn(mpvit_tiny(num_classes=4, frozen_stages=frozen)).train()
+    frozen_modules = [model.stem, *model.patch_embed_stages[:frozen], *model.mhca_stages[:frozen]]
+    live = [*model.patch_embed_stages[frozen:], *model.mhca_stages[frozen:], model.cls_head]
+    frozen_params = {id(p) for m in frozen_modules for p in m.parameters()}
+    assert all(not m.training for f in frozen_modules for m in f.modules())
+    assert all(m.training for f in live for m in f.modules())
+    buffers = copy.deepcopy([b for m in frozen_modules for b in m.buffers()])
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3])).backward()
+    for p in model.parameters():
+        if id(p) in frozen_params:
+            assert not p.requires_grad and p.grad is None
+        else:
+            assert p.requires_grad and p.grad is not None
+    assert all(torch.equal(a, b) for a, b in zip([b for m in frozen_modules for b in m.buffers()], buffers))
+    assert set(model.state_dict()) == set(mpvit_tiny(num_classes=4).state_dict())
+    with pytest.raises(ValueError, match="frozen_stages"):
+        mpvit_tiny(frozen_stages=5)
 
 
 def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():

@@ -87,3 +87,15 @@ def across_thread_counts(fn, counts=(1, 2, 1)):
     finally:
         torch.set_num_threads(threads)
     return results
+
+
+def randomize_bn(model):
+    """Non-trivial BatchNorm statistics and affine parameters, so outputs depend on them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model

@@ -149,15 +149,25 @@ class ClsHead(nn.Module):
 
 class MPViT(nn.Module):
     """Multi-Path Vision Transformer. ``forward(x)`` gives logits, ``forward_features(x)`` the
-    four stage maps (strides 4, 8, 16, 32) for dense prediction. Any H and W."""
+    four stage maps (strides 4, 8, 16, 32) for dense prediction. Any H and W.
+
+    As the public segmentation/detection backbones: ``frozen_stages`` = k >= 0 freezes the stem
+    and, for k >= 1, the first k stages (patch embedding + MHCA stage): no grads, always in eval;
+    ``norm_eval`` keeps every BatchNorm in eval in training (running statistics used, not
+    updated; their weight and bias still train unless frozen)."""
 
     def __init__(self, num_layers: Sequence[int], embed_dims: Sequence[int], mlp_ratio: float,
-                 num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3):
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3, *,
+                 norm_eval: bool = False, frozen_stages: int = -1):
         super().__init__()
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if in_chans < 1 or num_classes < 1:
             raise ValueError(f"in_chans and num_classes must be positive, got {in_chans} and {num_classes}")
+        if not (isinstance(frozen_stages, int) and -1 <= frozen_stages <= 4):
+            raise ValueError(f"frozen_stages must be an int in -1..4, got {frozen_stages!r}")
+        self.norm_eval = bool(norm_eval)
+        self.frozen_stages = frozen_stages
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dims = tuple(embed_dims)
@@ -173,6 +183,30 @@ class MPViT(nn.Module):
             for i in range(4))
         self.cls_head = ClsHead(embed_dims[3], num_classes)
         self._init_weights()
+        self._freeze_stages()
+
+    def _frozen(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        k = self.frozen_stages
+        return [self.stem, *self.patch_embed_stages[:k], *self.mhca_stages[:k]]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "MPViT":
+        """nn.Module.train, then frozen stages back to eval and, with ``norm_eval`` in training,
+        every BatchNorm too."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -203,25 +237,26 @@ class MPViT(nn.Module):
         return self.cls_head(self.forward_features(x)[-1])
 
 
-def _build(size: str, num_classes: int, drop_path_rate: float, in_chans: int) -> MPViT:
+def _build(size: str, num_classes: int, drop_path_rate: float, in_chans: int, **options) -> MPViT:
     num_layers, embed_dims, mlp_ratio = CONFIGS[size]
-    return MPViT(num_layers, embed_dims, mlp_ratio, num_classes, drop_path_rate, in_chans)
+    return MPViT(num_layers, embed_dims, mlp_ratio, num_classes, drop_path_rate, in_chans, **options)
 
 
-def mpvit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
-    return _build("tiny", num_classes, drop_path_rate, in_chans)
+# options: norm_eval, frozen_stages (see MPViT)
+def mpvit_tiny(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3, **options) -> MPViT:
+    return _build("tiny", num_classes, drop_path_rate, in_chans, **options)
 
 
-def mpvit_xsmall(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
-    return _build("xsmall", num_classes, drop_path_rate, in_chans)
+def mpvit_xsmall(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3, **options) -> MPViT:
+    return _build("xsmall", num_classes, drop_path_rate, in_chans, **options)
 
 
-def mpvit_small(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
-    return _build("small", num_classes, drop_path_rate, in_chans)
+def mpvit_small(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3, **options) -> MPViT:
+    return _build("small", num_classes, drop_path_rate, in_chans, **options)
 
 
-def mpvit_base(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3) -> MPViT:
-    return _build("base", num_classes, drop_path_rate, in_chans)
+def mpvit_base(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3, **options) -> MPViT:
+    return _build("base", num_classes, drop_path_rate, in_chans, **options)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:

@@ -55,7 +55,11 @@ def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
               residual: bool = False) -> torch.Tensor:
     """Depthwise conv of x (B, C, H, W) with the fused epilogue above; returns (B, C, H', W')
     channels-last, H' = (H - 1) // stride + 1. fp16/bf16/fp32 inputs compute in fp32, fp64 in fp64;
-    the output has x's dtype, the parameters may have any floating dtype."""
+    the output has x's dtype, the parameters may have any floating dtype. Under autocast x is
+    cast as a conv's input is, except with ``residual``: eager's ``x + conv(x)`` keeps x's dtype,
+    and so does the fused sum."""
+    if not residual:
+        x = backend.autocast(x)
     _check(x, weight, bias, stride, scale, shift, residual)
     if backend.use_extension("depthwise", x.device):
         return torch.ops.mpvit_kernels.depthwise(x, weight, bias, int(stride), scale, shift, bool(hswish),

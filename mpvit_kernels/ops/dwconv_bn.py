@@ -64,7 +64,9 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
     (Cin, 1, k, k) with k in (3, 5, 7), pw_weight (Cout, Cin, 1, 1), stride 1 or 2; scale and
     shift (Cout,) a folded BatchNorm or both None; Hardswish if ``hswish``. Returns
     (B, Cout, H', W') channels-last. fp16/bf16/fp32 compute in fp32 (the depthwise output rounds
-    to x's dtype before the 1x1, as eager's does), fp64 in fp64."""
+    to x's dtype before the 1x1, as eager's does), fp64 in fp64; under autocast x is cast to the
+    autocast dtype first, as a conv's input is."""
+    x = backend.autocast(x)
     _check(x, dw_weight, pw_weight, stride, scale, shift)
     if backend.use_triton("dwconv_bn", x.device):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -87,6 +89,7 @@ def dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.T
     :func:`dwconv_bn`. Returns (y channels-last, the batch mean, the biased batch variance), the
     statistics (Cout,) in the accumulation type and without grad: the caller updates its running
     statistics with them (nn.DWConv2dBN does, as nn.BatchNorm2d would)."""
+    x = backend.autocast(x)
     _check(x, dw_weight, pw_weight, stride, None, None)
     _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride)
     if backend.use_triton("dwconv_bn", x.device) and x.numel() > 0:

@@ -35,6 +35,7 @@ def _as_rows(inputs, size, where):
     they are channels-last maps or such tokens), and (B, C, H, W)."""
     if not isinstance(inputs, (list, tuple)) or not inputs:
         raise TypeError(f"{where}: inputs must be a non-empty list of tensors, got {type(inputs).__name__}")
+    inputs = [backend.autocast(x) for x in inputs]  # as autocast casts a conv's input (a no-op outside it)
     if len(inputs) > MAX_INPUTS:
         raise ValueError(f"{where}: at most {MAX_INPUTS} inputs, got {len(inputs)}")
     first = inputs[0]
@@ -96,7 +97,8 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
     (B, C, H, W) in any layout, or tokens (B, N, C) with ``size=(H, W)``; weight
     (Cout, n*C, 1, 1) or (Cout, n*C); scale and shift (Cout,) a folded BatchNorm or both None;
     Hardswish if ``hswish``. Returns (B, Cout, H, W) channels-last. fp16/bf16/fp32 accumulate in
-    fp32, fp64 in fp64."""
+    fp32, fp64 in fp64. Under autocast the inputs are cast to the autocast dtype (so they may
+    differ in dtype there, as eager's concat allows)."""
     rows, (B, C, H, W) = _as_rows(inputs, size, "gli_projection")
     _check_weight(weight, len(rows), C, rows[0].device, "gli_projection")
     if (scale is None) != (shift is None):

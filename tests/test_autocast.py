@@ -1,0 +1,140 @@
+"""Autocast (bf16, fp16) through the fused ops and the fused model: activations cast as autocast
+casts a conv's input, fp32 accumulation, outputs in the autocast dtype (a residual sum keeps
+its input's dtype, as eager's ``x + conv(x)`` does). The rule against eager under the same
+autocast: our error against the fp64 model is at most twice eager's, plus a small floor."""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpvit_kernels
+from mpvit_kernels import fuse, ops
+from mpvit_kernels.bench.public_mpvit import MHCA_stage, Patch_Embed_stage
+from tests.test_fuse import TRITON, randomized
+from tests.utils import randomize_bn
+
+LOW = [torch.bfloat16, torch.float16]
+fuse_module = importlib.import_module("mpvit_kernels.fuse")  # the package's `fuse` is the function
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_op_output_dtypes_follow_autocast(dtype):
+    x = torch.randn(2, 8, 7, 5)
+    w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
+    pw, scale, shift = torch.randn(6, 8, 1, 1), torch.rand(6) + 0.5, torch.randn(6)
+    with torch.autocast("cpu", dtype=dtype), mpvit_kernels.use_backend("reference", ops=TRITON):
+        assert ops.depthwise(x, w, b).dtype == dtype
+        assert ops.depthwise(x, w, b, residual=True).dtype == torch.float32  # as x + conv(x)
+        assert ops.dwconv_bn(x, w, pw, 1, scale, shift, hswish=True).dtype == dtype
+        y, mean, var = ops.dwconv_bn_train(x, w, pw, 1, scale, shift, 1e-5, hswish=True)
+        assert y.dtype == dtype and mean.dtype == var.dtype == torch.float32
+        # mixed input dtypes are what eager's concat sees under autocast: both cast
+        mixed = [x, x.to(dtype)]
+        assert ops.gli_projection(mixed, torch.randn(6, 16), scale, shift, hswish=True).dtype == dtype
+        assert ops.affine_hswish(x.to(dtype), torch.rand(8), torch.randn(8), True).dtype == dtype
+    with pytest.raises(ValueError, match="inputs\\[1\\]"):  # outside autocast they must agree
+        ops.gli_projection([x, x.to(dtype)], torch.randn(6, 16))
+    x64 = x.double()
+    with torch.autocast("cpu", dtype=dtype):  # autocast leaves fp64 alone, so do we
+        assert ops.depthwise(x64, w.double(), b.double()).dtype == torch.float64
+
+
+def check_grads_as_accurate(ours, eager, truth):
+    """Every parameter grad of ``ours`` in fp32 and at most twice as far from ``truth``'s (fp64)
+    as ``eager``'s, plus a floor from the typical grad: some grads are 0 in exact arithmetic (a
+    bias that a training BatchNorm subtracts again), where both sides hold rounding noise alone."""
+    want, theirs = dict(truth.named_parameters()), dict(eager.named_parameters())
+    floor = 1e-2 * torch.stack([p.grad.norm() for p in truth.parameters()]).median()
+    for name, p in ours.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        g64 = want[name].grad
+        d_ours, d_eager = (p.grad.double() - g64).norm(), (theirs[name].grad.double() - g64).norm()
+        assert d_ours <= 2 * d_eager + 1e-2 * g64.norm() + floor, (name, d_ours.item(), d_eager.item())
+
+
+def run_three(public, fused, x, dtype, loss=None):
+    """fp64 truth, eager and ours under autocast: forward, the 2x rule, then the backward of
+    ``loss`` and the 2x rule on every parameter grad."""
+    truth = copy.deepcopy(public).double()
+    out64 = truth(x.double())
+    with torch.autocast("cpu", dtype=dtype):
+        eager = public(x)
+        with mpvit_kernels.use_backend("reference", ops=TRITON):
+            ours = fused(x)
+    assert ours.dtype == eager.dtype == dtype
+    assert rel_err(ours, out64) <= 2 * rel_err(eager, out64) + 2e-3
+    if loss is None:
+        return
+    for out in (out64, eager, ours):
+        loss(out.double()).backward()
+    check_grads_as_accurate(fused, public, truth)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("stage", ["patch_embed", "mhca"])
+def test_fused_stages_train_under_autocast_as_accurately_as_eager(dtype, stage):
+    # Stages rather than the whole model for training: at a test-sized input the last stage's
+    # BatchNorms see a handful of values per channel, which turns rounding noise into grads.
+    torch.manual_seed(0)
+    if stage == "patch_embed":
+        public = randomize_bn(Patch_Embed_stage(32, 3, True).train())
+        fused = fuse_module._patch_embed_stage(copy.deepcopy(public))
+        x = torch.randn(4, 32, 11, 10)
+        run = lambda m, x: torch.cat([o.flatten(1) for o in m(x)], 1)  # noqa: E731
+    else:
+        public = randomize_bn(MHCA_stage(32, 40, 1, 2, 2, [0.0]).train())
+        fused = fuse_module._mhca_stage(copy.deepcopy(public))
+        x = torch.randn(4, 32, 7, 6)
+        run = lambda m, x: m([x, x * 0.5])  # noqa: E731
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return run(self.m, x)
+
+    w = torch.randn_like(run(public, x).double())
+    run_three(Wrap(public), Wrap(fused), x, dtype, lambda out: (out * w).sum())
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_fused_model_under_autocast_is_as_accurate_as_eager(dtype):
+    public = randomized().eval()
+    fused = fuse(copy.deepcopy(public))
+    target = torch.tensor([1, 3])
+    run_three(public, fused, torch.randn(2, 3, 33, 29), dtype, lambda out: F.cross_entropy(out, target))
+    public.train(), fused.train()  # batch statistics: forward only (see the stage test)
+    run_three(public, fused, torch.randn(2, 3, 33, 29), dtype)
+
+
+def test_fused_module_under_autocast_compiles_fullgraph():
+    m = mpvit_kernels.DWConv2dBN(8, 12, 3, 2).eval()
+    x = torch.randn(2, 8, 9, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16), mpvit_kernels.use_backend("reference", ops=TRITON):
+        want = m(x)
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", LOW)
+def test_fused_model_under_autocast_on_cuda_through_the_kernels(dtype):
+    public = randomized().cuda().eval()
+    truth = copy.deepcopy(public).double()
+    fused = fuse(copy.deepcopy(public)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 33, 29, device="cuda")
+    out64 = truth(x.double())
+    with torch.autocast("cuda", dtype=dtype), torch.no_grad():
+        eager = public(x)
+        ours = fused(x)
+    assert ours.dtype == eager.dtype == dtype
+    assert rel_err(ours, out64) <= 2 * rel_err(eager, out64) + 2e-3
