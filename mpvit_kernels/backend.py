@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import os
 import warnings
 
@@ -23,8 +24,9 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "cuda")
 OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise")
 
-_forced: str | None = None
-_forced_ops: dict[str, str] = {}
+# (backend forced for every op family or None, {op family: backend}): per thread and per
+# asyncio task, so one thread's use_backend never changes what another thread's ops run.
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("mpvit_kernels_backend", default=(None, {}))
 _extension: bool | None = None
 _triton: bool | None = None
 _warned_missing = False
@@ -43,31 +45,32 @@ def _check_name(name: str, where: str) -> str:
 def get_backend(op: str | None = None) -> str:
     """The backend in force (for op family ``op``): :func:`use_backend`'s, else
     ``MPVIT_KERNELS_BACKEND``, else auto."""
-    if op in _forced_ops:
-        return _forced_ops[op]
-    if _forced is not None:
-        return _forced
+    forced, forced_ops = _FORCED.get()
+    if op in forced_ops:
+        return forced_ops[op]
+    if forced is not None:
+        return forced
     return _check_name(os.environ.get("MPVIT_KERNELS_BACKEND", "auto") or "auto", "MPVIT_KERNELS_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str, ops=None):
     """Run the enclosed code with backend ``name`` (``with use_backend("reference"): ...``), for
-    every op family or only those named in ``ops`` (e.g. ``ops=["factor_attention"]``)."""
-    global _forced, _forced_ops
+    every op family or only those named in ``ops`` (e.g. ``ops=["factor_attention"]``). The
+    switch holds for the calling thread (and asyncio task) alone: threads serving requests side
+    by side each keep their own; a new thread starts from ``MPVIT_KERNELS_BACKEND``/auto."""
     _check_name(name, "backend")
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a list of op family names, got the string {ops!r}")
     unknown = sorted(set(ops or ()) - set(OP_FAMILIES))
     if unknown:
         raise ValueError(f"ops must name op families of {OP_FAMILIES}, got {unknown}")
-    previous = _forced, _forced_ops
-    if ops is None:
-        _forced, _forced_ops = name, {}
-    else:
-        _forced_ops = {**_forced_ops, **{op: name for op in ops}}
+    forced, forced_ops = _FORCED.get()
+    token = _FORCED.set((name, {}) if ops is None else (forced, {**forced_ops, **{op: name for op in ops}}))
     try:
         yield
     finally:
-        _forced, _forced_ops = previous
+        _FORCED.reset(token)
 
 
 def extension_available() -> bool:
@@ -94,7 +97,7 @@ def use_extension(op: str, device: torch.device) -> bool:
     """
     global _warned_missing
     backend = get_backend(op)
-    if backend == "reference" or device.type not in ("cpu", "cuda"):
+    if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
     if extension_available():
         return True
@@ -126,10 +129,13 @@ def _triton_importable() -> bool:
 
 def use_triton(op: str, device: torch.device) -> bool:
     """Whether op ``op`` runs its Triton kernels for tensors on ``device``: CUDA tensors, or CPU
-    tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how CI checks the kernels)."""
+    tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how CI checks the kernels);
+    meta tensors go through the registered ops too (their fakes give the shapes)."""
     backend = get_backend(op)
     if backend == "reference":
         return False
+    if device.type == "meta":  # shapes only: the registered ops' fakes, no kernel (traffic counts)
+        return True
     runs_here = device.type == "cuda" or (device.type == "cpu" and _env_flag("TRITON_INTERPRET"))
     if runs_here and _triton_importable():
         return True

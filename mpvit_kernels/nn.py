@@ -19,21 +19,26 @@ DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in hea
 
 
 def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval BatchNorm as (scale, shift) with ``bn(x) == x * scale + shift``, computed once and
-    reused while its weight, bias and running statistics are the same tensors at the same version
-    (backend.cached_by_version: an optimiser step or a load_state_dict recomputes it). Not cached
+    """An eval BatchNorm as (scale, shift) with ``bn(x) == x * scale + shift``, in fp32 (fp64 for
+    an fp64 BatchNorm), computed once and reused while its weight, bias and running statistics
+    are the same tensors at the same version (backend.cached_by_version: an optimiser step or a
+    load_state_dict recomputes it). Not cached
     where the fold is part of an autograd graph (the affine parameters train, as in frozen-BN
     fine-tuning: each forward needs its own graph), nor inside torch.compile (which fuses the
     fold into its graph)."""
     C = bn.running_mean.shape[0]
     weight = bn.weight if bn.weight is not None else bn.running_mean.new_ones(C)
     bias = bn.bias if bn.bias is not None else bn.running_mean.new_zeros(C)
+
+    def fold():  # in the accumulation type: a bf16 model's fold stays exact to fp32, as the ops read it
+        acc = reference._acc_dtype(bn.running_var.dtype)
+        return reference.fold_bn(weight.to(acc), bias.to(acc), bn.running_mean.to(acc), bn.running_var.to(acc),
+                                 bn.eps)
+
     if (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)) or torch.compiler.is_compiling():
-        return reference.fold_bn(weight, bias, bn.running_mean, bn.running_var, bn.eps)
+        return fold()
     with torch.no_grad():
-        return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps,
-                                         lambda: reference.fold_bn(weight, bias, bn.running_mean, bn.running_var,
-                                                                   bn.eps))
+        return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, fold)
 
 
 def sync_group(bn: nn.BatchNorm2d):
