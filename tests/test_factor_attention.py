@@ -18,10 +18,11 @@ from tests.utils import RecordLaunches, RecordOps, assert_close
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
 # (B, H, W, head dim, window): odd sizes, the head dims MPViT meets that are not powers of two,
-# and custom windows.
+# and custom windows. Maps of at most 256 tokens run the whole-map forward, 19x19 the three passes.
 CASES = [
     (1, 1, 1, 3, DEFAULT),
     (3, 5, 7, 12, DEFAULT),
+    (2, 7, 7, 20, {3: 1, 5: 1, 7: 1}),
     (1, 19, 19, 27, DEFAULT),
     (3, 2, 17, 22, {3: 1, 7: 1}),
     (1, 13, 11, 3, {5: 4}),
@@ -47,6 +48,20 @@ def make_inputs(B, H, W, Ch, window, dtype, requires_grad=True, qkv_scale=1.0):
     return qkv, (H, W), heads, Ch ** -0.5, weights, biases
 
 
+FORWARD_THREE_PASSES = ["context_partial_kernel", "context_combine_kernel", "output_kernel"]
+BACKWARD = ["grad_partial_kernel", "grad_combine_kernel", "grad_qkv_kernel"]
+
+
+def fa_ops():
+    """The ops module of the family (the package exports its function under the same name)."""
+    return sys.modules["mpvit_kernels.ops.factor_attention"]
+
+
+def launched(rec):
+    """Names of the kernels a RecordLaunches saw, in order."""
+    return [fn.__name__ for fn, _ in rec.launches]
+
+
 def run_both(args, grad_seed=1):
     qkv, size, heads, scale, weights, biases = args
     inputs = [qkv, *weights, *biases]
@@ -62,7 +77,10 @@ def run_both(args, grad_seed=1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernels_match_reference(case, dtype):
-    out, ref, grads, ref_grads = run_both(make_inputs(*case, dtype))
+    with RecordLaunches() as rec:
+        out, ref, grads, ref_grads = run_both(make_inputs(*case, dtype))
+    forward = ["whole_map_kernel"] if case[1] * case[2] <= 256 else FORWARD_THREE_PASSES
+    assert launched(rec) == forward + BACKWARD
     assert_close(out, ref, scale=4)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, scale=10)  # grads reduce over N (and B): summation order differs
@@ -77,6 +95,103 @@ def test_kernels_are_used():
     with mpvit_kernels.use_backend("reference"), RecordOps() as rec:
         ops.factor_attention(*args)
     assert not any(n.startswith("mpvit_kernels") for n in rec.names)
+
+
+# ---- the whole-map forward (maps of at most 256 tokens: one launch) -------------------------
+
+@contextlib.contextmanager
+def forced_three_passes():
+    """Every map takes the three-pass forward inside the block."""
+    module = fa_ops()
+    saved = module._WHOLE_MAP_MAX_N
+    module._WHOLE_MAP_MAX_N = 0
+    try:
+        yield
+    finally:
+        module._WHOLE_MAP_MAX_N = saved
+
+
+@contextlib.contextmanager
+def forced_whole_map_tiles(tiles):
+    """whole_map_kernel runs with these (BLOCK_N, BLOCK_OUT) inside the block (None: its own)."""
+    from mpvit_kernels.triton import factor_attention as fa
+
+    saved = dict(fa.whole_map_kernel.values)
+    if tiles:
+        fa.whole_map_kernel.values.update(BLOCK_N=lambda meta: tiles[0], BLOCK_OUT=lambda meta: tiles[1])
+    try:
+        yield
+    finally:
+        fa.whole_map_kernel.values.clear()
+        fa.whole_map_kernel.values.update(saved)
+
+
+def test_forward_is_one_launch_on_small_maps_and_three_on_large():
+    small = make_inputs(2, 7, 7, 6, {3: 1, 5: 1}, torch.float32)
+    qkv, size, heads, scale, weights, biases = small
+    frozen = (qkv.detach(), size, heads, scale, [w.detach() for w in weights], [b.detach() for b in biases])
+    runs = {}
+    for name, args, grad in (("no_grad", small, False), ("grads", small, True), ("frozen", frozen, True)):
+        with torch.set_grad_enabled(grad), RecordLaunches() as rec:
+            ops.factor_attention(*args)
+        runs[name] = [(fn.__name__, bound["WRITE_STATS"]) for fn, bound in rec.launches]
+    # S and lse are written only where a backward will read them
+    assert runs == {"no_grad": [("whole_map_kernel", False)], "grads": [("whole_map_kernel", True)],
+                    "frozen": [("whole_map_kernel", False)]}
+    large = make_inputs(1, 17, 16, 4, {3: 1, 5: 1}, torch.float32, requires_grad=False)  # 272 tokens
+    with RecordLaunches() as rec:
+        ops.factor_attention(*large)
+    assert launched(rec) == FORWARD_THREE_PASSES
+
+
+@pytest.mark.parametrize("dtype, tiles", [(torch.float32, None), (torch.float64, None), (torch.float64, (16, 16))],
+                         ids=["fp32", "fp64", "fp64-tiles16"])
+def test_whole_map_matches_the_three_passes_and_the_reference(dtype, tiles):
+    # 7x7 tokens, two heads of 12 (BLOCK_D 16); tiles16 walks the map in 4 tiles per pass
+    # (the online max across tiles, a last tile of one token).
+    qkv, size, heads, scale, weights, biases = make_inputs(2, 7, 7, 12, {3: 1, 7: 1}, dtype, requires_grad=False)
+    args = (qkv, size[0], size[1], heads, scale, weights, biases)
+    fwd = torch.ops.mpvit_kernels.factor_attention_fwd
+    with forced_whole_map_tiles(tiles), RecordLaunches() as rec:
+        whole = fwd(*args, True)
+        bare = fwd(*args, False)
+    assert launched(rec) == ["whole_map_kernel"] * 2
+    if tiles:
+        assert (rec.launches[0][1]["BLOCK_N"], rec.launches[0][1]["BLOCK_OUT"]) == tiles
+    with forced_three_passes():
+        three = fwd(*args, True)
+    assert_close(whole[0], reference.factor_attention(qkv, size, heads, scale, weights, biases), scale=4)
+    for ours, theirs in zip(whole, three):  # out, S and lse (padded head dims included)
+        assert ours.shape == theirs.shape
+        assert_close(ours, theirs, scale=4)
+    torch.testing.assert_close(bare[0], whole[0], atol=0, rtol=0)
+    assert bare[1].shape == (0, 16, 16) and bare[2].shape == (0, 16)
+
+
+def test_backward_after_a_forward_without_stats_recomputes_them():
+    qkv, size, heads, scale, weights, biases = make_inputs(1, 3, 4, 4, {3: 1, 5: 1}, torch.float32)
+    inputs = [qkv, *weights, *biases]
+    fwd = torch.ops.mpvit_kernels.factor_attention_fwd
+    kept = torch.autograd.grad(fwd(qkv, *size, heads, scale, weights, biases, True)[0].sum(), inputs)
+    with RecordLaunches() as rec:
+        recomputed = torch.autograd.grad(fwd(qkv, *size, heads, scale, weights, biases, False)[0].sum(), inputs)
+    assert launched(rec) == ["whole_map_kernel", "whole_map_kernel"] + BACKWARD
+    assert [b["WRITE_STATS"] for _, b in rec.launches[:2]] == [False, True]
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_gradcheck_float64_through_the_whole_map():
+    # the op itself, w.r.t. qkv and every CRPE weight and bias, on an odd 3x5 map
+    qkv, size, heads, scale, weights, biases = make_inputs(1, 3, 5, 5, {3: 1, 5: 1}, torch.float64)
+    n = len(weights)
+
+    def f(qkv, *crpe):
+        return ops.factor_attention(qkv, size, heads, scale, list(crpe[:n]), list(crpe[n:]))
+
+    with RecordLaunches() as rec:
+        assert torch.autograd.gradcheck(f, (qkv, *weights, *biases), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert "whole_map_kernel" in launched(rec) and "output_kernel" not in launched(rec)
 
 
 def test_module_forward_is_two_gemms_and_our_op_without_copies():
@@ -118,15 +233,20 @@ def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
     assert len(calls) == 5  # with grads: the forward and the backward pack
 
 
-def test_strided_qkv_rows_are_read_in_place():
+@pytest.mark.parametrize("path", ["whole_map", "three_passes"])
+def test_strided_qkv_rows_are_read_in_place(path, monkeypatch):
+    if path == "three_passes":
+        monkeypatch.setattr(fa_ops(), "_WHOLE_MAP_MAX_N", 0)
     qkv, size, heads, scale, weights, biases = make_inputs(2, 4, 5, 12, {3: 1, 7: 1}, torch.float32,
                                                            requires_grad=False)
     wide = torch.randn(2, 20, qkv.shape[-1] + 8, device=KERNEL_DEVICE)
     wide[..., :qkv.shape[-1]] = qkv
     strided = wide[..., :qkv.shape[-1]]
     assert not strided.is_contiguous()
-    assert_close(ops.factor_attention(strided, size, heads, scale, weights, biases),
-                 reference.factor_attention(qkv, size, heads, scale, weights, biases))
+    with RecordLaunches() as rec:
+        out = ops.factor_attention(strided, size, heads, scale, weights, biases)
+    assert launched(rec) == (["whole_map_kernel"] if path == "whole_map" else FORWARD_THREE_PASSES)
+    assert_close(out, reference.factor_attention(qkv, size, heads, scale, weights, biases))
 
 
 def test_large_keys_do_not_overflow():
@@ -185,14 +305,25 @@ def test_gradcheck_float64_through_the_module():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("path", ["whole_map", "three_passes"])
+def test_opcheck(path, monkeypatch):
+    if path == "three_passes":
+        monkeypatch.setattr(fa_ops(), "_WHOLE_MAP_MAX_N", 0)
     qkv, size, heads, scale, weights, biases = make_inputs(1, 2, 3, 4, {3: 1, 5: 1}, torch.float32)
-    fwd_args = (qkv, size[0], size[1], heads, scale, weights, biases)
-    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_fwd.default, fwd_args)
+    fwd_args = (qkv, size[0], size[1], heads, scale, weights, biases, True)
+    fwd = torch.ops.mpvit_kernels.factor_attention_fwd
+    with RecordLaunches() as rec:
+        torch.library.opcheck(fwd.default, fwd_args)
+        # without stats: (0, BD, BD) and (0, BD) placeholders; a backward recomputes them
+        torch.library.opcheck(fwd.default, (*fwd_args[:-1], False))
+    assert ("whole_map_kernel" in launched(rec)) == (path == "whole_map")
+    assert ("output_kernel" in launched(rec)) == (path == "three_passes")
+    if path == "three_passes":  # the rest does not depend on the forward's path
+        return
     wide = torch.randn(1, 6, qkv.shape[-1] + 5, device=KERNEL_DEVICE)[..., :qkv.shape[-1]].requires_grad_()
-    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_fwd.default, (wide, *fwd_args[1:]))
-    with torch.no_grad():
-        out, ctx, lse = torch.ops.mpvit_kernels.factor_attention_fwd(*fwd_args)
+    torch.library.opcheck(fwd.default, (wide, *fwd_args[1:]))  # strided rows
+    with torch.no_grad():  # the backward op, on the S and lse the whole map wrote
+        out, ctx, lse = fwd(*fwd_args)
     torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_bwd.default,
                           (torch.randn_like(out), qkv.detach(), ctx, lse, size[0], size[1], heads, scale,
                            [w.detach() for w in weights], [b.detach() for b in biases]))
@@ -203,8 +334,15 @@ def test_module_under_torch_compile_fullgraph():
     m = FactorAttention(24, num_heads=2, crpe_window={3: 1, 7: 1}).to(KERNEL_DEVICE)
     x = torch.randn(2, 20, 24, device=KERNEL_DEVICE, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    out, ref = compiled(x, (4, 5)), m(x, (4, 5))
+    with RecordLaunches() as rec:
+        out = compiled(x, (4, 5))
+    with torch.no_grad(), RecordLaunches() as rec_no_grad:
+        out_no_grad = compiled(x, (4, 5))  # a graph of its own, which keeps no S and lse
+    ref = m(x, (4, 5))
+    assert [(fn.__name__, b["WRITE_STATS"]) for fn, b in rec.launches] == [("whole_map_kernel", True)]
+    assert [(fn.__name__, b["WRITE_STATS"]) for fn, b in rec_no_grad.launches] == [("whole_map_kernel", False)]
     assert_close(out, ref)
+    torch.testing.assert_close(out_no_grad, out, atol=0, rtol=0)
     (g,) = torch.autograd.grad(out.sum(), x)
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
     assert_close(g, g_ref)
@@ -256,8 +394,11 @@ def test_fp64_launches_pass_every_float_argument_as_fp64():
     args = make_inputs(1, 3, 4, 6, {3: 1, 5: 1}, torch.float64)
     with RecordLaunches() as rec:
         ops.factor_attention(*args).sum().backward()
+        with torch.no_grad(), forced_three_passes():
+            ops.factor_attention(*args)
     floats = [(fn, name) for fn, bound in rec.launches for name, value in bound.items() if isinstance(value, float)]
-    assert {fn.__name__ for fn, _ in floats} == {"output_kernel", "grad_combine_kernel", "grad_qkv_kernel"}
+    assert {fn.__name__ for fn, _ in floats} == {"whole_map_kernel", "output_kernel", "grad_combine_kernel",
+                                                 "grad_qkv_kernel"}
     assert [(fn.__name__, name, float_launch_type(fn, name)) for fn, name in floats
             if float_launch_type(fn, name) != "fp64"] == []
 
@@ -296,6 +437,7 @@ def test_what_a_gpu_tunes(autotune):
     kernels = json.loads(run.stdout.strip().splitlines()[-1])
     for name in ("context_partial_kernel", "grad_partial_kernel"):
         assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
+    assert {"BLOCK_N", "BLOCK_OUT", "num_warps"} <= set(kernels["whole_map_kernel"]["heuristics"])
     for name in ("context_combine_kernel", "grad_combine_kernel"):
         assert kernels[name]["configs"] == 1
     for name in ("output_kernel", "grad_qkv_kernel"):
@@ -316,6 +458,11 @@ def test_reduction_tiles_depend_on_dtype_and_head_dim_alone():
                 assert tiles.fitting({**meta, "N": 7, "Ch": bd - 1, "chunk": 128})[0] == first
                 # whole tiles in every chunk, and big enough for tl.dot
                 assert 128 % first[0] == 0 and first[0] >= 16
+    for acc, precision in ((fa.tl.float32, "tf32x3"), (fa.tl.float32, "ieee"), (fa.tl.float64, "ieee")):
+        for bd in (16, 32, 64):
+            meta = {"ACC": acc, "DOT_PRECISION": precision, "BLOCK_D": bd}
+            tiles = fa.WHOLE_MAP_TILES.tiles(meta)
+            assert fa.WHOLE_MAP_TILES.tiles({**meta, "N": 49, "Ch": bd - 3}) == tiles and min(tiles) >= 16
 
 
 # ---- CUDA (run with a GPU: pytest -m cuda) -------------------------------------------------
@@ -426,6 +573,34 @@ def test_cuda_token_tile_does_not_change_the_bits(dtype, Ch):
     for tiles, tensors in rest:
         for a, b in zip(first, tensors):
             assert torch.equal(a, b), (first_tiles, tiles)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("side, Ch", [(7, 36), (14, 27), (16, 60)])
+def test_cuda_whole_map_at_model_shapes(side, Ch, dtype):
+    # MPViT stage 4 at 224 (MPViT-S), stage 3 at 224, stage 4 at 512 (MPViT-B): the whole-map
+    # forward is bitwise reproducible, writes the same O without stats (null S and lse pointers),
+    # and is as accurate against fp64 as the three passes.
+    qkv, size, heads, scale, weights, biases = make_inputs(16, side, side, Ch, DEFAULT, dtype, requires_grad=False)
+    args = (qkv, side, side, heads, scale, weights, biases)
+    fwd = torch.ops.mpvit_kernels.factor_attention_fwd
+    with RecordLaunches() as rec:
+        whole, again, bare = fwd(*args, True), fwd(*args, True), fwd(*args, False)
+    assert launched(rec) == ["whole_map_kernel"] * 3
+    for a, b in zip(whole, again):
+        assert torch.equal(a, b)
+    assert torch.equal(bare[0], whole[0])
+    with forced_three_passes():
+        three = fwd(*args, True)
+    exact = reference.factor_attention(qkv.double(), size, heads, scale, [w.double() for w in weights],
+                                       [b.double() for b in biases])
+    err_whole = (whole[0].double() - exact).abs().max().item()
+    err_three = (three[0].double() - exact).abs().max().item()
+    assert err_whole <= 2 * err_three + 1e-6 * exact.abs().max().item()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for ours, theirs in zip(whole[1:], three[1:]):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
 
 
 @pytest.mark.cuda

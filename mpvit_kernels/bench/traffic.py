@@ -21,7 +21,7 @@ from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
 from mpvit_kernels.bench import gli_projection as gli_bench
 from mpvit_kernels.bench.factor_attention import STAGES
-from mpvit_kernels.ops.factor_attention import _block_d, _chunking, pack_launches
+from mpvit_kernels.ops.factor_attention import _block_d, _chunking, _whole_map, pack_launches
 
 
 class CountTraffic(TorchDispatchMode):
@@ -79,7 +79,9 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
     launches around them (the backward's sums over batch and chunks, and the CRPE weight packing:
     cached per version of the weights where no graph is built, so never in an inference forward
-    after the first; in training the forward and the backward each pack)."""
+    after the first; in training the forward and the backward each pack). The forward is the op's
+    own choice for N: one whole_map launch on small maps (k, v, then q, v read, O written; S and
+    lse written only in training, for the backward), else the three passes through memory."""
     heads = 8
     elem = torch.finfo(dtype).bits // 8
     BD, BH = _block_d(C // heads), B * heads
@@ -91,11 +93,16 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     weights = [torch.empty(h * (C // heads), 1, k, k, device="meta", dtype=dtype)
                for k, h in {3: 2, 5: 3, 7: 3}.items()]
     pack = [("pack CRPE weights/bias (pad, cat, cast)", 2 * w)] * pack_launches(weights, torch.float32)
-    launches = (pack if backward else []) + [  # inference: the packing is cached
-        ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
-        ("context_combine: partials -> S, lse", partials + stats),
-        ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
-    ]
+    launches = list(pack if backward else [])  # inference: the packing is cached
+    if _whole_map(N):
+        launches.append(("whole_map: read k, v, q, v, weights; write O" + (", S, lse" if backward else ""),
+                         5 * nc + w + (stats if backward else 0)))
+    else:
+        launches += [
+            ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
+            ("context_combine: partials -> S, lse", partials + stats),
+            ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
+        ]
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
         launches += pack + [

@@ -1,9 +1,13 @@
 """factor_attention: ``scale * q softmax_N(k)^T v + q * crpe(v)`` per head, qkv -> (B, N, C).
 
 The Triton kernels of mpvit_kernels/triton/factor_attention.py behind two torch.library ops,
-``mpvit_kernels::factor_attention_fwd`` (returns the output and the per-head softmax stats and
-context S the backward needs, never the N x Ch softmax) and ``factor_attention_bwd``, with
-fakes and registered autograd, so torch.compile(fullgraph=True) goes through them.
+``mpvit_kernels::factor_attention_fwd`` (returns the output and, when ``need_stats`` says a
+backward will follow, the per-head softmax stats and context S the backward needs, never the
+N x Ch softmax) and ``factor_attention_bwd``, with fakes and registered autograd, so
+torch.compile(fullgraph=True) goes through them. ``factor_attention`` sets ``need_stats`` from
+grad mode and requires_grad. The forward is one launch (``whole_map_kernel``) on maps of at most
+_WHOLE_MAP_MAX_N tokens, three (context partials, combine, output) on larger ones; the backward
+is three launches on every map.
 """
 from __future__ import annotations
 
@@ -22,6 +26,14 @@ _TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 # A constant, not the SM count, so the chunking (and the bits) do not depend on the GPU.
 _TARGET_PROGRAMS = 1024
 _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass may pin
+# Maps of at most this many tokens take the whole-map forward: one program per (batch, head)
+# (whole_map_kernel) instead of the three passes. Registers do not bound it (the program walks
+# the map in the passes' own tiles, compiled without spills at every head dim); parallelism
+# does: B*heads programs of 8 warps, each walking N tokens twice. 256 takes MPViT's stage 4 at
+# inputs up to 512 (N = 49..256) and stage 3 at 224 (N = 196), where the three passes' per-head
+# partials and S cost more bytes than q, k, v and O; larger maps keep the three passes, whose
+# chunked context pass fills the GPU at small batch.
+_WHOLE_MAP_MAX_N = 256
 
 
 def _triton_kernels():
@@ -79,16 +91,19 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     with H*W = N (row-major tokens); crpe_weights[i] (ci, 1, k, k) and crpe_biases[i] (ci,)
     are the depthwise convs over the next ci channels of v (the ci sum to C, whole heads each).
     Returns (B, N, C), head-major channels, ready for ``proj``. fp16/bf16/fp32 inputs run with
-    fp32 math, fp64 with fp64.
+    fp32 math, fp64 with fp64; under autocast qkv is cast to the autocast dtype.
     """
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
+    qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
     if backend.use_triton("factor_attention", qkv.device):
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op grad mode is always off, so the decision is made here (under torch.compile this
         # wrapper is traced away and the op packs every call, as conservative as it gets).
-        args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases))
         crpe = (*crpe_weights, *crpe_biases)
+        # S and lse are kept for the backward only where autograd will ask for it
+        need_stats = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe))
+        args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases), need_stats)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in crpe)):
             return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
         token = _REUSE_PACKING.set(True)
@@ -111,6 +126,11 @@ def _block_d(Ch: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _whole_map(N: int) -> bool:
+    """Whether the forward of an N-token map runs as one whole_map_kernel launch."""
+    return N <= _WHOLE_MAP_MAX_N
 
 
 def _chunking(BH: int, N: int) -> tuple[int, int]:
@@ -205,34 +225,51 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_fwd", mutates_args=())
 def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
-                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
+                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], need_stats: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, N, C), context S (B*heads, BD, BD), column log-sum-exp of k (B*heads, BD))."""
+    """Returns (out (B, N, C), context S (B*heads, BD, BD), column log-sum-exp of k (B*heads, BD)): S
+    and lse are what the backward reads. With ``need_stats`` False (no backward expected) they
+    come back empty, (0, BD, BD) and (0, BD), a map of at most _WHOLE_MAP_MAX_N tokens writes
+    nothing but out, and a backward, should one run after all, recomputes them."""
     qkv = _rows(qkv)
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
     k = L.kernels
-    m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
-    ctx, lse = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
+    ctx, lse = (L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)) if need_stats else _no_stats(L)
+    if _whole_map(L.N):
+        with backend.triton_device(qkv):
+            k.whole_map_kernel[(L.BH,)](
+                qkv, L.w_packed, L.bias, L.ksize, out, ctx, lse, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
+                qkv.stride(1), out.stride(0), out.stride(1), scale,
+                ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, WRITE_STATS=need_stats, BLOCK_D=L.BD)
+        return out, ctx, lse
+    m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
+    # the output pass reads S: computed whether or not it is returned
+    ctx_all, lse_all = (ctx, lse) if need_stats else (L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD))
     with backend.triton_device(qkv):
         k.context_partial_kernel[(L.BH, L.splits)](
             qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
-        k.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
+        k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
         k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
-            qkv, ctx, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
+            qkv, ctx_all, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     return out, ctx, lse
 
 
+def _no_stats(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (0, BD, BD) and (0, BD) placeholders returned for S and lse when they are not needed."""
+    return L.empty(0, L.BD, L.BD), L.empty(0, L.BD)
+
+
 @factor_attention_fwd.register_fake
-def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases):
+def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases, need_stats):
     B, N, C3 = qkv.shape
     BD = _block_d(C3 // 3 // num_heads)
     acc = _acc_dtype(qkv.dtype)
-    return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B * num_heads, BD, BD, dtype=acc),
-            qkv.new_empty(B * num_heads, BD, dtype=acc))
+    rows = B * num_heads if need_stats else 0
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, BD, BD, dtype=acc), qkv.new_empty(rows, BD, dtype=acc)
 
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_bwd", mutates_args=())
@@ -277,22 +314,25 @@ def _(dout, qkv, ctx, lse, H, W, num_heads, scale, crpe_weights, crpe_biases):
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, H, W, num_heads, scale, weights, biases = inputs
+    qkv, H, W, num_heads, scale, weights, biases, need_stats = inputs
     _, context, lse = output
     ctx.save_for_backward(qkv, context, lse, *weights, *biases)
-    ctx.shape = (H, W, num_heads, scale, len(weights))
+    ctx.shape = (H, W, num_heads, scale, len(weights), need_stats)
 
 
 def _backward(ctx, dout, _dcontext, _dlse):
-    H, W, num_heads, scale, n = ctx.shape
+    H, W, num_heads, scale, n, need_stats = ctx.shape
     qkv, context, lse, *crpe = ctx.saved_tensors
     weights, biases = crpe[:n], crpe[n:]
+    if not need_stats:  # a forward told that no backward would come kept no S, lse: one more forward
+        _, context, lse = torch.ops.mpvit_kernels.factor_attention_fwd(qkv, H, W, num_heads, scale, weights, biases,
+                                                                       True)
     dqkv, dw, db = torch.ops.mpvit_kernels.factor_attention_bwd(
         dout, qkv, context, lse, H, W, num_heads, scale, weights, biases)
     kmax = max(w.shape[-1] for w in weights)
     dweights = _unpack_crpe(dw, weights, kmax)
     dbiases = [g.to(b.dtype) for g, b in zip(db.split([b.shape[0] for b in biases]), biases)]
-    return dqkv, None, None, None, None, dweights, dbiases
+    return dqkv, None, None, None, None, dweights, dbiases, None
 
 
 factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -10,6 +10,10 @@ Forward (minimum traffic: k, v once, then q, v and O once):
      and exp(k - m)^T v over the chunk, so that B=1 still fills the GPU at large N.
   2. ``context_combine``: per b*h, a fixed-order merge of the chunks: S and lse = m + log(l).
   3. ``output``: per (b*h, tile of tokens), O = scale * q S + q * crpe(v), v read with its halo.
+Small maps (MPViT's last stages, N = 49..256) take one launch instead, ``whole_map``: per b*h,
+one program runs pass 1 over all N tokens (the loop of context_partial, in one chunk), keeps S
+in registers and runs pass 3 over all N; it writes O, and S and lse only when the backward
+needs them (WRITE_STATS), so no per-head partials or S travel through memory.
 Backward (dO given; dS = scale * q^T dO, c_d = sum_e S_de dS_de):
   1. ``grad_partial``: per (b*h, chunk) q^T dO and, per CRPE tap, sum (q*dO) * shifted v.
   2. ``grad_combine``: per b*h, dS and c from the chunk partials, in fixed order.
@@ -17,9 +21,10 @@ Backward (dO given; dS = scale * q^T dO, c_d = sum_e S_de dS_de):
      dq = scale dO S^T + dO * crpe(v), dv = A dS + crpe^T(q*dO), dk = A * (v dS^T - c),
      written into one d(qkv) in the Linear's layout.
 Every reduction runs in a fixed order (chunks sized from B*heads and N alone, pinned tiles in
-the reduction passes, see Tiles), so the results are bitwise reproducible for the same inputs on
-the same GPU model with the same Triton, across runs and processes; another GPU architecture may
-pick other tensor-core instructions and round differently.
+the reduction passes and in whole_map, see Tiles and WholeMapTiles), so the results are bitwise
+reproducible for the same inputs on the same GPU model with the same Triton, across runs and
+processes; another GPU architecture may pick other tensor-core instructions and round
+differently. (The two forward paths may differ from each other in the last bits.)
 
 Layouts: qkv rows are tokens (stride ``stride_n``, batch stride ``stride_b``, unit stride in
 the 3C columns); q of head h is columns [h*Ch, (h+1)*Ch), k is +C, v is +2C. O is (B, N, C)
@@ -38,6 +43,7 @@ import triton.language as tl
 # order of the float sums. So those two kernels run one pinned (BLOCK_N, num_warps) per (input
 # dtype, BLOCK_D), never autotuned, and their bits do not depend on timing, process or run.
 # The per-token passes (output, grad_qkv) sum nothing over tokens: they autotune their tile.
+# whole_map runs a reduction pass itself, so it is pinned likewise (WholeMapTiles).
 # MPVIT_KERNELS_AUTOTUNE=0 pins every kernel to its first fitting tile (no benchmarking), for
 # compute-sanitizer and for runs that must not spend time tuning; the interpreter runs one
 # tile, the largest (it runs programs one by one in Python: fewest programs is fastest).
@@ -82,6 +88,14 @@ class Tiles:
         fit = fit or [min(self.candidates, key=lambda t: t[0] / t[1])]
         return sorted(fit, key=lambda t: (-t[0], t[1]))
 
+    def at_warps(self, meta, warps: int) -> int:
+        """The largest BLOCK_N that fits at ``warps`` warps (the smallest candidate if none does)."""
+        if INTERPRET:
+            return _INTERPRETER_TILE[0]
+        fit = [n for n, w in self._fitting(meta["BLOCK_D"], meta["ACC"] == tl.float64, meta["DOT_PRECISION"])
+               if w == warps]
+        return fit[0] if fit else min(n for n, _ in self.candidates)
+
     def pinned(self):
         """Decorator: one tile per (dtype, BLOCK_D), computed at launch (triton.heuristics)."""
         values = {"BLOCK_N": lambda meta: self.fitting(meta)[0][0],
@@ -109,6 +123,34 @@ CONTEXT_TILES = Tiles((16, 32, 64, 128), (4, 8), 32, 4)
 GRAD_REDUCE_TILES = Tiles((16, 32, 64, 128), (4, 8), 16, 8, maxnreg=255)
 OUTPUT_TILES = Tiles((16, 32, 64), (4, 8), 8, 8, maxnreg=255)
 GRAD_QKV_TILES = Tiles((16, 32, 64), (4, 8), 4, 4, maxnreg=255)
+
+
+class WholeMapTiles:
+    """The pinned launch of a kernel that runs a reduction pass and then a per-token pass in one
+    program at one warp count: each pass's token tile is the largest its own budget allows at
+    that warp count (``reduce`` and ``output`` are those passes' Tiles), so the register use of
+    each pass is one its own kernel is measured at. Never autotuned: the reduction's tile and
+    the warps fix its summation order."""
+
+    def __init__(self, reduce: Tiles, output: Tiles, warps: int, maxnreg=None):
+        self.reduce, self.output, self.warps, self.maxnreg = reduce, output, warps, maxnreg
+
+    def tiles(self, meta) -> tuple[int, int]:
+        """(BLOCK_N of the reduction pass, BLOCK_OUT of the per-token pass) at these constexprs."""
+        return self.reduce.at_warps(meta, self.warps), self.output.at_warps(meta, self.warps)
+
+    def pinned(self):
+        """Decorator: BLOCK_N, BLOCK_OUT and the warps, computed at launch (triton.heuristics)."""
+        values = {"BLOCK_N": lambda meta: self.tiles(meta)[0], "BLOCK_OUT": lambda meta: self.tiles(meta)[1],
+                  "num_warps": lambda meta: self.warps}
+        if self.maxnreg and not INTERPRET:
+            values["maxnreg"] = lambda meta: self.maxnreg
+        return triton.heuristics(values)
+
+
+# The whole forward of one (batch, head) in one program (small maps: B*heads programs): 8 warps
+# so that one program per SM still keeps loads in flight.
+WHOLE_MAP_TILES = WholeMapTiles(CONTEXT_TILES, OUTPUT_TILES, 8, maxnreg=255)
 # The per-head combines are tiny: one config, the register budget pinned (see Tiles).
 COMBINE_CONFIGS = [triton.Config({}, num_warps=8, maxnreg=128)]
 # Integer arguments Triton would otherwise specialise on (== 1, % 16 == 0), compiling a variant
@@ -121,6 +163,40 @@ SIZES = ["N", "H", "W", "heads"]
 def _load_tokens(base, offs_n, col, stride_n, mask, other):
     """(len(offs_n), len(col)) tile of a token-major matrix, in the dtype it is stored in."""
     return tl.load(base + offs_n[:, None] * stride_n + col[None, :], mask=mask, other=other)
+
+
+@triton.jit
+def _context_sums(base, k_col, v_col, dmask, start, stop, stride_n,
+                  ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Over tokens [start, stop) in tiles of BLOCK_N, in order: the online column max m of k,
+    the column sum l of exp(k - m) and exp(k - m)^T v (BLOCK_D x BLOCK_D), all in ACC."""
+    m = tl.full([BLOCK_D], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    for tile in range(start, stop, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        mask = (offs_n < stop)[:, None] & dmask[None, :]
+        k = _load_tokens(base, offs_n, k_col, stride_n, mask, float("-inf")).to(ACC)
+        v = _load_tokens(base, offs_n, v_col, stride_n, mask, 0.0)
+        m_new = tl.maximum(m, tl.max(k, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # columns with nothing yet
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(k - m_safe[None, :])
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(v.dtype)), v, out_dtype=ACC,
+                                            input_precision=DOT_PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _normalise(m, l, acc):
+    """S = acc / l (row d divided by column d's sum) and lse = m + log(l) from the column max m,
+    sum l of exp(k - m) and acc = exp(k - m)^T v over all tokens; padded head-dim columns
+    (l = 0, m = -inf) give zeros."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_safe = tl.where(l > 0, l, 1.0)
+    return acc / l_safe[:, None], m_safe + tl.log(l_safe)
 
 
 @CONTEXT_TILES.pinned()
@@ -139,26 +215,9 @@ def context_partial_kernel(
     b = bh // heads
     h = bh % heads
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < Ch
     base = qkv_ptr + b.to(tl.int64) * stride_b
-    k_col = C + h * Ch + offs_d
-    v_col = 2 * C + h * Ch + offs_d
-    m = tl.full([BLOCK_D], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_D], ACC)
-    acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
-    for start in range(split * chunk, tl.minimum(split * chunk + chunk, N), BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask = (offs_n < N)[:, None] & dmask[None, :]
-        k = _load_tokens(base, offs_n, k_col, stride_n, mask, float("-inf")).to(ACC)
-        v = _load_tokens(base, offs_n, v_col, stride_n, mask, 0.0)
-        m_new = tl.maximum(m, tl.max(k, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # columns with nothing yet
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(k - m_safe[None, :])
-        l = l * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(v.dtype)), v, out_dtype=ACC,
-                                            input_precision=DOT_PRECISION)
-        m = m_new
+    m, l, acc = _context_sums(base, C + h * Ch + offs_d, 2 * C + h * Ch + offs_d, offs_d < Ch, split * chunk,
+                              tl.minimum(split * chunk + chunk, N), stride_n, ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     row = bh * splits + split
     tl.store(m_ptr + row * BLOCK_D + offs_d, m)
     tl.store(l_ptr + row * BLOCK_D + offs_d, l)
@@ -188,16 +247,16 @@ def context_combine_kernel(
         w = tl.exp(tl.load(m_ptr + row * BLOCK_D + offs_d) - m_safe)
         l += w * tl.load(l_ptr + row * BLOCK_D + offs_d)
         acc += w[:, None] * tl.load(s_ptr + row * BLOCK_D * BLOCK_D + tile)
-    l_safe = tl.where(l > 0, l, 1.0)  # padded head-dim columns have l = 0
-    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, acc / l_safe[:, None])
-    tl.store(lse_ptr + bh * BLOCK_D + offs_d, m_safe + tl.log(l_safe))
+    ctx, lse = _normalise(m_max, l, acc)
+    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, ctx)
+    tl.store(lse_ptr + bh * BLOCK_D + offs_d, lse)
 
 
 @triton.jit
-def _token_tile(N, W, Ch, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's token tile (axis 1 of the grid): token and head-dim offsets, their masks,
-    and each token's (y, x) in the W-wide image."""
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _token_tile(start, N, W, Ch, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile of BLOCK_N tokens from ``start``: token and head-dim offsets, their masks, and
+    each token's (y, x) in the W-wide image."""
+    offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < N
     dmask = offs_d < Ch
@@ -210,6 +269,28 @@ def _in_image(ys, xs, dy, dx, H, W, nmask):
     yy = ys + dy
     xx = xs + dx
     return nmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+
+
+@triton.jit
+def _output_tile(base, ctx, w_ptr, bias_ptr, h, r, offs_n, offs_d, nmask, dmask, mask, ys, xs, H, W, C, Ch,
+                 stride_n, scale, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """O = scale * q S + q * (bias + dwconv(v)) at one tile of tokens of head h (window radius r),
+    in ACC: ``ctx`` is S (BLOCK_D x BLOCK_D, ACC) in registers, q and v (with its halo) are read
+    from the batch's rows at ``base``."""
+    chan = h * Ch + offs_d
+    q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
+    out = tl.full([], scale, ACC) * tl.dot(q, ctx, out_dtype=ACC, input_precision=DOT_PRECISION)
+    conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
+    v_ptrs = base + offs_n[:, None] * stride_n + (2 * C + chan)[None, :]
+    w_ptrs = w_ptr + chan * (KMAX * KMAX) + (KMAX // 2 - r) * (KMAX + 1)  # the window's first tap
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            ok = _in_image(ys, xs, dy, dx, H, W, nmask)
+            v = tl.load(v_ptrs + (dy * W + dx) * stride_n, mask=ok[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(w_ptrs + (dy + r) * KMAX + (dx + r), mask=dmask, other=0.0)
+            conv += v.to(ACC) * w.to(ACC)[None, :]
+    return out + q * conv
 
 
 @OUTPUT_TILES.tuned()
@@ -230,26 +311,54 @@ def output_kernel(
     bh = tl.program_id(0)
     b = bh // heads
     h = bh % heads
-    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(N, W, Ch, BLOCK_N, BLOCK_D)
-    base = qkv_ptr + b.to(tl.int64) * stride_b
-    chan = h * Ch + offs_d
-    q = _load_tokens(base, offs_n, chan, stride_n, mask, 0.0).to(ACC)
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
     ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
-    out = tl.full([], scale, ACC) * tl.dot(q, ctx, out_dtype=ACC, input_precision=DOT_PRECISION)
-    conv = tl.zeros([BLOCK_N, BLOCK_D], ACC) + tl.load(bias_ptr + chan, mask=dmask, other=0.0).to(ACC)[None, :]
-    k = tl.load(ksize_ptr + h)
-    r = k // 2
-    v_ptrs = base + offs_n[:, None] * stride_n + (2 * C + chan)[None, :]
-    w_ptrs = w_ptr + chan * (KMAX * KMAX) + (KMAX // 2 - r) * (KMAX + 1)  # the window's first tap
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            ok = _in_image(ys, xs, dy, dx, H, W, nmask)
-            v = tl.load(v_ptrs + (dy * W + dx) * stride_n, mask=ok[:, None] & dmask[None, :], other=0.0)
-            w = tl.load(w_ptrs + (dy + r) * KMAX + (dx + r), mask=dmask, other=0.0)
-            conv += v.to(ACC) * w.to(ACC)[None, :]
-    out += q * conv
+    out = _output_tile(qkv_ptr + b.to(tl.int64) * stride_b, ctx, w_ptr, bias_ptr, h, tl.load(ksize_ptr + h) // 2,
+                       offs_n, offs_d, nmask, dmask, mask, ys, xs, H, W, C, Ch, stride_n, scale,
+                       ACC, DOT_PRECISION, KMAX, BLOCK_N, BLOCK_D)
     out_base = out_ptr + b.to(tl.int64) * out_stride_b
-    tl.store(out_base + offs_n[:, None] * out_stride_n + chan[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_base + offs_n[:, None] * out_stride_n + (h * Ch + offs_d)[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@WHOLE_MAP_TILES.pinned()
+@triton.jit(do_not_specialize=SIZES)
+def whole_map_kernel(
+    qkv_ptr,  # (B, N, 3C) qkv Linear output
+    w_ptr,  # (C, KMAX*KMAX) packed CRPE weights
+    bias_ptr,  # (C,) CRPE bias
+    ksize_ptr,  # (heads,) int32 window of each head
+    out_ptr,  # (B, N, C) out
+    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out if WRITE_STATS: S = softmax_N(k)^T v (else not touched)
+    lse_ptr,  # (B*heads, BLOCK_D) out if WRITE_STATS: column log-sum-exp of k (else not touched)
+    N, H, W, C, Ch, heads, stride_b, stride_n, out_stride_b, out_stride_n,
+    scale: tl.float64,  # fp64 whatever ACC (see output_kernel)
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr, WRITE_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The whole forward of one (batch, head) in one program, for maps small enough that B*heads
+    programs are enough work: the context pass over all N tokens (tiles of BLOCK_N, in order),
+    S normalised in registers, then the output pass over all N (tiles of BLOCK_OUT). Nothing
+    but O reaches memory, and S and lse (what the backward needs) if WRITE_STATS."""
+    bh = tl.program_id(0)
+    b = bh // heads
+    h = bh % heads
+    offs_d = tl.arange(0, BLOCK_D)
+    base = qkv_ptr + b.to(tl.int64) * stride_b
+    m, l, acc = _context_sums(base, C + h * Ch + offs_d, 2 * C + h * Ch + offs_d, offs_d < Ch, 0, N, stride_n,
+                              ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
+    ctx, lse = _normalise(m, l, acc)
+    if WRITE_STATS:
+        tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
+        tl.store(lse_ptr + bh * BLOCK_D + offs_d, lse)
+    r = tl.load(ksize_ptr + h) // 2
+    out_base = out_ptr + b.to(tl.int64) * out_stride_b
+    for start in range(0, N, BLOCK_OUT):
+        offs_n, _, nmask, dmask, mask, ys, xs = _token_tile(start, N, W, Ch, BLOCK_OUT, BLOCK_D)
+        out = _output_tile(base, ctx, w_ptr, bias_ptr, h, r, offs_n, offs_d, nmask, dmask, mask, ys, xs, H, W, C, Ch,
+                           stride_n, scale, ACC, DOT_PRECISION, KMAX, BLOCK_OUT, BLOCK_D)
+        tl.store(out_base + offs_n[:, None] * out_stride_n + (h * Ch + offs_d)[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @GRAD_REDUCE_TILES.pinned()
@@ -351,7 +460,7 @@ def grad_qkv_kernel(
     bh = tl.program_id(0)
     b = bh // heads
     h = bh % heads
-    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(N, W, Ch, BLOCK_N, BLOCK_D)
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
     chan = h * Ch + offs_d
     scale_acc = tl.full([], scale, ACC)
     base = qkv_ptr + b.to(tl.int64) * stride_b
@@ -439,6 +548,10 @@ def compile_specs():
                 (output_kernel, tag, {"qkv_ptr": f"*{dt}", "ctx_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
                                       "ksize_ptr": "*i32", "out_ptr": f"*{dt}", "scale": "fp64"},
                  {**common, "BLOCK_D": bd, "KMAX": 7}),
+                *[(whole_map_kernel, tag + (" WRITE_STATS" if stats else ""),
+                   {"qkv_ptr": f"*{dt}", "w_ptr": acc, "bias_ptr": acc, "ksize_ptr": "*i32", "out_ptr": f"*{dt}",
+                    "ctx_ptr": acc, "lse_ptr": acc, "scale": "fp64"},
+                   {**common, "BLOCK_D": bd, "KMAX": 7, "WRITE_STATS": stats}) for stats in (False, True)],
                 (grad_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ds_ptr": acc, "dw_ptr": acc,
                                             "db_ptr": acc, "ksize_ptr": "*i32"},
                  {**common, "BLOCK_D": bd, "KMAX": 7, "KK": 64}),
