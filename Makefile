@@ -1,10 +1,12 @@
 # The two commands a fresh machine needs: `make test` and `make bench` (each creates .venv,
-# installs torch and the test extra, builds the extension, then runs).
+# installs torch and the test extra, builds the extension, then runs; bench adds the bench extra).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CUDA 13.0 build of PyTorch (from local disk on the project's machines).
 TORCH_SPEC ?= torch==2.14.1
+# Options of the speed report, e.g. BENCH_ARGS=--quick (python -m mpvit_kernels.bench --help).
+BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
 .PHONY: test bench build wheel clean gpu-proof static-report
@@ -26,8 +28,14 @@ build: $(VENV)/.built
 test: build
 	$(PY) -m pytest -q -ra -n auto tests
 
-bench: build
-	$(PY) -m mpvit_kernels.bench
+# The bench extra of pyproject.toml (the report's figure and progress bar), installed once.
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PY) -m pip install -q "matplotlib>=3.7" tqdm
+	touch $@
+
+# `make bench BENCH_ARGS=--quick`: about a minute on 2 cores. Results in benchmarks/results/<device>/.
+bench: build $(VENV)/.bench-deps
+	$(PY) -m mpvit_kernels.bench $(BENCH_ARGS)
 
 # On a machine with a GPU, with its own torch (no venv): build, the kernel tests on CUDA, speed
 # report (STAGES=sanitizer: compute-sanitizer); results under benchmarks/results/<device>/.

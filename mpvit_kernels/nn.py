@@ -149,7 +149,10 @@ def depthwise_bn_hswish(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) ->
 
 
 class Conv2dBN(nn.Module):
-    """``Conv2d_BN``: bias-free conv -> BatchNorm2d -> optional Hardswish."""
+    """``Conv2d_BN``: bias-free conv -> BatchNorm2d -> optional Hardswish. A 1x1 stride-1 conv (the
+    InvRes projections) runs as one GEMM with the BatchNorm and Hardswish in its epilogue
+    (:func:`pointwise_bn_hswish`); a k x k conv (the stem) is cuDNN's, then ``affine_hswish`` in
+    eval."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, hswish: bool = False):
         super().__init__()
@@ -158,6 +161,8 @@ class Conv2dBN(nn.Module):
         self.hswish = hswish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and x.dim() == 4:
+            return pointwise_bn_hswish([x], self.conv.weight, self.bn, self.hswish)
         return bn_hswish(self.conv(x), self.bn, self.hswish)
 
 
@@ -222,15 +227,24 @@ class GLIProjection(nn.Module):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_inputs:
             raise ValueError(f"GLIProjection: expected a list of {self.num_inputs} inputs, got "
                              f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}")
-        bn, w = self.bn, self.conv.weight
-        if bn.training or bn.running_mean is None:
-            if not bn.affine or sync_group(bn) is not None:  # the GEMM fused, the BatchNorm as is
-                return bn_hswish(ops.gli_projection(list(inputs), w, size=size), bn, True)
-            y, mean, var = ops.gli_projection_train(list(inputs), w, bn.weight, bn.bias, bn.eps, hswish=True, size=size)
-            track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
-            return y
-        scale, shift = folded_bn(bn)
-        return ops.gli_projection(list(inputs), w, scale, shift, hswish=True, size=size)
+        return pointwise_bn_hswish(list(inputs), self.conv.weight, self.bn, True, size)
+
+
+def pointwise_bn_hswish(inputs: list[torch.Tensor], weight: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool,
+                        size: tuple[int, int] | None = None) -> torch.Tensor:
+    """1x1 conv of the channel concat of ``inputs`` -> BatchNorm -> optional Hardswish through the
+    ``gli_projection`` GEMM: in eval one op with the BatchNorm folded into its epilogue, in
+    training ``gli_projection_train`` (batch statistics in the epilogue, then one normalise pass;
+    running statistics as nn.BatchNorm2d keeps them); a synchronised or non-affine BatchNorm
+    runs as is after the GEMM."""
+    if bn.training or bn.running_mean is None:
+        if not bn.affine or sync_group(bn) is not None:
+            return bn_hswish(ops.gli_projection(inputs, weight, size=size), bn, hswish)
+        y, mean, var = ops.gli_projection_train(inputs, weight, bn.weight, bn.bias, bn.eps, hswish=hswish, size=size)
+        track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
+        return y
+    scale, shift = folded_bn(bn)
+    return ops.gli_projection(inputs, weight, scale, shift, hswish=hswish, size=size)
 
 
 class ConvPosEnc(nn.Module):

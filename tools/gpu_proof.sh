@@ -123,9 +123,11 @@ for name in $STAGES; do
       ;;
     bench)
       log "speed report $BENCH_ARGS"
+      # The report writes results.json and speed_report.md into $OUT after each section (so a run cut
+      # short keeps what it measured), and speedup.png at the end when it has timings to draw.
       # shellcheck disable=SC2086
-      stage bench "$BENCH_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $BENCH_ARGS --json "$OUT/results.json" \
-        > "$OUT/speed_report.md" 2> "$LOGS/bench.log" || status=1
+      stage bench "$BENCH_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $BENCH_ARGS --out "$OUT" \
+        > "$LOGS/bench.log" 2>&1 || status=1
       tail -n 5 "$OUT/speed_report.md"
       ;;
     sanitizer)

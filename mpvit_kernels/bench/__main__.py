@@ -2,77 +2,190 @@
 available device (CUDA if there is one, else CPU), medians with quartiles.
 
     python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,traffic] [--batch B]
-        [--dtypes bf16,fp32] [--resolutions 224,512] [--no-compile] [--json PATH]
+        [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile]
+        [--no-flush-l2] [--out DIR] [--json PATH]
+
+It prints the report (markdown) and writes results.json, speed_report.md and speedup.png to
+benchmarks/results/<device>/, or --out DIR.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
 
 import torch
 
-import mpvit_kernels
-from mpvit_kernels.bench import affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, traffic
-from mpvit_kernels.bench.timing import copy_bandwidth_gbs, device_name
+from mpvit_kernels.bench import affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, timing, traffic
+from mpvit_kernels.bench.plot import draw_speedup
+from mpvit_kernels.bench.results import default_folder, environment, write_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = {"affine_hswish": affine_hswish, "depthwise": depthwise, "dwconv_bn": dwconv_bn,
             "gli_projection": gli_projection, "factor_attention": factor_attention, "traffic": traffic}
+# --quick: 8 s on an idle 2-core CPU, 45 to 107 s while other jobs held its cores (README)
+QUICK_REPS, QUICK_WARMUP, QUICK_RESOLUTION = 5, 1, 224
 
 
 def csv(kind):
     return lambda s: [kind(v) for v in s.split(",") if v]
 
 
-def main(argv=None) -> int:
+def parse_args(argv, cuda: bool) -> argparse.Namespace:
+    """The options, every default filled in for this device (and for --quick)."""
     p = argparse.ArgumentParser(prog="python -m mpvit_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", type=csv(str), default=list(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 1 on CPU)")
-    p.add_argument("--dtypes", type=csv(str), default=None, help="comma list (default bf16,fp32 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtypes", type=csv(str), default=None,
+                   help="comma list (default bf16,fp32 on CUDA, fp32 on CPU; --quick: bf16 on CUDA)")
     p.add_argument("--resolutions", type=csv(int), default=None,
-                   help="input sizes for the attention shapes (default 224,512 on CUDA, 224 on CPU)")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+                   help="input sizes for the attention shapes (default 224,512 on CUDA, 224 on CPU and with --quick)")
+    p.add_argument("--reps", type=int, default=None, help=f"timed repeats per row (default 20, --quick {QUICK_REPS})")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed calls first (default 3, --quick {QUICK_WARMUP})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a minute at most on a 2-core CPU: {QUICK_REPS} repeats after {QUICK_WARMUP} warm-up call, one "
+                        f"dtype, input {QUICK_RESOLUTION} only, no torch.compile unless --compile; options given win")
+    compile_choice = p.add_mutually_exclusive_group()
+    compile_choice.add_argument("--compile", action="store_true", help="time torch.compile even with --quick")
+    compile_choice.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-flush-l2", action="store_true",
+                   help="on CUDA, keep L2 as the previous repeat left it (by default a buffer larger than L2 is "
+                        "written before each repeat, outside the timed region)")
+    p.add_argument("--out", help="folder for results.json, speed_report.md and speedup.png "
+                                 "(default benchmarks/results/<device>/)")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    args.batch = args.batch or (16 if cuda else 1)
-    args.dtypes = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32"])
-    # the traffic model costs nothing to run: it always covers 224 and 512 unless told otherwise
-    args.traffic_resolutions = args.resolutions or [224, 512]
-    args.resolutions = args.resolutions or ([224, 512] if cuda else [224])
     for name in args.ops:
         if name not in SECTIONS:
             p.error(f"unknown op {name!r}; choose from {', '.join(SECTIONS)}")
-    for name in args.dtypes:
+    for name in args.dtypes or []:
         if name not in DTYPES:
             p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    quick = args.quick
+    args.reps = args.reps if args.reps is not None else (QUICK_REPS if quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if quick else 3)
+    args.batch = args.batch or (16 if cuda else 1)
+    args.dtypes = args.dtypes or (["fp32"] if not cuda else ["bf16"] if quick else ["bf16", "fp32"])
+    # the traffic model costs nothing to run: it covers 224 and 512 unless told otherwise (or --quick)
+    args.traffic_resolutions = args.resolutions or ([QUICK_RESOLUTION] if quick else [224, 512])
+    args.resolutions = args.resolutions or ([224, 512] if cuda and not quick else [224])
+    args.no_compile = args.no_compile or (quick and not args.compile)
+    args.flush_l2 = cuda and not args.no_flush_l2
+    return args
+
+
+class Printer:
+    """Prints the report and keeps it: speed_report.md is exactly what was printed. While a
+    progress bar shows, lines go through it so that the bar is redrawn below them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.bar = None
+
+    def __call__(self, text: str) -> None:
+        self.lines.append(text + "\n")
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text)
+        sys.stdout.flush()
+
+    def markdown(self) -> str:
+        return "".join(self.lines)
+
+
+def progress_bar(steps: int):
+    """A bar on stderr, one step per section and dtype, its text naming the section running and
+    the rows it has measured; only on a terminal, and None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=steps, unit="section", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def options(args) -> dict:
+    keys = ("ops", "batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile",
+            "flush_l2", "out", "json")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    args = parse_args(argv, cuda)
     device = torch.device("cuda" if cuda else "cpu")
-    print(f"# mpvit-kernels speed report\n\ndevice: {device_name(device)}; torch {torch.__version__}; "
-          f"python {platform.python_version()}; extension built: {mpvit_kernels.extension_available()}; "
-          f"backend: {mpvit_kernels.get_backend()}; batch {args.batch}\n")
+    folder = args.out = args.out or default_folder(device)
+    info = environment(device)
+    info.update(argv=list(sys.argv[1:] if argv is None else argv), options=options(args))
+    plot_path = os.path.join(folder, "speedup.png")
+    if os.path.exists(plot_path):  # a figure of an earlier run would sit beside this run's results
+        os.remove(plot_path)
+
+    say = Printer()
+    say(f"# mpvit-kernels speed report\n\ndevice: {info['device']}; torch {torch.__version__}; "
+        f"python {platform.python_version()}; extension built: {info['extension_built']}; "
+        f"backend: {info['backend']}; batch {args.batch}; {args.reps} repeats after {args.warmup} warm-up "
+        f"call{'' if args.warmup == 1 else 's'}"
+        f"{'; torch.compile left out' if args.no_compile else ''}{' (--quick)' if args.quick else ''}\n")
     if cuda:
-        args.peak_gbs = copy_bandwidth_gbs(device)
-        print(f"measured copy bandwidth (the roofline for the GB/s columns): {args.peak_gbs:.0f} GB/s\n")
+        args.peak_gbs = timing.copy_bandwidth_gbs(device)
+        flushed = (f"; L2 flushed before each repeat ({timing.L2_FLUSH_BYTES >> 20} MiB or more written)"
+                   if args.flush_l2 else "; L2 not flushed between repeats")
+        say(f"measured copy bandwidth (the roofline for the GB/s columns): {args.peak_gbs:.0f} GB/s{flushed}\n")
     else:
         args.peak_gbs = None
-        print("No GPU here: CPU timings. affine_hswish and depthwise 'ours' are the C++ CPU twins, dwconv_bn "
-              "and gli_projection 'ours' run unfused on them; the Triton kernels run only on a GPU, so the attention rows are eager and "
-              "torch.compile alone.\n")
+        say("No GPU here: CPU timings. affine_hswish and depthwise 'ours' are the C++ CPU twins, dwconv_bn "
+            "and gli_projection 'ours' run unfused on them; the Triton kernels run only on a GPU, so the attention "
+            "rows are eager and torch.compile alone.\n")
+    info.update(copy_bandwidth_gbs=args.peak_gbs, finished=False, section_s={})
+
     results = []
-    for name in args.ops:
-        section = SECTIONS[name]
-        rows = []
-        for dtype_name in args.dtypes:
-            rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
-        print(f"## {name}\n\n{section.table(rows)}\n", flush=True)
-        results += rows
+    bar = say.bar = progress_bar(len(args.ops) * len(args.dtypes))
+    measured = 0
+
+    def count_row():
+        nonlocal measured
+        measured += 1
+        if bar is not None:
+            bar.set_postfix_str(f"rows measured: {measured}")
+
+    timing.after_measure.append(count_row)
+    try:
+        for name in args.ops:
+            section = SECTIONS[name]
+            section_started = time.perf_counter()
+            rows = []
+            for dtype_name in args.dtypes:
+                if bar is not None:
+                    bar.set_description(f"{name} {dtype_name}")
+                rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
+                if bar is not None:
+                    bar.update(1)
+            say(f"## {name}\n\n{section.table(rows)}\n")
+            results += [{"section": name, **row} for row in rows]
+            info["section_s"][name] = round(time.perf_counter() - section_started, 1)
+            write_report(folder, info, results, say.markdown())
+    finally:
+        timing.after_measure.remove(count_row)
+        if bar is not None:
+            bar.close()
+        say.bar = None
+
+    info.update(finished=True, wall_s=round(time.perf_counter() - started, 1))
+    write_report(folder, info, results, say.markdown())
+    title = f"mpvit-kernels speed report: {info['device']}, batch {args.batch}, {info['date']}"
+    skipped = draw_speedup(results, args.peak_gbs, title, plot_path)
+    if skipped:
+        print(f"speedup.png skipped: {skipped}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "torch": torch.__version__, "rows": results}, f, indent=1)
+            json.dump({"device": info["device"], "torch": torch.__version__, "rows": results}, f, indent=1)
+    print(f"results in {folder}: results.json, speed_report.md{'' if skipped else ', speedup.png'} "
+          f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return 0
 
 

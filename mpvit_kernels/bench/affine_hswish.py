@@ -44,7 +44,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 else:
                     def step(fn=fn):
                         fn(xg, *params).backward(grad)
-                t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                            time_first_call=impl == "torch.compile")
                 rows.append({"op": "affine_hswish", "site": name, "shape": [args.batch, C, R, R],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})

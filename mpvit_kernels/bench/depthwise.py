@@ -86,7 +86,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             def step(fn=fn):
                                 with torch.no_grad():
                                     fn(xg, w, b, bn)
-                        t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                        t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                                    time_first_call=impl == "torch.compile")
                         rows.append({"op": "depthwise", "site": site, "input": res, "stage": stage,
                                      "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,
                                      "impl": impl, **t, "bytes": nbytes,

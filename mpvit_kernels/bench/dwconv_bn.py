@@ -95,7 +95,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         else:
                             with torch.no_grad():
                                 fn(x, dw, pw, bn, stride)
-                    t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                    t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                                time_first_call=impl == "torch.compile")
                     seconds = t["median_ms"] * 1e-3
                     rows.append({"op": "dwconv_bn", "input": res, "stage": stage, "stride": stride,
                                  "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,

@@ -1,14 +1,16 @@
 """Speed report section: factorized attention at MPViT-S shapes, eager vs torch.compile vs ours.
 
 Two scopes: the attention core (qkv Linear output -> attention output, CRPE included) and the
-whole FactorAttention module (x -> proj). Bytes are what our kernels move (each kernel's loads
+whole FactorAttention module (x -> proj). Eager and torch.compile run the public module's op
+sequence (mpvit_kernels.bench.public_mpvit). Bytes are what our kernels move (each kernel's loads
 and stores, halos assumed cached), so GB/s compares directly with the device's peak.
 """
 from __future__ import annotations
 
 import torch
 
-from mpvit_kernels import FactorAttention, ops, reference, use_backend
+from mpvit_kernels import FactorAttention, ops
+from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc
 from mpvit_kernels.bench.timing import measure
 
 # MPViT-S: (stage, C) with 8 heads; N = (input / stride)^2 at strides 4, 8, 16, 32.
@@ -32,6 +34,17 @@ def core_inputs(B, N, C, dtype, device, requires_grad):
     return qkv, heads, Ch ** -0.5, weights, biases
 
 
+def public_attention(C, weights, biases, device, dtype) -> FactorAtt_ConvRelPosEnc:
+    """The public module (its op sequence is the eager baseline), with these CRPE weights."""
+    m = FactorAtt_ConvRelPosEnc(C, 8, ConvRelPosEnc(C // 8)).to(device=device, dtype=dtype)
+    if weights is not None:
+        with torch.no_grad():
+            for conv, w, b in zip(m.crpe.conv_list, weights, biases):
+                conv.weight.copy_(w)
+                conv.bias.copy_(b)
+    return m
+
+
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
     use_ours = device.type == "cuda"
@@ -46,8 +59,10 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         qkv, heads, scale, w, b = core_inputs(args.batch, N, C, dtype, device, backward)
                         grad = torch.randn(args.batch, N, C, device=device, dtype=dtype)
 
-                        def eager_core(qkv=qkv, w=w, b=b):
-                            return reference.factor_attention(qkv, (side, side), heads, scale, w, b)
+                        public = public_attention(C, w, b, device, dtype)
+
+                        def eager_core(qkv=qkv, public=public):
+                            return public.attend(qkv, (side, side))
 
                         def ours_core(qkv=qkv, w=w, b=b):
                             return ops.factor_attention(qkv, (side, side), heads, scale, w, b)
@@ -57,25 +72,20 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             impls["torch.compile"] = torch.compile(eager_core)
                     else:
                         m = FactorAttention(C).to(device=device, dtype=dtype)
+                        public = public_attention(C, None, None, device, dtype)
+                        public.load_state_dict(m.state_dict())  # the same weights, the public op sequence
                         x = torch.randn(args.batch, N, C, device=device, dtype=dtype, requires_grad=backward)
                         grad = torch.randn_like(x)
 
-                        def eager_mod(m=m, x=x):
-                            with use_backend("reference"):
-                                return m(x, (side, side))
+                        def eager_mod(public=public, x=x):
+                            return public(x, (side, side))
 
                         def ours_mod(m=m, x=x):
                             return m(x, (side, side))
 
                         impls = {"eager": eager_mod, "ours": ours_mod}
                         if not args.no_compile:
-                            compiled = torch.compile(lambda x, m=m: m(x, (side, side)))
-
-                            def compiled_mod(x=x, compiled=compiled):
-                                with use_backend("reference"):
-                                    return compiled(x)
-
-                            impls["torch.compile"] = compiled_mod
+                            impls["torch.compile"] = torch.compile(eager_mod)
                     if not use_ours:
                         impls.pop("ours")
                     nbytes = kernel_bytes(args.batch, N, C, torch.finfo(dtype).bits // 8, backward)
@@ -87,7 +97,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             def step(fn=fn):
                                 with torch.no_grad():
                                     fn()
-                        t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                        t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                                    time_first_call=impl == "torch.compile")
                         row = {"op": "factor_attention", "scope": scope, "input": res, "stage": stage,
                                "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                                "bytes": nbytes}

@@ -89,7 +89,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         else:
                             with torch.no_grad():
                                 fn(xs, w, bn)
-                    t = measure(step, device, warmup=args.warmup, reps=args.reps)
+                    t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                                time_first_call=impl == "torch.compile")
                     seconds = t["median_ms"] * 1e-3
                     rows.append({"op": "gli_projection", "model": model, "input": res, "stage": stage,
                                  "shape": [args.batch, side, side, INPUTS, C, Cout], "dtype": dtype_name, "mode": mode,

@@ -89,11 +89,15 @@ class FactorAtt_ConvRelPosEnc(nn.Module):
         self.crpe = shared_crpe
 
     def forward(self, x, size):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x), size))
+
+    def attend(self, qkv, size):
+        """The core between the two Linears: (B, N, 3C) -> (B, N, C)."""
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         ctx = k.softmax(dim=2).transpose(-1, -2) @ v
         out = self.scale * (q @ ctx) + self.crpe(q, v, size)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return out.transpose(1, 2).reshape(B, N, C)
 
 
 class DropPath(nn.Module):

@@ -1,29 +1,85 @@
 """Timing helpers shared by the speed report and the pytest-benchmark suite."""
 from __future__ import annotations
 
+import functools
+import platform
+import re
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+# Called with no argument after each measure(): the speed report's progress bar listens here.
+after_measure: list[Callable[[], None]] = []
+
+# Bytes written between repeats to push the previous repeat's data out of L2 (50 MiB on an H100,
+# 60 on an H200): at least this, or twice the device's L2 if that is larger.
+L2_FLUSH_BYTES = 256 << 20
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> dict:
-    """Median and quartiles of ``fn``'s wall time in milliseconds (CUDA events on a GPU)."""
+def device_slug(device: torch.device) -> str:
+    """A folder name for the device's results: 'nvidia-h100-80gb-hbm3', 'cpu-x86_64'."""
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{platform.machine().lower()}"
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@functools.cache
+def _l2_flush_buffer(device_index: int) -> torch.Tensor:
+    l2_bytes = getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0)
+    return torch.empty(max(L2_FLUSH_BYTES, 2 * l2_bytes), dtype=torch.uint8, device=f"cuda:{device_index}")
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrites a buffer larger than L2 and waits for it: the next kernel reads from HBM."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _l2_flush_buffer(index).zero_()
+    # waited for, so that the op's own launch latency stays in its timing as without a flush
+    torch.cuda.synchronize(device)
+
+
+def first_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call, host work included: for a torch.compile'd function called first
+    with a shape, its tracing and compiling (or a recompile, or a cache hit)."""
+    sync_device(device)
+    t0 = time.perf_counter()
+    fn()
+    sync_device(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20,
+            flush_l2_between: bool = False, time_first_call: bool = False) -> dict:
+    """Median and quartiles of ``fn``'s wall time in milliseconds (CUDA events on a GPU).
+
+    ``flush_l2_between``: on CUDA, overwrite L2 before each repeat, outside the timed region, so
+    that a memory-bound op reads its inputs from HBM as inside a network, not from the cache its
+    previous repeat filled (no-op on a CPU). ``time_first_call``: time the first call on its own,
+    before the warm-up, as ``first_call_ms`` (the compile of a torch.compile'd ``fn``), so that
+    it never lands in the repeats even with ``warmup=0``.
+    """
+    first = first_call_ms(fn, device) if time_first_call else None
     for _ in range(warmup):
         fn()
+    flushing = flush_l2_between and device.type == "cuda"
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(reps):
+            if flushing:
+                flush_l2(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -36,7 +92,13 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": reps}
+    timing = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": reps,
+              "l2_flushed": flushing}
+    if first is not None:
+        timing["first_call_ms"] = first
+    for callback in after_measure:
+        callback()
+    return timing
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:

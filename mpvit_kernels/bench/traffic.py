@@ -1,14 +1,18 @@
 """Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
 
-Scopes: the patch embeddings' DWConv2d_BN, the stages' GLI projection (eval forward), and the depthwise op at the CPE and InvRes sites
-(forward); the attention core (qkv Linear output -> attention output) and the whole FactorAttention module (x -> proj), whose two Linears
-run as eager's in both columns.
+Scopes: one eval forward of the whole model; the patch embeddings' DWConv2d_BN, the stages'
+GLI projection (eval forward), and the depthwise op at the CPE and InvRes sites (forward); the
+attention core (qkv Linear output -> attention output) and the whole FactorAttention module
+(x -> proj), whose two Linears run as eager's in both columns.
 
-Eager is counted, not estimated: the op runs on meta tensors under a TorchDispatchMode that
-records every non-view aten op (one kernel each) and the bytes of its tensor inputs and
-outputs, i.e. its traffic if nothing stayed in cache. Ours comes from each kernel's own loads
-and stores (``ours_factor_attention``), halo re-reads assumed to hit cache. The ratio
-eager/ours of bytes is the speedup bound of a memory-bound op.
+Eager is the public MPViT's op sequence (mpvit_kernels.bench.public_mpvit), counted, not
+estimated: it runs on meta tensors under a TorchDispatchMode that records every op that moves
+data (one kernel each; views and the aliasing _unsafe_view do not) and the bytes of its tensor
+inputs and outputs, i.e. its traffic if nothing stayed in cache. Ours comes from each kernel's
+own loads and stores (``ours_factor_attention`` and the like), halo re-reads assumed to hit
+cache; the whole model is our MPViT run on meta tensors the same way, each fused op one launch
+moving its inputs and outputs, attention from its kernels. The ratio eager/ours of bytes is the
+speedup bound of a memory-bound op.
 """
 from __future__ import annotations
 
@@ -16,12 +20,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mpvit_kernels import FactorAttention, reference, use_backend
+from mpvit_kernels import models
 from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
 from mpvit_kernels.bench import gli_projection as gli_bench
 from mpvit_kernels.bench.factor_attention import STAGES
+from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, PublicStyleMPViT
 from mpvit_kernels.ops.factor_attention import _block_d, _chunking, _whole_map, pack_launches
+
+MODEL_SIZES = ("small",)  # the whole-model rows: the issue's budget is set on MPViT-S
+
+
+# Not views by their schema, yet they move no data: an allocation, and the reshape that aliases
+# its input (matmul's outputs come back through it).
+_NO_DATA_MOVED = (torch.ops.aten.empty.memory_format, torch.ops.aten._unsafe_view.default)
 
 
 class CountTraffic(TorchDispatchMode):
@@ -35,7 +47,7 @@ class CountTraffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and func is not torch.ops.aten.empty.memory_format:
+        if not func.is_view and func not in _NO_DATA_MOVED:
             self.launches += 1
             self.ops.append(str(func.overloadpacket))
             seen = set()
@@ -46,32 +58,22 @@ class CountTraffic(TorchDispatchMode):
         return out
 
 
-def _meta_core(B, N, C, dtype, requires_grad):
-    heads, Ch = 8, C // 8
-    window = {3: 2, 5: 3, 7: 3}
-    qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dtype, requires_grad=requires_grad)
-    weights = [torch.empty(h * Ch, 1, k, k, device="meta", dtype=dtype, requires_grad=requires_grad)
-               for k, h in window.items()]
-    biases = [torch.empty(h * Ch, device="meta", dtype=dtype, requires_grad=requires_grad) for h in window.values()]
-    return qkv, heads, Ch ** -0.5, weights, biases
-
-
 def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") -> CountTraffic:
+    """The public FactorAtt_ConvRelPosEnc's op sequence on meta tensors: its core (qkv Linear
+    output -> the input of proj) or the whole module."""
     side = int(round(N ** 0.5))
+    m = FactorAtt_ConvRelPosEnc(C, 8, ConvRelPosEnc(C // 8)).to(device="meta", dtype=dtype)
     count = CountTraffic()
     if scope == "core":
-        qkv, heads, scale, w, b = _meta_core(B, N, C, dtype, backward)
-        with count:
-            out = reference.factor_attention(qkv, (side, side), heads, scale, w, b)
-            if backward:
-                out.backward(torch.empty_like(out))
+        x = torch.empty(B, N, 3 * C, device="meta", dtype=dtype, requires_grad=backward)
+        run = m.attend
     else:
-        m = FactorAttention(C).to(device="meta", dtype=dtype)
         x = torch.empty(B, N, C, device="meta", dtype=dtype, requires_grad=backward)
-        with use_backend("reference"), count:
-            out = m(x, (side, side))
-            if backward:
-                out.backward(torch.empty_like(out))
+        run = m
+    with torch.set_grad_enabled(backward), count:
+        out = run(x, (side, side))
+        if backward:
+            out.backward(torch.empty_like(out))
     return count
 
 
@@ -114,6 +116,45 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
             ("reshape CRPE grads", 2 * w),
         ]
     return launches
+
+
+class CountOurs(CountTraffic):
+    """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
+    outputs (what our fused kernels read and write), except the attention forward, whose
+    launches and bytes come from its kernels (``ours_factor_attention``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is not torch.ops.mpvit_kernels.factor_attention_fwd.default:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        qkv = args[0]
+        for name, nbytes in ours_factor_attention(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, qkv.dtype,
+                                                  backward=False):
+            self.launches += 1
+            self.ops.append(f"factor_attention {name.split(':')[0]}")
+            self.bytes += nbytes
+        return func(*args, **(kwargs or {}))
+
+
+def eager_model(size: str, B: int, res: int, dtype) -> CountTraffic:
+    """One eval forward of the public MPViT (NCHW, as its code runs), counted on meta tensors."""
+    model = PublicStyleMPViT(size).to(device="meta", dtype=dtype).eval()
+    count = CountTraffic()
+    with torch.no_grad(), count:
+        model(torch.empty(B, 3, res, res, device="meta", dtype=dtype))
+    return count
+
+
+def ours_model(size: str, B: int, res: int, dtype) -> CountTraffic:
+    """One eval forward of our MPViT (channels-last, kernels on), counted on meta tensors after a
+    first forward has cached the BatchNorm folds and CRPE packings, as any later forward finds."""
+    model = getattr(models, f"mpvit_{size}")().to(device="meta", dtype=dtype).eval()
+    x = torch.empty(B, 3, res, res, device="meta", dtype=dtype)
+    count = CountOurs()
+    with torch.no_grad():
+        model(x)
+        with count:
+            model(x)
+    return count
 
 
 def eager_depthwise(site: str, B: int, C: int, side: int, dtype) -> CountTraffic:
@@ -189,6 +230,13 @@ def ours_gli_projection(B: int, C: int, Cout: int, side: int, dtype) -> list[tup
 
 def run(args, device, dtype, dtype_name) -> list[dict]:
     rows = []
+    for res in args.traffic_resolutions:
+        for size in MODEL_SIZES:
+            eager, ours = eager_model(size, args.batch, res, dtype), ours_model(size, args.batch, res, dtype)
+            rows.append({"op": f"MPViT-{size[0].upper()} model", "input": res, "stage": "all",
+                         "shape": [args.batch, 3, res, res], "dtype": dtype_name, "mode": "eval forward",
+                         "eager_launches": eager.launches, "eager_bytes": eager.bytes, "ours_launches": ours.launches,
+                         "ours_bytes": ours.bytes, "bytes_ratio": eager.bytes / ours.bytes})
     for res in args.traffic_resolutions:
         for model, stage, C, Cout, stride in gli_bench.AGGREGATES:
             side = res // stride

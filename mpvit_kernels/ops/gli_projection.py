@@ -87,7 +87,7 @@ def _image(y, B, H, W):
 
 
 def _unfused_pre_bn(rows, weight, B, H, W):
-    x = torch.cat(rows, dim=2)  # (B, N, n*C): the concat the kernel avoids
+    x = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # (B, N, n*C): the concat the kernel avoids
     return _image(x @ weight.reshape(weight.shape[0], -1).to(x.dtype).t(), B, H, W)
 
 
