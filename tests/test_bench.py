@@ -179,3 +179,14 @@ def test_whole_model_traffic_counts_the_public_model_against_ours():
     assert not {"aten.cat", "aten.native_batch_norm", "aten.hardswish", "aten._softmax", "aten.bmm"} & set(ours.ops)
     assert ours.ops.count("aten.clone") == 1
     assert ours.launches < 0.5 * eager.launches and ours.bytes < 0.65 * eager.bytes
+
+
+def test_whole_model_rows(tmp_path, capsys):
+    import mpvit_kernels
+
+    # the Triton families on their reference, as a CPU run without the interpreter has them
+    with mpvit_kernels.use_backend("reference", ops=["factor_attention", "dwconv_bn", "gli_projection"]):
+        assert report.main(["--ops", "model", "--model-batch", "1", "--resolutions", "32", "--reps", "1",
+                            "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| MPViT-T | 32 | 1 | fp32 | eager |" in out and "| MPViT-T | 32 | 1 | fp32 | ours |" in out

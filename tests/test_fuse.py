@@ -3,6 +3,7 @@
 through our fused modules in place, sharing its very Parameters and buffers."""
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,13 +19,17 @@ from tests.utils import RecordOps, randomize_bn
 TRITON = ["factor_attention", "dwconv_bn", "gli_projection"]
 
 
-def randomized():
+def randomized(size="tiny"):
     torch.manual_seed(0)
-    return randomize_bn(PublicStyleMPViT("tiny", num_classes=5))
+    return randomize_bn(PublicStyleMPViT(size, num_classes=5))
 
 
-def test_fuse_replaces_every_stage_in_place_sharing_the_tensors():
-    model = randomized().eval()
+SIZES = ["tiny", "xsmall", "small", "base"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fuse_replaces_every_stage_in_place_sharing_the_tensors(size):
+    model = randomized(size).eval()
     x = torch.randn(2, 3, 33, 29)
     with torch.no_grad():
         want = model(x)
@@ -43,8 +48,9 @@ def test_fuse_replaces_every_stage_in_place_sharing_the_tensors():
     assert fuse(model) is model and list(model.modules()) == modules  # a second call changes nothing
 
 
-def test_fused_training_step_matches_the_original():
-    model = randomized().train()
+@pytest.mark.parametrize("size", SIZES)
+def test_fused_training_step_matches_the_original(size):
+    model = randomized(size).train()
     original = copy.deepcopy(model)
     fuse(model)
     x, target = torch.randn(2, 3, 33, 29), torch.tensor([1, 3])

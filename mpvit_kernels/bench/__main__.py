@@ -1,7 +1,8 @@
 """The speed report: eager PyTorch vs torch.compile vs ours, side by side in one run, on the
 available device (CUDA if there is one, else CPU), medians with quartiles.
 
-    python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,traffic] [--batch B]
+    python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,traffic,model]
+        [--batch B] [--model-batch B]
         [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile]
         [--no-flush-l2] [--out DIR] [--json PATH]
 
@@ -19,13 +20,17 @@ import time
 
 import torch
 
-from mpvit_kernels.bench import affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, timing, traffic
+from mpvit_kernels.bench import (affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, model, timing,
+                                 traffic)
 from mpvit_kernels.bench.plot import draw_speedup
 from mpvit_kernels.bench.results import default_folder, environment, write_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = {"affine_hswish": affine_hswish, "depthwise": depthwise, "dwconv_bn": dwconv_bn,
-            "gli_projection": gli_projection, "factor_attention": factor_attention, "traffic": traffic}
+            "gli_projection": gli_projection, "factor_attention": factor_attention, "traffic": traffic,
+            "model": model}
+# The whole model is left out unless asked for (--ops model): compiling it takes minutes.
+DEFAULT_OPS = [name for name in SECTIONS if name != "model"]
 # --quick: 8 s on an idle 2-core CPU, 45 to 107 s while other jobs held its cores (README)
 QUICK_REPS, QUICK_WARMUP, QUICK_RESOLUTION = 5, 1, 224
 
@@ -37,8 +42,11 @@ def csv(kind):
 def parse_args(argv, cuda: bool) -> argparse.Namespace:
     """The options, every default filled in for this device (and for --quick)."""
     p = argparse.ArgumentParser(prog="python -m mpvit_kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", type=csv(str), default=list(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    p.add_argument("--ops", type=csv(str), default=DEFAULT_OPS,
+                   help=f"comma list of {', '.join(SECTIONS)} (default: all but model)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 1 on CPU)")
+    p.add_argument("--model-batch", type=int, default=None,
+                   help="batch size of the whole-model rows (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--dtypes", type=csv(str), default=None,
                    help="comma list (default bf16,fp32 on CUDA, fp32 on CPU; --quick: bf16 on CUDA)")
     p.add_argument("--resolutions", type=csv(int), default=None,
@@ -108,7 +116,7 @@ def progress_bar(steps: int):
 
 
 def options(args) -> dict:
-    keys = ("ops", "batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile",
+    keys = ("ops", "batch", "model_batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile",
             "flush_l2", "out", "json")
     return {k: getattr(args, k) for k in keys}
 
