@@ -12,6 +12,12 @@ else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-
 
 import pytest  # noqa: E402
 
+# One pytest-xdist worker per core: each worker's intra-op threads share the cores with the
+# others', and OpenMP threads that outnumber the cores spin-wait on each other (the interpreted
+# kernels ran 2-3x slower so); so each worker takes its share of the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
