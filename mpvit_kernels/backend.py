@@ -157,6 +157,18 @@ def autocast(t):
     return t
 
 
+def refuse_double_backward(op: str) -> None:
+    """Give the backward op ``op`` an autograd formula that refuses with a clear error: our ops
+    have first derivatives only, and without it a second derivative (``create_graph=True``, then
+    a backward through the grads: gradient penalties, Hessian-vector products) fails with
+    PyTorch's generic message about a missing autograd kernel."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: mpvit_kernels ops have first derivatives only; a second derivative (double "
+                           "backward) is not supported. Run this part with mpvit_kernels.use_backend('reference').")
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def triton_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
     tensors', so make it theirs (nothing to do for CPU tensors under the interpreter)."""

@@ -174,6 +174,8 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
         return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
+        if count == 0:  # an empty batch: counted, the statistics kept (as nn.BatchNorm2d does)
+            return
         factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
         bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
         bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype) * (factor * count / max(count - 1, 1)))

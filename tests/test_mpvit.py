@@ -125,6 +125,17 @@ def test_checkpoint_errors_list_the_keys(tmp_path):
         load_checkpoint(mpvit_tiny(), path)
 
 
+def test_checkpoint_already_loaded():
+    src = randomize_bn(mpvit_tiny())
+    for ckpt in (src.state_dict(), {"model": src.state_dict()}, {"state_dict": src.state_dict(), "epoch": 3}):
+        dst = load_checkpoint(mpvit_tiny(), ckpt)
+        assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+    with pytest.raises(TypeError, match="path must be"):
+        load_checkpoint(mpvit_tiny(), [1, 2])
+    with pytest.raises(ValueError, match="not an MPViT checkpoint"):
+        load_checkpoint(mpvit_tiny(), {"model": {"a": 1}})
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_kernels_on_equal_kernels_off(memory_format):
     model = randomize_bn(mpvit_tiny()).eval()

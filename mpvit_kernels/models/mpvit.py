@@ -259,11 +259,19 @@ def mpvit_base(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: i
     return _build("base", num_classes, drop_path_rate, in_chans, **options)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a public MPViT checkpoint (``{"model": state_dict}``, ``{"state_dict": ...}`` or a bare
-    state_dict) into ``model``. With ``strict`` (default), any missing, unexpected or mis-shaped
-    key is a ValueError that lists them; without, mis-shaped keys still are, the rest is skipped."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(model: nn.Module, path, strict: bool = True) -> nn.Module:
+    """Load a public MPViT checkpoint into ``model``: ``path`` a file (read with
+    ``weights_only=True``) or an already loaded checkpoint, either ``{"model": state_dict}``,
+    ``{"state_dict": ...}`` or a bare state_dict; anything else is a TypeError. With ``strict``
+    (default), any missing, unexpected or mis-shaped key is a ValueError that lists them;
+    without, mis-shaped keys still are, the rest is skipped."""
+    if isinstance(path, dict):
+        ckpt, path = path, "the checkpoint given"
+    elif isinstance(path, (str, bytes, os.PathLike)) or hasattr(path, "read"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise TypeError(f"load_checkpoint: path must be a file path, a file object or a loaded checkpoint dict, "
+                        f"got {type(path).__name__}")
     state = ckpt
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
@@ -271,7 +279,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
                 state = ckpt[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{os.fspath(path)}: not an MPViT checkpoint (expected a state_dict, or a dict with 'model')")
+        raise ValueError(f"{_name(path)}: not an MPViT checkpoint (expected a state_dict, or a dict with 'model')")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -282,6 +290,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     if any(keys for _, keys in problems):
         lines = [f"  {what} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
                  for what, keys in problems if keys]
-        raise ValueError(f"{os.fspath(path)} does not fit {type(model).__name__}:\n" + "\n".join(lines))
+        raise ValueError(f"{_name(path)} does not fit {type(model).__name__}:\n" + "\n".join(lines))
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _name(path) -> str:
+    return os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(getattr(path, "name", path))

@@ -68,7 +68,10 @@ def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     fused GEMM ops' unfused path; autograd as usual). Returns (y, mean, biased var), the
     statistics in the accumulation type, without grad."""
     acc = reference._acc_dtype(z.dtype)
-    var, mean = torch.var_mean(z.to(acc), dim=[d for d in range(z.dim()) if d != 1], correction=0)
+    if z.numel() == 0:  # an empty batch has no statistics: placeholders the caller does not keep
+        mean, var = z.new_zeros(z.shape[1], dtype=acc), z.new_ones(z.shape[1], dtype=acc)
+    else:
+        var, mean = torch.var_mean(z.to(acc), dim=[d for d in range(z.dim()) if d != 1], correction=0)
     scale = weight.to(acc) * torch.rsqrt(var + eps)
     return affine_hswish(z, scale, bias.to(acc) - mean * scale, hswish), mean.detach(), var.detach()
 
@@ -152,6 +155,9 @@ def _(grad, z, gamma, beta, mean, var, eps, hswish):
     return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(mean), torch.empty_like(mean)
 
 
+backend.refuse_double_backward("mpvit_kernels::affine_hswish_batch_backward")
+
+
 def _register() -> None:
     @torch.library.register_fake("mpvit_kernels::affine_hswish")
     def _(x, scale, shift, hswish):
@@ -173,6 +179,7 @@ def _register() -> None:
         return grad_x, grad_scale, grad_shift, None
 
     torch.library.register_autograd("mpvit_kernels::affine_hswish", backward, setup_context=setup_context)
+    backend.refuse_double_backward("mpvit_kernels::affine_hswish_backward")
 
 
 if backend.extension_available():

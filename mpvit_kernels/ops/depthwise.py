@@ -102,6 +102,7 @@ def _register() -> None:
             gt if with_scale else None, None, None
 
     torch.library.register_autograd("mpvit_kernels::depthwise", backward, setup_context=setup_context)
+    backend.refuse_double_backward("mpvit_kernels::depthwise_backward")
 
 
 if backend.extension_available():

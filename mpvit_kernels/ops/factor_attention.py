@@ -96,7 +96,7 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
-    if backend.use_triton("factor_attention", qkv.device):
+    if backend.use_triton("factor_attention", qkv.device) and qkv.shape[0] > 0:  # B = 0: nothing to launch
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op grad mode is always off, so the decision is made here (under torch.compile this
         # wrapper is traced away and the op packs every call, as conservative as it gets).
@@ -336,3 +336,4 @@ def _backward(ctx, dout, _dcontext, _dlse):
 
 
 factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+backend.refuse_double_backward("mpvit_kernels::factor_attention_bwd")
