@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
-.PHONY: test bench build wheel clean gpu-proof static-report
+.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,24 @@ gpu-proof:
 # memory, spills, occupancy.
 static-report: build
 	$(PY) -m mpvit_kernels.triton.static_compile --out benchmarks/results/static/resource_usage.md
+
+# The same ahead-of-time compile with another Triton (default 3.6.0, the GPU image's) in a side
+# venv of its own (that Triton and a CPU torch): `make static-report-triton TRITON=3.6.0` writes
+# benchmarks/results/static/resource_usage_triton36.md. Run from /tmp: nothing of this tree's
+# build (its extension is built against another torch) is picked up from the working directory.
+TRITON ?= 3.6.0
+SIDE_TORCH ?= torch==2.13.0+cpu
+SIDE_VENV ?= .venv-triton-$(TRITON)
+TRITON_TAG := $(subst .,,$(basename $(TRITON)))
+
+$(SIDE_VENV)/.deps:
+	$(PYTHON) -m venv $(SIDE_VENV)
+	$(SIDE_VENV)/bin/python -m pip install -q "triton==$(TRITON)" "$(SIDE_TORCH)" numpy
+	touch $@
+
+static-report-triton: $(SIDE_VENV)/.deps
+	cd /tmp && PYTHONPATH=$(CURDIR) $(abspath $(SIDE_VENV))/bin/python -m mpvit_kernels.triton.static_compile \
+		--out $(CURDIR)/benchmarks/results/static/resource_usage_triton$(TRITON_TAG).md
 
 wheel: $(VENV)/.deps
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
