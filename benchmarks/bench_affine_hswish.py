@@ -1,5 +1,6 @@
-"""pytest-benchmark: affine_hswish (eval BatchNorm + Hardswish) at an MPViT-S stem shape,
-eager vs ours, on CUDA when there is one (else the CPU twin). `pytest benchmarks/`."""
+"""pytest-benchmark: affine_hswish (eval BatchNorm + Hardswish) at an MPViT-S stem shape, eager
+vs torch.compile vs ours, forward and forward+backward, on CUDA when there is one (else the CPU
+twin). `pytest benchmarks/`."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,17 +19,31 @@ def inputs():
     return x, w, b, mean, var
 
 
-@pytest.mark.parametrize("impl", ["eager", "ours"])
-def test_affine_hswish_forward(benchmark, inputs, impl):
-    x, w, b, mean, var = inputs
+def eager(x, w, b, mean, var):
+    return F.hardswish(F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
+
+
+def ours(x, w, b, mean, var):
     scale, shift = mpvit_kernels.reference.fold_bn(w, b, mean, var, 1e-5)
-    if impl == "eager":
-        def fn():
-            F.hardswish(F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
-            sync()
-    else:
-        def fn():
-            mpvit_kernels.ops.affine_hswish(x, scale, shift, True)
-            sync()
-    benchmark.group = f"affine_hswish forward {DEVICE} {tuple(x.shape)}"
-    benchmark(fn)
+    return mpvit_kernels.ops.affine_hswish(x, scale, shift, True)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", ["eager", "torch.compile", "ours"])
+def test_affine_hswish(benchmark, inputs, impl, backward):
+    x, w, b, mean, var = inputs
+    fn = {"eager": eager, "torch.compile": torch.compile(eager), "ours": ours}[impl]
+    x = x.detach().requires_grad_(backward)
+    grad = torch.randn_like(x)
+
+    def step():
+        if backward:
+            fn(x, w, b, mean, var).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(x, w, b, mean, var)
+        sync()
+
+    step()  # a compile happens here, outside the timing
+    benchmark.group = f"affine_hswish {'forward+backward' if backward else 'forward'} {DEVICE} {tuple(x.shape)}"
+    benchmark(step)
