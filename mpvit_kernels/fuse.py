@@ -1,6 +1,6 @@
 """``fuse(model)``: an MPViT built by other code (the public classification model, or a
-segmentation / detection backbone with the same module tree) made to run through our fused
-modules, in place.
+segmentation / detection backbone with the same module tree, alone or inside the detector or
+segmentor that holds it) made to run through our fused modules, in place.
 
 Recognised by structure and attribute names only (``stem``, ``patch_embed_stages[i].patch_embeds``,
 ``mhca_stages[i]`` with ``mhca_blks``, ``InvRes`` and ``aggregate``), never by importing that code.
@@ -101,9 +101,19 @@ def _recognise(build, module: nn.Module) -> nn.Module | None:
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """Replace, in place, the recognised stem blocks, patch-embedding stages and MHCA stages of an
-    MPViT-shaped ``model`` by fused modules sharing its parameters and buffers; returns
-    ``model``. Modules already ours, or not recognised, are left as they are."""
+    """Replace, in place, the recognised stem blocks, patch-embedding stages and MHCA stages of
+    every MPViT-shaped module in ``model`` (``model`` itself, or a backbone anywhere inside it,
+    as in a detector or segmentor that holds one) by fused modules sharing its parameters and
+    buffers; returns ``model``. Modules already ours, or not recognised, are left as they are."""
+    backbones = [m for m in model.modules()
+                 if isinstance(getattr(m, "patch_embed_stages", None), nn.ModuleList)
+                 or isinstance(getattr(m, "mhca_stages", None), nn.ModuleList)]
+    for backbone in backbones:
+        _fuse_backbone(backbone)
+    return model
+
+
+def _fuse_backbone(model: nn.Module) -> None:
     stem = getattr(model, "stem", None)
     if isinstance(stem, nn.Sequential):
         for i, block in enumerate(stem):
@@ -117,4 +127,3 @@ def fuse(model: nn.Module) -> nn.Module:
         for i, stage in enumerate(stages):
             if not isinstance(stage, ours_type) and (fused := _recognise(build, stage)) is not None:
                 stages[i] = fused
-    return model

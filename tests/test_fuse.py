@@ -75,3 +75,63 @@ def test_unknown_modules_are_left_alone():
     odd.mhca_stages[1].aggregate = nn.Conv2d(96 * 4, 176, 1)  # not a Conv2d_BN: that stage stays
     fuse(odd)
     assert isinstance(odd.mhca_stages[0], MHCAStage) and not isinstance(odd.mhca_stages[1], MHCAStage)
+
+
+class DenseBackbone(PublicStyleMPViT):
+    """A segmentation/detection backbone as such code has it: the four maps by name, and
+    ``norm_eval`` (BatchNorms stay in eval in training) through a ``train`` override."""
+
+    def __init__(self):
+        super().__init__("tiny", num_classes=5)
+        self.norm_eval = True
+
+    def forward(self, x):
+        return {f"res{i + 2}": f for i, f in enumerate(self.forward_features(x))}
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.ModuleDict({"bottom_up": randomize_bn(DenseBackbone())})
+        self.head = nn.Conv2d(216, 4, 1)
+
+    def forward(self, x):
+        feats = self.backbone["bottom_up"](x)
+        return self.head(feats["res5"]), feats
+
+
+def test_fuse_finds_the_backbone_inside_a_detector_and_keeps_its_norm_eval():
+    torch.manual_seed(0)
+    model = Detector().eval()
+    x = torch.randn(2, 3, 33, 29)
+    with torch.no_grad():
+        want, want_feats = model(x)
+    tensors = model.state_dict(keep_vars=True)
+    assert fuse(model) is model
+    backbone = model.backbone["bottom_up"]
+    assert all(isinstance(s, MHCAStage) for s in backbone.mhca_stages)
+    assert all(isinstance(s, PatchEmbedStage) for s in backbone.patch_embed_stages)
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == tensors.keys() and all(after[k] is tensors[k] for k in tensors)
+    with mpvit_kernels.use_backend("reference", ops=TRITON), torch.no_grad():
+        got, feats = model(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for k in want_feats:
+        torch.testing.assert_close(feats[k], want_feats[k], atol=1e-4, rtol=1e-4, msg=k)
+    # the backbone's own train() still reaches our fused modules' BatchNorms
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 29 and not any(bn.training for bn in bns)
+    stats = [bn.running_mean.clone() for bn in bns]
+    with mpvit_kernels.use_backend("reference", ops=TRITON):
+        model(x)[0].sum().backward()
+    assert all(torch.equal(bn.running_mean, s) for bn, s in zip(bns, stats))
+    assert backbone.mhca_stages[0].aggregate.bn.weight.grad is not None

@@ -1,6 +1,9 @@
 """Reliability: an empty batch (B = 0) through every module gives an empty result of the right
 shape, forward and backward, on every backend (no kernel is launched over nothing); a second
-derivative through any op is refused with a clear error."""
+derivative through any op is refused with a clear error; a training step is bitwise
+reproducible in deterministic mode."""
+import copy
+
 import pytest
 import torch
 
@@ -82,3 +85,24 @@ def test_double_backward_is_refused_clearly(case):
     (g,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivative"):
         g.square().sum().backward()
+
+
+def test_training_step_is_bitwise_reproducible_in_deterministic_mode():
+    # The C++ twins and the eager ops here; each Triton kernel's backward has its own test.
+    from tests.utils import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(mpvit_tiny(num_classes=5)).train()
+    x, target = torch.randn(2, 3, 36, 32), torch.tensor([0, 4])
+    runs = []
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            m = copy.deepcopy(model)
+            with mpvit_kernels.use_backend("reference", ops=["factor_attention", "dwconv_bn", "gli_projection"]):
+                torch.nn.functional.cross_entropy(m(x), target).backward()
+            runs.append([p.grad for p in m.parameters()] + list(m.buffers()))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
