@@ -195,3 +195,20 @@ def test_whole_model_rows(tmp_path, capsys):
                             "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| MPViT-T | 32 | 1 | fp32 | eager |" in out and "| MPViT-T | 32 | 1 | fp32 | ours |" in out
+
+
+def test_compiled_columns():
+    import argparse
+
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x * 2
+
+    assert timing.compiled(argparse.Namespace(no_compile=True), f, g) == {}
+    cols = timing.compiled(argparse.Namespace(no_compile=False, max_autotune=True), f, g)
+    assert list(cols) == ["torch.compile", "torch.compile max-autotune", "ours + compile"]
+    assert list(timing.compiled(argparse.Namespace(no_compile=False, max_autotune=False), f)) == ["torch.compile"]
+    x = torch.ones(3)  # compiled at the first call: both columns compute what they wrap
+    assert torch.equal(cols["torch.compile"](x), f(x)) and torch.equal(cols["ours + compile"](x), g(x))

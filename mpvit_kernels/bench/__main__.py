@@ -3,7 +3,7 @@ available device (CUDA if there is one, else CPU), medians with quartiles.
 
     python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,traffic,model]
         [--batch B] [--model-batch B]
-        [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile]
+        [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile] [--max-autotune]
         [--no-flush-l2] [--out DIR] [--json PATH]
 
 It prints the report (markdown) and writes results.json, speed_report.md and speedup.png to
@@ -59,6 +59,8 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     compile_choice = p.add_mutually_exclusive_group()
     compile_choice.add_argument("--compile", action="store_true", help="time torch.compile even with --quick")
     compile_choice.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--max-autotune", action="store_true",
+                   help='also time torch.compile(mode="max-autotune") of eager (its compiles take minutes)')
     p.add_argument("--no-flush-l2", action="store_true",
                    help="on CUDA, keep L2 as the previous repeat left it (by default a buffer larger than L2 is "
                         "written before each repeat, outside the timed region)")
@@ -116,7 +118,7 @@ def progress_bar(steps: int):
 
 
 def options(args) -> dict:
-    keys = ("ops", "batch", "model_batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile",
+    keys = ("ops", "batch", "model_batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile", "max_autotune",
             "flush_l2", "out", "json")
     return {k: getattr(args, k) for k in keys}
 

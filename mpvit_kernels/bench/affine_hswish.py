@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mpvit_kernels
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 # (name, channels, resolution) of eval BatchNorm + Hardswish sites of MPViT-S at 224x224
 SITES = [("stem.0", 32, 112), ("stem.1", 64, 56), ("InvRes stage 1", 128, 28), ("InvRes stage 3", 288, 7)]
@@ -22,9 +22,7 @@ def ours(x, w, b, mean, var):
 
 
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
-    impls = {"eager": eager, "ours": ours}
-    if not args.no_compile:
-        impls["torch.compile"] = torch.compile(eager, fullgraph=True)
+    impls = {"eager": eager, "ours": ours, **compiled(args, eager, ours)}
     rows = []
     for name, C, R in SITES:
         x = torch.randn(args.batch, C, R, R, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -45,7 +43,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                     def step(fn=fn):
                         fn(xg, *params).backward(grad)
                 t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                            time_first_call=impl == "torch.compile")
+                            time_first_call="compile" in impl)
                 rows.append({"op": "affine_hswish", "site": name, "shape": [args.batch, C, R, R],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 # MPViT-S: (stage, C, stride of the map)
 STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
@@ -63,9 +63,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     impls_of = {}
     for site, (eager, ours) in IMPLS.items():  # one compiled function per site: dynamo generalises over shapes
-        impls_of[site] = {"eager": eager, "ours": ours}
-        if not args.no_compile:
-            impls_of[site]["torch.compile"] = torch.compile(eager, fullgraph=True)
+        impls_of[site] = {"eager": eager, "ours": ours, **compiled(args, eager, ours)}
     for res in args.resolutions:
         for stage, C, stride in STAGES:
             side = res // stride
@@ -87,7 +85,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                 with torch.no_grad():
                                     fn(xg, w, b, bn)
                         t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                                    time_first_call=impl == "torch.compile")
+                                    time_first_call="compile" in impl)
                         rows.append({"op": "depthwise", "site": site, "input": res, "stage": stage,
                                      "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,
                                      "impl": impl, **t, "bytes": nbytes,

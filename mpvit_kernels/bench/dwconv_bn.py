@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 # MPViT-S patch embeddings: (stage, C, input stride of the map, conv stride); path 0 of stages
 # 2-4 halves the map, every other path keeps it.
@@ -70,9 +70,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     modes = {"eval forward": {"eager": eager, "ours": ours}, "train forward+backward": {"eager": eager_train,
                                                                                          "ours": ours_train}}
-    if not args.no_compile:
-        for impls in modes.values():
-            impls["torch.compile"] = torch.compile(impls["eager"], fullgraph=True)
+    for impls in modes.values():
+        impls.update(compiled(args, impls["eager"], impls["ours"]))
     for res in args.resolutions:
         for stage, C, map_stride, stride in EMBEDS:
             side = res // map_stride
@@ -96,7 +95,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             with torch.no_grad():
                                 fn(x, dw, pw, bn, stride)
                     t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                                time_first_call=impl == "torch.compile")
+                                time_first_call="compile" in impl)
                     seconds = t["median_ms"] * 1e-3
                     rows.append({"op": "dwconv_bn", "input": res, "stage": stage, "stride": stride,
                                  "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,

@@ -11,7 +11,7 @@ import torch
 
 from mpvit_kernels import FactorAttention, ops
 from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 # MPViT-S: (stage, C) with 8 heads; N = (input / stride)^2 at strides 4, 8, 16, 32.
 STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
@@ -67,9 +67,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         def ours_core(qkv=qkv, w=w, b=b):
                             return ops.factor_attention(qkv, (side, side), heads, scale, w, b)
 
-                        impls = {"eager": eager_core, "ours": ours_core}
-                        if not args.no_compile:
-                            impls["torch.compile"] = torch.compile(eager_core)
+                        impls = {"eager": eager_core, "ours": ours_core,
+                                 **compiled(args, eager_core, ours_core, fullgraph=False)}
                     else:
                         m = FactorAttention(C).to(device=device, dtype=dtype)
                         public = public_attention(C, None, None, device, dtype)
@@ -83,11 +82,11 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         def ours_mod(m=m, x=x):
                             return m(x, (side, side))
 
-                        impls = {"eager": eager_mod, "ours": ours_mod}
-                        if not args.no_compile:
-                            impls["torch.compile"] = torch.compile(eager_mod)
-                    if not use_ours:
+                        impls = {"eager": eager_mod, "ours": ours_mod,
+                                 **compiled(args, eager_mod, ours_mod, fullgraph=False)}
+                    if not use_ours:  # the Triton kernels need a GPU
                         impls.pop("ours")
+                        impls.pop("ours + compile", None)
                     nbytes = kernel_bytes(args.batch, N, C, torch.finfo(dtype).bits // 8, backward)
                     for impl, fn in impls.items():
                         if backward:
@@ -98,7 +97,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                 with torch.no_grad():
                                     fn()
                         t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                                    time_first_call=impl == "torch.compile")
+                                    time_first_call="compile" in impl)
                         row = {"op": "factor_attention", "scope": scope, "input": res, "stage": stage,
                                "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                                "bytes": nbytes}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 # (model, stage, C per path, C out, input stride of the map): num_path + 1 = 4 inputs everywhere
 AGGREGATES = [("S", 1, 64, 128, 4), ("S", 2, 128, 216, 8), ("S", 3, 216, 288, 16), ("S", 4, 288, 288, 32),
@@ -60,9 +60,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     modes = {"eval forward": {"eager": eager, "ours": ours},
              "train forward+backward": {"eager": eager_train, "ours": ours_train}}
-    if not args.no_compile:
-        for impls in modes.values():
-            impls["torch.compile"] = torch.compile(impls["eager"], fullgraph=True)
+    for impls in modes.values():
+        impls.update(compiled(args, impls["eager"], impls["ours"]))
     for res in args.resolutions:
         for model, stage, C, Cout, stride in AGGREGATES:
             side = res // stride
@@ -90,7 +89,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             with torch.no_grad():
                                 fn(xs, w, bn)
                     t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                                time_first_call=impl == "torch.compile")
+                                time_first_call="compile" in impl)
                     seconds = t["median_ms"] * 1e-3
                     rows.append({"op": "gli_projection", "model": model, "input": res, "stage": stage,
                                  "shape": [args.batch, side, side, INPUTS, C, Cout], "dtype": dtype_name, "mode": mode,

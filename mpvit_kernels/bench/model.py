@@ -17,7 +17,7 @@ import torch
 
 from mpvit_kernels import fuse
 from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
-from mpvit_kernels.bench.timing import measure
+from mpvit_kernels.bench.timing import compiled, measure
 
 SIZES = {"cuda": ("small", "base"), "cpu": ("tiny",)}
 BATCH = {"cuda": 64, "cpu": 8}
@@ -40,10 +40,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     batch = args.model_batch or BATCH[device.type]
     for size in SIZES[device.type]:
         public, ours = models(size, device)
-        impls = {"eager": public, "ours": ours}
-        if not args.no_compile:
-            impls["torch.compile"] = torch.compile(public)
-            impls["ours + compile"] = torch.compile(ours)
+        impls = {"eager": public, "ours": ours, **compiled(args, public, ours, fullgraph=False)}
         for res in args.resolutions:
             x = torch.randn(batch, 3, res, res, device=device)
             for impl, model in impls.items():
@@ -66,8 +63,8 @@ def table(rows: list[dict]) -> str:
     key = lambda r: (r["model"], r["input"], r["dtype"])  # noqa: E731
     base = {(key(r), r["impl"]): r["median_ms"] for r in rows}
     for r in rows:
-        compiled = base.get((key(r), "torch.compile"))
-        vs_compile = f"{compiled / r['median_ms']:.2f}x" if compiled else "-"
+        compile_ms = base.get((key(r), "torch.compile"))
+        vs_compile = f"{compile_ms / r['median_ms']:.2f}x" if compile_ms else "-"
         first = f"{r['first_call_ms'] / 1e3:.0f}" if r.get("first_call_ms") is not None else "-"
         out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['impl']} | "
                    f"{r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['img/s']:.1f} | "

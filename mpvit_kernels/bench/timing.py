@@ -117,3 +117,18 @@ def sync() -> None:
     """Waits for the suite's device, so that a benchmarked step includes its kernels."""
     if SUITE_DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+def compiled(args, eager: Callable, ours: Callable | None = None, fullgraph: bool = True) -> dict[str, Callable]:
+    """A row's compiled columns: "torch.compile" of the eager function, "torch.compile
+    max-autotune" with --max-autotune (its compile takes minutes), and "ours + compile" (our ops
+    stay whole in the graph, what is around them fuses); none with --no-compile. Compiles happen
+    at the first call, which ``measure(..., time_first_call=True)`` times apart."""
+    if args.no_compile:
+        return {}
+    impls = {"torch.compile": torch.compile(eager, fullgraph=fullgraph)}
+    if getattr(args, "max_autotune", False):
+        impls["torch.compile max-autotune"] = torch.compile(eager, fullgraph=fullgraph, mode="max-autotune")
+    if ours is not None:
+        impls["ours + compile"] = torch.compile(ours, fullgraph=fullgraph)
+    return impls
