@@ -22,10 +22,9 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as (scale, shift) with ``bn(x) == x * scale + shift``, in fp32 (fp64 for
     an fp64 BatchNorm), computed once and reused while its weight, bias and running statistics
     are the same tensors at the same version (backend.cached_by_version: an optimiser step or a
-    load_state_dict recomputes it). Not cached
-    where the fold is part of an autograd graph (the affine parameters train, as in frozen-BN
-    fine-tuning: each forward needs its own graph), nor inside torch.compile (which fuses the
-    fold into its graph)."""
+    load_state_dict recomputes it). Not cached where the fold is part of an autograd graph (the
+    affine parameters train, as in frozen-BN fine-tuning: each forward needs its own graph), nor
+    inside torch.compile (which fuses the fold into its graph)."""
     C = bn.running_mean.shape[0]
     weight = bn.weight if bn.weight is not None else bn.running_mean.new_ones(C)
     bias = bn.bias if bn.bias is not None else bn.running_mean.new_zeros(C)

@@ -45,12 +45,7 @@ def test_use_backend_nests_per_op_family_and_restores():
             assert mpvit_kernels.get_backend("dwconv_bn") == "reference"
         assert mpvit_kernels.get_backend("depthwise") == "reference"
     assert mpvit_kernels.get_backend("depthwise") == "auto"
-    with pytest.raises(ValueError, match="backend"):
-        with mpvit_kernels.use_backend("fast"):
-            pass
-    with pytest.raises(ValueError, match="op families"):
-        with mpvit_kernels.use_backend("reference", ops=["attention"]):
-            pass
+    # (an unknown backend or op family: test_affine_hswish's backend test)
     with pytest.raises(TypeError, match="ops"):
         with mpvit_kernels.use_backend("reference", ops="depthwise"):
             pass

@@ -115,8 +115,7 @@ SUITE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def sync() -> None:
     """Waits for the suite's device, so that a benchmarked step includes its kernels."""
-    if SUITE_DEVICE == "cuda":
-        torch.cuda.synchronize()
+    sync_device(torch.device(SUITE_DEVICE))
 
 
 def compiled(args, eager: Callable, ours: Callable | None = None, fullgraph: bool = True) -> dict[str, Callable]:
