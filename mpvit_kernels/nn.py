@@ -40,6 +40,47 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, fold)
 
 
+def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,
+                name: str = "x") -> None:
+    """A module's input before any kernel runs: a floating Tensor of ``layout`` ("(B, C, H, W)"
+    or "(B, N, C)", its dims counted from it) with ``channels`` in ``channel_dim``, on ``param``'s
+    device and, outside autocast, in its dtype (as nn.Linear and nn.Conv2d require; under
+    autocast the ops cast as autocast does)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a Tensor, got {type(x).__name__}")
+    want = layout.replace("C", str(channels))
+    if x.dim() != layout.count(",") + 1 or x.shape[channel_dim] != channels:
+        raise ValueError(f"{where}: {name} must be {want}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be floating point, got {x.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"{where}: {name} is on {x.device} but the module's parameters are on {param.device}")
+    if x.dtype != param.dtype and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{where}: {name} is {x.dtype} but the module's parameters are {param.dtype}; cast one to the "
+                        "other, or run under torch.autocast")
+
+
+def _check_conv(where: str, kernel_sizes=None, strides=None, **sizes) -> None:
+    """A conv module's constructor arguments: positive ints, kernel size and stride among those
+    its kernels take (any, if None)."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
+    for name, allowed in (("kernel_size", kernel_sizes), ("stride", strides)):
+        if allowed is not None and sizes[name] not in allowed:
+            raise ValueError(f"{where}: {name} must be one of {allowed}, got {sizes[name]}")
+
+
+def check_size(where: str, size, N: int) -> tuple[int, int]:
+    """``size`` = (H, W) of a token tensor with N tokens."""
+    if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"{where}: size must be (H, W), two positive ints, got {size!r}")
+    if size[0] * size[1] != N:
+        raise ValueError(f"{where}: x has N={N} tokens but size={tuple(size)} gives {size[0] * size[1]}")
+    return size[0], size[1]
+
+
 def sync_group(bn: nn.BatchNorm2d):
     """The process group a training synchronised BatchNorm (ours, or nn.SyncBatchNorm) takes its
     statistics over, or None where there is nothing to synchronise."""
@@ -155,11 +196,13 @@ class Conv2dBN(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, hswish: bool = False):
         super().__init__()
+        _check_conv("Conv2dBN", in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size, stride=stride)
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
         self.hswish = hswish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("Conv2dBN", x, "(B, C, H, W)", 1, self.conv.in_channels, self.conv.weight)
         if self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and x.dim() == 4:
             return pointwise_bn_hswish([x], self.conv.weight, self.bn, self.hswish)
         return bn_hswish(self.conv(x), self.bn, self.hswish)
@@ -188,11 +231,14 @@ class DWConv2dBN(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
         super().__init__()
+        _check_conv("DWConv2dBN", (3, 5, 7), (1, 2), in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size,
+                    stride=stride)
         self.dwconv = nn.Conv2d(in_ch, in_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=in_ch, bias=False)
         self.pwconv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("DWConv2dBN", x, "(B, C, H, W)", 1, self.dwconv.in_channels, self.dwconv.weight)
         dw, pw, stride, bn = self.dwconv.weight, self.pwconv.weight, self.dwconv.stride[0], self.bn
         if bn.training or bn.running_mean is None:
             if not bn.affine or sync_group(bn) is not None:  # the conv fused, the BatchNorm as is
@@ -220,6 +266,7 @@ class GLIProjection(nn.Module):
         super().__init__()
         if not 1 <= num_inputs <= GLI_MAX_INPUTS:
             raise ValueError(f"num_inputs must be in 1..{GLI_MAX_INPUTS}, got {num_inputs}")
+        _check_conv("GLIProjection", in_channels=in_channels, out_channels=out_channels)
         self.num_inputs = num_inputs
         self.conv = nn.Conv2d(in_channels * num_inputs, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -228,6 +275,11 @@ class GLIProjection(nn.Module):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_inputs:
             raise ValueError(f"GLIProjection: expected a list of {self.num_inputs} inputs, got "
                              f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}")
+        C = self.conv.in_channels // self.num_inputs
+        for i, t in enumerate(inputs):
+            tokens = isinstance(t, torch.Tensor) and t.dim() == 3
+            check_input("GLIProjection", t, "(B, N, C)" if tokens else "(B, C, H, W)", 2 if tokens else 1, C,
+                        self.conv.weight, name=f"inputs[{i}]")
         return pointwise_bn_hswish(list(inputs), self.conv.weight, self.bn, True, size)
 
 
@@ -255,13 +307,13 @@ class ConvPosEnc(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
+        _check_conv("ConvPosEnc", (3, 5, 7), dim=dim, kernel_size=kernel_size)
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        check_input("ConvPosEnc", x, "(B, N, C)", 2, self.proj.in_channels, self.proj.weight)
         B, N, C = x.shape
-        H, W = size
-        if N != H * W:
-            raise ValueError(f"ConvPosEnc: x has N={N} tokens but size={tuple(size)} gives {H * W}")
+        H, W = check_size("ConvPosEnc", size, N)
         img = x.transpose(1, 2).reshape(B, C, H, W)  # a view when x is contiguous tokens
         return ops.depthwise(img, self.proj.weight, self.proj.bias, residual=True).flatten(2).transpose(1, 2)
 
@@ -300,8 +352,9 @@ class FactorAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_scale: float | None = None,
                  crpe_window: Mapping[int, int] | None = None, shared_crpe: ConvRelPosEnc | None = None):
         super().__init__()
+        _check_conv("FactorAttention", dim=dim, num_heads=num_heads)
         if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            raise ValueError(f"FactorAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
@@ -310,9 +363,8 @@ class FactorAttention(nn.Module):
         self.crpe = shared_crpe if shared_crpe is not None else ConvRelPosEnc(head_dim, num_heads, crpe_window)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
-        if N != size[0] * size[1]:
-            raise ValueError(f"FactorAttention: x has N={N} tokens but size={tuple(size)} gives {size[0] * size[1]}")
+        check_input("FactorAttention", x, "(B, N, C)", 2, self.qkv.in_features, self.qkv.weight)
+        size = check_size("FactorAttention", size, x.shape[1])
         convs = self.crpe.conv_list
         out = ops.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
                                    [c.weight for c in convs], [c.bias for c in convs])

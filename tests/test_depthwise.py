@@ -192,6 +192,9 @@ def test_empty_batch_and_channels():
     (dict(stride=2, residual=True), ValueError, "residual"),
     (dict(weight=torch.randn(4, 1, 3, 3, device="meta")), ValueError, "weight is on"),
     (dict(bias=[0.0] * 4), TypeError, "bias must be a Tensor"),
+    (dict(stride=1.0), TypeError, "stride must be an int"),
+    (dict(residual=torch.ones(1)), TypeError, "residual must be a bool"),
+    (dict(hswish=1), TypeError, "hswish must be a bool"),
 ])
 def test_bad_inputs_raise_before_any_kernel(change, exc, match):
     args = dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(4, 1, 3, 3))

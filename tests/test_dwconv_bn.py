@@ -194,6 +194,15 @@ def test_bad_inputs_raise_before_any_kernel(change, exc, match):
         ops.dwconv_bn(**{**args, **change})
 
 
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), "1e-5"])
+def test_train_op_refuses_a_bad_eps(eps):
+    with pytest.raises(ValueError, match="dwconv_bn_train: eps must be a finite number"):
+        ops.dwconv_bn_train(torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1), 1,
+                            torch.ones(6), torch.zeros(6), eps)
+    with pytest.raises(ValueError, match="gli_projection_train: eps must be a finite number"):
+        ops.gli_projection_train([torch.randn(2, 4, 5, 5)] * 2, torch.randn(6, 8), torch.ones(6), torch.zeros(6), eps)
+
+
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
 
 # MPViT-S and -B patch embeddings at 224 input: (C, input side, stride); path 0 of stages 2-4 has

@@ -74,8 +74,9 @@ def run_both(args, grad_seed=1):
     return out, ref, grads, ref_grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+# Each case in one dtype, fp32 and fp64 in turn (test_properties.py draws both over random shapes).
+@pytest.mark.parametrize("case, dtype", [(c, (torch.float32, torch.float64)[i % 2]) for i, c in enumerate(CASES)],
+                         ids=[case_id(c) + ("-fp32", "-fp64")[i % 2] for i, c in enumerate(CASES)])
 def test_kernels_match_reference(case, dtype):
     with RecordLaunches() as rec:
         out, ref, grads, ref_grads = run_both(make_inputs(*case, dtype))

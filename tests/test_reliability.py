@@ -1,7 +1,9 @@
 """Reliability: an empty batch (B = 0) through every module gives an empty result of the right
 shape, forward and backward, on every backend (no kernel is launched over nothing); a second
 derivative through any op is refused with a clear error; a training step is bitwise
-reproducible in deterministic mode."""
+reproducible in deterministic mode; bad module arguments are refused naming them; batches past
+2^31 elements are addressed with 64-bit offsets (and what stays 32-bit is refused beyond it);
+a NaN in an input is never hidden; low-precision attention with large keys stays finite."""
 import copy
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels.models import mpvit_tiny
+from tests.conftest import KERNEL_DEVICE
 
 BACKENDS = ["auto", "reference"]  # auto: the Triton kernels (interpreted here) and the C++ twins
 
@@ -106,3 +109,227 @@ def test_training_step_is_bitwise_reproducible_in_deterministic_mode():
     finally:
         torch.use_deterministic_algorithms(was)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def bad_module_calls():
+    """(id, call, exception, message) for the modules: wrong arguments to the constructors and
+    wrong inputs to the forwards, each refused before any kernel runs."""
+    from mpvit_kernels import ConvPosEnc, Conv2dBN, DWConv2dBN, FactorAttention, GLIProjection
+
+    r = torch.randn
+    return [
+        ("FactorAttention dim", lambda: FactorAttention(16, 3), ValueError, r"dim \(16\) must be divisible"),
+        ("FactorAttention heads", lambda: FactorAttention(16, 0), ValueError, "num_heads must be a positive int"),
+        ("FactorAttention channels", lambda: FactorAttention(16, 8)(r(2, 12, 15), (3, 4)), ValueError,
+         r"x must be \(B, N, 16\), got shape \(2, 12, 15\)"),
+        ("FactorAttention dims", lambda: FactorAttention(16, 8)(r(2, 12, 16, 1), (3, 4)), ValueError,
+         r"x must be \(B, N, 16\)"),
+        ("FactorAttention int", lambda: FactorAttention(16, 8)(torch.ones(2, 12, 16, dtype=torch.long), (3, 4)),
+         TypeError, "x must be floating point, got torch.int64"),
+        ("FactorAttention dtype", lambda: FactorAttention(16, 8)(r(2, 12, 16, dtype=torch.float64), (3, 4)),
+         TypeError, "x is torch.float64 but the module's parameters are torch.float32"),
+        ("FactorAttention device", lambda: FactorAttention(16, 8)(r(2, 12, 16, device="meta"), (3, 4)), ValueError,
+         "x is on meta but the module's parameters are on cpu"),
+        ("FactorAttention size", lambda: FactorAttention(16, 8)(r(2, 12, 16), 12), ValueError,
+         "size must be"),
+        ("FactorAttention N", lambda: FactorAttention(16, 8)(r(2, 12, 16), (3, 5)), ValueError,
+         r"N=12 tokens but size=\(3, 5\) gives 15"),
+        ("ConvPosEnc kernel", lambda: ConvPosEnc(16, 4), ValueError, "kernel_size must be one of"),
+        ("ConvPosEnc channels", lambda: ConvPosEnc(16)(r(2, 12, 8), (3, 4)), ValueError, r"x must be \(B, N, 16\)"),
+        ("ConvPosEnc size", lambda: ConvPosEnc(16)(r(2, 12, 16), (3, 4.0)), ValueError, "size must be"),
+        ("DWConv2dBN stride", lambda: DWConv2dBN(8, 12, 3, 3), ValueError, "stride must be one of"),
+        ("DWConv2dBN kernel", lambda: DWConv2dBN(8, 12, 4), ValueError, "kernel_size must be one of"),
+        ("DWConv2dBN channels", lambda: DWConv2dBN(8, 12)(r(1, 7, 5, 5)), ValueError,
+         r"x must be \(B, 8, H, W\), got shape \(1, 7, 5, 5\)"),
+        ("DWConv2dBN dtype", lambda: DWConv2dBN(8, 12)(r(1, 8, 5, 5, dtype=torch.float64)), TypeError,
+         "parameters are torch.float32"),
+        ("Conv2dBN channels", lambda: Conv2dBN(8, 12, 1)(r(1, 7, 5, 5)), ValueError, r"x must be \(B, 8, H, W\)"),
+        ("Conv2dBN dtype", lambda: Conv2dBN(8, 12, 1)(r(1, 8, 5, 5, dtype=torch.float64)), TypeError,
+         "parameters are torch.float32"),
+        ("Conv2dBN in_ch", lambda: Conv2dBN(0, 12, 1), ValueError, "in_ch must be a positive int"),
+        ("GLIProjection out", lambda: GLIProjection(8, 0, 2), ValueError, "out_channels must be a positive int"),
+        ("GLIProjection channels", lambda: GLIProjection(8, 12, 2)([r(1, 8, 5, 5), r(1, 7, 5, 5)]), ValueError,
+         r"inputs\[1\] must be \(B, 8, H, W\)"),
+        ("GLIProjection token channels", lambda: GLIProjection(8, 12, 2)([r(1, 25, 7)] * 2, size=(5, 5)),
+         ValueError, r"inputs\[0\] must be \(B, N, 8\)"),
+        ("GLIProjection dtype", lambda: GLIProjection(8, 12, 2)([r(1, 8, 5, 5, dtype=torch.float64)] * 2),
+         TypeError, r"inputs\[0\] is torch.float64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_module_calls())), ids=[c[0] for c in bad_module_calls()])
+def test_modules_refuse_bad_arguments_naming_them(case):
+    _, call, exc, match = bad_module_calls()[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_modules_take_another_dtype_under_autocast():
+    from mpvit_kernels import FactorAttention
+
+    m = FactorAttention(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 12, 16, dtype=torch.bfloat16), (3, 4))
+    assert out.dtype == torch.bfloat16
+
+
+# ---- 64-bit offsets ---------------------------------------------------------------------------
+
+# Items this far apart put item 2 past 2^31 elements, while 2 * ITEM_STRIDE computed in int32
+# wraps: a kernel that forms a batch offset in 32 bits reads the wrong item (or faults).
+ITEM_STRIDE = 2 ** 30 + 64
+
+
+def far_apart(item_shape, item_strides, batch=3, parts=1):
+    """``parts`` tensors (batch, *item_shape) of random values whose items lie ITEM_STRIDE fp32
+    elements apart in one buffer of over 2^31 elements. The buffer is allocated, never filled:
+    only the pages the items occupy are touched (a few MB of the 8 GiB reserved)."""
+    item = 1 + sum((n - 1) * s for n, s in zip(item_shape, item_strides))
+    buf = torch.empty((batch - 1) * ITEM_STRIDE + parts * item, dtype=torch.float32)
+    views = []
+    for p in range(parts):
+        v = buf.as_strided((batch, *item_shape), (ITEM_STRIDE, *item_strides), p * item)
+        v.copy_(torch.randn(v.shape))
+        views.append(v)
+    return views
+
+
+@pytest.mark.parametrize("op", ["factor_attention", "gli_projection maps", "gli_projection tokens", "dwconv_bn"])
+def test_batches_past_2_to_the_31_elements_read_the_right_items(op):
+    from mpvit_kernels import ops
+
+    H, W, C = 3, 5, 8
+    if op == "factor_attention":
+        (x,) = far_apart((H * W, 3 * C), (3 * C, 1))
+        crpe = [torch.randn(4, 1, 3, 3), torch.randn(4, 1, 5, 5)], [torch.randn(4), torch.randn(4)]
+        run = lambda t: ops.factor_attention(t, (H, W), 2, 0.5, *crpe)  # noqa: E731
+        xs = [x]
+    elif op == "gli_projection maps":
+        xs = far_apart((C, H, W), (1, W * C, C), parts=2)  # channels-last images
+        w, scale, shift = torch.randn(6, 2 * C), torch.rand(6), torch.randn(6)
+        run = lambda *t: ops.gli_projection(list(t), w, scale, shift, hswish=True)  # noqa: E731
+    elif op == "gli_projection tokens":
+        xs = far_apart((H * W, C), (C, 1), parts=2)
+        w = torch.randn(6, 2 * C)
+        run = lambda *t: ops.gli_projection(list(t), w, size=(H, W))  # noqa: E731
+    else:
+        xs = far_apart((C, H, W), (1, W * C, C))
+        dw, pw, scale, shift = torch.randn(C, 1, 3, 3), torch.randn(6, C, 1, 1), torch.rand(6), torch.randn(6)
+        run = lambda t: ops.dwconv_bn(t, dw, pw, 1, scale, shift, hswish=True)  # noqa: E731
+    compact = [x.clone().requires_grad_() for x in xs]  # the same values, small offsets
+    xs = [x.requires_grad_() for x in xs]
+    out, want = run(*xs), run(*compact)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    got, expected = torch.autograd.grad(out, xs, grad), torch.autograd.grad(want, compact, grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_items_or_rows_past_32_bits_are_refused_before_any_kernel():
+    from mpvit_kernels import ops
+
+    big = 2 ** 31
+    qkv = torch.empty(1, 2, 48, device="meta").as_strided((1, 2, 48), (big, big, 1))  # token 1 at 2^31
+    crpe = [torch.empty(16, 1, 3, 3, device="meta")], [torch.empty(16, device="meta")]
+    with pytest.raises(ValueError, match="factor_attention: one batch item of qkv spans"):
+        ops.factor_attention(qkv, (1, 2), 2, 0.5, *crpe)
+    x = torch.empty(1, 8, 2, 2, device="meta").as_strided((1, 8, 2, 2), (1, 1, big, 8))
+    with pytest.raises(ValueError, match="dwconv_bn: one batch item of x spans"):
+        ops.dwconv_bn(x, torch.empty(8, 1, 3, 3, device="meta"), torch.empty(4, 8, 1, 1, device="meta"))
+    many = torch.empty(2 ** 16, 1, 2 ** 15, 1, device="meta")  # 2^31 pixels
+    with pytest.raises(ValueError, match="gli_projection: 2147483648 rows"):
+        ops.gli_projection([many], torch.empty(4, 1, device="meta"))
+    with pytest.raises(ValueError, match="dwconv_bn: 2147483648 rows"):
+        ops.dwconv_bn(many, torch.empty(1, 1, 3, 3, device="meta"), torch.empty(4, 1, 1, 1, device="meta"))
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+
+def nan_cases():
+    """(name, fn, x): ops whose input x (2 items) carries one NaN in item 0."""
+    from mpvit_kernels import ops
+
+    torch.manual_seed(0)
+    C = 8
+    img = torch.randn(2, C, 5, 4, device=KERNEL_DEVICE)
+    w, b = torch.randn(C, 1, 3, 3, device=KERNEL_DEVICE), torch.randn(C, device=KERNEL_DEVICE)
+    pw = torch.randn(6, C, 1, 1, device=KERNEL_DEVICE)
+    s6, t6 = torch.rand(6, device=KERNEL_DEVICE) + 0.5, torch.randn(6, device=KERNEL_DEVICE)
+    s8, t8 = torch.rand(C, device=KERNEL_DEVICE) + 0.5, torch.randn(C, device=KERNEL_DEVICE)
+    qkv = torch.randn(2, 20, 3 * 16, device=KERNEL_DEVICE)
+    crpe = ([torch.randn(8, 1, 3, 3, device=KERNEL_DEVICE), torch.randn(8, 1, 5, 5, device=KERNEL_DEVICE)],
+            [torch.randn(8, device=KERNEL_DEVICE), torch.randn(8, device=KERNEL_DEVICE)])
+    attention = lambda t: ops.factor_attention(t, (4, 5), 2, 0.25, *crpe)  # noqa: E731
+    return [
+        ("affine_hswish", lambda x: ops.affine_hswish(x, s8, t8, True), img),
+        ("depthwise bn hswish", lambda x: ops.depthwise(x, w, b, 1, s8, t8, hswish=True), img),
+        ("depthwise cpe", lambda x: ops.depthwise(x, w, b, residual=True), img),
+        ("dwconv_bn", lambda x: ops.dwconv_bn(x, w, pw, 2, s6, t6, hswish=True), img),
+        ("gli_projection", lambda x: ops.gli_projection([x, x.flip(0)], pw.reshape(6, C).repeat(1, 2), s6, t6,
+                                                        hswish=True), img),
+        ("factor_attention q", attention, qkv),
+        ("factor_attention k", attention, qkv),
+        ("factor_attention v", attention, qkv),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(nan_cases())), ids=[c[0] for c in nan_cases()])
+def test_a_nan_in_an_input_reaches_the_output(case):
+    """Never hidden (a clamp, a max or a masked select could drop it): the item with the NaN gets
+    NaNs, the other item none (nothing mixes items in eval)."""
+    name, fn, x = nan_cases()[case]
+    x = x.clone()
+    if name.startswith("factor_attention"):
+        x[0, 7, {"q": 3, "k": 16 + 3, "v": 32 + 3}[name[-1]]] = float("nan")
+    else:
+        x[0, 2, 1, 1] = float("nan")
+    out = fn(x)
+    if name == "gli_projection":  # item 1 reads item 0 through the flipped second input
+        assert out.isnan().any(dim=(1, 2, 3)).all(), name
+        return
+    assert out[0].isnan().any() and out[1].isfinite().all(), name
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_train", "gli_projection_train"])
+def test_a_nan_in_a_training_batch_reaches_every_output(op):
+    """Batch statistics mix every item: a NaN anywhere makes the batch's statistics NaN."""
+    from mpvit_kernels import ops
+
+    x = torch.randn(2, 8, 5, 4, device=KERNEL_DEVICE)
+    x[1, 3, 2, 2] = float("nan")
+    gamma, beta = torch.ones(6, device=KERNEL_DEVICE), torch.zeros(6, device=KERNEL_DEVICE)
+    if op == "dwconv_bn_train":
+        y, mean, var = ops.dwconv_bn_train(x, torch.randn(8, 1, 3, 3, device=KERNEL_DEVICE),
+                                           torch.randn(6, 8, 1, 1, device=KERNEL_DEVICE), 1, gamma, beta, 1e-5)
+    else:
+        y, mean, var = ops.gli_projection_train([x], torch.randn(6, 8, device=KERNEL_DEVICE), gamma, beta, 1e-5)
+    assert y.isnan().all() and mean.isnan().all() and var.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_attention_with_large_keys_is_finite(dtype):
+    """Keys up to about 3e4 (fp16's range ends at 65504): the softmax subtracts each column's max,
+    so the output and every grad are finite where the fp32 reference is, and close to it."""
+    from mpvit_kernels import ops
+
+    if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
+        pytest.skip("Triton's interpreter has no bf16 (the CUDA run covers it)")
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 20, 48, device=KERNEL_DEVICE)
+    qkv[..., 16:32] *= 1e4
+    crpe = ([0.2 * torch.randn(8, 1, 3, 3, device=KERNEL_DEVICE), 0.2 * torch.randn(8, 1, 5, 5, device=KERNEL_DEVICE)],
+            [torch.randn(8, device=KERNEL_DEVICE), torch.randn(8, device=KERNEL_DEVICE)])
+    low = qkv.to(dtype).requires_grad_()
+    exact = low.detach().float().requires_grad_()
+    out = ops.factor_attention(low, (4, 5), 2, 0.25, *crpe)
+    with mpvit_kernels.use_backend("reference"):
+        ref = ops.factor_attention(exact, (4, 5), 2, 0.25, *crpe)
+    grad = torch.randn_like(ref)
+    (g,), (g_ref,) = torch.autograd.grad(out, low, grad.to(dtype)), torch.autograd.grad(ref, exact, grad)
+    assert torch.isfinite(ref).all() and torch.isfinite(g_ref).all()
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    # the saturated softmax leaves dk near 0 by cancellation: every grad against the largest
+    torch.testing.assert_close(g.float(), g_ref, atol=4 * tol * g_ref.abs().max().item(), rtol=0)

@@ -13,6 +13,8 @@ op because their backward graphs call it) is the backward (mpvit_kernels/triton/
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mpvit_kernels import backend, reference
@@ -61,6 +63,31 @@ def check_channel_params(where: str, C: int, device: torch.device, **named) -> N
             raise ValueError(f"{where}: {name} must have shape ({C},), got {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"{where}: {name} is on {t.device} but the input is on {device}")
+
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def check_rows(where: str, rows: int) -> None:
+    """The Triton GEMMs and BatchNorm kernels number their rows (pixels of the whole batch) with
+    32-bit ints; the addresses they form from them are 64-bit."""
+    if rows > INT32_MAX:
+        raise ValueError(f"{where}: {rows} rows (batch x pixels) in one call; at most 2^31 - 1 are supported")
+
+
+def check_item_span(where: str, name: str, t: torch.Tensor) -> None:
+    """Kernels that address within one batch item of ``t`` (every dim but 0, by its strides) with
+    32-bit ints, the batch offset with 64-bit ones: any batch size works, one item must span
+    fewer than 2^31 elements."""
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]))
+    if t.numel() > 0 and span > INT32_MAX:
+        raise ValueError(f"{where}: one batch item of {name} spans {span} elements (shape {tuple(t.shape)}, "
+                         f"strides {t.stride()}); at most 2^31 - 1 are supported")
+
+def check_eps(where: str, eps) -> None:
+    """A training BatchNorm's eps: a finite number >= 0."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, hswish: bool):

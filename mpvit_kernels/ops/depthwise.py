@@ -21,7 +21,7 @@ from mpvit_kernels import backend, reference
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(x, weight, bias, stride, scale, shift, residual) -> None:
+def _check(x, weight, bias, stride, scale, shift, hswish, residual) -> None:
     named = [("x", x), ("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)]
     for name, t in named:
         if t is None and name in ("bias", "scale", "shift"):
@@ -39,8 +39,13 @@ def _check(x, weight, bias, stride, scale, shift, residual) -> None:
     if weight.dim() != 4 or tuple(weight.shape[:3]) != (C, 1, k) or k not in (3, 5, 7):
         raise ValueError(f"depthwise: weight must be ({C}, 1, k, k) with k in (3, 5, 7) for x with {C} channels, "
                          f"got {tuple(weight.shape)}")
-    if isinstance(stride, bool) or stride not in (1, 2):
+    if not isinstance(stride, int) or isinstance(stride, bool):
+        raise TypeError(f"depthwise: stride must be an int, got {type(stride).__name__}")
+    if stride not in (1, 2):
         raise ValueError(f"depthwise: stride must be 1 or 2, got {stride!r}")
+    for name, flag in (("hswish", hswish), ("residual", residual)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"depthwise: {name} must be a bool, got {type(flag).__name__}")
     if (scale is None) != (shift is None):
         raise ValueError("depthwise: scale and shift must be given together (a folded BatchNorm)")
     for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
@@ -58,9 +63,9 @@ def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     the output has x's dtype, the parameters may have any floating dtype. Under autocast x is
     cast as a conv's input is, except with ``residual``: eager's ``x + conv(x)`` keeps x's dtype,
     and so does the fused sum."""
+    _check(x, weight, bias, stride, scale, shift, hswish, residual)
     if not residual:
         x = backend.autocast(x)
-    _check(x, weight, bias, stride, scale, shift, residual)
     if backend.use_extension("depthwise", x.device):
         return torch.ops.mpvit_kernels.depthwise(x, weight, bias, int(stride), scale, shift, bool(hswish),
                                                  bool(residual))

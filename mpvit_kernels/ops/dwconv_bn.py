@@ -27,13 +27,14 @@ import torch.nn.functional as F
 
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (affine_hswish, affine_hswish_grad, batch_norm_backward,
-                                             batch_norm_hswish, batch_stats, check_channel_params)
+                                             batch_norm_hswish, batch_stats, check_channel_params,
+                                             check_eps, check_item_span, check_rows)
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
 
 def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
-    _check_depthwise(x, dw_weight, None, stride, scale=None, shift=None, residual=False)
+    _check_depthwise(x, dw_weight, None, stride, scale=None, shift=None, hswish=False, residual=False)
     if not isinstance(pw_weight, torch.Tensor):
         raise TypeError(f"dwconv_bn: pw_weight must be a Tensor, got {type(pw_weight).__name__}")
     C = x.shape[1]
@@ -47,9 +48,14 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
         raise ValueError("dwconv_bn: scale and shift must be given together (a folded BatchNorm)")
     if scale is not None:
         check_channel_params("dwconv_bn", pw_weight.shape[0], x.device, scale=scale, shift=shift)
+    # pixel offsets within an image are 32-bit in the kernel, image offsets and output rows 64-bit
+    check_item_span("dwconv_bn", "x", x)
+    B, _, Ho, Wo = _out_shape(x, pw_weight, stride)
+    check_rows("dwconv_bn", B * Ho * Wo)
 
 
-def _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride) -> None:
+def _check_batch_norm(x, pw_weight, bn_weight, bn_bias, eps, stride) -> None:
+    check_eps("dwconv_bn_train", eps)
     check_channel_params("dwconv_bn_train", pw_weight.shape[0], x.device, bn_weight=bn_weight, bn_bias=bn_bias)
     B, _, Ho, Wo = _out_shape(x, pw_weight, stride)
     if B * Ho * Wo == 1:
@@ -65,7 +71,8 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
     shift (Cout,) a folded BatchNorm or both None; Hardswish if ``hswish``. Returns
     (B, Cout, H', W') channels-last. fp16/bf16/fp32 compute in fp32 (the depthwise output rounds
     to x's dtype before the 1x1, as eager's does), fp64 in fp64; under autocast x is cast to the
-    autocast dtype first, as a conv's input is."""
+    autocast dtype first, as a conv's input is. The weights, scale and shift may have any floating
+    dtype: pw_weight is cast to x's dtype, the others are read in the accumulation type."""
     x = backend.autocast(x)
     _check(x, dw_weight, pw_weight, stride, scale, shift)
     if backend.use_triton("dwconv_bn", x.device):
@@ -91,7 +98,7 @@ def dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.T
     statistics with them (nn.DWConv2dBN does, as nn.BatchNorm2d would)."""
     x = backend.autocast(x)
     _check(x, dw_weight, pw_weight, stride, None, None)
-    _check_batch_norm(x, pw_weight, bn_weight, bn_bias, stride)
+    _check_batch_norm(x, pw_weight, bn_weight, bn_bias, eps, stride)
     if backend.use_triton("dwconv_bn", x.device) and x.numel() > 0:
         w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
         y, _, mean, var = torch.ops.mpvit_kernels.dwconv_bn_train(x, dw_weight, w, bn_weight, bn_bias, float(eps),
@@ -113,7 +120,8 @@ def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
 
     B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
     Cin, K = x.shape[1], dw_weight.shape[-1]
-    xn = x.contiguous(memory_format=torch.channels_last)  # NHWC memory, in place when it is
+    # read in place with any batch, row and pixel strides; converted only when channels are not unit-stride
+    xn = x if x.stride(1) == 1 or Cin == 1 else x.contiguous(memory_format=torch.channels_last)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw = dw_weight.reshape(Cin, K * K).to(acc).contiguous()
     pw = pw_weight.contiguous()

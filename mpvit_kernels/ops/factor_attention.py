@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from mpvit_kernels import backend, reference
+from mpvit_kernels.ops.affine_hswish import check_item_span
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -80,6 +81,7 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
         total += w.shape[0]
     if total != C:
         raise ValueError(f"factor_attention: the CRPE windows cover {total} channels, expected C = {C}")
+    check_item_span("factor_attention", "qkv", qkv)  # token offsets are 32-bit, batch offsets 64-bit
     return B, N, C, Ch, num_heads
 
 
@@ -91,7 +93,9 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     with H*W = N (row-major tokens); crpe_weights[i] (ci, 1, k, k) and crpe_biases[i] (ci,)
     are the depthwise convs over the next ci channels of v (the ci sum to C, whole heads each).
     Returns (B, N, C), head-major channels, ready for ``proj``. fp16/bf16/fp32 inputs run with
-    fp32 math, fp64 with fp64; under autocast qkv is cast to the autocast dtype.
+    fp32 math, fp64 with fp64; under autocast qkv is cast to the autocast dtype. The CRPE
+    parameters may have any floating dtype (fp32 ones next to a bf16 qkv under autocast): they
+    are read in the accumulation type.
     """
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)

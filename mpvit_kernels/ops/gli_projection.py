@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswish_grad, batch_norm_backward,
-                                             batch_norm_hswish, batch_stats, check_channel_params)
+                                             batch_norm_hswish, batch_stats, check_channel_params, check_eps,
+                                             check_rows)
 
 MAX_INPUTS = 5
 
@@ -68,6 +69,7 @@ def _as_rows(inputs, size, where):
             raise ValueError(f"{where}: inputs[{i}] has shape {tuple(x.shape)}, expected {want} like inputs[0]")
         t = x.permute(0, 2, 3, 1).reshape(B, H * W, C) if x.dim() == 4 else x
         rows.append(t if t.stride(-1) == 1 or C == 1 else t.contiguous())
+    check_rows(where, B * H * W)
     return rows, (B, C, H, W)
 
 
@@ -97,8 +99,10 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
     (B, C, H, W) in any layout, or tokens (B, N, C) with ``size=(H, W)``; weight
     (Cout, n*C, 1, 1) or (Cout, n*C); scale and shift (Cout,) a folded BatchNorm or both None;
     Hardswish if ``hswish``. Returns (B, Cout, H, W) channels-last. fp16/bf16/fp32 accumulate in
-    fp32, fp64 in fp64. Under autocast the inputs are cast to the autocast dtype (so they may
-    differ in dtype there, as eager's concat allows)."""
+    fp32, fp64 in fp64. The inputs share one dtype; under autocast they are cast to the autocast
+    dtype (so they may differ in dtype there, as eager's concat allows). weight, scale and shift
+    may have any floating dtype: weight is cast to the inputs' dtype (as autocast casts a conv's),
+    scale and shift are read in the accumulation type."""
     rows, (B, C, H, W) = _as_rows(inputs, size, "gli_projection")
     _check_weight(weight, len(rows), C, rows[0].device, "gli_projection")
     if (scale is None) != (shift is None):
@@ -128,6 +132,7 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
     device = rows[0].device
     _check_weight(weight, len(rows), C, device, "gli_projection_train")
     check_channel_params("gli_projection_train", weight.shape[0], device, bn_weight=bn_weight, bn_bias=bn_bias)
+    check_eps("gli_projection_train", eps)
     if B * H * W == 1:
         raise ValueError("gli_projection_train: batch statistics need more than 1 value per channel, the inputs "
                          "give 1")

@@ -218,7 +218,7 @@ def context_partial_kernel(
     base = qkv_ptr + b.to(tl.int64) * stride_b
     m, l, acc = _context_sums(base, C + h * Ch + offs_d, 2 * C + h * Ch + offs_d, offs_d < Ch, split * chunk,
                               tl.minimum(split * chunk + chunk, N), stride_n, ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
-    row = bh * splits + split
+    row = bh.to(tl.int64) * splits + split
     tl.store(m_ptr + row * BLOCK_D + offs_d, m)
     tl.store(l_ptr + row * BLOCK_D + offs_d, l)
     tl.store(s_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
@@ -238,18 +238,18 @@ def context_combine_kernel(
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     m_max = tl.full([BLOCK_D], float("-inf"), ACC)
     for s in range(0, splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * splits + s) * BLOCK_D + offs_d))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh.to(tl.int64) * splits + s) * BLOCK_D + offs_d))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l = tl.zeros([BLOCK_D], ACC)
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
-        row = bh * splits + s
+        row = bh.to(tl.int64) * splits + s
         w = tl.exp(tl.load(m_ptr + row * BLOCK_D + offs_d) - m_safe)
         l += w * tl.load(l_ptr + row * BLOCK_D + offs_d)
         acc += w[:, None] * tl.load(s_ptr + row * BLOCK_D * BLOCK_D + tile)
     ctx, lse = _normalise(m_max, l, acc)
-    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, ctx)
-    tl.store(lse_ptr + bh * BLOCK_D + offs_d, lse)
+    tl.store(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile, ctx)
+    tl.store(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, lse)
 
 
 @triton.jit
@@ -312,7 +312,7 @@ def output_kernel(
     b = bh // heads
     h = bh % heads
     offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
-    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+    ctx = tl.load(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
     out = _output_tile(qkv_ptr + b.to(tl.int64) * stride_b, ctx, w_ptr, bias_ptr, h, tl.load(ksize_ptr + h) // 2,
                        offs_n, offs_d, nmask, dmask, mask, ys, xs, H, W, C, Ch, stride_n, scale,
                        ACC, DOT_PRECISION, KMAX, BLOCK_N, BLOCK_D)
@@ -349,8 +349,8 @@ def whole_map_kernel(
                               ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     ctx, lse = _normalise(m, l, acc)
     if WRITE_STATS:
-        tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
-        tl.store(lse_ptr + bh * BLOCK_D + offs_d, lse)
+        tl.store(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
+        tl.store(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, lse)
     r = tl.load(ksize_ptr + h) // 2
     out_base = out_ptr + b.to(tl.int64) * out_stride_b
     for start in range(0, N, BLOCK_OUT):
@@ -410,7 +410,7 @@ def grad_partial_kernel(
                 contrib = tl.sum(g * v.to(ACC), axis=0)
                 tap = first_tap + (dy + r) * KMAX + (dx + r)
                 dw_acc += tl.where(taps[:, None] == tap, contrib[None, :], 0.0)
-    row = bh * splits + split
+    row = bh.to(tl.int64) * splits + split
     tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds_acc)
     tl.store(dw_ptr + row * KK * BLOCK_D + taps[:, None] * BLOCK_D + offs_d[None, :], dw_acc)
     tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
@@ -431,11 +431,11 @@ def grad_combine_kernel(
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
-        acc += tl.load(ds_part_ptr + (bh * splits + s) * BLOCK_D * BLOCK_D + tile)
+        acc += tl.load(ds_part_ptr + (bh.to(tl.int64) * splits + s) * BLOCK_D * BLOCK_D + tile)
     ds = tl.full([], scale, ACC) * acc
-    ctx = tl.load(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile)
-    tl.store(ds_ptr + bh * BLOCK_D * BLOCK_D + tile, ds)
-    tl.store(c_ptr + bh * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
+    ctx = tl.load(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile)
+    tl.store(ds_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile, ds)
+    tl.store(c_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
 @GRAD_QKV_TILES.tuned()
@@ -491,7 +491,7 @@ def grad_qkv_kernel(
     # The three (BLOCK_N x BLOCK_D) @ (BLOCK_D x BLOCK_D) products run in K chunks of 16 read
     # straight from memory (L1/L2-hot): whole 64 x 64 right operands would not fit in registers
     # next to the token tiles for fp32 inputs (their dots are FMA, not tensor-core).
-    head = bh * BLOCK_D * BLOCK_D
+    head = bh.to(tl.int64) * BLOCK_D * BLOCK_D
     do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
     dq = do * conv
     for e0 in tl.static_range(0, BLOCK_D, 16):
@@ -509,13 +509,13 @@ def grad_qkv_kernel(
         ds_t = tl.load(ds_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = dS[d, e]
         v_ds += tl.dot(v_e, ds_t, out_dtype=ACC, input_precision=DOT_PRECISION)
         k_e = _load_tokens(base, offs_n, C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
-        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh * BLOCK_D + e)[None, :]), 0.0)
+        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh.to(tl.int64) * BLOCK_D + e)[None, :]), 0.0)
         ds_e = tl.load(ds_ptr + head + e[:, None] * BLOCK_D + offs_d[None, :])  # rows e of dS
         dv += tl.dot(a_e, ds_e, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out + 2 * C, dv.to(ty), mask=mask)
     k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
-    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh * BLOCK_D + offs_d)[None, :]), 0.0)
-    dk = a * (v_ds - tl.load(c_ptr + bh * BLOCK_D + offs_d)[None, :])
+    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d)[None, :]), 0.0)
+    dk = a * (v_ds - tl.load(c_ptr + bh.to(tl.int64) * BLOCK_D + offs_d)[None, :])
     tl.store(out + C, dk.to(ty), mask=mask)
 
 

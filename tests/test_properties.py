@@ -1,0 +1,155 @@
+"""Property tests (hypothesis): every op family on the ``auto`` backend (the Triton kernels,
+interpreted on CPU here, and the C++ twins) against the reference, forward and every gradient,
+over drawn shapes (empty batch, 1x1 maps, sizes that are no multiple of any tile), layouts,
+dtypes and options. Derandomised and bounded, so a run draws the same examples every time and
+stays within CI's budget; the fixed cases of each op's own test file cover model shapes."""
+import contextlib
+import sys
+
+import pytest
+import torch
+
+import mpvit_kernels
+from mpvit_kernels import ops
+from tests.conftest import KERNEL_DEVICE
+from tests.utils import assert_close
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+LAYOUTS = st.sampled_from(["nchw", "channels_last", "strided"])
+SIDE = st.integers(1, 9)
+
+
+def image(g, shape, dtype, layout):
+    """A (B, C, H, W) tensor of random values in ``layout``; "strided" is every other column of a
+    wider channels-last tensor (no dense layout)."""
+    B, C, H, W = shape
+    if layout == "strided":
+        x = torch.randn(B, C, H, 2 * W, dtype=dtype, generator=g)
+        return x.to(KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)[..., ::2]
+    x = torch.randn(shape, dtype=dtype, generator=g).to(KERNEL_DEVICE)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def rand(g, *shape, dtype, low=None):
+    """Normal values, or uniform in [low, low + 1) (scales, BatchNorm weights)."""
+    if low is None:
+        return torch.randn(shape, dtype=dtype, generator=g).to(KERNEL_DEVICE)
+    return (torch.rand(shape, dtype=dtype, generator=g) + low).to(KERNEL_DEVICE)
+
+
+def against_reference(fn, leaves, g, grad_scale=10, out_scale=4):
+    """fn(*leaves) on the auto backend and the reference one: the outputs (the first one, if fn
+    returns several, gets the gradient) and the grads of every leaf that requires one agree."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in leaves]
+    results = []
+    for backend in ("auto", "reference"):
+        with mpvit_kernels.use_backend(backend):
+            out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        results.append(outs)
+    grad = torch.randn(results[0][0].shape, dtype=results[0][0].dtype, generator=g).to(KERNEL_DEVICE)
+    ours, ref = results
+    assert ours[0].shape == ref[0].shape and ours[0].dtype == ref[0].dtype
+    for a, b in zip(ours, ref):
+        assert_close(a, b, scale=out_scale)
+    got = torch.autograd.grad(ours[0], leaves, grad, allow_unused=True)
+    want = torch.autograd.grad(ref[0], leaves, grad, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a is None or b is None:
+            assert (a is None or not a.any()) and (b is None or not b.any()), i
+        else:
+            assert_close(a, b, scale=grad_scale)
+
+
+@hypothesis.settings(max_examples=40, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, k=st.sampled_from([3, 5, 7]),
+                  stride=st.sampled_from([1, 2]), epilogue=st.sampled_from(["plain", "bias", "bn_hswish", "cpe"]),
+                  layout=LAYOUTS, dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_depthwise(B, C, H, W, k, stride, epilogue, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = image(g, (B, C, H, W), dtype, layout)
+    w, b = 0.3 * rand(g, C, 1, k, k, dtype=dtype), rand(g, C, dtype=dtype)
+    scale, shift = rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)
+    calls = {
+        "plain": (lambda x, w: ops.depthwise(x, w, None, stride), [x, w]),
+        "bias": (lambda x, w, b: ops.depthwise(x, w, b, stride), [x, w, b]),
+        "bn_hswish": (lambda x, w, b, s, t: ops.depthwise(x, w, b, stride, s, t, hswish=True), [x, w, b, scale, shift]),
+        "cpe": (lambda x, w, b: ops.depthwise(x, w, b, residual=True), [x, w, b]),  # stride 1 only
+    }
+    fn, leaves = calls[epilogue]
+    against_reference(fn, leaves, g)
+
+
+@hypothesis.settings(max_examples=12, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), Cin=st.integers(1, 13), Cout=st.integers(1, 20), H=SIDE, W=SIDE,
+                  k=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]), training=st.booleans(),
+                  layout=LAYOUTS, dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_dwconv_bn(B, Cin, Cout, H, W, k, stride, training, layout, dtype, seed):
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    hypothesis.assume(not training or B * Ho * Wo > 1)  # batch statistics need two values
+    g = torch.Generator().manual_seed(seed)
+    x = image(g, (B, Cin, H, W), dtype, layout)
+    dw, pw = 0.3 * rand(g, Cin, 1, k, k, dtype=dtype), 0.3 * rand(g, Cout, Cin, 1, 1, dtype=dtype)
+    gamma, beta = rand(g, Cout, dtype=dtype, low=0.5), rand(g, Cout, dtype=dtype)
+    if training:
+        against_reference(lambda x, dw, pw, gamma, beta: ops.dwconv_bn_train(x, dw, pw, stride, gamma, beta, 1e-5,
+                                                                             hswish=True),
+                          [x, dw, pw, gamma, beta], g, grad_scale=100)
+    else:
+        against_reference(lambda x, dw, pw, s, t: ops.dwconv_bn(x, dw, pw, stride, s, t, hswish=True),
+                          [x, dw, pw, gamma, beta], g)
+
+
+@hypothesis.settings(max_examples=12, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), n=st.integers(1, 5), C=st.integers(1, 13), Cout=st.integers(1, 20),
+                  H=SIDE, W=SIDE, training=st.booleans(),
+                  layout=st.sampled_from(["nchw", "channels_last", "strided", "tokens"]), dtype=DTYPES,
+                  seed=st.integers(0, 2 ** 16))
+def test_gli_projection(B, n, C, Cout, H, W, training, layout, dtype, seed):
+    hypothesis.assume(not training or B * H * W > 1)
+    g = torch.Generator().manual_seed(seed)
+    if layout == "tokens":  # (B, N, C) column slices of a wider token tensor
+        xs = [rand(g, B, H * W, C + 2, dtype=dtype)[..., 1:C + 1] for _ in range(n)]
+    else:
+        xs = [image(g, (B, C, H, W), dtype, layout) for _ in range(n)]
+    size = (H, W) if layout == "tokens" else None
+    w = 0.3 * rand(g, Cout, n * C, dtype=dtype)
+    gamma, beta = rand(g, Cout, dtype=dtype, low=0.5), rand(g, Cout, dtype=dtype)
+    if training:
+        fn = lambda w, gamma, beta, *xs: ops.gli_projection_train(list(xs), w, gamma, beta, 1e-5,  # noqa: E731
+                                                                   hswish=True, size=size)
+    else:
+        fn = lambda w, s, t, *xs: ops.gli_projection(list(xs), w, s, t, hswish=True, size=size)  # noqa: E731
+    against_reference(fn, [w, gamma, beta, *xs], g, grad_scale=100 if training else 10)
+
+
+@contextlib.contextmanager
+def whole_map_limit(n):
+    module = sys.modules["mpvit_kernels.ops.factor_attention"]
+    saved, module._WHOLE_MAP_MAX_N = module._WHOLE_MAP_MAX_N, n
+    try:
+        yield
+    finally:
+        module._WHOLE_MAP_MAX_N = saved
+
+
+@hypothesis.settings(max_examples=10, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), H=SIDE, W=SIDE, Ch=st.integers(1, 13),
+                  window=st.dictionaries(st.sampled_from([3, 5, 7]), st.integers(1, 2), min_size=1, max_size=3),
+                  strided=st.booleans(), three_passes=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_factor_attention(B, H, W, Ch, window, strided, three_passes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    heads = sum(window.values())
+    C = heads * Ch
+    qkv = rand(g, B, H * W, 3 * C + (5 if strided else 0), dtype=dtype)[..., :3 * C]  # rows wider than 3C
+    weights = [0.2 * rand(g, h * Ch, 1, k, k, dtype=dtype) for k, h in window.items()]
+    biases = [rand(g, h * Ch, dtype=dtype) for h in window.values()]
+    n = len(weights)
+    with whole_map_limit(0 if three_passes else 256):
+        against_reference(lambda qkv, *p: ops.factor_attention(qkv, (H, W), heads, Ch ** -0.5, list(p[:n]),
+                                                               list(p[n:])),
+                          [qkv, *weights, *biases], g)
