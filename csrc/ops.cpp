@@ -27,4 +27,10 @@ TORCH_LIBRARY(mpvit_kernels, m) {
   m.def(
       "depthwise_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? scale,"
       " Tensor? shift, bool hswish, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (B, N, C) = scale * q softmax_N(k)^T v + q * crpe(v) per head, from the qkv Linear's output
+  // (B, N, 3C); crpe_weights[i] (ci, 1, k, k) and crpe_biases[i] (ci,) convolve the next ci
+  // channels of v. The CPU twin of the Triton op factor_attention_fwd (no backward stats).
+  m.def(
+      "factor_attention(Tensor qkv, int H, int W, int num_heads, float scale, Tensor[] crpe_weights,"
+      " Tensor[] crpe_biases) -> Tensor");
 }

@@ -3,8 +3,8 @@
 Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
 
 - ``auto`` (default): the fastest available implementation per call: Triton or CUDA kernels on
-  CUDA tensors, the extension's C++ kernels on CPU tensors, the eager reference where neither
-  exists for an op.
+  CUDA tensors, the extension's C++ kernels on CPU tensors (the Triton kernels instead when
+  ``TRITON_INTERPRET=1``), the eager reference where neither exists for an op.
 - ``reference``: the eager PyTorch ground truth of :mod:`mpvit_kernels.reference` everywhere
   ("kernels off").
 - ``cuda``: the compiled extension ``mpvit_kernels._C`` (its CUDA kernels, or their C++ CPU twins
@@ -145,6 +145,20 @@ def use_triton(op: str, device: torch.device) -> bool:
             "they run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported")
     return False
 
+
+def use_cpu_kernel(op: str, device: torch.device) -> bool:
+    """Whether op ``op``, whose GPU kernels are Triton's, runs the extension's C++ CPU twin for
+    tensors on ``device``: CPU tensors, except under ``reference``, and except where Triton's
+    interpreter runs them (``TRITON_INTERPRET=1`` under ``auto`` or ``triton``: how CI checks the
+    Triton kernels without a GPU). ``cuda`` always takes the twin on CPU tensors."""
+    backend = get_backend(op)
+    if device.type != "cpu" or backend == "reference":
+        return False
+    if backend in ("auto", "triton") and _env_flag("TRITON_INTERPRET") and _triton_importable():
+        return False
+    if backend == "triton":  # asked for Triton on CPU tensors without the interpreter: use_triton says why not
+        return False
+    return use_extension(op, device)
 
 def autocast(t):
     """``t`` as autocast casts a conv's or a matmul's input: inside an autocast region for its

@@ -1,5 +1,6 @@
 """The speed report runs and writes its files, and its traffic model counts what eager PyTorch
 really dispatches."""
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -27,13 +28,19 @@ def test_traffic_model_counts_eager_ops_and_beats_it_at_large_n():
     assert sum(b for _, b in ours) >= 5 * nc_bytes  # never below the 5NC minimum
 
 
-# The Triton families on their reference, as a CPU run without the interpreter has them: the
-# report's shape is under test here, the kernels are in their own files.
-ON_CPU = ["factor_attention", "dwconv_bn", "gli_projection"]
+@contextlib.contextmanager
+def as_on_a_cpu():
+    """The op families as a CPU run without the interpreter has them: dwconv_bn and gli_projection
+    on their reference, the attention on its C++ twin where the extension is built. The report's
+    shape is under test here, the kernels are in their own files."""
+    twin = "cuda" if mpvit_kernels.extension_available() else "reference"
+    with mpvit_kernels.use_backend("reference", ops=["dwconv_bn", "gli_projection"]), \
+            mpvit_kernels.use_backend(twin, ops=["factor_attention"]):
+        yield
 
 
 def test_speed_report_runs(capsys, tmp_path):
-    with mpvit_kernels.use_backend("reference", ops=ON_CPU):
+    with as_on_a_cpu():
         assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn,gli_projection", "--batch", "1",
                             "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64",
                             "--out", str(tmp_path)]) == 0
@@ -95,7 +102,8 @@ def table_rows(markdown: str) -> dict[str, int]:
 
 def test_speed_report_writes_its_files(capsys, tmp_path):
     argv = ["--ops", "affine_hswish,factor_attention,traffic", *TINY_RUN, "--out", str(tmp_path)]
-    assert report.main(argv) == 0
+    with as_on_a_cpu():
+        assert report.main(argv) == 0
     printed = capsys.readouterr().out
     assert (tmp_path / "speed_report.md").read_text() == printed
     assert printed.startswith("# mpvit-kernels speed report")
@@ -115,10 +123,12 @@ def test_speed_report_writes_its_files(capsys, tmp_path):
         if row["section"] != "traffic":
             assert row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["reps"] == 1
 
-    # attention has no 'ours' on a CPU: its cases reach the figure without it, not dropped
+    # attention's 'ours' on a CPU is the extension's C++ twin; without it the cases reach the
+    # figure with eager alone, not dropped
     cases = measured_cases(results["rows"])
     attention = [c for c in cases if c["label"].startswith("factor_attention")]
-    assert len(attention) == 16 and all(set(c["impls"]) == {"eager"} for c in attention)
+    impls = {"eager", "ours"} if mpvit_kernels.extension_available() else {"eager"}
+    assert len(attention) == 16 and all(set(c["impls"]) == impls for c in attention)
     assert len(cases) == 16 + 8  # affine_hswish: 4 sites x 2 modes
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speedup.png").read_bytes()[:8] == PNG_MAGIC
@@ -190,7 +200,7 @@ def test_whole_model_traffic_counts_the_public_model_against_ours():
 
 
 def test_whole_model_rows(tmp_path, capsys):
-    with mpvit_kernels.use_backend("reference", ops=ON_CPU):
+    with as_on_a_cpu():
         assert report.main(["--ops", "model", "--model-batch", "1", "--resolutions", "32", "--reps", "1",
                             "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -466,6 +466,119 @@ def test_reduction_tiles_depend_on_dtype_and_head_dim_alone():
             assert fa.WHOLE_MAP_TILES.tiles({**meta, "N": 49, "Ch": bd - 3}) == tiles and min(tiles) >= 16
 
 
+# ---- the C++ CPU twin (what auto runs on CPU tensors outside the interpreter) ----------------
+
+requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
+CPU_TWIN = dict(name="cuda", ops=["factor_attention"])  # the extension's kernel, on CPU tensors
+
+
+def cpu_inputs(B, H, W, Ch, window, dtype, strided=False):
+    """make_inputs on CPU; ``strided``: qkv rows wider than 3C (read in place by the twin)."""
+    qkv, size, heads, scale, weights, biases = make_inputs(B, H, W, Ch, window, torch.float64, requires_grad=False)
+    qkv = qkv.cpu()
+    if strided:
+        qkv = torch.cat([qkv, torch.randn(B, H * W, 5, dtype=qkv.dtype)], dim=2)[..., :qkv.shape[2]]
+    leaves = [t.cpu().to(dtype).requires_grad_() for t in (qkv, *weights, *biases)]
+    n = len(weights)
+    return (leaves[0], size, heads, scale, leaves[1:1 + n], leaves[1 + n:]), leaves
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cpu_twin_matches_reference(case, dtype):
+    args, leaves = cpu_inputs(*case, dtype, strided=case[0] == 3)
+    with mpvit_kernels.use_backend(**CPU_TWIN), RecordOps() as rec:
+        out = ops.factor_attention(*args)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out) * 0.1 + out.detach())
+    assert "mpvit_kernels.factor_attention" in rec.names and "mpvit_kernels.factor_attention_backward" in rec.names
+    with mpvit_kernels.use_backend("reference"):
+        ref = ops.factor_attention(*args)
+        ref_grads = torch.autograd.grad(ref, leaves, torch.ones_like(ref) * 0.1 + ref.detach())
+    assert_close(out, ref, scale=4)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, scale=10)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpu_twin_low_precision_is_as_accurate_as_eager(dtype):
+    """fp32 math inside: the error against fp64 at most eager's in the same dtype (plus rounding
+    of the output)."""
+    args, _ = cpu_inputs(2, 9, 7, 20, DEFAULT, dtype)
+    exact = [args[0].double(), *args[1:4], [w.double() for w in args[4]], [b.double() for b in args[5]]]
+    with torch.no_grad():
+        want = reference.factor_attention(*exact)
+        with mpvit_kernels.use_backend(**CPU_TWIN):
+            ours = ops.factor_attention(*args)
+        eager = reference.factor_attention(*args)
+    assert ours.dtype == dtype
+    err, eager_err = (ours.double() - want).abs().max(), (eager.double() - want).abs().max()
+    assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
+
+
+@requires_ext
+def test_cpu_twin_ops_pass_opcheck_and_gradcheck():
+    args, leaves = cpu_inputs(2, 4, 5, 4, {3: 1, 5: 1}, torch.float64, strided=True)
+    qkv, (H, W), heads, scale, weights, biases = args
+    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention.default, (qkv, H, W, heads, scale, weights, biases))
+    dout = torch.randn(2, 20, 8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_backward.default,
+                          (dout, qkv.detach(), H, W, heads, scale, [w.detach() for w in weights],
+                           [b.detach() for b in biases]))
+    n = len(weights)
+    with mpvit_kernels.use_backend(**CPU_TWIN):
+        assert torch.autograd.gradcheck(
+            lambda q, *p: ops.factor_attention(q, (H, W), heads, scale, list(p[:n]), list(p[n:])), leaves)
+
+
+@requires_ext
+def test_cpu_twin_is_bitwise_the_same_for_any_thread_count_and_under_compile():
+    from tests.utils import across_thread_counts
+
+    torch._dynamo.reset()
+    m = FactorAttention(48, 4, crpe_window={3: 2, 7: 2}).eval()
+    x = torch.randn(3, 13 * 11, 48)
+    with torch.no_grad(), mpvit_kernels.use_backend(**CPU_TWIN):
+        outs = across_thread_counts(lambda: m(x, (13, 11)))
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x, (13, 11))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(compiled, outs[0], rtol=0, atol=0)
+
+
+@requires_ext
+def test_cpu_twin_edge_cases():
+    args, _ = cpu_inputs(1, 6, 5, 12, {3: 1, 7: 1}, torch.float32)
+    qkv = args[0].detach().clone()
+    with torch.no_grad(), mpvit_kernels.use_backend(**CPU_TWIN):
+        empty = ops.factor_attention(qkv[:0], *args[1:])
+        assert empty.shape == (0, 30, 24)
+        qkv[..., 24:48] *= 1e4  # large keys: the softmax subtracts each column's max
+        big = ops.factor_attention(qkv, *args[1:])
+        with mpvit_kernels.use_backend("reference"):
+            assert_close(big, ops.factor_attention(qkv, *args[1:]), scale=4)
+        qkv[0, 3, 24] = float("nan")  # a NaN key poisons its head's context, never hidden
+        nan = ops.factor_attention(qkv, *args[1:])
+        assert nan[:, :, :12].isnan().all() and nan[:, :, 12:].isfinite().all()
+        with pytest.raises(ValueError, match="H\\*W must be N"):
+            torch.ops.mpvit_kernels.factor_attention(qkv, 5, 5, 2, 0.5, *args[4:])
+
+
+@requires_ext
+def test_cpu_twin_in_the_whole_model():
+    from mpvit_kernels.models import mpvit_tiny
+    from tests.utils import randomize_bn
+
+    model = randomize_bn(mpvit_tiny(num_classes=7)).eval()
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad(), mpvit_kernels.use_backend("reference"):
+        want = model(x)
+        with mpvit_kernels.use_backend(**CPU_TWIN), RecordOps() as rec:
+            got = model(x)
+    assert rec.names.count("mpvit_kernels.factor_attention") == 23
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 # ---- CUDA (run with a GPU: pytest -m cuda) -------------------------------------------------
 
 # MPViT-S and MPViT-B stage shapes at 224x224 input: (N, C); 8 heads.

@@ -15,6 +15,7 @@
 
 #include "../activation.h"
 #include "../affine_hswish.h"
+#include "vectorize.h"
 
 namespace mpvit_kernels {
 namespace {
@@ -22,13 +23,6 @@ namespace {
 // Fixed block of outer rows per partial sum, so the reduction order never depends on the
 // number of threads: the backward is deterministic.
 constexpr int64_t kElemsPerBlock = 1 << 14;
-
-// The wheel targets baseline x86-64; the hot loops also get an AVX2 clone, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MPVIT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MPVIT_VECTOR_CLONES inline
-#endif
 
 // y[j] = act(x[j] * a[j * A_STEP] + b[j * A_STEP]) over n elements; A_STEP is 1 for a run of
 // channels (channels-last) and 0 for a run of one channel. Branch-free so it vectorizes.

@@ -17,6 +17,7 @@
 
 #include "../activation.h"
 #include "../depthwise.h"
+#include "vectorize.h"
 
 namespace mpvit_kernels {
 namespace {
@@ -25,12 +26,6 @@ namespace {
 // order never depends on the number of threads (the backward is deterministic).
 constexpr int64_t kRowsPerBlock = 4;
 constexpr int kBlock = 8;  // channels per register block (an AVX2 vector of fp32)
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MPVIT_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MPVIT_VECTOR_CLONES inline
-#endif
 
 // The geometry every pass shares. Taps are (kh, kw) with kh, kw in [0, K); padding P = K / 2.
 struct Dims {

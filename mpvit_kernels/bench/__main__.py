@@ -148,9 +148,9 @@ def main(argv=None) -> int:
         say(f"measured copy bandwidth (the roofline for the GB/s columns): {args.peak_gbs:.0f} GB/s{flushed}\n")
     else:
         args.peak_gbs = None
-        say("No GPU here: CPU timings. affine_hswish and depthwise 'ours' are the C++ CPU twins, dwconv_bn "
-            "and gli_projection 'ours' run unfused on them; the Triton kernels run only on a GPU, so the attention "
-            "rows are eager and torch.compile alone.\n")
+        say("No GPU here: CPU timings. affine_hswish, depthwise and factor_attention 'ours' are the C++ CPU twins "
+            "(the attention's backward: eager formulas), dwconv_bn and gli_projection 'ours' run unfused on them; "
+            "the Triton kernels run only on a GPU.\n")
     info.update(copy_bandwidth_gbs=args.peak_gbs, finished=False, section_s={})
 
     results = []

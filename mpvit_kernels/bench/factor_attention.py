@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mpvit_kernels import FactorAttention, ops
+from mpvit_kernels import FactorAttention, extension_available, ops
 from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc
 from mpvit_kernels.bench.timing import compiled, measure
 
@@ -47,7 +47,8 @@ def public_attention(C, weights, biases, device, dtype) -> FactorAtt_ConvRelPosE
 
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
-    use_ours = device.type == "cuda"
+    # ours: the Triton kernels on a GPU, the extension's C++ twin (forward; eager backward) on a CPU
+    use_ours = device.type == "cuda" or extension_available()
     for res in args.resolutions:
         for stage, C, stride in STAGES:
             side = res // stride
@@ -84,7 +85,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
 
                         impls = {"eager": eager_mod, "ours": ours_mod,
                                  **compiled(args, eager_mod, ours_mod, fullgraph=False)}
-                    if not use_ours:  # the Triton kernels need a GPU
+                    if not use_ours:  # neither a GPU nor the extension
                         impls.pop("ours")
                         impls.pop("ours + compile", None)
                     nbytes = kernel_bytes(args.batch, N, C, torch.finfo(dtype).bits // 8, backward)
@@ -101,7 +102,9 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                         row = {"op": "factor_attention", "scope": scope, "input": res, "stage": stage,
                                "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                                "bytes": nbytes}
-                        if impl == "ours":  # the bytes are our kernels'; for the module add the GEMMs' own
+                        # the bytes are our kernels' (the module adds the GEMMs' own); the CPU
+                        # twin's backward is eager ops, whose bytes the model does not count
+                        if impl == "ours" and (device.type == "cuda" or not backward):
                             row["GB/s"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
                             if args.peak_gbs:
                                 row["% of copy peak"] = 100 * row["GB/s"] / args.peak_gbs
@@ -116,7 +119,7 @@ def table(rows: list[dict]) -> str:
     key = lambda r: (r["input"], r["stage"], r["scope"], r["dtype"], r["mode"])  # noqa: E731
     base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
-        core_ours = r["impl"] == "ours" and r["scope"] == "core"
+        core_ours = r["impl"] == "ours" and r["scope"] == "core" and "GB/s" in r
         gbs = f"{r['GB/s']:.0f}" if core_ours else "-"
         peak = f"{r['% of copy peak']:.0f}%" if core_ours and "% of copy peak" in r else "-"
         out.append(f"| {r['input']} | {r['stage']} | {r['scope']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "

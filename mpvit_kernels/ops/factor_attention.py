@@ -1,6 +1,7 @@
 """factor_attention: ``scale * q softmax_N(k)^T v + q * crpe(v)`` per head, qkv -> (B, N, C).
 
-The Triton kernels of mpvit_kernels/triton/factor_attention.py behind two torch.library ops,
+On CUDA tensors: the Triton kernels of mpvit_kernels/triton/factor_attention.py behind two
+torch.library ops,
 ``mpvit_kernels::factor_attention_fwd`` (returns the output and, when ``need_stats`` says a
 backward will follow, the per-head softmax stats and context S the backward needs, never the
 N x Ch softmax) and ``factor_attention_bwd``, with fakes and registered autograd, so
@@ -8,6 +9,11 @@ torch.compile(fullgraph=True) goes through them. ``factor_attention`` sets ``nee
 grad mode and requires_grad. The forward is one launch (``whole_map_kernel``) on maps of at most
 _WHOLE_MAP_MAX_N tokens, three (context partials, combine, output) on larger ones; the backward
 is three launches on every map.
+
+On CPU tensors: the extension's C++ twin ``mpvit_kernels::factor_attention`` (csrc/cpu), a
+forward kernel for inference. Its backward, ``factor_attention_backward``, is written with eager
+ops (it recomputes softmax_N(k) and S), so where a backward follows ``auto`` runs the eager
+reference instead (its autograd keeps what it needs); ``cuda`` runs the twin either way.
 """
 from __future__ import annotations
 
@@ -100,13 +106,20 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
+    crpe = (*crpe_weights, *crpe_biases)
+    backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe))
+    # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
+    # whose autograd is faster than the twin's backward (which recomputes the softmax and S).
+    if backend.use_cpu_kernel("factor_attention", qkv.device) and (
+            not backward_follows or backend.get_backend("factor_attention") == "cuda"):
+        return torch.ops.mpvit_kernels.factor_attention(qkv, size[0], size[1], num_heads, float(scale),
+                                                        list(crpe_weights), list(crpe_biases))
     if backend.use_triton("factor_attention", qkv.device) and qkv.shape[0] > 0:  # B = 0: nothing to launch
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op grad mode is always off, so the decision is made here (under torch.compile this
         # wrapper is traced away and the op packs every call, as conservative as it gets).
-        crpe = (*crpe_weights, *crpe_biases)
-        # S and lse are kept for the backward only where autograd will ask for it
-        need_stats = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe))
+        # S and lse are kept for the backward only where autograd will ask for it.
+        need_stats = backward_follows
         args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases), need_stats)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in crpe)):
             return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
@@ -341,3 +354,70 @@ def _backward(ctx, dout, _dcontext, _dlse):
 
 factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 backend.refuse_double_backward("mpvit_kernels::factor_attention_bwd")
+
+
+# ---- the C++ CPU twin (csrc/cpu/factor_attention.cpp) ---------------------------------------
+
+@torch.library.custom_op("mpvit_kernels::factor_attention_backward", mutates_args=())
+def factor_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
+                              crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
+                              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Grads of the CPU twin's inputs (qkv, each CRPE weight and bias) from dout, as eager ops in
+    the accumulation type (A = softmax_N(k), S = A^T v, dS = scale q^T dO, c_d = sum_e S_de dS_de):
+    dq = scale dO S^T + dO * crpe(v), dk = A * (v dS^T - c), dv = A dS + crpe^T(q * dO), and the
+    CRPE weight and bias grads from q * dO against v."""
+    acc = _acc_dtype(qkv.dtype)
+    B, N, C3 = qkv.shape
+    C, Ch = C3 // 3, C3 // 3 // num_heads
+    q, k, v = qkv.to(acc).reshape(B, N, 3, num_heads, Ch).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
+    g = dout.to(acc).reshape(B, N, num_heads, Ch).transpose(1, 2)
+    a = k.softmax(dim=2)
+    s = a.transpose(-1, -2) @ v
+    ds = scale * (q.transpose(-1, -2) @ g)
+    image = lambda t: t.transpose(-1, -2).reshape(B, C, H, W)  # noqa: E731  (B, heads, N, Ch) -> (B, C, H, W)
+    tokens = lambda t: t.reshape(B, num_heads, Ch, N).transpose(-1, -2)  # noqa: E731  and back
+    sizes = [w.shape[0] for w in crpe_weights]
+    v_parts, qg_parts = image(v).split(sizes, dim=1), image(q * g).split(sizes, dim=1)
+    conv, conv_t, dweights, dbiases = [], [], [], []
+    for w, b, vp, gp in zip(crpe_weights, crpe_biases, v_parts, qg_parts):
+        wa, pad = w.to(acc), w.shape[-1] // 2
+        conv.append(torch.nn.functional.conv2d(vp, wa, b.to(acc), padding=pad, groups=w.shape[0]))
+        conv_t.append(torch.nn.grad.conv2d_input(vp.shape, wa, gp, padding=pad, groups=w.shape[0]))
+        dweights.append(torch.nn.grad.conv2d_weight(vp, w.shape, gp, padding=pad, groups=w.shape[0]).to(w.dtype))
+        dbiases.append(gp.sum(dim=(0, 2, 3)).to(b.dtype))
+    dq = scale * (g @ s.transpose(-1, -2)) + g * tokens(torch.cat(conv, dim=1))
+    dk = a * (v @ ds.transpose(-1, -2) - (s * ds).sum(-1).unsqueeze(-2))
+    dv = a @ ds + tokens(torch.cat(conv_t, dim=1))
+    dqkv = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(B, N, C3)
+    return dqkv.to(qkv.dtype), dweights, dbiases
+
+
+@factor_attention_backward.register_fake
+def _(dout, qkv, H, W, num_heads, scale, crpe_weights, crpe_biases):
+    return torch.empty_like(qkv), [torch.empty_like(w) for w in crpe_weights], [torch.empty_like(b) for b in crpe_biases]
+
+
+def _register_cpu_twin() -> None:
+    @torch.library.register_fake("mpvit_kernels::factor_attention")
+    def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases):
+        B, N, C3 = qkv.shape
+        return qkv.new_empty(B, N, C3 // 3)
+
+    def setup_context(ctx, inputs, output):
+        qkv, H, W, num_heads, scale, weights, biases = inputs
+        ctx.save_for_backward(qkv, *weights, *biases)
+        ctx.args = (H, W, num_heads, scale, len(weights))
+
+    def backward(ctx, dout):
+        H, W, num_heads, scale, n = ctx.args
+        qkv, *crpe = ctx.saved_tensors
+        dqkv, dweights, dbiases = torch.ops.mpvit_kernels.factor_attention_backward(
+            dout, qkv, H, W, num_heads, scale, crpe[:n], crpe[n:])
+        return dqkv, None, None, None, None, dweights, dbiases
+
+    torch.library.register_autograd("mpvit_kernels::factor_attention", backward, setup_context=setup_context)
+    backend.refuse_double_backward("mpvit_kernels::factor_attention_backward")
+
+
+if backend.extension_available():
+    _register_cpu_twin()

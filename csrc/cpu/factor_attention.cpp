@@ -1,0 +1,412 @@
+// CPU twin of the factor_attention family (its GPU kernels are Triton's): what `auto` runs on CPU
+// tensors. Per batch item b and head h, with q, k, v the head's (N, Ch) columns of qkv:
+//   out = scale * q S + q * (bias + crpe(v)),   S = softmax_N(k)^T v   (Ch x Ch)
+// 1. Context, one task per (b, h): the column max m of k, then one sweep over the tokens that
+//    sums p = exp(k - m) into l and p^T v into S; S /= l.
+// 2. Output, one task per (b, image row): per token, the CRPE convs of v (the heads that share a
+//    window size are adjacent channels, so each window group is one vector loop over its
+//    channels and taps), then scale * q S + q * conv.
+// q, k, v are read in place from the qkv rows (any row and batch stride, unit channel stride).
+// Every output element is one task's sum in a fixed order: bitwise the same for any number of
+// threads. The backward runs on the reference (mpvit_kernels/ops/factor_attention.py).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+
+// The clamps and NaN selects of exp_vec vectorize only when float compares may be assumed not to
+// trap (they never do: no FP exception is ever enabled). Products and sums contract to FMAs (the
+// AVX2 copy's target includes FMA): one rounding instead of two.
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+// Lanes<acc_t, V> values pass between inline helpers, never across a call: no ABI concern.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Every function below inlines into one of two copies of each parallel task's body: one compiled
+// for AVX2 + FMA, run where the CPU has them, one for the baseline ISA (with_best_isa). (GCC's
+// target_clones cannot ask for AVX2 and FMA in one clone, and a call into a helper would run it
+// with the baseline ISA and pass its vectors through memory.)
+#define MPVIT_ALWAYS_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename F>
+__attribute__((target("avx2,fma"))) void run_avx2_fma(const F& f) {
+  f();
+}
+inline bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+template <typename F>
+void run_avx2_fma(const F& f) {
+  f();
+}
+inline bool has_avx2_fma() { return false; }
+#endif
+
+template <typename F>
+void run_baseline(const F& f) {
+  f();
+}
+
+// f(), an always-inline lambda, in the copy for the best ISA this CPU has.
+template <typename F>
+void with_best_isa(const F& f) {
+  if (has_avx2_fma())
+    run_avx2_fma(f);
+  else
+    run_baseline(f);
+}
+
+namespace mpvit_kernels {
+namespace {
+
+// exp in plain arithmetic, which GCC vectorizes (glibc's expf is a call per element, and the
+// softmax takes one exp per key): x = n ln2 + r with |r| <= ln2/2 (ln2 split in two, Cody-Waite),
+// exp(r) by Cephes' degree-6 polynomial (within about 1 ulp), 2^n written into the exponent
+// bits. exp underflows below -87.3 (-inf included): 0 there. NaN stays NaN.
+MPVIT_ALWAYS_INLINE float exp_vec(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : (x == x ? x : 0.f));
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest: + 1.5 * 2^23
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.3f ? 0.f : (x == x ? er * two_n : x);
+}
+
+MPVIT_ALWAYS_INLINE double exp_vec(double x) { return std::exp(x); }
+
+// One window group: channels [c0, c1) convolved with k x k windows.
+struct Window {
+  int64_t c0, c1, k;
+};
+
+// V values of acc_t as one GCC vector (V > 1; a plain acc_t for V = 1): AVX2 registers in the
+// AVX2 + FMA copy, SSE ones in the baseline one. The hot loops are written on them, so that they
+// vectorize whatever the compiler's analysis.
+template <typename acc_t, int V>
+struct Lanes {
+  typedef acc_t type __attribute__((vector_size(V * sizeof(acc_t))));
+};
+template <typename acc_t>
+struct Lanes<acc_t, 1> {
+  typedef acc_t type;
+};
+
+template <int V, typename acc_t, typename T>
+MPVIT_ALWAYS_INLINE typename Lanes<acc_t, V>::type load(const T* p) {
+  if constexpr (V == 1) {
+    return static_cast<acc_t>(*p);
+  } else {
+    typename Lanes<acc_t, V>::type r;
+    for (int j = 0; j < V; ++j) r[j] = static_cast<acc_t>(p[j]);
+    return r;
+  }
+}
+
+template <int V, typename acc_t>
+MPVIT_ALWAYS_INLINE typename Lanes<acc_t, V>::type splat(acc_t x) {
+  if constexpr (V == 1) {
+    return x;
+  } else {
+    typename Lanes<acc_t, V>::type r;
+    for (int j = 0; j < V; ++j) r[j] = x;
+    return r;
+  }
+}
+
+template <int V, typename acc_t, typename T>
+MPVIT_ALWAYS_INLINE void store(T* p, typename Lanes<acc_t, V>::type x) {
+  if constexpr (V == 1) {
+    *p = static_cast<T>(x);
+  } else {
+    for (int j = 0; j < V; ++j) p[j] = static_cast<T>(x[j]);
+  }
+}
+
+// exp of n values in place, one vector loop.
+template <typename acc_t>
+MPVIT_ALWAYS_INLINE void exp_array(acc_t* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_vec(x[i]);
+}
+
+constexpr int64_t kTokenTile = 16;  // tokens whose exps are taken in one vector loop
+
+// S[d, e0..e0+V) += sum over the tile's tokens t of p[t, d] v[t, e0..e0+V), for rows d..d+R of S
+// at once: R independent sums, each v vector loaded once for them.
+template <int R, int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void context_block(const acc_t* __restrict__ p, const T* __restrict__ v, int64_t stride_n, int64_t tile,
+                          int64_t Ch, int64_t d, int64_t e0, acc_t* __restrict__ S) {
+  using vec = typename Lanes<acc_t, V>::type;
+  vec acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = load<V, acc_t>(S + (d + i) * Ch + e0);
+  for (int64_t t = 0; t < tile; ++t) {
+    const vec vt = load<V, acc_t>(v + t * stride_n + e0);
+    for (int i = 0; i < R; ++i) acc[i] += splat<V>(p[t * Ch + d + i]) * vt;
+  }
+  for (int i = 0; i < R; ++i) store<V, acc_t>(S + (d + i) * Ch + e0, acc[i]);
+}
+
+template <int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void context_rows(const acc_t* __restrict__ p, const T* __restrict__ v, int64_t stride_n, int64_t tile,
+                         int64_t Ch, int64_t e0, acc_t* __restrict__ S) {
+  int64_t d = 0;
+  for (; d + 4 <= Ch; d += 4) context_block<4, V>(p, v, stride_n, tile, Ch, d, e0, S);
+  for (; d < Ch; ++d) context_block<1, V>(p, v, stride_n, tile, Ch, d, e0, S);
+}
+
+// S (Ch x Ch, row d, column e) = softmax over the N tokens of k's column d, times v.
+// work: (2 + kTokenTile) * Ch.
+template <typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void head_context(const T* __restrict__ k, const T* __restrict__ v, int64_t stride_n, int64_t N,
+                                      int64_t Ch, acc_t* __restrict__ S, acc_t* __restrict__ work) {
+  acc_t* m = work;
+  acc_t* l = work + Ch;
+  acc_t* p = work + 2 * Ch;  // (kTokenTile, Ch): exp(k - m) of a tile of tokens
+  for (int64_t d = 0; d < Ch; ++d) {
+    m[d] = -std::numeric_limits<acc_t>::infinity();
+    l[d] = acc_t(0);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const T* kr = k + n * stride_n;
+    for (int64_t d = 0; d < Ch; ++d) {
+      const acc_t x = static_cast<acc_t>(kr[d]);
+      m[d] = (x > m[d] || x != x) ? x : m[d];  // a NaN key makes its column NaN, as softmax does
+    }
+  }
+  for (int64_t i = 0; i < Ch * Ch; ++i) S[i] = acc_t(0);
+  for (int64_t n0 = 0; n0 < N; n0 += kTokenTile) {
+    const int64_t tile = std::min(kTokenTile, N - n0);
+    for (int64_t t = 0; t < tile; ++t) {
+      const T* kr = k + (n0 + t) * stride_n;
+      for (int64_t d = 0; d < Ch; ++d) p[t * Ch + d] = static_cast<acc_t>(kr[d]) - m[d];
+    }
+    exp_array(p, tile * Ch);
+    for (int64_t t = 0; t < tile; ++t)
+      for (int64_t d = 0; d < Ch; ++d) l[d] += p[t * Ch + d];
+    const T* vt = v + n0 * stride_n;
+    int64_t e0 = 0;
+    for (; e0 + 8 <= Ch; e0 += 8) context_rows<8>(p, vt, stride_n, tile, Ch, e0, S);
+    for (; e0 + 4 <= Ch; e0 += 4) context_rows<4>(p, vt, stride_n, tile, Ch, e0, S);
+    for (; e0 < Ch; ++e0) context_rows<1>(p, vt, stride_n, tile, Ch, e0, S);
+  }
+  for (int64_t d = 0; d < Ch; ++d) {
+    const acc_t inv = acc_t(1) / l[d];
+    for (int64_t e = 0; e < Ch; ++e) S[d * Ch + e] *= inv;
+  }
+}
+
+// The CRPE sums of P adjacent tokens x..x+P of an image row, channels c0..c0+V: bias + the k x k
+// taps of w * v, P independent sums (one pixel's taps alone would be one chain of dependent
+// adds). CHECKED: some taps fall outside the row (the row's edges). vrows, wt as crpe_block's.
+template <int P, bool CHECKED, int K, int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void crpe_pixels(const T* const* vrows, int64_t k_rt, int64_t x, int64_t W, int64_t stride_n, int64_t C,
+                        int64_t c0, const acc_t* __restrict__ wt, int64_t kmax, const acc_t* __restrict__ bias,
+                        acc_t* __restrict__ conv) {
+  using vec = typename Lanes<acc_t, V>::type;
+  const int64_t k = K ? K : k_rt;
+  const int64_t r = k / 2, pad = kmax / 2 - r;
+  vec acc[P];
+  for (int i = 0; i < P; ++i) acc[i] = load<V, acc_t>(bias + c0);
+  for (int64_t ky = 0; ky < k; ++ky) {
+    const T* row = vrows[ky];
+    if (row == nullptr) continue;
+    const acc_t* wrow = wt + ((pad + ky) * kmax + pad) * C + c0;
+    for (int64_t kx = 0; kx < k; ++kx) {
+      const int64_t xx = x - r + kx;
+      if (CHECKED && (xx < 0 || xx >= W)) continue;
+      const vec w = load<V, acc_t>(wrow + kx * C);
+      const T* v = row + xx * stride_n + c0;
+      for (int i = 0; i < P; ++i) acc[i] += w * load<V, acc_t>(v + i * stride_n);
+    }
+  }
+  for (int i = 0; i < P; ++i) store<V, acc_t>(conv + (x + i) * C + c0, acc[i]);
+}
+
+// The CRPE conv of channels [c0, c0 + V) of one window group over the W tokens of an image row:
+// conv[x * C + c] = bias[c] + sum over the k x k taps of w * v. K: the window, or 0 for a k known
+// at run time only (k_rt). vrows[ky]: v (at its channel 0) of the image row of tap row ky, null
+// outside the image. wt: (KMAX*KMAX, C), each window centred.
+template <int K, int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void crpe_block(const T* const* vrows, int64_t k_rt, int64_t W, int64_t stride_n, int64_t C,
+                                    int64_t c0, const acc_t* __restrict__ wt, int64_t kmax,
+                                    const acc_t* __restrict__ bias, acc_t* __restrict__ conv) {
+  const int64_t r = (K ? K : k_rt) / 2;
+  int64_t x = 0;
+  for (; x < W && x < r; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
+  for (; x + 4 + r <= W; x += 4) crpe_pixels<4, false, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
+  for (; x < W; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
+}
+
+// out[e0..e0+V) = scale * sum_d q[d] Sh[d, e0..) + q[e0..) * conv[e0..) for one head of one
+// token (two partial sums over d: half the chain of dependent adds).
+template <int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void head_output(const T* __restrict__ qh, const acc_t* __restrict__ Sh, const acc_t* __restrict__ conv,
+                        int64_t Ch, int64_t e0, acc_t scale, T* __restrict__ out) {
+  using vec = typename Lanes<acc_t, V>::type;
+  vec a = splat<V>(acc_t(0)), b = a;
+  int64_t d = 0;
+  for (; d + 2 <= Ch; d += 2) {
+    a += splat<V>(static_cast<acc_t>(qh[d])) * load<V, acc_t>(Sh + d * Ch + e0);
+    b += splat<V>(static_cast<acc_t>(qh[d + 1])) * load<V, acc_t>(Sh + (d + 1) * Ch + e0);
+  }
+  if (d < Ch) a += splat<V>(static_cast<acc_t>(qh[d])) * load<V, acc_t>(Sh + d * Ch + e0);
+  store<V, acc_t>(out + e0, splat<V>(scale) * (a + b) + load<V, acc_t>(qh + e0) * load<V, acc_t>(conv + e0));
+}
+
+// The CRPE conv of one window group over a row, its channels in blocks of 8, 4, then 1, its window
+// a compile-time constant where it is 3, 5 or 7.
+template <int K, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void window_blocks(const T* const* vrows, const Window& g, int64_t W, int64_t stride_n, int64_t C,
+                                       const acc_t* wt, int64_t kmax, const acc_t* bias, acc_t* conv) {
+  int64_t c = g.c0;
+  for (; c + 8 <= g.c1; c += 8) crpe_block<K, 8>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
+  for (; c + 4 <= g.c1; c += 4) crpe_block<K, 4>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
+  for (; c < g.c1; ++c) crpe_block<K, 1>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
+}
+
+template <typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void window_rows(const T* const* vrows, const Window& g, int64_t W, int64_t stride_n, int64_t C,
+                                     const acc_t* wt, int64_t kmax, const acc_t* bias, acc_t* conv) {
+  if (g.k == 3) return window_blocks<3>(vrows, g, W, stride_n, C, wt, kmax, bias, conv);
+  if (g.k == 5) return window_blocks<5>(vrows, g, W, stride_n, C, wt, kmax, bias, conv);
+  if (g.k == 7) return window_blocks<7>(vrows, g, W, stride_n, C, wt, kmax, bias, conv);
+  window_blocks<0>(vrows, g, W, stride_n, C, wt, kmax, bias, conv);
+}
+
+// out = scale * q S + q * conv for the W tokens of a row: q at `q` (token stride stride_n), S the
+// item's (heads, Ch, Ch) contexts, conv (W, C).
+template <typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void combine_row(const T* __restrict__ q, int64_t stride_n, int64_t W, int64_t C, int64_t Ch,
+                                     int64_t heads, const acc_t* __restrict__ S, const acc_t* __restrict__ conv,
+                                     acc_t scale, T* __restrict__ out) {
+  for (int64_t x = 0; x < W; ++x) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* qh = q + x * stride_n + h * Ch;
+      const acc_t *Sh = S + h * Ch * Ch, *ch = conv + x * C + h * Ch;
+      T* oh = out + x * C + h * Ch;
+      int64_t e0 = 0;
+      for (; e0 + 8 <= Ch; e0 += 8) head_output<8>(qh, Sh, ch, Ch, e0, scale, oh);
+      for (; e0 + 4 <= Ch; e0 += 4) head_output<4>(qh, Sh, ch, Ch, e0, scale, oh);
+      for (; e0 < Ch; ++e0) head_output<1>(qh, Sh, ch, Ch, e0, scale, oh);
+    }
+  }
+}
+
+at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, int64_t num_heads, double scale,
+                                at::TensorList crpe_weights, at::TensorList crpe_biases) {
+  TORCH_CHECK_VALUE(qkv_in.dim() == 3 && qkv_in.size(2) % 3 == 0, "factor_attention: qkv must be (B, N, 3*C), got ",
+                    qkv_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(qkv_in.scalar_type()), "factor_attention: qkv must be floating point, got ",
+                   qkv_in.scalar_type());
+  const int64_t B = qkv_in.size(0), N = qkv_in.size(1), C = qkv_in.size(2) / 3;
+  TORCH_CHECK_VALUE(num_heads > 0 && C % num_heads == 0, "factor_attention: num_heads must divide C=", C, ", got ",
+                    num_heads);
+  TORCH_CHECK_VALUE(H > 0 && W > 0 && H * W == N, "factor_attention: H*W must be N=", N, ", got ", H, "x", W);
+  TORCH_CHECK_VALUE(!crpe_weights.empty() && crpe_weights.size() == crpe_biases.size(),
+                    "factor_attention: crpe_weights and crpe_biases must be non-empty lists of one length");
+  const int64_t Ch = C / num_heads;
+  std::vector<Window> windows;
+  int64_t kmax = 1, c0 = 0;
+  for (size_t i = 0; i < crpe_weights.size(); ++i) {
+    const at::Tensor& w = crpe_weights[i];
+    const int64_t k = w.dim() == 4 ? w.size(3) : 0;
+    TORCH_CHECK_VALUE(w.dim() == 4 && w.size(1) == 1 && w.size(2) == k && k % 2 == 1 && w.size(0) % Ch == 0 &&
+                          w.size(0) > 0,
+                      "factor_attention: crpe_weights[", i, "] must be (whole heads of ", Ch,
+                      " channels, 1, k, k) with odd k, got ", w.sizes());
+    TORCH_CHECK_VALUE(crpe_biases[i].dim() == 1 && crpe_biases[i].size(0) == w.size(0), "factor_attention: crpe_biases[",
+                      i, "] must be (", w.size(0), ",), got ", crpe_biases[i].sizes());
+    windows.push_back({c0, c0 + w.size(0), k});
+    c0 += w.size(0);
+    kmax = std::max(kmax, k);
+  }
+  TORCH_CHECK_VALUE(c0 == C, "factor_attention: the CRPE windows cover ", c0, " channels, expected C=", C);
+
+  at::Tensor out = at::empty({B, N, C}, qkv_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "factor_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    // CRPE weights as (KMAX*KMAX, C): each window centred (zeros around a smaller one, never read),
+    // a tap's weights unit-stride over the channels.
+    at::Tensor wt = at::zeros({kmax * kmax, C}, qkv.options().dtype(acc));
+    at::Tensor bias = at::empty({C}, qkv.options().dtype(acc));
+    acc_t* wtp = wt.mutable_data_ptr<acc_t>();
+    for (size_t i = 0; i < windows.size(); ++i) {
+      const Window& g = windows[i];
+      const at::Tensor w = crpe_weights[i].to(acc).contiguous();  // (c, 1, k, k)
+      const at::Tensor b = crpe_biases[i].to(acc).contiguous();
+      const acc_t* wp = w.const_data_ptr<acc_t>();
+      const int64_t pad = (kmax - g.k) / 2;
+      for (int64_t c = g.c0; c < g.c1; ++c) {
+        bias.mutable_data_ptr<acc_t>()[c] = b.const_data_ptr<acc_t>()[c - g.c0];
+        for (int64_t ky = 0; ky < g.k; ++ky)
+          for (int64_t kx = 0; kx < g.k; ++kx)
+            wtp[((ky + pad) * kmax + kx + pad) * C + c] = wp[((c - g.c0) * g.k + ky) * g.k + kx];
+      }
+    }
+    at::Tensor S = at::empty({B * num_heads, Ch * Ch}, qkv.options().dtype(acc));
+    const scalar_t* qp = qkv.const_data_ptr<scalar_t>();
+    const int64_t sb = qkv.stride(0), sn = qkv.stride(1);
+    acc_t* sp = S.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B * num_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> work((2 + kTokenTile) * Ch);
+      with_best_isa([&]() __attribute__((always_inline)) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+          const scalar_t* item = qp + (bh / num_heads) * sb + (bh % num_heads) * Ch;
+          head_context(item + C, item + 2 * C, sn, N, Ch, sp + bh * Ch * Ch, work.data());
+        }
+      });
+    });
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* bp = bias.const_data_ptr<acc_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> conv(W * C);
+      std::vector<const scalar_t*> vrows(kmax);
+      with_best_isa([&]() __attribute__((always_inline)) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t b = row / H, y = row % H;
+          const scalar_t* item = qp + b * sb;
+          for (const Window& g : windows) {
+            const int64_t r = g.k / 2;
+            for (int64_t ky = 0; ky < g.k; ++ky) {
+              const int64_t yy = y - r + ky;
+              vrows[ky] = yy >= 0 && yy < H ? item + yy * W * sn + 2 * C : nullptr;
+            }
+            window_rows(vrows.data(), g, W, sn, C, wtp, kmax, bp, conv.data());
+          }
+          combine_row(item + y * W * sn, sn, W, C, Ch, num_heads, sp + b * num_heads * Ch * Ch, conv.data(),
+                      static_cast<acc_t>(scale), op + (b * N + y * W) * C);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mpvit_kernels, CPU, m) { m.impl("factor_attention", &factor_attention_cpu); }
+
+}  // namespace mpvit_kernels
