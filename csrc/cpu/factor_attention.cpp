@@ -8,7 +8,7 @@
 //    channels and taps), then scale * q S + q * conv.
 // q, k, v are read in place from the qkv rows (any row and batch stride, unit channel stride).
 // Every output element is one task's sum in a fixed order: bitwise the same for any number of
-// threads. The backward runs on the reference (mpvit_kernels/ops/factor_attention.py).
+// threads. Its backward is eager ops (factor_attention_backward, mpvit_kernels/ops/factor_attention.py).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,13 +24,15 @@
 #include <limits>
 #include <vector>
 
-
 // The clamps and NaN selects of exp_vec vectorize only when float compares may be assumed not to
 // trap (they never do: no FP exception is ever enabled). Products and sums contract to FMAs (the
 // AVX2 copy's target includes FMA): one rounding instead of two.
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
 // Lanes<acc_t, V> values pass between inline helpers, never across a call: no ABI concern.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace mpvit_kernels {
+namespace {
 
 // Every function below inlines into one of two copies of each parallel task's body: one compiled
 // for AVX2 + FMA, run where the CPU has them, one for the baseline ISA (with_best_isa). (GCC's
@@ -68,9 +70,6 @@ void with_best_isa(const F& f) {
   else
     run_baseline(f);
 }
-
-namespace mpvit_kernels {
-namespace {
 
 // exp in plain arithmetic, which GCC vectorizes (glibc's expf is a call per element, and the
 // softmax takes one exp per key): x = n ln2 + r with |r| <= ln2/2 (ln2 split in two, Cody-Waite),
