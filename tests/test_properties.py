@@ -137,7 +137,7 @@ def whole_map_limit(n):
         module._WHOLE_MAP_MAX_N = saved
 
 
-@hypothesis.settings(max_examples=10, **SETTINGS)
+@hypothesis.settings(max_examples=7, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), H=SIDE, W=SIDE, Ch=st.integers(1, 13),
                   window=st.dictionaries(st.sampled_from([3, 5, 7]), st.integers(1, 2), min_size=1, max_size=3),
                   strided=st.booleans(), three_passes=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
