@@ -60,9 +60,9 @@ def check_input(where: str, x, layout: str, channel_dim: int, channels: int, par
                         "other, or run under torch.autocast")
 
 
-def _check_conv(where: str, kernel_sizes=None, strides=None, **sizes) -> None:
-    """A conv module's constructor arguments: positive ints, kernel size and stride among those
-    its kernels take (any, if None)."""
+def _check_sizes(where: str, kernel_sizes=None, strides=None, **sizes) -> None:
+    """A module's constructor sizes: positive ints, kernel size and stride (where given) among
+    those its kernels take (any, if None)."""
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
@@ -74,7 +74,7 @@ def _check_conv(where: str, kernel_sizes=None, strides=None, **sizes) -> None:
 def check_size(where: str, size, N: int) -> tuple[int, int]:
     """``size`` = (H, W) of a token tensor with N tokens."""
     if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"{where}: size must be (H, W), two positive ints, got {size!r}")
     if size[0] * size[1] != N:
         raise ValueError(f"{where}: x has N={N} tokens but size={tuple(size)} gives {size[0] * size[1]}")
@@ -196,7 +196,7 @@ class Conv2dBN(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, hswish: bool = False):
         super().__init__()
-        _check_conv("Conv2dBN", in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size, stride=stride)
+        _check_sizes("Conv2dBN", in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size, stride=stride)
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
         self.hswish = hswish
@@ -231,7 +231,7 @@ class DWConv2dBN(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1):
         super().__init__()
-        _check_conv("DWConv2dBN", (3, 5, 7), (1, 2), in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size,
+        _check_sizes("DWConv2dBN", (3, 5, 7), (1, 2), in_ch=in_ch, out_ch=out_ch, kernel_size=kernel_size,
                     stride=stride)
         self.dwconv = nn.Conv2d(in_ch, in_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=in_ch, bias=False)
         self.pwconv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
@@ -266,7 +266,7 @@ class GLIProjection(nn.Module):
         super().__init__()
         if not 1 <= num_inputs <= GLI_MAX_INPUTS:
             raise ValueError(f"num_inputs must be in 1..{GLI_MAX_INPUTS}, got {num_inputs}")
-        _check_conv("GLIProjection", in_channels=in_channels, out_channels=out_channels)
+        _check_sizes("GLIProjection", in_channels=in_channels, out_channels=out_channels)
         self.num_inputs = num_inputs
         self.conv = nn.Conv2d(in_channels * num_inputs, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -307,7 +307,7 @@ class ConvPosEnc(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
-        _check_conv("ConvPosEnc", (3, 5, 7), dim=dim, kernel_size=kernel_size)
+        _check_sizes("ConvPosEnc", (3, 5, 7), dim=dim, kernel_size=kernel_size)
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -352,7 +352,7 @@ class FactorAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_scale: float | None = None,
                  crpe_window: Mapping[int, int] | None = None, shared_crpe: ConvRelPosEnc | None = None):
         super().__init__()
-        _check_conv("FactorAttention", dim=dim, num_heads=num_heads)
+        _check_sizes("FactorAttention", dim=dim, num_heads=num_heads)
         if dim % num_heads != 0:
             raise ValueError(f"FactorAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads

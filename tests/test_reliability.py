@@ -333,3 +333,31 @@ def test_low_precision_attention_with_large_keys_is_finite(dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
     # the saturated softmax leaves dk near 0 by cancellation: every grad against the largest
     torch.testing.assert_close(g.float(), g_ref, atol=4 * tol * g_ref.abs().max().item(), rtol=0)
+
+
+# ---- dynamic shapes -----------------------------------------------------------------------------
+
+def test_modules_compile_with_dynamic_shapes():
+    """torch.compile(dynamic=True, fullgraph=True): symbolic sizes (and the attention's scale) pass
+    the checks and reach the ops; two input sizes, one compile each way, results as eager."""
+    from mpvit_kernels import DWConv2dBN, FactorAttention, GLIProjection
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attention, embed, gli = FactorAttention(16, 2, crpe_window={3: 1, 5: 1}), DWConv2dBN(8, 12).eval(), \
+        GLIProjection(8, 12, 2).eval()
+    runs = {
+        "attention": (attention, lambda m, s: m(torch.randn(2, s[0] * s[1], 16), s)),
+        "embed": (embed, lambda m, s: m(torch.randn(2, 8, *s))),
+        "gli": (gli, lambda m, s: m([torch.randn(2, 8, *s)] * 2)),
+    }
+    for name, (module, run) in runs.items():
+        compiled = torch.compile(module, dynamic=True, fullgraph=True, backend="aot_eager")
+        for size in ((3, 4), (5, 3)):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                got = run(compiled, size)
+            torch.manual_seed(1)
+            with torch.no_grad():
+                want = run(module, size)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)

@@ -62,7 +62,7 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
         raise ValueError(f"factor_attention: num_heads must be a positive divisor of C={C}, got {num_heads!r}")
     if len(size) != 2 or any(not isinstance(s, int) or s <= 0 for s in size) or size[0] * size[1] != N:
         raise ValueError(f"factor_attention: size must be (H, W) with H*W = N = {N}, got {tuple(size)}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == math.inf:  # traceable when symbolic
         raise TypeError(f"factor_attention: scale must be a finite float, got {scale!r}")
     Ch = C // num_heads
     if len(crpe_weights) == 0 or len(crpe_weights) != len(crpe_biases):
