@@ -152,13 +152,13 @@ def use_cpu_kernel(op: str, device: torch.device) -> bool:
     interpreter runs them (``TRITON_INTERPRET=1`` under ``auto`` or ``triton``: how CI checks the
     Triton kernels without a GPU). ``cuda`` always takes the twin on CPU tensors."""
     backend = get_backend(op)
-    if device.type != "cpu" or backend == "reference":
+    # triton: use_triton runs the interpreter, or says why it cannot
+    if device.type != "cpu" or backend in ("reference", "triton"):
         return False
-    if backend in ("auto", "triton") and _env_flag("TRITON_INTERPRET") and _triton_importable():
-        return False
-    if backend == "triton":  # asked for Triton on CPU tensors without the interpreter: use_triton says why not
+    if backend == "auto" and _env_flag("TRITON_INTERPRET") and _triton_importable():
         return False
     return use_extension(op, device)
+
 
 def autocast(t):
     """``t`` as autocast casts a conv's or a matmul's input: inside an autocast region for its

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -350,20 +351,17 @@ at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, 
     // CRPE weights as (KMAX*KMAX, C): each window centred (zeros around a smaller one, never read),
     // a tap's weights unit-stride over the channels.
     at::Tensor wt = at::zeros({kmax * kmax, C}, qkv.options().dtype(acc));
-    at::Tensor bias = at::empty({C}, qkv.options().dtype(acc));
+    const at::Tensor bias = at::cat(crpe_biases).to(acc).contiguous();
     acc_t* wtp = wt.mutable_data_ptr<acc_t>();
     for (size_t i = 0; i < windows.size(); ++i) {
       const Window& g = windows[i];
       const at::Tensor w = crpe_weights[i].to(acc).contiguous();  // (c, 1, k, k)
-      const at::Tensor b = crpe_biases[i].to(acc).contiguous();
       const acc_t* wp = w.const_data_ptr<acc_t>();
       const int64_t pad = (kmax - g.k) / 2;
-      for (int64_t c = g.c0; c < g.c1; ++c) {
-        bias.mutable_data_ptr<acc_t>()[c] = b.const_data_ptr<acc_t>()[c - g.c0];
+      for (int64_t c = g.c0; c < g.c1; ++c)
         for (int64_t ky = 0; ky < g.k; ++ky)
           for (int64_t kx = 0; kx < g.k; ++kx)
             wtp[((ky + pad) * kmax + kx + pad) * C + c] = wp[((c - g.c0) * g.k + ky) * g.k + kx];
-      }
     }
     at::Tensor S = at::empty({B * num_heads, Ch * Ch}, qkv.options().dtype(acc));
     const scalar_t* qp = qkv.const_data_ptr<scalar_t>();

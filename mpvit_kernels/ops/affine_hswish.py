@@ -84,6 +84,7 @@ def check_item_span(where: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{where}: one batch item of {name} spans {span} elements (shape {tuple(t.shape)}, "
                          f"strides {t.stride()}); at most 2^31 - 1 are supported")
 
+
 def check_eps(where: str, eps) -> None:
     """A training BatchNorm's eps: a finite number >= 0."""
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:

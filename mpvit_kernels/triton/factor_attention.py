@@ -234,22 +234,23 @@ def context_combine_kernel(
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     offs_d = tl.arange(0, BLOCK_D)
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     m_max = tl.full([BLOCK_D], float("-inf"), ACC)
     for s in range(0, splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh.to(tl.int64) * splits + s) * BLOCK_D + offs_d))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh64 * splits + s) * BLOCK_D + offs_d))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l = tl.zeros([BLOCK_D], ACC)
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
-        row = bh.to(tl.int64) * splits + s
+        row = bh64 * splits + s
         w = tl.exp(tl.load(m_ptr + row * BLOCK_D + offs_d) - m_safe)
         l += w * tl.load(l_ptr + row * BLOCK_D + offs_d)
         acc += w[:, None] * tl.load(s_ptr + row * BLOCK_D * BLOCK_D + tile)
     ctx, lse = _normalise(m_max, l, acc)
-    tl.store(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile, ctx)
-    tl.store(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, lse)
+    tl.store(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + tile, ctx)
+    tl.store(lse_ptr + bh64 * BLOCK_D + offs_d, lse)
 
 
 @triton.jit
@@ -341,6 +342,7 @@ def whole_map_kernel(
     S normalised in registers, then the output pass over all N (tiles of BLOCK_OUT). Nothing
     but O reaches memory, and S and lse (what the backward needs) if WRITE_STATS."""
     bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     b = bh // heads
     h = bh % heads
     offs_d = tl.arange(0, BLOCK_D)
@@ -349,8 +351,8 @@ def whole_map_kernel(
                               ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     ctx, lse = _normalise(m, l, acc)
     if WRITE_STATS:
-        tl.store(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
-        tl.store(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, lse)
+        tl.store(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
+        tl.store(lse_ptr + bh64 * BLOCK_D + offs_d, lse)
     r = tl.load(ksize_ptr + h) // 2
     out_base = out_ptr + b.to(tl.int64) * out_stride_b
     for start in range(0, N, BLOCK_OUT):
@@ -427,15 +429,16 @@ def grad_combine_kernel(
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     offs_d = tl.arange(0, BLOCK_D)
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
-        acc += tl.load(ds_part_ptr + (bh.to(tl.int64) * splits + s) * BLOCK_D * BLOCK_D + tile)
+        acc += tl.load(ds_part_ptr + (bh64 * splits + s) * BLOCK_D * BLOCK_D + tile)
     ds = tl.full([], scale, ACC) * acc
-    ctx = tl.load(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile)
-    tl.store(ds_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + tile, ds)
-    tl.store(c_ptr + bh.to(tl.int64) * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
+    ctx = tl.load(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + tile)
+    tl.store(ds_ptr + bh64 * BLOCK_D * BLOCK_D + tile, ds)
+    tl.store(c_ptr + bh64 * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
 @GRAD_QKV_TILES.tuned()
@@ -458,6 +461,7 @@ def grad_qkv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     b = bh // heads
     h = bh % heads
     offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
@@ -491,7 +495,7 @@ def grad_qkv_kernel(
     # The three (BLOCK_N x BLOCK_D) @ (BLOCK_D x BLOCK_D) products run in K chunks of 16 read
     # straight from memory (L1/L2-hot): whole 64 x 64 right operands would not fit in registers
     # next to the token tiles for fp32 inputs (their dots are FMA, not tensor-core).
-    head = bh.to(tl.int64) * BLOCK_D * BLOCK_D
+    head = bh64 * BLOCK_D * BLOCK_D
     do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
     dq = do * conv
     for e0 in tl.static_range(0, BLOCK_D, 16):
@@ -509,13 +513,13 @@ def grad_qkv_kernel(
         ds_t = tl.load(ds_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = dS[d, e]
         v_ds += tl.dot(v_e, ds_t, out_dtype=ACC, input_precision=DOT_PRECISION)
         k_e = _load_tokens(base, offs_n, C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
-        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh.to(tl.int64) * BLOCK_D + e)[None, :]), 0.0)
+        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh64 * BLOCK_D + e)[None, :]), 0.0)
         ds_e = tl.load(ds_ptr + head + e[:, None] * BLOCK_D + offs_d[None, :])  # rows e of dS
         dv += tl.dot(a_e, ds_e, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out + 2 * C, dv.to(ty), mask=mask)
     k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
-    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh.to(tl.int64) * BLOCK_D + offs_d)[None, :]), 0.0)
-    dk = a * (v_ds - tl.load(c_ptr + bh.to(tl.int64) * BLOCK_D + offs_d)[None, :])
+    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh64 * BLOCK_D + offs_d)[None, :]), 0.0)
+    dk = a * (v_ds - tl.load(c_ptr + bh64 * BLOCK_D + offs_d)[None, :])
     tl.store(out + C, dk.to(ty), mask=mask)
 
 
