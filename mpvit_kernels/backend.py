@@ -22,7 +22,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise")
+OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise", "residual_layernorm")
 
 # (backend forced for every op family or None, {op family: backend}): per thread and per
 # asyncio task, so one thread's use_backend never changes what another thread's ops run.

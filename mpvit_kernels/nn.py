@@ -363,9 +363,13 @@ class FactorAttention(nn.Module):
         self.crpe = shared_crpe if shared_crpe is not None else ConvRelPosEnc(head_dim, num_heads, crpe_window)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.proj(self.attend(x, size))
+
+    def attend(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Everything but ``proj``: the attention output (B, N, C) that ``proj`` would take (MPViT's
+        block folds proj's bias and its residual add into ``ops.residual_layernorm``)."""
         check_input("FactorAttention", x, "(B, N, C)", 2, self.qkv.in_features, self.qkv.weight)
         size = check_size("FactorAttention", size, x.shape[1])
         convs = self.crpe.conv_list
-        out = ops.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
-                                   [c.weight for c in convs], [c.bias for c in convs])
-        return self.proj(out)
+        return ops.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
+                                    [c.weight for c in convs], [c.bias for c in convs])

@@ -88,3 +88,14 @@ def factor_attention(qkv: torch.Tensor, size: tuple[int, int], num_heads: int, s
     conv_v = conv_v.reshape(B, num_heads, Ch, N).transpose(-1, -2)
     out = factor + q * conv_v
     return out.transpose(1, 2).reshape(B, N, C)
+
+
+def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
+                       weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s + next_bias, layer_norm(s))`` with ``s = x + y + bias`` over the last dim, computed in
+    fp32 (fp64 for fp64), returned in x's dtype: a block's residual add after attention and its
+    norm2, with fc2's bias added to the residual ahead of the MLP's last GEMM."""
+    acc = _acc_dtype(x.dtype)
+    s = x.to(acc) + y.to(acc) + bias.to(acc)
+    u = F.layer_norm(s, (s.shape[-1],), weight.to(acc), ln_bias.to(acc), eps)
+    return (s + next_bias.to(acc)).to(x.dtype), u.to(x.dtype)

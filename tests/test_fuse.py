@@ -59,7 +59,11 @@ def test_fused_training_step_matches_the_original(size):
     F.cross_entropy(original(x), target).backward()
     theirs = dict(original.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+        # fp32 rounding through train-mode BatchNorms: the error scales with the largest grad
+        # of the tensor (fp64 agrees to 1e-11), so the absolute tolerance does too
+        want = theirs[name].grad
+        torch.testing.assert_close(p.grad, want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-3,
+                                   msg=name)
     for (name, a), b in zip(model.named_buffers(), original.buffers()):
         torch.testing.assert_close(a, b, msg=name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the optimiser sees the same Parameters

@@ -50,11 +50,14 @@ class CountTraffic(TorchDispatchMode):
         if not func.is_view and func not in _NO_DATA_MOVED:
             self.launches += 1
             self.ops.append(str(func.overloadpacket))
-            seen = set()
-            for t in tree_leaves((args, kwargs, out)):
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    self.bytes += t.numel() * t.element_size()
+            # each tensor read once and each written once: an in-place op's output (its input)
+            # counts as both
+            for tensors in ((args, kwargs), out):
+                seen = set()
+                for t in tree_leaves(tensors):
+                    if isinstance(t, torch.Tensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        self.bytes += t.numel() * t.element_size()
         return out
 
 

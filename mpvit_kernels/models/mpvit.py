@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mpvit_kernels import ops
 from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
                               depthwise_bn_hswish)
 
@@ -61,8 +62,19 @@ class MHCABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.cpe(x, size)
-        x = x + drop_path(self.factoratt_crpe(self.norm1(x), size), self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        att, mlp = self.factoratt_crpe, self.mlp
+        if (self.training and self.drop_path_rate > 0) or att.proj.bias is None or mlp.fc2.bias is None or \
+                self.norm2.weight is None or self.norm2.bias is None:
+            x = x + drop_path(att(self.norm1(x), size), self.drop_path_rate, self.training)
+            return x + drop_path(mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        # The residual adds, norm2 and both biases in one pass (ops.residual_layernorm); fc2
+        # accumulates onto its residual output in place.
+        B, N, C = x.shape
+        y = F.linear(att.attend(self.norm1(x), size), att.proj.weight)
+        r, u = ops.residual_layernorm(x, y, att.proj.bias, mlp.fc2.bias, self.norm2.weight, self.norm2.bias,
+                                      self.norm2.eps)
+        h = F.gelu(mlp.fc1(u)).to(r.dtype)
+        return r.view(B * N, C).addmm_(h.view(B * N, h.shape[-1]), mlp.fc2.weight.to(r.dtype).t()).view(B, N, C)
 
 
 class MHCAEncoder(nn.Module):

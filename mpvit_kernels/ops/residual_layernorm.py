@@ -1,0 +1,129 @@
+"""residual_layernorm: the middle of an MPViT block as one pass over its tokens,
+
+    s = x + y + bias            x the block's input (after the CPE), y = attention @ proj.weight^T
+    u = layer_norm(s)           the MLP's input (norm2)
+    r = s + next_bias           the residual stream with the MLP's fc2 bias added in advance
+
+so the block's MLP ends in one GEMM that accumulates onto r in place (``r.addmm_(h, fc2.weight.t())``)
+and neither residual add nor the LayerNorm is a pass of its own: eager's proj bias, add, norm2,
+fc2 bias and add (5 passes over the tokens, 10 token-sized reads and writes) become this op and
+the GEMMs' own reads and writes (7).
+
+Registered as ``mpvit_kernels::residual_layernorm`` (a custom op with a fake and autograd) over
+the Triton kernel (mpvit_kernels/triton/residual_layernorm.py) on CUDA tensors, or on CPU tensors
+under Triton's interpreter; elsewhere (and under ``reference``) it is the eager composition of
+:func:`mpvit_kernels.reference.residual_layernorm`. Backward: the LayerNorm's with the saved
+per-row (mean, rstd) (ATen's ``native_layer_norm_backward``) plus r's grad; sums over the rows for
+the four parameters. Deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+from mpvit_kernels import backend, reference
+from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
+
+MAX_CHANNELS = 4096  # a token's channels are one tile of the Triton kernel
+
+
+def _check(x, y, params, eps):
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"residual_layernorm: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"residual_layernorm: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"residual_layernorm: x must be tokens (B, N, C), got shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"residual_layernorm: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"residual_layernorm: y is {y.dtype} on {y.device}, x {x.dtype} on {x.device}")
+    C = x.shape[2]
+    if not 1 <= C <= MAX_CHANNELS:
+        raise ValueError(f"residual_layernorm: x must have 1 to {MAX_CHANNELS} channels, got {C}")
+    check_channel_params("residual_layernorm", C, x.device, **params)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+        raise ValueError(f"residual_layernorm: eps must be a finite number > 0, got {eps!r}")
+    check_rows("residual_layernorm", x.shape[0] * x.shape[1])
+
+
+def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
+                       weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s + next_bias, layer_norm(s))`` with ``s = x + y + bias``, over the last dim.
+
+    x, y: tokens (B, N, C) of one dtype, any strides (a unit channel stride is read in place);
+    bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any floating dtype, read in the
+    accumulation type (fp32, fp64 for fp64 inputs); C <= 4096. Returns (r, u), both (B, N, C)
+    contiguous in x's dtype; under autocast x and y are cast to the autocast dtype first (the
+    LayerNorm still computes in fp32).
+    """
+    x, y = backend.autocast(x), backend.autocast(y)
+    _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
+    if backend.use_triton("residual_layernorm", x.device):
+        params = (bias, next_bias, weight, ln_bias)
+        if len({p.dtype for p in params}) > 1:  # the kernel reads them in one dtype, whichever it is
+            params = tuple(p.to(reference._acc_dtype(x.dtype)) for p in params)
+        r, u, _, _ = torch.ops.mpvit_kernels.residual_layernorm(x, y, *params, float(eps))
+        return r, u
+    return reference.residual_layernorm(x, y, bias, next_bias, weight, ln_bias, eps)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
+
+
+@torch.library.custom_op("mpvit_kernels::residual_layernorm", mutates_args=())
+def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
+                        weight: torch.Tensor, ln_bias: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, u, mean, rstd): r and u (B, N, C) contiguous in x's dtype, mean and rstd (B, N) per
+    token in the accumulation type (fp32, fp64 for fp64 x); the four parameters share a dtype."""
+    from mpvit_kernels.triton import residual_layernorm as kernels
+
+    B, N, C = x.shape
+    x, y = _rows(x), _rows(y)
+    r, u = torch.empty((B, N, C), dtype=x.dtype, device=x.device), torch.empty((B, N, C), dtype=x.dtype,
+                                                                                device=x.device)
+    mean, rstd = (torch.empty((B, N), dtype=reference._acc_dtype(x.dtype), device=x.device) for _ in range(2))
+    M = B * N
+    if M == 0:
+        return r, u, mean, rstd
+    params = [p.contiguous() for p in (bias, next_bias, weight, ln_bias)]
+    wide = x.dtype == torch.float64
+    bc = kernels.block_c(C)
+    with backend.triton_device(x):
+        kernels.residual_layernorm_kernel[(-(-M // kernels.tile(bc, wide)[0]),)](
+            x, y, *params, r, u, mean, rstd, M, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(eps),
+            ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc)
+    return r, u, mean, rstd
+
+
+@_residual_layernorm.register_fake
+def _(x, y, bias, next_bias, weight, ln_bias, eps):
+    B, N, C = x.shape
+    acc = reference._acc_dtype(x.dtype)
+    return x.new_empty((B, N, C)), x.new_empty((B, N, C)), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, bias, next_bias, weight, ln_bias, eps = inputs
+    _, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, y, bias, weight, ln_bias, mean, rstd)
+
+
+def _backward(ctx, grad_r, grad_u, *_):
+    x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
+    acc, dtype = mean.dtype, bias.dtype
+    s = x.to(acc) + y.to(acc) + bias.to(acc)  # recomputed: the forward stores only the per-token statistics
+    C = x.shape[2]
+    grad_s, grad_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
+        grad_u.to(acc), s, [C], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight.to(acc), ln_bias.to(acc),
+        [True, True, True])
+    grad_s = grad_s + grad_r.to(acc)
+    rows = (0, 1)
+    return (grad_s.to(x.dtype), grad_s.to(y.dtype), grad_s.sum(rows).to(dtype), grad_r.to(acc).sum(rows).to(dtype),
+            grad_weight.to(dtype), grad_ln_bias.to(dtype), None)
+
+
+_residual_layernorm.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,229 @@
+"""residual_layernorm: a block's residual add after attention, norm2 and the two Linear biases
+in one pass (Triton, interpreted on CPU here, real on a GPU), against the eager chain it
+replaces, every gradient; and MPViT's block, which runs through it, against its eager form."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpvit_kernels
+from mpvit_kernels import ops
+from mpvit_kernels.models.mpvit import MHCABlock
+from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
+from tests.conftest import KERNEL_DEVICE
+from tests.utils import RecordOps, assert_close
+
+
+def chain(x, y, bias, next_bias, weight, ln_bias, eps):
+    """What eager runs: proj's bias, the residual add, norm2; fc2's bias joins r later."""
+    s = x + (y + bias)
+    return s + next_bias, F.layer_norm(s, (s.shape[-1],), weight, ln_bias, eps)
+
+
+def make_inputs(B, N, C, dtype, layout):
+    """x, y leaves (B, N, C) in ``layout``: "dense"; "image" (tokens of a channels-last map, x
+    a slice of wider tokens: batch and token strides of their own); "strided" (a non-unit
+    channel stride, which the op copies once); and the four (C,) parameters."""
+    def leaf(i):
+        if layout == "dense":
+            t = torch.randn(B, N, C, dtype=dtype, device=KERNEL_DEVICE)
+        elif layout == "image":
+            t = torch.randn(B, N, C + 3 * i, dtype=dtype, device=KERNEL_DEVICE)[..., :C]
+        else:
+            t = torch.randn(B, C, N, dtype=dtype, device=KERNEL_DEVICE).transpose(1, 2)
+        return t.requires_grad_()
+
+    params = [torch.randn(C, dtype=dtype, device=KERNEL_DEVICE).requires_grad_() for _ in range(4)]
+    return [leaf(0), leaf(1)], params
+
+
+@pytest.mark.parametrize("layout", ["dense", "image", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(2, 7, 8), (1, 15, 22), (2, 5, 27), (1, 3, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
+    (x, y), params = make_inputs(*shape, dtype, layout)
+    r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+    r_ref, u_ref = chain(x, y, *params, 1e-6)
+    assert r.is_contiguous() and u.is_contiguous() and r.dtype == u.dtype == dtype
+    assert_close(r, r_ref)
+    assert_close(u, u_ref, scale=4)
+    grads = [torch.randn_like(r), torch.randn_like(u)]
+    leaves = [x, y, *params]
+    got = torch.autograd.grad((r, u), leaves, grads)
+    want = torch.autograd.grad((r_ref, u_ref), leaves, grads)
+    for a, b in zip(got, want):  # x, y, bias, next_bias, weight, ln_bias
+        assert_close(a, b, scale=10)
+
+
+def test_parameters_of_another_dtype_are_read_as_they_are():
+    (x, y), params = make_inputs(2, 5, 12, torch.float32, "dense")
+    wide = [p.detach().double().requires_grad_() for p in params]
+    mixed = [wide[0], *params[1:]]  # mixed dtypes: cast once to the accumulation type
+    for ps in (wide, mixed):
+        r, u = ops.residual_layernorm(x, y, *ps, 1e-6)
+        r_ref, u_ref = chain(x, y, *(p.float() for p in ps), 1e-6)
+        assert r.dtype == torch.float32
+        assert_close(r, r_ref)
+        assert_close(u, u_ref, scale=4)
+        grads = torch.autograd.grad((r, u), ps, [torch.ones_like(r), u.detach()])
+        assert [g.dtype for g in grads] == [p.dtype for p in ps]
+
+
+def test_fp64_gradcheck():
+    (x, y), params = make_inputs(2, 5, 6, torch.float64, "image")
+    assert torch.autograd.gradcheck(lambda *a: ops.residual_layernorm(*a, 1e-5), (x, y, *params))
+
+
+def test_opcheck():
+    for layout in ("dense", "image"):
+        (x, y), params = make_inputs(2, 6, 8, torch.float32, layout)
+        torch.library.opcheck(torch.ops.mpvit_kernels.residual_layernorm.default, (x, y, *params, 1e-6))
+
+
+def test_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    (x, y), params = make_inputs(2, 6, 12, torch.float32, "image")
+    compiled = torch.compile(lambda *a: ops.residual_layernorm(*a, 1e-6), fullgraph=True, backend="aot_eager")
+    r, u = compiled(x, y, *params)
+    r_ref, u_ref = chain(x, y, *params, 1e-6)
+    assert_close(r, r_ref)
+    assert_close(u, u_ref, scale=4)
+    got = torch.autograd.grad((r * u).sum(), [x, *params])
+    want = torch.autograd.grad((r_ref * u_ref).sum(), [x, *params])
+    for a, b in zip(got, want):
+        assert_close(a, b, scale=10)
+
+
+def test_reference_backend_runs_unfused_and_autocast_casts_the_tokens():
+    (x, y), params = make_inputs(1, 4, 8, torch.float32, "dense")
+    with mpvit_kernels.use_backend("reference"), RecordOps() as rec:
+        r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+    assert not any(n.startswith("mpvit_kernels") for n in rec.names)
+    with mpvit_kernels.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        r16, u16 = ops.residual_layernorm(x, y, *params, 1e-6)
+    assert r16.dtype == u16.dtype == torch.bfloat16
+    assert_close(r16.float(), r, dtype=torch.bfloat16)
+    assert_close(u16.float(), u, dtype=torch.bfloat16, scale=2)
+
+
+def _args(**change):
+    args = dict(x=torch.randn(1, 4, 8), y=torch.randn(1, 4, 8), bias=torch.randn(8), next_bias=torch.randn(8),
+                weight=torch.randn(8), ln_bias=torch.randn(8), eps=1e-6)
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(x="x"), TypeError, "x must be a Tensor"),
+    (dict(y=torch.ones(1, 4, 8, dtype=torch.int64)), TypeError, "y must be float"),
+    (dict(x=torch.randn(4, 8), y=torch.randn(4, 8)), ValueError, r"x must be tokens \(B, N, C\)"),
+    (dict(y=torch.randn(1, 5, 8)), ValueError, "y must have x's shape"),
+    (dict(y=torch.randn(1, 4, 8, dtype=torch.float64)), ValueError, "y is torch.float64"),
+    (dict(bias=torch.randn(7)), ValueError, r"bias must have shape \(8,\)"),
+    (dict(weight=None), TypeError, "weight must be a floating point Tensor"),
+    (dict(x=torch.randn(1, 2, 4097), y=torch.randn(1, 2, 4097)), ValueError, "1 to 4096 channels"),
+    (dict(x=torch.randn(1, 2, 0), y=torch.randn(1, 2, 0)), ValueError, "1 to 4096 channels"),
+    (dict(eps=0.0), ValueError, "eps must be"),
+    (dict(eps=float("nan")), ValueError, "eps must be"),
+])
+def test_bad_inputs_raise_before_any_kernel(change, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.residual_layernorm(**_args(**change))
+
+
+def test_empty_batch():
+    r, u = ops.residual_layernorm(**_args(x=torch.randn(0, 4, 8), y=torch.randn(0, 4, 8)))
+    assert r.shape == u.shape == (0, 4, 8)
+
+
+def make_block(C, dtype, drop_path_rate=0.0):
+    torch.manual_seed(0)
+    block = MHCABlock(C, 2, drop_path_rate, ConvPosEnc(C, 3), ConvRelPosEnc(C // 8, 8)).to(KERNEL_DEVICE, dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
+def eager_block(block, x, size):
+    """The block as the public code writes it: no op of ours after the CPE."""
+    x = block.cpe(x, size)
+    x = x + block.factoratt_crpe(block.norm1(x), size)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_mpvit_block_equals_its_eager_form(training):
+    block = make_block(16, torch.float64).train(training)
+    x = torch.randn(2, 15, 16, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    with RecordOps() as rec:
+        out = block(x, (3, 5))
+    assert "mpvit_kernels.residual_layernorm" in rec.names and "aten.add" not in rec.compute
+    want = eager_block(block, x, (3, 5))
+    assert_close(out, want)
+    params = list(block.parameters())
+    got = torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+    ref = torch.autograd.grad(want, [x, *params], torch.ones_like(want))
+    for a, b in zip(got, ref):
+        assert_close(a, b, scale=10)
+
+
+def test_mpvit_block_with_drop_path_runs_unfused_while_training():
+    block = make_block(16, torch.float32, drop_path_rate=0.5).train()
+    with RecordOps() as rec:
+        block(torch.randn(4, 6, 16, device=KERNEL_DEVICE), (2, 3))
+    assert "mpvit_kernels.residual_layernorm" not in rec.names
+
+
+# ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
+
+# MPViT-S and -B blocks at a 224 input: (channels, tokens)
+SHAPES = [(C, side * side) for dims in ((64, 128, 216, 288), (128, 224, 368, 480))
+          for C, side in zip(dims, (56, 28, 14, 7))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"C{s[0]}-N{s[1]}")
+def test_cuda_low_precision_at_model_shapes(shape, dtype):
+    C, N = shape
+    (x64, y64), params64 = make_inputs(8, N, C, torch.float64, "dense")
+    want = chain(x64, y64, *params64, 1e-6)
+    grads = [torch.randn_like(t) for t in want]
+    want_grads = torch.autograd.grad(want, [x64, *params64], grads)
+    xl, yl = (t.detach().to(dtype).requires_grad_() for t in (x64, y64))
+    pl = [p.detach().float().requires_grad_() for p in params64]  # fp32 parameters, as under autocast
+    errs = {}
+    for name, fn in (("ours", ops.residual_layernorm), ("eager", chain)):
+        with torch.autocast("cuda", dtype=dtype):
+            out = fn(xl, yl, *pl, 1e-6)
+        got = torch.autograd.grad(out, [xl, *pl], [g.to(o.dtype) for g, o in zip(grads, out)])
+        errs[name] = [(a.double() - b).abs().max().item() for a, b in zip([*out, *got], [*want, *want_grads])]
+    scales = [t.abs().max().item() for t in [*want, *want_grads]]
+    assert all(o <= 2 * e + 1e-3 * max(1.0, s) for o, e, s in zip(errs["ours"], errs["eager"], scales)), errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: f"C{s[0]}-N{s[1]}")
+def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
+    C, N = shape
+    (x, y), params = make_inputs(4, N, C, torch.float32, "image")
+    runs = []
+    for _ in range(2):
+        r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+        runs.append([r, u, *torch.autograd.grad((r, u), [x, y, *params], [torch.ones_like(r), u.detach()])])
+    r_ref, u_ref = chain(x, y, *params, 1e-6)
+    torch.testing.assert_close(runs[0][0], r_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runs[0][1], u_ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_block_under_autocast_matches_its_eager_form():
+    block = make_block(64, torch.float32)
+    x = torch.randn(4, 196, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        out, want = block(x, (14, 14)), eager_block(copy.deepcopy(block), x, (14, 14))
+    assert out.dtype == want.dtype
+    torch.testing.assert_close(out.float(), want.float(), atol=0.1, rtol=0.05)
