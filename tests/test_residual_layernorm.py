@@ -1,6 +1,8 @@
 """residual_layernorm: a block's residual add after attention, norm2 and the two Linear biases
-in one pass (Triton, interpreted on CPU here, real on a GPU), against the eager chain it
-replaces, every gradient; and MPViT's block, which runs through it, against its eager form."""
+in one pass (Triton, interpreted on CPU here, real on a GPU; and the C++ CPU twin), against the
+eager chain it replaces, every gradient; and MPViT's block, which runs through it, against its
+eager form."""
+import contextlib
 import copy
 
 import pytest
@@ -21,29 +23,38 @@ def chain(x, y, bias, next_bias, weight, ln_bias, eps):
     return s + next_bias, F.layer_norm(s, (s.shape[-1],), weight, ln_bias, eps)
 
 
-def make_inputs(B, N, C, dtype, layout):
+# The C++ twin on CPU tensors (``cuda`` takes it for them), beside the Triton kernel.
+IMPLS = {"triton": (KERNEL_DEVICE, contextlib.nullcontext),
+         "twin": ("cpu", lambda: mpvit_kernels.use_backend("cuda", ops=["residual_layernorm"]))}
+
+
+def make_inputs(B, N, C, dtype, layout, device=KERNEL_DEVICE):
     """x, y leaves (B, N, C) in ``layout``: "dense"; "image" (tokens of a channels-last map, x
     a slice of wider tokens: batch and token strides of their own); "strided" (a non-unit
     channel stride, which the op copies once); and the four (C,) parameters."""
     def leaf(i):
         if layout == "dense":
-            t = torch.randn(B, N, C, dtype=dtype, device=KERNEL_DEVICE)
+            t = torch.randn(B, N, C, dtype=dtype, device=device)
         elif layout == "image":
-            t = torch.randn(B, N, C + 3 * i, dtype=dtype, device=KERNEL_DEVICE)[..., :C]
+            t = torch.randn(B, N, C + 3 * i, dtype=dtype, device=device)[..., :C]
         else:
-            t = torch.randn(B, C, N, dtype=dtype, device=KERNEL_DEVICE).transpose(1, 2)
+            t = torch.randn(B, C, N, dtype=dtype, device=device).transpose(1, 2)
         return t.requires_grad_()
 
-    params = [torch.randn(C, dtype=dtype, device=KERNEL_DEVICE).requires_grad_() for _ in range(4)]
+    params = [torch.randn(C, dtype=dtype, device=device).requires_grad_() for _ in range(4)]
     return [leaf(0), leaf(1)], params
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("layout", ["dense", "image", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(2, 7, 8), (1, 15, 22), (2, 5, 27), (1, 3, 130)], ids=lambda s: "x".join(map(str, s)))
-def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
-    (x, y), params = make_inputs(*shape, dtype, layout)
-    r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, impl):
+    device, forced = IMPLS[impl]
+    (x, y), params = make_inputs(*shape, dtype, layout, device)
+    with forced(), RecordOps() as rec:
+        r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+    assert ("mpvit_kernels.residual_layernorm" in rec.names) == (impl == "twin")
     r_ref, u_ref = chain(x, y, *params, 1e-6)
     assert r.is_contiguous() and u.is_contiguous() and r.dtype == u.dtype == dtype
     assert_close(r, r_ref)
@@ -56,12 +67,29 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
         assert_close(a, b, scale=10)
 
 
-def test_parameters_of_another_dtype_are_read_as_they_are():
-    (x, y), params = make_inputs(2, 5, 12, torch.float32, "dense")
+def test_twin_in_low_precision_within_twice_eager_error():
+    (x64, y64), params = make_inputs(2, 9, 40, torch.float64, "dense", "cpu")
+    want = chain(x64, y64, *params, 1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        x, y = x64.detach().to(dtype), y64.detach().to(dtype)
+        low = [p.detach().float() for p in params]  # fp32 parameters, as under autocast
+        with IMPLS["twin"][1]():
+            got = ops.residual_layernorm(x, y, *low, 1e-6)
+        eager = chain(x, y, *(p.to(dtype) for p in low), 1e-6)
+        for g, e, w in zip(got, eager, want):
+            assert g.dtype == dtype
+            assert (g.double() - w).abs().max() <= 2 * (e.double() - w).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_parameters_of_another_dtype_are_read_as_they_are(impl):
+    device, forced = IMPLS[impl]
+    (x, y), params = make_inputs(2, 5, 12, torch.float32, "dense", device)
     wide = [p.detach().double().requires_grad_() for p in params]
     mixed = [wide[0], *params[1:]]  # mixed dtypes: cast once to the accumulation type
     for ps in (wide, mixed):
-        r, u = ops.residual_layernorm(x, y, *ps, 1e-6)
+        with forced():
+            r, u = ops.residual_layernorm(x, y, *ps, 1e-6)
         r_ref, u_ref = chain(x, y, *(p.float() for p in ps), 1e-6)
         assert r.dtype == torch.float32
         assert_close(r, r_ref)
@@ -70,15 +98,19 @@ def test_parameters_of_another_dtype_are_read_as_they_are():
         assert [g.dtype for g in grads] == [p.dtype for p in ps]
 
 
-def test_fp64_gradcheck():
-    (x, y), params = make_inputs(2, 5, 6, torch.float64, "image")
-    assert torch.autograd.gradcheck(lambda *a: ops.residual_layernorm(*a, 1e-5), (x, y, *params))
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_fp64_gradcheck(impl):
+    device, forced = IMPLS[impl]
+    (x, y), params = make_inputs(2, 5, 6, torch.float64, "image", device)
+    with forced():
+        assert torch.autograd.gradcheck(lambda *a: ops.residual_layernorm(*a, 1e-5), (x, y, *params))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("op, device", [("residual_layernorm_fwd", KERNEL_DEVICE), ("residual_layernorm", "cpu")])
+def test_opcheck(op, device):
     for layout in ("dense", "image"):
-        (x, y), params = make_inputs(2, 6, 8, torch.float32, layout)
-        torch.library.opcheck(torch.ops.mpvit_kernels.residual_layernorm.default, (x, y, *params, 1e-6))
+        (x, y), params = make_inputs(2, 6, 8, torch.float32, layout, device)
+        torch.library.opcheck(getattr(torch.ops.mpvit_kernels, op).default, (x, y, *params, 1e-6))
 
 
 def test_under_torch_compile_fullgraph():
@@ -158,7 +190,7 @@ def test_mpvit_block_equals_its_eager_form(training):
     x = torch.randn(2, 15, 16, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
     with RecordOps() as rec:
         out = block(x, (3, 5))
-    assert "mpvit_kernels.residual_layernorm" in rec.names and "aten.add" not in rec.compute
+    assert "mpvit_kernels.residual_layernorm_fwd" in rec.names and "aten.add" not in rec.compute
     want = eager_block(block, x, (3, 5))
     assert_close(out, want)
     params = list(block.parameters())
@@ -172,7 +204,7 @@ def test_mpvit_block_with_drop_path_runs_unfused_while_training():
     block = make_block(16, torch.float32, drop_path_rate=0.5).train()
     with RecordOps() as rec:
         block(torch.randn(4, 6, 16, device=KERNEL_DEVICE), (2, 3))
-    assert "mpvit_kernels.residual_layernorm" not in rec.names
+    assert not [n for n in rec.names if "residual_layernorm" in n]
 
 
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------

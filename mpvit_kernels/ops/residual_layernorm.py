@@ -9,12 +9,15 @@ and neither residual add nor the LayerNorm is a pass of its own: eager's proj bi
 fc2 bias and add (5 passes over the tokens, 10 token-sized reads and writes) become this op and
 the GEMMs' own reads and writes (7).
 
-Registered as ``mpvit_kernels::residual_layernorm`` (a custom op with a fake and autograd) over
-the Triton kernel (mpvit_kernels/triton/residual_layernorm.py) on CUDA tensors, or on CPU tensors
-under Triton's interpreter; elsewhere (and under ``reference``) it is the eager composition of
+Registered as ``mpvit_kernels::residual_layernorm_fwd`` (a custom op with a fake and autograd)
+over the Triton kernel (mpvit_kernels/triton/residual_layernorm.py) on CUDA tensors, or on CPU
+tensors under Triton's interpreter; on other CPU tensors the extension's C++ twin
+``mpvit_kernels::residual_layernorm`` (csrc/cpu/residual_layernorm.cpp, same outputs, same
+autograd; under ``auto`` only where no backward follows); without either (and under
+``reference``) the eager composition of
 :func:`mpvit_kernels.reference.residual_layernorm`. Backward: the LayerNorm's with the saved
-per-row (mean, rstd) (ATen's ``native_layer_norm_backward``) plus r's grad; sums over the rows for
-the four parameters. Deterministic.
+per-token (mean, rstd) (ATen's ``native_layer_norm_backward``) plus r's grad; sums over the rows
+for the four parameters. Deterministic.
 """
 from __future__ import annotations
 
@@ -59,20 +62,25 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     """
     x, y = backend.autocast(x), backend.autocast(y)
     _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
+    params = (bias, next_bias, weight, ln_bias)
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
+    # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
+    # whose autograd keeps s instead of recomputing it (measured faster on CPU, `--ops residual_layernorm`).
+    if backend.use_cpu_kernel("residual_layernorm", x.device) and (
+            not backward_follows or backend.get_backend("residual_layernorm") == "cuda"):
+        return torch.ops.mpvit_kernels.residual_layernorm(x, y, *params, float(eps))[:2]
     if backend.use_triton("residual_layernorm", x.device):
-        params = (bias, next_bias, weight, ln_bias)
         if len({p.dtype for p in params}) > 1:  # the kernel reads them in one dtype, whichever it is
             params = tuple(p.to(reference._acc_dtype(x.dtype)) for p in params)
-        r, u, _, _ = torch.ops.mpvit_kernels.residual_layernorm(x, y, *params, float(eps))
-        return r, u
-    return reference.residual_layernorm(x, y, bias, next_bias, weight, ln_bias, eps)
+        return torch.ops.mpvit_kernels.residual_layernorm_fwd(x, y, *params, float(eps))[:2]
+    return reference.residual_layernorm(x, y, *params, eps)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
 
 
-@torch.library.custom_op("mpvit_kernels::residual_layernorm", mutates_args=())
+@torch.library.custom_op("mpvit_kernels::residual_layernorm_fwd", mutates_args=())
 def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
                         weight: torch.Tensor, ln_bias: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,8 +106,7 @@ def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, ne
     return r, u, mean, rstd
 
 
-@_residual_layernorm.register_fake
-def _(x, y, bias, next_bias, weight, ln_bias, eps):
+def _fake(x, y, bias, next_bias, weight, ln_bias, eps):
     B, N, C = x.shape
     acc = reference._acc_dtype(x.dtype)
     return x.new_empty((B, N, C)), x.new_empty((B, N, C)), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
@@ -126,4 +133,8 @@ def _backward(ctx, grad_r, grad_u, *_):
             grad_weight.to(dtype), grad_ln_bias.to(dtype), None)
 
 
+_residual_layernorm.register_fake(_fake)
 _residual_layernorm.register_autograd(_backward, setup_context=_setup_context)
+if backend.extension_available():  # the C++ twin: the same contract
+    torch.library.register_fake("mpvit_kernels::residual_layernorm", _fake)
+    torch.library.register_autograd("mpvit_kernels::residual_layernorm", _backward, setup_context=_setup_context)

@@ -1,4 +1,5 @@
-"""Triton kernel of ``residual_layernorm``: the residual add after a block's attention and the
+"""Triton kernel of ``residual_layernorm`` (the op ``mpvit_kernels::residual_layernorm_fwd``; its
+C++ CPU twin is csrc/cpu/residual_layernorm.cpp): the residual add after a block's attention and the
 LayerNorm before its MLP, as one pass over the tokens.
 
 Rows are tokens (M = B*N), columns channels; one program normalises BLOCK_M whole rows (a
@@ -24,7 +25,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def tile(block_c: int, wide: bool) -> tuple[int, int]:
     """(BLOCK_M, num_warps) for rows of BLOCK_C channels (``wide``: fp64): about 1024 values per
     program, 8 per thread and array (16 for the widest rows, whose 8 warps hold one row), which
-    compile without spills for sm_80 and sm_90a (`make static-report`)."""
+    compile without spills for sm_80 and sm_90a (`make static-report`); the interpreter takes
+    the fewest programs."""
+    if INTERPRET:
+        return max(1, 8192 // block_c), 4
     if block_c >= 2048:
         return 1, 16 if wide and block_c == 4096 else 8
     return max(1, 1024 // block_c), 4
