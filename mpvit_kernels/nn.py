@@ -40,6 +40,17 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, fold)
 
 
+def weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype`` for a GEMM autocast does not see (an in-place ``addmm_``), cast
+    once per version of the weight where no autograd graph needs the cast (as folded_bn)."""
+    if weight.dtype == dtype:
+        return weight
+    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    with torch.no_grad():
+        return backend.cached_by_version((weight,), dtype, lambda: weight.to(dtype))
+
+
 def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,
                 name: str = "x") -> None:
     """A module's input before any kernel runs: a floating Tensor of ``layout`` ("(B, C, H, W)"

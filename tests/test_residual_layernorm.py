@@ -200,6 +200,22 @@ def test_mpvit_block_equals_its_eager_form(training):
         assert_close(a, b, scale=10)
 
 
+def test_mpvit_block_under_autocast_casts_fc2_weight_once_per_version():
+    block = make_block(16, torch.float32).eval()
+    x = torch.randn(2, 15, 16)
+    with mpvit_kernels.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        first = block(x, (3, 5))
+        with RecordOps() as rec:
+            again = block(x, (3, 5))
+        with torch.no_grad():
+            block.mlp.fc2.weight.mul_(2)  # a new version: cast again
+        with RecordOps() as changed:
+            block(x, (3, 5))
+    casts = lambda r: [a for n, a in r.calls if n == "aten._to_copy" and a[0] is block.mlp.fc2.weight]  # noqa: E731
+    assert first.dtype == torch.bfloat16 and torch.equal(first, again)
+    assert not casts(rec) and len(casts(changed)) == 1
+
+
 def test_mpvit_block_with_drop_path_runs_unfused_while_training():
     block = make_block(16, torch.float32, drop_path_rate=0.5).train()
     with RecordOps() as rec:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import ops
 from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
-                              depthwise_bn_hswish)
+                              depthwise_bn_hswish, weight_as)
 
 # size: (num_layers, embed_dims, mlp_ratio)
 CONFIGS = {
@@ -74,7 +74,8 @@ class MHCABlock(nn.Module):
         r, u = ops.residual_layernorm(x, y, att.proj.bias, mlp.fc2.bias, self.norm2.weight, self.norm2.bias,
                                       self.norm2.eps)
         h = F.gelu(mlp.fc1(u)).to(r.dtype)
-        return r.view(B * N, C).addmm_(h.view(B * N, h.shape[-1]), mlp.fc2.weight.to(r.dtype).t()).view(B, N, C)
+        out = r.view(B * N, C).addmm_(h.view(B * N, h.shape[-1]), weight_as(mlp.fc2.weight, r.dtype).t())
+        return out.view(B, N, C)
 
 
 class MHCAEncoder(nn.Module):
