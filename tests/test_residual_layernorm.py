@@ -113,6 +113,14 @@ def test_opcheck(op, device):
         torch.library.opcheck(getattr(torch.ops.mpvit_kernels, op).default, (x, y, *params, 1e-6))
 
 
+def test_opcheck_backward():
+    (x, y), params = make_inputs(2, 6, 8, torch.float32, "image")
+    _, _, mean, rstd = torch.ops.mpvit_kernels.residual_layernorm_fwd(x, y, *params, 1e-6)
+    grads = [torch.randn(2, 6, 8, device=KERNEL_DEVICE) for _ in range(2)]
+    torch.library.opcheck(torch.ops.mpvit_kernels.residual_layernorm_bwd.default,
+                          (*grads, x.detach(), y.detach(), params[0].detach(), params[2].detach(), mean, rstd))
+
+
 def test_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     (x, y), params = make_inputs(2, 6, 12, torch.float32, "image")
@@ -153,8 +161,8 @@ def _args(**change):
     (dict(y=torch.randn(1, 4, 8, dtype=torch.float64)), ValueError, "y is torch.float64"),
     (dict(bias=torch.randn(7)), ValueError, r"bias must have shape \(8,\)"),
     (dict(weight=None), TypeError, "weight must be a floating point Tensor"),
-    (dict(x=torch.randn(1, 2, 4097), y=torch.randn(1, 2, 4097)), ValueError, "1 to 4096 channels"),
-    (dict(x=torch.randn(1, 2, 0), y=torch.randn(1, 2, 0)), ValueError, "1 to 4096 channels"),
+    (dict(x=torch.randn(1, 2, 2049), y=torch.randn(1, 2, 2049)), ValueError, "1 to 2048 channels"),
+    (dict(x=torch.randn(1, 2, 0), y=torch.randn(1, 2, 0)), ValueError, "1 to 2048 channels"),
     (dict(eps=0.0), ValueError, "eps must be"),
     (dict(eps=float("nan")), ValueError, "eps must be"),
 ])

@@ -16,8 +16,10 @@ tensors under Triton's interpreter; on other CPU tensors the extension's C++ twi
 autograd; under ``auto`` only where no backward follows); without either (and under
 ``reference``) the eager composition of
 :func:`mpvit_kernels.reference.residual_layernorm`. Backward: the LayerNorm's with the saved
-per-token (mean, rstd) (ATen's ``native_layer_norm_backward``) plus r's grad; sums over the rows
-for the four parameters. Deterministic.
+per-token (mean, rstd) plus r's grad, s recomputed from x and y: one Triton pass
+(``mpvit_kernels::residual_layernorm_bwd``) writing the one grad x, y and the proj GEMM share,
+with per-program column sums for the four parameters, combined in a fixed order; the twin's in
+ATen ops (``native_layer_norm_backward``). Deterministic.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from mpvit_kernels import backend, reference
 from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
 
-MAX_CHANNELS = 4096  # a token's channels are one tile of the Triton kernel
+MAX_CHANNELS = 2048  # a token's channels are one tile of the Triton kernels (wider rows spill)
 
 
 def _check(x, y, params, eps):
@@ -56,7 +58,7 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
 
     x, y: tokens (B, N, C) of one dtype, any strides (a unit channel stride is read in place);
     bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any floating dtype, read in the
-    accumulation type (fp32, fp64 for fp64 inputs); C <= 4096. Returns (r, u), both (B, N, C)
+    accumulation type (fp32, fp64 for fp64 inputs); C <= 2048. Returns (r, u), both (B, N, C)
     contiguous in x's dtype; under autocast x and y are cast to the autocast dtype first (the
     LayerNorm still computes in fp32).
     """
@@ -100,7 +102,7 @@ def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, ne
     wide = x.dtype == torch.float64
     bc = kernels.block_c(C)
     with backend.triton_device(x):
-        kernels.residual_layernorm_kernel[(-(-M // kernels.tile(bc, wide)[0]),)](
+        kernels.residual_layernorm_kernel[(-(-M // kernels.tile(bc)[0]),)](
             x, y, *params, r, u, mean, rstd, M, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(eps),
             ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc)
     return r, u, mean, rstd
@@ -112,6 +114,49 @@ def _fake(x, y, bias, next_bias, weight, ln_bias, eps):
     return x.new_empty((B, N, C)), x.new_empty((B, N, C)), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
 
 
+@torch.library.custom_op("mpvit_kernels::residual_layernorm_bwd", mutates_args=())
+def _residual_layernorm_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                            bias: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    """Backward of ``residual_layernorm_fwd``: (grad_s (B, N, C) in x's dtype, the grad of x and
+    of y alike; then the grads of bias, next_bias, weight and ln_bias, (C,) in the accumulation
+    type), from the grads of r and u and the forward's inputs and per-token statistics. One
+    Triton pass, then a fixed-order sum of its per-program partials: deterministic."""
+    from mpvit_kernels.triton import residual_layernorm as kernels
+
+    B, N, C = x.shape
+    M = B * N
+    acc = mean.dtype
+    x, y = _rows(x), _rows(y)
+    grad_r, grad_u = (g.to(x.dtype).reshape(M, C).contiguous() for g in (grad_r, grad_u))
+    grad_s = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    if M == 0:
+        zeros = torch.zeros(C, dtype=acc, device=x.device)
+        return grad_s, zeros, zeros.clone(), zeros.clone(), zeros.clone()
+    wide = acc == torch.float64
+    bc = kernels.block_c(C)
+    programs = -(-M // (kernels.tile(bc)[0] * kernels.GRAD_TILES))
+    partial = torch.empty((programs, 4, C), dtype=acc, device=x.device)
+    with backend.triton_device(x):
+        kernels.residual_layernorm_bwd_kernel[(programs,)](
+            x, y, bias.contiguous(), weight.contiguous(), mean.contiguous(), rstd.contiguous(), grad_r, grad_u, grad_s,
+            partial, M, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc, TILES=kernels.GRAD_TILES)
+    # fixed order: torch's sum has no atomics; four tensors of their own (outputs may not alias)
+    sum_gu, sum_gu_xhat, sum_gs, sum_gr = (partial[:, i].sum(0) for i in range(4))
+    return grad_s, sum_gs, sum_gr, sum_gu_xhat, sum_gu
+
+
+@_residual_layernorm_bwd.register_fake
+def _(grad_r, grad_u, x, y, bias, weight, mean, rstd):
+    C = x.shape[2]
+    return (x.new_empty(x.shape), *(mean.new_empty(C) for _ in range(4)))
+
+
+backend.refuse_double_backward("mpvit_kernels::residual_layernorm_bwd")
+
+
 def _setup_context(ctx, inputs, output):
     x, y, bias, next_bias, weight, ln_bias, eps = inputs
     _, _, mean, rstd = output
@@ -119,7 +164,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y, bias, weight, ln_bias, mean, rstd)
 
 
-def _backward(ctx, grad_r, grad_u, *_):
+def _triton_backward(ctx, grad_r, grad_u, *_):
+    x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
+    grad_s, *grads = torch.ops.mpvit_kernels.residual_layernorm_bwd(grad_r, grad_u, x, y, bias, weight, mean, rstd)
+    return (grad_s, grad_s, *(g.to(p.dtype) for g, p in zip(grads, (bias, bias, weight, ln_bias))), None)
+
+
+def _eager_backward(ctx, grad_r, grad_u, *_):
+    """The C++ twin's backward, in ATen ops (it runs where a backward follows only under ``cuda``)."""
     x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
     acc, dtype = mean.dtype, bias.dtype
     s = x.to(acc) + y.to(acc) + bias.to(acc)  # recomputed: the forward stores only the per-token statistics
@@ -134,7 +186,8 @@ def _backward(ctx, grad_r, grad_u, *_):
 
 
 _residual_layernorm.register_fake(_fake)
-_residual_layernorm.register_autograd(_backward, setup_context=_setup_context)
+_residual_layernorm.register_autograd(_triton_backward, setup_context=_setup_context)
 if backend.extension_available():  # the C++ twin: the same contract
     torch.library.register_fake("mpvit_kernels::residual_layernorm", _fake)
-    torch.library.register_autograd("mpvit_kernels::residual_layernorm", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mpvit_kernels::residual_layernorm", _eager_backward,
+                                    setup_context=_setup_context)

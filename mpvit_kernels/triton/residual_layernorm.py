@@ -10,6 +10,9 @@ row's C channels fit one tile: C <= MAX_CHANNELS). Per row, in ACC:
     r = s + next_bias                   (the residual the MLP's second Linear accumulates onto)
 
 and the row's (mean, rstd) for the backward. x and y are read once, r and u written once.
+The backward (``residual_layernorm_bwd_kernel``) reads x, y, grad_r and grad_u once and writes
+grad_s once (the grad of x, of y and of the proj GEMM's output alike), with per-program column
+sums for the four parameters' grads.
 """
 import os
 
@@ -22,24 +25,35 @@ from mpvit_kernels.triton.affine_hswish import _div
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tile(block_c: int, wide: bool) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for rows of BLOCK_C channels (``wide``: fp64): about 1024 values per
-    program, 8 per thread and array (16 for the widest rows, whose 8 warps hold one row), which
-    compile without spills for sm_80 and sm_90a (`make static-report`); the interpreter takes
-    the fewest programs."""
+def tile(block_c: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for rows of BLOCK_C channels: about 1024 values per program, 8 per
+    thread and array (the 2048-wide rows take 8 warps), which compile without spills for sm_80
+    and sm_90a, forward and backward (`make static-report`); the interpreter takes the fewest
+    programs."""
     if INTERPRET:
         return max(1, 8192 // block_c), 4
-    if block_c >= 2048:
-        return 1, 16 if wide and block_c == 4096 else 8
-    return max(1, 1024 // block_c), 4
+    return max(1, 1024 // block_c), 4 if block_c <= 1024 else 8
 
 
 # ptxas's register budget pinned: left to itself it spills 8 bytes in one bf16 tile on sm_80.
+# (255 x 8 warps still fits an SM's 64K registers: the static report checks each block fits.)
 LAUNCH = triton.heuristics({
-    "BLOCK_M": lambda meta: tile(meta["BLOCK_C"], meta["ACC"] == tl.float64)[0],
-    "num_warps": lambda meta: tile(meta["BLOCK_C"], meta["ACC"] == tl.float64)[1],
+    "BLOCK_M": lambda meta: tile(meta["BLOCK_C"])[0],
+    "num_warps": lambda meta: tile(meta["BLOCK_C"])[1],
     **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
 })
+
+
+
+
+
+@triton.jit
+def _tokens(ptr, rows, cols, mask, N, stride_b, stride_n, ACC: tl.constexpr):
+    """The (BLOCK_M, BLOCK_C) tile of rows ``rows`` of a (B, N, C) tensor with unit channel
+    stride, in ACC, zero where masked; batch and token offsets in 64 bits."""
+    b = (rows // N).to(tl.int64)
+    n = (rows % N).to(tl.int64)
+    return tl.load(ptr + (b * stride_b + n * stride_n)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
 
 
 @LAUNCH
@@ -58,12 +72,9 @@ def residual_layernorm_kernel(
     rmask = rows < M
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    x = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-    y = tl.load(y_ptr + (b * stride_yb + n * stride_yn)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
     bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    s = x + y + bias[None, :]  # zero in the padding columns
+    s = _tokens(x_ptr, rows, cols, mask, N, stride_xb, stride_xn, ACC) + \
+        _tokens(y_ptr, rows, cols, mask, N, stride_yb, stride_yn, ACC) + bias[None, :]  # zero in the padding columns
     count = tl.full([], 0.0, ACC) + C
     mean = _div(tl.sum(s, 1), count, ACC)
     dev = tl.where(mask, s - mean[:, None], 0.0)
@@ -82,6 +93,60 @@ def residual_layernorm_kernel(
     tl.store(u_ptr + out, u.to(u_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@LAUNCH
+@triton.jit(do_not_specialize=["M", "N"])
+def residual_layernorm_bwd_kernel(
+    x_ptr, y_ptr,  # (B, N, C) each, as the forward read them
+    bias_ptr, weight_ptr,  # (C,) each, one dtype
+    mean_ptr, rstd_ptr,  # (M,) in ACC, the forward's
+    grad_r_ptr, grad_u_ptr, grad_s_ptr,  # (M, C) row-major, the inputs' dtype
+    partial_ptr,  # (P, 4, C) in ACC: this program's sums of grad_u, grad_u * xhat, grad_s, grad_r
+    M, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+):
+    """grad_s = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) + grad_r with g = grad_u * weight,
+    s recomputed from x and y; each program walks TILES row tiles and writes its column sums
+    for the four parameters' grads (combined in a fixed order afterwards)."""
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    count = tl.full([], 0.0, ACC) + C
+    sum_gu = tl.zeros([BLOCK_C], ACC)
+    sum_gu_xhat = tl.zeros([BLOCK_C], ACC)
+    sum_gs = tl.zeros([BLOCK_C], ACC)
+    sum_gr = tl.zeros([BLOCK_C], ACC)
+    for t in range(TILES):
+        rows = (tl.program_id(0) * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        s = _tokens(x_ptr, rows, cols, mask, N, stride_xb, stride_xn, ACC) + \
+            _tokens(y_ptr, rows, cols, mask, N, stride_yb, stride_yn, ACC) + bias[None, :]
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        out = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        gu = tl.load(grad_u_ptr + out, mask=mask, other=0.0).to(ACC)
+        gr = tl.load(grad_r_ptr + out, mask=mask, other=0.0).to(ACC)
+        g = gu * weight[None, :]
+        mean_g = _div(tl.sum(g, 1), count, ACC)
+        mean_g_xhat = _div(tl.sum(g * xhat, 1), count, ACC)
+        gs = tl.where(mask, rstd[:, None] * (g - mean_g[:, None] - xhat * mean_g_xhat[:, None]) + gr, 0.0)
+        tl.store(grad_s_ptr + out, gs.to(grad_s_ptr.dtype.element_ty), mask=mask)
+        sum_gu += tl.sum(gu, 0)
+        sum_gu_xhat += tl.sum(gu * xhat, 0)
+        sum_gs += tl.sum(gs, 0)
+        sum_gr += tl.sum(gr, 0)
+    base = partial_ptr + tl.program_id(0).to(tl.int64) * 4 * C + cols
+    tl.store(base, sum_gu, mask=cmask)
+    tl.store(base + C, sum_gu_xhat, mask=cmask)
+    tl.store(base + 2 * C, sum_gs, mask=cmask)
+    tl.store(base + 3 * C, sum_gr, mask=cmask)
+
+
+GRAD_TILES = 8  # row tiles per backward program: fewer partial sums to combine
 
 
 def block_c(C: int) -> int:
@@ -103,5 +168,11 @@ def compile_specs():
                                **{n: f"*{pt}" for n in ("bias_ptr", "next_bias_ptr", "weight_ptr", "ln_bias_ptr")},
                                "mean_ptr": acc, "rstd_ptr": acc, "eps": "fp64"},
                               {"ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK_C": bc}))
+                specs.append((residual_layernorm_bwd_kernel, f"{dt} params {pt} BLOCK_C={bc}",
+                              {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "bias_ptr": f"*{pt}", "weight_ptr": f"*{pt}",
+                               "mean_ptr": acc, "rstd_ptr": acc, "grad_r_ptr": f"*{dt}", "grad_u_ptr": f"*{dt}",
+                               "grad_s_ptr": f"*{dt}", "partial_ptr": acc},
+                              {"ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK_C": bc,
+                               "TILES": GRAD_TILES}))
                 bc *= 2
     return specs

@@ -213,7 +213,8 @@ def table(results: list[Usage]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for u in results:
         status = "COMPILE ERROR: " + u.error if u.error else (
-            "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else "ok"))
+            "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
+                                            "NO BLOCK FITS AN SM" if not u.warps_per_sm else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
                      f"{u.spill_bytes} | {u.warps_per_sm} | {status} |")
     return "\n".join(lines)
@@ -240,10 +241,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     print(text)
-    bad = [u for u in results if u.error or u.shared > SHARED_LIMIT[u.arch]]
+    bad = [u for u in results if u.error or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
     spills = [u for u in results if u.spill_bytes]
-    print(f"{len(results)} compiles, {len(bad)} errors or over the shared-memory limit, {len(spills)} with spills",
-          file=sys.stderr)
+    print(f"{len(results)} compiles, {len(bad)} errors, over the shared-memory limit or with no block fitting an SM "
+          f"(registers x threads), {len(spills)} with spills", file=sys.stderr)
     return 1 if bad or missing else 0
 
 
