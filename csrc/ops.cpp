@@ -33,8 +33,9 @@ TORCH_LIBRARY(mpvit_kernels, m) {
   m.def(
       "factor_attention(Tensor qkv, int H, int W, int num_heads, float scale, Tensor[] crpe_weights,"
       " Tensor[] crpe_biases) -> Tensor");
-  // (r, u, mean, rstd) per token of x, y (B, N, C): s = x + y + bias, r = s + next_bias,
-  // u = layer_norm(s) with weight, ln_bias, eps; mean and rstd (B, N) in the accumulation type.
+  // (r, u, mean, rstd) per token of x, y (tokens (B, N, C) or rows (M, C)): s = x + y + bias,
+  // r = s + next_bias, u = layer_norm(s) with weight, ln_bias, eps; mean and rstd per token in the
+  // accumulation type.
   // The CPU twin of the Triton op residual_layernorm_fwd.
   m.def(
       "residual_layernorm(Tensor x, Tensor y, Tensor bias, Tensor next_bias, Tensor weight, Tensor ln_bias,"

@@ -67,28 +67,31 @@ MPVIT_VECTOR_CLONES void token(const scalar_t* __restrict__ x, const scalar_t* _
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layernorm_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& bias, const at::Tensor& next_bias,
     const at::Tensor& weight, const at::Tensor& ln_bias, double eps) {
-  TORCH_CHECK_VALUE(x_in.dim() == 3 && y_in.sizes() == x_in.sizes() && y_in.scalar_type() == x_in.scalar_type(),
-                    "residual_layernorm: x and y must be tokens (B, N, C) of one shape and dtype");
-  const int64_t B = x_in.size(0), N = x_in.size(1), C = x_in.size(2);
+  TORCH_CHECK_VALUE((x_in.dim() == 3 || x_in.dim() == 2) && y_in.sizes() == x_in.sizes() &&
+                        y_in.scalar_type() == x_in.scalar_type(),
+                    "residual_layernorm: x and y must be tokens (B, N, C) or rows (M, C) of one shape and dtype");
+  // Rows (M, C) are one batch of M tokens.
+  const bool rows = x_in.dim() == 2;
+  const int64_t B = rows ? 1 : x_in.size(0), N = x_in.size(-2), C = x_in.size(-1);
   for (const at::Tensor* p : {&bias, &next_bias, &weight, &ln_bias})
     TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == C, "residual_layernorm: parameters must be (C,) with C = ", C);
   // The rows are read in place where the channels are unit-strided (tokens of a channels-last map).
-  const at::Tensor x = x_in.stride(2) == 1 || C == 1 ? x_in : x_in.contiguous();
-  const at::Tensor y = y_in.stride(2) == 1 || C == 1 ? y_in : y_in.contiguous();
-  at::Tensor r = at::empty({B, N, C}, x.options());
-  at::Tensor u = at::empty({B, N, C}, x.options());
+  const at::Tensor x = x_in.stride(-1) == 1 || C == 1 ? x_in : x_in.contiguous();
+  const at::Tensor y = y_in.stride(-1) == 1 || C == 1 ? y_in : y_in.contiguous();
+  at::Tensor r = at::empty(x.sizes(), x.options());
+  at::Tensor u = at::empty(x.sizes(), x.options());
   at::Tensor mean, rstd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_layernorm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    mean = at::empty({B, N}, x.options().dtype(acc_type));
-    rstd = at::empty({B, N}, x.options().dtype(acc_type));
+    mean = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_type));
+    rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_type));
     if (B * N == 0 || C == 0) return;
     const at::Tensor params[4] = {bias.to(acc_type).contiguous(), next_bias.to(acc_type).contiguous(),
                                   weight.to(acc_type).contiguous(), ln_bias.to(acc_type).contiguous()};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const int64_t sxb = x.stride(0), sxn = x.stride(1), syb = y.stride(0), syn = y.stride(1);
+    const int64_t sxb = rows ? 0 : x.stride(0), sxn = x.stride(-2), syb = rows ? 0 : y.stride(0), syn = y.stride(-2);
     scalar_t* rp = r.mutable_data_ptr<scalar_t>();
     scalar_t* up = u.mutable_data_ptr<scalar_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();

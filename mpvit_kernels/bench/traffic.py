@@ -24,6 +24,7 @@ from mpvit_kernels import models
 from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
 from mpvit_kernels.bench import gli_projection as gli_bench
+from mpvit_kernels.bench import residual_layernorm as residual_layernorm_bench
 from mpvit_kernels.bench.factor_attention import STAGES
 from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, PublicStyleMPViT
 from mpvit_kernels.ops.factor_attention import _block_d, _chunking, _whole_map, pack_launches
@@ -124,9 +125,20 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
 class CountOurs(CountTraffic):
     """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
     outputs (what our fused kernels read and write), except the attention forward, whose
-    launches and bytes come from its kernels (``ours_factor_attention``)."""
+    launches and bytes come from its kernels (``ours_factor_attention``), and the
+    residual_layernorm backward, whose kernel also writes per-program partial sums that one small
+    sum then reduces."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
+            from mpvit_kernels.triton import residual_layernorm as kernels
+
+            C = args[2].shape[-1]
+            programs = -(-args[2].numel() // C // (kernels.gpu_tile(kernels.block_c(C))[0] * kernels.GRAD_TILES))
+            partials = programs * 4 * C * 4  # written by the kernel, then summed over programs
+            self.bytes += partials + partials + 4 * C * 4
+            self.launches += 1
+            self.ops.append("residual_layernorm_bwd partial sums")
         if func is not torch.ops.mpvit_kernels.factor_attention_fwd.default:
             return super().__torch_dispatch__(func, types, args, kwargs)
         qkv = args[0]
@@ -157,6 +169,25 @@ def ours_model(size: str, B: int, res: int, dtype) -> CountTraffic:
         model(x)
         with count:
             model(x)
+    return count
+
+
+def block_middle(impl: str, B: int, N: int, C: int, dtype, backward: bool) -> CountTraffic:
+    """The middle of a block, proj -> residual add -> norm2 ... fc2 -> residual add, as the public
+    block runs it ("eager") or ours (``residual_layernorm``, fc2 accumulating onto its output;
+    the functions timed by bench.residual_layernorm), forward or forward+backward with every
+    parameter training, counted on meta tensors."""
+    fn = residual_layernorm_bench.eager if impl == "eager" else residual_layernorm_bench.ours
+    hidden = residual_layernorm_bench.MLP_RATIO * C
+    meta = dict(device="meta", dtype=dtype, requires_grad=backward)
+    tokens = [torch.empty(B, N, C, **meta), torch.empty(B, N, C, **meta), torch.empty(B, N, hidden, **meta)]
+    params = [torch.empty(C, C, **meta), torch.empty(C, **meta), torch.empty(C, hidden, **meta), torch.empty(C, **meta),
+              torch.empty(C, **meta), torch.empty(C, **meta)]
+    count = CountTraffic() if impl == "eager" else CountOurs()
+    with torch.set_grad_enabled(backward), count:
+        out = fn(*tokens, *params)
+        if backward:
+            torch.autograd.backward(out, [torch.empty_like(t) for t in out])
     return count
 
 
@@ -271,6 +302,16 @@ def run(args, device, dtype, dtype_name) -> list[dict]:
                              "dtype": dtype_name, "mode": "forward", "eager_launches": eager.launches,
                              "eager_bytes": eager.bytes, "ours_launches": len(ours), "ours_bytes": mine,
                              "bytes_ratio": eager.bytes / mine})
+    for res in args.traffic_resolutions:
+        for stage, C, stride in residual_layernorm_bench.STAGES:
+            N = (res // stride) ** 2
+            for mode in ("forward", "forward+backward"):
+                eager, ours = (block_middle(impl, args.batch, N, C, dtype, mode != "forward") for impl in ("eager", "ours"))
+                rows.append({"op": "block middle (proj, residual, norm2, fc2, residual)", "input": res, "stage": stage,
+                             "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode,
+                             "eager_launches": eager.launches, "eager_bytes": eager.bytes,
+                             "ours_launches": ours.launches, "ours_bytes": ours.bytes,
+                             "bytes_ratio": eager.bytes / ours.bytes})
     for res in args.traffic_resolutions:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2

@@ -68,14 +68,14 @@ class MHCABlock(nn.Module):
             x = x + drop_path(att(self.norm1(x), size), self.drop_path_rate, self.training)
             return x + drop_path(mlp(self.norm2(x)), self.drop_path_rate, self.training)
         # The residual adds, norm2 and both biases in one pass (ops.residual_layernorm); fc2
-        # accumulates onto its residual output in place.
+        # accumulates onto its residual output in place. Rows (B*N, C): r is then a tensor of its
+        # own, not a view, which autograd's in-place handling would copy whole grads for.
         B, N, C = x.shape
-        y = F.linear(att.attend(self.norm1(x), size), att.proj.weight)
-        r, u = ops.residual_layernorm(x, y, att.proj.bias, mlp.fc2.bias, self.norm2.weight, self.norm2.bias,
-                                      self.norm2.eps)
+        y = F.linear(att.attend(self.norm1(x), size).reshape(B * N, C), att.proj.weight)
+        r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, self.norm2.weight,
+                                      self.norm2.bias, self.norm2.eps)
         h = F.gelu(mlp.fc1(u)).to(r.dtype)
-        out = r.view(B * N, C).addmm_(h.view(B * N, h.shape[-1]), weight_as(mlp.fc2.weight, r.dtype).t())
-        return out.view(B, N, C)
+        return r.addmm_(h, weight_as(mlp.fc2.weight, r.dtype).t()).view(B, N, C)
 
 
 class MHCAEncoder(nn.Module):

@@ -37,30 +37,32 @@ def _check(x, y, params, eps):
             raise TypeError(f"residual_layernorm: {name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOATS:
             raise TypeError(f"residual_layernorm: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"residual_layernorm: x must be tokens (B, N, C), got shape {tuple(x.shape)}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"residual_layernorm: x must be tokens (B, N, C) or rows (M, C), got shape {tuple(x.shape)}")
     if y.shape != x.shape:
         raise ValueError(f"residual_layernorm: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.dtype != x.dtype or y.device != x.device:
         raise ValueError(f"residual_layernorm: y is {y.dtype} on {y.device}, x {x.dtype} on {x.device}")
-    C = x.shape[2]
+    C = x.shape[-1]
     if not 1 <= C <= MAX_CHANNELS:
         raise ValueError(f"residual_layernorm: x must have 1 to {MAX_CHANNELS} channels, got {C}")
     check_channel_params("residual_layernorm", C, x.device, **params)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
         raise ValueError(f"residual_layernorm: eps must be a finite number > 0, got {eps!r}")
-    check_rows("residual_layernorm", x.shape[0] * x.shape[1])
+    check_rows("residual_layernorm", x.numel() // C)
 
 
 def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
                        weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s + next_bias, layer_norm(s))`` with ``s = x + y + bias``, over the last dim.
 
-    x, y: tokens (B, N, C) of one dtype, any strides (a unit channel stride is read in place);
-    bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any floating dtype, read in the
-    accumulation type (fp32, fp64 for fp64 inputs); C <= 2048. Returns (r, u), both (B, N, C)
-    contiguous in x's dtype; under autocast x and y are cast to the autocast dtype first (the
-    LayerNorm still computes in fp32).
+    x, y: tokens (B, N, C) or rows (M, C) of one shape and dtype, any strides (a unit channel
+    stride is read in place); bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any
+    floating dtype, read in the accumulation type (fp32, fp64 for fp64 inputs); C <= 2048.
+    Returns (r, u), both of x's shape, contiguous, in x's dtype; under autocast x and y are cast
+    to the autocast dtype first (the LayerNorm still computes in fp32). MPViT's block passes rows,
+    so that r is a tensor of its own, not a view, for fc2's in-place ``addmm_`` (autograd handles
+    an in-place op on a view by copying whole grads).
     """
     x, y = backend.autocast(x), backend.autocast(y)
     _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
@@ -78,62 +80,63 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     return reference.residual_layernorm(x, y, *params, eps)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """t with unit channel stride (copied once if it has none) as the kernels index it: (t, B,
+    N, batch stride, token stride); rows (M, C) are one batch of M tokens."""
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t, 1, t.shape[0], 0, t.stride(0)
+    return t, t.shape[0], t.shape[1], t.stride(0), t.stride(1)
 
 
 @torch.library.custom_op("mpvit_kernels::residual_layernorm_fwd", mutates_args=())
 def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, next_bias: torch.Tensor,
                         weight: torch.Tensor, ln_bias: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(r, u, mean, rstd): r and u (B, N, C) contiguous in x's dtype, mean and rstd (B, N) per
-    token in the accumulation type (fp32, fp64 for fp64 x); the four parameters share a dtype."""
+    """(r, u, mean, rstd): r and u of x's shape (tokens (B, N, C) or rows (M, C)), contiguous, in
+    x's dtype; mean and rstd per token (x's shape without C) in the accumulation type (fp32, fp64
+    for fp64 x); the four parameters share a dtype."""
     from mpvit_kernels.triton import residual_layernorm as kernels
 
-    B, N, C = x.shape
-    x, y = _rows(x), _rows(y)
-    r, u = torch.empty((B, N, C), dtype=x.dtype, device=x.device), torch.empty((B, N, C), dtype=x.dtype,
-                                                                                device=x.device)
-    mean, rstd = (torch.empty((B, N), dtype=reference._acc_dtype(x.dtype), device=x.device) for _ in range(2))
-    M = B * N
+    r, u, mean, rstd = _fake(x, y, bias, next_bias, weight, ln_bias, eps)
+    (x, B, N, sxb, sxn), (y, _, _, syb, syn) = _rows(x), _rows(y)
+    C, M = x.shape[-1], B * N
     if M == 0:
         return r, u, mean, rstd
     params = [p.contiguous() for p in (bias, next_bias, weight, ln_bias)]
-    wide = x.dtype == torch.float64
     bc = kernels.block_c(C)
     with backend.triton_device(x):
         kernels.residual_layernorm_kernel[(-(-M // kernels.tile(bc)[0]),)](
-            x, y, *params, r, u, mean, rstd, M, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(eps),
-            ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc)
+            x, y, *params, r, u, mean, rstd, M, N, C, sxb, sxn, syb, syn, float(eps),
+            ACC=kernels.tl.float64 if mean.dtype == torch.float64 else kernels.tl.float32, BLOCK_C=bc)
     return r, u, mean, rstd
 
 
 def _fake(x, y, bias, next_bias, weight, ln_bias, eps):
-    B, N, C = x.shape
     acc = reference._acc_dtype(x.dtype)
-    return x.new_empty((B, N, C)), x.new_empty((B, N, C)), x.new_empty((B, N), dtype=acc), x.new_empty((B, N), dtype=acc)
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=acc),
+            x.new_empty(x.shape[:-1], dtype=acc))
 
 
 @torch.library.custom_op("mpvit_kernels::residual_layernorm_bwd", mutates_args=())
 def _residual_layernorm_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                             bias: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor]:
-    """Backward of ``residual_layernorm_fwd``: (grad_s (B, N, C) in x's dtype, the grad of x and
-    of y alike; then the grads of bias, next_bias, weight and ln_bias, (C,) in the accumulation
-    type), from the grads of r and u and the forward's inputs and per-token statistics. One
-    Triton pass, then a fixed-order sum of its per-program partials: deterministic."""
+                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``residual_layernorm_fwd``: (grad_s, of x's shape, contiguous, in x's dtype: the
+    grad of x and of y alike; (4, C) in the accumulation type: the grads of bias, next_bias,
+    weight and ln_bias), from the grads of r and u and the forward's inputs and per-token
+    statistics. One Triton pass, then one fixed-order sum of its per-program partials:
+    deterministic."""
     from mpvit_kernels.triton import residual_layernorm as kernels
 
-    B, N, C = x.shape
-    M = B * N
     acc = mean.dtype
-    x, y = _rows(x), _rows(y)
+    grad_s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    (x, B, N, sxb, sxn), (y, _, _, syb, syn) = _rows(x), _rows(y)
+    C, M = x.shape[-1], B * N
     grad_r, grad_u = (g.to(x.dtype).reshape(M, C).contiguous() for g in (grad_r, grad_u))
-    grad_s = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     if M == 0:
-        zeros = torch.zeros(C, dtype=acc, device=x.device)
-        return grad_s, zeros, zeros.clone(), zeros.clone(), zeros.clone()
+        return grad_s, torch.zeros((4, C), dtype=acc, device=x.device)
     wide = acc == torch.float64
     bc = kernels.block_c(C)
     programs = -(-M // (kernels.tile(bc)[0] * kernels.GRAD_TILES))
@@ -141,17 +144,14 @@ def _residual_layernorm_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, x: torch
     with backend.triton_device(x):
         kernels.residual_layernorm_bwd_kernel[(programs,)](
             x, y, bias.contiguous(), weight.contiguous(), mean.contiguous(), rstd.contiguous(), grad_r, grad_u, grad_s,
-            partial, M, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            partial, M, N, C, sxb, sxn, syb, syn,
             ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc, TILES=kernels.GRAD_TILES)
-    # fixed order: torch's sum has no atomics; four tensors of their own (outputs may not alias)
-    sum_gu, sum_gu_xhat, sum_gs, sum_gr = (partial[:, i].sum(0) for i in range(4))
-    return grad_s, sum_gs, sum_gr, sum_gu_xhat, sum_gu
+    return grad_s, partial.sum(0)  # fixed order: torch's sum has no atomics
 
 
 @_residual_layernorm_bwd.register_fake
 def _(grad_r, grad_u, x, y, bias, weight, mean, rstd):
-    C = x.shape[2]
-    return (x.new_empty(x.shape), *(mean.new_empty(C) for _ in range(4)))
+    return x.new_empty(x.shape), mean.new_empty((4, x.shape[-1]))
 
 
 backend.refuse_double_backward("mpvit_kernels::residual_layernorm_bwd")
@@ -161,26 +161,34 @@ def _setup_context(ctx, inputs, output):
     x, y, bias, next_bias, weight, ln_bias, eps = inputs
     _, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero grads for mean and rstd (launches that move nothing useful)
     ctx.save_for_backward(x, y, bias, weight, ln_bias, mean, rstd)
+
+
+def _grads_of_outputs(x, grad_r, grad_u):
+    zero = None if grad_r is not None and grad_u is not None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    return (zero if grad_r is None else grad_r), (zero if grad_u is None else grad_u)
 
 
 def _triton_backward(ctx, grad_r, grad_u, *_):
     x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
-    grad_s, *grads = torch.ops.mpvit_kernels.residual_layernorm_bwd(grad_r, grad_u, x, y, bias, weight, mean, rstd)
-    return (grad_s, grad_s, *(g.to(p.dtype) for g, p in zip(grads, (bias, bias, weight, ln_bias))), None)
+    grad_r, grad_u = _grads_of_outputs(x, grad_r, grad_u)
+    grad_s, grads = torch.ops.mpvit_kernels.residual_layernorm_bwd(grad_r, grad_u, x, y, bias, weight, mean, rstd)
+    return (grad_s, grad_s, *grads.to(bias.dtype).unbind(0), None)  # the four parameters share a dtype
 
 
 def _eager_backward(ctx, grad_r, grad_u, *_):
     """The C++ twin's backward, in ATen ops (it runs where a backward follows only under ``cuda``)."""
     x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
+    grad_r, grad_u = _grads_of_outputs(x, grad_r, grad_u)
     acc, dtype = mean.dtype, bias.dtype
     s = x.to(acc) + y.to(acc) + bias.to(acc)  # recomputed: the forward stores only the per-token statistics
-    C = x.shape[2]
+    C = x.shape[-1]
     grad_s, grad_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
         grad_u.to(acc), s, [C], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight.to(acc), ln_bias.to(acc),
         [True, True, True])
     grad_s = grad_s + grad_r.to(acc)
-    rows = (0, 1)
+    rows = tuple(range(x.dim() - 1))
     return (grad_s.to(x.dtype), grad_s.to(y.dtype), grad_s.sum(rows).to(dtype), grad_r.to(acc).sum(rows).to(dtype),
             grad_weight.to(dtype), grad_ln_bias.to(dtype), None)
 

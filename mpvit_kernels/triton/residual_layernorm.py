@@ -25,14 +25,16 @@ from mpvit_kernels.triton.affine_hswish import _div
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tile(block_c: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for rows of BLOCK_C channels: about 1024 values per program, 8 per
-    thread and array (the 2048-wide rows take 8 warps), which compile without spills for sm_80
-    and sm_90a, forward and backward (`make static-report`); the interpreter takes the fewest
-    programs."""
-    if INTERPRET:
-        return max(1, 8192 // block_c), 4
+def gpu_tile(block_c: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for rows of BLOCK_C channels on a GPU: about 1024 values per program,
+    8 per thread and array (the 2048-wide rows take 8 warps), which compile without spills for
+    sm_80 and sm_90a, forward and backward (`make static-report`)."""
     return max(1, 1024 // block_c), 4 if block_c <= 1024 else 8
+
+
+def tile(block_c: int) -> tuple[int, int]:
+    """The tile launched: the GPU's, or under the interpreter the fewest programs."""
+    return (max(1, 8192 // block_c), 4) if INTERPRET else gpu_tile(block_c)
 
 
 # ptxas's register budget pinned: left to itself it spills 8 bytes in one bf16 tile on sm_80.
@@ -102,7 +104,7 @@ def residual_layernorm_bwd_kernel(
     bias_ptr, weight_ptr,  # (C,) each, one dtype
     mean_ptr, rstd_ptr,  # (M,) in ACC, the forward's
     grad_r_ptr, grad_u_ptr, grad_s_ptr,  # (M, C) row-major, the inputs' dtype
-    partial_ptr,  # (P, 4, C) in ACC: this program's sums of grad_u, grad_u * xhat, grad_s, grad_r
+    partial_ptr,  # (P, 4, C) in ACC: this program's sums of grad_s, grad_r, grad_u * xhat, grad_u
     M, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
 ):
@@ -140,10 +142,11 @@ def residual_layernorm_bwd_kernel(
         sum_gs += tl.sum(gs, 0)
         sum_gr += tl.sum(gr, 0)
     base = partial_ptr + tl.program_id(0).to(tl.int64) * 4 * C + cols
-    tl.store(base, sum_gu, mask=cmask)
-    tl.store(base + C, sum_gu_xhat, mask=cmask)
-    tl.store(base + 2 * C, sum_gs, mask=cmask)
-    tl.store(base + 3 * C, sum_gr, mask=cmask)
+    # the grads of bias, next_bias, weight and ln_bias, in the op's argument order
+    tl.store(base, sum_gs, mask=cmask)
+    tl.store(base + C, sum_gr, mask=cmask)
+    tl.store(base + 2 * C, sum_gu_xhat, mask=cmask)
+    tl.store(base + 3 * C, sum_gu, mask=cmask)
 
 
 GRAD_TILES = 8  # row tiles per backward program: fewer partial sums to combine
