@@ -41,8 +41,8 @@ def _check(x, y, params, eps):
         raise ValueError(f"residual_layernorm: x must be tokens (B, N, C) or rows (M, C), got shape {tuple(x.shape)}")
     if y.shape != x.shape:
         raise ValueError(f"residual_layernorm: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(f"residual_layernorm: y is {y.dtype} on {y.device}, x {x.dtype} on {x.device}")
+    if y.device != x.device:
+        raise ValueError(f"residual_layernorm: y is on {y.device}, x on {x.device}")
     C = x.shape[-1]
     if not 1 <= C <= MAX_CHANNELS:
         raise ValueError(f"residual_layernorm: x must have 1 to {MAX_CHANNELS} channels, got {C}")
@@ -56,16 +56,19 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
                        weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s + next_bias, layer_norm(s))`` with ``s = x + y + bias``, over the last dim.
 
-    x, y: tokens (B, N, C) or rows (M, C) of one shape and dtype, any strides (a unit channel
-    stride is read in place); bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any
-    floating dtype, read in the accumulation type (fp32, fp64 for fp64 inputs); C <= 2048.
-    Returns (r, u), both of x's shape, contiguous, in x's dtype; under autocast x and y are cast
-    to the autocast dtype first (the LayerNorm still computes in fp32). MPViT's block passes rows,
+    x, y: tokens (B, N, C) or rows (M, C) of one shape, any strides (a unit channel stride is
+    read in place); bias, next_bias, weight (the LayerNorm's), ln_bias: (C,), any floating
+    dtype, read in the accumulation type (fp32, fp64 for fp64 inputs); C <= 2048. Returns (r,
+    u), both of x's shape, contiguous, in the dtype of ``x + y`` (type promotion: a residual sum
+    keeps its stream's dtype, under autocast too, as eager's); computed in fp32 (fp64 for fp64).
+    u is in that dtype as well, where eager's LayerNorm under autocast returns fp32 that the next
+    Linear casts down to the same values. MPViT's block passes rows,
     so that r is a tensor of its own, not a view, for fc2's in-place ``addmm_`` (autograd handles
     an in-place op on a view by copying whole grads).
     """
-    x, y = backend.autocast(x), backend.autocast(y)
     _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dtype), y.to(dtype)
     params = (bias, next_bias, weight, ln_bias)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
     # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
