@@ -153,3 +153,22 @@ def test_factor_attention(B, H, W, Ch, window, strided, three_passes, dtype, see
         against_reference(lambda qkv, *p: ops.factor_attention(qkv, (H, W), heads, Ch ** -0.5, list(p[:n]),
                                                                list(p[n:])),
                           [qkv, *weights, *biases], g)
+
+
+@hypothesis.settings(max_examples=20, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), N=st.integers(1, 20), C=st.integers(1, 40),
+                  layout=st.sampled_from(["dense", "strided", "rows"]), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_residual_layernorm(B, N, C, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "rows":
+        x, y = rand(g, B * N, C, dtype=dtype), rand(g, B * N, C + 2, dtype=dtype)[:, :C]
+    else:
+        x, y = rand(g, B, N, C, dtype=dtype), rand(g, B, N, C, dtype=dtype)
+        if layout == "strided":  # a non-unit channel stride: copied once
+            y = rand(g, B, C, N, dtype=dtype).transpose(1, 2)
+    params = [rand(g, C, dtype=dtype), rand(g, C, dtype=dtype), rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)]
+
+    def both(*a):  # one output, so the gradient reaches r and u alike
+        return torch.cat(ops.residual_layernorm(*a, 1e-5), dim=-1)
+
+    against_reference(both, [x, y, *params], g)
