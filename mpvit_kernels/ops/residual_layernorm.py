@@ -62,9 +62,9 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     u), both of x's shape, contiguous, in the dtype of ``x + y`` (type promotion: a residual sum
     keeps its stream's dtype, under autocast too, as eager's); computed in fp32 (fp64 for fp64).
     u is in that dtype as well, where eager's LayerNorm under autocast returns fp32 that the next
-    Linear casts down to the same values. MPViT's block passes rows,
-    so that r is a tensor of its own, not a view, for fc2's in-place ``addmm_`` (autograd handles
-    an in-place op on a view by copying whole grads).
+    Linear casts down to the same values. MPViT's block passes rows, so that r is a tensor of its
+    own, not a view, for fc2's in-place ``addmm_`` (autograd handles an in-place op on a view by
+    copying whole grads).
     """
     _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
     dtype = torch.promote_types(x.dtype, y.dtype)
