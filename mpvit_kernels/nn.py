@@ -212,11 +212,14 @@ class Conv2dBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch)
         self.hswish = hswish
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(bn(conv(x))) [+ residual]``: a residual block's identity (shaped as the output)
+        goes into the 1x1 GEMM's epilogue in eval."""
         check_input("Conv2dBN", x, "(B, C, H, W)", 1, self.conv.in_channels, self.conv.weight)
         if self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and x.dim() == 4:
-            return pointwise_bn_hswish([x], self.conv.weight, self.bn, self.hswish)
-        return bn_hswish(self.conv(x), self.bn, self.hswish)
+            return pointwise_bn_hswish([x], self.conv.weight, self.bn, self.hswish, residual=residual)
+        y = bn_hswish(self.conv(x), self.bn, self.hswish)
+        return y if residual is None else y + residual
 
 
 def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -295,20 +298,23 @@ class GLIProjection(nn.Module):
 
 
 def pointwise_bn_hswish(inputs: list[torch.Tensor], weight: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool,
-                        size: tuple[int, int] | None = None) -> torch.Tensor:
-    """1x1 conv of the channel concat of ``inputs`` -> BatchNorm -> optional Hardswish through the
-    ``gli_projection`` GEMM: in eval one op with the BatchNorm folded into its epilogue, in
-    training ``gli_projection_train`` (batch statistics in the epilogue, then one normalise pass;
-    running statistics as nn.BatchNorm2d keeps them); a synchronised or non-affine BatchNorm
-    runs as is after the GEMM."""
+                        size: tuple[int, int] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """1x1 conv of the channel concat of ``inputs`` -> BatchNorm -> optional Hardswish [+ residual]
+    through the ``gli_projection`` GEMM: in eval one op with the BatchNorm folded into its
+    epilogue (and the residual added there), in training ``gli_projection_train`` (batch
+    statistics in the epilogue, then one normalise pass; running statistics as nn.BatchNorm2d
+    keeps them) and the residual added after; a synchronised or non-affine BatchNorm runs as is
+    after the GEMM."""
     if bn.training or bn.running_mean is None:
         if not bn.affine or sync_group(bn) is not None:
-            return bn_hswish(ops.gli_projection(inputs, weight, size=size), bn, hswish)
-        y, mean, var = ops.gli_projection_train(inputs, weight, bn.weight, bn.bias, bn.eps, hswish=hswish, size=size)
-        track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
-        return y
+            y = bn_hswish(ops.gli_projection(inputs, weight, size=size), bn, hswish)
+        else:
+            y, mean, var = ops.gli_projection_train(inputs, weight, bn.weight, bn.bias, bn.eps, hswish=hswish,
+                                                    size=size)
+            track_batch_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
+        return y if residual is None else y + residual
     scale, shift = folded_bn(bn)
-    return ops.gli_projection(inputs, weight, scale, shift, hswish=hswish, size=size)
+    return ops.gli_projection(inputs, weight, scale, shift, hswish=hswish, size=size, residual=residual)
 
 
 class ConvPosEnc(nn.Module):

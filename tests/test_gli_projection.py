@@ -84,6 +84,38 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
             torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_residual_in_the_epilogue_matches_the_eager_add(n, layout):
+    B, C, H, W = 2, 8, 5, 3
+    leaves, maps = make_inputs(B, C, H, W, n, torch.float64, layout)
+    w = torch.randn(C, n * C, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    scale = (torch.rand(C, dtype=torch.float64, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+    shift = torch.randn(C, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    res_leaf, res_map = make_inputs(B, C, H, W, 1, torch.float64, layout)
+    size = (H, W) if layout == "tokens" else None
+    with RecordOps() as rec:
+        y = ops.gli_projection(leaves, w, scale, shift, size=size, residual=res_leaf[0])
+    assert "aten.add" not in rec.compute  # in the epilogue
+    y_ref = F.conv2d(torch.cat(maps, 1), w) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + res_map[0]
+    assert_close(y, y_ref)
+    grad = torch.randn_like(y_ref)
+    inputs = [*leaves, w, scale, shift, res_leaf[0]]
+    for g, r in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(y_ref, inputs, grad)):
+        assert_close(g, r, scale=10)
+
+
+def test_residual_of_another_dtype_keeps_eager_type_promotion():
+    x = torch.randn(1, 4, 3, 3, device=KERNEL_DEVICE)
+    w = torch.randn(4, 4, 1, 1, device=KERNEL_DEVICE)
+    res = torch.randn(1, 4, 3, 3, dtype=torch.float64, device=KERNEL_DEVICE)
+    y = ops.gli_projection([x], w, residual=res)
+    assert y.dtype == torch.float64
+    assert_close(y, F.conv2d(x, w).double() + res, dtype=torch.float32)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.gli_projection([x], w, residual=res[:, :3])
+
+
 def test_gradcheck_float64():
     xs = [torch.randn(1, 5, 3, 4, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3)]
     w = torch.randn(6, 15, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
@@ -102,7 +134,9 @@ def test_opcheck():
         w = torch.randn(12, 24, device=KERNEL_DEVICE, requires_grad=True)
         scale = (torch.rand(12, device=KERNEL_DEVICE) + 0.5).requires_grad_()
         shift = torch.randn(12, device=KERNEL_DEVICE, requires_grad=True)
-        for args in ((scale, shift, True), (None, None, False), (None, None, True)):
+        residual = torch.randn(2, 15, 12, device=KERNEL_DEVICE, requires_grad=True)
+        for args in ((scale, shift, True, None), (None, None, False, None), (None, None, True, None),
+                     (scale, shift, False, residual)):
             torch.library.opcheck(torch.ops.mpvit_kernels.gli_projection.default, (rows, w, *args))
         for hswish in (True, False):
             torch.library.opcheck(torch.ops.mpvit_kernels.gli_projection_train.default,

@@ -32,9 +32,10 @@ from mpvit_kernels.ops.factor_attention import _block_d, _chunking, _whole_map, 
 MODEL_SIZES = ("small",)  # the whole-model rows: the budget is set on MPViT-S
 
 
-# Not views by their schema, yet they move no data: an allocation, and the reshape that aliases
-# its input (matmul's outputs come back through it).
-_NO_DATA_MOVED = (torch.ops.aten.empty.memory_format, torch.ops.aten._unsafe_view.default)
+# Not views by their schema, yet they move no data: an allocation, the reshape that aliases its
+# input (matmul's outputs come back through it), and dtype arithmetic on the host.
+_NO_DATA_MOVED = (torch.ops.aten.empty.memory_format, torch.ops.aten._unsafe_view.default,
+                  torch.ops.aten.promote_types.default)
 
 
 class CountTraffic(TorchDispatchMode):

@@ -98,7 +98,7 @@ class MHCAEncoder(nn.Module):
 
 class ResBlock(nn.Module):
     """``InvRes``, the local path: 1x1 conv-BN-Hardswish -> dw3x3 -> BN -> Hardswish ->
-    1x1 conv-BN, plus the identity."""
+    1x1 conv-BN, plus the identity (added in the last GEMM's epilogue in eval)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -108,7 +108,7 @@ class ResBlock(nn.Module):
         self.conv2 = Conv2dBN(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(depthwise_bn_hswish(self.conv1(x), self.dwconv, self.norm))
+        return self.conv2(depthwise_bn_hswish(self.conv1(x), self.dwconv, self.norm), residual=x)
 
 
 class PatchEmbedStage(nn.Module):

@@ -94,11 +94,15 @@ def _unfused_pre_bn(rows, weight, B, H, W):
 
 
 def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                   shift: torch.Tensor | None = None, hswish: bool = False, size=None) -> torch.Tensor:
-    """``act(conv1x1(cat(inputs)) * scale + shift)``: ``inputs`` a list of 1 to 5 maps
+                   shift: torch.Tensor | None = None, hswish: bool = False, size=None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(conv1x1(cat(inputs)) * scale + shift) [+ residual]``: ``inputs`` a list of 1 to 5 maps
     (B, C, H, W) in any layout, or tokens (B, N, C) with ``size=(H, W)``; weight
     (Cout, n*C, 1, 1) or (Cout, n*C); scale and shift (Cout,) a folded BatchNorm or both None;
-    Hardswish if ``hswish``. Returns (B, Cout, H, W) channels-last. fp16/bf16/fp32 accumulate in
+    Hardswish if ``hswish``; ``residual`` (a residual block's identity) shaped as the output
+    (B, Cout, H, W), or (B, N, Cout) for token inputs, any layout, added after the activation in
+    the GEMM's epilogue (where its dtype is the inputs', else as a separate add, which keeps
+    eager's type promotion). Returns (B, Cout, H, W) channels-last. fp16/bf16/fp32 accumulate in
     fp32, fp64 in fp64. The inputs share one dtype; under autocast they are cast to the autocast
     dtype (so they may differ in dtype there, as eager's concat allows). weight, scale and shift
     may have any floating dtype: weight is cast to the inputs' dtype (as autocast casts a conv's),
@@ -111,15 +115,32 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
         check_channel_params("gli_projection", weight.shape[0], rows[0].device, scale=scale, shift=shift)
     dtype = rows[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    res = None if residual is None else _residual_rows(residual, inputs[0].dim(), B, weight.shape[0], H, W)
     if backend.use_triton("gli_projection", rows[0].device):
         w = weight.reshape(weight.shape[0], -1).to(dtype)
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
-        return _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish)), B, H, W)
+        fused = res if res is not None and res.dtype == dtype else None
+        y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), fused), B, H, W)
+        return y if res is None or fused is not None else y + _image(res, B, H, W)
     z = _unfused_pre_bn(rows, weight, B, H, W)
     if scale is not None:
-        return affine_hswish(z, scale, shift, hswish)
-    return F.hardswish(z) if hswish else z
+        y = affine_hswish(z, scale, shift, hswish)
+    else:
+        y = F.hardswish(z) if hswish else z
+    return y if res is None else y + _image(res, B, H, W)
+
+
+def _residual_rows(residual, dims, B, Cout, H, W):
+    """The residual as (B, N, Cout) rows with unit channel stride (a view of a channels-last map
+    or of such tokens, else one copy), after checking it is shaped as the output."""
+    want = (B, Cout, H, W) if dims == 4 else (B, H * W, Cout)
+    if not isinstance(residual, torch.Tensor) or residual.dtype not in _FLOATS:
+        raise TypeError("gli_projection: residual must be a floating point Tensor")
+    if tuple(residual.shape) != want:
+        raise ValueError(f"gli_projection: residual must have the output's shape {want}, got {tuple(residual.shape)}")
+    t = residual.permute(0, 2, 3, 1).reshape(B, H * W, Cout) if dims == 4 else residual
+    return t.contiguous()  # the epilogue reads it as rows laid out as y's: a view when it is one
 
 
 def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
@@ -144,9 +165,9 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
     return batch_norm_hswish(_unfused_pre_bn(rows, weight, B, H, W), bn_weight, bn_bias, eps, hswish)
 
 
-def _launch(xs, weight, scale, shift, hswish, stats):
-    """The fused GEMM: y (B, N, Cout), and with ``stats`` the row tiles' (mean, M2) of y and the
-    rows per tile."""
+def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
+    """The fused GEMM: y (B, N, Cout) (plus ``residual``, (B, N, Cout) contiguous, if given), and
+    with ``stats`` the row tiles' (mean, M2) of y and the rows per tile."""
     from mpvit_kernels.triton import gli_projection as kernels
 
     B, N, C = xs[0].shape
@@ -169,8 +190,10 @@ def _launch(xs, weight, scale, shift, hswish, stats):
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     with backend.triton_device(w):
         kernels.gli_gemm_kernel[(-(-M // BM), -(-Cout // BN))](
-            *padded, *strides, w, y if scale is None else scale, y if shift is None else shift, y, tile_mean, tile_m2,
-            M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish, STATS=stats,
+            *padded, *strides, w, y if scale is None else scale, y if shift is None else shift,
+            y if residual is None else residual, y, tile_mean, tile_m2,
+            M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,
+            RESIDUAL=residual is not None, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
             BLOCK_N=BN)
     return y, tile_mean, tile_m2, BM
@@ -178,15 +201,16 @@ def _launch(xs, weight, scale, shift, hswish, stats):
 
 @torch.library.custom_op("mpvit_kernels::gli_projection", mutates_args=())
 def _gli_projection(xs: list[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor | None,
-                    shift: torch.Tensor | None, hswish: bool) -> torch.Tensor:
-    """y (B, N, Cout) = act((cat(xs, -1) @ weight^T) * scale + shift); xs (B, N, C) each with
-    unit channel stride, weight (Cout, n*C) in their dtype, scale and shift (Cout,) in the
-    accumulation type, or both None."""
-    return _launch(xs, weight, scale, shift, hswish, stats=False)[0]
+                    shift: torch.Tensor | None, hswish: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    """y (B, N, Cout) = act((cat(xs, -1) @ weight^T) * scale + shift) [+ residual]; xs (B, N, C)
+    each with unit channel stride, weight (Cout, n*C) in their dtype, scale and shift (Cout,) in
+    the accumulation type, or both None; residual (B, N, Cout) in their dtype, or None."""
+    return _launch(xs, weight, scale, shift, hswish, stats=False,
+                   residual=None if residual is None else residual.contiguous())[0]
 
 
 @_gli_projection.register_fake
-def _(xs, weight, scale, shift, hswish):
+def _(xs, weight, scale, shift, hswish, residual):
     B, N, _ = xs[0].shape
     return xs[0].new_empty((B, N, weight.shape[0]))
 
@@ -226,9 +250,10 @@ def _gemm_backward(xs, weight, g):
 
 
 def _setup_context(ctx, inputs, output):
-    xs, weight, scale, shift, hswish = inputs
+    xs, weight, scale, shift, hswish, residual = inputs
     ctx.save_for_backward(*xs, weight, scale, shift)
     ctx.hswish = hswish
+    ctx.residual = residual is not None
 
 
 def _backward(ctx, grad):
@@ -237,10 +262,11 @@ def _backward(ctx, grad):
     g = grad.reshape(-1, Cout)
     grad_scale = grad_shift = None
     if scale is not None or ctx.hswish:
-        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False).reshape(-1, Cout)  # recomputed
+        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False, None).reshape(-1, Cout)  # recomputed
         g, grad_scale, grad_shift = affine_hswish_grad(g.to(z.dtype), z, scale, shift, ctx.hswish)
     grad_xs, grad_w = _gemm_backward(xs, weight, g.to(xs[0].dtype))
-    return grad_xs, grad_w, grad_scale, grad_shift, None
+    # the residual is added last: its grad is the output's
+    return grad_xs, grad_w, grad_scale, grad_shift, None, grad if ctx.residual else None
 
 
 _gli_projection.register_autograd(_backward, setup_context=_setup_context)

@@ -67,8 +67,9 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     copying whole grads).
     """
     _check(x, y, dict(bias=bias, next_bias=next_bias, weight=weight, ln_bias=ln_bias), eps)
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    x, y = x.to(dtype), y.to(dtype)
+    if x.dtype != y.dtype:  # eager's type promotion of x + y
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(dtype), y.to(dtype)
     params = (bias, next_bias, weight, ln_bias)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
     # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,

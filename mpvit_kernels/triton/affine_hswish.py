@@ -38,19 +38,24 @@ def _tile_stats(z, rows, n_rows, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
-                   AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+def _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, res_ptr, y_ptr, tile_mean_ptr,
+                   tile_m2_ptr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, RESIDUAL: tl.constexpr,
+                   STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
     """The fused GEMMs' epilogue on their (BLOCK_M, BLOCK_N) tile of (M, Cout) NHWC rows: the
-    folded BatchNorm (AFFINE), Hardswish, the one store of y, and with STATS the tile's
-    per-channel mean and M2 of y as stored (what the normalise pass reads)."""
+    folded BatchNorm (AFFINE), Hardswish, with RESIDUAL the identity of a residual block (rows
+    laid out as y's) added after them, the one store of y, and with STATS the tile's per-channel
+    mean and M2 of y as stored (what the normalise pass reads)."""
     if AFFINE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)[None, :] + \
             tl.load(shift_ptr + offs_n, mask=nmask, other=0.0)[None, :]
     if HSWISH:  # times 1/6 in ACC (exact for fp64): an IEEE division would be a call with a stack frame
         acc = acc * tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) * tl.full([], 1.0 / 6.0, ACC)
+    out = offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if RESIDUAL:
+        acc += tl.load(res_ptr + out, mask=omask, other=0.0).to(ACC)
     y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * Cout + offs_n[None, :], y, mask=mmask[:, None] & nmask[None, :])
+    tl.store(y_ptr + out, y, mask=omask)
     if STATS:
         mean, m2 = _tile_stats(y.to(ACC), mmask, tl.minimum(M - tl.program_id(0) * BLOCK_M, BLOCK_M).to(ACC), ACC)
         tl.store(tile_mean_ptr + tl.program_id(0) * Cout + offs_n, mean, mask=nmask)

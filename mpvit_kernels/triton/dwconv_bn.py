@@ -94,8 +94,8 @@ def dwconv_pw_kernel(
         w = tl.load(pw_ptr + offs_n[None, :] * Cin + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.dot(a.to(x_ptr.dtype.element_ty), w.to(x_ptr.dtype.element_ty), out_dtype=ACC,
                       input_precision=DOT_PRECISION)
-    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
-                   AFFINE, HSWISH, STATS, ACC, BLOCK_M)
+    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, y_ptr, tile_mean_ptr,
+                   tile_m2_ptr, AFFINE, HSWISH, False, STATS, ACC, BLOCK_M)
 
 
 def compile_specs():

@@ -1,7 +1,7 @@
 """Triton kernel of MPViT's GLI projection (the ``aggregate`` of every stage): the channel concat
-of up to 5 maps -> 1x1 conv, with a bias and Hardswish fused into the epilogue:
+of up to 5 maps -> 1x1 conv, with a bias and Hardswish fused into the epilogue (and, for InvRes's last 1x1, its identity):
 
-    y = act((cat(x_0, ..., x_{n-1}) @ W^T) * scale + shift)   x_i (M, C) rows, y (M, Cout) NHWC rows
+    y = act((cat(x_0, ..., x_{n-1}) @ W^T) * scale + shift) [+ res]   x_i (M, C) rows, y (M, Cout) NHWC rows
 
 A GEMM with M = B*H*W pixels, N = Cout, K = n*C, whose K loop walks the list of inputs (each with
 its own batch and pixel strides, channels unit-stride: a channels-last image or a token tensor,
@@ -66,11 +66,13 @@ def gli_gemm_kernel(
     sb0, sn0, sb1, sn1, sb2, sn2, sb3, sn3, sb4, sn4,  # their batch and pixel strides
     w_ptr,  # (Cout, NUM_INPUTS * C) the 1x1 weight, in the inputs' dtype
     scale_ptr, shift_ptr,  # (Cout,) each, in the accumulation type: a folded BatchNorm (AFFINE)
+    res_ptr,  # (M, Cout) rows like y, in its dtype: a residual block's identity, added last (RESIDUAL)
     y_ptr,  # (M, Cout) out: NHWC rows, M = B*N
     tile_mean_ptr, tile_m2_ptr,  # (cdiv(M, BLOCK_M), Cout) out if STATS, in the accumulation type
     M, N, C, Cout,
-    NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, RESIDUAL: tl.constexpr, STATS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,26 +102,29 @@ def gli_gemm_kernel(
             w = tl.load(w_ptr + offs_n[None, :] * K_total + (i * C + offs_k)[:, None],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
-    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, y_ptr, tile_mean_ptr, tile_m2_ptr,
-                   AFFINE, HSWISH, STATS, ACC, BLOCK_M)
+    _gemm_epilogue(acc, offs_m, offs_n, mmask, nmask, M, Cout, scale_ptr, shift_ptr, res_ptr, y_ptr, tile_mean_ptr,
+                   tile_m2_ptr, AFFINE, HSWISH, RESIDUAL, STATS, ACC, BLOCK_M)
 
 
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N and dtype, with the eval epilogue and the training one; 4 inputs (MPViT-S/B's
-    num_path + 1) and 5 (the most)."""
+    num_path + 1) and 5 (the most); and one input with the residual epilogue (InvRes's conv2)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
         acc = "*fp64" if dt == "fp64" else "*fp32"
         precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
         for bn in (16, 32, 64, 128):
-            for inputs, eval_epilogue in ((4, True), (4, False), (5, True)):
+            for inputs, eval_epilogue, residual in ((4, True, False), (4, False, False), (5, True, False),
+                                                    (1, True, True)):
                 types = {f"x{i}_ptr": f"*{dt}" for i in range(MAX_INPUTS)}
-                types.update({"w_ptr": f"*{dt}", "scale_ptr": acc, "shift_ptr": acc, "y_ptr": f"*{dt}",
-                              "tile_mean_ptr": acc, "tile_m2_ptr": acc})
-                specs.append((gli_gemm_kernel, f"{dt} BLOCK_N={bn} inputs={inputs}" + (" eval" if eval_epilogue else " train"),
-                              types, {"NUM_INPUTS": inputs, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue,
-                                      "STATS": not eval_epilogue, "ACC": acc_ty, "DOT_PRECISION": precision,
-                                      "BLOCK_N": bn}))
+                types.update({"w_ptr": f"*{dt}", "scale_ptr": acc, "shift_ptr": acc, "res_ptr": f"*{dt}",
+                              "y_ptr": f"*{dt}", "tile_mean_ptr": acc, "tile_m2_ptr": acc})
+                tag = f"{dt} BLOCK_N={bn} inputs={inputs}" + (" eval" if eval_epilogue else " train") + \
+                    (" residual" if residual else "")
+                specs.append((gli_gemm_kernel, tag, types,
+                              {"NUM_INPUTS": inputs, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue and not residual,
+                               "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
+                               "DOT_PRECISION": precision, "BLOCK_N": bn}))
     return specs
