@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops
+from mpvit_kernels.bench.factor_attention import STAGES  # (stage, channels, stride) of MPViT-S
 from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.models.mpvit import CONFIGS
 
-# (stage, channels, stride) of MPViT-S
-STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
-MLP_RATIO = 4
+MLP_RATIO = CONFIGS["small"][2]
 
 
 def eager(x, a, h, wp, bp, w2, b2, gamma, beta):

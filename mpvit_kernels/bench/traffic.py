@@ -304,7 +304,7 @@ def run(args, device, dtype, dtype_name) -> list[dict]:
                              "eager_bytes": eager.bytes, "ours_launches": len(ours), "ours_bytes": mine,
                              "bytes_ratio": eager.bytes / mine})
     for res in args.traffic_resolutions:
-        for stage, C, stride in residual_layernorm_bench.STAGES:
+        for stage, C, stride in STAGES:
             N = (res // stride) ** 2
             for mode in ("forward", "forward+backward"):
                 eager, ours = (block_middle(impl, args.batch, N, C, dtype, mode != "forward") for impl in ("eager", "ours"))

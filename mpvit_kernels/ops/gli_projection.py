@@ -115,32 +115,34 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
         check_channel_params("gli_projection", weight.shape[0], rows[0].device, scale=scale, shift=shift)
     dtype = rows[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    res = None if residual is None else _residual_rows(residual, inputs[0].dim(), B, weight.shape[0], H, W)
+    Cout, maps = weight.shape[0], inputs[0].dim() == 4
+    if residual is not None:
+        _check_residual(residual, (B, Cout, H, W) if maps else (B, H * W, Cout))
+        # as the output's map, for the adds outside the GEMM
+        residual_map = residual if maps else residual.reshape(B, H, W, Cout).permute(0, 3, 1, 2)
     if backend.use_triton("gli_projection", rows[0].device):
-        w = weight.reshape(weight.shape[0], -1).to(dtype)
+        w = weight.reshape(Cout, -1).to(dtype)
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
-        fused = res if res is not None and res.dtype == dtype else None
-        y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), fused), B, H, W)
-        return y if res is None or fused is not None else y + _image(res, B, H, W)
+        fused = residual is not None and residual.dtype == dtype
+        # the epilogue reads the residual as rows laid out as y's: a view of a channels-last map
+        res = (residual.permute(0, 2, 3, 1).reshape(B, H * W, Cout) if maps else residual).contiguous() if fused \
+            else None
+        y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), res), B, H, W)
+        return y if residual is None or fused else y + residual_map
     z = _unfused_pre_bn(rows, weight, B, H, W)
     if scale is not None:
         y = affine_hswish(z, scale, shift, hswish)
     else:
         y = F.hardswish(z) if hswish else z
-    return y if res is None else y + _image(res, B, H, W)
+    return y if residual is None else y + residual_map
 
 
-def _residual_rows(residual, dims, B, Cout, H, W):
-    """The residual as (B, N, Cout) rows with unit channel stride (a view of a channels-last map
-    or of such tokens, else one copy), after checking it is shaped as the output."""
-    want = (B, Cout, H, W) if dims == 4 else (B, H * W, Cout)
+def _check_residual(residual, want):
     if not isinstance(residual, torch.Tensor) or residual.dtype not in _FLOATS:
         raise TypeError("gli_projection: residual must be a floating point Tensor")
     if tuple(residual.shape) != want:
         raise ValueError(f"gli_projection: residual must have the output's shape {want}, got {tuple(residual.shape)}")
-    t = residual.permute(0, 2, 3, 1).reshape(B, H * W, Cout) if dims == 4 else residual
-    return t.contiguous()  # the epilogue reads it as rows laid out as y's: a view when it is one
 
 
 def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
