@@ -22,7 +22,8 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise", "residual_layernorm")
+OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection", "depthwise", "residual_layernorm",
+               "linear")
 
 # (backend forced for every op family or None, {op family: backend}): per thread and per
 # asyncio task, so one thread's use_backend never changes what another thread's ops run.
@@ -160,15 +161,21 @@ def use_cpu_kernel(op: str, device: torch.device) -> bool:
     return use_extension(op, device)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast casts ``t`` to as a conv's or a matmul's input: inside an autocast
+    region for its device, the autocast dtype for a float16/bfloat16/float32 tensor; else (float64
+    too, as autocast leaves it) t's own."""
+    if (t.dtype in (torch.float16, torch.bfloat16, torch.float32) and t.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(t.device.type)):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def autocast(t):
-    """``t`` as autocast casts a conv's or a matmul's input: inside an autocast region for its
-    device, a float16/bfloat16/float32 tensor in the autocast dtype; anything else unchanged
-    (float64 too, as autocast leaves it). The fused ops call it on their activations, so they
-    compute in the autocast dtype (accumulating in fp32) and return it, as eager would."""
-    if (isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)):
-        return t.to(torch.get_autocast_dtype(t.device.type))
-    return t
+    """``t`` as autocast casts a conv's or a matmul's input (:func:`autocast_dtype`); anything but
+    a tensor unchanged. The fused ops call it on their activations, so they compute in the
+    autocast dtype (accumulating in fp32) and return it, as eager would."""
+    return t.to(autocast_dtype(t)) if isinstance(t, torch.Tensor) else t
 
 
 def refuse_double_backward(op: str) -> None:
@@ -215,6 +222,17 @@ def cached_by_version(sources, extra, compute):
     while len(_DERIVED) > _DERIVED_SIZE:
         _DERIVED.popitem(last=False)
     return value
+
+
+def weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype`` for a GEMM autocast does not see (an in-place ``addmm_``, our own
+    kernels' GEMMs), cast once per version of the weight where no autograd graph needs the cast (as nn.folded_bn)."""
+    if weight.dtype == dtype:
+        return weight
+    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    with torch.no_grad():
+        return cached_by_version((weight,), dtype, lambda: weight.to(dtype))
 
 
 def clear_caches() -> None:

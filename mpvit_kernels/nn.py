@@ -40,17 +40,6 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, fold)
 
 
-def weight_as(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` in ``dtype`` for a GEMM autocast does not see (an in-place ``addmm_``), cast
-    once per version of the weight where no autograd graph needs the cast (as folded_bn)."""
-    if weight.dtype == dtype:
-        return weight
-    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
-        return weight.to(dtype)
-    with torch.no_grad():
-        return backend.cached_by_version((weight,), dtype, lambda: weight.to(dtype))
-
-
 def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,
                 name: str = "x") -> None:
     """A module's input before any kernel runs: a floating Tensor of ``layout`` ("(B, C, H, W)"
@@ -386,7 +375,12 @@ class FactorAttention(nn.Module):
         """Everything but ``proj``: the attention output (B, N, C) that ``proj`` would take (MPViT's
         block folds proj's bias and its residual add into ``ops.residual_layernorm``)."""
         check_input("FactorAttention", x, "(B, N, C)", 2, self.qkv.in_features, self.qkv.weight)
-        size = check_size("FactorAttention", size, x.shape[1])
+        return self.core(self.qkv(x), size)
+
+    def core(self, qkv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The attention between the two Linears, from the qkv Linear's output (B, N, 3C) (MPViT's
+        block computes it with norm1 fused in, ``ops.linear``)."""
+        size = check_size("FactorAttention", size, qkv.shape[1])
         convs = self.crpe.conv_list
-        return ops.factor_attention(self.qkv(x), size, self.num_heads, self.scale,
-                                    [c.weight for c in convs], [c.bias for c in convs])
+        return ops.factor_attention(qkv, size, self.num_heads, self.scale, [c.weight for c in convs],
+                                    [c.bias for c in convs])

@@ -17,7 +17,7 @@ from tests.utils import randomize_bn
 WORLD = 2
 # Attention, dwconv_bn and gli_projection on their reference path: interpreted Triton would
 # cost minutes, and the BatchNorm synchronisation is the same either way.
-TRITON = ["factor_attention", "dwconv_bn", "gli_projection"]
+TRITON = ["factor_attention", "dwconv_bn", "gli_projection", "linear"]
 
 
 def _model():

@@ -16,7 +16,7 @@ from tests.utils import RecordOps, randomize_bn
 
 # The Triton families run their reference here (interpreting them costs seconds per call, and
 # test_mpvit runs the whole model through them); depthwise and affine_hswish run their C++ twins.
-TRITON = ["factor_attention", "dwconv_bn", "gli_projection"]
+TRITON = ["factor_attention", "dwconv_bn", "gli_projection", "linear"]
 
 
 def randomized(size="tiny"):

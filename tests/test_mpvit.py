@@ -23,7 +23,7 @@ def reference_keys(size):
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
 
 
-TRITON_FAMILIES = ["factor_attention", "dwconv_bn", "gli_projection"]
+TRITON_FAMILIES = ["factor_attention", "dwconv_bn", "gli_projection", "linear"]
 
 
 @pytest.fixture(autouse=True)

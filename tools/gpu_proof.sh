@@ -31,7 +31,7 @@ SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-480}
 # Kernel tests for the GPU: all but the CPU-only checks (the ahead-of-time compile, the wheel
 # build, this script's no-GPU path).
 TESTS=${TESTS:-"tests --ignore=tests/test_static_compile.py --ignore=tests/test_build.py --ignore=tests/test_gpu_proof.py"}
-SANITIZED_TESTS="tests/test_affine_hswish.py tests/test_factor_attention.py tests/test_depthwise.py tests/test_dwconv_bn.py tests/test_gli_projection.py tests/test_residual_layernorm.py"
+SANITIZED_TESTS="tests/test_affine_hswish.py tests/test_factor_attention.py tests/test_depthwise.py tests/test_dwconv_bn.py tests/test_gli_projection.py tests/test_residual_layernorm.py tests/test_linear.py"
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu-proof: no CUDA GPU visible to $PYTHON (torch.cuda.is_available() is False): nothing to prove here." >&2

@@ -2,7 +2,7 @@
 available device (CUDA if there is one, else CPU), medians with quartiles.
 
     python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,
-                                         residual_layernorm,traffic,model]
+                                         residual_layernorm,linear,traffic,model]
         [--batch B] [--model-batch B]
         [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile] [--max-autotune]
         [--no-flush-l2] [--out DIR] [--json PATH]
@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from mpvit_kernels.bench import (affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, model,
-                                 residual_layernorm, timing, traffic)
+from mpvit_kernels.bench import (affine_hswish, depthwise, dwconv_bn, factor_attention, gli_projection, linear,
+                                 model, residual_layernorm, timing, traffic)
 from mpvit_kernels.bench.plot import draw_speedup
 from mpvit_kernels.bench.results import default_folder, environment, write_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = {"affine_hswish": affine_hswish, "depthwise": depthwise, "dwconv_bn": dwconv_bn,
             "gli_projection": gli_projection, "factor_attention": factor_attention,
-            "residual_layernorm": residual_layernorm, "traffic": traffic, "model": model}
+            "residual_layernorm": residual_layernorm, "linear": linear, "traffic": traffic, "model": model}
 # The whole model is left out unless asked for (--ops model): compiling it takes minutes.
 DEFAULT_OPS = [name for name in SECTIONS if name != "model"]
 # --quick: 8 s on an idle 2-core CPU, 45 to 107 s while other jobs held its cores (README)
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         args.peak_gbs = None
         say("No GPU here: CPU timings. affine_hswish, depthwise, factor_attention and residual_layernorm 'ours' are "
             "the C++ CPU twins (the attention's backward: eager formulas), dwconv_bn and gli_projection 'ours' run "
-            "unfused on them; the Triton kernels run only on a GPU.\n")
+            "unfused on them, linear 'ours' is eager's LayerNorm, GEMM and GELU; the Triton kernels run only on a "
+            "GPU.\n")
     info.update(copy_bandwidth_gbs=args.peak_gbs, finished=False, section_s={})
 
     results = []

@@ -2,6 +2,7 @@
 
 Scopes: one eval forward of the whole model; the patch embeddings' DWConv2d_BN, the stages'
 GLI projection (eval forward), and the depthwise op at the CPE and InvRes sites (forward); the
+middle of a block and its token Linears with norm1 or GELU (forward and forward+backward); the
 attention core (qkv Linear output -> attention output) and the whole FactorAttention module
 (x -> proj), whose two Linears run as eager's in both columns.
 
@@ -24,6 +25,7 @@ from mpvit_kernels import models
 from mpvit_kernels.bench import depthwise as depthwise_bench
 from mpvit_kernels.bench import dwconv_bn as dwconv_bn_bench
 from mpvit_kernels.bench import gli_projection as gli_bench
+from mpvit_kernels.bench import linear as linear_bench
 from mpvit_kernels.bench import residual_layernorm as residual_layernorm_bench
 from mpvit_kernels.bench.factor_attention import STAGES
 from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, PublicStyleMPViT
@@ -192,6 +194,21 @@ def block_middle(impl: str, B: int, N: int, C: int, dtype, backward: bool) -> Co
     return count
 
 
+def token_linear(impl: str, site: str, B: int, N: int, C: int, dtype, backward: bool) -> CountTraffic:
+    """norm1 -> qkv or fc1 -> GELU (bench.linear's sites) as the public block runs them ("eager")
+    or as ``ops.linear`` ("ours"), forward or forward+backward with every parameter training,
+    counted on meta tensors."""
+    eager, ours = linear_bench.IMPLS[site]
+    x, params = linear_bench.site_inputs(site, B, N, C, dtype, "meta")
+    x, params = x.requires_grad_(backward), [p.requires_grad_(backward) for p in params]
+    count = CountTraffic() if impl == "eager" else CountOurs()
+    with torch.set_grad_enabled(backward), count:
+        out = (eager if impl == "eager" else ours)(x, *params)
+        if backward:
+            out.backward(torch.empty_like(out))
+    return count
+
+
 def eager_depthwise(site: str, B: int, C: int, side: int, dtype) -> CountTraffic:
     """The public module's op sequence at a CPE or InvRes site (forward), counted on meta tensors."""
     x, w, b, bn = depthwise_bench.site_inputs(B, C, side, dtype, "meta")
@@ -313,6 +330,17 @@ def run(args, device, dtype, dtype_name) -> list[dict]:
                              "eager_launches": eager.launches, "eager_bytes": eager.bytes,
                              "ours_launches": ours.launches, "ours_bytes": ours.bytes,
                              "bytes_ratio": eager.bytes / ours.bytes})
+    for res in args.traffic_resolutions:
+        for stage, C, stride in STAGES:
+            N = (res // stride) ** 2
+            for site in linear_bench.SITES:
+                for mode in ("forward", "forward+backward"):
+                    eager, ours = (token_linear(impl, site, args.batch, N, C, dtype, mode != "forward")
+                                   for impl in ("eager", "ours"))
+                    rows.append({"op": site, "input": res, "stage": stage, "shape": [args.batch, N, C],
+                                 "dtype": dtype_name, "mode": mode, "eager_launches": eager.launches,
+                                 "eager_bytes": eager.bytes, "ours_launches": ours.launches, "ours_bytes": ours.bytes,
+                                 "bytes_ratio": eager.bytes / ours.bytes})
     for res in args.traffic_resolutions:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2

@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpvit_kernels import ops
+from mpvit_kernels.backend import weight_as
 from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
-                              depthwise_bn_hswish, weight_as)
+                              depthwise_bn_hswish)
 
 # size: (num_layers, embed_dims, mlp_ratio)
 CONFIGS = {
@@ -63,18 +64,21 @@ class MHCABlock(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.cpe(x, size)
         att, mlp = self.factoratt_crpe, self.mlp
+        norm1, norm2 = self.norm1, self.norm2
         if (self.training and self.drop_path_rate > 0) or att.proj.bias is None or mlp.fc2.bias is None or \
-                self.norm2.weight is None or self.norm2.bias is None:
-            x = x + drop_path(att(self.norm1(x), size), self.drop_path_rate, self.training)
-            return x + drop_path(mlp(self.norm2(x)), self.drop_path_rate, self.training)
-        # The residual adds, norm2 and both biases in one pass (ops.residual_layernorm); fc2
-        # accumulates onto its residual output in place. Rows (B*N, C): r is then a tensor of its
-        # own, not a view, which autograd's in-place handling would copy whole grads for.
+                None in (norm1.weight, norm1.bias, norm2.weight, norm2.bias):
+            x = x + drop_path(att(norm1(x), size), self.drop_path_rate, self.training)
+            return x + drop_path(mlp(norm2(x)), self.drop_path_rate, self.training)
+        # norm1 inside the qkv GEMM and GELU in fc1's (ops.linear); the residual adds, norm2 and
+        # both biases in one pass (ops.residual_layernorm); fc2 accumulates onto its residual
+        # output in place. Rows (B*N, C): r is then a tensor of its own, not a view, which
+        # autograd's in-place handling would copy whole grads for.
         B, N, C = x.shape
-        y = F.linear(att.attend(self.norm1(x), size).reshape(B * N, C), att.proj.weight)
-        r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, self.norm2.weight,
-                                      self.norm2.bias, self.norm2.eps)
-        h = F.gelu(mlp.fc1(u)).to(r.dtype)
+        qkv = ops.linear(x, att.qkv.weight, att.qkv.bias, norm1.weight, norm1.bias, norm1.eps)
+        y = F.linear(att.core(qkv, size).reshape(B * N, C), att.proj.weight)
+        r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, norm2.weight, norm2.bias,
+                                      norm2.eps)
+        h = ops.linear(u, mlp.fc1.weight, mlp.fc1.bias, gelu=True).to(r.dtype)
         return r.addmm_(h, weight_as(mlp.fc2.weight, r.dtype).t()).view(B, N, C)
 
 

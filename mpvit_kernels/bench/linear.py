@@ -1,0 +1,94 @@
+"""Speed report section: the block's token Linears with what surrounds them, at the MPViT-S
+stages, eager vs torch.compile vs ours, tokens (B, N, C) -> (B, N, hidden).
+
+Sites: "norm1 + qkv" (``qkv(norm1(x))``, hidden 3C) and "fc1 + GELU" (``gelu(fc1(u))``, hidden
+4C). Eager runs them as the public block does (a LayerNorm pass, then cuBLAS's GEMM with its
+bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM with the
+LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mpvit_kernels import ops
+from mpvit_kernels.bench.factor_attention import STAGES  # (stage, channels, stride) of MPViT-S
+from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.models.mpvit import CONFIGS
+
+MLP_RATIO = CONFIGS["small"][2]
+EPS = 1e-6  # MPViT's LayerNorms'
+SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO}  # site: hidden width / C
+
+
+def eager_norm_qkv(x, w, b, gamma, beta):
+    return F.linear(F.layer_norm(x, (x.shape[-1],), gamma, beta, EPS), w, b)
+
+
+def ours_norm_qkv(x, w, b, gamma, beta):
+    return ops.linear(x, w, b, gamma, beta, EPS)
+
+
+def eager_fc1_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b))
+
+
+def ours_fc1_gelu(x, w, b):
+    return ops.linear(x, w, b, gelu=True)
+
+
+IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu)}
+
+
+def site_inputs(site: str, B: int, N: int, C: int, dtype, device):
+    """x (B, N, C) and the site's parameters: (weight, bias[, LayerNorm weight, bias])."""
+    hidden = SITES[site] * C
+    x = torch.randn(B, N, C, device=device, dtype=dtype)
+    params = [torch.randn(hidden, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(hidden, device=device, dtype=dtype)]
+    if site == "norm1 + qkv":
+        params += [torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype)]
+    return x, params
+
+
+def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
+    rows = []
+    for site, (eager, ours) in IMPLS.items():
+        impls = {"eager": eager, "ours": ours, **compiled(args, eager, ours)}
+        for res in args.resolutions:
+            for stage, C, stride in STAGES:
+                N = (res // stride) ** 2
+                x, params = site_inputs(site, args.batch, N, C, dtype, device)
+                # the least any implementation moves: x read once, the hidden written once
+                nbytes = args.batch * N * C * x.element_size() * (1 + SITES[site])
+                for mode in ("forward", "forward+backward"):
+                    backward = mode != "forward"
+                    leaf = x.detach().requires_grad_(backward)
+                    weights = [p.detach().requires_grad_(backward) for p in params]
+                    grad = torch.randn(args.batch, N, SITES[site] * C, device=device, dtype=dtype)
+                    for impl, fn in impls.items():
+                        if backward:
+                            def step(fn=fn):
+                                fn(leaf, *weights).backward(grad)
+                        else:
+                            def step(fn=fn):
+                                with torch.no_grad():
+                                    fn(leaf, *weights)
+                        t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
+                                    time_first_call="compile" in impl)
+                        rows.append({"op": f"linear {site}", "input": res, "stage": stage,
+                                     "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl,
+                                     **t, "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| site | input | stage | B x N x C | dtype | mode | impl | median ms | p25-p75 ms | GB/s (minimum bytes) | "
+           "speedup vs eager |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["op"], r["input"], r["stage"], r["dtype"], r["mode"])  # noqa: E731
+    base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        out.append(f"| {r['op'][len('linear '):]} | {r['input']} | {r['stage']} | {'x'.join(map(str, r['shape']))} | "
+                   f"{r['dtype']} | {r['mode']} | {r['impl']} | {r['median_ms']:.3f} | "
+                   f"{r['p25_ms']:.3f}-{r['p75_ms']:.3f} | {r['GB/s']:.1f} | {base[key(r)] / r['median_ms']:.2f}x |")
+    return "\n".join(out)

@@ -1,0 +1,148 @@
+"""linear: an MPViT block's token Linears with what surrounds them fused into their GEMM,
+
+    y = layer_norm(x) @ W^T + bias      norm1 -> the attention's qkv Linear
+    y = gelu(x @ W^T + bias)            the MLP's fc1 -> GELU
+
+so eager's separate LayerNorm and GELU passes (and the normalised tokens and the pre-activation
+hidden they write and read back) are gone: each is one pass that reads x and writes y.
+
+Registered as ``mpvit_kernels::linear`` (a custom op with a fake and autograd) over the Triton
+kernel (mpvit_kernels/triton/linear.py) on CUDA tensors, or on CPU tensors under Triton's
+interpreter; on other CPU tensors (and under ``reference``) the eager composition of
+:func:`mpvit_kernels.reference.linear`, which on a CPU is what oneDNN's GEMMs run fastest.
+Backward, in ATen ops as eager's autograd runs them: the LayerNorm's output (and with GELU the
+pre-activation) recomputed, as the forward stores neither; then GELU's grad, the GEMMs' and
+the LayerNorm's (``native_layer_norm_backward``). Deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+from mpvit_kernels import backend, reference
+from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
+
+
+def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"linear: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"linear: x must be tokens (..., K) with at least 2 dims, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] < 1 or K < 1:
+        raise ValueError(f"linear: weight must be (N, {K}) for x with {K} channels, got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"linear: weight is on {weight.device}, x on {x.device}")
+    if bias is not None:
+        check_channel_params("linear", weight.shape[0], x.device, bias=bias)
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("linear: ln_weight and ln_bias must be given together (the LayerNorm's affine)")
+    if ln_weight is not None:
+        check_channel_params("linear", K, x.device, ln_weight=ln_weight, ln_bias=ln_bias)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+            raise ValueError(f"linear: eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(gelu, bool):
+        raise TypeError(f"linear: gelu must be a bool, got {type(gelu).__name__}")
+    check_rows("linear", x.numel() // K)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None, eps: float = 1e-5,
+           gelu: bool = False) -> torch.Tensor:
+    """``act(layer_norm(x) @ weight^T + bias)``: the LayerNorm over x's last dim where
+    ``ln_weight`` and ``ln_bias`` (K,) are given (with ``eps``), GELU (exact, erf) where ``gelu``.
+
+    x: tokens (..., K), any strides (a unit channel stride is read in place); weight (N, K);
+    bias (N,) or None. Returns (..., N), contiguous, in the GEMM's dtype: the autocast dtype
+    inside an autocast region (x's dtype float64 excepted, as autocast leaves it), else x's.
+    weight is cast to it (once per weight version where no graph needs the cast), as autocast
+    casts a Linear's. The LayerNorm computes in fp32 (fp64 for fp64) from x as it is (an fp32
+    stream under autocast: eager's LayerNorm runs in fp32 there too) and is rounded to the GEMM's
+    dtype before the GEMM reads it; the GEMM accumulates in fp32 (fp64), bias and GELU too.
+    """
+    _check(x, weight, bias, ln_weight, ln_bias, eps, gelu)
+    dtype = backend.autocast_dtype(x)
+    weight = backend.weight_as(weight, dtype)
+    if not backend.use_triton("linear", x.device):
+        return reference.linear(x, weight, bias, ln_weight, ln_bias, eps, gelu)
+    K, N = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, K)
+    if rows.stride(-1) != 1 and K != 1:
+        rows = rows.contiguous()
+    if ln_weight is not None and ln_weight.dtype != ln_bias.dtype:  # the kernel reads them in one dtype
+        ln_weight, ln_bias = ln_weight.to(reference._acc_dtype(dtype)), ln_bias.to(reference._acc_dtype(dtype))
+    y = torch.ops.mpvit_kernels.linear(rows, weight, bias, ln_weight, ln_bias, float(eps), gelu)
+    return y.view(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("mpvit_kernels::linear", mutates_args=())
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor | None,
+            ln_bias: torch.Tensor | None, eps: float, gelu: bool) -> torch.Tensor:
+    """y (M, N) contiguous in weight's dtype = act(layer_norm(x) @ weight^T + bias): x (M, K) with
+    unit channel stride (any float dtype), weight (N, K) the GEMM's dtype, bias (N,) or None,
+    ln_weight and ln_bias (K,) of one dtype or both None (no LayerNorm)."""
+    from mpvit_kernels.triton import linear as kernels
+    from mpvit_kernels.triton.gli_projection import block_n, tile  # the tiles LAUNCH picks
+
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype = weight.dtype
+    y = torch.empty((M, N), dtype=dtype, device=x.device)
+    if M == 0:
+        return y
+    acc = reference._acc_dtype(dtype)
+    norm = ln_weight is not None
+    params = [None if t is None else t.to(acc).contiguous() for t in (bias, ln_weight, ln_bias)]
+    bn = block_n(N)
+    bm = tile(bn, {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16-bit"))[0]
+    with backend.triton_device(x):
+        kernels.linear_kernel[(-(-M // bm), -(-N // bn))](
+            x, weight.contiguous(), *(y if t is None else t for t in params), y, M, K, N, x.stride(0), float(eps),
+            NORM=norm, BIAS=bias is not None, GELU=gelu,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn)
+    return y
+
+
+@_linear.register_fake
+def _(x, weight, bias, ln_weight, ln_bias, eps, gelu):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ln_weight, ln_bias, eps, gelu = inputs
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias)
+    ctx.args = (eps, gelu)
+
+
+def _backward(ctx, grad):
+    """In the GEMM's dtype as eager's autograd runs it (no casts where x, weight and the grad share
+    a dtype), from u = layer_norm(x) (and h = u @ W^T + bias for GELU) recomputed."""
+    x, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
+    eps, gelu = ctx.args
+    dtype, K = weight.dtype, x.shape[-1]
+    if ln_weight is not None:
+        # in the parameters' dtype, as eager's LayerNorm (under autocast: fp32) runs
+        xn = x.to(ln_weight.dtype)
+        u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], ln_weight, ln_bias.to(ln_weight.dtype), eps)
+        u = u.to(dtype)
+    else:
+        u = x.to(dtype)
+    g = grad.to(dtype)
+    if gelu:
+        h = u @ weight.t() if bias is None else torch.addmm(bias.to(dtype), u, weight.t())
+        g = torch.ops.aten.gelu_backward(g, h)
+    grad_bias = None if bias is None else g.sum(0).to(bias.dtype)
+    grad_weight = g.t() @ u
+    grad_u = g @ weight
+    if ln_weight is None:
+        return grad_u.to(x.dtype), grad_weight, grad_bias, None, None, None, None
+    grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
+        grad_u.to(xn.dtype), xn, [K], mean, rstd, ln_weight, ln_bias.to(ln_weight.dtype), [True, True, True])
+    return (grad_x.to(x.dtype), grad_weight, grad_bias, grad_ln_weight, grad_ln_bias.to(ln_bias.dtype), None,
+            None)
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,105 @@
+"""Triton kernel of ``linear`` (the op ``mpvit_kernels::linear``): a token Linear with MPViT's
+fusions around its GEMM,
+
+    y = act(layer_norm(x) @ W^T + bias)      x (M, K) rows, W (N, K), y (M, N) rows
+
+with the LayerNorm (NORM: norm1 before the qkv Linear) applied to each A tile as it is loaded
+and GELU (the exact, erf one: fc1's) in the epilogue, so neither the normalised tokens nor the
+pre-activation hidden ever reach memory.
+
+One program owns BLOCK_M whole rows and BLOCK_N outputs. With NORM it first walks its rows'
+K channels twice (mean, then the centred variance, as eager's two-pass LayerNorm: no
+cancellation for tokens far from zero mean); the GEMM's K loop then reads the same rows a third
+time, all three from cache for the widths MPViT has (K <= 480). The normalised tile is rounded
+to W's dtype before the dot, as eager rounds the LayerNorm's output before its Linear reads it.
+"""
+import triton
+import triton.language as tl
+
+from mpvit_kernels.triton.affine_hswish import _div
+# gli_projection's GEMM tiles: the same loop (rows of A with unit channel stride, W (N, K)), and
+# they compile without spills with the LayerNorm prologue and GELU epilogue too (static report)
+from mpvit_kernels.triton.gli_projection import LAUNCH
+
+
+@LAUNCH
+@triton.jit(do_not_specialize=["M"])
+def linear_kernel(
+    x_ptr,  # (M, K) rows with unit channel stride, row stride below; any float dtype
+    w_ptr,  # (N, K) contiguous, in the GEMM's dtype (y's)
+    bias_ptr,  # (N,) in ACC (BIAS)
+    ln_weight_ptr, ln_bias_ptr,  # (K,) each in ACC: the LayerNorm's affine (NORM)
+    y_ptr,  # (M, N) contiguous
+    M, K, N, stride_xm,
+    eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
+    NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    if NORM:
+        count = tl.full([], 0.0, ACC) + K
+        total = tl.zeros([BLOCK_M], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0)
+            total += tl.sum(a.to(ACC), axis=1)
+        mean = _div(total, count, ACC)
+        total = tl.zeros([BLOCK_M], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = mmask[:, None] & (offs_k < K)[None, :]
+            a = tl.load(rows[:, None] + offs_k[None, :], mask=kmask, other=0.0)
+            d = tl.where(kmask, a.to(ACC) - mean[:, None], 0.0)
+            total += tl.sum(d * d, axis=1)
+        var = _div(total, count, ACC) + tl.full([], eps, ACC)
+        if ACC == tl.float64:
+            root = tl.sqrt(var)
+        else:  # tl.sqrt is the approximate square root in fp32
+            root = tl.sqrt_rn(var)
+        rstd = _div(tl.full([BLOCK_M], 1.0, ACC), root, ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if NORM:  # zero in the padding channels: their weight and bias load as 0
+            gamma = tl.load(ln_weight_ptr + offs_k, mask=kmask, other=0.0)
+            beta = tl.load(ln_bias_ptr + offs_k, mask=kmask, other=0.0)
+            a = (a.to(ACC) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc += tl.dot(a.to(w_ptr.dtype.element_ty), w, out_dtype=ACC, input_precision=DOT_PRECISION)
+    if BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# (what the model launches) the qkv Linear after norm1, and fc1 with GELU; plus the plain Linear
+SITES = {"norm": dict(NORM=True, BIAS=True, GELU=False), "gelu": dict(NORM=False, BIAS=True, GELU=True),
+         "plain": dict(NORM=False, BIAS=False, GELU=False)}
+
+
+def compile_specs():
+    """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
+    BLOCK_N, GEMM dtype and site; x in the GEMM's dtype, or fp32 under autocast (norm1's input
+    is the fp32 residual stream of an fp32 model)."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        acc = "*fp64" if dt == "fp64" else "*fp32"
+        precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
+        for x_dt in {dt, "fp32"} if dt in ("fp16", "bf16") else {dt}:
+            for bn in (16, 32, 64, 128):
+                for site, flags in SITES.items():
+                    types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": acc, "ln_weight_ptr": acc,
+                             "ln_bias_ptr": acc, "y_ptr": f"*{dt}"}
+                    specs.append((linear_kernel, f"{dt} x={x_dt} BLOCK_N={bn} {site}", types,
+                                  {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
+    return specs

@@ -1,0 +1,216 @@
+"""linear: the block's token Linears with norm1 fused before the qkv GEMM and GELU after fc1's
+(Triton, interpreted on CPU here, real on a GPU), against the eager LayerNorm -> Linear -> GELU
+chain, every gradient; and MPViT's block, which runs its qkv and fc1 through it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpvit_kernels
+from mpvit_kernels import ops
+from tests.conftest import KERNEL_DEVICE
+from tests.test_residual_layernorm import make_block
+from tests.utils import RecordOps, assert_close
+
+# what the model runs (norm1 -> qkv; fc1 -> GELU), a plain Linear, and both fusions at once
+SITES = {"norm": (True, False), "gelu": (False, True), "plain": (False, False), "norm+gelu": (True, True)}
+
+
+def chain(x, weight, bias, ln_weight, ln_bias, eps, gelu):
+    """What eager runs."""
+    if ln_weight is not None:
+        x = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def make_inputs(M, K, N, dtype, layout, site, bias=True, device=KERNEL_DEVICE):
+    """x (leaf) in ``layout``: "rows" (M, K) dense; "tokens" (2, M, K); "strided" rows sliced out
+    of wider ones (a row stride of their own); "transposed" tokens with a non-unit channel
+    stride (copied once); then (weight, bias, ln_weight, ln_bias) leaves, the LayerNorm's None
+    where the site has none. Rows far from zero mean, as a residual stream's are."""
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    if layout == "rows":
+        x = randn(M, K)
+    elif layout == "tokens":
+        x = randn(2, M, K)
+    elif layout == "strided":
+        x = randn(M, K + 7)[:, :K]
+    else:
+        x = randn(2, K, M).transpose(1, 2)
+    x = (x * 2 + 3).detach().requires_grad_()
+    norm, _ = SITES[site]
+    params = [randn(N, K) * K ** -0.5, randn(N) if bias else None,
+              torch.rand(K, dtype=dtype, device=device) + 0.5 if norm else None, randn(K) if norm else None]
+    return x, [None if p is None else p.requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("site", list(SITES))
+@pytest.mark.parametrize("layout", ["rows", "tokens", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(7, 8, 24), (15, 22, 50), (33, 27, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
+    x, params = make_inputs(*shape, dtype, layout, site)
+    gelu = SITES[site][1]
+    with RecordOps() as rec:
+        y = ops.linear(x, *params, eps=1e-6, gelu=gelu)
+    assert rec.names.count("mpvit_kernels.linear") == 1 and "aten.native_layer_norm" not in rec.names
+    want = chain(x, *params, 1e-6, gelu)
+    assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, want, scale=4)
+    leaves = [x] + [p for p in params if p is not None]
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert a.dtype == b.dtype
+        assert_close(a, b, scale=10)
+
+
+def test_without_bias_and_with_an_empty_batch():
+    x, (w, _, lw, lb) = make_inputs(9, 16, 20, torch.float32, "rows", "norm", bias=False)
+    assert_close(ops.linear(x, w, None, lw, lb, 1e-5), chain(x, w, None, lw, lb, 1e-5, False), scale=4)
+    empty = ops.linear(torch.randn(0, 5, 16, device=KERNEL_DEVICE), w, gelu=True)
+    assert empty.shape == (0, 5, 20)
+
+
+def test_fp64_gradcheck():
+    for site in ("norm", "gelu"):
+        x, params = make_inputs(6, 10, 12, torch.float64, "strided", site)
+        leaves = [p for p in params if p is not None]
+        norm, gelu = SITES[site]
+
+        def fn(x, w, b, *ln):
+            return ops.linear(x, w, b, *ln, eps=1e-5, gelu=gelu)
+        assert torch.autograd.gradcheck(fn, (x, *leaves))
+
+
+def test_opcheck():
+    for site in SITES:
+        for layout in ("rows", "strided"):
+            x, (w, b, lw, lb) = make_inputs(10, 12, 20, torch.float32, layout, site)
+            torch.library.opcheck(torch.ops.mpvit_kernels.linear.default, (x, w, b, lw, lb, 1e-6, SITES[site][1]))
+
+
+def test_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, params = make_inputs(10, 12, 20, torch.float32, "tokens", "norm+gelu")
+    compiled = torch.compile(lambda *a: ops.linear(*a, eps=1e-6, gelu=True), fullgraph=True, backend="aot_eager")
+    y = compiled(x, *params)
+    want = chain(x, *params, 1e-6, True)
+    assert_close(y, want, scale=4)
+    for a, b in zip(torch.autograd.grad(y.sum(), [x, *params]), torch.autograd.grad(want.sum(), [x, *params])):
+        assert_close(a, b, scale=10)
+
+
+def test_autocast_fp16_through_the_kernel_is_as_accurate_as_eager():
+    """fp16 autocast over an fp32 stream: the LayerNorm from the fp32 tokens, the GEMM in fp16
+    (the interpreter's fp16 dot is exact; its bf16 one is not, so bf16 runs on a GPU only),
+    output fp16; our error against fp64 at most twice eager's, grads too."""
+    for site in ("norm", "gelu"):
+        x, params = make_inputs(40, 24, 72, torch.float32, "tokens", site)
+        gelu = SITES[site][1]
+        x64 = x.detach().double().requires_grad_()
+        p64 = [None if p is None else p.detach().double().requires_grad_() for p in params]
+        want = chain(x64, *p64, 1e-6, gelu)
+        g = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, [x64, p64[0]], g)
+        errs = {}
+        for name, fn in (("ours", lambda *a: ops.linear(*a, eps=1e-6, gelu=gelu)),
+                         ("eager", lambda *a: chain(*a, 1e-6, gelu))):
+            with torch.autocast(x.device.type, dtype=torch.float16):
+                y = fn(x, *params)
+            assert y.dtype == torch.float16
+            grads = torch.autograd.grad(y, [x, params[0]], g.to(y.dtype))
+            assert [t.dtype for t in grads] == [torch.float32, torch.float32]
+            errs[name] = [(a.double() - b).norm().item() / b.norm().item()
+                          for a, b in zip([y, *grads], [want, *want_grads])]
+        assert all(o <= 2 * e + 1e-4 for o, e in zip(errs["ours"], errs["eager"])), errs
+
+
+def test_dtypes_follow_autocast_and_fp64_is_left_alone():
+    x, (w, b, lw, lb) = make_inputs(6, 8, 12, torch.float32, "rows", "norm")
+    with torch.autocast("cpu", dtype=torch.bfloat16), mpvit_kernels.use_backend("reference", ops=["linear"]):
+        assert ops.linear(x.cpu(), w.cpu(), b.cpu(), lw.cpu(), lb.cpu()).dtype == torch.bfloat16
+        x64 = x.detach().cpu().double()
+        assert ops.linear(x64, w.detach().cpu().double(), gelu=True).dtype == torch.float64
+    # outside autocast the GEMM runs in x's dtype, the weight cast to it
+    y = ops.linear(x.detach().double(), w.detach(), b.detach(), gelu=True)
+    assert y.dtype == torch.float64
+    assert_close(y, chain(x.detach().double(), w.detach().double(), b.detach().double(), None, None, 0, True))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=[1.0]), TypeError, "x must be a Tensor"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int32)), TypeError, "x must be float"),
+    (dict(x=torch.randn(8)), ValueError, "x must be tokens"),
+    (dict(weight=torch.randn(12, 9)), ValueError, "weight must be \\(N, 8\\)"),
+    (dict(weight=torch.randn(12, 8, 1)), ValueError, "weight must be"),
+    (dict(bias=torch.randn(11)), ValueError, "bias must have shape \\(12,\\)"),
+    (dict(ln_weight=None), ValueError, "ln_weight and ln_bias"),
+    (dict(ln_bias=torch.randn(9)), ValueError, "ln_bias must have shape \\(8,\\)"),
+    (dict(eps=0.0), ValueError, "eps must be"),
+    (dict(eps=float("nan")), ValueError, "eps must be"),
+    (dict(gelu=1), TypeError, "gelu must be a bool"),
+    (dict(weight=torch.randn(12, 8, device="meta")), ValueError, "weight is on meta"),
+])
+def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(12, 8), bias=torch.randn(12), ln_weight=torch.randn(8),
+                ln_bias=torch.randn(8), eps=1e-5, gelu=False)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.linear(**args)
+
+
+def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms():
+    block = make_block(16, torch.float32).eval()
+    x = torch.randn(2, 15, 16, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        with RecordOps() as rec:
+            out = block(x, (3, 5))
+        with mpvit_kernels.use_backend("reference"):
+            want = block(x, (3, 5))
+    assert rec.names.count("mpvit_kernels.linear") == 2
+    assert not {"aten.gelu", "aten.native_layer_norm"} & set(rec.names)
+    assert_close(out, want, scale=4)
+
+
+# ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
+
+# MPViT-S and -B at a 224 input: (tokens, channels, hidden) of their qkv (3C) and fc1 (4C)
+SHAPES = [(side * side, C, n * C) for dims in ((64, 128, 216, 288), (128, 224, 368, 480))
+          for C, side in zip(dims, (56, 28, 14, 7)) for n in (3, 4)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
+def test_cuda_low_precision_at_model_shapes(shape, dtype):
+    tokens, K, N = shape
+    site = "norm" if N == 3 * K else "gelu"
+    gelu = SITES[site][1]
+    x, params = make_inputs(8 * tokens, K, N, torch.float32, "rows", site)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [None if p is None else p.detach().double().requires_grad_() for p in params]
+    want = chain(x64, *p64, 1e-6, gelu)
+    g = torch.randn_like(want)
+    leaves64 = [x64] + [p for p in p64 if p is not None]
+    want_grads = torch.autograd.grad(want, leaves64, g)
+    errs = {}
+    for name, fn in (("ours", lambda *a: ops.linear(*a, eps=1e-6, gelu=gelu)), ("eager", lambda *a: chain(*a, 1e-6, gelu))):
+        with torch.autocast("cuda", dtype=dtype):
+            y = fn(x, *params)
+        got = torch.autograd.grad(y, [x] + [p for p in params if p is not None], g.to(y.dtype))
+        errs[name] = [(a.double() - b).norm().item() / b.norm().item() for a, b in zip([y, *got], [want, *want_grads])]
+    assert all(o <= 2 * e + 1e-3 for o, e in zip(errs["ours"], errs["eager"])), errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES[:8], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
+def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
+    tokens, K, N = shape
+    site = "norm" if N == 3 * K else "gelu"
+    x, params = make_inputs(4 * tokens, K, N, torch.float32, "rows", site)
+    gelu = SITES[site][1]
+    runs = [ops.linear(x, *params, eps=1e-6, gelu=gelu) for _ in range(2)]
+    torch.testing.assert_close(runs[0], chain(x, *params, 1e-6, gelu), atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs[0], runs[1])
