@@ -49,7 +49,7 @@ def make_inputs(M, K, N, dtype, layout, site, bias=True, device=KERNEL_DEVICE):
 @pytest.mark.parametrize("site", list(SITES))
 @pytest.mark.parametrize("layout", ["rows", "tokens", "strided", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape", [(7, 8, 24), (15, 22, 50), (33, 27, 130)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 8, 24), (15, 22, 50), (33, 70, 130)], ids=lambda s: "x".join(map(str, s)))
 def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
     x, params = make_inputs(*shape, dtype, layout, site)
     gelu = SITES[site][1]
@@ -75,7 +75,7 @@ def test_without_bias_and_with_an_empty_batch():
 
 def test_fp64_gradcheck():
     for site in ("norm", "gelu"):
-        x, params = make_inputs(6, 10, 12, torch.float64, "strided", site)
+        x, params = make_inputs(4, 6, 5, torch.float64, "strided", site)
         leaves = [p for p in params if p is not None]
         norm, gelu = SITES[site]
 

@@ -163,7 +163,8 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
     3-channel input NHWC, and every activation a conv or fused op receives is a channels-last map
     or unit-channel-stride tokens, so no op converts a layout inside either. On CPU the attention
     takes its C++ twin here (the interpreted Triton attention costs most of a minute over the
-    model's 23 blocks); the compiled test below runs the model through the Triton one."""
+    model's 23 blocks); the compiled test below runs the model through the Triton one. The
+    token Linears run their Triton kernels (interpreted) here."""
     from torch.utils._pytree import tree_leaves
 
     twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
@@ -178,6 +179,7 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
     assert rec.names.count(attention) == 23  # every block of every path
     assert rec.names.count("mpvit_kernels.dwconv_bn") == 11  # every patch embedding of every stage
     assert rec.names.count("mpvit_kernels.gli_projection") == 12  # every stage's aggregate and InvRes 1x1s
+    assert rec.names.count("mpvit_kernels.linear") == 2 * 23  # norm1 -> qkv and fc1 -> GELU of every block
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
     assert rec.names.count("aten.clone") == 1  # the input
     assert not {"aten.copy_", "aten._to_copy", "aten.contiguous", "aten.cat", "aten.constant_pad_nd"} & set(rec.names)
@@ -205,12 +207,13 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
     (batch statistics in their epilogues, their backward kernels) equals kernels off: every grad, running statistics. In fp64:
     at this input stage 4's BatchNorms see 2 values per channel, which amplifies any rounding
     (fp32 grads differ by 3e-3 of their size either way). Attention takes the reference (its
-    interpreted backward would cost minutes here)."""
+    interpreted backward would cost minutes here), and so does ``linear`` (test_linear checks its
+    training step in the block)."""
     torch.manual_seed(0)
     on = randomize_bn(mpvit_tiny(num_classes=5)).train().to(KERNEL_DEVICE, torch.float64)
     off = copy.deepcopy(on)
     x, target = torch.randn(2, 3, 24, 28, device=KERNEL_DEVICE, dtype=torch.float64), torch.tensor([1, 3], device=KERNEL_DEVICE)
-    with mpvit_kernels.use_backend("reference", ops=["factor_attention"]), RecordOps() as rec:
+    with mpvit_kernels.use_backend("reference", ops=["factor_attention", "linear"]), RecordOps() as rec:
         torch.nn.functional.cross_entropy(on(x), target).backward()
     assert rec.names.count("mpvit_kernels.dwconv_bn_train") == 11
     assert rec.names.count("mpvit_kernels.gli_projection_train") == 12  # aggregates, InvRes 1x1s
@@ -307,7 +310,9 @@ def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 20, 24, device=KERNEL_DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
+    # linear takes the reference: its kernels, interpreted inside a compiled graph under pytest,
+    # cost 20 s more here (test_linear compiles the op itself; test_mpvit's eager run checks them)
+    with torch.no_grad(), mpvit_kernels.use_backend("reference", ops=["linear"]):
         got = compiled(x)
         with mpvit_kernels.use_backend("reference"):  # the one whole-model run of the Triton attention
             want = model(x)

@@ -172,3 +172,24 @@ def test_residual_layernorm(B, N, C, layout, dtype, seed):
         return torch.cat(ops.residual_layernorm(*a, 1e-5), dim=-1)
 
     against_reference(both, [x, y, *params], g)
+
+
+@hypothesis.settings(max_examples=20, **SETTINGS)
+@hypothesis.given(M=st.integers(0, 80), K=st.integers(1, 70), N=st.integers(1, 140),
+                  layout=st.sampled_from(["rows", "strided", "tokens"]), norm=st.booleans(), bias=st.booleans(),
+                  gelu=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "tokens":
+        x = rand(g, 2, M, K, dtype=dtype)
+    else:
+        x = rand(g, M, K + (3 if layout == "strided" else 0), dtype=dtype)[:, :K]
+    params = [rand(g, N, K, dtype=dtype)] + ([rand(g, N, dtype=dtype)] if bias else [])
+    if norm:
+        params += [rand(g, K, dtype=dtype, low=0.5), rand(g, K, dtype=dtype)]
+
+    def fn(x, w, *rest):
+        b = rest[0] if bias else None
+        return ops.linear(x, w, b, *rest[int(bias):], eps=1e-5, gelu=gelu)
+
+    against_reference(fn, [x * 2 + 1, *params], g)
