@@ -152,6 +152,8 @@ def test_dtypes_follow_autocast_and_fp64_is_left_alone():
     (dict(eps=float("nan")), ValueError, "eps must be"),
     (dict(gelu=1), TypeError, "gelu must be a bool"),
     (dict(weight=torch.randn(12, 8, device="meta")), ValueError, "weight is on meta"),
+    (dict(x=torch.randn(4, 8, device="meta"), weight=torch.empty(65535 * 128 + 1, 8, device="meta")), ValueError,
+     "at most 8388480 outputs"),
 ])
 def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(12, 8), bias=torch.randn(12), ln_weight=torch.randn(8),
@@ -214,3 +216,12 @@ def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
     runs = [ops.linear(x, *params, eps=1e-6, gelu=gelu) for _ in range(2)]
     torch.testing.assert_close(runs[0], chain(x, *params, 1e-6, gelu), atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_layernorm_parameters_narrower_than_x_keep_x_precision_in_the_backward():
+    x, (w, b, lw, lb) = make_inputs(12, 16, 20, torch.float64, "rows", "norm")
+    lw16, lb16 = (p.detach().half().requires_grad_() for p in (lw, lb))
+    got = torch.autograd.grad(ops.linear(x, w, b, lw16, lb16, 1e-5).sum(), [x, lw16, lb16])
+    want = torch.autograd.grad(chain(x, w, b, lw16.double(), lb16.double(), 1e-5, False).sum(), [x])
+    assert [g.dtype for g in got] == [torch.float64, torch.float16, torch.float16]
+    assert_close(got[0], want[0], scale=10)

@@ -247,6 +247,22 @@ def test_mpvit_block_with_drop_path_runs_unfused_while_training():
     assert not [n for n in rec.names if "residual_layernorm" in n]
 
 
+def test_mpvit_block_under_autocast_runs_fc2_in_the_autocast_dtype():
+    """An fp32 block and stream under bf16 autocast: fc2 is a bf16 GEMM, as eager's, added to the
+    fp32 stream; no fp32 copy of the 4C-wide hidden, no fp32 GEMM over it."""
+    block = make_block(16, torch.float32).eval()
+    x = torch.randn(2, 15, 16)
+    with mpvit_kernels.use_backend("reference", ops=["linear", "factor_attention"]), \
+            torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        with RecordOps() as rec:
+            out = block(x, (3, 5))
+        want = eager_block(block, x, (3, 5))
+    assert out.dtype == want.dtype == torch.float32
+    hidden_upcasts = [a for n, a in rec.calls if n == "aten._to_copy" and a[0].shape[-1] == 32 and a[0].dtype == torch.bfloat16]
+    assert not hidden_upcasts and "aten.addmm_" not in rec.names
+    assert_close(out, want, dtype=torch.bfloat16)
+
+
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
 
 # MPViT-S and -B blocks at a 224 input: (channels, tokens)

@@ -78,7 +78,11 @@ class MHCABlock(nn.Module):
         y = F.linear(att.core(qkv, size).reshape(B * N, C), att.proj.weight)
         r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, norm2.weight, norm2.bias,
                                       norm2.eps)
-        h = ops.linear(u, mlp.fc1.weight, mlp.fc1.bias, gelu=True).to(r.dtype)
+        h = ops.linear(u, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        if h.dtype != r.dtype:
+            # autocast over a wider stream: fc2 in the autocast dtype, as eager's (not an fp32 GEMM
+            # over a cast copy of the 4C-wide hidden), then the residual add in the stream's dtype
+            return (r + F.linear(h, mlp.fc2.weight)).view(B, N, C)
         return r.addmm_(h, weight_as(mlp.fc2.weight, r.dtype).t()).view(B, N, C)
 
 

@@ -22,6 +22,10 @@ from mpvit_kernels import backend, reference
 from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
 
 
+# a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
+MAX_OUTPUTS = 65535 * 128
+
+
 def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -35,6 +39,8 @@ def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
         raise ValueError(f"linear: weight must be (N, {K}) for x with {K} channels, got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"linear: weight is on {weight.device}, x on {x.device}")
+    if weight.shape[0] > MAX_OUTPUTS:
+        raise ValueError(f"linear: at most {MAX_OUTPUTS} outputs (weight rows), got {weight.shape[0]}")
     if bias is not None:
         check_channel_params("linear", weight.shape[0], x.device, bias=bias)
     if (ln_weight is None) != (ln_bias is None):
@@ -89,6 +95,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     M, K = x.shape
     N = weight.shape[0]
     dtype = weight.dtype
+    if x.stride(1) != 1 and K != 1:  # the kernel indexes channels with unit stride
+        x = x.contiguous()
     y = torch.empty((M, N), dtype=dtype, device=x.device)
     if M == 0:
         return y
@@ -124,9 +132,11 @@ def _backward(ctx, grad):
     eps, gelu = ctx.args
     dtype, K = weight.dtype, x.shape[-1]
     if ln_weight is not None:
-        # in the parameters' dtype, as eager's LayerNorm (under autocast: fp32) runs
-        xn = x.to(ln_weight.dtype)
-        u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], ln_weight, ln_bias.to(ln_weight.dtype), eps)
+        # in x's dtype where the parameters share it (eager's LayerNorm), else the wider of the two
+        # (fp32 parameters over a bf16 stream: eager under autocast)
+        ln_dtype = torch.promote_types(x.dtype, ln_weight.dtype)
+        xn, wn, bn = (t.to(ln_dtype) for t in (x, ln_weight, ln_bias))
+        u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], wn, bn, eps)
         u = u.to(dtype)
     else:
         u = x.to(dtype)
@@ -140,9 +150,9 @@ def _backward(ctx, grad):
     if ln_weight is None:
         return grad_u.to(x.dtype), grad_weight, grad_bias, None, None, None, None
     grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
-        grad_u.to(xn.dtype), xn, [K], mean, rstd, ln_weight, ln_bias.to(ln_weight.dtype), [True, True, True])
-    return (grad_x.to(x.dtype), grad_weight, grad_bias, grad_ln_weight, grad_ln_bias.to(ln_bias.dtype), None,
-            None)
+        grad_u.to(ln_dtype), xn, [K], mean, rstd, wn, bn, [True, True, True])
+    return (grad_x.to(x.dtype), grad_weight, grad_bias, grad_ln_weight.to(ln_weight.dtype),
+            grad_ln_bias.to(ln_bias.dtype), None, None)
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
