@@ -106,7 +106,9 @@ def test_fp64_gradcheck(impl):
     device, forced = IMPLS[impl]
     (x, y), params = make_inputs(2, 5, 6, torch.float64, "image", device)
     with forced():
-        assert torch.autograd.gradcheck(lambda *a: ops.residual_layernorm(*a, 1e-5), (x, y, *params))
+        # fast mode (random directions) for the interpreted kernel: the full Jacobian costs 17 s there
+        assert torch.autograd.gradcheck(lambda *a: ops.residual_layernorm(*a, 1e-5), (x, y, *params),
+                                        fast_mode=impl == "triton")
 
 
 @pytest.mark.parametrize("op, device", [("residual_layernorm_fwd", KERNEL_DEVICE), ("residual_layernorm", "cpu")])
