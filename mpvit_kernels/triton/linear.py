@@ -27,8 +27,8 @@ from mpvit_kernels.triton.gli_projection import LAUNCH
 def linear_kernel(
     x_ptr,  # (M, K) rows with unit channel stride, row stride below; any float dtype
     w_ptr,  # (N, K) contiguous, in the GEMM's dtype (y's)
-    bias_ptr,  # (N,) in ACC (BIAS)
-    ln_weight_ptr, ln_bias_ptr,  # (K,) each in ACC: the LayerNorm's affine (NORM)
+    bias_ptr,  # (N,) (BIAS), read in ACC
+    ln_weight_ptr, ln_bias_ptr,  # (K,) each: the LayerNorm's affine (NORM), read in ACC
     y_ptr,  # (M, N) contiguous
     M, K, N, stride_xm,
     eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
@@ -67,14 +67,14 @@ def linear_kernel(
         kmask = offs_k < K
         a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         if NORM:  # zero in the padding channels: their weight and bias load as 0
-            gamma = tl.load(ln_weight_ptr + offs_k, mask=kmask, other=0.0)
-            beta = tl.load(ln_bias_ptr + offs_k, mask=kmask, other=0.0)
+            gamma = tl.load(ln_weight_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
+            beta = tl.load(ln_bias_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
             a = (a.to(ACC) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
         acc += tl.dot(a.to(w_ptr.dtype.element_ty), w, out_dtype=ACC, input_precision=DOT_PRECISION)
     if BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(ACC)[None, :]
     if GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
     out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -88,18 +88,19 @@ SITES = {"norm": dict(NORM=True, BIAS=True, GELU=False), "gelu": dict(NORM=False
 
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
-    BLOCK_N, GEMM dtype and site; x in the GEMM's dtype, or fp32 under autocast (norm1's input
-    is the fp32 residual stream of an fp32 model)."""
+    BLOCK_N, GEMM dtype and site; for a 16-bit GEMM, x and the parameters in it (a 16-bit
+    model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
+    fp32 residual stream of an fp32 model)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
-        acc = "*fp64" if dt == "fp64" else "*fp32"
         precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
-        for x_dt in {dt, "fp32"} if dt in ("fp16", "bf16") else {dt}:
+        dtypes = [(dt, dt), (dt, "fp32"), ("fp32", "fp32")] if dt in ("fp16", "bf16") else [(dt, dt)]
+        for x_dt, p_dt in dtypes:
             for bn in (16, 32, 64, 128):
                 for site, flags in SITES.items():
-                    types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": acc, "ln_weight_ptr": acc,
-                             "ln_bias_ptr": acc, "y_ptr": f"*{dt}"}
-                    specs.append((linear_kernel, f"{dt} x={x_dt} BLOCK_N={bn} {site}", types,
+                    types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{p_dt}",
+                             "ln_weight_ptr": f"*{p_dt}", "ln_bias_ptr": f"*{p_dt}", "y_ptr": f"*{dt}"}
+                    specs.append((linear_kernel, f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}", types,
                                   {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
     return specs
