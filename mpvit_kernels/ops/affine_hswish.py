@@ -22,12 +22,17 @@ from mpvit_kernels import backend, reference
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    for name, t in (("x", x), ("scale", scale), ("shift", shift)):
+def check_float_tensors(where: str, **named) -> None:
+    """Each of ``named`` a Tensor of a floating dtype the kernels take, else a TypeError naming it."""
+    for name, t in named.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"affine_hswish: {name} must be a Tensor, got {type(t).__name__}")
+            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOATS:
-            raise TypeError(f"affine_hswish: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+            raise TypeError(f"{where}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    check_float_tensors("affine_hswish", x=x, scale=scale, shift=shift)
     if x.dim() < 2:
         raise ValueError(f"affine_hswish: x must be (B, C, ...) with channels in dim 1, got shape {tuple(x.shape)}")
     C = x.shape[1]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mpvit_kernels import backend, reference
-from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
+from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_tensors, check_rows
 
 
 # a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
@@ -27,11 +27,7 @@ MAX_OUTPUTS = 65535 * 128
 
 
 def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"linear: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"linear: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    check_float_tensors("linear", x=x, weight=weight)
     if x.dim() < 2:
         raise ValueError(f"linear: x must be tokens (..., K) with at least 2 dims, got shape {tuple(x.shape)}")
     K = x.shape[-1]

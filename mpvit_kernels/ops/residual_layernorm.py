@@ -26,17 +26,13 @@ from __future__ import annotations
 import torch
 
 from mpvit_kernels import backend, reference
-from mpvit_kernels.ops.affine_hswish import _FLOATS, check_channel_params, check_rows
+from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_tensors, check_rows
 
 MAX_CHANNELS = 2048  # a token's channels are one tile of the Triton kernels (wider rows spill)
 
 
 def _check(x, y, params, eps):
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"residual_layernorm: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"residual_layernorm: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    check_float_tensors("residual_layernorm", x=x, y=y)
     if x.dim() not in (2, 3):
         raise ValueError(f"residual_layernorm: x must be tokens (B, N, C) or rows (M, C), got shape {tuple(x.shape)}")
     if y.shape != x.shape:
