@@ -28,6 +28,20 @@ def test_traffic_model_counts_eager_ops_and_beats_it_at_large_n():
     assert sum(b for _, b in ours) >= 5 * nc_bytes  # never below the 5NC minimum
 
 
+@pytest.mark.parametrize("res", [224, 512])
+def test_attention_core_meets_its_traffic_budget_at_every_mpvit_s_stage(res):
+    # issue 17: at most 3 forward launches, eager/ours bytes >= 4.5x at stages 1-3 and >= 3x at
+    # stage 4, batch 16, bf16: the chunk partials and per-head S must stay small next to q, k, v, O
+    from mpvit_kernels.bench.factor_attention import STAGES
+
+    for stage, C, stride in STAGES:
+        N = (res // stride) ** 2
+        eager = eager_factor_attention(16, N, C, torch.bfloat16, backward=False)
+        ours = ours_factor_attention(16, N, C, torch.bfloat16, backward=False)
+        ratio = eager.bytes / sum(b for _, b in ours)
+        assert len(ours) <= 3 and ratio >= (4.5 if stage < 4 else 3.0), (stage, len(ours), ratio)
+
+
 @contextlib.contextmanager
 def as_on_a_cpu():
     """The op families as a CPU run without the interpreter has them: dwconv_bn and gli_projection

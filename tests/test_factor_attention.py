@@ -162,11 +162,15 @@ def test_whole_map_matches_the_three_passes_and_the_reference(dtype, tiles):
     with forced_three_passes():
         three = fwd(*args, True)
     assert_close(whole[0], reference.factor_attention(qkv, size, heads, scale, weights, biases), scale=4)
-    for ours, theirs in zip(whole, three):  # out, S and lse (padded head dims included)
+    _, k, v = qkv.reshape(2, 49, 3, heads, 12).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
+    exact_ctx = (k.softmax(dim=2).transpose(-1, -2) @ v).reshape(2 * heads, 12, 12)
+    assert_close(whole[1], exact_ctx, scale=4)  # S and lse in (B*heads, Ch, Ch) and (B*heads, Ch)
+    assert_close(whole[2], k.logsumexp(dim=2).reshape(2 * heads, 12), scale=4)
+    for ours, theirs in zip(whole, three):  # out, S and lse
         assert ours.shape == theirs.shape
         assert_close(ours, theirs, scale=4)
     torch.testing.assert_close(bare[0], whole[0], atol=0, rtol=0)
-    assert bare[1].shape == (0, 16, 16) and bare[2].shape == (0, 16)
+    assert bare[1].shape == (0, 12, 12) and bare[2].shape == (0, 12)  # Ch, not BLOCK_D, head dims
 
 
 def test_backward_after_a_forward_without_stats_recomputes_them():
@@ -315,7 +319,7 @@ def test_opcheck(path, monkeypatch):
     fwd = torch.ops.mpvit_kernels.factor_attention_fwd
     with RecordLaunches() as rec:
         torch.library.opcheck(fwd.default, fwd_args)
-        # without stats: (0, BD, BD) and (0, BD) placeholders; a backward recomputes them
+        # without stats: (0, Ch, Ch) and (0, Ch) placeholders; a backward recomputes them
         torch.library.opcheck(fwd.default, (*fwd_args[:-1], False))
     assert ("whole_map_kernel" in launched(rec)) == (path == "whole_map")
     assert ("output_kernel" in launched(rec)) == (path == "three_passes")

@@ -97,8 +97,9 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     _, splits = _chunking(BH, N)
     nc = B * N * C * elem
     w = C * 49 * 4  # packed CRPE weights (fp32), 7x7 each
-    stats = BH * (BD * BD + BD) * 4  # S and lse per head
-    partials = BH * splits * (BD * BD + 2 * BD) * 4
+    Ch = C // heads  # per-head buffers hold Ch, not BD, head dims
+    stats = BH * (Ch * Ch + Ch) * 4  # S and lse per head
+    partials = BH * splits * (Ch * Ch + 2 * Ch) * 4
     weights = [torch.empty(h * (C // heads), 1, k, k, device="meta", dtype=dtype)
                for k, h in {3: 2, 5: 3, 7: 3}.items()]
     pack = [("pack CRPE weights/bias (pad, cat, cast)", 2 * w)] * pack_launches(weights, torch.float32)
@@ -114,10 +115,11 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
         ]
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
+        padded = BH * (BD * BD + BD) * 4  # dS and c, BD-padded for grad_qkv
         launches += pack + [
-            ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * BD * BD * 4 + dw_partials),
-            ("grad_combine: partials -> dS, c", BH * splits * BD * BD * 4 + 2 * stats),
-            ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + 2 * stats + w),
+            ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * Ch * Ch * 4 + dw_partials),
+            ("grad_combine: partials, S -> dS, c", BH * splits * Ch * Ch * 4 + stats + padded),
+            ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + stats + padded + w),
             ("sum CRPE weight/bias grads over batch and chunks", dw_partials + w),
             ("sum", dw_partials),
             ("reshape CRPE grads", 2 * w),

@@ -29,9 +29,14 @@ from mpvit_kernels.ops.affine_hswish import check_item_span
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Programs the context pass aims for, so that B=1 with 8 heads still fills 132 SMs at large N.
-# A constant, not the SM count, so the chunking (and the bits) do not depend on the GPU.
-_TARGET_PROGRAMS = 1024
+# Programs the reduction passes aim for (B*heads*chunks): about two 8-warp programs per SM of a
+# 132-SM GPU, so that B=1 with 8 heads still spreads over the GPU at large N. Each program costs
+# a (Ch x Ch + 2 Ch) fp32 partial, written and read back by the combine: at 1024 programs (and
+# BLOCK_D-wide partials), MPViT-S stage 3 at 512, batch 16, moved 28% more bytes than q, k, v
+# and O (bench/traffic.py). Whether 256 keeps enough loads in flight at B=1 is for the speed
+# report's factor_attention rows on a GPU to confirm. A constant, not the SM count, so that the
+# chunking (and the bits) do not depend on the GPU.
+_TARGET_PROGRAMS = 256
 _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass may pin
 # Maps of at most this many tokens take the whole-map forward: one program per (batch, head)
 # (whole_map_kernel) instead of the three passes. Registers do not bound it (the program walks
@@ -244,15 +249,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
                          crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], need_stats: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, N, C), context S (B*heads, BD, BD), column log-sum-exp of k (B*heads, BD)): S
+    """Returns (out (B, N, C), context S (B*heads, Ch, Ch), column log-sum-exp of k (B*heads, Ch)): S
     and lse are what the backward reads. With ``need_stats`` False (no backward expected) they
-    come back empty, (0, BD, BD) and (0, BD), a map of at most _WHOLE_MAP_MAX_N tokens writes
+    come back empty, (0, Ch, Ch) and (0, Ch), a map of at most _WHOLE_MAP_MAX_N tokens writes
     nothing but out, and a backward, should one run after all, recomputes them."""
     qkv = _rows(qkv)
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
     k = L.kernels
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
-    ctx, lse = (L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)) if need_stats else _no_stats(L)
+    ctx, lse = (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)) if need_stats else _no_stats(L)
     if _whole_map(L.N):
         with backend.triton_device(qkv):
             k.whole_map_kernel[(L.BH,)](
@@ -260,14 +265,14 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
                 qkv.stride(1), out.stride(0), out.stride(1), scale,
                 ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, WRITE_STATS=need_stats, BLOCK_D=L.BD)
         return out, ctx, lse
-    m, l, s = L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD), L.empty(L.BH, L.splits, L.BD, L.BD)
+    m, l, s = L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch, L.Ch)
     # the output pass reads S: computed whether or not it is returned
-    ctx_all, lse_all = (ctx, lse) if need_stats else (L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD))
+    ctx_all, lse_all = (ctx, lse) if need_stats else (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch))
     with backend.triton_device(qkv):
         k.context_partial_kernel[(L.BH, L.splits)](
             qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
-        k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, ACC=L.tl_acc, BLOCK_D=L.BD)
+        k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
         k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
             qkv, ctx_all, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
@@ -276,17 +281,17 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
 
 
 def _no_stats(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (0, BD, BD) and (0, BD) placeholders returned for S and lse when they are not needed."""
-    return L.empty(0, L.BD, L.BD), L.empty(0, L.BD)
+    """The (0, Ch, Ch) and (0, Ch) placeholders returned for S and lse when they are not needed."""
+    return L.empty(0, L.Ch, L.Ch), L.empty(0, L.Ch)
 
 
 @factor_attention_fwd.register_fake
 def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases, need_stats):
     B, N, C3 = qkv.shape
-    BD = _block_d(C3 // 3 // num_heads)
+    Ch = C3 // 3 // num_heads
     acc = _acc_dtype(qkv.dtype)
     rows = B * num_heads if need_stats else 0
-    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, BD, BD, dtype=acc), qkv.new_empty(rows, BD, dtype=acc)
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, Ch, Ch, dtype=acc), qkv.new_empty(rows, Ch, dtype=acc)
 
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_bwd", mutates_args=())
@@ -300,16 +305,16 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
     k = L.kernels
     kk = _next_pow2(L.kmax * L.kmax)
-    ds_part = L.empty(L.BH, L.splits, L.BD, L.BD)
+    ds_part = L.empty(L.BH, L.splits, L.Ch, L.Ch)
     dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
-    ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
+    ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)  # zero-padded for grad_qkv
     dqkv = torch.empty(L.B, L.N, 3 * L.C, device=qkv.device, dtype=qkv.dtype)
     with backend.triton_device(qkv):
         k.grad_partial_kernel[(L.BH, L.splits)](
             qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision,
             KMAX=L.kmax, KK=kk, BLOCK_D=L.BD)
-        k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+        k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
         k.grad_qkv_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
             qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale, L.n_bucket,

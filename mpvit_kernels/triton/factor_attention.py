@@ -199,13 +199,22 @@ def _normalise(m, l, acc):
     return acc / l_safe[:, None], m_safe + tl.log(l_safe)
 
 
+@triton.jit
+def _head_square(offs_d, Ch):
+    """Offsets and mask of a (BLOCK_D, BLOCK_D) register tile in a row-major Ch x Ch matrix: the
+    per-head buffers hold the Ch real head dims only, not the padding to BLOCK_D (MPViT's
+    Ch = 8, 27, 36, 46 would move up to 3x more bytes padded)."""
+    dmask = offs_d < Ch
+    return offs_d[:, None] * Ch + offs_d[None, :], dmask[:, None] & dmask[None, :]
+
+
 @CONTEXT_TILES.pinned()
 @triton.jit(do_not_specialize=SIZES)
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
-    m_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk column max of k
-    l_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk column sum of exp(k - m)
-    s_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) out: chunk exp(k - m)^T v
+    m_ptr,  # (B*heads, SPLITS, Ch) out: chunk column max of k
+    l_ptr,  # (B*heads, SPLITS, Ch) out: chunk column sum of exp(k - m)
+    s_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk exp(k - m)^T v
     N, C, Ch, heads, stride_b, stride_n, chunk,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -219,38 +228,41 @@ def context_partial_kernel(
     m, l, acc = _context_sums(base, C + h * Ch + offs_d, 2 * C + h * Ch + offs_d, offs_d < Ch, split * chunk,
                               tl.minimum(split * chunk + chunk, N), stride_n, ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     row = bh.to(tl.int64) * splits + split
-    tl.store(m_ptr + row * BLOCK_D + offs_d, m)
-    tl.store(l_ptr + row * BLOCK_D + offs_d, l)
-    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
+    square, smask = _head_square(offs_d, Ch)
+    tl.store(m_ptr + row * Ch + offs_d, m, mask=offs_d < Ch)
+    tl.store(l_ptr + row * Ch + offs_d, l, mask=offs_d < Ch)
+    tl.store(s_ptr + row * Ch * Ch + square, acc, mask=smask)
 
 
 @triton.autotune(COMBINE_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["splits"])
 def context_combine_kernel(
     m_ptr, l_ptr, s_ptr,  # chunk partials of context_partial_kernel
-    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: S = softmax_N(k)^T v
-    lse_ptr,  # (B*heads, BLOCK_D) out: column log-sum-exp of k
-    splits,
+    ctx_ptr,  # (B*heads, Ch, Ch) out: S = softmax_N(k)^T v
+    lse_ptr,  # (B*heads, Ch) out: column log-sum-exp of k
+    splits, Ch,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     offs_d = tl.arange(0, BLOCK_D)
-    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    dmask = offs_d < Ch
+    square, smask = _head_square(offs_d, Ch)
     m_max = tl.full([BLOCK_D], float("-inf"), ACC)
     for s in range(0, splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh64 * splits + s) * BLOCK_D + offs_d))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh64 * splits + s) * Ch + offs_d, mask=dmask,
+                                          other=float("-inf")))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l = tl.zeros([BLOCK_D], ACC)
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
         row = bh64 * splits + s
-        w = tl.exp(tl.load(m_ptr + row * BLOCK_D + offs_d) - m_safe)
-        l += w * tl.load(l_ptr + row * BLOCK_D + offs_d)
-        acc += w[:, None] * tl.load(s_ptr + row * BLOCK_D * BLOCK_D + tile)
+        w = tl.exp(tl.load(m_ptr + row * Ch + offs_d, mask=dmask, other=float("-inf")) - m_safe)
+        l += w * tl.load(l_ptr + row * Ch + offs_d, mask=dmask, other=0.0)
+        acc += w[:, None] * tl.load(s_ptr + row * Ch * Ch + square, mask=smask, other=0.0)
     ctx, lse = _normalise(m_max, l, acc)
-    tl.store(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + tile, ctx)
-    tl.store(lse_ptr + bh64 * BLOCK_D + offs_d, lse)
+    tl.store(ctx_ptr + bh64 * Ch * Ch + square, ctx, mask=smask)
+    tl.store(lse_ptr + bh64 * Ch + offs_d, lse, mask=dmask)
 
 
 @triton.jit
@@ -298,7 +310,7 @@ def _output_tile(base, ctx, w_ptr, bias_ptr, h, r, offs_n, offs_d, nmask, dmask,
 @triton.jit(do_not_specialize=SIZES + ["n_bucket"])
 def output_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
-    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S of context_combine_kernel
+    ctx_ptr,  # (B*heads, Ch, Ch) S of context_combine_kernel
     w_ptr,  # (C, KMAX*KMAX) packed CRPE weights
     bias_ptr,  # (C,) CRPE bias
     ksize_ptr,  # (heads,) int32 window of each head
@@ -313,7 +325,8 @@ def output_kernel(
     b = bh // heads
     h = bh % heads
     offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
-    ctx = tl.load(ctx_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+    square, smask = _head_square(offs_d, Ch)
+    ctx = tl.load(ctx_ptr + bh.to(tl.int64) * Ch * Ch + square, mask=smask, other=0.0)
     out = _output_tile(qkv_ptr + b.to(tl.int64) * stride_b, ctx, w_ptr, bias_ptr, h, tl.load(ksize_ptr + h) // 2,
                        offs_n, offs_d, nmask, dmask, mask, ys, xs, H, W, C, Ch, stride_n, scale,
                        ACC, DOT_PRECISION, KMAX, BLOCK_N, BLOCK_D)
@@ -330,8 +343,8 @@ def whole_map_kernel(
     bias_ptr,  # (C,) CRPE bias
     ksize_ptr,  # (heads,) int32 window of each head
     out_ptr,  # (B, N, C) out
-    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out if WRITE_STATS: S = softmax_N(k)^T v (else not touched)
-    lse_ptr,  # (B*heads, BLOCK_D) out if WRITE_STATS: column log-sum-exp of k (else not touched)
+    ctx_ptr,  # (B*heads, Ch, Ch) out if WRITE_STATS: S = softmax_N(k)^T v (else not touched)
+    lse_ptr,  # (B*heads, Ch) out if WRITE_STATS: column log-sum-exp of k (else not touched)
     N, H, W, C, Ch, heads, stride_b, stride_n, out_stride_b, out_stride_n,
     scale: tl.float64,  # fp64 whatever ACC (see output_kernel)
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -351,8 +364,9 @@ def whole_map_kernel(
                               ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     ctx, lse = _normalise(m, l, acc)
     if WRITE_STATS:
-        tl.store(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ctx)
-        tl.store(lse_ptr + bh64 * BLOCK_D + offs_d, lse)
+        square, smask = _head_square(offs_d, Ch)
+        tl.store(ctx_ptr + bh64 * Ch * Ch + square, ctx, mask=smask)
+        tl.store(lse_ptr + bh64 * Ch + offs_d, lse, mask=offs_d < Ch)
     r = tl.load(ksize_ptr + h) // 2
     out_base = out_ptr + b.to(tl.int64) * out_stride_b
     for start in range(0, N, BLOCK_OUT):
@@ -368,7 +382,7 @@ def whole_map_kernel(
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     dout_ptr,  # (B, N, C) gradient of the attention output
-    ds_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) out: chunk q^T dO
+    ds_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk q^T dO
     dw_ptr,  # (B*heads, SPLITS, KK, BLOCK_D) out: chunk sum of (q*dO) * v shifted by each tap
     db_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk sum of q*dO
     ksize_ptr,  # (heads,) int32 window of each head
@@ -413,7 +427,8 @@ def grad_partial_kernel(
                 tap = first_tap + (dy + r) * KMAX + (dx + r)
                 dw_acc += tl.where(taps[:, None] == tap, contrib[None, :], 0.0)
     row = bh.to(tl.int64) * splits + split
-    tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds_acc)
+    square, smask = _head_square(offs_d, Ch)
+    tl.store(ds_ptr + row * Ch * Ch + square, ds_acc, mask=smask)
     tl.store(dw_ptr + row * KK * BLOCK_D + taps[:, None] * BLOCK_D + offs_d[None, :], dw_acc)
     tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
 
@@ -421,23 +436,24 @@ def grad_partial_kernel(
 @triton.autotune(COMBINE_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["splits"])
 def grad_combine_kernel(
-    ds_part_ptr,  # (B*heads, SPLITS, BLOCK_D, BLOCK_D) chunk q^T dO
-    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S
-    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: dS = scale * q^T dO
-    c_ptr,  # (B*heads, BLOCK_D) out: c_d = sum_e S_de dS_de
-    splits, scale: tl.float64,
+    ds_part_ptr,  # (B*heads, SPLITS, Ch, Ch) chunk q^T dO
+    ctx_ptr,  # (B*heads, Ch, Ch) S
+    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out: dS = scale * q^T dO, zero-padded for grad_qkv
+    c_ptr,  # (B*heads, BLOCK_D) out: c_d = sum_e S_de dS_de, zero-padded
+    splits, Ch, scale: tl.float64,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     offs_d = tl.arange(0, BLOCK_D)
-    tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    square, smask = _head_square(offs_d, Ch)
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
-        acc += tl.load(ds_part_ptr + (bh64 * splits + s) * BLOCK_D * BLOCK_D + tile)
+        acc += tl.load(ds_part_ptr + (bh64 * splits + s) * Ch * Ch + square, mask=smask, other=0.0)
     ds = tl.full([], scale, ACC) * acc
-    ctx = tl.load(ctx_ptr + bh64 * BLOCK_D * BLOCK_D + tile)
-    tl.store(ds_ptr + bh64 * BLOCK_D * BLOCK_D + tile, ds)
+    ctx = tl.load(ctx_ptr + bh64 * Ch * Ch + square, mask=smask, other=0.0)
+    # padded, so that grad_qkv reads them without masks (its fp32 BLOCK_D=64 tile spills with them)
+    tl.store(ds_ptr + bh64 * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds)
     tl.store(c_ptr + bh64 * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
 
 
@@ -446,10 +462,10 @@ def grad_combine_kernel(
 def grad_qkv_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     dout_ptr,  # (B, N, C) gradient of the attention output
-    ctx_ptr,  # (B*heads, BLOCK_D, BLOCK_D) S
-    lse_ptr,  # (B*heads, BLOCK_D) column log-sum-exp of k
-    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) dS
-    c_ptr,  # (B*heads, BLOCK_D) c
+    ctx_ptr,  # (B*heads, Ch, Ch) S
+    lse_ptr,  # (B*heads, Ch) column log-sum-exp of k
+    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) dS, zero-padded
+    c_ptr,  # (B*heads, BLOCK_D) c, zero-padded
     w_ptr,  # (C, KMAX*KMAX) packed CRPE weights
     bias_ptr,  # (C,) CRPE bias
     ksize_ptr,  # (heads,) int32 window of each head
@@ -495,14 +511,17 @@ def grad_qkv_kernel(
     # The three (BLOCK_N x BLOCK_D) @ (BLOCK_D x BLOCK_D) products run in K chunks of 16 read
     # straight from memory (L1/L2-hot): whole 64 x 64 right operands would not fit in registers
     # next to the token tiles for fp32 inputs (their dots are FMA, not tensor-core).
-    head = bh64 * BLOCK_D * BLOCK_D
+    head = bh64 * Ch * Ch  # S is (Ch, Ch) per head, dS (BLOCK_D, BLOCK_D)
+    head_pad = bh64 * BLOCK_D * BLOCK_D
     do = _load_tokens(dbase, offs_n, chan, dout_stride_n, mask, 0.0).to(ACC)
     dq = do * conv
     for e0 in tl.static_range(0, BLOCK_D, 16):
         e = e0 + tl.arange(0, 16)
         emask = nmask[:, None] & (e < Ch)[None, :]
         do_e = _load_tokens(dbase, offs_n, h * Ch + e, dout_stride_n, emask, 0.0).to(ACC)
-        ctx_t = tl.load(ctx_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = S[d, e]
+        emask_t = (e < Ch)[:, None] & dmask[None, :]
+        # [e, d] = S[d, e]
+        ctx_t = tl.load(ctx_ptr + head + offs_d[None, :] * Ch + e[:, None], mask=emask_t, other=0.0)
         dq += scale_acc * tl.dot(do_e, ctx_t, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out, dq.to(ty), mask=mask)
     v_ds = tl.zeros([BLOCK_N, BLOCK_D], ACC)  # v dS^T
@@ -510,15 +529,15 @@ def grad_qkv_kernel(
         e = e0 + tl.arange(0, 16)
         emask = nmask[:, None] & (e < Ch)[None, :]
         v_e = _load_tokens(base, offs_n, 2 * C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
-        ds_t = tl.load(ds_ptr + head + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = dS[d, e]
+        ds_t = tl.load(ds_ptr + head_pad + offs_d[None, :] * BLOCK_D + e[:, None])  # [e, d] = dS[d, e]
         v_ds += tl.dot(v_e, ds_t, out_dtype=ACC, input_precision=DOT_PRECISION)
         k_e = _load_tokens(base, offs_n, C + h * Ch + e, stride_n, emask, 0.0).to(ACC)
-        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh64 * BLOCK_D + e)[None, :]), 0.0)
-        ds_e = tl.load(ds_ptr + head + e[:, None] * BLOCK_D + offs_d[None, :])  # rows e of dS
+        a_e = tl.where(emask, tl.exp(k_e - tl.load(lse_ptr + bh64 * Ch + e, mask=e < Ch, other=0.0)[None, :]), 0.0)
+        ds_e = tl.load(ds_ptr + head_pad + e[:, None] * BLOCK_D + offs_d[None, :])  # rows e of dS
         dv += tl.dot(a_e, ds_e, out_dtype=ACC, input_precision=DOT_PRECISION)
     tl.store(out + 2 * C, dv.to(ty), mask=mask)
     k = _load_tokens(base, offs_n, C + chan, stride_n, mask, 0.0).to(ACC)
-    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh64 * BLOCK_D + offs_d)[None, :]), 0.0)
+    a = tl.where(mask, tl.exp(k - tl.load(lse_ptr + bh64 * Ch + offs_d, mask=dmask, other=0.0)[None, :]), 0.0)
     dk = a * (v_ds - tl.load(c_ptr + bh64 * BLOCK_D + offs_d)[None, :])
     tl.store(out + C, dk.to(ty), mask=mask)
 
