@@ -329,9 +329,15 @@ def test_opcheck(path, monkeypatch):
     torch.library.opcheck(fwd.default, (wide, *fwd_args[1:]))  # strided rows
     with torch.no_grad():  # the backward op, on the S and lse the whole map wrote
         out, ctx, lse = fwd(*fwd_args)
-    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_bwd.default,
-                          (torch.randn_like(out), qkv.detach(), ctx, lse, size[0], size[1], heads, scale,
-                           [w.detach() for w in weights], [b.detach() for b in biases]))
+    bwd_args = (torch.randn_like(out), qkv.detach(), ctx, lse, size[0], size[1], heads, scale,
+                [w.detach() for w in weights], [b.detach() for b in biases])
+    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_bwd.default, bwd_args)
+    # S and lse in any other layout than the forward's are refused, not misread
+    padded = torch.zeros(lse.shape[0], 16, device=lse.device, dtype=lse.dtype)
+    for bad in ({2: ctx.transpose(1, 2)}, {3: padded}):
+        args = [bad.get(i, a) for i, a in enumerate(bwd_args)]
+        with pytest.raises(ValueError, match="must be a contiguous"):
+            torch.ops.mpvit_kernels.factor_attention_bwd(*args)
 
 
 def test_module_under_torch_compile_fullgraph():

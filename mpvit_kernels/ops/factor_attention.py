@@ -29,13 +29,15 @@ from mpvit_kernels.ops.affine_hswish import check_item_span
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Programs the reduction passes aim for (B*heads*chunks): about two 8-warp programs per SM of a
-# 132-SM GPU, so that B=1 with 8 heads still spreads over the GPU at large N. Each program costs
-# a (Ch x Ch + 2 Ch) fp32 partial, written and read back by the combine: at 1024 programs (and
-# BLOCK_D-wide partials), MPViT-S stage 3 at 512, batch 16, moved 28% more bytes than q, k, v
-# and O (bench/traffic.py). Whether 256 keeps enough loads in flight at B=1 is for the speed
-# report's factor_attention rows on a GPU to confirm. A constant, not the SM count, so that the
-# chunking (and the bits) do not depend on the GPU.
+# Programs the reduction passes aim for (B*heads*chunks): about two per SM of a 132-SM GPU (4 or
+# 8 warps each, as their pinned tiles say), so that B=1 with 8 heads still spreads over the GPU
+# at large N. Each program costs a (Ch x Ch + 2 Ch) partial in the accumulation type, written
+# and read back by the combine: at 1024 programs (and BLOCK_D-wide partials), MPViT-S stage 3 at
+# 512, batch 16, moved 28% more bytes than q, k, v and O (bench/traffic.py). The change from
+# 1024 bites at batch >= 4 (batch 16: 1024 -> 256 programs; batch 1 keeps its count up to
+# N = 4096): whether 256 keep HBM busy there is for the speed report's factor_attention rows on
+# a GPU to confirm. A constant, not the SM count, so that the chunking (and the bits) do not
+# depend on the GPU.
 _TARGET_PROGRAMS = 256
 _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass may pin
 # Maps of at most this many tokens take the whole-map forward: one program per (batch, head)
@@ -303,6 +305,11 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
+    # the kernels read S and lse as dense (B*heads, Ch, Ch) and (B*heads, Ch), as the forward wrote them
+    for name, t, shape in (("ctx", ctx, (L.BH, L.Ch, L.Ch)), ("lse", lse, (L.BH, L.Ch))):
+        if tuple(t.shape) != shape or t.dtype != L.acc or not t.is_contiguous():
+            raise ValueError(f"factor_attention_bwd: {name} must be a contiguous {L.acc} tensor of shape {shape}, "
+                             f"got {t.dtype} {tuple(t.shape)} with strides {t.stride()}")
     k = L.kernels
     kk = _next_pow2(L.kmax * L.kmax)
     ds_part = L.empty(L.BH, L.splits, L.Ch, L.Ch)

@@ -203,7 +203,7 @@ def _normalise(m, l, acc):
 def _head_square(offs_d, Ch):
     """Offsets and mask of a (BLOCK_D, BLOCK_D) register tile in a row-major Ch x Ch matrix: the
     per-head buffers hold the Ch real head dims only, not the padding to BLOCK_D (MPViT's
-    Ch = 8, 27, 36, 46 would move up to 3x more bytes padded)."""
+    Ch = 8, 27, 36, 46 would move up to 4x more bytes padded)."""
     dmask = offs_d < Ch
     return offs_d[:, None] * Ch + offs_d[None, :], dmask[:, None] & dmask[None, :]
 
