@@ -233,10 +233,38 @@ def test_whole_model_traffic_counts_the_public_model_against_ours():
 
 def test_whole_model_rows(tmp_path, capsys):
     with as_on_a_cpu():
-        assert report.main(["--ops", "model", "--model-batch", "1", "--resolutions", "32", "--reps", "1",
+        assert report.main(["--ops", "model", "--model-batch", "2", "--resolutions", "64", "--reps", "1",
                             "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| MPViT-T | 32 | 1 | fp32 | eager |" in out and "| MPViT-T | 32 | 1 | fp32 | ours |" in out
+    for mode in ("inference", "train"):  # a CPU has no peak-memory counter: "-"
+        for impl in ("eager", "ours"):
+            assert f"| MPViT-T | 64 | 2 | fp32 | {mode} | {impl} |" in out
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["section"] == "model"]
+    assert len(rows) == 4 and all(r["peak_mib"] is None and r["img/s"] > 0 for r in rows)
+    with as_on_a_cpu():  # batch 1 is inference only
+        assert report.main(["--ops", "model", "--model-batch", "1", "--model-modes", "train", "--resolutions", "32",
+                            "--reps", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
+    assert not [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["section"] == "model"]
+
+
+def test_whole_model_shapes_and_options():
+    import argparse
+
+    from mpvit_kernels.bench import model
+
+    def shapes(device, resolutions, batch=None):
+        return model.shapes(argparse.Namespace(resolutions=resolutions, model_batch=batch), torch.device(device))
+
+    # the end-to-end shapes on a GPU: 224 at batch 64 and 1, 512 at batch 16
+    assert shapes("cuda", [224, 512]) == [(224, 64), (224, 1), (512, 16)]
+    assert shapes("cpu", [224]) == [(224, 8)] and shapes("cpu", [96]) == [(96, 8)]
+    assert shapes("cuda", [224, 512], batch=4) == [(224, 4), (512, 4)]
+    with model._freezing(True):  # the max-autotune column of eager compiles with Inductor's freezing
+        assert torch._inductor.config.freezing
+    assert report.parse_args(["--model-sizes", "small", "--model-modes", "train"], cuda=True).model_sizes == ["small"]
+    assert report.parse_args([], cuda=False).model_sizes == ["tiny"]
+    with pytest.raises(SystemExit):
+        report.parse_args(["--model-modes", "training"], cuda=False)
 
 
 def test_compiled_columns():

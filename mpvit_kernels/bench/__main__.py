@@ -3,7 +3,7 @@ available device (CUDA if there is one, else CPU), medians with quartiles.
 
     python -m mpvit_kernels.bench [--ops affine_hswish,depthwise,dwconv_bn,gli_projection,factor_attention,
                                          residual_layernorm,linear,traffic,model]
-        [--batch B] [--model-batch B]
+        [--batch B] [--model-batch B] [--model-sizes tiny,xsmall,small,base] [--model-modes inference,train]
         [--dtypes bf16,fp32] [--resolutions 224,512] [--reps N] [--warmup N] [--quick] [--compile | --no-compile] [--max-autotune]
         [--no-flush-l2] [--out DIR] [--json PATH]
 
@@ -47,7 +47,13 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
                    help=f"comma list of {', '.join(SECTIONS)} (default: all but model)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 1 on CPU)")
     p.add_argument("--model-batch", type=int, default=None,
-                   help="batch size of the whole-model rows (default 64 on CUDA, 8 on CPU)")
+                   help="one batch size for every input of the whole-model rows (default on CUDA: 64 and 1 at "
+                        "224, 16 at 512; on CPU: 8)")
+    p.add_argument("--model-sizes", type=csv(str), default=None,
+                   help=f"comma list of {', '.join(model.MODEL_SIZES)} for the whole-model rows (default small,base on "
+                        "CUDA, tiny on CPU)")
+    p.add_argument("--model-modes", type=csv(str), default=list(model.MODES),
+                   help=f"comma list of {', '.join(model.MODES)} for the whole-model rows (default both)")
     p.add_argument("--dtypes", type=csv(str), default=None,
                    help="comma list (default bf16,fp32 on CUDA, fp32 on CPU; --quick: bf16 on CUDA)")
     p.add_argument("--resolutions", type=csv(int), default=None,
@@ -61,7 +67,8 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     compile_choice.add_argument("--compile", action="store_true", help="time torch.compile even with --quick")
     compile_choice.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--max-autotune", action="store_true",
-                   help='also time torch.compile(mode="max-autotune") of eager (its compiles take minutes)')
+                   help='also time torch.compile(mode="max-autotune") of eager (its compiles take minutes; in the '
+                        'whole-model rows with freezing, inference only)')
     p.add_argument("--no-flush-l2", action="store_true",
                    help="on CUDA, keep L2 as the previous repeat left it (by default a buffer larger than L2 is "
                         "written before each repeat, outside the timed region)")
@@ -75,10 +82,16 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     for name in args.dtypes or []:
         if name not in DTYPES:
             p.error(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    for option, values, allowed in (("--model-sizes", args.model_sizes or [], model.MODEL_SIZES),
+                                    ("--model-modes", args.model_modes, model.MODES)):
+        for name in values:
+            if name not in allowed:
+                p.error(f"unknown {option[2:-1]} {name!r}; choose from {', '.join(allowed)}")
     quick = args.quick
     args.reps = args.reps if args.reps is not None else (QUICK_REPS if quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if quick else 3)
     args.batch = args.batch or (16 if cuda else 1)
+    args.model_sizes = args.model_sizes or list(model.SIZES["cuda" if cuda else "cpu"])
     args.dtypes = args.dtypes or (["fp32"] if not cuda else ["bf16"] if quick else ["bf16", "fp32"])
     # the traffic model costs nothing to run: it covers 224 and 512 unless told otherwise (or --quick)
     args.traffic_resolutions = args.resolutions or ([QUICK_RESOLUTION] if quick else [224, 512])
@@ -119,7 +132,7 @@ def progress_bar(steps: int):
 
 
 def options(args) -> dict:
-    keys = ("ops", "batch", "model_batch", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile", "max_autotune",
+    keys = ("ops", "batch", "model_batch", "model_sizes", "model_modes", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile", "max_autotune",
             "flush_l2", "out", "json")
     return {k: getattr(args, k) for k in keys}
 

@@ -1,12 +1,22 @@
-"""Speed report section: the whole model, end to end, inference (eval, no grad).
+"""Speed report section: the whole model, end to end: inference (eval, no grad) and a training
+step (forward, cross-entropy, backward, AdamW step), images/s and peak memory.
 
 Eager is the public MPViT as its users run it (mpvit_kernels.bench.public_mpvit: NCHW, the public
 op sequence); ours is the same model after :func:`mpvit_kernels.fuse` (the fused stages,
 channels-last from the input on, the very same weights); each also under torch.compile ("ours +
-compile" compiles the fused model, our ops staying whole in its graph). A 16-bit dtype runs
-under autocast with fp32 weights, as mixed-precision users run it. On a CPU, "ours" is the C++
-twins of depthwise and affine_hswish plus the reference of the Triton families. Not in the
-default report (torch.compile of a whole model takes minutes): ``--ops model``.
+compile" compiles the fused model, our ops staying whole in its graph). With --max-autotune,
+inference also times torch.compile(mode="max-autotune") of eager with Inductor's freezing (the
+weights folded into the graph as constants): the strongest compiler baseline for inference. A
+16-bit dtype runs under autocast with fp32 weights, as mixed-precision users run it. On a CPU,
+"ours" is the C++ twins plus the reference of the Triton families. Not in the default report
+(torch.compile of a whole model takes minutes): ``--ops model``.
+
+Shapes: on a GPU, MPViT-S and -B at 224 with batch 64 and batch 1, and at 512 with batch 16 (the
+inputs in --resolutions); on a CPU, MPViT-T at 224, batch 8; --model-batch sets one batch for
+every input; --model-sizes and --model-modes pick models and modes. Training runs at every
+shape but batch 1. Peak memory is the CUDA caching allocator's peak over one more call after the
+timed ones (weights, optimiser state, activations: everything allocated), "-" on a CPU, which has
+no such counter.
 """
 from __future__ import annotations
 
@@ -14,13 +24,21 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from mpvit_kernels import fuse
 from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
 from mpvit_kernels.bench.timing import compiled, measure
 
-SIZES = {"cuda": ("small", "base"), "cpu": ("tiny",)}
-BATCH = {"cuda": 64, "cpu": 8}
+MODEL_SIZES = ("tiny", "xsmall", "small", "base")
+SHORT_NAMES = {"tiny": "T", "xsmall": "XS", "small": "S", "base": "B"}
+SIZES = {"cuda": ("small", "base"), "cpu": ("tiny",)}  # the default --model-sizes
+# (input, batch) per device: the throughput batch, the latency batch and the dense-prediction input
+SHAPES = {"cuda": ((224, 64), (224, 1), (512, 16)), "cpu": ((224, 8),)}
+DEFAULT_BATCH = {"cuda": 16, "cpu": 8}  # inputs with no entry in SHAPES
+MODES = ("inference", "train")
+MAX_AUTOTUNE = "torch.compile max-autotune + freezing"
+EAGER_COMPILES = ("torch.compile", MAX_AUTOTUNE)  # the compiled columns of the unfused model
 
 
 def models(size: str, device: torch.device):
@@ -35,38 +53,112 @@ def models(size: str, device: torch.device):
     return public, fuse(copy.deepcopy(public)).to(memory_format=torch.channels_last)
 
 
+def shapes(args, device: torch.device) -> list[tuple[int, int]]:
+    """(input, batch) pairs of this run: the device's SHAPES at the inputs asked for, or
+    --model-batch at each of them."""
+    out = []
+    for res in args.resolutions:
+        if args.model_batch:
+            out.append((res, args.model_batch))
+        else:
+            out += [(r, b) for r, b in SHAPES[device.type] if r == res] or [(res, DEFAULT_BATCH[device.type])]
+    return out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def _freezing(on: bool):
+    """Inductor's freezing (weights as graph constants) for the compiles made inside, if ``on``."""
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+def _inference_impls(args, public, ours) -> dict:
+    impls = {"eager": public, "ours": ours, **compiled(args, public, ours, fullgraph=False)}
+    if "torch.compile max-autotune" in impls:  # frozen below, at its compile (its first call)
+        impls[MAX_AUTOTUNE] = impls.pop("torch.compile max-autotune")
+    return impls
+
+
+def _train_impls(args, size: str, device: torch.device) -> dict:
+    """Each column trains its own copy (a step changes the weights) from the same start, with
+    its own AdamW; max-autotune is left out of training (its compile of the backward takes too long)."""
+    impls = {}
+    for compiled_too in (False, True):
+        if compiled_too and args.no_compile:
+            break
+        public, ours = models(size, device)
+        suffix = " + compile" if compiled_too else ""
+        for name, model in (("eager" if not compiled_too else "torch.compile", public), ("ours" + suffix, ours)):
+            model.train()
+            run = torch.compile(model) if compiled_too else model
+            impls[name] = (run, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    order = ["eager", "torch.compile", "ours", "ours + compile"]
+    return {name: impls[name] for name in order if name in impls}
+
+
+def peak_mib(device: torch.device, fn) -> float | None:
+    """The CUDA caching allocator's peak over one more call of fn, warm (after its compile and
+    warm-up: their transient buffers do not count), in MiB; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
-    batch = args.model_batch or BATCH[device.type]
-    for size in SIZES[device.type]:
+    for size in args.model_sizes:
         public, ours = models(size, device)
-        impls = {"eager": public, "ours": ours, **compiled(args, public, ours, fullgraph=False)}
-        for res in args.resolutions:
+        inference = _inference_impls(args, public, ours) if "inference" in args.model_modes else {}
+        for res, batch in shapes(args, device):
             x = torch.randn(batch, 3, res, res, device=device)
-            for impl, model in impls.items():
-                def step(model=model, x=x):
-                    with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                                           else contextlib.nullcontext()):
-                        model(x)
+            labels = torch.randint(0, 1000, (batch,), device=device)
+            cases = [("inference", name, model) for name, model in inference.items()]
+            if batch > 1 and "train" in args.model_modes:  # batch 1 is inference's latency case
+                cases += [("train", name, pair) for name, pair in _train_impls(args, size, device).items()]
+            for mode, impl, target in cases:
+                if mode == "inference":
+                    def step(model=target, frozen=impl == MAX_AUTOTUNE):
+                        with _freezing(frozen), torch.no_grad(), _autocast(device, dtype):
+                            model(x)
+                else:
+                    def step(pair=target):
+                        model, optimizer = pair
+                        with _autocast(device, dtype):
+                            loss = F.cross_entropy(model(x), labels)
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
 
                 t = measure(step, device, warmup=args.warmup, reps=args.reps, time_first_call="compile" in impl)
-                rows.append({"op": "MPViT", "model": size[0].upper(), "input": res, "shape": [batch, 3, res, res],
-                             "dtype": dtype_name, "mode": "inference", "impl": impl, **t,
-                             "img/s": batch / (t["median_ms"] * 1e-3)})
+                rows.append({"op": "MPViT", "model": SHORT_NAMES[size], "input": res, "shape": [batch, 3, res, res],
+                             "dtype": dtype_name, "mode": mode, "impl": impl, **t,
+                             "img/s": batch / (t["median_ms"] * 1e-3), "peak_mib": peak_mib(device, step)})
+            del cases
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | input | batch | dtype | impl | median ms | p25-p75 ms | img/s | speedup vs eager | "
-           "vs torch.compile | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (r["model"], r["input"], r["dtype"])  # noqa: E731
+    out = ["| model | input | batch | dtype | mode | impl | median ms | p25-p75 ms | img/s | peak MiB | "
+           "speedup vs eager | vs fastest compile of eager | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["model"], r["input"], r["shape"][0], r["dtype"], r["mode"])  # noqa: E731
     base = {(key(r), r["impl"]): r["median_ms"] for r in rows}
     for r in rows:
-        compile_ms = base.get((key(r), "torch.compile"))
-        vs_compile = f"{compile_ms / r['median_ms']:.2f}x" if compile_ms else "-"
+        compiles = [base[(key(r), c)] for c in EAGER_COMPILES if (key(r), c) in base]
+        vs_compile = f"{min(compiles) / r['median_ms']:.2f}x" if compiles else "-"
         first = f"{r['first_call_ms'] / 1e3:.0f}" if r.get("first_call_ms") is not None else "-"
-        out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['impl']} | "
-                   f"{r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['img/s']:.1f} | "
-                   f"{base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | {first} |")
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+        out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['mode']} | "
+                   f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['img/s']:.1f} | "
+                   f"{peak} | {base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | {first} |")
     return "\n".join(out)
