@@ -241,6 +241,9 @@ def test_whole_model_rows(tmp_path, capsys):
             assert f"| MPViT-T | 64 | 2 | fp32 | {mode} | {impl} |" in out
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["section"] == "model"]
     assert len(rows) == 4 and all(r["peak_mib"] is None and r["img/s"] > 0 for r in rows)
+    cases = measured_cases(rows)  # the figure's bars: one case per mode, eager and ours side by side
+    assert [(c["label"], set(c["impls"])) for c in cases] == [
+        ("MPViT-T 64px fp32 inference", {"eager", "ours"}), ("MPViT-T 64px fp32 train", {"eager", "ours"})]
     with as_on_a_cpu():  # batch 1 is inference only
         assert report.main(["--ops", "model", "--model-batch", "1", "--model-modes", "train", "--resolutions", "32",
                             "--reps", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0

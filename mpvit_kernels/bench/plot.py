@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # Keys that differ between the implementations of one case; every other key names the case.
 PER_IMPL_KEYS = {"impl", "median_ms", "p25_ms", "p75_ms", "reps", "l2_flushed", "first_call_ms", "GB/s", "TFLOP/s",
-                 "% of copy peak", "bytes"}
+                 "% of copy peak", "bytes", "img/s", "peak_mib"}
 MODE_LABELS = {"forward": "fwd", "forward+backward": "fwd+bwd", "eval forward": "eval fwd",
                "train forward+backward": "train fwd+bwd"}
 INCH_PER_CASE = 0.3
@@ -13,9 +13,7 @@ SPEEDUP_TICKS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200,
 
 
 def case_label(row: dict) -> str:
-    parts = [row["op"]]
-    if "model" in row:
-        parts.append(f"MPViT-{row['model']}")
+    parts = [f"MPViT-{row['model']}" if "model" in row else row["op"]]
     for key in ("scope", "site"):
         if key in row:
             parts.append(str(row[key]))
