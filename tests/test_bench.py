@@ -13,6 +13,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels.bench import __main__ as report
+from mpvit_kernels.bench import model as model_section
 from mpvit_kernels.bench import timing
 from mpvit_kernels.bench.plot import measured_cases
 from mpvit_kernels.bench.traffic import eager_factor_attention, ours_factor_attention
@@ -44,11 +45,12 @@ def test_attention_core_meets_its_traffic_budget_at_every_mpvit_s_stage(res):
 
 @contextlib.contextmanager
 def as_on_a_cpu():
-    """The op families as a CPU run without the interpreter has them: dwconv_bn and gli_projection
-    on their reference, the attention on its C++ twin where the extension is built. The report's
-    shape is under test here, the kernels are in their own files."""
+    """The op families about as a CPU run without the interpreter has them: dwconv_bn,
+    gli_projection, linear and residual_layernorm on their reference, the attention on its C++
+    twin where the extension is built. The report's shape is under test here, the kernels are in
+    their own files."""
     twin = "cuda" if mpvit_kernels.extension_available() else "reference"
-    with mpvit_kernels.use_backend("reference", ops=["dwconv_bn", "gli_projection"]), \
+    with mpvit_kernels.use_backend("reference", ops=["dwconv_bn", "gli_projection", "linear", "residual_layernorm"]), \
             mpvit_kernels.use_backend(twin, ops=["factor_attention"]):
         yield
 
@@ -244,16 +246,15 @@ def test_whole_model_rows(tmp_path, capsys):
     cases = measured_cases(rows)  # the figure's bars: one case per mode, eager and ours side by side
     assert [(c["label"], set(c["impls"])) for c in cases] == [
         ("MPViT-T 64px fp32 inference", {"eager", "ours"}), ("MPViT-T 64px fp32 train", {"eager", "ours"})]
-    with as_on_a_cpu():  # batch 1 is inference only
-        assert report.main(["--ops", "model", "--model-batch", "1", "--model-modes", "train", "--resolutions", "32",
-                            "--reps", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
-    assert not [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["section"] == "model"]
+    args = report.parse_args(["--model-batch", "1", "--model-modes", "train", "--resolutions", "32", "--no-compile"],
+                             cuda=False)
+    assert model_section.run(args, torch.device("cpu"), torch.float32, "fp32") == []  # batch 1 is inference only
 
 
 def test_whole_model_shapes_and_options():
     import argparse
 
-    from mpvit_kernels.bench import model
+    model = model_section
 
     def shapes(device, resolutions, batch=None):
         return model.shapes(argparse.Namespace(resolutions=resolutions, model_batch=batch), torch.device(device))

@@ -117,8 +117,7 @@ def peak_mib(device: torch.device, fn) -> float | None:
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
     for size in args.model_sizes:
-        public, ours = models(size, device)
-        inference = _inference_impls(args, public, ours) if "inference" in args.model_modes else {}
+        inference = _inference_impls(args, *models(size, device)) if "inference" in args.model_modes else {}
         for res, batch in shapes(args, device):
             x = torch.randn(batch, 3, res, res, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
