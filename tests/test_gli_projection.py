@@ -1,6 +1,7 @@
 """gli_projection: the fused GLI projection (Triton, interpreted on CPU here, real on a GPU)
 against the nn chain hardswish(bn(conv1x1(cat(inputs)))), eval and train, every gradient."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -115,6 +116,59 @@ def test_residual_of_another_dtype_keeps_eager_type_promotion():
     assert_close(y, F.conv2d(x, w).double() + res, dtype=torch.float32)
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         ops.gli_projection([x], w, residual=res[:, :3])
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_tensor_descriptor_loads_give_the_pointer_loads_bits(training, monkeypatch):
+    # TMA (MPVIT_KERNELS_GLI_TMA=1): the inputs read through tensor descriptors (TMA on sm_90; the
+    # interpreter runs them here), the K tail (C = 20 of a 32-wide tile) and the row tail zero-filled
+    from tests.utils import RecordLaunches
+
+    m = make_module(20, 12, 3, torch.float32, training)
+    xs, maps = make_inputs(2, 20, 5, 7, 3, torch.float32, "channels_last")
+    ref = chain(copy.deepcopy(m), [x.detach().requires_grad_() for x in maps])
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(sys.modules["mpvit_kernels.ops.gli_projection"], "TMA", tma)
+        with RecordLaunches() as rec:
+            out = copy.deepcopy(m)(xs)
+        launches = [meta["TMA"] for fn, meta in rec.launches if fn.__name__ == "gli_gemm_kernel"]
+        assert launches and all(t == tma for t in launches)
+        results[tma] = out
+    torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
+    assert_close(results[True], ref, scale=4)
+
+
+def test_tensor_descriptors_only_where_every_input_is_a_dense_aligned_matrix(monkeypatch):
+    from mpvit_kernels.ops.gli_projection import use_tma
+
+    dense = [torch.randn(2, 35, 24) for _ in range(2)]
+    assert not use_tma(dense)  # opt-in
+    monkeypatch.setattr(sys.modules["mpvit_kernels.ops.gli_projection"], "TMA", True)
+    assert use_tma(dense)
+    assert not use_tma([dense[0], torch.randn(2, 35, 22)])  # rows of 88 bytes: not 16-byte aligned
+    assert not use_tma([dense[0], torch.randn(2, 35, 26)[..., :24]])  # rows of 104 bytes
+    assert use_tma([dense[0], torch.randn(2, 35, 32)[..., :24]])  # rows of 128 bytes, a dense batch
+    assert not use_tma([dense[0], torch.randn(2, 40, 24)[:, :35]])  # batch stride is not 35 rows
+    assert not use_tma([dense[0], torch.randn(2 * 35 * 24 + 1)[1:].view(2, 35, 24)])  # base 4 bytes off
+    assert not use_tma([x.double() for x in dense])  # fp64 keeps the pointers
+
+
+def test_tensor_descriptor_launches_get_a_scratch_allocator():
+    # a kernel with device-side descriptors needs triton.set_allocator (global scratch on sm_90);
+    # Triton keeps it per thread context: set where the launching thread has none
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    gli = sys.modules["mpvit_kernels.ops.gli_projection"]  # the package exports the function of that name
+
+    def fresh():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        gli._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(fresh) is gli._scratch
 
 
 def test_gradcheck_float64():
@@ -259,3 +313,32 @@ def test_cuda_training_is_deterministic():
         runs.append([y, *torch.autograd.grad(y, [*xs, *m.parameters()], torch.ones_like(y))])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="tensor descriptors (TMA) need sm_90")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("agg", AGGREGATES[::2], ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
+def test_cuda_tensor_descriptor_loads_match_the_pointer_loads(agg, dtype, training, monkeypatch):
+    # the TMA loads launch (their global scratch from the allocator the op sets, also on autograd's
+    # thread) and give what the pointer loads give, forward and every grad
+    from tests.utils import RecordLaunches
+
+    C, Cout, side, n = agg
+    m = make_module(C, Cout, n, dtype, training)
+    xs = [torch.randn(8, C, side, side, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_() for _ in range(n)]
+    runs = {}
+    for tma in (False, True):
+        monkeypatch.setattr(sys.modules["mpvit_kernels.ops.gli_projection"], "TMA", tma)
+        module = copy.deepcopy(m)
+        with RecordLaunches() as rec:
+            y = module(xs)
+            grads = torch.autograd.grad(y, [*xs, module.conv.weight], torch.ones_like(y))
+        assert {meta["TMA"] for fn, meta in rec.launches if fn.__name__ == "gli_gemm_kernel"} == {tma}
+        runs[tma] = [y, *grads]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, atol=tol * max(1.0, b.abs().max().item()), rtol=tol)

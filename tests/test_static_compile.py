@@ -26,6 +26,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
                 "       if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]\n"
                 "assert not bad, bad\n"
                 "assert {u.arch for u in res} == {80, 90} and len(res) > 100\n"
+                "scratch = {(u.kernel, u.arch, u.tag.endswith(' TMA')) for u in res if u.scratch}\n"
+                "assert scratch == {('gli_gemm_kernel', 90, True)}, scratch\n"
                 "print(len(res), 'compiled')\n")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -36,6 +38,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
     results, missing = run_all()
     assert not missing
     assert not [u for u in results if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
+    # global scratch (a launch fails without triton.set_allocator): only where ops.gli_projection sets one
+    assert {(u.kernel, u.arch, u.tag.endswith(" TMA")) for u in results if u.scratch} == {("gli_gemm_kernel", 90, True)}
 
 
 def test_cuda_kernels_of_the_extension_have_no_spills():

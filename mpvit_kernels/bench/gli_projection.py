@@ -1,7 +1,8 @@
 """Speed report section: the GLI projection (every stage's ``aggregate``: concat of num_path + 1
 maps -> 1x1 conv -> BN -> Hardswish) at MPViT-S and -B shapes, channels-last: eager vs
 torch.compile vs ours, eval forward and training forward+backward, and a bare ``torch.mm`` of the
-same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that).
+same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). On sm_90+
+also "ours (TMA)": the op with its tensor-descriptor loads (opt-in until this row measures them).
 
 Eager is the public module's sequence: torch.cat, the 1x1 conv, BatchNorm, Hardswish. Ours on a
 GPU is one Triton GEMM in eval (the concat never built, BN and Hardswish in the epilogue); on a CPU
@@ -9,6 +10,8 @@ the op runs unfused (a concat and a GEMM, then the affine_hswish C++ twin). Byte
 minimum traffic: every input read once, y written once.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +59,27 @@ def train_step(fn, xs, w, bn, grad):
     torch.autograd.grad(y, (*xs, w, bn[2], bn[3]), grad)
 
 
+def with_tma(fn):
+    """fn with the op's tensor-descriptor (TMA) loads on (ops.gli_projection.use_tma)."""
+    module = sys.modules["mpvit_kernels.ops.gli_projection"]
+
+    def run(*args):
+        saved, module.TMA = module.TMA, True
+        try:
+            return fn(*args)
+        finally:
+            module.TMA = saved
+    return run
+
+
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
     modes = {"eval forward": {"eager": eager, "ours": ours},
              "train forward+backward": {"eager": eager_train, "ours": ours_train}}
+    tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and dtype != torch.float64
     for impls in modes.values():
+        if tma:  # the GPU run that decides whether the TMA loads become the default
+            impls["ours (TMA)"] = with_tma(impls["ours"])
         impls.update(compiled(args, impls["eager"], impls["ours"]))
     for res in args.resolutions:
         for model, stage, C, Cout, stride in AGGREGATES:

@@ -20,6 +20,8 @@ to split. Deterministic (cuBLAS GEMMs and fixed-order reductions).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,8 @@ from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswi
                                              check_rows)
 
 MAX_INPUTS = 5
+# Tensor-descriptor (TMA) loads of the inputs, opt-in (see use_tma): MPVIT_KERNELS_GLI_TMA=1 at import.
+TMA = os.environ.get("MPVIT_KERNELS_GLI_TMA", "0") not in ("", "0")
 
 
 def _as_rows(inputs, size, where):
@@ -167,6 +171,40 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
     return batch_norm_hswish(_unfused_pre_bn(rows, weight, B, H, W), bn_weight, bn_bias, eps, hswish)
 
 
+def use_tma(xs) -> bool:
+    """Whether the GEMM reads the inputs through tensor descriptors (the tensor-memory
+    accelerator of sm_90+; the interpreter runs them anywhere) instead of pointer loads: opt-in
+    (``TMA``, from MPVIT_KERNELS_GLI_TMA=1) until a GPU run of the speed report (its "ours (TMA)"
+    rows) measures them against the pointers; and only where every input is a dense (M, C)
+    matrix (batch stride N rows) with 16-byte aligned rows and base, as a descriptor needs. fp64
+    keeps the pointers."""
+    if not TMA:
+        return False
+    x0 = xs[0]
+    if x0.dtype == torch.float64 or (x0.device.type == "cuda" and torch.cuda.get_device_capability(x0.device) < (9, 0)):
+        return False
+    elem = x0.element_size()
+    return all(x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1) for x in xs) and \
+        all((x.stride(1) * elem) % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's allocator for a launch's global scratch (a device-side tensor descriptor's), on
+    the current device, which the launch sets (backend.triton_device)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """triton.set_allocator where this thread has none (Triton keeps it per context, and autograd
+    runs a backward's GEMM on its own thread): a kernel with device-side descriptors fails to
+    launch without one."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     """The fused GEMM: y (B, N, Cout) (plus ``residual``, (B, N, Cout) contiguous, if given), and
     with ``stats`` the row tiles' (mean, M2) of y and the rows per tile."""
@@ -190,6 +228,9 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     padded = list(xs) + [xs[0]] * (kernels.MAX_INPUTS - len(xs))
     strides = [s for x in padded for s in (x.stride(0), x.stride(1))]
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    tma = use_tma(xs)
+    if tma and w.is_cuda:
+        _ensure_allocator()
     with backend.triton_device(w):
         kernels.gli_gemm_kernel[(-(-M // BM), -(-Cout // BN))](
             *padded, *strides, w, y if scale is None else scale, y if shift is None else shift,
@@ -197,7 +238,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
             M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,
             RESIDUAL=residual is not None, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
-            BLOCK_N=BN)
+            BLOCK_N=BN, TMA=tma)
     return y, tile_mean, tile_m2, BM
 
 

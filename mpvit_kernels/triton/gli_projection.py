@@ -72,7 +72,7 @@ def gli_gemm_kernel(
     M, N, C, Cout,
     NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, TMA: tl.constexpr = False,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,11 +94,20 @@ def gli_gemm_kernel(
             x_ptr, sb, sn = x3_ptr, sb3, sn3
         if i == 4:
             x_ptr, sb, sn = x4_ptr, sb4, sn4
-        rows = x_ptr + b.to(tl.int64) * sb + n.to(tl.int64) * sn
+        if TMA:
+            # The input as a dense (M, C) matrix read by the tensor-memory accelerator (the op takes
+            # this path only where each input's batch stride is N rows and its rows and base are
+            # 16-byte aligned): rows past M and columns past C come back as zeros.
+            desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[sn, 1], block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            rows = x_ptr + b.to(tl.int64) * sb + n.to(tl.int64) * sn
         for k0 in range(0, C, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < C
-            a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if TMA:
+                a = desc.load([tl.program_id(0) * BLOCK_M, k0])
+            else:
+                a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptr + offs_n[None, :] * K_total + (i * C + offs_k)[:, None],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
@@ -109,7 +118,9 @@ def gli_gemm_kernel(
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N and dtype, with the eval epilogue and the training one; 4 inputs (MPViT-S/B's
-    num_path + 1) and 5 (the most); and one input with the residual epilogue (InvRes's conv2)."""
+    num_path + 1) and 5 (the most); and one input with the residual epilogue (InvRes's conv2);
+    the 16-bit and fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles
+    them to plain loads)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -123,8 +134,10 @@ def compile_specs():
                               "y_ptr": f"*{dt}", "tile_mean_ptr": acc, "tile_m2_ptr": acc})
                 tag = f"{dt} BLOCK_N={bn} inputs={inputs}" + (" eval" if eval_epilogue else " train") + \
                     (" residual" if residual else "")
-                specs.append((gli_gemm_kernel, tag, types,
-                              {"NUM_INPUTS": inputs, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue and not residual,
-                               "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
-                               "DOT_PRECISION": precision, "BLOCK_N": bn}))
+                constexprs = {"NUM_INPUTS": inputs, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue and not residual,
+                              "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
+                              "DOT_PRECISION": precision, "BLOCK_N": bn, "TMA": False}
+                specs.append((gli_gemm_kernel, tag, types, constexprs))
+                if dt != "fp64" and inputs != 5:  # the tensor-descriptor loads (ops.gli_projection.use_tma)
+                    specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs

@@ -44,6 +44,7 @@ class Usage:
     spill_bytes: int = 0
     warps_per_sm: int = 0
     error: str = ""
+    scratch: int = 0  # global scratch bytes (device-side tensor descriptors): the launch needs triton.set_allocator
 
 
 def kernel_modules():
@@ -136,6 +137,7 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     usage.registers = int(fields.get("REG", 0))
     usage.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     usage.shared = int(compiled.metadata.shared) + int(fields.get("SHARED", 0))
+    usage.scratch = int(getattr(compiled.metadata, "global_scratch_size", 0) or 0)
     regs_per_warp = max(usage.registers, 1) * 32
     usage.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (regs_per_warp * warps)) * warps)
     if usage.shared:
@@ -214,7 +216,9 @@ def table(results: list[Usage]) -> str:
     for u in results:
         status = "COMPILE ERROR: " + u.error if u.error else (
             "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
-                                            "NO BLOCK FITS AN SM" if not u.warps_per_sm else "ok"))
+                                            "NO BLOCK FITS AN SM" if not u.warps_per_sm else
+                                            f"ok ({u.scratch} B global scratch: triton.set_allocator)" if u.scratch
+                                            else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
                      f"{u.spill_bytes} | {u.warps_per_sm} | {status} |")
     return "\n".join(lines)
