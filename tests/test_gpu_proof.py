@@ -1,5 +1,5 @@
 """`make gpu-proof` (tools/gpu_proof.sh): without a GPU it stops at once, saying why; on a GPU its
-results come back whole from the device tool (at most 8 files, one folder, logs in one archive)."""
+results come back whole from the device tool (at most 8 files, two folders deep, logs in one archive)."""
 import os
 import stat
 import subprocess
@@ -36,15 +36,20 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out_dir = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench",
-               TESTS="tests/test_bench.py -k counts_eager_ops", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224")
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench model",
+               TESTS="tests/test_bench.py -k counts_eager_ops", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224",
+               MODEL_ARGS="--ops model --model-batch 2 --resolutions 64 --model-modes inference --no-compile --reps 1 "
+                          "--warmup 0", MPVIT_KERNELS_BACKEND="reference")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*"))
-    assert files == ["logs.tar.gz", "results.json", "speed_report.md", "summary.md"], files
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    assert files == ["logs.tar.gz", "model/results.json", "model/speed_report.md", "model/speedup.png", "results.json",
+                     "speed_report.md", "summary.md"], files
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"versions.txt", "gpu_proof.log", "pytest.log", "pytest.xml", "bench.log"} <= names, names
+    assert {"versions.txt", "gpu_proof.log", "pytest.log", "pytest.xml", "bench.log", "model.log"} <= names, names
     summary = (out_dir / "summary.md").read_text()
-    assert "| tests | ok |" in summary and "| bench | ok |" in summary and "1 passed" in summary, summary
+    assert "| tests | ok |" in summary and "| bench | ok |" in summary and "| model | ok |" in summary, summary
+    assert "1 passed" in summary, summary
     assert "## traffic" in (out_dir / "speed_report.md").read_text()
+    assert "| MPViT-T | 64 | 2 | fp32 | inference | ours |" in (out_dir / "model" / "speed_report.md").read_text()

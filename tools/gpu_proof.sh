@@ -8,6 +8,9 @@
 #              odd test shape would double the stage's compiles; the token-tile test forces each
 #              tile the tuner may pick, and the bench stage runs the tuner
 #   bench      the speed report (BENCH_ARGS, default "--resolutions 224")
+#   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, bf16: inference at
+#              batch 64 and 1, a training step at batch 64; eager, torch.compile, ours, ours +
+#              compile), into $OUT/model/: its compiles take minutes, so run it as a call of its own
 #   sanitizer  compute-sanitizer memcheck and racecheck over the kernel tests, caching allocator
 #              off (so overruns inside PyTorch's cached blocks are seen) and one tile per Triton
 #              kernel (MPVIT_KERNELS_AUTOTUNE=0), so that it fits one call
@@ -15,10 +18,11 @@
 # time); run STAGES=sanitizer as its own call. Each stage has a time limit (*_TIMEOUT, seconds)
 # so that the results are packed before the device tool's 10-minute limit.
 #
-# $OUT (default benchmarks/results/<device>/) receives at most five files, one folder deep, so
+# $OUT (default benchmarks/results/<device>/) receives at most eight files, two folders deep, so
 # that a GPU run's results come back whole: summary.md (versions, stage times and results),
 # results.json and speed_report.md (the speed report), speedup.png when the report draws one,
-# and logs.tar.gz (every log and the junit XML), refreshed after each stage.
+# logs.tar.gz (every log and the junit XML), refreshed after each stage, and model/ with the
+# model stage's three (results.json, speed_report.md, speedup.png).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3}
@@ -27,6 +31,8 @@ BENCH_ARGS=${BENCH_ARGS---resolutions 224}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+MODEL_ARGS=${MODEL_ARGS---ops model --model-sizes small --resolutions 224 --dtypes bf16 --reps 10 --warmup 2}
+MODEL_TIMEOUT=${MODEL_TIMEOUT:-420}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-480}
 # Kernel tests for the GPU: all but the CPU-only checks (the ahead-of-time compile, the wheel
 # build, this script's no-GPU path).
@@ -129,6 +135,13 @@ for name in $STAGES; do
       stage bench "$BENCH_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $BENCH_ARGS --out "$OUT" \
         > "$LOGS/bench.log" 2>&1 || status=1
       tail -n 5 "$OUT/speed_report.md"
+      ;;
+    model)
+      log "whole model $MODEL_ARGS"
+      # shellcheck disable=SC2086
+      stage model "$MODEL_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $MODEL_ARGS --out "$OUT/model" \
+        > "$LOGS/model.log" 2>&1 || status=1
+      tail -n 12 "$OUT/model/speed_report.md"
       ;;
     sanitizer)
       if ! command -v compute-sanitizer > /dev/null; then log "compute-sanitizer not found: skipped"; continue; fi
