@@ -152,6 +152,8 @@ def test_tensor_descriptors_only_where_every_input_is_a_dense_aligned_matrix(mon
     assert not use_tma([dense[0], torch.randn(2, 40, 24)[:, :35]])  # batch stride is not 35 rows
     assert not use_tma([dense[0], torch.randn(2 * 35 * 24 + 1)[1:].view(2, 35, 24)])  # base 4 bytes off
     assert not use_tma([x.double() for x in dense])  # fp64 keeps the pointers
+    assert not use_tma([dense[0], torch.randn(1, 1, 24).expand(2, 35, 24)])  # one row for all: stride 0
+    assert not use_tma([dense[0], torch.randn(2 * 35 * 8 + 16).as_strided((2, 35, 24), (35 * 8, 8, 1))])  # overlap
 
 
 def test_tensor_descriptor_launches_get_a_scratch_allocator():
@@ -316,8 +318,8 @@ def test_cuda_training_is_deterministic():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="tensor descriptors (TMA) need sm_90")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the tensor-descriptor (TMA) path runs on sm_90 only")
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("agg", AGGREGATES[::2], ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")

@@ -1,7 +1,7 @@
 """Speed report section: the GLI projection (every stage's ``aggregate``: concat of num_path + 1
 maps -> 1x1 conv -> BN -> Hardswish) at MPViT-S and -B shapes, channels-last: eager vs
 torch.compile vs ours, eval forward and training forward+backward, and a bare ``torch.mm`` of the
-same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). On sm_90+
+same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). On sm_90
 also "ours (TMA)": the op with its tensor-descriptor loads (opt-in until this row measures them).
 
 Eager is the public module's sequence: torch.cat, the 1x1 conv, BatchNorm, Hardswish. Ours on a
@@ -76,7 +76,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     modes = {"eval forward": {"eager": eager, "ours": ours},
              "train forward+backward": {"eager": eager_train, "ours": ours_train}}
-    tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) and dtype != torch.float64
+    tma = (device.type == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(device)[0] == 9
+           and dtype != torch.float64)
     for impls in modes.values():
         if tma:  # the GPU run that decides whether the TMA loads become the default
             impls["ours (TMA)"] = with_tma(impls["ours"])

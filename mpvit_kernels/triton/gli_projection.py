@@ -95,9 +95,9 @@ def gli_gemm_kernel(
         if i == 4:
             x_ptr, sb, sn = x4_ptr, sb4, sn4
         if TMA:
-            # The input as a dense (M, C) matrix read by the tensor-memory accelerator (the op takes
-            # this path only where each input's batch stride is N rows and its rows and base are
-            # 16-byte aligned): rows past M and columns past C come back as zeros.
+            # The input as an (M, C) matrix of row stride sn read by the tensor-memory accelerator
+            # (the op takes this path only where each input's batch stride is N rows and its rows
+            # start 16-byte aligned): rows past M and columns past C come back as zeros.
             desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[sn, 1], block_shape=[BLOCK_M, BLOCK_K])
         else:
             rows = x_ptr + b.to(tl.int64) * sb + n.to(tl.int64) * sn
@@ -138,6 +138,6 @@ def compile_specs():
                               "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
                               "DOT_PRECISION": precision, "BLOCK_N": bn, "TMA": False}
                 specs.append((gli_gemm_kernel, tag, types, constexprs))
-                if dt != "fp64" and inputs != 5:  # the tensor-descriptor loads (ops.gli_projection.use_tma)
+                if dt != "fp64":  # the tensor-descriptor loads (ops.gli_projection.use_tma)
                     specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs

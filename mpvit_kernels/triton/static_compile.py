@@ -217,7 +217,8 @@ def table(results: list[Usage]) -> str:
         status = "COMPILE ERROR: " + u.error if u.error else (
             "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
                                             "NO BLOCK FITS AN SM" if not u.warps_per_sm else
-                                            f"ok ({u.scratch} B global scratch: triton.set_allocator)" if u.scratch
+                                            f"ok ({u.scratch} B global scratch per program: "
+                                            "triton.set_allocator)" if u.scratch
                                             else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
                      f"{u.spill_bytes} | {u.warps_per_sm} | {status} |")
