@@ -5,7 +5,9 @@
 with a folded eval BatchNorm (scale, shift) and Hardswish in the epilogue of one Triton GEMM
 (mpvit_kernels/triton/gli_projection.py) whose K loop walks the inputs, so the concat is never
 built. Inputs are maps (B, C, H, W) in any layout or tokens (B, N, C): a channels-last map or a
-token tensor with unit channel stride is read in place, anything else is converted once.
+token tensor with unit channel stride is read in place, anything else is converted once. On
+sm_90 the GEMM can read them through tensor descriptors instead of pointers (:func:`use_tma`,
+opt-in with MPVIT_KERNELS_GLI_TMA=1 until a GPU measures it).
 
 Training (:func:`gli_projection_train`, batch statistics) is two passes, as dwconv_bn's: the
 GEMM writes the pre-BatchNorm output z and per-tile statistics, a small kernel combines them,

@@ -7,7 +7,9 @@ A GEMM with M = B*H*W pixels, N = Cout, K = n*C, whose K loop walks the list of 
 its own batch and pixel strides, channels unit-stride: a channels-last image or a token tensor,
 read in place), so the concat never exists. In eval (scale, shift) is the folded BatchNorm; in
 training (STATS) the epilogue also writes each row tile's per-channel mean and M2 of the
-pre-BatchNorm output for the batch statistics (triton/affine_hswish.py).
+pre-BatchNorm output for the batch statistics (triton/affine_hswish.py). With TMA the inputs
+are read through device-side tensor descriptors (sm_90's tensor-memory accelerator; the launch
+needs triton.set_allocator for their scratch, which ops/gli_projection.py sets).
 """
 import os
 
