@@ -42,9 +42,10 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
                           "--warmup 0", MPVIT_KERNELS_BACKEND="reference")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    assert files == ["logs.tar.gz", "model/results.json", "model/speed_report.md", "model/speedup.png", "results.json",
-                     "speed_report.md", "summary.md"], files
+    files = {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()}
+    # speedup.png where matplotlib (the bench extra) is installed: `make test` alone does not
+    assert files - {"model/speedup.png"} == {"logs.tar.gz", "model/results.json", "model/speed_report.md",
+                                             "results.json", "speed_report.md", "summary.md"}, files
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
     assert {"versions.txt", "gpu_proof.log", "pytest.log", "pytest.xml", "bench.log", "model.log"} <= names, names
