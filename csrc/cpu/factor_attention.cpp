@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The clamps and NaN selects of exp_vec vectorize only when float compares may be assumed not to
@@ -112,13 +113,19 @@ struct Lanes<acc_t, 1> {
   typedef acc_t type;
 };
 
+// Same-type loads and stores are one unaligned vector move (memcpy), and splat one broadcast
+// (a vector-scalar operation): written lane by lane, GCC builds them from scalar inserts.
 template <int V, typename acc_t, typename T>
 MPVIT_ALWAYS_INLINE typename Lanes<acc_t, V>::type load(const T* p) {
   if constexpr (V == 1) {
     return static_cast<acc_t>(*p);
   } else {
     typename Lanes<acc_t, V>::type r;
-    for (int j = 0; j < V; ++j) r[j] = static_cast<acc_t>(p[j]);
+    if constexpr (std::is_same_v<T, acc_t>) {
+      std::memcpy(&r, p, sizeof r);
+    } else {
+      for (int j = 0; j < V; ++j) r[j] = static_cast<acc_t>(p[j]);
+    }
     return r;
   }
 }
@@ -128,9 +135,8 @@ MPVIT_ALWAYS_INLINE typename Lanes<acc_t, V>::type splat(acc_t x) {
   if constexpr (V == 1) {
     return x;
   } else {
-    typename Lanes<acc_t, V>::type r;
-    for (int j = 0; j < V; ++j) r[j] = x;
-    return r;
+    const typename Lanes<acc_t, V>::type zero = {};
+    return zero + x;
   }
 }
 
@@ -138,6 +144,8 @@ template <int V, typename acc_t, typename T>
 MPVIT_ALWAYS_INLINE void store(T* p, typename Lanes<acc_t, V>::type x) {
   if constexpr (V == 1) {
     *p = static_cast<T>(x);
+  } else if constexpr (std::is_same_v<T, acc_t>) {
+    std::memcpy(p, &x, sizeof x);
   } else {
     for (int j = 0; j < V; ++j) p[j] = static_cast<T>(x[j]);
   }
