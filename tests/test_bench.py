@@ -249,6 +249,14 @@ def test_whole_model_rows(tmp_path, capsys):
     args = report.parse_args(["--model-batch", "1", "--model-modes", "train", "--resolutions", "32", "--no-compile"],
                              cuda=False)
     assert model_section.run(args, torch.device("cpu"), torch.float32, "fp32") == []  # batch 1 is inference only
+    # every row is handed to the report as soon as it is measured (a time-limited GPU call keeps it)
+    args = report.parse_args(["--model-batch", "2", "--model-modes", "inference", "--resolutions", "32",
+                              "--no-compile", "--reps", "1", "--warmup", "0"], cuda=False)
+    saved = []
+    args.save_partial = lambda rows: saved.append([r["impl"] for r in rows])
+    with as_on_a_cpu():
+        model_section.run(args, torch.device("cpu"), torch.float32, "fp32")
+    assert saved == [["eager"], ["eager", "ours"]]
 
 
 def test_whole_model_shapes_and_options():

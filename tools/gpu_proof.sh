@@ -8,9 +8,10 @@
 #              odd test shape would double the stage's compiles; the token-tile test forces each
 #              tile the tuner may pick, and the bench stage runs the tuner
 #   bench      the speed report (BENCH_ARGS, default "--resolutions 224")
-#   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, bf16: inference at
-#              batch 64 and 1, a training step at batch 64; eager, torch.compile, ours, ours +
-#              compile), into $OUT/model/: its compiles take minutes, so run it as a call of its own
+#   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, batch 64, bf16:
+#              inference and a training step; eager, torch.compile, ours, ours + compile), into
+#              $OUT/model/ (results.json after every row): its compiles take minutes, so run it as
+#              a call of its own
 #   sanitizer  compute-sanitizer memcheck and racecheck over the kernel tests, caching allocator
 #              off (so overruns inside PyTorch's cached blocks are seen) and one tile per Triton
 #              kernel (MPVIT_KERNELS_AUTOTUNE=0), so that it fits one call
@@ -31,7 +32,7 @@ BENCH_ARGS=${BENCH_ARGS---resolutions 224}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
-MODEL_ARGS=${MODEL_ARGS---ops model --model-sizes small --resolutions 224 --dtypes bf16 --reps 10 --warmup 2}
+MODEL_ARGS=${MODEL_ARGS---ops model --model-sizes small --resolutions 224 --model-batch 64 --dtypes bf16 --reps 10 --warmup 2}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-420}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-480}
 # Kernel tests for the GPU: all but the CPU-only checks (the ahead-of-time compile, the wheel

@@ -184,6 +184,14 @@ def main(argv=None) -> int:
             section = SECTIONS[name]
             section_started = time.perf_counter()
             rows = []
+
+            def save_partial(section_rows, name=name, done=rows):
+                """What a section has measured so far, written before it ends (the whole model's
+                section takes minutes: a run cut short by a time limit keeps its rows)."""
+                partial = results + [{"section": name, **row} for row in done + section_rows]
+                write_report(folder, info, partial, say.markdown())
+
+            args.save_partial = save_partial
             for dtype_name in args.dtypes:
                 if bar is not None:
                     bar.set_description(f"{name} {dtype_name}")

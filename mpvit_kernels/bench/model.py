@@ -142,6 +142,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 rows.append({"op": "MPViT", "model": SHORT_NAMES[size], "input": res, "shape": [batch, 3, res, res],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "img/s": batch / (t["median_ms"] * 1e-3), "peak_mib": peak_mib(device, step)})
+                if getattr(args, "save_partial", None):  # results.json after every row (bench/__main__.py)
+                    args.save_partial(rows)
             del cases
     return rows
 
