@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
 from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.ops.gli_projection import tma_device
 
 # (model, stage, C per path, C out, input stride of the map): num_path + 1 = 4 inputs everywhere
 AGGREGATES = [("S", 1, 64, 128, 4), ("S", 2, 128, 216, 8), ("S", 3, 216, 288, 16), ("S", 4, 288, 288, 32),
@@ -76,8 +77,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     modes = {"eval forward": {"eager": eager, "ours": ours},
              "train forward+backward": {"eager": eager_train, "ours": ours_train}}
-    tma = (device.type == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(device)[0] == 9
-           and dtype != torch.float64)
+    tma = device.type == "cuda" and tma_device(device, dtype)
     for impls in modes.values():
         if tma:  # the GPU run that decides whether the TMA loads become the default
             impls["ours (TMA)"] = with_tma(impls["ours"])

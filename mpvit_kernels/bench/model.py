@@ -89,18 +89,14 @@ def _inference_impls(args, public, ours) -> dict:
 def _train_impls(args, size: str, device: torch.device) -> dict:
     """Each column trains its own copy (a step changes the weights) from the same start, with
     its own AdamW; max-autotune is left out of training (its compile of the backward takes too long)."""
+    pairs = [("eager", "ours", False)] + ([] if args.no_compile else [("torch.compile", "ours + compile", True)])
     impls = {}
-    for compiled_too in (False, True):
-        if compiled_too and args.no_compile:
-            break
-        public, ours = models(size, device)
-        suffix = " + compile" if compiled_too else ""
-        for name, model in (("eager" if not compiled_too else "torch.compile", public), ("ours" + suffix, ours)):
+    for public_name, ours_name, compile_them in pairs:
+        for name, model in zip((public_name, ours_name), models(size, device)):
             model.train()
-            run = torch.compile(model) if compiled_too else model
+            run = torch.compile(model) if compile_them else model
             impls[name] = (run, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    order = ["eager", "torch.compile", "ours", "ours + compile"]
-    return {name: impls[name] for name in order if name in impls}
+    return {name: impls[name] for name in ("eager", "torch.compile", "ours", "ours + compile") if name in impls}
 
 
 def peak_mib(device: torch.device, fn) -> float | None:

@@ -173,24 +173,27 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
     return batch_norm_hswish(_unfused_pre_bn(rows, weight, B, H, W), bn_weight, bn_bias, eps, hswish)
 
 
-def use_tma(xs) -> bool:
-    """Whether the GEMM reads the inputs through tensor descriptors (the tensor-memory
-    accelerator of sm_90; the interpreter runs them anywhere) instead of pointer loads: opt-in
-    (``TMA``, from MPVIT_KERNELS_GLI_TMA=1) until a GPU run of the speed report (its "ours (TMA)"
-    rows) measures them against the pointers; on NVIDIA sm_90 only (the GPUs the static compile
-    checks), with a Triton that has ``tl.make_tensor_descriptor`` (3.4+); and only where every
-    input's rows have one stride across the batch (batch stride N rows), do not overlap, and
-    start 16-byte aligned, as a descriptor needs. fp64 keeps the pointers."""
-    if not TMA:
-        return False
+def tma_device(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether tensor-descriptor loads can run for inputs of this dtype on this device: NVIDIA
+    sm_90 only (the GPUs the static compile checks; the interpreter runs them on a CPU), a Triton
+    that has ``tl.make_tensor_descriptor`` (3.4+), not fp64 (which keeps the pointers)."""
     import triton.language as tl
 
-    x0 = xs[0]
-    if x0.dtype == torch.float64 or not hasattr(tl, "make_tensor_descriptor"):
+    if dtype == torch.float64 or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if x0.device.type == "cuda" and (torch.version.hip or torch.cuda.get_device_capability(x0.device)[0] != 9):
+    return device.type != "cuda" or (not torch.version.hip and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def use_tma(xs) -> bool:
+    """Whether the GEMM reads the inputs through tensor descriptors (the tensor-memory
+    accelerator of sm_90) instead of pointer loads: opt-in (``TMA``, from
+    MPVIT_KERNELS_GLI_TMA=1) until a GPU run of the speed report (its "ours (TMA)" rows)
+    measures them against the pointers; where :func:`tma_device` allows them; and only where
+    every input's rows have one stride across the batch (batch stride N rows), do not overlap,
+    and start 16-byte aligned, as a descriptor needs."""
+    if not TMA or not tma_device(xs[0].device, xs[0].dtype):
         return False
-    elem = x0.element_size()
+    elem = xs[0].element_size()
     return all(x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1) for x in xs) and \
         all(x.stride(1) >= x.shape[2] and (x.stride(1) * elem) % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)
 
