@@ -173,6 +173,31 @@ def test_tensor_descriptor_launches_get_a_scratch_allocator():
     assert contextvars.Context().run(fresh) is gli._scratch
 
 
+def test_vector_width_is_what_every_width_and_row_stride_is_a_multiple_of():
+    from mpvit_kernels.triton.gli_projection import vector_width
+
+    assert vector_width(216, 216, 216 * 196) == 8  # MPViT-S stage 3: not a multiple of 16, so only VEC says it
+    assert vector_width(64, 128) == 8  # at most 8 (16 bytes of a 16-bit dtype)
+    assert vector_width(216, 220) == 4
+    assert vector_width(22, 24) == 2
+    assert vector_width(27, 64) == 1
+
+
+@pytest.mark.parametrize("pad, vec", [(8, 8), (4, 4), (3, 1)])
+def test_row_strides_narrow_the_vector_width(pad, vec):
+    # tokens sliced out of rows C + pad wide: the kernel may assume 16-byte rows only where every
+    # stride allows (a wrong VEC would round the strides and read the wrong rows)
+    from tests.utils import RecordLaunches
+
+    m = make_module(16, 24, 2, torch.float32, False)
+    leaves = [torch.randn(2, 35, 16 + pad, device=KERNEL_DEVICE)[..., pad // 2:pad // 2 + 16] for _ in range(2)]
+    maps = [x.transpose(1, 2).reshape(2, 16, 5, 7) for x in leaves]
+    with RecordLaunches() as rec:
+        out = m(leaves, size=(5, 7))
+    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "gli_gemm_kernel"] == [vec]
+    assert_close(out, chain(m, maps), scale=4)
+
+
 def test_gradcheck_float64():
     xs = [torch.randn(1, 5, 3, 4, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3)]
     w = torch.randn(6, 15, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)

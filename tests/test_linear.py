@@ -73,6 +73,20 @@ def test_without_bias_and_with_an_empty_batch():
     assert empty.shape == (0, 5, 20)
 
 
+@pytest.mark.parametrize("stride, n, vec", [(16, 24, 8), (20, 24, 4), (16, 20, 4), (19, 24, 1)])
+def test_row_stride_and_widths_set_the_vector_width(stride, n, vec):
+    # the kernel is told K, N and the row stride are multiples of VEC (16-byte loads at widths
+    # such as 216); a wrong VEC would round them and read the wrong rows
+    from tests.utils import RecordLaunches
+
+    x = torch.randn(9, stride, device=KERNEL_DEVICE)[:, :16]
+    _, (w, b, lw, lb) = make_inputs(9, 16, n, torch.float32, "rows", "norm")
+    with RecordLaunches() as rec:
+        y = ops.linear(x, w, b, lw, lb, 1e-5)
+    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "linear_kernel"] == [vec]
+    assert_close(y, chain(x, w, b, lw, lb, 1e-5, False), scale=4)
+
+
 def test_fp64_gradcheck():
     for site in ("norm", "gelu"):
         x, params = make_inputs(4, 6, 5, torch.float64, "strided", site)

@@ -1,8 +1,9 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90a on this CPU machine, for every
 autotune config and constexpr combination the ops can launch at the model's shapes, with no
 spill (STACK or LOCAL bytes in cuobjdump's resource usage), within the per-block shared-memory
-limit and with one block's registers (per thread x threads) within an SM's; no launchable
-kernel lacks a compile spec; the CUDA kernels of the extension likewise.
+limit and with one block's registers (per thread x threads) within an SM's; the GEMMs as MPViT
+launches them read 16 bytes at a time; no launchable kernel lacks a compile spec; the CUDA
+kernels of the extension likewise.
 The table: benchmarks/results/static/resource_usage.md (`make static-report`)."""
 import os
 
@@ -28,6 +29,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
                 "assert {u.arch for u in res} == {80, 90} and len(res) > 100\n"
                 "scratch = {(u.kernel, u.arch, u.tag.endswith(' TMA')) for u in res if u.scratch}\n"
                 "assert scratch == {('gli_gemm_kernel', 90, True)}, scratch\n"
+                "narrow = [(u.kernel, u.tag, u.arch, u.widest_load) for u in res\n"
+                "          if u.tag.endswith('VEC=8 aligned') and u.widest_load != 16]\n"
+                "assert not narrow and any(u.tag.endswith('VEC=8 aligned') for u in res), narrow\n"
                 "print(len(res), 'compiled')\n")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -40,6 +44,21 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
     assert not [u for u in results if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
     # global scratch (a launch fails without triton.set_allocator): only where ops.gli_projection sets one
     assert {(u.kernel, u.arch, u.tag.endswith(" TMA")) for u in results if u.scratch} == {("gli_gemm_kernel", 90, True)}
+    # the GEMMs at MPViT's widths (multiples of 8, VEC) read 16 bytes at a time
+    vec8 = [u for u in results if u.tag.endswith("VEC=8 aligned")]
+    assert vec8 and all(u.widest_load == 16 for u in vec8)
+
+
+def test_widest_load_reads_vector_loads_and_cp_async_off_the_ptx():
+    from mpvit_kernels.triton.static_compile import widest_load
+
+    assert widest_load("@%p5 ld.global.b16 { %rs1 }, [ %rd95 + 0 ];") == 2
+    assert widest_load("ld.global.L1::evict_last.v2.b16 { %rs1, %rs2 }, [ %rd1 + 0 ];\n"
+                       "ld.global.b32 { %r1 }, [ %rd2 + 0 ];") == 4
+    assert widest_load("@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd3 + 0 ];") == 16
+    assert widest_load("cp.async.cg.shared.global [ %r70 + 0 ], [ %rd31 + 0 ], 0x10, %r71;") == 16
+    assert widest_load("cp.async.ca.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 4;") == 4
+    assert widest_load("st.global.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };") == 0
 
 
 def test_cuda_kernels_of_the_extension_have_no_spills():

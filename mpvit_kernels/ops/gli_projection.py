@@ -238,6 +238,8 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     padded = list(xs) + [xs[0]] * (kernels.MAX_INPUTS - len(xs))
     strides = [s for x in padded for s in (x.stride(0), x.stride(1))]
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # a stride of a size-1 dim is never multiplied by more than 0
+    vec = kernels.vector_width(C, Cout, *(x.stride(d) for x in xs for d in (0, 1) if x.shape[d] > 1))
     tma = use_tma(xs)
     if tma and w.is_cuda:
         _ensure_allocator()
@@ -248,7 +250,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
             M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,
             RESIDUAL=residual is not None, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
-            BLOCK_N=BN, TMA=tma)
+            BLOCK_N=BN, TMA=tma, VEC=vec)
     return y, tile_mean, tile_m2, BM
 
 

@@ -85,7 +85,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
     from mpvit_kernels.triton import linear as kernels
-    from mpvit_kernels.triton.gli_projection import block_n, tile  # the tiles LAUNCH picks
+    from mpvit_kernels.triton.gli_projection import block_n, tile, vector_width  # the tiles LAUNCH picks
 
     M, K = x.shape
     N = weight.shape[0]
@@ -105,7 +105,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
             x, weight.contiguous(), *(y if t is None else t for t in params), y, M, K, N, x.stride(0), float(eps),
             NORM=norm, BIAS=bias is not None, GELU=gelu,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
-            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn)
+            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn,
+            VEC=vector_width(K, N, *((x.stride(0),) if M > 1 else ())))
     return y
 
 

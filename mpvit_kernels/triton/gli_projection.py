@@ -45,6 +45,25 @@ def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
     return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
 
 
+def vector_width(*extents: int) -> int:
+    """VEC of the GEMMs: the largest power of two up to 8 that every one of ``extents`` (channel
+    counts and row strides, in elements) is a multiple of. Triton's launch marks an integer
+    argument aligned only when it is a multiple of 16, so a width such as MPViT-S's 216 would
+    otherwise be read one element at a time, which also rules out cp.async pipelining; 8 is 16
+    bytes of a 16-bit dtype, and a multiple of 8 is a multiple of fp32's 4 and fp64's 2 too."""
+    vec = 8
+    while vec > 1 and any(e % vec for e in extents):
+        vec //= 2
+    return vec
+
+
+@triton.jit
+def _known_multiple(x, VEC: tl.constexpr):
+    """x, which the op has checked is a multiple of VEC, in a form the compiler's alignment
+    analysis sees as one (the division is exact, so the value is unchanged)."""
+    return x // VEC * VEC
+
+
 def _tile(meta):
     # the op passes ieee precision for fp32 and fp64 inputs only
     dtype = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
@@ -74,8 +93,10 @@ def gli_gemm_kernel(
     M, N, C, Cout,
     NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, TMA: tl.constexpr = False,
+    BLOCK_K: tl.constexpr, TMA: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):
+    C = _known_multiple(C, VEC)  # C, Cout and every row stride are multiples of VEC (vector_width)
+    Cout = _known_multiple(Cout, VEC)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
@@ -96,6 +117,8 @@ def gli_gemm_kernel(
             x_ptr, sb, sn = x3_ptr, sb3, sn3
         if i == 4:
             x_ptr, sb, sn = x4_ptr, sb4, sn4
+        sb = _known_multiple(sb, VEC)
+        sn = _known_multiple(sn, VEC)
         if TMA:
             # The input as an (M, C) matrix of row stride sn read by the tensor-memory accelerator
             # (the op takes this path only where each input's batch stride is N rows and its rows
@@ -121,8 +144,9 @@ def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N and dtype, with the eval epilogue and the training one; 4 inputs (MPViT-S/B's
     num_path + 1) and 5 (the most); and one input with the residual epilogue (InvRes's conv2);
-    the 16-bit and fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles
-    them to plain loads)."""
+    each with no alignment known, and for MPViT's widths and dtypes as it launches them (VEC=8,
+    aligned pointers); the 16-bit and fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles them to plain
+    loads)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -140,6 +164,10 @@ def compile_specs():
                               "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
                               "DOT_PRECISION": precision, "BLOCK_N": bn, "TMA": False}
                 specs.append((gli_gemm_kernel, tag, types, constexprs))
+                if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 480, multiples
+                    # of 8 (216 is not one of 16, so only VEC tells the compiler), aligned tensors
+                    aligned = {name: ty + ":16" for name, ty in types.items()}
+                    specs.append((gli_gemm_kernel, tag + " VEC=8 aligned", aligned, {**constexprs, "VEC": 8}))
                 if dt != "fp64":  # the tensor-descriptor loads (ops.gli_projection.use_tma)
                     specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs

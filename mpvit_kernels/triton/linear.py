@@ -19,7 +19,7 @@ import triton.language as tl
 from mpvit_kernels.triton.affine_hswish import _div
 # gli_projection's GEMM tiles: the same loop (rows of A with unit channel stride, W (N, K)), and
 # they compile without spills with the LayerNorm prologue and GELU epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import LAUNCH
+from mpvit_kernels.triton.gli_projection import LAUNCH, _known_multiple
 
 
 @LAUNCH
@@ -33,8 +33,12 @@ def linear_kernel(
     M, K, N, stride_xm,
     eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
     NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
 ):
+    # K, N and the row stride are multiples of VEC (gli_projection.vector_width): vector loads
+    K = _known_multiple(K, VEC)
+    N = _known_multiple(N, VEC)
+    stride_xm = _known_multiple(stride_xm, VEC)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
@@ -90,7 +94,8 @@ def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N, GEMM dtype and site; for a 16-bit GEMM, x and the parameters in it (a 16-bit
     model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
-    fp32 residual stream of an fp32 model)."""
+    fp32 residual stream of an fp32 model); each with no alignment known, and for MPViT's widths
+    and dtypes as it launches them (VEC=8, aligned pointers)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -101,6 +106,11 @@ def compile_specs():
                 for site, flags in SITES.items():
                     types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{p_dt}",
                              "ln_weight_ptr": f"*{p_dt}", "ln_bias_ptr": f"*{p_dt}", "y_ptr": f"*{dt}"}
-                    specs.append((linear_kernel, f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}", types,
-                                  {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
+                    tag = f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}"
+                    constexprs = {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}
+                    specs.append((linear_kernel, tag, types, constexprs))
+                    if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 1920, multiples
+                        # of 8 (gli_projection.vector_width), aligned tensors
+                        specs.append((linear_kernel, tag + " VEC=8 aligned", {n: t + ":16" for n, t in types.items()},
+                                      {**constexprs, "VEC": 8}))
     return specs

@@ -45,6 +45,7 @@ class Usage:
     warps_per_sm: int = 0
     error: str = ""
     scratch: int = 0  # global scratch bytes (device-side tensor descriptors): the launch needs triton.set_allocator
+    widest_load: int = 0  # bytes of the kernel's widest load from global memory (ld.global or cp.async), 0 unread
 
 
 def kernel_modules():
@@ -105,21 +106,37 @@ def configs_of(kernel, constexprs):
     return [({}, 4, 3, None)]
 
 
+_LOAD = re.compile(r"\bld\.global[\w:.]*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w:.]*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def widest_load(ptx: str) -> int:
+    """Bytes of the widest global-memory load in ``ptx`` (a vector ld.global or a cp.async into
+    shared memory): 16 where Triton could prove 16-byte alignment, 2 for a 16-bit dtype read
+    one element at a time."""
+    widths = [int(v or 1) * int(bits) // 8 for v, bits in _LOAD.findall(ptx)]
+    return max(widths + [int(n, 0) for n in _CP_ASYNC.findall(ptx)] + [0])
+
+
 def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
+    """One compile. A type ending in ":16" is an argument the launch specialises as a multiple
+    of 16 (Triton does so for a pointer 16-byte aligned and an integer divisible by 16); the
+    others get no alignment hint, the worst case a launch can specialise to."""
     fn = jit_function(kernel)
     kwargs, warps, stages, maxnreg = config
     cx = {**constexprs, **kwargs}
     label = ", ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"warps={warps}"])
     usage = Usage(fn.__name__, tag, label, arch)
-    signature = {name: types.get(name, "i32") for name in fn.arg_names}
+    signature = {name: types.get(name, "i32").removesuffix(":16") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in cx})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in types.items() if ty.endswith(":16")}
     narrowed = [f"{name}: spec {ty}, launched as {float_launch_type(fn, name)}" for name, ty in types.items()
                 if ty in FLOAT_TYPES and float_launch_type(fn, name) != ty]
     if narrowed:  # the compile would not be what a launch with a Python float runs
         usage.error = "float argument typed unlike its launch: " + "; ".join(narrowed)
         return usage
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=cx),
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=cx, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": stages,
                                            **({"maxnreg": maxnreg} if maxnreg else {})})
@@ -138,6 +155,7 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     usage.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     usage.shared = int(compiled.metadata.shared) + int(fields.get("SHARED", 0))
     usage.scratch = int(getattr(compiled.metadata, "global_scratch_size", 0) or 0)
+    usage.widest_load = widest_load(compiled.asm["ptx"])
     regs_per_warp = max(usage.registers, 1) * 32
     usage.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (regs_per_warp * warps)) * warps)
     if usage.shared:
@@ -211,8 +229,9 @@ def cuda_extension_usage(library: str) -> list[Usage]:
 
 
 def table(results: list[Usage]) -> str:
-    lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | widest load (B) "
+             "| status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for u in results:
         status = "COMPILE ERROR: " + u.error if u.error else (
             "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
@@ -221,7 +240,7 @@ def table(results: list[Usage]) -> str:
                                             "triton.set_allocator)" if u.scratch
                                             else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
-                     f"{u.spill_bytes} | {u.warps_per_sm} | {status} |")
+                     f"{u.spill_bytes} | {u.warps_per_sm} | {u.widest_load or '-'} | {status} |")
     return "\n".join(lines)
 
 
@@ -235,7 +254,9 @@ def main(argv=None) -> int:
     text = ("# GPU kernels compiled ahead of time (no GPU)\n\n"
             f"triton {triton.__version__}; registers and spills from cuobjdump --dump-resource-usage, shared memory "
             "from the compiled kernel's metadata (Triton) or cuobjdump (CUDA); warps/SM is the occupancy those "
-            "allow.\n\n## Triton kernels\n\n" + table(results) + "\n")
+            "allow; widest load is the widest ld.global or cp.async in the PTX (16 B: vectorised). Inputs "
+            "marked 'aligned' compile with the alignment a launch on 16-byte-aligned tensors gets, the "
+            "others with none (the worst case).\n\n## Triton kernels\n\n" + table(results) + "\n")
     text += ("\n## CUDA kernels of mpvit_kernels._C\n\n" + table(cuda) + "\n") if cuda else \
         "\n(mpvit_kernels._C is not built: no CUDA kernels read)\n"
     results += cuda
