@@ -67,6 +67,31 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
             torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
 
 
+@pytest.mark.parametrize("pad, cout, vec", [(8, 24, 8), (4, 24, 4), (8, 20, 4), (3, 24, 1)])
+def test_strides_and_widths_narrow_the_vector_width(pad, cout, vec):
+    # a channels-last map sliced out of one cin + pad channels wide: the kernels are told (VEC)
+    # what the widths and strides are multiples of, for 16-byte accesses; the BatchNorm's
+    # backward kernels read (M, cout) rows
+    from mpvit_kernels.triton.affine_hswish import vector_width
+    from tests.utils import RecordLaunches
+
+    m = make_module(16, cout, 3, 1, torch.float32, True)
+    ref = copy.deepcopy(m)
+    wide = torch.randn(2, 16 + pad, 5, 7, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    x = wide[:, :16].requires_grad_()
+    with RecordLaunches() as rec:
+        y = m(x)
+        grad = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, m.pwconv.weight], grad)
+    vecs = {(fn.__name__, meta["VEC"]) for fn, meta in rec.launches if "VEC" in meta}
+    assert vecs == {("dwconv_pw_kernel", vec), ("grad_sums_kernel", vector_width(cout)),
+                    ("grad_kernel", vector_width(cout))}
+    y_ref = chain(ref, x)
+    assert_close(y, y_ref, scale=10)
+    for a, b in zip(got, torch.autograd.grad(y_ref, [x, ref.pwconv.weight], grad)):
+        assert_close(a, b, scale=100)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_training_statistics_over_steps_and_a_large_mean(momentum):
     """Three steps on inputs whose 1x1 output has a mean far above its spread (where a plain sum

@@ -70,6 +70,26 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, impl):
         assert_close(a, b, scale=10)
 
 
+@pytest.mark.parametrize("pad, vec", [(8, 8), (4, 4), (3, 1)])
+def test_row_strides_narrow_the_vector_width(pad, vec):
+    # tokens sliced out of rows C + pad wide: the kernels are told (VEC) what C and every stride
+    # are multiples of, for 16-byte accesses; a wrong VEC would round the strides
+    from tests.utils import RecordLaunches
+
+    x = torch.randn(2, 9, 16 + pad, device=KERNEL_DEVICE)[..., :16].requires_grad_()
+    y = torch.randn(2, 9, 16, device=KERNEL_DEVICE).requires_grad_()
+    params = [torch.randn(16, device=KERNEL_DEVICE).requires_grad_() for _ in range(4)]
+    with RecordLaunches() as rec:
+        r, u = ops.residual_layernorm(x, y, *params, 1e-6)
+        got = torch.autograd.grad((r, u), [x, y], [torch.ones_like(r), u.detach()])
+    assert [meta["VEC"] for _, meta in rec.launches] == [vec, vec]  # forward, backward
+    r_ref, u_ref = chain(x, y, *params, 1e-6)
+    assert_close(r, r_ref)
+    assert_close(u, u_ref, scale=4)
+    for a, b in zip(got, torch.autograd.grad((r_ref, u_ref), [x, y], [torch.ones_like(r), u.detach()])):
+        assert_close(a, b, scale=10)
+
+
 def test_twin_in_low_precision_within_twice_eager_error():
     (x64, y64), params = make_inputs(2, 9, 40, torch.float64, "dense", "cpu")
     want = chain(x64, y64, *params, 1e-6)

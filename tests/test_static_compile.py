@@ -1,9 +1,9 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90a on this CPU machine, for every
 autotune config and constexpr combination the ops can launch at the model's shapes, with no
 spill (STACK or LOCAL bytes in cuobjdump's resource usage), within the per-block shared-memory
-limit and with one block's registers (per thread x threads) within an SM's; the GEMMs as MPViT
-launches them read 16 bytes at a time; no launchable kernel lacks a compile spec; the CUDA
-kernels of the extension likewise.
+limit and with one block's registers (per thread x threads) within an SM's; the kernels told
+their alignment (VEC) read 16 bytes at a time as MPViT launches them; no launchable kernel lacks
+a compile spec; the CUDA kernels of the extension likewise.
 The table: benchmarks/results/static/resource_usage.md (`make static-report`)."""
 import os
 
@@ -44,7 +44,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
     assert not [u for u in results if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
     # global scratch (a launch fails without triton.set_allocator): only where ops.gli_projection sets one
     assert {(u.kernel, u.arch, u.tag.endswith(" TMA")) for u in results if u.scratch} == {("gli_gemm_kernel", 90, True)}
-    # the GEMMs at MPViT's widths (multiples of 8, VEC) read 16 bytes at a time
+    # at MPViT's widths (multiples of 8, VEC) and on aligned tensors: 16 bytes at a time
     vec8 = [u for u in results if u.tag.endswith("VEC=8 aligned")]
     assert vec8 and all(u.widest_load == 16 for u in vec8)
 

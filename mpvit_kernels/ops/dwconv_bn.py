@@ -117,6 +117,7 @@ def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
     """The fused kernel: y (B, Cout, H', W') channels-last, and with ``stats`` the row tiles'
     (mean, M2) of y and the rows per tile."""
     from mpvit_kernels.triton import dwconv_bn as kernels
+    from mpvit_kernels.triton.affine_hswish import vector_width
 
     B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
     Cin, K = x.shape[1], dw_weight.shape[-1]
@@ -134,13 +135,15 @@ def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
     if M == 0 or Cout == 0:
         return y, tile_mean, tile_m2, BM
     precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    # a stride of a size-1 dim only ever multiplies 0
+    vec = vector_width(Cin, Cout, *(xn.stride(d) for d in (0, 2, 3) if xn.shape[d] > 1))
     with backend.triton_device(x):
         kernels.dwconv_pw_kernel[(-(-M // BM), -(-Cout // BN))](
             xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, tile_mean, tile_m2, M,
             x.shape[2], x.shape[3], Ho, Wo, Cin, Cout, xn.stride(0), xn.stride(2), xn.stride(3), stride, K=K,
             AFFINE=scale is not None, HSWISH=hswish, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
-            BLOCK_N=BN)
+            BLOCK_N=BN, VEC=vec)
     return y, tile_mean, tile_m2, BM
 
 

@@ -85,7 +85,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
     from mpvit_kernels.triton import linear as kernels
-    from mpvit_kernels.triton.gli_projection import block_n, tile, vector_width  # the tiles LAUNCH picks
+    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.gli_projection import block_n, tile  # the tiles LAUNCH picks
 
     M, K = x.shape
     N = weight.shape[0]

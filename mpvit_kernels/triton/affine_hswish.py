@@ -18,6 +18,29 @@ import triton
 import triton.language as tl
 
 
+def vector_width(*extents: int) -> int:
+    """VEC of the kernels that read rows of channels: the largest power of two up to 8 that every
+    one of ``extents`` (channel counts and row strides, in elements) is a multiple of. Triton's
+    launch marks an integer argument aligned only when it is a multiple of 16, so a width such as
+    MPViT-S's 216 would otherwise be read one element at a time, which also rules out cp.async
+    pipelining in the GEMMs; 8 is 16 bytes of a 16-bit dtype, and a multiple of 8 is a multiple
+    of fp32's 4 and fp64's 2 too."""
+    vec = 8
+    while vec > 1 and any(e % vec for e in extents):
+        vec //= 2
+    return vec
+
+
+@triton.jit
+def _known_multiple(x, VEC: tl.constexpr):
+    """x, which the op has checked is a multiple of VEC, in a form the compiler's alignment
+    analysis sees as one (the division is exact, so the value is unchanged); VEC = 1 leaves the
+    code as it was."""
+    if VEC > 1:
+        x = x // VEC * VEC
+    return x
+
+
 @triton.jit
 def _div(a, b, ACC: tl.constexpr):
     """a / b correctly rounded in ACC: Triton's fp32 ``/`` is div.full.f32 (up to 2 ulp off);
@@ -133,8 +156,9 @@ def grad_sums_kernel(
     gamma_ptr, beta_ptr, mean_ptr, var_ptr,  # (C,) in the accumulation type
     sum_ptr, sum_dev_ptr,  # (P, C) out: per row block, sum(g_u) and sum(g_u * (z - mean))
     M, C, eps: tl.float64, HSWISH: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, VEC: tl.constexpr = 1,
 ):
+    C = _known_multiple(C, VEC)  # vector_width: 16-byte loads at widths such as 216
     pid_m = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -159,8 +183,9 @@ def grad_kernel(
     gamma_ptr, beta_ptr, mean_ptr, var_ptr, sum_ptr, sum_dev_ptr,  # (C,) in the accumulation type
     gz_ptr,  # (M, C) out: grad of the pre-BatchNorm output
     M, C, eps: tl.float64, HSWISH: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr = 1,
 ):
+    C = _known_multiple(C, VEC)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -187,7 +212,11 @@ def block_c(C: int) -> int:
 
 
 def compile_specs():
-    """Every dtype with and without Hardswish; every BLOCK_C the op launches."""
+    """Every dtype with and without Hardswish; every BLOCK_C the op launches; with no alignment
+    known, and the backward for MPViT's widths and dtypes as it launches it (VEC=8, aligned
+    pointers)."""
+    from mpvit_kernels.triton.static_compile import aligned
+
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -207,4 +236,7 @@ def compile_specs():
                 specs.append((grad_kernel, tag,
                               {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", "gz_ptr": f"*{dt}", **per_channel, "eps": "fp64"},
                               {"HSWISH": hswish, "ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc}))
+                if bc == 64 and dt != "fp64":  # as MPViT (C 64 to 480, multiples of 8) launches them
+                    specs += [(kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8})
+                              for kernel, tag, types, constexprs in specs[-2:]]
     return specs

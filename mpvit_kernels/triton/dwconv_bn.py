@@ -15,7 +15,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -64,7 +64,14 @@ def dwconv_pw_kernel(
     M, H, W, Ho, Wo, Cin, Cout, stride_b, stride_h, stride_w, stride,
     K: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr = 1,
 ):
+    # the widths and strides are multiples of VEC (affine_hswish.vector_width): 16-byte accesses
+    Cin = _known_multiple(Cin, VEC)
+    Cout = _known_multiple(Cout, VEC)
+    stride_b = _known_multiple(stride_b, VEC)
+    stride_h = _known_multiple(stride_h, VEC)
+    stride_w = _known_multiple(stride_w, VEC)
     P: tl.constexpr = K // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +108,11 @@ def dwconv_pw_kernel(
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N and dtype, with the eval epilogue and the training one (statistics); windows 3 and 7 (the taps
-    are a loop, so the window changes its trip count, not the code)."""
+    are a loop, so the window changes its trip count, not the code); each with no alignment
+    known, and for MPViT's widths (64 to 480) and dtypes as it launches them (VEC=8, aligned
+    pointers)."""
+    from mpvit_kernels.triton.static_compile import aligned
+
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -115,4 +126,7 @@ def compile_specs():
                               {"K": k, "AFFINE": eval_epilogue, "HSWISH": eval_epilogue,
                                "STATS": not eval_epilogue, "ACC": acc_ty,
                                "DOT_PRECISION": precision, "BLOCK_N": bn}))
+                if bn >= 64 and dt != "fp64":
+                    kernel, tag, types, constexprs = specs[-1]
+                    specs.append((kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
     return specs

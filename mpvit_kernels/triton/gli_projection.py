@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_INPUTS = 5
@@ -43,25 +43,6 @@ def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
     if block_n == 128:
         return 64, 32, 8, 3
     return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
-
-
-def vector_width(*extents: int) -> int:
-    """VEC of the GEMMs: the largest power of two up to 8 that every one of ``extents`` (channel
-    counts and row strides, in elements) is a multiple of. Triton's launch marks an integer
-    argument aligned only when it is a multiple of 16, so a width such as MPViT-S's 216 would
-    otherwise be read one element at a time, which also rules out cp.async pipelining; 8 is 16
-    bytes of a 16-bit dtype, and a multiple of 8 is a multiple of fp32's 4 and fp64's 2 too."""
-    vec = 8
-    while vec > 1 and any(e % vec for e in extents):
-        vec //= 2
-    return vec
-
-
-@triton.jit
-def _known_multiple(x, VEC: tl.constexpr):
-    """x, which the op has checked is a multiple of VEC, in a form the compiler's alignment
-    analysis sees as one (the division is exact, so the value is unchanged)."""
-    return x // VEC * VEC
 
 
 def _tile(meta):
@@ -147,6 +128,8 @@ def compile_specs():
     each with no alignment known, and for MPViT's widths and dtypes as it launches them (VEC=8,
     aligned pointers); the 16-bit and fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles them to plain
     loads)."""
+    from mpvit_kernels.triton.static_compile import aligned
+
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -166,8 +149,7 @@ def compile_specs():
                 specs.append((gli_gemm_kernel, tag, types, constexprs))
                 if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 480, multiples
                     # of 8 (216 is not one of 16, so only VEC tells the compiler), aligned tensors
-                    aligned = {name: ty + ":16" for name, ty in types.items()}
-                    specs.append((gli_gemm_kernel, tag + " VEC=8 aligned", aligned, {**constexprs, "VEC": 8}))
+                    specs.append((gli_gemm_kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
                 if dt != "fp64":  # the tensor-descriptor loads (ops.gli_projection.use_tma)
                     specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs

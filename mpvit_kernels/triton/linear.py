@@ -16,10 +16,10 @@ to W's dtype before the dot, as eager rounds the LayerNorm's output before its L
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _div
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
 # gli_projection's GEMM tiles: the same loop (rows of A with unit channel stride, W (N, K)), and
 # they compile without spills with the LayerNorm prologue and GELU epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import LAUNCH, _known_multiple
+from mpvit_kernels.triton.gli_projection import LAUNCH
 
 
 @LAUNCH
@@ -35,7 +35,7 @@ def linear_kernel(
     NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
 ):
-    # K, N and the row stride are multiples of VEC (gli_projection.vector_width): vector loads
+    # K, N and the row stride are multiples of VEC (affine_hswish.vector_width): vector loads
     K = _known_multiple(K, VEC)
     N = _known_multiple(N, VEC)
     stride_xm = _known_multiple(stride_xm, VEC)
@@ -96,6 +96,8 @@ def compile_specs():
     model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
     fp32 residual stream of an fp32 model); each with no alignment known, and for MPViT's widths
     and dtypes as it launches them (VEC=8, aligned pointers)."""
+    from mpvit_kernels.triton.static_compile import aligned
+
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
@@ -110,7 +112,6 @@ def compile_specs():
                     constexprs = {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}
                     specs.append((linear_kernel, tag, types, constexprs))
                     if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 1920, multiples
-                        # of 8 (gli_projection.vector_width), aligned tensors
-                        specs.append((linear_kernel, tag + " VEC=8 aligned", {n: t + ":16" for n, t in types.items()},
-                                      {**constexprs, "VEC": 8}))
+                        # of 8 (affine_hswish.vector_width), aligned tensors
+                        specs.append((linear_kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
     return specs

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mpvit_kernels.ops.residual_layernorm import MAX_CHANNELS
-from mpvit_kernels.triton.affine_hswish import _div
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -58,6 +58,14 @@ def _tokens(ptr, rows, cols, mask, N, stride_b, stride_n, ACC: tl.constexpr):
     return tl.load(ptr + (b * stride_b + n * stride_n)[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _aligned(C, stride_xb, stride_xn, stride_yb, stride_yn, VEC: tl.constexpr):
+    """C and the strides, which the op has checked are multiples of VEC (affine_hswish.vector_width),
+    stated so: 16-byte loads and stores at widths such as 216."""
+    return (_known_multiple(C, VEC), _known_multiple(stride_xb, VEC), _known_multiple(stride_xn, VEC),
+            _known_multiple(stride_yb, VEC), _known_multiple(stride_yn, VEC))
+
+
 @LAUNCH
 @triton.jit(do_not_specialize=["M", "N"])
 def residual_layernorm_kernel(
@@ -67,8 +75,9 @@ def residual_layernorm_kernel(
     mean_ptr, rstd_ptr,  # (M,) in ACC
     M, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
     eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr = 1,
 ):
+    C, stride_xb, stride_xn, stride_yb, stride_yn = _aligned(C, stride_xb, stride_xn, stride_yb, stride_yn, VEC)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < M
@@ -106,11 +115,12 @@ def residual_layernorm_bwd_kernel(
     grad_r_ptr, grad_u_ptr, grad_s_ptr,  # (M, C) row-major, the inputs' dtype
     partial_ptr,  # (P, 4, C) in ACC: this program's sums of grad_s, grad_r, grad_u * xhat, grad_u
     M, N, C, stride_xb, stride_xn, stride_yb, stride_yn,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, VEC: tl.constexpr = 1,
 ):
     """grad_s = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)) + grad_r with g = grad_u * weight,
     s recomputed from x and y; each program walks TILES row tiles and writes its column sums
     for the four parameters' grads (combined in a fixed order afterwards)."""
+    C, stride_xb, stride_xn, stride_yb, stride_yn = _aligned(C, stride_xb, stride_xn, stride_yb, stride_yn, VEC)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -159,7 +169,10 @@ def block_c(C: int) -> int:
 
 def compile_specs():
     """Every dtype, its parameters in it or in fp32 (under autocast), and every row tile the op
-    launches (C from 1 to MAX_CHANNELS)."""
+    launches (C from 1 to MAX_CHANNELS), with no alignment known; and MPViT's widths and dtypes
+    as it launches them (VEC=8, aligned pointers)."""
+    from mpvit_kernels.triton.static_compile import aligned
+
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc = "*fp64" if dt == "fp64" else "*fp32"
@@ -177,5 +190,8 @@ def compile_specs():
                                "grad_s_ptr": f"*{dt}", "partial_ptr": acc},
                               {"ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK_C": bc,
                                "TILES": GRAD_TILES}))
+                if 64 <= bc <= 512 and dt != "fp64":  # as MPViT (C 64 to 480) launches them
+                    specs += [(kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8})
+                              for kernel, tag, types, constexprs in specs[-2:]]
                 bc *= 2
     return specs

@@ -118,13 +118,21 @@ def widest_load(ptx: str) -> int:
     return max(widths + [int(n, 0) for n in _CP_ASYNC.findall(ptx)] + [0])
 
 
+def aligned(types: dict[str, str]) -> dict[str, str]:
+    """``types`` with every pointer marked as a launch on 16-byte-aligned tensors specialises it
+    (fresh allocations are): for the specs of a kernel as the model launches it."""
+    return {name: ty + ":16" if ty.startswith("*") else ty for name, ty in types.items()}
+
+
 def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     """One compile. A type ending in ":16" is an argument the launch specialises as a multiple
     of 16 (Triton does so for a pointer 16-byte aligned and an integer divisible by 16); the
     others get no alignment hint, the worst case a launch can specialise to."""
     fn = jit_function(kernel)
     kwargs, warps, stages, maxnreg = config
-    cx = {**constexprs, **kwargs}
+    # a constexpr parameter the spec leaves out takes its default, as at a launch that omits it
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    cx = {**defaults, **constexprs, **kwargs}
     label = ", ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"warps={warps}"])
     usage = Usage(fn.__name__, tag, label, arch)
     signature = {name: types.get(name, "i32").removesuffix(":16") for name in fn.arg_names}
