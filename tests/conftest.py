@@ -44,10 +44,12 @@ def pytest_terminal_summary(terminalreporter):
 
     from mpvit_kernels.triton.static_compile import jit_function, kernel_modules, launched_kernels
 
-    rows, compiled, tuned = [], 0, 0
+    rows, compiled, tuned, seen = [], 0, 0, set()
     for module in kernel_modules():
         for name, kernel in launched_kernels(module).items():
-            n = sum(len(caches[0]) for caches in getattr(jit_function(kernel), "device_caches", {}).values())
+            fn = jit_function(kernel)  # two launchers (pinned and tuned) may share one
+            n = 0 if id(fn) in seen else sum(len(caches[0]) for caches in getattr(fn, "device_caches", {}).values())
+            seen.add(id(fn))
             keys = len(kernel.cache) if isinstance(kernel, triton.runtime.Autotuner) and len(kernel.configs) > 1 else 0
             compiled, tuned = compiled + n, tuned + keys
             rows.append(f"{name} {n}" + (f" ({keys} keys tuned)" if keys else ""))

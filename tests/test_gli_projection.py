@@ -198,6 +198,78 @@ def test_row_strides_narrow_the_vector_width(pad, vec):
     assert_close(out, chain(m, maps), scale=4)
 
 
+@pytest.mark.parametrize("case, tuned", [
+    ("eval", True), ("train", False), ("eval, row stride 20", False), ("eval fp64", False), ("eval, TMA", False)])
+def test_eval_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monkeypatch):
+    # the tuner's tiles fit the registers at aligned launches (VEC=8, 16-byte pointers); training
+    # keeps the pinned tile (it sizes and orders the statistics), and so do fp64 and TMA launches
+    gli = sys.modules["mpvit_kernels.ops.gli_projection"]
+    from mpvit_kernels.triton import gli_projection as kernels
+
+    taken = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            taken.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(kernels, "gli_gemm_tuned", Spy("tuned", kernels.gli_gemm_tuned))
+    monkeypatch.setattr(kernels, "gli_gemm_kernel", Spy("pinned", kernels.gli_gemm_kernel))
+    monkeypatch.setattr(gli, "TMA", case.endswith("TMA"))
+    dtype = torch.float64 if "fp64" in case else torch.float32
+    width = 20 if "20" in case else 16
+    m = make_module(16, 24, 2, dtype, case.startswith("train"))
+    xs = [torch.randn(2, 35, width, dtype=dtype, device=KERNEL_DEVICE)[..., :16] for _ in range(2)]
+    maps = [x.transpose(1, 2).reshape(2, 16, 5, 7) for x in xs]
+    ref = chain(copy.deepcopy(m), maps)
+    out = m(xs, size=(5, 7))
+    assert taken == ["tuned" if tuned else "pinned"]
+    assert_close(out, ref, scale=4)
+
+
+def test_what_a_gpu_tunes():
+    # Read in a process of its own without the interpreter: the eval GEMM tunes per (bucket of
+    # M, widths, inputs, epilogue) over tiles of the pinned BLOCK_K, the pinned tile among them;
+    # MPVIT_KERNELS_AUTOTUNE=0 pins it
+    import json
+    import os
+    import subprocess
+
+    code = """if True:
+        import json, triton
+        from mpvit_kernels.triton import gli_projection as g
+        t = g.gli_gemm_tuned
+        meta = lambda bn, acc, p: {"BLOCK_N": bn, "ACC": acc, "DOT_PRECISION": p}
+        out = {"tuned": isinstance(t, triton.runtime.Autotuner), "pinned": type(g.gli_gemm_kernel).__name__}
+        if out["tuned"]:
+            out["key"] = t.keys
+            out["fit"] = {f"{bn} {p}": [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages]
+                                         for c in t.early_config_prune(t.configs, {}, **meta(bn, triton.language.float32, p))]
+                          for bn in (16, 64, 128) for p in ("tf32", "ieee")}
+            out["tiles"] = {f"{bn} {d}": list(g.tile(bn, d)) for bn in (16, 64, 128) for d in ("16-bit", "fp32")}
+        print(json.dumps(out))
+    """
+    results = {}
+    for autotune in ("1", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["MPVIT_KERNELS_AUTOTUNE"] = autotune
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[autotune] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
+    on = results["1"]
+    assert on["tuned"] and on["pinned"] == "Heuristics"
+    assert on["key"] == ["m_bucket", "C", "Cout", "NUM_INPUTS", "AFFINE", "HSWISH", "RESIDUAL"]
+    for bn in (16, 64, 128):
+        for precision, dtype in (("tf32", "16-bit"), ("ieee", "fp32")):
+            fit, pinned = on["fit"][f"{bn} {precision}"], on["tiles"][f"{bn} {dtype}"]
+            assert len(fit) >= 3 and pinned in fit, (bn, dtype, fit, pinned)
+            assert all(bk == pinned[1] and bm * bn <= 64 * 32 * w for bm, bk, w, _ in fit)
+
+
 def test_gradcheck_float64():
     xs = [torch.randn(1, 5, 3, 4, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True) for _ in range(3)]
     w = torch.randn(6, 15, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
@@ -310,6 +382,45 @@ def test_cuda_low_precision_at_model_shapes(agg, dtype, training):
         errs[name] = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [want, *want_grads])]
     scales = [t.abs().max().item() for t in [want, *want_grads]]
     assert all(o <= 2 * e + 1e-3 * max(1.0, s) for o, e, s in zip(errs["ours"], errs["eager"], scales)), errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("agg", AGGREGATES[1::2], ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
+def test_cuda_tuned_tile_does_not_change_the_bits(agg, dtype, monkeypatch):
+    # The eval GEMM's tile is picked by timing: the bits must not depend on the pick (BLOCK_K,
+    # hence each output's order of K products, is the pinned one). Each tile the tuner may pick,
+    # forced in turn, against the pinned launch.
+    import triton
+
+    from mpvit_kernels.triton import gli_projection as kernels
+
+    tuner = kernels.gli_gemm_tuned
+    if not isinstance(tuner, triton.runtime.Autotuner):
+        pytest.skip("MPVIT_KERNELS_AUTOTUNE=0 pins the GEMM")
+    C, Cout, side, n = agg
+    m = make_module(C, Cout, n, dtype, False)
+    xs = [torch.randn(8, C, side, side, dtype=dtype, device="cuda").contiguous(memory_format=torch.channels_last)
+          for _ in range(n)]
+    meta = {"BLOCK_N": kernels.block_n(Cout), "ACC": kernels.tl.float32,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    fit = tuner.early_config_prune(tuner.configs, {}, **meta)
+    assert len(fit) >= 3
+    saved = tuner.configs, dict(tuner.cache)
+    outs = []
+    try:
+        for config in fit:
+            tuner.configs = [config]
+            tuner.cache.clear()
+            outs.append(m(xs))
+    finally:
+        tuner.configs = saved[0]
+        tuner.cache.clear()
+        tuner.cache.update(saved[1])
+    monkeypatch.setattr(kernels, "gli_gemm_tuned", kernels.gli_gemm_kernel)  # the pinned tile
+    want = m(xs)
+    for config, out in zip(fit, outs):
+        assert torch.equal(out, want), config
 
 
 @pytest.mark.cuda

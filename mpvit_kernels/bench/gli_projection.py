@@ -1,8 +1,10 @@
 """Speed report section: the GLI projection (every stage's ``aggregate``: concat of num_path + 1
 maps -> 1x1 conv -> BN -> Hardswish) at MPViT-S and -B shapes, channels-last: eager vs
 torch.compile vs ours, eval forward and training forward+backward, and a bare ``torch.mm`` of the
-same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). On sm_90
-also "ours (TMA)": the op with its tensor-descriptor loads (opt-in until this row measures them).
+same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). Ours
+in eval is the autotuned tile (timed after its first call has tuned it). On sm_90 also "ours
+(TMA)": the op with its tensor-descriptor loads (opt-in until this row measures them), on the
+pinned tile.
 
 Eager is the public module's sequence: torch.cat, the 1x1 conv, BatchNorm, Hardswish. Ours on a
 GPU is one Triton GEMM in eval (the concat never built, BN and Hardswish in the epilogue); on a CPU

@@ -218,6 +218,8 @@ def _ensure_allocator() -> None:
 def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     """The fused GEMM: y (B, N, Cout) (plus ``residual``, (B, N, Cout) contiguous, if given), and
     with ``stats`` the row tiles' (mean, M2) of y and the rows per tile."""
+    import triton
+
     from mpvit_kernels.triton import gli_projection as kernels
     from mpvit_kernels.triton.affine_hswish import vector_width
 
@@ -244,11 +246,16 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     tma = use_tma(xs)
     if tma and w.is_cuda:
         _ensure_allocator()
+    # the tuner's tiles fit the registers at an aligned launch; training's statistics need the
+    # pinned BLOCK_M (the op sized them with it, and it fixes their summation order)
+    tuned = not stats and not tma and dtype != torch.float64 and vec == 8 and \
+        all(t.data_ptr() % 16 == 0 for t in (*xs, w, y) + (() if residual is None else (residual,)))
+    kernel = kernels.gli_gemm_tuned if tuned else kernels.gli_gemm_kernel
     with backend.triton_device(w):
-        kernels.gli_gemm_kernel[(-(-M // BM), -(-Cout // BN))](
+        kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Cout, BN))](
             *padded, *strides, w, y if scale is None else scale, y if shift is None else shift,
             y if residual is None else residual, y, tile_mean, tile_m2,
-            M, N, C, Cout, NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,
+            M, N, C, Cout, kernels.m_bucket(M), NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,
             RESIDUAL=residual is not None, STATS=stats,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
             BLOCK_N=BN, TMA=tma, VEC=vec)

@@ -19,6 +19,8 @@ import triton.language as tl
 from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# MPVIT_KERNELS_AUTOTUNE=0 pins the tile (factor_attention's switch)
+AUTOTUNE = not INTERPRET and os.environ.get("MPVIT_KERNELS_AUTOTUNE", "1") not in ("", "0")
 MAX_INPUTS = 5
 
 
@@ -45,10 +47,36 @@ def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
     return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
 
 
-def _tile(meta):
+def _dtype(meta) -> str:
     # the op passes ieee precision for fp32 and fp64 inputs only
-    dtype = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
-    return tile(meta["BLOCK_N"], dtype)
+    return "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
+
+
+def _tile(meta):
+    return tile(meta["BLOCK_N"], _dtype(meta))
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key of the pixel count: its next power of two, so inputs of varying size
+    (multi-scale training, detection) share a handful of tunings."""
+    return 1 << (max(M, 1) - 1).bit_length()
+
+
+# What the eval GEMM may be tuned over where the launch is aligned (VEC=8, 16-byte pointers):
+# BLOCK_K stays the pinned tile's, so each output sums its K products in the same order
+# whatever the pick; 16-bit tiles with 3 cp.async stages, fp32 (FMA dots) with 2. Of these, a
+# tile fits when its accumulator is at most 64 values per thread: every one that does compiles
+# without spills for sm_80 and sm_90a at MPViT's widths, every one past it spilled.
+TUNED_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": 32}, num_warps=w, num_stages=3, maxnreg=255)
+                 for bm in (64, 128, 256) for w in (4, 8)] + \
+                [triton.Config({"BLOCK_M": bm, "BLOCK_K": 16}, num_warps=w, num_stages=2, maxnreg=255)
+                 for bm in (32, 64, 128) for w in (4, 8)]
+
+
+def _fitting(configs, named_args, **meta):
+    """The configs of this dtype's BLOCK_K whose accumulator fits (TUNED_CONFIGS)."""
+    bk, bn = _tile(meta)[1], meta["BLOCK_N"]
+    return [c for c in configs if c.kwargs["BLOCK_K"] == bk and c.kwargs["BLOCK_M"] * bn <= 64 * 32 * c.num_warps]
 
 
 LAUNCH = triton.heuristics({
@@ -61,8 +89,7 @@ LAUNCH = triton.heuristics({
 })
 
 
-@LAUNCH
-@triton.jit(do_not_specialize=["M", "N"])
+@triton.jit(do_not_specialize=["M", "N", "m_bucket"])
 def gli_gemm_kernel(
     x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr,  # inputs (B, N, C) with channel stride 1; unused ones any
     sb0, sn0, sb1, sn1, sb2, sn2, sb3, sn3, sb4, sn4,  # their batch and pixel strides
@@ -72,6 +99,7 @@ def gli_gemm_kernel(
     y_ptr,  # (M, Cout) out: NHWC rows, M = B*N
     tile_mean_ptr, tile_m2_ptr,  # (cdiv(M, BLOCK_M), Cout) out if STATS, in the accumulation type
     M, N, C, Cout,
+    m_bucket,  # m_bucket(M): the autotune key, unused in the body
     NUM_INPUTS: tl.constexpr, AFFINE: tl.constexpr, HSWISH: tl.constexpr, RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, TMA: tl.constexpr = False, VEC: tl.constexpr = 1,
@@ -121,12 +149,24 @@ def gli_gemm_kernel(
                    tile_m2_ptr, AFFINE, HSWISH, RESIDUAL, STATS, ACC, BLOCK_M)
 
 
+# The tuned launch (ops.gli_projection takes it for the eval GEMM where aligned, not through
+# TMA, not fp64), tuned per (bucket of M, widths, inputs, epilogue, dtype); the pinned tile
+# everywhere else: training (its statistics are per BLOCK_M rows, so the tile fixes their sum
+# order), the worst-case launches the pinned tiles were sized for, MPVIT_KERNELS_AUTOTUNE=0 and
+# the interpreter.
+gli_gemm_tuned = triton.autotune(
+    TUNED_CONFIGS, key=["m_bucket", "C", "Cout", "NUM_INPUTS", "AFFINE", "HSWISH", "RESIDUAL"],
+    prune_configs_by={"early_config_prune": _fitting})(gli_gemm_kernel) if AUTOTUNE else LAUNCH(gli_gemm_kernel)
+gli_gemm_kernel = LAUNCH(gli_gemm_kernel)
+
+
 def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N and dtype, with the eval epilogue and the training one; 4 inputs (MPViT-S/B's
     num_path + 1) and 5 (the most); and one input with the residual epilogue (InvRes's conv2);
     each with no alignment known, and for MPViT's widths and dtypes as it launches them (VEC=8,
-    aligned pointers); the 16-bit and fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles them to plain
+    aligned pointers; the eval ones also with every tile the tuner may pick); the 16-bit and
+    fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles them to plain
     loads)."""
     from mpvit_kernels.triton.static_compile import aligned
 
@@ -150,6 +190,9 @@ def compile_specs():
                 if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 480, multiples
                     # of 8 (216 is not one of 16, so only VEC tells the compiler), aligned tensors
                     specs.append((gli_gemm_kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
+                    if eval_epilogue and inputs != 5:  # every tile the tuner may pick there
+                        specs.append((gli_gemm_tuned, tag + " VEC=8 aligned tuned", aligned(types),
+                                      {**constexprs, "VEC": 8}))
                 if dt != "fp64":  # the tensor-descriptor loads (ops.gli_projection.use_tma)
                     specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs
