@@ -233,32 +233,33 @@ def test_eval_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monke
 def test_what_a_gpu_tunes():
     # Read in a process of its own without the interpreter: the eval GEMM tunes per (bucket of
     # M, widths, inputs, epilogue) over tiles of the pinned BLOCK_K, the pinned tile among them;
-    # MPVIT_KERNELS_AUTOTUNE=0 pins it
+    # MPVIT_KERNELS_AUTOTUNE=0 (read at import: the module is reloaded with it) pins it
     import json
     import os
     import subprocess
 
     code = """if True:
-        import json, triton
+        import importlib, json, os, triton
         from mpvit_kernels.triton import gli_projection as g
-        t = g.gli_gemm_tuned
-        meta = lambda bn, acc, p: {"BLOCK_N": bn, "ACC": acc, "DOT_PRECISION": p}
-        out = {"tuned": isinstance(t, triton.runtime.Autotuner), "pinned": type(g.gli_gemm_kernel).__name__}
-        if out["tuned"]:
-            out["key"] = t.keys
-            out["fit"] = {f"{bn} {p}": [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages]
-                                         for c in t.early_config_prune(t.configs, {}, **meta(bn, triton.language.float32, p))]
-                          for bn in (16, 64, 128) for p in ("tf32", "ieee")}
-            out["tiles"] = {f"{bn} {d}": list(g.tile(bn, d)) for bn in (16, 64, 128) for d in ("16-bit", "fp32")}
-        print(json.dumps(out))
+        def read():
+            t = g.gli_gemm_tuned
+            out = {"tuned": isinstance(t, triton.runtime.Autotuner), "pinned": type(g.gli_gemm_kernel).__name__}
+            if out["tuned"]:
+                out["key"] = t.keys
+                out["fit"] = {f"{bn} {p}": [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages]
+                                             for c in t.early_config_prune(t.configs, {}, BLOCK_N=bn,
+                                                                           ACC=triton.language.float32, DOT_PRECISION=p)]
+                              for bn in (16, 64, 128) for p in ("tf32", "ieee")}
+                out["tiles"] = {f"{bn} {d}": list(g.tile(bn, d)) for bn in (16, 64, 128) for d in ("16-bit", "fp32")}
+            return out
+        on = read()
+        os.environ["MPVIT_KERNELS_AUTOTUNE"] = "0"
+        print(json.dumps({"1": on, "0": read() if importlib.reload(g) else None}))
     """
-    results = {}
-    for autotune in ("1", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["MPVIT_KERNELS_AUTOTUNE"] = autotune
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[autotune] = json.loads(run.stdout.strip().splitlines()[-1])
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
     assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
     on = results["1"]
     assert on["tuned"] and on["pinned"] == "Heuristics"
