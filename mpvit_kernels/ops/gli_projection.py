@@ -249,7 +249,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     # the tuner's tiles fit the registers at an aligned launch; training's statistics need the
     # pinned BLOCK_M (the op sized them with it, and it fixes their summation order)
     tuned = not stats and not tma and dtype != torch.float64 and vec == 8 and \
-        all(t.data_ptr() % 16 == 0 for t in (*xs, w, y) + (() if residual is None else (residual,)))
+        all(t.data_ptr() % 16 == 0 for t in (*xs, w, y, scale, shift, residual) if t is not None)
     kernel = kernels.gli_gemm_tuned if tuned else kernels.gli_gemm_kernel
     with backend.triton_device(w):
         kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Cout, BN))](
