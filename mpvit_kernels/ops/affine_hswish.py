@@ -172,14 +172,15 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     grad_z = torch.empty((M, C), dtype=z.dtype, device=z.device)
     if M == 0 or C == 0:
         return grad_z, torch.zeros_like(mean), torch.zeros_like(mean)
+    vec = kernels.vector_width(z.element_size(), C)
     with backend.triton_device(z):
         kernels.grad_sums_kernel[(P, -(-C // BC))](
             grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,
-            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.GRAD_TILES, VEC=kernels.vector_width(C))
+            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.GRAD_TILES, VEC=vec)
         grad_beta, sum_dev = sums.sum(0), sums_dev.sum(0)  # fixed order: torch's sum has no atomics
         kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
-            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, VEC=kernels.vector_width(C))
+            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, VEC=vec)
     return grad_z, (sum_dev * torch.rsqrt(var + eps)).to(acc), grad_beta
 
 

@@ -136,7 +136,7 @@ def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
         return y, tile_mean, tile_m2, BM
     precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
     # a stride of a size-1 dim only ever multiplies 0
-    vec = vector_width(Cin, Cout, *(xn.stride(d) for d in (0, 2, 3) if xn.shape[d] > 1))
+    vec = vector_width(x.element_size(), Cin, Cout, *(xn.stride(d) for d in (0, 2, 3) if xn.shape[d] > 1))
     with backend.triton_device(x):
         kernels.dwconv_pw_kernel[(-(-M // BM), -(-Cout // BN))](
             xn, dw, pw, dw if scale is None else scale, dw if shift is None else shift, y, tile_mean, tile_m2, M,

@@ -242,7 +242,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     strides = [s for x in padded for s in (x.stride(0), x.stride(1))]
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # a stride of a size-1 dim is never multiplied by more than 0
-    vec = vector_width(C, Cout, *(x.stride(d) for x in xs for d in (0, 1) if x.shape[d] > 1))
+    vec = vector_width(xs[0].element_size(), C, Cout, *(x.stride(d) for x in xs for d in (0, 1) if x.shape[d] > 1))
     tma = use_tma(xs)
     if tma and w.is_cuda:
         _ensure_allocator()

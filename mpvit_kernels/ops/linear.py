@@ -107,7 +107,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
             NORM=norm, BIAS=bias is not None, GELU=gelu,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
             DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn,
-            VEC=vector_width(K, N, *((x.stride(0),) if M > 1 else ())))
+            VEC=vector_width(y.element_size(), K, N, *((x.stride(0),) if M > 1 else ())))
     return y
 
 

@@ -90,12 +90,12 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
     return t, t.shape[0], t.shape[1], t.stride(0), t.stride(1)
 
 
-def _vector_width(C, B, N, sxb, sxn, syb, syn) -> int:
+def _vector_width(x, C, B, N, sxb, sxn, syb, syn) -> int:
     """The kernels' VEC: what C and the strides the kernels multiply by are multiples of (a
     batch stride with B = 1 or a token stride with N = 1 only ever multiplies 0)."""
     from mpvit_kernels.triton.affine_hswish import vector_width
 
-    return vector_width(C, *(s for s, size in ((sxb, B), (sxn, N), (syb, B), (syn, N)) if size > 1))
+    return vector_width(x.element_size(), C, *(s for s, size in ((sxb, B), (sxn, N), (syb, B), (syn, N)) if size > 1))
 
 
 @torch.library.custom_op("mpvit_kernels::residual_layernorm_fwd", mutates_args=())
@@ -118,7 +118,7 @@ def _residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, ne
         kernels.residual_layernorm_kernel[(-(-M // kernels.tile(bc)[0]),)](
             x, y, *params, r, u, mean, rstd, M, N, C, sxb, sxn, syb, syn, float(eps),
             ACC=kernels.tl.float64 if mean.dtype == torch.float64 else kernels.tl.float32, BLOCK_C=bc,
-            VEC=_vector_width(C, B, N, sxb, sxn, syb, syn))
+            VEC=_vector_width(x, C, B, N, sxb, sxn, syb, syn))
     return r, u, mean, rstd
 
 
@@ -155,7 +155,7 @@ def _residual_layernorm_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, x: torch
             x, y, bias.contiguous(), weight.contiguous(), mean.contiguous(), rstd.contiguous(), grad_r, grad_u, grad_s,
             partial, M, N, C, sxb, sxn, syb, syn,
             ACC=kernels.tl.float64 if wide else kernels.tl.float32, BLOCK_C=bc, TILES=kernels.GRAD_TILES,
-            VEC=_vector_width(C, B, N, sxb, sxn, syb, syn))
+            VEC=_vector_width(x, C, B, N, sxb, sxn, syb, syn))
     return grad_s, partial.sum(0)  # fixed order: torch's sum has no atomics
 
 

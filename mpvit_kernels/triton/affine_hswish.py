@@ -18,13 +18,16 @@ import triton
 import triton.language as tl
 
 
-def vector_width(*extents: int) -> int:
+def vector_width(element_size: int, *extents: int) -> int:
     """VEC of the kernels that read rows of channels: the largest power of two up to 8 that every
     one of ``extents`` (channel counts and row strides, in elements) is a multiple of. Triton's
     launch marks an integer argument aligned only when it is a multiple of 16, so a width such as
     MPViT-S's 216 would otherwise be read one element at a time, which also rules out cp.async
     pipelining in the GEMMs; 8 is 16 bytes of a 16-bit dtype, and a multiple of 8 is a multiple
-    of fp32's 4 and fp64's 2 too."""
+    of fp32's 4 too. 1 for 8-byte elements: fp64 is the gradcheck path, compiled (and checked for
+    spills) in its worst-case form only."""
+    if element_size >= 8:
+        return 1
     vec = 8
     while vec > 1 and any(e % vec for e in extents):
         vec //= 2

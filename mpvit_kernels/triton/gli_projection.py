@@ -126,15 +126,15 @@ def gli_gemm_kernel(
             x_ptr, sb, sn = x3_ptr, sb3, sn3
         if i == 4:
             x_ptr, sb, sn = x4_ptr, sb4, sn4
-        sb = _known_multiple(sb, VEC)
-        sn = _known_multiple(sn, VEC)
         if TMA:
             # The input as an (M, C) matrix of row stride sn read by the tensor-memory accelerator
             # (the op takes this path only where each input's batch stride is N rows and its rows
             # start 16-byte aligned): rows past M and columns past C come back as zeros.
             desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[sn, 1], block_shape=[BLOCK_M, BLOCK_K])
         else:
-            rows = x_ptr + b.to(tl.int64) * sb + n.to(tl.int64) * sn
+            # restated here only: a descriptor takes the row stride as passed (the op leaves the
+            # stride of a size-1 dim out of VEC, and a TMA launch with N = 1 steps rows by it)
+            rows = x_ptr + b.to(tl.int64) * _known_multiple(sb, VEC) + n.to(tl.int64) * _known_multiple(sn, VEC)
         for k0 in range(0, C, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < C

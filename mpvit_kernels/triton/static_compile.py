@@ -46,6 +46,7 @@ class Usage:
     error: str = ""
     scratch: int = 0  # global scratch bytes (device-side tensor descriptors): the launch needs triton.set_allocator
     widest_load: int = 0  # bytes of the kernel's widest load from global memory (ld.global or cp.async), 0 unread
+    two_byte_loads: int = 0  # global loads of one 16-bit element each: a 16-bit row read element by element
 
 
 def kernel_modules():
@@ -110,12 +111,16 @@ _LOAD = re.compile(r"\bld\.global[\w:.]*?(?:\.v(\d))?\.[bfsu](\d+)\b")
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w:.]*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
+def load_widths(ptx: str) -> list[int]:
+    """Bytes of each global-memory load in ``ptx`` (an ld.global, vector or not, or a cp.async
+    into shared memory): 16 where Triton could prove 16-byte alignment, 2 for a 16-bit dtype
+    read one element at a time."""
+    return [int(v or 1) * int(bits) // 8 for v, bits in _LOAD.findall(ptx)] + \
+        [int(n, 0) for n in _CP_ASYNC.findall(ptx)]
+
+
 def widest_load(ptx: str) -> int:
-    """Bytes of the widest global-memory load in ``ptx`` (a vector ld.global or a cp.async into
-    shared memory): 16 where Triton could prove 16-byte alignment, 2 for a 16-bit dtype read
-    one element at a time."""
-    widths = [int(v or 1) * int(bits) // 8 for v, bits in _LOAD.findall(ptx)]
-    return max(widths + [int(n, 0) for n in _CP_ASYNC.findall(ptx)] + [0])
+    return max(load_widths(ptx) + [0])
 
 
 def aligned(types: dict[str, str]) -> dict[str, str]:
@@ -163,7 +168,8 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     usage.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     usage.shared = int(compiled.metadata.shared) + int(fields.get("SHARED", 0))
     usage.scratch = int(getattr(compiled.metadata, "global_scratch_size", 0) or 0)
-    usage.widest_load = widest_load(compiled.asm["ptx"])
+    widths = load_widths(compiled.asm["ptx"])
+    usage.widest_load, usage.two_byte_loads = max(widths + [0]), widths.count(2)
     regs_per_warp = max(usage.registers, 1) * 32
     usage.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (regs_per_warp * warps)) * warps)
     if usage.shared:
@@ -238,8 +244,8 @@ def cuda_extension_usage(library: str) -> list[Usage]:
 
 def table(results: list[Usage]) -> str:
     lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | widest load (B) "
-             "| status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| 2-byte loads | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in results:
         status = "COMPILE ERROR: " + u.error if u.error else (
             "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
@@ -248,7 +254,8 @@ def table(results: list[Usage]) -> str:
                                             "triton.set_allocator)" if u.scratch
                                             else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
-                     f"{u.spill_bytes} | {u.warps_per_sm} | {u.widest_load or '-'} | {status} |")
+                     f"{u.spill_bytes} | {u.warps_per_sm} | {u.widest_load or '-'} | {u.two_byte_loads if u.widest_load else '-'} "
+                     f"| {status} |")
     return "\n".join(lines)
 
 
@@ -262,7 +269,8 @@ def main(argv=None) -> int:
     text = ("# GPU kernels compiled ahead of time (no GPU)\n\n"
             f"triton {triton.__version__}; registers and spills from cuobjdump --dump-resource-usage, shared memory "
             "from the compiled kernel's metadata (Triton) or cuobjdump (CUDA); warps/SM is the occupancy those "
-            "allow; widest load is the widest ld.global or cp.async in the PTX (16 B: vectorised). Inputs "
+            "allow; widest load is the widest ld.global or cp.async in the PTX (16 B: vectorised), 2-byte loads "
+            "how many read one 16-bit element each (a row read element by element). Inputs "
             "marked 'aligned' compile with the alignment a launch on 16-byte-aligned tensors gets, the "
             "others with none (the worst case).\n\n## Triton kernels\n\n" + table(results) + "\n")
     text += ("\n## CUDA kernels of mpvit_kernels._C\n\n" + table(cuda) + "\n") if cuda else \
