@@ -246,9 +246,9 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     tma = use_tma(xs)
     if tma and w.is_cuda:
         _ensure_allocator()
-    # the tuner's tiles fit the registers at an aligned launch; training's statistics need the
-    # pinned BLOCK_M (the op sized them with it, and it fixes their summation order)
-    tuned = not stats and not tma and dtype != torch.float64 and vec == 8 and \
+    # the tuner's tiles fit the registers at an aligned launch (vec is 1 for fp64); training's
+    # statistics need the pinned BLOCK_M (the op sized them with it, and it fixes their order)
+    tuned = not stats and not tma and vec == 8 and \
         all(t.data_ptr() % 16 == 0 for t in (*xs, w, y, scale, shift, residual) if t is not None)
     kernel = kernels.gli_gemm_tuned if tuned else kernels.gli_gemm_kernel
     with backend.triton_device(w):

@@ -218,7 +218,7 @@ def compile_specs():
     """Every dtype with and without Hardswish; every BLOCK_C the op launches; with no alignment
     known, and the backward for MPViT's widths and dtypes as it launches it (VEC=8, aligned
     pointers)."""
-    from mpvit_kernels.triton.static_compile import aligned
+    from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -240,6 +240,5 @@ def compile_specs():
                               {"g_ptr": f"*{dt}", "z_ptr": f"*{dt}", "gz_ptr": f"*{dt}", **per_channel, "eps": "fp64"},
                               {"HSWISH": hswish, "ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc}))
                 if bc == 64 and dt != "fp64":  # as MPViT (C 64 to 480, multiples of 8) launches them
-                    specs += [(kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8})
-                              for kernel, tag, types, constexprs in specs[-2:]]
+                    specs += [as_launched(spec) for spec in specs[-2:]]
     return specs

@@ -111,7 +111,7 @@ def compile_specs():
     are a loop, so the window changes its trip count, not the code); each with no alignment
     known, and for MPViT's widths (64 to 480) and dtypes as it launches them (VEC=8, aligned
     pointers)."""
-    from mpvit_kernels.triton.static_compile import aligned
+    from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -127,6 +127,5 @@ def compile_specs():
                                "STATS": not eval_epilogue, "ACC": acc_ty,
                                "DOT_PRECISION": precision, "BLOCK_N": bn}))
                 if bn >= 64 and dt != "fp64":
-                    kernel, tag, types, constexprs = specs[-1]
-                    specs.append((kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
+                    specs.append(as_launched(specs[-1]))
     return specs

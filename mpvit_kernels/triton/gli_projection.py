@@ -47,13 +47,10 @@ def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
     return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
 
 
-def _dtype(meta) -> str:
-    # the op passes ieee precision for fp32 and fp64 inputs only
-    return "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
-
-
 def _tile(meta):
-    return tile(meta["BLOCK_N"], _dtype(meta))
+    # the op passes ieee precision for fp32 and fp64 inputs only
+    dtype = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
+    return tile(meta["BLOCK_N"], dtype)
 
 
 def m_bucket(M: int) -> int:
@@ -168,7 +165,7 @@ def compile_specs():
     aligned pointers; the eval ones also with every tile the tuner may pick); the 16-bit and
     fp32 ones also with tensor-descriptor loads (TMA on sm_90a; sm_80 compiles them to plain
     loads)."""
-    from mpvit_kernels.triton.static_compile import aligned
+    from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -187,12 +184,11 @@ def compile_specs():
                               "RESIDUAL": residual, "STATS": not eval_epilogue, "ACC": acc_ty,
                               "DOT_PRECISION": precision, "BLOCK_N": bn, "TMA": False}
                 specs.append((gli_gemm_kernel, tag, types, constexprs))
-                if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 480, multiples
-                    # of 8 (216 is not one of 16, so only VEC tells the compiler), aligned tensors
-                    specs.append((gli_gemm_kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
+                if bn >= 64 and dt != "fp64":  # MPViT's widths: 64 to 480, multiples of 8 (216 is
+                    # not one of 16, so only VEC tells the compiler)
+                    specs.append(as_launched(specs[-1]))
                     if eval_epilogue and inputs != 5:  # every tile the tuner may pick there
-                        specs.append((gli_gemm_tuned, tag + " VEC=8 aligned tuned", aligned(types),
-                                      {**constexprs, "VEC": 8}))
+                        specs.append(as_launched(specs[-2], gli_gemm_tuned, " tuned"))
                 if dt != "fp64":  # the tensor-descriptor loads (ops.gli_projection.use_tma)
                     specs.append((gli_gemm_kernel, tag + " TMA", types, {**constexprs, "TMA": True}))
     return specs

@@ -96,7 +96,7 @@ def compile_specs():
     model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
     fp32 residual stream of an fp32 model); each with no alignment known, and for MPViT's widths
     and dtypes as it launches them (VEC=8, aligned pointers)."""
-    from mpvit_kernels.triton.static_compile import aligned
+    from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -108,10 +108,8 @@ def compile_specs():
                 for site, flags in SITES.items():
                     types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{p_dt}",
                              "ln_weight_ptr": f"*{p_dt}", "ln_bias_ptr": f"*{p_dt}", "y_ptr": f"*{dt}"}
-                    tag = f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}"
-                    constexprs = {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}
-                    specs.append((linear_kernel, tag, types, constexprs))
-                    if bn >= 64 and dt != "fp64":  # as MPViT launches it: widths 64 to 1920, multiples
-                        # of 8 (affine_hswish.vector_width), aligned tensors
-                        specs.append((linear_kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8}))
+                    specs.append((linear_kernel, f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}", types,
+                                  {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
+                    if bn >= 64 and dt != "fp64":  # MPViT's widths: 64 to 1920, multiples of 8
+                        specs.append(as_launched(specs[-1]))
     return specs

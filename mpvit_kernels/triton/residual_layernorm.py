@@ -171,7 +171,7 @@ def compile_specs():
     """Every dtype, its parameters in it or in fp32 (under autocast), and every row tile the op
     launches (C from 1 to MAX_CHANNELS), with no alignment known; and MPViT's widths and dtypes
     as it launches them (VEC=8, aligned pointers)."""
-    from mpvit_kernels.triton.static_compile import aligned
+    from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
     for dt in ("fp16", "bf16", "fp32", "fp64"):
@@ -191,7 +191,6 @@ def compile_specs():
                               {"ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK_C": bc,
                                "TILES": GRAD_TILES}))
                 if 64 <= bc <= 512 and dt != "fp64":  # as MPViT (C 64 to 480) launches them
-                    specs += [(kernel, tag + " VEC=8 aligned", aligned(types), {**constexprs, "VEC": 8})
-                              for kernel, tag, types, constexprs in specs[-2:]]
+                    specs += [as_launched(spec) for spec in specs[-2:]]
                 bc *= 2
     return specs

@@ -123,10 +123,14 @@ def widest_load(ptx: str) -> int:
     return max(load_widths(ptx) + [0])
 
 
-def aligned(types: dict[str, str]) -> dict[str, str]:
-    """``types`` with every pointer marked as a launch on 16-byte-aligned tensors specialises it
-    (fresh allocations are): for the specs of a kernel as the model launches it."""
-    return {name: ty + ":16" if ty.startswith("*") else ty for name, ty in types.items()}
+def as_launched(spec, kernel=None, suffix: str = ""):
+    """``spec`` (kernel, tag, types, constexprs) as MPViT launches the kernel: every pointer
+    marked as a launch on 16-byte-aligned tensors specialises it (fresh allocations are), and
+    VEC=8 (widths and row strides multiples of 8, affine_hswish.vector_width); tagged "VEC=8
+    aligned", plus ``suffix``, through ``kernel`` if given (another launcher of the same code)."""
+    spec_kernel, tag, types, constexprs = spec
+    return (kernel or spec_kernel, tag + " VEC=8 aligned" + suffix,
+            {name: ty + ":16" if ty.startswith("*") else ty for name, ty in types.items()}, {**constexprs, "VEC": 8})
 
 
 def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
