@@ -66,6 +66,25 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
         assert_close(a, b, scale=10)
 
 
+def test_cpu_composition_takes_gelu_in_place_only_where_no_graph_needs_the_pre_activation(monkeypatch):
+    """Outside the interpreter a CPU runs the eager composition (oneDNN's GEMM); where no autograd
+    graph keeps fc1's pre-activation its GELU runs in place, with the same bits."""
+    from mpvit_kernels import backend
+
+    monkeypatch.setattr(backend, "use_triton", lambda op, device: False)
+    x, (weight, bias, _, _) = make_inputs(6, 8, 12, torch.float32, "tokens", "gelu", device="cpu")
+    want = chain(x, weight, bias, None, None, 1e-5, True)
+    with torch.no_grad(), RecordOps() as rec:
+        y = ops.linear(x, weight, bias, gelu=True)
+    assert "aten.gelu_" in rec.names and torch.equal(y, want)
+    with RecordOps() as rec:
+        y = ops.linear(x, weight, bias, gelu=True)
+    assert "aten.gelu" in rec.names and "aten.gelu_" not in rec.names and torch.equal(y, want)
+    grads = torch.autograd.grad(y.square().sum(), [x, weight, bias])
+    for g, r in zip(grads, torch.autograd.grad(want.square().sum(), [x, weight, bias])):
+        torch.testing.assert_close(g, r)
+
+
 def test_without_bias_and_with_an_empty_batch():
     x, (w, _, lw, lb) = make_inputs(9, 16, 20, torch.float32, "rows", "norm", bias=False)
     assert_close(ops.linear(x, w, None, lw, lb, 1e-5), chain(x, w, None, lw, lb, 1e-5, False), scale=4)

@@ -96,6 +96,19 @@ MPVIT_ALWAYS_INLINE float exp_vec(float x) {
 
 MPVIT_ALWAYS_INLINE double exp_vec(double x) { return std::exp(x); }
 
+// Reads of strided rows (a head's columns are 16-64 bytes of each 3C-wide qkv row, q is read
+// once per token) miss the hardware prefetcher: the lines of the n values at p are asked for
+// ahead of their use (into every cache level for `soon`, else L2 and up).
+template <bool soon = true, typename T>
+MPVIT_ALWAYS_INLINE void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, soon ? 3 : 2);
+  __builtin_prefetch(c + bytes - 1, 0, soon ? 3 : 2);  // a span that straddles a line
+}
+
+constexpr int64_t kPrefetchRows = 16;  // how far ahead the column sweeps ask for rows
+
 // One window group: channels [c0, c1) convolved with k x k windows.
 struct Window {
   int64_t c0, c1, k;
@@ -182,6 +195,38 @@ MPVIT_ALWAYS_INLINE void context_rows(const acc_t* __restrict__ p, const T* __re
   for (; d < Ch; ++d) context_block<1, V>(p, v, stride_n, tile, Ch, d, e0, S);
 }
 
+// m[d..d+V) = the maxima of k's columns over the N tokens, in registers, two rows at a time (a
+// maximum kept in memory would make each row wait for the previous row's store). A NaN key
+// makes its column NaN, as softmax does.
+template <int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void column_max(const T* __restrict__ k, int64_t stride_n, int64_t N, int64_t d,
+                                    acc_t* __restrict__ m) {
+  using vec = typename Lanes<acc_t, V>::type;
+  const auto take = [](vec x, vec a) __attribute__((always_inline)) { return (x > a) | (x != x) ? x : a; };
+  vec a = splat<V>(-std::numeric_limits<acc_t>::infinity()), b = a;
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    if (n + kPrefetchRows + 1 < N) {
+      prefetch(k + (n + kPrefetchRows) * stride_n + d, V);
+      prefetch(k + (n + kPrefetchRows + 1) * stride_n + d, V);
+    }
+    a = take(load<V, acc_t>(k + n * stride_n + d), a);
+    b = take(load<V, acc_t>(k + (n + 1) * stride_n + d), b);
+  }
+  if (n < N) a = take(load<V, acc_t>(k + n * stride_n + d), a);
+  store<V, acc_t>(m + d, take(b, a));
+}
+
+// l[d..d+V) += the column sums of a tile of exps p (tile, Ch), in registers, rows in order.
+template <int V, typename acc_t>
+MPVIT_ALWAYS_INLINE void column_sums(const acc_t* __restrict__ p, int64_t tile, int64_t Ch, int64_t d,
+                                     acc_t* __restrict__ l) {
+  using vec = typename Lanes<acc_t, V>::type;
+  vec a = load<V, acc_t>(l + d);
+  for (int64_t t = 0; t < tile; ++t) a += load<V, acc_t>(p + t * Ch + d);
+  store<V, acc_t>(l + d, a);
+}
+
 // S (Ch x Ch, row d, column e) = softmax over the N tokens of k's column d, times v.
 // work: (2 + kTokenTile) * Ch.
 template <typename T, typename acc_t>
@@ -190,31 +235,33 @@ MPVIT_ALWAYS_INLINE void head_context(const T* __restrict__ k, const T* __restri
   acc_t* m = work;
   acc_t* l = work + Ch;
   acc_t* p = work + 2 * Ch;  // (kTokenTile, Ch): exp(k - m) of a tile of tokens
-  for (int64_t d = 0; d < Ch; ++d) {
-    m[d] = -std::numeric_limits<acc_t>::infinity();
-    l[d] = acc_t(0);
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    const T* kr = k + n * stride_n;
-    for (int64_t d = 0; d < Ch; ++d) {
-      const acc_t x = static_cast<acc_t>(kr[d]);
-      m[d] = (x > m[d] || x != x) ? x : m[d];  // a NaN key makes its column NaN, as softmax does
-    }
-  }
+  int64_t d = 0;
+  for (; d + 8 <= Ch; d += 8) column_max<8>(k, stride_n, N, d, m);
+  for (; d + 4 <= Ch; d += 4) column_max<4>(k, stride_n, N, d, m);
+  for (; d + 2 <= Ch; d += 2) column_max<2>(k, stride_n, N, d, m);
+  for (; d < Ch; ++d) column_max<1>(k, stride_n, N, d, m);
+  for (d = 0; d < Ch; ++d) l[d] = acc_t(0);
   for (int64_t i = 0; i < Ch * Ch; ++i) S[i] = acc_t(0);
   for (int64_t n0 = 0; n0 < N; n0 += kTokenTile) {
     const int64_t tile = std::min(kTokenTile, N - n0);
+    for (int64_t t = n0 + kTokenTile; t < std::min(n0 + 2 * kTokenTile, N); ++t) {  // the next tile's rows
+      prefetch(k + t * stride_n, Ch);
+      prefetch(v + t * stride_n, Ch);
+    }
     for (int64_t t = 0; t < tile; ++t) {
       const T* kr = k + (n0 + t) * stride_n;
       for (int64_t d = 0; d < Ch; ++d) p[t * Ch + d] = static_cast<acc_t>(kr[d]) - m[d];
     }
     exp_array(p, tile * Ch);
-    for (int64_t t = 0; t < tile; ++t)
-      for (int64_t d = 0; d < Ch; ++d) l[d] += p[t * Ch + d];
+    for (d = 0; d + 8 <= Ch; d += 8) column_sums<8>(p, tile, Ch, d, l);
+    for (; d + 4 <= Ch; d += 4) column_sums<4>(p, tile, Ch, d, l);
+    for (; d + 2 <= Ch; d += 2) column_sums<2>(p, tile, Ch, d, l);
+    for (; d < Ch; ++d) column_sums<1>(p, tile, Ch, d, l);
     const T* vt = v + n0 * stride_n;
     int64_t e0 = 0;
     for (; e0 + 8 <= Ch; e0 += 8) context_rows<8>(p, vt, stride_n, tile, Ch, e0, S);
     for (; e0 + 4 <= Ch; e0 += 4) context_rows<4>(p, vt, stride_n, tile, Ch, e0, S);
+    for (; e0 + 2 <= Ch; e0 += 2) context_rows<2>(p, vt, stride_n, tile, Ch, e0, S);
     for (; e0 < Ch; ++e0) context_rows<1>(p, vt, stride_n, tile, Ch, e0, S);
   }
   for (int64_t d = 0; d < Ch; ++d) {
@@ -281,7 +328,7 @@ MPVIT_ALWAYS_INLINE void head_output(const T* __restrict__ qh, const acc_t* __re
   store<V, acc_t>(out + e0, splat<V>(scale) * (a + b) + load<V, acc_t>(qh + e0) * load<V, acc_t>(conv + e0));
 }
 
-// The CRPE conv of one window group over a row, its channels in blocks of 8, 4, then 1, its window
+// The CRPE conv of one window group over a row, its channels in blocks of 8, 4, 2, then 1, its window
 // a compile-time constant where it is 3, 5 or 7.
 template <int K, typename T, typename acc_t>
 MPVIT_ALWAYS_INLINE void window_blocks(const T* const* vrows, const Window& g, int64_t W, int64_t stride_n, int64_t C,
@@ -289,6 +336,7 @@ MPVIT_ALWAYS_INLINE void window_blocks(const T* const* vrows, const Window& g, i
   int64_t c = g.c0;
   for (; c + 8 <= g.c1; c += 8) crpe_block<K, 8>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
   for (; c + 4 <= g.c1; c += 4) crpe_block<K, 4>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
+  for (; c + 2 <= g.c1; c += 2) crpe_block<K, 2>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
   for (; c < g.c1; ++c) crpe_block<K, 1>(vrows, g.k, W, stride_n, C, c, wt, kmax, bias, conv);
 }
 
@@ -308,6 +356,7 @@ MPVIT_ALWAYS_INLINE void combine_row(const T* __restrict__ q, int64_t stride_n, 
                                      int64_t heads, const acc_t* __restrict__ S, const acc_t* __restrict__ conv,
                                      acc_t scale, T* __restrict__ out) {
   for (int64_t x = 0; x < W; ++x) {
+    if (x + 2 < W) prefetch(q + (x + 2) * stride_n, C);
     for (int64_t h = 0; h < heads; ++h) {
       const T* qh = q + x * stride_n + h * Ch;
       const acc_t *Sh = S + h * Ch * Ch, *ch = conv + x * C + h * Ch;
@@ -315,6 +364,7 @@ MPVIT_ALWAYS_INLINE void combine_row(const T* __restrict__ q, int64_t stride_n, 
       int64_t e0 = 0;
       for (; e0 + 8 <= Ch; e0 += 8) head_output<8>(qh, Sh, ch, Ch, e0, scale, oh);
       for (; e0 + 4 <= Ch; e0 += 4) head_output<4>(qh, Sh, ch, Ch, e0, scale, oh);
+      for (; e0 + 2 <= Ch; e0 += 2) head_output<2>(qh, Sh, ch, Ch, e0, scale, oh);
       for (; e0 < Ch; ++e0) head_output<1>(qh, Sh, ch, Ch, e0, scale, oh);
     }
   }
@@ -393,6 +443,8 @@ at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, 
         for (int64_t row = begin; row < end; ++row) {
           const int64_t b = row / H, y = row % H;
           const scalar_t* item = qp + b * sb;
+          // q of the row's tokens, into L2 while the CRPE convs run
+          for (int64_t x = 0; x < W; ++x) prefetch<false>(item + (y * W + x) * sn, C);
           for (const Window& g : windows) {
             const int64_t r = g.k / 2;
             for (int64_t ky = 0; ky < g.k; ++ky) {
