@@ -17,6 +17,7 @@ import collections
 import contextlib
 import contextvars
 import os
+import threading
 import warnings
 
 import torch
@@ -190,10 +191,22 @@ def refuse_double_backward(op: str) -> None:
     torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
 
 
+# One Triton launch at a time in this process. Triton's Autotuner keeps the launch's arguments
+# on itself while it tunes (run() sets self.nargs, its benchmarks and prune read it, the end of
+# any run clears it), so two threads tuning one kernel break each other (TypeError); the
+# interpreter patches triton.language for the duration of a launch. Launching is Python under
+# the GIL anyway (the kernels themselves run asynchronously): the lock serialises nothing else.
+# Reentrant: a launch inside a launch's context (a grid function, a tuner's pre-hook) may launch.
+_LAUNCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
 def triton_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
-    tensors', so make it theirs (nothing to do for CPU tensors under the interpreter)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    tensors', so make it theirs (nothing to do for CPU tensors under the interpreter); and hold
+    the process's launch lock (see _LAUNCH_LOCK), so that threads may call the ops side by side."""
+    with _LAUNCH_LOCK, (torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()):
+        yield
 
 
 # ---- values derived from parameters, kept until the parameters change ----------------------

@@ -37,6 +37,84 @@ def test_use_backend_in_one_thread_leaves_the_others_alone():
     assert seen["on"] == ("auto", mpvit_kernels.extension_available())
 
 
+def _in_threads(n, work):
+    """work(i) in n threads started together; the exceptions they raised."""
+    barrier, errors = threading.Barrier(n, timeout=60), []
+
+    def run(i):
+        try:
+            barrier.wait()
+            work(i)
+        except Exception as e:  # noqa: BLE001  (reported by the caller, from the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_threads_tuning_one_kernel_at_once_each_get_their_result(monkeypatch):
+    """Every launch holds the process's launch lock (backend.triton_device): Triton's Autotuner
+    keeps a launch's arguments on itself while it tunes (a second thread's launch cleared them
+    under the first: TypeError), and the interpreter patches triton.language during a launch.
+    A two-config kernel, each thread's sizes a new tuning key; the benchmark a stand-in timer
+    (the interpreter has none)."""
+    import triton
+    import triton.language as tl
+
+    from mpvit_kernels import backend
+
+    @triton.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+    @triton.jit
+    def add_one(x, y, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + i, tl.load(x + i, mask=i < n) + 1, mask=i < n)
+
+    def timer(fn, quantiles=None, **_):
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(type(add_one), "do_bench", property(lambda self: timer), raising=False)
+
+    def work(i):
+        for j in range(3):
+            n = 40 + 8 * (3 * i + j)
+            x = torch.randn(n)
+            y = torch.empty_like(x)
+            with backend.triton_device(x):
+                add_one[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, n)
+            assert torch.equal(y, x + 1)
+
+    errors = _in_threads(6, work)
+    assert not errors, errors
+    assert len(add_one.cache) == 18  # every key tuned once
+
+
+def test_threads_call_the_ops_side_by_side():
+    """Two op families' Triton kernels (interpreted on CPU here) from threads at once give each
+    thread what one thread alone gets."""
+    from tests.test_factor_attention import DEFAULT, make_inputs
+
+    torch.manual_seed(0)
+    attention = [make_inputs(1, 5, 4, 4, DEFAULT, torch.float32, requires_grad=False) for _ in range(3)]
+    maps = [[torch.randn(1, 6, 3, 5) for _ in range(3)] for _ in range(3)]
+    weight = torch.randn(7, 18)
+
+    def both(i):
+        return ops.factor_attention(*attention[i]), ops.gli_projection(maps[i], weight, hswish=True)
+
+    with torch.no_grad():
+        alone = [both(i) for i in range(3)]
+        together = [None] * 3
+        errors = _in_threads(3, lambda i: together.__setitem__(i, both(i)))
+    assert not errors, errors
+    for a, b in zip(alone, together):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_use_backend_nests_per_op_family_and_restores():
     assert mpvit_kernels.get_backend() == "auto"
     with mpvit_kernels.use_backend("reference"):
