@@ -213,6 +213,7 @@ def triton_device(t: torch.Tensor):
 
 _DERIVED: collections.OrderedDict = collections.OrderedDict()  # ids of the sources -> (sources, state, value)
 _DERIVED_SIZE = 512  # an MPViT-B holds about 30 BatchNorm folds and 12 CRPE packings
+_DERIVED_LOCK = threading.Lock()
 
 
 def cached_by_version(sources, extra, compute):
@@ -225,15 +226,17 @@ def cached_by_version(sources, extra, compute):
     state = (tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources), extra,
              torch.is_inference_mode_enabled())
     key = tuple(id(t) for t in sources)
-    hit = _DERIVED.get(key)
-    if hit is not None and hit[1] == state and all(a is b for a, b in zip(hit[0], sources)):
-        _DERIVED.move_to_end(key)
-        return hit[2]
+    with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
+        hit = _DERIVED.get(key)
+        if hit is not None and hit[1] == state and all(a is b for a, b in zip(hit[0], sources)):
+            _DERIVED.move_to_end(key)
+            return hit[2]
     value = compute()
-    _DERIVED[key] = (tuple(sources), state, value)
-    _DERIVED.move_to_end(key)
-    while len(_DERIVED) > _DERIVED_SIZE:
-        _DERIVED.popitem(last=False)
+    with _DERIVED_LOCK:
+        _DERIVED[key] = (tuple(sources), state, value)
+        _DERIVED.move_to_end(key)
+        while len(_DERIVED) > _DERIVED_SIZE:
+            _DERIVED.popitem(last=False)
     return value
 
 
@@ -252,4 +255,5 @@ def clear_caches() -> None:
     """Drop every cached eval BatchNorm fold and CRPE weight packing. The caches follow the
     tensors' version counters, which any in-place change bumps, except a write through ``.data``
     (PyTorch gives it a counter of its own): call this after such writes."""
-    _DERIVED.clear()
+    with _DERIVED_LOCK:
+        _DERIVED.clear()

@@ -115,6 +115,24 @@ def test_threads_call_the_ops_side_by_side():
         assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_threads_share_the_cache_of_derived_weights(monkeypatch):
+    """Eval BatchNorm folds and packed weights are cached per tensor version for every thread;
+    another thread's eviction between a lookup and its bookkeeping raised KeyError."""
+    from mpvit_kernels import backend
+
+    monkeypatch.setattr(backend, "_DERIVED_SIZE", 2)  # evictions all the time
+    sources = [torch.randn(3) for _ in range(6)]
+
+    def work(i):
+        for j in range(4000):
+            t = sources[(i + j) % len(sources)]
+            assert torch.equal(backend.cached_by_version((t,), "x2", lambda: t * 2), t * 2)
+
+    errors = _in_threads(4, work)
+    backend.clear_caches()
+    assert not errors, errors
+
+
 def test_use_backend_nests_per_op_family_and_restores():
     assert mpvit_kernels.get_backend() == "auto"
     with mpvit_kernels.use_backend("reference"):
