@@ -226,6 +226,25 @@ def test_batches_past_2_to_the_31_elements_read_the_right_items(op):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+def test_gli_inputs_with_strides_past_32_bits_beside_ones_within():
+    """Triton types an int argument i32 or i64 by its value, and the GLI kernel picks each input's
+    strides out of one chain of branches, whose types must agree (a mix failed to compile on a
+    GPU; the interpreter does not type): the op reads such a mix from dense copies."""
+    from mpvit_kernels import ops
+    from tests.utils import RecordLaunches
+
+    H, W, C = 3, 5, 8
+    far_stride = 2 ** 31 + 64  # the far input's item 1 starts past 2^31 (8 GiB reserved, two items touched)
+    far = torch.empty(far_stride + H * W * C).as_strided((2, H * W, C), (far_stride, C, 1))
+    far.copy_(torch.randn(far.shape))
+    near, w = torch.randn(2, H * W, C), torch.randn(6, 2 * C)
+    with RecordLaunches() as rec:
+        out = ops.gli_projection([near, far], w, size=(H, W))
+    strides = [v for _, args in rec.launches for k, v in args.items() if k[:2] in ("sb", "sn") and k[2:].isdigit()]
+    assert len(strides) == 10 and max(strides) < 2 ** 31, strides
+    torch.testing.assert_close(out, ops.gli_projection([near, far.contiguous()], w, size=(H, W)), rtol=0, atol=0)
+
+
 def test_items_or_rows_past_32_bits_are_refused_before_any_kernel():
     from mpvit_kernels import ops
 

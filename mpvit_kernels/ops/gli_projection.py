@@ -224,6 +224,11 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     from mpvit_kernels.triton.affine_hswish import vector_width
 
     B, N, C = xs[0].shape
+    if any(len({x.stride(d) >= 2**31 for x in xs}) > 1 for d in (0, 1)):
+        # Triton types an int argument as i64 from 2^31 on, and the kernel picks each input's
+        # strides out of one chain of branches, whose types must agree (a mix fails to compile):
+        # dense copies agree (batch strides N*C, pixel strides C)
+        xs = [x.contiguous() for x in xs]
     Cout = weight.shape[0]
     dtype = xs[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
