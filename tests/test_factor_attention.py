@@ -424,38 +424,41 @@ def test_autotune_key_buckets_the_token_count():
     assert len(sizes) > 500 and len({n_bucket(n) for n in sizes}) <= 12
 
 
-@pytest.mark.parametrize("autotune", ["1", "0"])
-def test_what_a_gpu_tunes(autotune):
+def test_what_a_gpu_tunes():
     # Read in a process of its own without the interpreter: the tuning a GPU run gets. The
     # reduction passes never autotune (their tile fixes the summation order); the per-token
-    # passes tune per (bucket of N, head-dim tile) unless MPVIT_KERNELS_AUTOTUNE=0, which pins one tile each.
+    # passes tune per (bucket of N, head-dim tile) unless MPVIT_KERNELS_AUTOTUNE=0 (read at
+    # import: the module is reloaded with it), which pins one tile each.
     code = """if True:
-        import json, triton
+        import importlib, json, os, triton
         from mpvit_kernels.triton import factor_attention as fa
         from mpvit_kernels.triton.static_compile import launched_kernels
-        out = {}
-        for name, k in launched_kernels(fa).items():
-            if isinstance(k, triton.runtime.Autotuner):
-                out[name] = {"configs": len(k.configs), "key": k.keys}
-            else:
-                out[name] = {"heuristics": sorted(k.values)}
-        print(json.dumps(out))
+        def read():
+            out = {}
+            for name, k in launched_kernels(fa).items():
+                if isinstance(k, triton.runtime.Autotuner):
+                    out[name] = {"configs": len(k.configs), "key": k.keys}
+                else:
+                    out[name] = {"heuristics": sorted(k.values)}
+            return out
+        on = read()
+        os.environ["MPVIT_KERNELS_AUTOTUNE"] = "0"
+        print(json.dumps({"1": on, "0": read() if importlib.reload(fa) else None}))
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MPVIT_KERNELS_AUTOTUNE"] = autotune
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    kernels = json.loads(run.stdout.strip().splitlines()[-1])
-    for name in ("context_partial_kernel", "grad_partial_kernel"):
-        assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
-    assert {"BLOCK_N", "BLOCK_OUT", "num_warps"} <= set(kernels["whole_map_kernel"]["heuristics"])
-    for name in ("context_combine_kernel", "grad_combine_kernel"):
-        assert kernels[name]["configs"] == 1
-    for name in ("output_kernel", "grad_qkv_kernel"):
-        if autotune == "1":
-            assert kernels[name]["key"] == ["n_bucket", "BLOCK_D"] and kernels[name]["configs"] > 1, kernels[name]
-        else:
+    for autotune, kernels in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        for name in ("context_partial_kernel", "grad_partial_kernel"):
             assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
+        assert {"BLOCK_N", "BLOCK_OUT", "num_warps"} <= set(kernels["whole_map_kernel"]["heuristics"])
+        for name in ("context_combine_kernel", "grad_combine_kernel"):
+            assert kernels[name]["configs"] == 1
+        for name in ("output_kernel", "grad_qkv_kernel"):
+            if autotune == "1":
+                assert kernels[name]["key"] == ["n_bucket", "BLOCK_D"] and kernels[name]["configs"] > 1, kernels[name]
+            else:
+                assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
 
 
 def test_reduction_tiles_depend_on_dtype_and_head_dim_alone():
