@@ -33,24 +33,65 @@ def _seed():
     torch.manual_seed(0)
 
 
-def pytest_terminal_summary(terminalreporter):
-    """On a GPU: how many Triton kernels this run compiled and how many autotune keys it tuned,
-    per kernel: what a GPU test run costs beyond the tests (gpu_proof.sh keeps it)."""
+def _triton_counts():
+    """On a GPU: (kernels compiled, autotune keys tuned, {kernel: [compiled, tuned]}) of this
+    process's Triton kernels; None where none ran."""
     import sys
 
     if not torch.cuda.is_available() or not any(m.startswith("mpvit_kernels.triton.") for m in sys.modules):
-        return
+        return None
     import triton
 
     from mpvit_kernels.triton.static_compile import jit_function, kernel_modules, launched_kernels
 
-    rows, compiled, tuned, seen = [], 0, 0, set()
+    per_kernel, seen = {}, set()
     for module in kernel_modules():
         for name, kernel in launched_kernels(module).items():
             fn = jit_function(kernel)  # two launchers (pinned and tuned) may share one
             n = 0 if id(fn) in seen else sum(len(caches[0]) for caches in getattr(fn, "device_caches", {}).values())
             seen.add(id(fn))
             keys = len(kernel.cache) if isinstance(kernel, triton.runtime.Autotuner) and len(kernel.configs) > 1 else 0
-            compiled, tuned = compiled + n, tuned + keys
-            rows.append(f"{name} {n}" + (f" ({keys} keys tuned)" if keys else ""))
-    terminalreporter.write_line(f"Triton: {compiled} kernels compiled, {tuned} autotune keys tuned: " + ", ".join(rows))
+            per_kernel[name] = [n, keys]
+    return sum(n for n, _ in per_kernel.values()), sum(k for _, k in per_kernel.values()), per_kernel
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its counts to the controller, which prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    counts = _triton_counts() if workeroutput is not None else None
+    if counts:
+        workeroutput["triton_counts"] = counts
+
+
+_WORKER_COUNTS = []
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown where xdist is not installed
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("triton_counts")
+    if counts:
+        _WORKER_COUNTS.append(counts)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """On a GPU: how many Triton kernels this run compiled and how many autotune keys it tuned,
+    per kernel: what a GPU test run costs beyond the tests (gpu_proof.sh keeps it). Under
+    pytest-xdist, summed over the workers: each compiled what it launched or loaded it from
+    Triton's on-disk cache, which they share."""
+    counts, where = None, ""
+    if _WORKER_COUNTS:
+        per_kernel = {}
+        for _, _, kernels in _WORKER_COUNTS:
+            for name, (n, keys) in kernels.items():
+                total = per_kernel.setdefault(name, [0, 0])
+                total[0], total[1] = total[0] + n, total[1] + keys
+        counts = (sum(c[0] for c in _WORKER_COUNTS), sum(c[1] for c in _WORKER_COUNTS), per_kernel)
+        where = f" (summed over {len(_WORKER_COUNTS)} xdist workers)"
+    else:
+        counts = _triton_counts()
+    if counts is None:
+        return
+    compiled, tuned, per_kernel = counts
+    rows = [f"{name} {n}" + (f" ({keys} keys tuned)" if keys else "") for name, (n, keys) in per_kernel.items()]
+    terminalreporter.write_line(f"Triton{where}: {compiled} kernels compiled, {tuned} autotune keys tuned: "
+                                + ", ".join(rows))

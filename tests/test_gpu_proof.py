@@ -1,5 +1,6 @@
 """`make gpu-proof` (tools/gpu_proof.sh): without a GPU it stops at once, saying why; on a GPU its
 results come back whole from the device tool (at most 8 files, two folders deep, logs in one archive)."""
+import importlib
 import os
 import stat
 import subprocess
@@ -37,7 +38,7 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out_dir = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench model",
-               TESTS="tests/test_bench.py -k counts_eager_ops", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224",
+               TESTS="tests/test_bench.py -k counts_eager_ops", TESTS_WORKERS="2", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224",
                MODEL_ARGS="--ops model --model-batch 2 --resolutions 64 --model-modes inference --no-compile --reps 1 "
                           "--warmup 0", MPVIT_KERNELS_BACKEND="reference")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -48,9 +49,39 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
                                              "results.json", "speed_report.md", "summary.md"}, files
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
+        log = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("gpu_proof.log"))).read().decode()
+    assert "-n 2 --dist worksteal" in log, log  # the tests in xdist workers
     assert {"versions.txt", "gpu_proof.log", "pytest.log", "pytest.xml", "bench.log", "model.log"} <= names, names
     summary = (out_dir / "summary.md").read_text()
     assert "| tests | ok |" in summary and "| bench | ok |" in summary and "| model | ok |" in summary, summary
     assert "1 passed" in summary, summary
     assert "## traffic" in (out_dir / "speed_report.md").read_text()
     assert "| MPViT-T | 64 | 2 | fp32 | inference | ours |" in (out_dir / "model" / "speed_report.md").read_text()
+
+
+def test_a_gpu_test_run_reports_its_triton_compiles_summed_over_xdist_workers(monkeypatch):
+    # gpu_proof runs the GPU tests in pytest-xdist workers: each hands its counts to the
+    # controller, whose summary sums them (the counts themselves are a GPU's: stand-ins here)
+    from tests import conftest
+
+    class Reporter:
+        lines = []
+
+        def write_line(self, line):
+            self.lines.append(line)
+
+    monkeypatch.setattr(conftest, "_WORKER_COUNTS", [])
+    for counts in ([3, 1, {"output_kernel": [2, 1], "linear_kernel": [1, 0]}], [2, 0, {"linear_kernel": [2, 0]}]):
+        node = type("Node", (), {"workeroutput": {"triton_counts": counts}})()
+        conftest.pytest_testnodedown(node, None)
+    conftest.pytest_terminal_summary(Reporter())
+    assert Reporter.lines == ["Triton (summed over 2 xdist workers): 5 kernels compiled, 1 autotune keys tuned: "
+                              "output_kernel 2 (1 keys tuned), linear_kernel 3"]
+    # a worker's side: what it hands over, from every kernel module's launchers
+    monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: True)
+    importlib.import_module("mpvit_kernels.triton.linear")  # the counts need a kernel module imported
+
+    config = type("Config", (), {"workeroutput": {}})()
+    conftest.pytest_sessionfinish(type("Session", (), {"config": config})())
+    compiled, tuned, per_kernel = config.workeroutput["triton_counts"]
+    assert "linear_kernel" in per_kernel and compiled == sum(n for n, _ in per_kernel.values())

@@ -6,7 +6,10 @@
 #   tests      every test file that exercises the kernels, on CUDA tensors (not only `-m cuda`),
 #              one tile per Triton kernel (MPVIT_KERNELS_AUTOTUNE=0 unless set): tuning every
 #              odd test shape would double the stage's compiles; the token-tile test forces each
-#              tile the tuner may pick, and the bench stage runs the tuner
+#              tile the tuner may pick, and the bench stage runs the tuner. TESTS_WORKERS pytest-xdist
+#              workers where xdist is installed (default min(8, cores); 0: one process): the
+#              stage is mostly Triton compiles, one per specialisation a test launches (the CPU
+#              suite alone launches about 460 distinct ones), each single-threaded
 #   bench      the speed report (BENCH_ARGS, default "--resolutions 224")
 #   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, batch 64, bf16:
 #              inference and a training step; eager, torch.compile, ours, ours + compile), into
@@ -35,6 +38,8 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
 MODEL_ARGS=${MODEL_ARGS---ops model --model-sizes small --resolutions 224 --model-batch 64 --dtypes bf16 --reps 10 --warmup 2}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-420}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-480}
+cores=$(nproc)
+TESTS_WORKERS=${TESTS_WORKERS:-$(( cores < 8 ? cores : 8 ))}
 # Kernel tests for the GPU: all but the CPU-only checks (the ahead-of-time compile, the wheel
 # build, this script's no-GPU path).
 TESTS=${TESTS:-"tests --ignore=tests/test_static_compile.py --ignore=tests/test_build.py --ignore=tests/test_gpu_proof.py"}
@@ -76,7 +81,7 @@ stage() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
   "$PYTHON" -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability(0))"
   nvcc --version 2>&1 | tail -n 2 || true
-  echo "cores: $(nproc)"
+  echo "cores: $cores"
   git rev-parse HEAD 2>/dev/null || true
 } > "$LOGS/versions.txt" 2>&1
 cat "$LOGS/versions.txt"
@@ -121,10 +126,14 @@ for name in $STAGES; do
         { status=1; tail -n 5 "$LOGS/build.log"; break; }
       ;;
     tests)
-      log "pytest $TESTS"
+      workers=""
+      if [ "$TESTS_WORKERS" -gt 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
+        workers="-n $TESTS_WORKERS --dist worksteal"
+      fi
+      log "pytest $TESTS ${workers:-(one process)}"
       # shellcheck disable=SC2086
       MPVIT_KERNELS_AUTOTUNE=${MPVIT_KERNELS_AUTOTUNE:-0} stage tests "$TESTS_TIMEOUT" "$PYTHON" -m pytest $TESTS \
-        -q -ra -p no:cacheprovider --junitxml="$LOGS/pytest.xml" > "$LOGS/pytest.log" 2>&1 || status=1
+        $workers -q -ra -p no:cacheprovider --junitxml="$LOGS/pytest.xml" > "$LOGS/pytest.log" 2>&1 || status=1
       { echo; echo '```'; tail -n 40 "$LOGS/pytest.log"; echo '```'; echo; } >> "$summary"
       tail -n 3 "$LOGS/pytest.log"
       ;;
