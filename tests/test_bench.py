@@ -152,6 +152,26 @@ def test_speed_report_writes_its_files(capsys, tmp_path):
         assert not (tmp_path / "speedup.png").exists()
 
 
+def test_a_run_cut_short_keeps_every_row_it_measured(tmp_path, monkeypatch):
+    """A GPU proof's bench stage has a time limit: rows reach results.json as they are measured,
+    the GEMM and attention families first."""
+    assert report.DEFAULT_OPS[:2] == ["gli_projection", "factor_attention"]
+    assert sorted(report.DEFAULT_OPS) == sorted(name for name in report.SECTIONS if name != "model")
+    measure, calls = timing.measure, []
+
+    def cut_short(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the time limit")
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["mpvit_kernels.bench.gli_projection"], "measure", cut_short)
+    with as_on_a_cpu(), pytest.raises(KeyboardInterrupt):
+        report.main(["--ops", "gli_projection", *TINY_RUN, "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["finished"] and [r["section"] for r in results["rows"]] == ["gli_projection"] * 3
+
+
 def test_speed_report_without_matplotlib_skips_the_figure_only(capsys, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # import matplotlib now fails

@@ -10,7 +10,12 @@
 #              workers where xdist is installed (default min(8, cores); 0: one process): the
 #              stage is mostly Triton compiles, one per specialisation a test launches (the CPU
 #              suite alone launches about 460 distinct ones), each single-threaded
-#   bench      the speed report (BENCH_ARGS, default "--resolutions 224")
+#   bench      the speed report (BENCH_ARGS, default "--resolutions 224 --no-compile": every family
+#              against eager, the GLI GEMM also against cuBLAS, in one or two minutes; the
+#              torch.compile columns cost an Inductor compile per row, several minutes per
+#              family on a GPU, so they come in calls of their own, e.g. BENCH_ARGS="--resolutions
+#              224 --ops gli_projection"). Rows reach results.json as they are measured, the
+#              GEMM and attention families first, so a run cut short keeps what it measured
 #   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, batch 64, bf16:
 #              inference and a training step; eager, torch.compile, ours, ours + compile), into
 #              $OUT/model/ (results.json after every row): its compiles take minutes, so run it as
@@ -31,7 +36,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3}
 STAGES=${STAGES:-"build tests bench"}
-BENCH_ARGS=${BENCH_ARGS---resolutions 224}
+BENCH_ARGS=${BENCH_ARGS---resolutions 224 --no-compile}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}

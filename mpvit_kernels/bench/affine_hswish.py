@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mpvit_kernels
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 
 # (name, channels, resolution) of eval BatchNorm + Hardswish sites of MPViT-S at 224x224
 SITES = [("stem.0", 32, 112), ("stem.1", 64, 56), ("InvRes stage 1", 128, 28), ("InvRes stage 3", 288, 7)]
@@ -47,6 +47,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 rows.append({"op": "affine_hswish", "site": name, "shape": [args.batch, C, R, R],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+                keep(args, rows)
     return rows
 
 

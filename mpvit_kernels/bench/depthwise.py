@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 
 # MPViT-S: (stage, C, stride of the map)
 STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
@@ -90,6 +90,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                      "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,
                                      "impl": impl, **t, "bytes": nbytes,
                                      "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+                        keep(args, rows)
     return rows
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 
 # MPViT-S patch embeddings: (stage, C, input stride of the map, conv stride); path 0 of stages
 # 2-4 halves the map, every other path keeps it.
@@ -101,6 +101,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                  "shape": [args.batch, C, side, side], "dtype": dtype_name, "mode": mode,
                                  "impl": impl, **t, "bytes": nbytes, "GB/s": nbytes / seconds / 1e9,
                                  "TFLOP/s": flops / seconds / 1e12})
+                    keep(args, rows)
     return rows
 
 

@@ -11,7 +11,7 @@ import torch
 
 from mpvit_kernels import FactorAttention, extension_available, ops
 from mpvit_kernels.bench.public_mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 
 # MPViT-S: (stage, C) with 8 heads; N = (input / stride)^2 at strides 4, 8, 16, 32.
 STAGES = [(1, 64, 4), (2, 128, 8), (3, 216, 16), (4, 288, 32)]
@@ -109,6 +109,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                             if args.peak_gbs:
                                 row["% of copy peak"] = 100 * row["GB/s"] / args.peak_gbs
                         rows.append(row)
+                        keep(args, rows)
     return rows
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import ops, reference
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 from mpvit_kernels.ops.gli_projection import tma_device
 
 # (model, stage, C per path, C out, input stride of the map): num_path + 1 = 4 inputs everywhere
@@ -117,6 +117,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                                  "shape": [args.batch, side, side, INPUTS, C, Cout], "dtype": dtype_name, "mode": mode,
                                  "impl": impl, **t, "bytes": nbytes, "GB/s": nbytes / seconds / 1e9,
                                  "TFLOP/s": flops / seconds / 1e12})
+                    keep(args, rows)
     return rows
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import fuse
 from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 
 MODEL_SIZES = ("tiny", "xsmall", "small", "base")
 SHORT_NAMES = {"tiny": "T", "xsmall": "XS", "small": "S", "base": "B"}
@@ -142,8 +142,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 rows.append({"op": "MPViT", "model": SHORT_NAMES[size], "input": res, "shape": [batch, 3, res, res],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "img/s": batch / (t["median_ms"] * 1e-3), "peak_mib": peak_mib(device, step)})
-                if getattr(args, "save_partial", None):  # results.json after every row (bench/__main__.py)
-                    args.save_partial(rows)
+                keep(args, rows)
             del cases
     return rows
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import ops
 from mpvit_kernels.bench.factor_attention import STAGES  # (stage, channels, stride) of MPViT-S
-from mpvit_kernels.bench.timing import compiled, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure
 from mpvit_kernels.models.mpvit import CONFIGS
 
 MLP_RATIO = CONFIGS["small"][2]
@@ -62,6 +62,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                     rows.append({"op": "residual_layernorm", "input": res, "stage": stage,
                                  "shape": [args.batch, N, C], "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                                  "bytes": nbytes, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+                    keep(args, rows)
     return rows
 
 

@@ -118,6 +118,15 @@ def sync() -> None:
     sync_device(torch.device(SUITE_DEVICE))
 
 
+def keep(args, rows: list[dict]) -> None:
+    """Write the rows a section has measured so far (``args.save_partial``, set by
+    bench/__main__.py for each section): a run cut short by a time limit, as a GPU proof's may
+    be, keeps every row it measured, not only its finished sections."""
+    save = getattr(args, "save_partial", None)
+    if save is not None:
+        save(rows)
+
+
 def compiled(args, eager: Callable, ours: Callable | None = None, fullgraph: bool = True) -> dict[str, Callable]:
     """A row's compiled columns: "torch.compile" of the eager function, "torch.compile
     max-autotune" with --max-autotune (its compile takes minutes), and "ours + compile" (our ops
