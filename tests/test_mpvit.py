@@ -163,8 +163,8 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
     3-channel input NHWC, and every activation a conv or fused op receives is a channels-last map
     or unit-channel-stride tokens, so no op converts a layout inside either. On CPU the attention
     takes its C++ twin here (the interpreted Triton attention costs most of a minute over the
-    model's 23 blocks); the compiled test below runs the model through the Triton one. The
-    token Linears run their Triton kernels (interpreted) here."""
+    model's 23 blocks; test_factor_attention runs it at the model's head widths). The token
+    Linears run their Triton kernels (interpreted) here."""
     from torch.utils._pytree import tree_leaves
 
     twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
@@ -310,10 +310,14 @@ def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 20, 24, device=KERNEL_DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    # linear takes the reference: its kernels, interpreted inside a compiled graph under pytest,
-    # cost 20 s more here (test_linear compiles the op itself; test_mpvit's eager run checks them)
-    with torch.no_grad(), mpvit_kernels.use_backend("reference", ops=["linear"]):
+    # linear takes the reference and, on a CPU, the attention its C++ twin: their Triton kernels,
+    # interpreted inside a compiled graph under pytest, cost 20 s and 15 s more here
+    # (test_linear and test_factor_attention compile the ops and modules themselves; the eager
+    # run above checks linear's in the model)
+    twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
+    with torch.no_grad(), mpvit_kernels.use_backend("reference", ops=["linear"]), \
+            mpvit_kernels.use_backend("cuda" if twin else "auto", ops=["factor_attention"]):
         got = compiled(x)
-        with mpvit_kernels.use_backend("reference"):  # the one whole-model run of the Triton attention
-            want = model(x)
+    with torch.no_grad(), mpvit_kernels.use_backend("reference"):
+        want = model(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
