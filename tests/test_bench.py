@@ -279,6 +279,23 @@ def test_whole_model_rows(tmp_path, capsys):
     assert saved == [["eager"], ["eager", "ours"]]
 
 
+def test_whole_model_rows_measure_the_uncompiled_columns_first(monkeypatch):
+    # whole-model compiles take minutes: a time-limited GPU call gets eager and ours of both
+    # modes before any compiled column; the table still shows each mode's rows together
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)  # stand-in compiles, instant
+    args = report.parse_args(["--model-batch", "2", "--resolutions", "32", "--reps", "1", "--warmup", "0"],
+                             cuda=False)
+    saved = []
+    args.save_partial = lambda rows: saved.append((rows[-1]["mode"], rows[-1]["impl"]))
+    with as_on_a_cpu():
+        rows = model_section.run(args, torch.device("cpu"), torch.float32, "fp32")
+    compiled = ("torch.compile", "ours + compile")
+    assert saved == [(m, i) for m in ("inference", "train") for i in ("eager", "ours")] + \
+        [(m, i) for m in ("inference", "train") for i in compiled]
+    table = [line.split(" | ")[4:6] for line in model_section.table(rows).splitlines()[2:]]
+    assert table == [[m, i] for m in ("inference", "train") for i in ("eager", "ours", *compiled)]
+
+
 def test_whole_model_shapes_and_options():
     import argparse
 

@@ -125,6 +125,9 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
             cases = [("inference", name, model) for name, model in inference.items()]
             if batch > 1 and "train" in args.model_modes:  # batch 1 is inference's latency case
                 cases += [("train", name, pair) for name, pair in _train_impls(args, size, device).items()]
+            # the uncompiled columns of both modes first (whole-model compiles take minutes: a
+            # time-limited GPU call has them); the table shows each mode's rows together
+            cases.sort(key=lambda case: "compile" in case[1])
             for mode, impl, target in cases:
                 if mode == "inference":
                     def step(model=target, frozen=impl == MAX_AUTOTUNE):
@@ -154,7 +157,9 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["model"], r["input"], r["shape"][0], r["dtype"], r["mode"])  # noqa: E731
     base = {(key(r), r["impl"]): r["median_ms"] for r in rows}
-    for r in rows:
+    shapes_seen = {k: i for i, k in enumerate(dict.fromkeys(key(r)[:4] for r in rows))}
+    impls = ("eager", "ours", *EAGER_COMPILES, "ours + compile")
+    for r in sorted(rows, key=lambda r: (shapes_seen[key(r)[:4]], MODES.index(r["mode"]), impls.index(r["impl"]))):
         compiles = [base[(key(r), c)] for c in EAGER_COMPILES if (key(r), c) in base]
         vs_compile = f"{min(compiles) / r['median_ms']:.2f}x" if compiles else "-"
         first = f"{r['first_call_ms'] / 1e3:.0f}" if r.get("first_call_ms") is not None else "-"
