@@ -18,8 +18,8 @@
 #              GEMM and attention families first, so a run cut short keeps what it measured
 #   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, batch 64, bf16:
 #              inference and a training step; eager, torch.compile, ours, ours + compile), into
-#              $OUT/model/ (results.json after every row): its compiles take minutes, so run it as
-#              a call of its own
+#              $OUT/model/ (results.json after every row, eager and ours of both modes before any
+#              compiled column): its compiles take minutes, so run it as a call of its own
 #   sanitizer  compute-sanitizer memcheck and racecheck over the kernel tests, caching allocator
 #              off (so overruns inside PyTorch's cached blocks are seen) and one tile per Triton
 #              kernel (MPVIT_KERNELS_AUTOTUNE=0), so that it fits one call
