@@ -2,9 +2,6 @@
 reference, forward and every gradient, through the op and through the public module."""
 import contextlib
 import itertools
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordLaunches, RecordOps, assert_close
+from tests.utils import RecordLaunches, RecordOps, assert_close, read_as_a_gpu_process
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
@@ -425,15 +422,12 @@ def test_autotune_key_buckets_the_token_count():
 
 
 def test_what_a_gpu_tunes():
-    # Read in a process of its own without the interpreter: the tuning a GPU run gets. The
-    # reduction passes never autotune (their tile fixes the summation order); the per-token
-    # passes tune per (bucket of N, head-dim tile) unless MPVIT_KERNELS_AUTOTUNE=0 (read at
-    # import: the module is reloaded with it), which pins one tile each.
-    code = """if True:
-        import importlib, json, os, triton
-        from mpvit_kernels.triton import factor_attention as fa
-        from mpvit_kernels.triton.static_compile import launched_kernels
-        def read():
+    # The reduction passes never autotune (their tile fixes the summation order); the per-token
+    # passes tune per (bucket of N, head-dim tile) unless MPVIT_KERNELS_AUTOTUNE=0, which pins
+    # one tile each.
+    results = read_as_a_gpu_process("mpvit_kernels.triton.factor_attention", """
+        def read(fa):
+            from mpvit_kernels.triton.static_compile import launched_kernels
             out = {}
             for name, k in launched_kernels(fa).items():
                 if isinstance(k, triton.runtime.Autotuner):
@@ -441,14 +435,8 @@ def test_what_a_gpu_tunes():
                 else:
                     out[name] = {"heuristics": sorted(k.values)}
             return out
-        on = read()
-        os.environ["MPVIT_KERNELS_AUTOTUNE"] = "0"
-        print(json.dumps({"1": on, "0": read() if importlib.reload(fa) else None}))
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for autotune, kernels in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    """)
+    for autotune, kernels in results.items():
         for name in ("context_partial_kernel", "grad_partial_kernel"):
             assert {"BLOCK_N", "num_warps"} <= set(kernels[name]["heuristics"]), kernels[name]
         assert {"BLOCK_N", "BLOCK_OUT", "num_warps"} <= set(kernels["whole_map_kernel"]["heuristics"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps, assert_close
+from tests.utils import RecordOps, assert_close, read_as_a_gpu_process
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
 CASES = [
@@ -233,17 +233,10 @@ def test_eval_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monke
 
 
 def test_what_a_gpu_tunes():
-    # Read in a process of its own without the interpreter: the eval GEMM tunes per (bucket of
-    # M, widths, inputs, epilogue) over tiles of the pinned BLOCK_K, the pinned tile among them;
-    # MPVIT_KERNELS_AUTOTUNE=0 (read at import: the module is reloaded with it) pins it
-    import json
-    import os
-    import subprocess
-
-    code = """if True:
-        import importlib, json, os, triton
-        from mpvit_kernels.triton import gli_projection as g
-        def read():
+    # The eval GEMM tunes per (bucket of M, widths, inputs, epilogue) over tiles of the pinned
+    # BLOCK_K, the pinned tile among them; MPVIT_KERNELS_AUTOTUNE=0 pins it
+    results = read_as_a_gpu_process("mpvit_kernels.triton.gli_projection", """
+        def read(g):
             t = g.gli_gemm_tuned
             out = {"tuned": isinstance(t, triton.runtime.Autotuner), "pinned": type(g.gli_gemm_kernel).__name__}
             if out["tuned"]:
@@ -254,14 +247,7 @@ def test_what_a_gpu_tunes():
                               for bn in (16, 64, 128) for p in ("tf32", "ieee")}
                 out["tiles"] = {f"{bn} {d}": list(g.tile(bn, d)) for bn in (16, 64, 128) for d in ("16-bit", "fp32")}
             return out
-        on = read()
-        os.environ["MPVIT_KERNELS_AUTOTUNE"] = "0"
-        print(json.dumps({"1": on, "0": read() if importlib.reload(g) else None}))
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    """)
     assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
     on = results["1"]
     assert on["tuned"] and on["pinned"] == "Heuristics"

@@ -1,4 +1,10 @@
 """Shared test helpers: one tolerance table per dtype, tensors in the layouts the ops meet."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -99,3 +105,18 @@ def randomize_bn(model):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
     return model
+
+
+def read_as_a_gpu_process(module: str, read: str) -> dict:
+    """What a GPU run's Triton module looks like, read in a process of its own without the
+    interpreter: ``read`` is the source of ``def read(m)`` (JSON-able result) over ``module``
+    imported as ``m``; returns {"1": read(m) as imported, "0": read(m) after reloading it with
+    MPVIT_KERNELS_AUTOTUNE=0, which the kernel modules read at import}."""
+    code = "if True:\n    import importlib, json, os, triton\n    import " + module + " as m\n" + \
+        textwrap.indent(textwrap.dedent(read), "    ") + \
+        "    on = read(m)\n    os.environ['MPVIT_KERNELS_AUTOTUNE'] = '0'\n" \
+        "    print(json.dumps({'1': on, '0': read(importlib.reload(m))}))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
