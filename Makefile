@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # Options of the speed report, e.g. BENCH_ARGS=--quick (python -m mpvit_kernels.bench --help).
 BENCH_ARGS ?=
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 
 .PHONY: test bench build wheel clean gpu-proof static-report static-report-triton
 

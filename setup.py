@@ -74,7 +74,10 @@ def extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's")
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        # <name>.cu: kernels, no ATen headers (nvcc parses a .cu's headers once per arch and once
+        # for the host); <name>_op.cpp: their ATen side, for g++ alone
+        sources += [os.path.relpath(p, ROOT) for pattern in ("*.cu", "*.cpp")
+                    for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", pattern)))]
         log(f"building CUDA + CPU kernels: CUDA_HOME={cuda_home}, archs {archs}, {jobs} jobs")
         ext = cpp_extension.CUDAExtension(
             "mpvit_kernels._C", sources, py_limited_api=True,

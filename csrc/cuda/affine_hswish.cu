@@ -1,29 +1,21 @@
-// CUDA kernels of the affine + Hardswish op (eval BatchNorm folded to scale/shift).
+// CUDA kernels of the affine + Hardswish op (eval BatchNorm folded to scale/shift), behind the
+// entry points of affine_hswish_launch.h; no ATen headers (see depthwise.cu).
 // Memory-bound: the forward reads x once and writes y once; the backward reads grad and x
 // once, writes grad_x and per-block partial sums of the two parameter grads, then a second
 // tiny kernel sums the partials in a fixed order (deterministic, no float atomics).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
-#include <tuple>
+#include <cstdint>
 
 #include "../activation.h"
-#include "../affine_hswish.h"
+#include "affine_hswish_launch.h"
 
 namespace mpvit_kernels {
+namespace affine_hswish {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kChannelTile = 32;     // channels per block when channels are innermost
-constexpr int kMaxRowChunks = 1024;  // fixed, so the reduction order is the same on any GPU
 
 // x, y: dense, numel elements, channel of element i is (i / inner) % C.
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -102,92 +94,62 @@ int grid_for(int64_t work, int64_t per_block) {
   return static_cast<int>(std::min<int64_t>((work + per_block - 1) / per_block, 1 << 16));
 }
 
-at::Tensor affine_hswish_cuda(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
-                              bool hswish) {
-  check_affine_args(x_in, scale, shift);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor y = at::empty_like(x_in);
-  if (y.numel() == 0) return y;
-  const at::Tensor x = dense_as(x_in, y);
-  const ChannelLayout L = channel_layout(x);
-  const bool small = x.numel() < (int64_t{1} << 30);  // int32 indices, with room for the stride steps
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_hswish_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor sc = scale.to(acc_type).contiguous();
-    const at::Tensor sh = shift.to(acc_type).contiguous();
-    const int grid = grid_for(x.numel(), kThreads * 4);
-    if (small) {
-      affine_hswish_fwd_kernel<scalar_t, acc_t, int32_t><<<grid, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
-          y.mutable_data_ptr<scalar_t>(), x.numel(), L.channels, L.inner, hswish);
-    } else {
-      affine_hswish_fwd_kernel<scalar_t, acc_t, int64_t><<<grid, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
-          y.mutable_data_ptr<scalar_t>(), x.numel(), L.channels, L.inner, hswish);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_hswish_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
-    bool hswish) {
-  check_affine_args(x_in, scale, shift);
-  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "affine_hswish_backward: grad must have x's shape ",
-                    x_in.sizes(), ", got ", grad_in.sizes());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor grad_x = at::empty_like(x_in);
-  at::Tensor grad_scale = at::empty_like(scale, at::MemoryFormat::Contiguous);
-  at::Tensor grad_shift = at::empty_like(shift, at::MemoryFormat::Contiguous);
-  const at::Tensor x = dense_as(x_in, grad_x);
-  const at::Tensor grad = dense_as(grad_in.to(x_in.scalar_type()), grad_x);
-  const ChannelLayout L = channel_layout(x);
-  const bool small = x.numel() < (int64_t{1} << 30);  // int32 indices, with room for the stride steps
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int ct = L.inner == 1 ? kChannelTile : 1;
-  const dim3 grid(static_cast<unsigned>((L.channels + ct - 1) / ct),
-                  static_cast<unsigned>(std::clamp<int64_t>(
-                      (L.outer * L.inner + kThreads / ct - 1) / (kThreads / ct), 1,
-                      std::max<int64_t>(1, kMaxRowChunks / std::max<int64_t>(1, (L.channels + ct - 1) / ct)))));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_hswish_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor sc = scale.to(acc_type).contiguous();
-    const at::Tensor sh = shift.to(acc_type).contiguous();
-    at::Tensor partial = at::empty({static_cast<int64_t>(grid.y), 2, L.channels}, x.options().dtype(acc_type));
-    if (L.channels > 0) {
-      if (small) {
-        affine_hswish_bwd_kernel<scalar_t, acc_t, int32_t><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(),
-            sh.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
-            L.outer, L.channels, L.inner, ct, hswish);
-      } else {
-        affine_hswish_bwd_kernel<scalar_t, acc_t, int64_t><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(),
-            sh.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
-            L.outer, L.channels, L.inner, ct, hswish);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "affine_hswish_bwd_finish", [&] {
-        using param_t = scalar_t;
-        affine_hswish_bwd_finish_kernel<acc_t, param_t><<<grid_for(2 * L.channels, kThreads), kThreads, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), static_cast<int>(grid.y), L.channels,
-            grad_scale.mutable_data_ptr<param_t>(), grad_shift.mutable_data_ptr<param_t>());
-      });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return {grad_x, grad_scale, grad_shift};
-}
+// int32 indices below 2^30 elements, with room for the grid-stride steps.
+bool small(int64_t numel) { return numel < (int64_t{1} << 30); }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mpvit_kernels, CUDA, m) {
-  m.impl("affine_hswish", &affine_hswish_cuda);
-  m.impl("affine_hswish_backward", &affine_hswish_backward_cuda);
+template <typename T, typename acc_t>
+cudaError_t launch_forward(cudaStream_t stream, const T* x, const acc_t* scale, const acc_t* shift, T* y,
+                           int64_t numel, int64_t C, int64_t inner, bool hswish) {
+  const int grid = grid_for(numel, kThreads * 4);
+  if (small(numel)) {
+    affine_hswish_fwd_kernel<T, acc_t, int32_t><<<grid, kThreads, 0, stream>>>(x, scale, shift, y, numel, C, inner,
+                                                                             hswish);
+  } else {
+    affine_hswish_fwd_kernel<T, acc_t, int64_t><<<grid, kThreads, 0, stream>>>(x, scale, shift, y, numel, C, inner,
+                                                                             hswish);
+  }
+  return cudaGetLastError();
 }
 
+template <typename T, typename acc_t, typename param_t>
+cudaError_t launch_backward(cudaStream_t stream, const T* grad, const T* x, const acc_t* scale, const acc_t* shift,
+                            T* grad_x, acc_t* partial, param_t* grad_scale, param_t* grad_shift, int64_t outer,
+                            int64_t C, int64_t inner, bool hswish) {
+  const int ct = backward_channel_tile(inner);
+  const int64_t chunks = backward_chunks(outer, C, inner);
+  const dim3 grid(static_cast<unsigned>((C + ct - 1) / ct), static_cast<unsigned>(chunks));
+  if (small(outer * C * inner)) {
+    affine_hswish_bwd_kernel<T, acc_t, int32_t><<<grid, kThreads, 0, stream>>>(grad, x, scale, shift, grad_x, partial,
+                                                                             outer, C, inner, ct, hswish);
+  } else {
+    affine_hswish_bwd_kernel<T, acc_t, int64_t><<<grid, kThreads, 0, stream>>>(grad, x, scale, shift, grad_x, partial,
+                                                                             outer, C, inner, ct, hswish);
+  }
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+  affine_hswish_bwd_finish_kernel<acc_t, param_t><<<grid_for(2 * C, kThreads), kThreads, 0, stream>>>(
+      partial, static_cast<int>(chunks), C, grad_scale, grad_shift);
+  return cudaGetLastError();
+}
+
+// The dtypes of AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16) with their accumulation type; the
+// parameters' dtype is dispatched on its own. A missing one is an undefined symbol at load.
+#define MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, PARAM)                                                      \
+  template cudaError_t launch_backward<T, ACC, PARAM>(cudaStream_t, const T*, const T*, const ACC*, const ACC*, T*, \
+                                                      ACC*, PARAM*, PARAM*, int64_t, int64_t, int64_t, bool);
+#define MPVIT_AFFINE_HSWISH_INSTANTIATE(T, ACC)                                                                      \
+  template cudaError_t launch_forward<T, ACC>(cudaStream_t, const T*, const ACC*, const ACC*, T*, int64_t, int64_t, \
+                                              int64_t, bool);                                                       \
+  MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, float)                                                           \
+  MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, double)                                                          \
+  MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, c10::Half)                                                       \
+  MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, c10::BFloat16)
+
+MPVIT_AFFINE_HSWISH_INSTANTIATE(float, float)
+MPVIT_AFFINE_HSWISH_INSTANTIATE(double, double)
+MPVIT_AFFINE_HSWISH_INSTANTIATE(c10::Half, float)
+MPVIT_AFFINE_HSWISH_INSTANTIATE(c10::BFloat16, float)
+
+}  // namespace affine_hswish
 }  // namespace mpvit_kernels

@@ -1,23 +1,16 @@
 // Device code of the depthwise op family: k x k depthwise conv ("same" padding k/2, stride 1 or
 // 2) on NHWC tensors with the epilogue y = act(conv * scale + shift) + x fused before the store,
-// and its backward. No CUDA runtime or ATen types here: depthwise.cu launches these kernels on a
-// GPU, and tests/cuda_host runs the very same code on the CPU (one std::thread per CUDA thread,
-// a barrier for __syncthreads) where there is no GPU.
-//
-// Tiling (all kernels): a block of kThreads threads is CG channel lanes x PIX pixel lanes; each
-// thread owns one pixel and VEC consecutive channels, read and written as one 16-byte access
-// when VEC > 1 (C % VEC == 0); the block's TH x TW pixels and CB = CG * VEC channels. The input
-// it reads (the tile plus its halo) is staged once in shared memory.
+// and its backward, tiled as depthwise_tiles.h says. No CUDA runtime or ATen types here:
+// depthwise.cu instantiates these kernels for a GPU, and tests/cuda_host runs the very same code
+// on the CPU (one std::thread per CUDA thread, a barrier for __syncthreads) where there is none.
 #pragma once
 #include <cstdint>
 
 #include "../activation.h"
+#include "depthwise_tiles.h"
 
 namespace mpvit_kernels {
 namespace depthwise {
-
-constexpr int kThreads = 256;
-constexpr int kMaxStride = 2;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -31,61 +24,6 @@ template <int K>
 constexpr int kConvMinBlocks = K == 3 ? 5 : 3;
 template <int K>
 constexpr int kParamMinBlocks = K == 7 ? 1 : 2;
-
-template <int VEC>
-struct Tiling {
-  // channel lanes: 8 vectors (128 B) per pixel, or 16 scalars (the fallback for C % VEC != 0,
-  // small enough that an fp64 7x7 stride-2 halo tile fits the 48 KB of static shared memory)
-  static constexpr int CG = VEC == 1 ? 16 : 8;
-  static constexpr int PIX = kThreads / CG;
-  static constexpr int TW = 8;
-  static constexpr int TH = PIX / TW;
-  static constexpr int CB = CG * VEC;
-};
-
-// Sizes of one call and its tiles: output tiles (forward, pass 1 of the backward) and input
-// tiles (pass 2) per image.
-struct Geometry {
-  int64_t B, H, W, C, Ho, Wo;
-  int stride;
-  int64_t tiles_h, tiles_w, in_tiles_h, in_tiles_w, channel_blocks;
-};
-
-// Blocks pass 1 of the backward aims for (chunks x channel blocks): a constant, not the SM
-// count, so that the reduction order is the same on every GPU. (The host tests lower it to
-// make each chunk walk several tiles.)
-#ifndef MPVIT_DEPTHWISE_PARAM_BLOCKS
-#define MPVIT_DEPTHWISE_PARAM_BLOCKS 512
-#endif
-constexpr int64_t kParamBlocks = MPVIT_DEPTHWISE_PARAM_BLOCKS;
-
-struct Grid {
-  int64_t x, y, z;
-};
-
-template <int VEC>
-inline Geometry geometry(int64_t B, int64_t H, int64_t W, int64_t C, int stride) {
-  using Tl = Tiling<VEC>;
-  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;  // odd K, padding K / 2
-  auto up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  return {B, H, W, C, Ho, Wo, stride, up(Ho, Tl::TH), up(Wo, Tl::TW), up(H, Tl::TH), up(W, Tl::TW), up(C, Tl::CB)};
-}
-
-inline Grid forward_grid(const Geometry& g) { return {g.tiles_h * g.tiles_w, g.channel_blocks, g.B}; }
-inline Grid input_grid(const Geometry& g) { return {g.in_tiles_h * g.in_tiles_w, g.channel_blocks, g.B}; }
-__host__ __device__ inline int64_t param_tiles(const Geometry& g) { return g.B * g.tiles_h * g.tiles_w; }
-inline Grid params_grid(const Geometry& g) {
-  const int64_t chunks = (kParamBlocks + g.channel_blocks - 1) / g.channel_blocks;
-  return {chunks < param_tiles(g) ? chunks : param_tiles(g), g.channel_blocks, 1};
-}
-
-// Whether every launch fits CUDA's grid limits and the kernels' 32-bit tile indices (pass 1 of
-// the backward counts tiles in int, up to param_tiles + chunks).
-inline bool fits_grid(const Geometry& g) {
-  constexpr int64_t kMaxX = (int64_t{1} << 31) - 1, kMaxYZ = 65535;
-  return forward_grid(g).x <= kMaxX && input_grid(g).x <= kMaxX && param_tiles(g) + params_grid(g).x <= kMaxX &&
-         g.channel_blocks <= kMaxYZ && g.B <= kMaxYZ;
-}
 
 // Halo tile side for `tile` outputs at stride s of a K-wide window.
 __host__ __device__ constexpr int halo(int tile, int K, int s) { return (tile - 1) * s + K; }
@@ -392,10 +330,8 @@ __global__ void depthwise_bwd_finish_kernel(const acc_t* __restrict__ partial, i
 namespace mpvit_kernels {
 namespace depthwise {
 
-// ---- the launch sequences, shared by depthwise.cu (GPU) and tests/cuda_host (CPU) -----------
+// ---- the launch sequences, shared by depthwise.cu (GPU) and tests/cuda_host (CPU) ------------
 // `launch(kernel, grid, args...)` runs one kernel over `grid` blocks of kThreads threads.
-
-inline int64_t partial_numel(const Geometry& g, int K) { return params_grid(g).x * (K * K + 3) * g.C; }
 
 template <typename T, typename acc_t, int VEC, int K, typename Launch>
 void run_forward(Launch&& launch, const Geometry& g, const T* x, const acc_t* weight, const acc_t* bias,
