@@ -105,15 +105,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def table_rows(markdown: str) -> dict[str, int]:
-    """Data rows of each section's table in the printed report (header and rule left out)."""
+    """Data rows of each section's tables in the printed report (headers and rules left out)."""
     counts, section = {}, None
     for line in markdown.splitlines():
         if line.startswith("## "):
             section = line[3:]
             counts[section] = 0
-        elif section and line.startswith("|") and not line.startswith("|---"):
+        elif section and line.startswith("|---"):
+            counts[section] -= 1  # the line before it was the table's header
+        elif section and line.startswith("|"):
             counts[section] += 1
-    return {name: n - 1 for name, n in counts.items()}  # the header row
+    return counts
 
 
 def test_speed_report_writes_its_files(capsys, tmp_path):
