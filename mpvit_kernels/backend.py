@@ -10,6 +10,10 @@ Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
 - ``cuda``: the compiled extension ``mpvit_kernels._C`` (its CUDA kernels, or their C++ CPU twins
   for CPU tensors) wherever an op has one; an error if the extension is not built.
 - ``triton``: the Triton kernels wherever an op has one, ``auto`` elsewhere.
+
+GPUs below compute capability 8.0 (V100, T4) take the reference under ``auto``, with one warning:
+the extension's cubins are for 8.0 and 9.0, and no kernel of ours was ever run on such a GPU.
+``cuda`` and ``triton`` refuse them.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ _FORCED: contextvars.ContextVar = contextvars.ContextVar("mpvit_kernels_backend"
 _extension: bool | None = None
 _triton: bool | None = None
 _warned_missing = False
+MIN_CAPABILITY = (8, 0)
+_capability: dict[int, tuple[int, int]] = {}  # per CUDA device index
+_warned_old_gpu: set[int] = set()
 
 
 def _env_flag(name: str) -> bool:
@@ -91,6 +98,29 @@ def extension_available() -> bool:
     return _extension
 
 
+def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
+    """False for a CUDA device below MIN_CAPABILITY (with one warning per device under auto; an
+    error where ``backend`` forces kernels), True for any other device."""
+    if device.type != "cuda" or torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        props = torch.cuda.get_device_properties(index)  # what torch.compile folds to a constant
+        _capability[index] = (props.major, props.minor)
+    capability = _capability[index]
+    if capability >= MIN_CAPABILITY:
+        return True
+    what = (f"cuda:{index} has compute capability {capability[0]}.{capability[1]}; mpvit_kernels' kernels need "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere and later)")
+    if backend in ("cuda", "triton"):
+        raise RuntimeError(f"mpvit_kernels: backend {backend!r} asked for the kernels of {op!r}, but {what}")
+    if index not in _warned_old_gpu:
+        _warned_old_gpu.add(index)
+        warnings.warn(f"{what}: every op runs on the eager reference path there (same results, unfused).",
+                      RuntimeWarning, stacklevel=4)
+    return False
+
+
 def use_extension(op: str, device: torch.device) -> bool:
     """Whether op ``op`` runs its compiled kernel for tensors on ``device``.
 
@@ -102,7 +132,7 @@ def use_extension(op: str, device: torch.device) -> bool:
     if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
     if extension_available():
-        return True
+        return _kernels_fit(op, device, backend)
     if backend == "cuda":
         raise RuntimeError(
             f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "
@@ -140,7 +170,7 @@ def use_triton(op: str, device: torch.device) -> bool:
         return True
     runs_here = device.type == "cuda" or (device.type == "cpu" and _env_flag("TRITON_INTERPRET"))
     if runs_here and _triton_importable():
-        return True
+        return _kernels_fit(op, device, backend)
     if backend == "triton":
         raise RuntimeError(
             f"mpvit_kernels: backend 'triton' asked for the Triton kernels of {op!r} on {device.type} tensors; "

@@ -158,3 +158,28 @@ def test_meta_tensors_go_through_the_registered_ops():
     compiled = ("depthwise", "affine_hswish") if mpvit_kernels.extension_available() else ()
     for op in ("dwconv_bn", "gli_projection", "factor_attention_fwd") + compiled:
         assert f"mpvit_kernels.{op}" in rec.names, op
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (9, 0)])
+def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypatch, capability):
+    # no GPU here: the device's answers are stand-ins; what is tested is the decision
+    from mpvit_kernels import backend
+
+    props = type("Props", (), {"major": capability[0], "minor": capability[1]})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backend, "_capability", {})
+    monkeypatch.setattr(backend, "_warned_old_gpu", set())
+    gpu = torch.device("cuda")
+    if capability >= backend.MIN_CAPABILITY:
+        assert backend.use_triton("linear", gpu) and backend.use_extension("depthwise", gpu)
+        return
+    with pytest.warns(RuntimeWarning, match=r"cuda:0 has compute capability 7\.5; .* 8\.0 or newer") as warned:
+        assert not backend.use_triton("linear", gpu)
+        assert not backend.use_extension("depthwise", gpu) and not backend.use_triton("factor_attention", gpu)
+    assert len(warned) == 1  # once per device
+    for forced, ask in (("triton", backend.use_triton), ("cuda", backend.use_extension)):
+        with mpvit_kernels.use_backend(forced), pytest.raises(RuntimeError, match=f"backend '{forced}' asked .* 7\\.5"):
+            ask("gli_projection", gpu)
+    # a CPU tensor's kernels are untouched by the GPU's age
+    assert backend.use_extension("depthwise", torch.device("cpu"))
