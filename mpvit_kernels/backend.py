@@ -104,10 +104,12 @@ def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
     if device.type != "cuda" or torch.version.hip:
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capability:
+    capability = _capability.get(index)
+    if capability is None:
         props = torch.cuda.get_device_properties(index)  # what torch.compile folds to a constant
-        _capability[index] = (props.major, props.minor)
-    capability = _capability[index]
+        capability = (props.major, props.minor)
+        if not torch.compiler.is_compiling():  # no side effect for a traced graph to replay
+            _capability[index] = capability
     if capability >= MIN_CAPABILITY:
         return True
     what = (f"cuda:{index} has compute capability {capability[0]}.{capability[1]}; mpvit_kernels' kernels need "
