@@ -65,6 +65,16 @@ def against_reference(fn, leaves, g, grad_scale=10, out_scale=4):
             assert_close(a, b, scale=grad_scale)
 
 
+@hypothesis.settings(max_examples=20, **SETTINGS)
+@hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, hswish=st.booleans(), layout=LAYOUTS,
+                  dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * image(g, (B, C, H, W), dtype, layout)  # both sides of Hardswish's kinks at +-3
+    scale, shift = rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)
+    against_reference(lambda x, s, t: ops.affine_hswish(x, s, t, hswish), [x, scale, shift], g)
+
+
 @hypothesis.settings(max_examples=40, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, k=st.sampled_from([3, 5, 7]),
                   stride=st.sampled_from([1, 2]), epilogue=st.sampled_from(["plain", "bias", "bn_hswish", "cpe"]),

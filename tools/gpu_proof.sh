@@ -56,7 +56,8 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   exit 2
 fi
 
-device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+# the speed report's folder name for this GPU (mpvit_kernels.bench.timing.device_slug)
+device=$("$PYTHON" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
 OUT=${OUT:-benchmarks/results/$device}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)  # logs live outside $OUT and travel in one archive
