@@ -286,3 +286,81 @@ def test_any_shape_and_dimension_order_matches_reference():
         assert_close(gb, rb if rb is not None else torch.zeros_like(gb), scale=10)
 
     check()
+
+
+# ---- the CUDA kernels, run on the CPU (tests/cuda_host) -------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
+
+
+@pytest.fixture(scope="module")
+def cuda_host(tmp_path_factory):
+    """csrc/cuda/affine_hswish_kernels.cuh built for the CPU with tests/cuda_host/shim.h. The
+    backward takes at most 4 row chunks instead of 1024, so each lane walks several rows."""
+    import ctypes
+    import shutil
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host emulation")
+    from torch.utils.cpp_extension import include_paths
+
+    lib = tmp_path_factory.mktemp("cuda_host") / "affine_hswish_host.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DMPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS=4",
+           *(f"-I{p}" for p in include_paths()[:1]), os.path.join(ROOT, "tests", "cuda_host", "affine_hswish_host.cpp"),
+           "-o", str(lib)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    so = ctypes.CDLL(str(lib))
+    P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    so.ah_forward.argtypes = [I, P, P, P, P, I64, I64, I64, I]
+    so.ah_backward.argtypes = [I, P, P, P, P, P, P, P, P, I64, I64, I64, I]
+    so.ah_partial_chunks.argtypes = [I64, I64, I64]
+    so.ah_partial_chunks.restype = I64
+    return so
+
+
+# (shape, layout): channels innermost (32-channel lanes, a partial channel block, rows past the
+# chunks), channels outermost (one channel a block, more rows than lanes), tokens, one channel
+HOST_CASES = [((2, 40, 7, 9), "channels_last"), ((3, 5, 11, 10), "nchw"), ((37, 6), "rows"), ((2, 1, 5, 5), "nchw"),
+              ((1, 33, 2, 3), "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
+@pytest.mark.parametrize("hswish", [True, False], ids=["hswish", "affine"])
+def test_cuda_kernels_on_the_host_match_reference(cuda_host, case, dtype, hswish):
+    import ctypes
+
+    shape, layout = case
+    C = shape[1]
+    x = 3 * torch.randn(shape, dtype=torch.float64)  # both sides of Hardswish's kinks
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = params(C, torch.float64)
+    # what the op hands the kernels: dense (outer, C, inner) memory (affine_hswish.h)
+    numel = x.numel()
+    inner = numel // C if C == 1 else x.stride(1)
+    outer = numel // (C * inner)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xd = x.to(dtype)
+    gd = torch.empty_like(xd).copy_(torch.randn(shape))  # in x's layout, as the op makes it
+    s, t = scale.to(acc), shift.to(acc)
+    y, gx = torch.empty_like(xd), torch.empty_like(xd)
+    partial = torch.empty(cuda_host.ah_partial_chunks(outer, C, inner), 2, C, dtype=acc)
+    gs, gt = torch.empty(C, dtype=acc), torch.empty(C, dtype=acc)
+    # the reference in fp64 on the very values the kernels read
+    leaves = [v.double().requires_grad_() for v in (xd, s, t)]
+    ref = reference.affine_hswish(*leaves, hswish)
+    want = torch.autograd.grad(ref, leaves, gd.double())
+
+    def p(tensor):
+        return ctypes.c_void_p(tensor.data_ptr())
+
+    assert cuda_host.ah_forward(HOST_DTYPES[dtype], p(xd), p(s), p(t), p(y), numel, C, inner, int(hswish)) == 0
+    assert cuda_host.ah_backward(HOST_DTYPES[dtype], p(gd), p(xd), p(s), p(t), p(gx), p(partial), p(gs), p(gt),
+                                 outer, C, inner, int(hswish)) == 0
+    assert_close(y.double(), ref.detach(), dtype, scale=4)  # fp16: the output's rounding
+    for got, w in zip((gx, gs, gt), want):
+        assert_close(got.double(), w, acc if got.dtype == acc else dtype, scale=20)

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_hswish_backward_cuda(
   const at::Tensor grad = dense_as(grad_in.to(x_in.scalar_type()), grad_x);
   const ChannelLayout L = channel_layout(x);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t chunks = affine_hswish::backward_chunks(L.outer, L.channels, L.inner);
+  const int64_t chunks = affine_hswish::backward_grid(L.outer, L.channels, L.inner).y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_hswish_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using x_t = scalar_t;

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../activation.h"  // MPVIT_HOST_DEVICE
+#include "grid.h"
 
 namespace mpvit_kernels {
 namespace depthwise {
@@ -43,10 +44,6 @@ struct Geometry {
 #define MPVIT_DEPTHWISE_PARAM_BLOCKS 512
 #endif
 constexpr int64_t kParamBlocks = MPVIT_DEPTHWISE_PARAM_BLOCKS;
-
-struct Grid {
-  int64_t x, y, z;
-};
 
 template <int VEC>
 inline Geometry geometry(int64_t B, int64_t H, int64_t W, int64_t C, int stride) {

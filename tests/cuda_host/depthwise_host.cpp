@@ -10,14 +10,6 @@ using namespace mpvit_kernels::depthwise;
 
 namespace {
 
-struct HostLaunch {
-  template <typename... KArgs, typename... Args>
-  void operator()(void (*kernel)(KArgs...), Grid grid, Args... args) const {
-    shim_launch(dim3{static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)},
-                kThreads, [&] { kernel(args...); });
-  }
-};
-
 struct Call {
   int K, stride, hswish, residual;
   int64_t B, H, W, C;
@@ -30,10 +22,10 @@ void run(const Call& c, bool backward) {
   const Geometry g = geometry<VEC>(c.B, c.H, c.W, c.C, c.stride);
   auto p = [](const void* v) { return static_cast<const A*>(v); };
   if (!backward) {
-    run_forward<T, A, VEC, K>(HostLaunch{}, g, static_cast<const T*>(c.x), p(c.weight), p(c.bias), p(c.scale),
+    run_forward<T, A, VEC, K>(ShimLaunch{kThreads}, g, static_cast<const T*>(c.x), p(c.weight), p(c.bias), p(c.scale),
                               p(c.shift), static_cast<T*>(c.y), c.hswish, c.residual);
   } else {
-    run_backward<T, A, VEC, K>(HostLaunch{}, g, static_cast<const T*>(c.grad), static_cast<const T*>(c.x),
+    run_backward<T, A, VEC, K>(ShimLaunch{kThreads}, g, static_cast<const T*>(c.grad), static_cast<const T*>(c.x),
                                p(c.weight), p(c.bias), p(c.scale), p(c.shift), c.hswish, c.residual,
                                static_cast<A*>(c.gconv), static_cast<A*>(c.partial), static_cast<T*>(c.grad_x),
                                static_cast<A*>(c.param_grads));

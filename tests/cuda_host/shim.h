@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "../../csrc/cuda/grid.h"
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
@@ -46,3 +48,14 @@ void shim_launch(dim3 grid, unsigned threads, Kernel kernel) {
         for (auto& th : pool) th.join();
       }
 }
+
+// The launch functor of csrc/cuda's launch sequences (csrc/cuda/grid.h), on the CPU.
+struct ShimLaunch {
+  unsigned threads;
+
+  template <typename... KArgs, typename... Args>
+  void operator()(void (*kernel)(KArgs...), mpvit_kernels::Grid grid, Args... args) const {
+    shim_launch(dim3{static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)},
+                threads, [&] { kernel(args...); });
+  }
+};
