@@ -10,7 +10,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import Conv2dBN
-from tests.utils import LAYOUTS, RecordOps, across_thread_counts, assert_close, make_image
+from tests.utils import LAYOUTS, RecordOps, across_thread_counts, assert_close, build_cuda_host, make_image
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
 requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
@@ -290,7 +290,6 @@ def test_any_shape_and_dimension_order_matches_reference():
 
 # ---- the CUDA kernels, run on the CPU (tests/cuda_host) -------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
 
 
@@ -299,20 +298,9 @@ def cuda_host(tmp_path_factory):
     """csrc/cuda/affine_hswish_kernels.cuh built for the CPU with tests/cuda_host/shim.h. The
     backward takes at most 4 row chunks instead of 1024, so each lane walks several rows."""
     import ctypes
-    import shutil
 
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the host emulation")
-    from torch.utils.cpp_extension import include_paths
-
-    lib = tmp_path_factory.mktemp("cuda_host") / "affine_hswish_host.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DMPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS=4",
-           *(f"-I{p}" for p in include_paths()[:1]), os.path.join(ROOT, "tests", "cuda_host", "affine_hswish_host.cpp"),
-           "-o", str(lib)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    so = ctypes.CDLL(str(lib))
+    so = build_cuda_host("affine_hswish_host", tmp_path_factory.mktemp("cuda_host"),
+                         ["MPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS=4"])
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.ah_forward.argtypes = [I, P, P, P, P, I64, I64, I64, I]
     so.ah_backward.argtypes = [I, P, P, P, P, P, P, P, P, I64, I64, I64, I]

@@ -1,9 +1,6 @@
 """depthwise: the C++ CPU twin, and the CUDA kernels run on the CPU through tests/cuda_host (for
 real on a GPU), against the F.conv2d composition, forward and every gradient."""
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -11,9 +8,8 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import ConvPosEnc
-from tests.utils import RecordOps, across_thread_counts, assert_close, make_image
+from tests.utils import RecordOps, across_thread_counts, assert_close, build_cuda_host, make_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
 PARAMS = ("x", "weight", "bias", "scale", "shift")
 
@@ -218,18 +214,7 @@ HOST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
 def cuda_host(tmp_path_factory):
     """csrc/cuda/depthwise_kernels.cuh built for the CPU with tests/cuda_host/shim.h. Pass 1 of
     the backward aims for 2 blocks instead of 512, so that each block walks several tiles."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the host emulation")
-    from torch.utils.cpp_extension import include_paths
-
-    lib = tmp_path_factory.mktemp("cuda_host") / "depthwise_host.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-           "-DMPVIT_DEPTHWISE_PARAM_BLOCKS=2", *(f"-I{p}" for p in include_paths()[:1]),
-           os.path.join(ROOT, "tests", "cuda_host", "depthwise_host.cpp"), "-o", str(lib)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    so = ctypes.CDLL(str(lib))
+    so = build_cuda_host("depthwise_host", tmp_path_factory.mktemp("cuda_host"), ["MPVIT_DEPTHWISE_PARAM_BLOCKS=2"])
     P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.dw_forward.argtypes = [I, I, I, I64, I64, I64, I64, I, P, P, P, P, P, I, I, P]
     so.dw_backward.argtypes = [I, I, I, I64, I64, I64, I64, I, P, P, P, P, P, P, I, I, P, P, P, P]

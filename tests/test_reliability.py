@@ -5,6 +5,11 @@ reproducible in deterministic mode; bad module arguments are refused naming them
 2^31 elements are addressed with 64-bit offsets (and what stays 32-bit is refused beyond it);
 a NaN in an input is never hidden; low-precision attention with large keys stays finite."""
 import copy
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels.models import mpvit_tiny
 from tests.conftest import KERNEL_DEVICE
+from tests.utils import ROOT
 
 BACKENDS = ["auto", "reference"]  # auto: the Triton kernels (interpreted here) and the C++ twins
 
@@ -384,3 +390,47 @@ def test_modules_compile_with_dynamic_shapes():
             with torch.no_grad():
                 want = run(module, size)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# Reads past `scale` (C claimed twice its length) through the host build of affine_hswish's CUDA
+# kernels: what the sanitizer must report.
+_OUT_OF_BOUNDS = textwrap.dedent("""
+    import ctypes, sys
+    import torch
+    from tests.utils import build_cuda_host
+    so = build_cuda_host("affine_hswish_host", sys.argv[1])
+    x = torch.randn(2, 40, 3, 3).contiguous(memory_format=torch.channels_last)
+    scale, shift, y = torch.rand(40), torch.randn(40), torch.empty_like(x)
+    p = [ctypes.c_void_p(t.data_ptr()) for t in (x, scale, shift, y)]
+    so.ah_forward(0, *p, ctypes.c_int64(x.numel()), ctypes.c_int64(80), ctypes.c_int64(1), 1)
+""")
+
+
+def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path):
+    """The host runs of the CUDA kernels (test_depthwise's and test_affine_hswish's, every case)
+    again with the kernels built under AddressSanitizer: each of their loads and stores, shared
+    memory included, must land inside what it was given, as compute-sanitizer's memcheck checks
+    on a GPU. Without it an out-of-bounds store went unseen or hung the emulation."""
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("g++") else ""
+    if not os.path.isabs(libasan):
+        pytest.skip("no g++ with AddressSanitizer's runtime")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env.update(LD_PRELOAD=libasan, MPVIT_CUDA_HOST_ASAN="1",
+               ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}")
+
+    def reports():
+        found = "".join(p.read_text() for p in tmp_path.glob("asan.*"))
+        for p in tmp_path.glob("asan.*"):
+            p.unlink()
+        return found
+
+    control = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS, str(tmp_path)], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert control.returncode != 0 and "heap-buffer-overflow" in reports(), control.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_depthwise.py",
+                          "tests/test_affine_hswish.py", "-k", "on_the_host"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    found = reports()
+    assert out.returncode == 0 and not found, found[:3000] + out.stdout[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

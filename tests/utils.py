@@ -8,6 +8,8 @@ import textwrap
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # (atol, rtol) of a kernel against the reference computed in the same dtype.
 TOL = {
     torch.float64: (1e-12, 1e-10),
@@ -120,3 +122,27 @@ def read_as_a_gpu_process(module: str, read: str) -> dict:
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def build_cuda_host(name: str, out_dir, defines=()):
+    """tests/cuda_host/<name>.cpp (a kernel family's CUDA code on shim.h) built with g++ into a
+    library loaded through ctypes; pytest skips without g++. With MPVIT_CUDA_HOST_ASAN=1 it is
+    built under AddressSanitizer (the process must preload its runtime): the kernels' loads and
+    stores, shared memory included, are then checked against the buffers they were given."""
+    import ctypes
+    import shutil
+
+    import pytest
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host emulation")
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("MPVIT_CUDA_HOST_ASAN") == "1" else []
+    lib = os.path.join(str(out_dir), f"{name}.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", *sanitize,
+           *(f"-D{d}" for d in defines), *(f"-I{p}" for p in include_paths()[:1]),
+           os.path.join(ROOT, "tests", "cuda_host", f"{name}.cpp"), "-o", lib]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return ctypes.CDLL(lib)

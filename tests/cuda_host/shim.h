@@ -6,6 +6,10 @@
 #pragma once
 #include <barrier>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -27,26 +31,73 @@ inline std::barrier<>* shim_block_barrier = nullptr;
 #define __shared__ static
 #define __syncthreads() shim_block_barrier->arrive_and_wait()
 
+// The CUDA threads of a block are `n` std::threads kept for the whole process (creating threads
+// is what the emulation would spend its time on, under AddressSanitizer most of all); a launch
+// hands them its blocks, which they run in turn. Between two blocks every thread meets at
+// `next_block`, whose completion gives the coming block a fresh barrier: a thread that returned
+// early has dropped out of the previous one.
+class ShimPool {
+ public:
+  explicit ShimPool(unsigned n) : n_(n), start_(n + 1), done_(n + 1) {
+    for (unsigned t = 0; t < n; ++t) std::thread([this, t] { work(t); }).detach();
+  }
+
+  // The pool of n threads, made on first use and never destroyed (its threads wait at exit).
+  static ShimPool& of(unsigned n) {
+    static std::mutex made_lock;
+    static std::map<unsigned, ShimPool*> made;
+    const std::lock_guard<std::mutex> hold(made_lock);
+    auto& pool = made[n];
+    if (pool == nullptr) pool = new ShimPool(n);
+    return *pool;
+  }
+
+  void launch(dim3 grid, const std::function<void()>& kernel) {
+    const std::lock_guard<std::mutex> hold(launch_lock_);
+    gridDim = grid;
+    blockDim = dim3{n_, 1, 1};
+    kernel_ = &kernel;
+    start_.arrive_and_wait();
+    done_.arrive_and_wait();
+  }
+
+ private:
+  void work(unsigned t) {
+    for (;;) {
+      start_.arrive_and_wait();
+      const dim3 grid = gridDim;
+      const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+      for (uint64_t b = 0; b < blocks; ++b) {
+        next_block_.arrive_and_wait();
+        threadIdx = dim3{t, 1, 1};
+        blockIdx = dim3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                        static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+        (*kernel_)();
+        shim_block_barrier->arrive_and_drop();
+      }
+      done_.arrive_and_wait();
+    }
+  }
+
+  struct NewBlock {
+    ShimPool* pool;
+    void operator()() noexcept {
+      pool->block_barrier_ = std::make_unique<std::barrier<>>(pool->n_);
+      shim_block_barrier = pool->block_barrier_.get();
+    }
+  };
+
+  unsigned n_;
+  std::barrier<> start_, done_;
+  std::barrier<NewBlock> next_block_{n_, NewBlock{this}};
+  std::unique_ptr<std::barrier<>> block_barrier_;
+  const std::function<void()>* kernel_ = nullptr;
+  std::mutex launch_lock_;
+};
+
 template <typename Kernel>
 void shim_launch(dim3 grid, unsigned threads, Kernel kernel) {
-  gridDim = grid;
-  blockDim = dim3{threads, 1, 1};
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(threads);
-        shim_block_barrier = &barrier;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            threadIdx = dim3{t, 1, 1};
-            blockIdx = dim3{bx, by, bz};
-            kernel();
-            barrier.arrive_and_drop();
-          });
-        for (auto& th : pool) th.join();
-      }
+  ShimPool::of(threads).launch(grid, std::function<void()>(kernel));
 }
 
 // The launch functor of csrc/cuda's launch sequences (csrc/cuda/grid.h), on the CPU.
