@@ -267,12 +267,27 @@ def test_saved_for_backward_counts_each_held_storage_once():
     assert saved_for_backward(model, torch.empty(2, 4, device="meta")) == (4 * (8 + 16 + 16), 3)
 
 
-def test_training_activations_of_ours_are_within_the_memory_goal():
+def test_live_bytes_peak_counts_storages_until_nothing_holds_them():
+    from mpvit_kernels.bench.traffic import LiveBytes
+
+    live = LiveBytes()
+    with live:
+        x = torch.ones(256, device="meta")  # 1 KiB
+        y = x * 2  # 2 KiB live
+        del x
+        z = y + 1  # x gone: y and z, 2 KiB
+        w = z[:128].clone()  # 2.5 KiB
+    assert live.peak == 2560 and y.numel() + w.numel() == 384
+
+
+def test_training_step_memory_of_ours_is_within_the_memory_goal():
     from mpvit_kernels.bench.traffic import train_activations
 
-    eager, ours = (train_activations(impl, "small", 2, 64, torch.float32) for impl in ("eager", "ours"))
-    # measured 0.60x at MPViT-S 224 and 512; the GPU goal is a training peak <= 0.7x eager's
-    assert eager[1] > 700 and ours[0] <= 0.65 * eager[0], (eager, ours)
+    # the report's shape (meta tensors: a few seconds); at small inputs the grads dominate the peak
+    eager, ours = (train_activations(impl, "small", 16, 224, torch.float32) for impl in ("eager", "ours"))
+    # measured 0.60x, peak and saved; the GPU goal is a peak <= 0.7x eager's
+    assert eager["tensors"] > 700 and ours["saved"] <= 0.65 * eager["saved"], (eager, ours)
+    assert ours["peak"] <= 0.65 * eager["peak"] and eager["peak"] >= 0.9 * eager["saved"], (eager, ours)
 
 
 def test_whole_model_rows(tmp_path, capsys):
