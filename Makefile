@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 
-.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton
+.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton asan-twins
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: build $(VENV)/.bench-deps
 # report (STAGES=sanitizer: compute-sanitizer); results under benchmarks/results/<device>/.
 gpu-proof:
 	bash tools/gpu_proof.sh
+
+# The C++ CPU twins built under AddressSanitizer in a scratch clone, and the tests that run them
+# (about 4 minutes on 2 cores; not part of `make test`). The CUDA kernels' host runs are checked
+# so in `make test` itself (tests/test_reliability.py).
+asan-twins: build
+	bash tools/asan_cpu_twins.sh
 
 # Every Triton kernel compiled for sm_80 / sm_90a here (no GPU needed): registers, shared
 # memory, spills, occupancy.

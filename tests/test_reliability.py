@@ -411,12 +411,13 @@ def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path
     again with the kernels built under AddressSanitizer: each of their loads and stores, shared
     memory included, must land inside what it was given, as compute-sanitizer's memcheck checks
     on a GPU. Without it an out-of-bounds store went unseen or hung the emulation."""
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() \
-        if shutil.which("g++") else ""
-    if not os.path.isabs(libasan):
+    # the sanitizer's runtime first, and the C++ runtime with it, whose exceptions it intercepts
+    runtimes = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                for name in ("libasan.so", "libstdc++.so.6")] if shutil.which("g++") else []
+    if not runtimes or not all(os.path.isabs(path) for path in runtimes):
         pytest.skip("no g++ with AddressSanitizer's runtime")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env.update(LD_PRELOAD=libasan, MPVIT_CUDA_HOST_ASAN="1",
+    env.update(LD_PRELOAD=" ".join(runtimes), MPVIT_CUDA_HOST_ASAN="1",
                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}")
 
     def reports():
