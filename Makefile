@@ -45,7 +45,7 @@ gpu-proof:
 	bash tools/gpu_proof.sh
 
 # The C++ CPU twins built under AddressSanitizer in a scratch clone, and the tests that run them
-# (about 4 minutes on 2 cores; not part of `make test`). The CUDA kernels' host runs are checked
+# (3m18s on 2 cores; not part of `make test`). The CUDA kernels' host runs are checked
 # so in `make test` itself (tests/test_reliability.py).
 asan-twins: build
 	bash tools/asan_cpu_twins.sh
