@@ -290,7 +290,7 @@ def test_any_shape_and_dimension_order_matches_reference():
 
 # ---- the CUDA kernels, run on the CPU (tests/cuda_host) -------------------------------------
 
-HOST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2}
+HOST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,8 @@ HOST_CASES = [((2, 40, 7, 9), "channels_last"), ((3, 5, 11, 10), "nchw"), ((37, 
               ((1, 33, 2, 3), "channels_last")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp64", "fp16", "bf16"])
 @pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}")
 @pytest.mark.parametrize("hswish", [True, False], ids=["hswish", "affine"])
 def test_cuda_kernels_on_the_host_match_reference(cuda_host, case, dtype, hswish):

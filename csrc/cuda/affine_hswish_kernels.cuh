@@ -91,13 +91,13 @@ __global__ void affine_hswish_bwd_finish_kernel(const acc_t* __restrict__ partia
 // `launch(kernel, grid, args...)` runs one kernel over `grid` blocks of kThreads threads.
 
 // int32 indices below 2^30 elements, with room for the grid-stride steps.
-inline bool small(int64_t numel) { return numel < (int64_t{1} << 30); }
+inline bool int32_indices(int64_t numel) { return numel < (int64_t{1} << 30); }
 
 // x, y: dense, numel elements, channel of element i is (i / inner) % C.
 template <typename T, typename acc_t, typename Launch>
 void run_forward(Launch&& launch, const T* x, const acc_t* scale, const acc_t* shift, T* y, int64_t numel, int64_t C,
                  int64_t inner, bool hswish) {
-  if (small(numel)) {
+  if (int32_indices(numel)) {
     launch(affine_hswish_fwd_kernel<T, acc_t, int32_t>, forward_grid(numel), x, scale, shift, y,
            static_cast<int32_t>(numel), static_cast<int32_t>(C), static_cast<int32_t>(inner), hswish);
   } else {
@@ -113,7 +113,7 @@ void run_backward(Launch&& launch, const T* grad, const T* x, const acc_t* scale
                   bool hswish) {
   const int ct = backward_channel_tile(inner);
   const Grid grid = backward_grid(outer, C, inner);
-  if (small(outer * C * inner)) {
+  if (int32_indices(outer * C * inner)) {
     launch(affine_hswish_bwd_kernel<T, acc_t, int32_t>, grid, grad, x, scale, shift, grad_x, partial,
            static_cast<int32_t>(outer), static_cast<int32_t>(C), static_cast<int32_t>(inner), ct, hswish);
   } else {

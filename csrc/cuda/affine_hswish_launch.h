@@ -13,14 +13,14 @@ namespace affine_hswish {
 
 // As run_forward (affine_hswish_kernels.cuh).
 template <typename T, typename acc_t>
-cudaError_t launch_forward(cudaStream_t stream, const T* x, const acc_t* scale, const acc_t* shift, T* y,
-                           int64_t numel, int64_t C, int64_t inner, bool hswish);
+[[nodiscard]] cudaError_t launch_forward(cudaStream_t stream, const T* x, const acc_t* scale, const acc_t* shift, T* y,
+                                         int64_t numel, int64_t C, int64_t inner, bool hswish);
 
 // As run_backward: partial has backward_grid(outer, C, inner).y * 2 * C elements.
 template <typename T, typename acc_t, typename param_t>
-cudaError_t launch_backward(cudaStream_t stream, const T* grad, const T* x, const acc_t* scale, const acc_t* shift,
-                            T* grad_x, acc_t* partial, param_t* grad_scale, param_t* grad_shift, int64_t outer,
-                            int64_t C, int64_t inner, bool hswish);
+[[nodiscard]] cudaError_t launch_backward(cudaStream_t stream, const T* grad, const T* x, const acc_t* scale,
+                                          const acc_t* shift, T* grad_x, acc_t* partial, param_t* grad_scale,
+                                          param_t* grad_shift, int64_t outer, int64_t C, int64_t inner, bool hswish);
 
 }  // namespace affine_hswish
 }  // namespace mpvit_kernels

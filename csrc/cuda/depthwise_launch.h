@@ -16,14 +16,16 @@ template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
 template <typename T, typename acc_t, int VEC, int K>
-cudaError_t launch_forward(cudaStream_t stream, const Geometry& g, const T* x, const acc_t* weight, const acc_t* bias,
-                           const acc_t* scale, const acc_t* shift, T* y, bool hswish, bool residual);
+[[nodiscard]] cudaError_t launch_forward(cudaStream_t stream, const Geometry& g, const T* x, const acc_t* weight,
+                                         const acc_t* bias, const acc_t* scale, const acc_t* shift, T* y, bool hswish,
+                                         bool residual);
 
 // Scratch as run_backward (depthwise_kernels.cuh) takes it.
 template <typename T, typename acc_t, int VEC, int K>
-cudaError_t launch_backward(cudaStream_t stream, const Geometry& g, const T* grad, const T* x, const acc_t* weight,
-                            const acc_t* bias, const acc_t* scale, const acc_t* shift, bool hswish, bool residual,
-                            acc_t* gconv, acc_t* partial, T* grad_x, acc_t* param_grads);
+[[nodiscard]] cudaError_t launch_backward(cudaStream_t stream, const Geometry& g, const T* grad, const T* x,
+                                          const acc_t* weight, const acc_t* bias, const acc_t* scale,
+                                          const acc_t* shift, bool hswish, bool residual, acc_t* gconv, acc_t* partial,
+                                          T* grad_x, acc_t* param_grads);
 
 }  // namespace depthwise
 }  // namespace mpvit_kernels

@@ -2,6 +2,7 @@
 // sequences, run on the CPU through shim.h, behind a C interface for tests/test_affine_hswish.py.
 #include "shim.h"
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "../../csrc/cuda/affine_hswish_kernels.cuh"
@@ -10,13 +11,15 @@ using namespace mpvit_kernels::affine_hswish;
 
 namespace {
 
-// dtype: 0 float, 1 double, 2 half; parameters (and their grads) in the accumulation type.
+// dtype: 0 float, 1 double, 2 half, 3 bfloat16; parameters (and their grads) in the accumulation
+// type.
 template <typename F>
 int by_dtype(int dtype, F&& f) {
   switch (dtype) {
     case 0: f(float{}, float{}); return 0;
     case 1: f(double{}, double{}); return 0;
     case 2: f(c10::Half{}, float{}); return 0;
+    case 3: f(c10::BFloat16{}, float{}); return 0;
   }
   return 1;
 }

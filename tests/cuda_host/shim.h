@@ -35,7 +35,9 @@ inline std::barrier<>* shim_block_barrier = nullptr;
 // is what the emulation would spend its time on, under AddressSanitizer most of all); a launch
 // hands them its blocks, which they run in turn. Between two blocks every thread meets at
 // `next_block`, whose completion gives the coming block a fresh barrier: a thread that returned
-// early has dropped out of the previous one.
+// early has dropped out of the previous one. Launches take turns (gridDim, blockDim and the block
+// barrier are process-wide, as CUDA's are per launch). A process that forks after its first
+// launch has no pool threads in the child: fork and exec only.
 class ShimPool {
  public:
   explicit ShimPool(unsigned n) : n_(n), start_(n + 1), done_(n + 1) {
@@ -53,7 +55,8 @@ class ShimPool {
   }
 
   void launch(dim3 grid, const std::function<void()>& kernel) {
-    const std::lock_guard<std::mutex> hold(launch_lock_);
+    static std::mutex one_launch_at_a_time;
+    const std::lock_guard<std::mutex> hold(one_launch_at_a_time);
     gridDim = grid;
     blockDim = dim3{n_, 1, 1};
     kernel_ = &kernel;
@@ -92,7 +95,6 @@ class ShimPool {
   std::barrier<NewBlock> next_block_{n_, NewBlock{this}};
   std::unique_ptr<std::barrier<>> block_barrier_;
   const std::function<void()>* kernel_ = nullptr;
-  std::mutex launch_lock_;
 };
 
 template <typename Kernel>
