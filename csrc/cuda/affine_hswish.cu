@@ -10,9 +10,6 @@
 namespace mpvit_kernels {
 namespace affine_hswish {
 
-// The host tests alone lower it; affine_hswish_op.cpp sizes the scratch with the default.
-static_assert(kMaxRowChunks == 1024, "MPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS is for tests/cuda_host only");
-
 template <typename T, typename acc_t>
 cudaError_t launch_forward(cudaStream_t stream, const T* x, const acc_t* scale, const acc_t* shift, T* y,
                            int64_t numel, int64_t C, int64_t inner, bool hswish) {

@@ -22,8 +22,6 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 16;  // grid-stride kernels: a capp
 #endif
 constexpr int64_t kMaxRowChunks = MPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS;
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Forward: four elements a thread before the grid strides.
 inline Grid forward_grid(int64_t numel) { return {std::min(cdiv(numel, kThreads * 4), kMaxBlocks), 1, 1}; }
 

@@ -11,6 +11,9 @@
 namespace mpvit_kernels {
 namespace affine_hswish {
 
+// The host tests alone lower it; the .cu and the ATen side (which sizes the scratch) must agree.
+static_assert(kMaxRowChunks == 1024, "MPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS is for tests/cuda_host only");
+
 // As run_forward (affine_hswish_kernels.cuh).
 template <typename T, typename acc_t>
 [[nodiscard]] cudaError_t launch_forward(cudaStream_t stream, const T* x, const acc_t* scale, const acc_t* shift, T* y,

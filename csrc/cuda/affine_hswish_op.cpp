@@ -18,8 +18,6 @@
 namespace mpvit_kernels {
 namespace {
 
-static_assert(affine_hswish::kMaxRowChunks == 1024, "MPVIT_AFFINE_HSWISH_MAX_ROW_CHUNKS is for tests/cuda_host only");
-
 at::Tensor affine_hswish_cuda(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
                               bool hswish) {
   check_affine_args(x_in, scale, shift);

@@ -11,9 +11,6 @@
 namespace mpvit_kernels {
 namespace depthwise {
 
-// The host tests alone lower it; depthwise_op.cpp sizes the scratch with the default.
-static_assert(kParamBlocks == 512, "MPVIT_DEPTHWISE_PARAM_BLOCKS is for tests/cuda_host only");
-
 template <typename T, typename acc_t, int VEC, int K>
 cudaError_t launch_forward(cudaStream_t stream, const Geometry& g, const T* x, const acc_t* weight, const acc_t* bias,
                            const acc_t* scale, const acc_t* shift, T* y, bool hswish, bool residual) {

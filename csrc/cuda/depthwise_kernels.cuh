@@ -357,7 +357,7 @@ void run_backward(Launch&& launch, const Geometry& g, const T* grad, const T* x,
     launch(depthwise_bwd_input_kernel<T, T, acc_t, VEC, K>, input_grid(g), grad, grad, weight, grad_x, g, residual);
   }
   const int64_t outputs = (K * K + 3) * g.C;
-  launch(depthwise_bwd_finish_kernel<acc_t>, Grid{(outputs + kThreads - 1) / kThreads, 1, 1},
+  launch(depthwise_bwd_finish_kernel<acc_t>, Grid{cdiv(outputs, kThreads), 1, 1},
          static_cast<const acc_t*>(partial), params.x, g.C, K * K, param_grads);
 }
 

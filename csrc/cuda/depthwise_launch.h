@@ -11,6 +11,9 @@
 namespace mpvit_kernels {
 namespace depthwise {
 
+// The host tests alone lower it; the .cu and the ATen side (which sizes the scratch) must agree.
+static_assert(kParamBlocks == 512, "MPVIT_DEPTHWISE_PARAM_BLOCKS is for tests/cuda_host only");
+
 // Channels per thread on the 16-byte path (C % kVec<T> == 0 and aligned pointers), else 1.
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);

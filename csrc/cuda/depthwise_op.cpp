@@ -21,8 +21,6 @@
 namespace mpvit_kernels {
 namespace {
 
-static_assert(depthwise::kParamBlocks == 512, "MPVIT_DEPTHWISE_PARAM_BLOCKS is for tests/cuda_host only");
-
 // Calls f(vec, k) with std::integral_constant arguments: 16-byte channel vectors when C and every
 // base pointer allow them, else one channel per lane.
 template <typename T, typename F>

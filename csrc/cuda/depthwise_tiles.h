@@ -49,15 +49,15 @@ template <int VEC>
 inline Geometry geometry(int64_t B, int64_t H, int64_t W, int64_t C, int stride) {
   using Tl = Tiling<VEC>;
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1;  // odd K, padding K / 2
-  auto up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  return {B, H, W, C, Ho, Wo, stride, up(Ho, Tl::TH), up(Wo, Tl::TW), up(H, Tl::TH), up(W, Tl::TW), up(C, Tl::CB)};
+  return {B, H, W, C, Ho, Wo, stride, cdiv(Ho, Tl::TH), cdiv(Wo, Tl::TW), cdiv(H, Tl::TH), cdiv(W, Tl::TW),
+          cdiv(C, Tl::CB)};
 }
 
 inline Grid forward_grid(const Geometry& g) { return {g.tiles_h * g.tiles_w, g.channel_blocks, g.B}; }
 inline Grid input_grid(const Geometry& g) { return {g.in_tiles_h * g.in_tiles_w, g.channel_blocks, g.B}; }
 MPVIT_HOST_DEVICE inline int64_t param_tiles(const Geometry& g) { return g.B * g.tiles_h * g.tiles_w; }
 inline Grid params_grid(const Geometry& g) {
-  const int64_t chunks = (kParamBlocks + g.channel_blocks - 1) / g.channel_blocks;
+  const int64_t chunks = cdiv(kParamBlocks, g.channel_blocks);
   return {chunks < param_tiles(g) ? chunks : param_tiles(g), g.channel_blocks, 1};
 }
 

@@ -11,4 +11,7 @@ struct Grid {
   int64_t x, y, z;
 };
 
+// Blocks of `per_block` to cover `work`.
+inline int64_t cdiv(int64_t work, int64_t per_block) { return (work + per_block - 1) / per_block; }
+
 }  // namespace mpvit_kernels

@@ -1,11 +1,11 @@
 """Traffic and launch model: kernels launched and HBM bytes moved, eager PyTorch vs ours.
 
-Scopes: one eval forward of the whole model, and the memory of one training step of it (its
-peak, ``LiveBytes``, and what the forward leaves saved for the backward, ``saved_for_backward``); the patch embeddings' DWConv2d_BN, the stages'
-GLI projection (eval forward), and the depthwise op at the CPE and InvRes sites (forward); the
-middle of a block and its token Linears with norm1 or GELU (forward and forward+backward); the
-attention core (qkv Linear output -> attention output) and the whole FactorAttention module
-(x -> proj), whose two Linears run as eager's in both columns.
+Scopes: one eval forward of the whole model, and the memory of one training step of it (its peak,
+``LiveBytes``, and what the forward leaves saved for the backward, ``saved_for_backward``); the
+patch embeddings' DWConv2d_BN, the stages' GLI projection (eval forward), and the depthwise op at
+the CPE and InvRes sites (forward); the middle of a block and its token Linears with norm1 or GELU
+(forward and forward+backward); the attention core (qkv Linear output -> attention output) and the
+whole FactorAttention module (x -> proj), whose two Linears run as eager's in both columns.
 
 Eager is the public MPViT's op sequence (mpvit_kernels.bench.public_mpvit), counted, not
 estimated: it runs on meta tensors under a TorchDispatchMode that records every op that moves
@@ -180,6 +180,11 @@ def ours_model(size: str, B: int, res: int, dtype) -> CountTraffic:
     return count
 
 
+def _resident(model: torch.nn.Module) -> set[int]:
+    """The storages of a model's parameters and buffers, resident whatever a step does."""
+    return {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+
+
 def saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(bytes, count) of the distinct storages autograd holds for the backward at the end of one
     training forward of ``model`` on ``x``: the activations a training step keeps alive, most of
@@ -194,7 +199,7 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, in
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
-    resident = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    resident = _resident(model)
     held = [nbytes for key, (nbytes, _) in saved.items() if key not in resident]
     return sum(held), len(held)
 
@@ -243,7 +248,7 @@ def train_activations(impl: str, size: str, B: int, res: int, dtype) -> dict:
         model = getattr(models, f"mpvit_{size}")().to(device="meta", dtype=dtype).train()
         x = torch.empty(B, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
     saved, tensors = saved_for_backward(model, x)
-    live = LiveBytes(t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers()))
+    live = LiveBytes(_resident(model))
     with live:
         torch.nn.functional.cross_entropy(model(x), torch.zeros(B, dtype=torch.long, device="meta")).backward()
     return {"saved": saved, "tensors": tensors, "peak": live.peak}
