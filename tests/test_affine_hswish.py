@@ -167,6 +167,38 @@ def test_empty_input():
     assert y.shape == x.shape and torch.equal(shift.grad, torch.zeros(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_training_batch_norm_path_matches_batchnorm2d(dtype):
+    """The fused GEMM ops' unfused training path (CPU, or no Triton): outputs, grads and batch
+    statistics as nn.BatchNorm2d + Hardswish, on channels-last maps whose mean is far above their
+    spread (the variance comes back from aten's 1/sqrt(var + eps): it must stay exact there)."""
+    from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
+
+    acc = reference._acc_dtype(dtype)
+    z = (torch.randn(3, 12, 7, 5, dtype=acc) * torch.logspace(-3, 1, 12, dtype=acc).view(1, -1, 1, 1) + 30)
+    z = z.to(dtype).to(memory_format=torch.channels_last).requires_grad_()
+    bn = torch.nn.BatchNorm2d(12).to(acc).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    y, mean, var = batch_norm_hswish(z, bn.weight, bn.bias, bn.eps, True)
+    z_ref = z.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.hardswish(bn(z_ref))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert mean.dtype == var.dtype == acc and not mean.requires_grad and not var.requires_grad
+    torch.testing.assert_close(y, y_ref)
+    var_ref, mean_ref = torch.var_mean(z.detach().to(torch.float64), dim=(0, 2, 3), correction=0)
+    # a few ulp of var + eps: bf16 rounds the narrowest channels to constants (var 0)
+    rtol, atol = (1e-10, 1e-18) if dtype == torch.float64 else (2e-5, 1e-11)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=rtol, atol=0)
+    torch.testing.assert_close(var.double(), var_ref, rtol=rtol, atol=atol)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad)
+    want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
 @requires_ext
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_module_under_torch_compile_fullgraph(compile_backend):
