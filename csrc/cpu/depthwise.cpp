@@ -1,7 +1,8 @@
 // CPU twin of the depthwise op family (NHWC): what `auto` runs on CPU tensors, and the oracle
 // the CUDA kernels are checked against. Work is split over rows of pixels; within a row, over
-// blocks of 8 channels whose K*K weights stay in registers while the row's pixels stream by,
-// each pixel's sum over the taps accumulated in registers (one load per multiply-add).
+// blocks of 8 channels (one AVX2 vector of fp32) whose K*K weights stay in registers while the
+// row's pixels stream by, four interior pixels at a time: each column of the input loaded once
+// for the taps of the four that read it, four independent sums in flight.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,12 @@
 #include "../activation.h"
 #include "../depthwise.h"
 #include "vectorize.h"
+
+// Products and sums contract to FMAs in the AVX2 + FMA copy; the epilogues' compares vectorize
+// only where float compares may be assumed not to trap (no FP exception is ever enabled).
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+// Lanes values pass between inline helpers, never across a call: no ABI concern.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace mpvit_kernels {
 namespace {
@@ -37,29 +44,74 @@ Dims dims_of(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
   return {x.size(0), x.size(1), H, W, depthwise_out_size(H, stride), depthwise_out_size(W, stride), K, K / 2, stride};
 }
 
+// Interior pixels o .. o + kPixelBlock of one row, channels [c0, c0 + V), for conv_row_block:
+// every tap inside the row. Each pixel adds its taps in conv_row_block's order (kh, then kw
+// ascending): the same sums as one pixel at a time. Forward: window column q is o * S - P + q,
+// read by pixel o + b at tap kw = q - b * S. Transposed: column q is (o + P - (K - 1)) / S + q
+// (exact: o + P even at stride 2), read at kw = b + K - 1 - S * q where that is a tap, so q runs
+// down for kw to run up.
+constexpr int kPixelBlock = 4;
+
+template <int K, int V, int S, bool TRANSPOSED, typename T, typename acc_t,
+          typename vec = typename Lanes<acc_t, V>::type>
+MPVIT_ALWAYS_INLINE void conv_pixel_block(const T* const* rows, int64_t C, int64_t c0, int64_t o, const vec* w,
+                                          vec start, vec* acc) {
+  constexpr int P = K / 2, N = TRANSPOSED ? (kPixelBlock + K - 2) / S + 1 : (kPixelBlock - 1) * S + K;
+  for (int b = 0; b < kPixelBlock; ++b) acc[b] = start;
+#pragma GCC unroll 7
+  for (int kh = 0; kh < K; ++kh) {
+    if (rows[kh] == nullptr) continue;
+    const T* s = rows[kh] + (TRANSPOSED ? (o + P - (K - 1)) / S : o * S - P) * C + c0;
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) {
+      const int q = TRANSPOSED ? N - 1 - i : i;
+      const vec v = load<V, acc_t>(s + q * C);
+#pragma GCC unroll 4
+      for (int b = 0; b < kPixelBlock; ++b) {
+        const int kw = TRANSPOSED ? b + K - 1 - S * q : q - b * S;
+        if (kw >= 0 && kw < K) acc[b] += v * w[kh * K + kw];
+      }
+    }
+  }
+}
+
 // For each of n_out output pixels o of one row, channels [c0, c0 + V):
 //   out[o * C + c] = init + sum over taps (kh, kw) of rows[kh][col(o, kw) * C + c] * wt[(kh * K + kw) * C + c]
 // rows[kh] is the source row tap row kh reads (null when outside the image). Forward:
 // col = o * S - P + kw. TRANSPOSED (the grad of x from the grad of the conv output): the source
-// column is (o + P - kw) / S where that divides exactly. (No callback here: a lambda would not
-// inline into the AVX2 clone, and the call per pixel costs ten times the arithmetic.)
+// column is (o + P - kw) / S where that divides exactly.
 template <int K, int V, bool TRANSPOSED, typename T, typename acc_t>
-MPVIT_VECTOR_CLONES void conv_row_block(const T* const* rows, int64_t src_w, int64_t C, int64_t c0, int64_t n_out,
+MPVIT_ALWAYS_INLINE void conv_row_block(const T* const* rows, int64_t src_w, int64_t C, int64_t c0, int64_t n_out,
                                         int64_t S, const acc_t* __restrict__ wt, const acc_t* __restrict__ init,
                                         acc_t* __restrict__ out) {
+  using vec = typename Lanes<acc_t, V>::type;
   constexpr int P = K / 2;
-  acc_t w[K * K][V];
-  for (int t = 0; t < K * K; ++t)
-    for (int j = 0; j < V; ++j) w[t][j] = wt[t * C + c0 + j];
+  vec w[K * K];
+  for (int t = 0; t < K * K; ++t) w[t] = load<V, acc_t>(wt + t * C + c0);
+  const vec start = init ? load<V, acc_t>(init + c0) : splat<V>(acc_t(0));
   // Interior pixels read every tap of a row inside the image: no checks there. Forward, col =
-  // o * S - P + kw; transposed at stride 1, col = o + P - kw (stride 2 always takes the checked
-  // path, which skips the taps whose column does not divide).
+  // o * S - P + kw, and transposed at stride 1, col = o + P - kw: pixels [lo, hi). Transposed at
+  // stride 2, blocks start where o + P is even, in [lo2, hi2), where their columns
+  // (o + P - (K - 1)) / 2 .. + (kPixelBlock + K - 2) / 2 lie inside the row; its single pixels
+  // take the checked path, which skips the taps whose column does not divide.
   const bool dense = !TRANSPOSED || S == 1;
   const int64_t lo = dense ? (TRANSPOSED ? K - 1 - P : (P + S - 1) / S) : n_out;
   const int64_t hi = dense ? (TRANSPOSED ? src_w - P : (src_w - K + P) / S + 1) : n_out;
+  const int64_t lo2 = K - 1 - P, hi2 = 2 * src_w - (kPixelBlock + K - 2) / 2 * 2 - P + K - 1;
   for (int64_t o = 0; o < n_out; ++o) {
-    acc_t acc[V];
-    for (int j = 0; j < V; ++j) acc[j] = init ? init[c0 + j] : acc_t(0);
+    const bool block2 = TRANSPOSED && S == 2 && ((o + P) & 1) == 0 && o >= lo2 && o < hi2 && o + kPixelBlock <= n_out;
+    if (block2 || (o >= lo && o + kPixelBlock <= hi)) {
+      vec acc[kPixelBlock];
+      if (S == 1) {
+        conv_pixel_block<K, V, 1, TRANSPOSED, T, acc_t>(rows, C, c0, o, w, start, acc);
+      } else {
+        conv_pixel_block<K, V, 2, TRANSPOSED, T, acc_t>(rows, C, c0, o, w, start, acc);
+      }
+      for (int b = 0; b < kPixelBlock; ++b) store<V, acc_t>(out + (o + b) * C + c0, acc[b]);
+      o += kPixelBlock - 1;
+      continue;
+    }
+    vec acc = start;
     if (o >= lo && o < hi) {
       const int64_t first = TRANSPOSED ? o + P : o * S - P;  // column of tap kw = 0
 #pragma GCC unroll 7
@@ -67,10 +119,7 @@ MPVIT_VECTOR_CLONES void conv_row_block(const T* const* rows, int64_t src_w, int
         if (rows[kh] == nullptr) continue;
         const T* s = rows[kh] + first * C + c0;
 #pragma GCC unroll 7
-        for (int kw = 0; kw < K; ++kw) {
-          const T* v = TRANSPOSED ? s - kw * C : s + kw * C;
-          for (int j = 0; j < V; ++j) acc[j] += static_cast<acc_t>(v[j]) * w[kh * K + kw][j];
-        }
+        for (int kw = 0; kw < K; ++kw) acc += load<V, acc_t>(TRANSPOSED ? s - kw * C : s + kw * C) * w[kh * K + kw];
       }
     } else {
       for (int kh = 0; kh < K; ++kh) {
@@ -85,12 +134,11 @@ MPVIT_VECTOR_CLONES void conv_row_block(const T* const* rows, int64_t src_w, int
             col = o * S - P + kw;
             if (col < 0 || col >= src_w) continue;
           }
-          const T* v = row + col * C + c0;
-          for (int j = 0; j < V; ++j) acc[j] += static_cast<acc_t>(v[j]) * w[kh * K + kw][j];
+          acc += load<V, acc_t>(row + col * C + c0) * w[kh * K + kw];
         }
       }
     }
-    for (int j = 0; j < V; ++j) out[o * C + c0 + j] = acc[j];
+    store<V, acc_t>(out + o * C + c0, acc);
   }
 }
 
@@ -146,23 +194,23 @@ void with_flags(bool a, bool b, bool c, F&& f) {
 // row's pixels of gc * the input the tap reads, into part[tap * C + c]; the sum of gc into
 // part[K * K * C + c]. gc: the row's grad of the conv output; x_rows as `rows` above.
 template <int K, int V, typename G, typename T, typename acc_t>
-MPVIT_VECTOR_CLONES void param_row_block(const G* __restrict__ gc, const T* const* x_rows, int64_t W, int64_t C,
+MPVIT_ALWAYS_INLINE void param_row_block(const G* __restrict__ gc, const T* const* x_rows, int64_t W, int64_t C,
                                          int64_t c0, int64_t Wo, int64_t S, acc_t* __restrict__ part) {
+  using vec = typename Lanes<acc_t, V>::type;
   constexpr int P = K / 2;
-  acc_t s[K * K][V] = {};
-  acc_t sb[V] = {};
+  vec s[K * K], sb = splat<V>(acc_t(0));
+  for (int t = 0; t < K * K; ++t) s[t] = sb;
   const int64_t lo = (P + S - 1) / S, hi = (W - K + P) / S + 1;  // pixels whose taps all lie inside
   for (int64_t o = 0; o < Wo; ++o) {
-    acc_t g[V];
-    for (int j = 0; j < V; ++j) sb[j] += g[j] = static_cast<acc_t>(gc[o * C + c0 + j]);
-    if (o >= lo && o < hi) {  // fully unrolled: the K*K x V sums stay in registers where they fit
+    const vec g = load<V, acc_t>(gc + o * C + c0);
+    sb += g;
+    if (o >= lo && o < hi) {  // fully unrolled: the K*K sums stay in registers where they fit
 #pragma GCC unroll 7
       for (int kh = 0; kh < K; ++kh) {
         if (x_rows[kh] == nullptr) continue;
         const T* x = x_rows[kh] + (o * S - P) * C + c0;
 #pragma GCC unroll 7
-        for (int kw = 0; kw < K; ++kw)
-          for (int j = 0; j < V; ++j) s[kh * K + kw][j] += g[j] * static_cast<acc_t>(x[kw * C + j]);
+        for (int kw = 0; kw < K; ++kw) s[kh * K + kw] += g * load<V, acc_t>(x + kw * C);
       }
       continue;
     }
@@ -171,14 +219,12 @@ MPVIT_VECTOR_CLONES void param_row_block(const G* __restrict__ gc, const T* cons
       for (int kw = 0; kw < K; ++kw) {
         const int64_t col = o * S - P + kw;
         if (col < 0 || col >= W) continue;
-        const T* x = x_rows[kh] + col * C + c0;
-        for (int j = 0; j < V; ++j) s[kh * K + kw][j] += g[j] * static_cast<acc_t>(x[j]);
+        s[kh * K + kw] += g * load<V, acc_t>(x_rows[kh] + col * C + c0);
       }
     }
   }
-  for (int t = 0; t < K * K; ++t)
-    for (int j = 0; j < V; ++j) part[t * C + c0 + j] += s[t][j];
-  for (int j = 0; j < V; ++j) part[K * K * C + c0 + j] += sb[j];
+  for (int t = 0; t < K * K; ++t) store<V, acc_t>(part + t * C + c0, load<V, acc_t>(part + t * C + c0) + s[t]);
+  store<V, acc_t>(part + K * K * C + c0, load<V, acc_t>(part + K * K * C + c0) + sb);
 }
 
 // f(k) with k a std::integral_constant of the window size.
@@ -190,17 +236,39 @@ void with_k(int64_t K, F&& f) {
 }
 
 // f(c0, v) over the channels in blocks of kBlock, then one by one (v: an integral_constant).
+// Inlined, with an always-inline f, into the with_best_isa copy that calls it.
 template <typename F>
-void channel_blocks(int64_t C, F&& f) {
+MPVIT_ALWAYS_INLINE void channel_blocks(int64_t C, F&& f) {
   int64_t c0 = 0;
   for (; c0 + kBlock <= C; c0 += kBlock) f(c0, std::integral_constant<int, kBlock>{});
   for (; c0 < C; ++c0) f(c0, std::integral_constant<int, 1>{});
 }
 
+// conv_row_block over a row's channel blocks, in the copy for the best ISA this CPU has.
+template <int K, bool TRANSPOSED, typename T, typename acc_t>
+void conv_row(const T* const* rows, int64_t src_w, int64_t C, int64_t n_out, int64_t S, const acc_t* wt,
+              const acc_t* init, acc_t* out) {
+  with_best_isa([&]() __attribute__((always_inline)) {
+    channel_blocks(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
+      conv_row_block<K, decltype(v)::value, TRANSPOSED>(rows, src_w, C, c0, n_out, S, wt, init, out);
+    });
+  });
+}
+
+// param_row_block over a row's channel blocks, likewise.
+template <int K, typename G, typename T, typename acc_t>
+void param_row(const G* gc, const T* const* x_rows, int64_t W, int64_t C, int64_t Wo, int64_t S, acc_t* part) {
+  with_best_isa([&]() __attribute__((always_inline)) {
+    channel_blocks(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
+      param_row_block<K, decltype(v)::value>(gc, x_rows, W, C, c0, Wo, S, part);
+    });
+  });
+}
+
 // The rows of `src` (N, src_h, src_w, C) tap row kh reads for output row `o_row` of image b:
 // forward, row o_row * S - P + kh; transposed, row (o_row + P - kh) / S where exact.
 template <typename T>
-void tap_rows(const T* src, int64_t b, int64_t src_h, int64_t src_w, int64_t C, const Dims& d, int64_t o_row,
+MPVIT_ALWAYS_INLINE void tap_rows(const T* src, int64_t b, int64_t src_h, int64_t src_w, int64_t C, const Dims& d, int64_t o_row,
               bool transposed, const T** rows) {
   for (int64_t kh = 0; kh < d.K; ++kh) {
     int64_t r;
@@ -238,9 +306,13 @@ at::Tensor depthwise_cpu(const at::Tensor& x_in, const at::Tensor& weight, const
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / d.Ho, oh = r % d.Ho;
           tap_rows(xp, b, d.H, d.W, d.C, d, oh, false, rows);
-          channel_blocks(d.C, [&](int64_t c0, auto v) {
-            conv_row_block<K, decltype(v)::value, false>(rows, d.W, d.C, c0, d.Wo, d.S, wp, bp, z.data());
-          });
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (!sp && !hswish && !residual) {  // no epilogue: straight into y
+              conv_row<K, false>(rows, d.W, d.C, d.Wo, d.S, wp, bp, yp + r * d.Wo * d.C);
+              continue;
+            }
+          }
+          conv_row<K, false>(rows, d.W, d.C, d.Wo, d.S, wp, bp, z.data());
           // residual: stride 1, so the same row of x
           with_flags(sp != nullptr, hswish, residual, [&](auto scale_on, auto hswish_on, auto residual_on) {
             epilogue_row<decltype(scale_on)::value, decltype(hswish_on)::value, decltype(residual_on)::value>(
@@ -296,22 +368,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
               const scalar_t* g = gp + r * d.Wo * d.C;
               acc_t* gc = gcp + r * d.Wo * d.C;
               if (epilogue) {
-                channel_blocks(d.C, [&](int64_t c0, auto v) {
-                  conv_row_block<K, decltype(v)::value, false>(rows, d.W, d.C, c0, d.Wo, d.S, wp, bp, conv.data());
-                });
+                conv_row<K, false>(rows, d.W, d.C, d.Wo, d.S, wp, bp, conv.data());
                 with_flags(sp != nullptr, hswish, false, [&](auto scale_on, auto hswish_on, auto) {
                   epilogue_grad_row<decltype(scale_on)::value, decltype(hswish_on)::value>(
                       conv.data(), g, sp, tp, gc, part + (KK + 1) * d.C, part + (KK + 2) * d.C, d.Wo, d.C);
                 });
               }
-              channel_blocks(d.C, [&](int64_t c0, auto v) {
-                constexpr int V = decltype(v)::value;
-                if (epilogue) {
-                  param_row_block<K, V>(static_cast<const acc_t*>(gc), rows, d.W, d.C, c0, d.Wo, d.S, part);
-                } else {
-                  param_row_block<K, V>(g, rows, d.W, d.C, c0, d.Wo, d.S, part);
-                }
-              });
+              if (epilogue) {
+                param_row<K>(static_cast<const acc_t*>(gc), rows, d.W, d.C, d.Wo, d.S, part);
+              } else {
+                param_row<K>(g, rows, d.W, d.C, d.Wo, d.S, part);
+              }
             }
           }
         });
@@ -324,13 +391,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
             for (int64_t r = begin; r < end; ++r) {
               const int64_t b = r / d.H, ih = r % d.H;
               tap_rows(src, b, d.Ho, d.Wo, d.C, d, ih, true, rows);
-              channel_blocks(d.C, [&](int64_t c0, auto v) {
-                conv_row_block<K, decltype(v)::value, true>(rows, d.Wo, d.C, c0, d.W, d.S, wp,
-                                                            static_cast<const acc_t*>(nullptr), acc.data());
-              });
-              // residual: stride 1, grad has x's shape
               const auto no_scale = static_cast<const acc_t*>(nullptr);
               scalar_t* out = gxp + r * d.W * d.C;
+              if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                if (!residual) {  // straight into grad_x
+                  conv_row<K, true>(rows, d.Wo, d.C, d.W, d.S, wp, no_scale, out);
+                  continue;
+                }
+              }
+              conv_row<K, true>(rows, d.Wo, d.C, d.W, d.S, wp, no_scale, acc.data());
+              // residual: stride 1, grad has x's shape
               if (residual) {
                 epilogue_row<false, false, true>(acc.data(), no_scale, no_scale, gp + r * d.W * d.C, out, d.W, d.C);
               } else {
