@@ -23,8 +23,6 @@
 // Products and sums contract to FMAs in the AVX2 + FMA copy; the epilogues' compares vectorize
 // only where float compares may be assumed not to trap (no FP exception is ever enabled).
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
-// Lanes values pass between inline helpers, never across a call: no ABI concern.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace mpvit_kernels {
 namespace {

@@ -32,8 +32,6 @@
 // trap (they never do: no FP exception is ever enabled). Products and sums contract to FMAs (the
 // AVX2 copy's target includes FMA): one rounding instead of two.
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
-// Lanes<acc_t, V> values pass between inline helpers, never across a call: no ABI concern.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace mpvit_kernels {
 namespace {

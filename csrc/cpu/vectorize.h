@@ -13,6 +13,10 @@
 #include <cstring>
 #include <type_traits>
 
+// Lanes values pass between inline helpers, never across a call: no ABI concern (GCC notes one
+// where a sanitized build leaves a helper out of line).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace mpvit_kernels {
 
 // Every function a with_best_isa body calls is MPVIT_ALWAYS_INLINE: the body is compiled twice,
