@@ -115,7 +115,9 @@ template <int V, typename T, typename acc_t>
 MPVIT_ALWAYS_INLINE void column_max(const T* __restrict__ k, int64_t stride_n, int64_t N, int64_t d,
                                     acc_t* __restrict__ m) {
   using vec = typename Lanes<acc_t, V>::type;
-  const auto take = [](vec x, vec a) __attribute__((always_inline)) { return (x > a) | (x != x) ? x : a; };
+  const auto take = [](const vec& x, const vec& a) __attribute__((always_inline)) {
+    return (x > a) | (x != x) ? x : a;
+  };
   vec a = splat<V>(-std::numeric_limits<acc_t>::infinity()), b = a;
   int64_t n = 0;
   for (; n + 2 <= N; n += 2) {

@@ -96,7 +96,7 @@ MPVIT_ALWAYS_INLINE typename Lanes<acc_t, V>::type splat(acc_t x) {
 }
 
 template <int V, typename acc_t, typename T>
-MPVIT_ALWAYS_INLINE void store(T* p, typename Lanes<acc_t, V>::type x) {
+MPVIT_ALWAYS_INLINE void store(T* p, const typename Lanes<acc_t, V>::type& x) {
   if constexpr (V == 1) {
     *p = static_cast<T>(x);
   } else if constexpr (std::is_same_v<T, acc_t>) {
