@@ -266,8 +266,8 @@ void param_row(const G* gc, const T* const* x_rows, int64_t W, int64_t C, int64_
 // The rows of `src` (N, src_h, src_w, C) tap row kh reads for output row `o_row` of image b:
 // forward, row o_row * S - P + kh; transposed, row (o_row + P - kh) / S where exact.
 template <typename T>
-MPVIT_ALWAYS_INLINE void tap_rows(const T* src, int64_t b, int64_t src_h, int64_t src_w, int64_t C, const Dims& d,
-                                  int64_t o_row, bool transposed, const T** rows) {
+void tap_rows(const T* src, int64_t b, int64_t src_h, int64_t src_w, int64_t C, const Dims& d, int64_t o_row,
+              bool transposed, const T** rows) {
   for (int64_t kh = 0; kh < d.K; ++kh) {
     int64_t r;
     if (transposed) {
