@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpvit_kernels import backend, ops, reference
+from mpvit_kernels.ops.affine_hswish import conv_folded_bn, folds_into_conv
 from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
@@ -192,7 +193,7 @@ class Conv2dBN(nn.Module):
     """``Conv2d_BN``: bias-free conv -> BatchNorm2d -> optional Hardswish. A 1x1 stride-1 conv (the
     InvRes projections) runs as one GEMM with the BatchNorm and Hardswish in its epilogue
     (:func:`pointwise_bn_hswish`); a k x k conv (the stem) is cuDNN's, then ``affine_hswish`` in
-    eval."""
+    eval (on a CPU in fp32/fp64 one conv with the BatchNorm folded into its weight and bias)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, hswish: bool = False):
         super().__init__()
@@ -207,7 +208,11 @@ class Conv2dBN(nn.Module):
         check_input("Conv2dBN", x, "(B, C, H, W)", 1, self.conv.in_channels, self.conv.weight)
         if self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and x.dim() == 4:
             return pointwise_bn_hswish([x], self.conv.weight, self.bn, self.hswish, residual=residual)
-        y = bn_hswish(self.conv(x), self.bn, self.hswish)
+        conv, bn = self.conv, self.bn
+        if not bn.training and bn.running_mean is not None and folds_into_conv("affine_hswish", x):
+            scale, shift = folded_bn(bn)
+            return conv_folded_bn(x, conv.weight, scale, shift, self.hswish, residual, conv.stride[0], conv.padding[0])
+        y = bn_hswish(conv(x), bn, self.hswish)
         return y if residual is None else y + residual
 
 

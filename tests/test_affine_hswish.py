@@ -200,8 +200,13 @@ def test_training_batch_norm_path_matches_batchnorm2d(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("fold", [False, True], ids=["affine_hswish", "folded_into_conv"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_module_under_torch_compile_fullgraph(compile_backend):
+def test_module_under_torch_compile_fullgraph(monkeypatch, compile_backend, fold):
+    """The stem's Conv2dBN in eval: conv then the affine_hswish op, or (fp32 on a CPU, the
+    default there) the BatchNorm folded into the conv."""
+    if not fold:
+        monkeypatch.setattr(sys.modules["mpvit_kernels.nn"], "folds_into_conv", lambda op, x: False)
     torch._dynamo.reset()
     m = Conv2dBN(3, 8, 3, 2, hswish=True)
     with torch.no_grad():
@@ -212,7 +217,7 @@ def test_module_under_torch_compile_fullgraph(compile_backend):
     compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
     with RecordOps() as rec:
         m(x)
-    assert "mpvit_kernels.affine_hswish" in rec.names
+    assert ("mpvit_kernels.affine_hswish" in rec.names) != fold
     y, y_ref = compiled(x), m(x)
     assert_close(y, y_ref)
     (g,) = torch.autograd.grad(y.sum(), x)
@@ -385,3 +390,77 @@ def test_cuda_kernels_on_the_host_match_reference(cuda_host, case, dtype, hswish
     assert_close(y.double(), ref.detach(), dtype, scale=4)  # fp16: the output's rounding
     for got, w in zip((gx, gs, gt), want):
         assert_close(got.double(), w, acc if got.dtype == acc else dtype, scale=20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_cpu_eval_folds_batch_norm_into_the_conv(monkeypatch, dtype, grad):
+    """On CPU tensors (no Triton) an eval BatchNorm after a conv goes into the conv's weight and
+    bias and the activation runs in place (out of place where autograd needs it): gli_projection
+    (a GEMM over the rows below 4096 rows or in fp64, oneDNN's 1x1 conv from there, residual
+    included), dwconv_bn and the stem's k x k Conv2dBN, against conv -> BatchNorm -> Hardswish."""
+    import torch.nn.functional as F
+
+    from mpvit_kernels import backend
+    from mpvit_kernels.ops.affine_hswish import conv_folded_bn as fold
+
+    monkeypatch.setattr(backend, "use_triton", lambda op, device: False)
+    calls = []
+    for where in (sys.modules["mpvit_kernels.ops.gli_projection"], sys.modules["mpvit_kernels.ops.dwconv_bn"],
+                  sys.modules["mpvit_kernels.nn"]):
+        monkeypatch.setattr(where, "conv_folded_bn", lambda *a, **k: calls.append(1) or fold(*a, **k))
+    torch.manual_seed(0)
+
+    def leaf(t):
+        return t.to(dtype).requires_grad_(grad)
+
+    def check(got, want, leaves):
+        assert got.dtype == dtype and got.requires_grad == grad
+        torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)))
+        if grad:
+            g = torch.randn_like(want)
+            for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+                # fp32: the weight's grad sums 4100 rows in another order
+                torch.testing.assert_close(a, b, **(dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else
+                                                    dict(rtol=1e-9, atol=1e-12)))
+
+    with torch.set_grad_enabled(grad):
+        # 2x9x7 = 126 rows (the GEMM), 2x50x41 = 4100 (the conv in fp32); maps, then tokens with a residual
+        for B, H, W in [(2, 9, 7), (2, 50, 41)]:
+            xs = [leaf(make_image((B, 5, H, W), layout=layout)) for layout in ("nchw", "channels_last", "strided")]
+            w, scale, shift = leaf(torch.randn(6, 15, 1, 1) / 4), leaf(torch.rand(6) + 0.5), leaf(torch.randn(6))
+            y = ops.gli_projection(xs, w, scale, shift, hswish=True)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            check(y, reference.gli_projection(xs, w, scale, shift), xs + [w, scale, shift])
+            tokens = [leaf(torch.randn(B, H * W, 5)) for _ in range(2)]
+            res = leaf(torch.randn(B, H * W, 6))
+            y = ops.gli_projection(tokens, w[:, :10], scale, shift, size=(H, W), residual=res)
+            maps = [t.transpose(1, 2).reshape(B, 5, H, W) for t in tokens]
+            want = F.conv2d(torch.cat(maps, 1), w[:, :10]) * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
+            check(y, want + res.transpose(1, 2).reshape(B, 6, H, W), tokens + [res, w, scale, shift])
+        x = leaf(make_image((2, 7, 11, 9)))
+        dw, pw = leaf(torch.randn(7, 1, 3, 3)), leaf(torch.randn(6, 7, 1, 1) / 3)
+        check(ops.dwconv_bn(x, dw, pw, 2, scale, shift, hswish=True),
+              reference.dwconv_bn(x, dw, pw, scale, shift, stride=2), [x, dw, pw, scale, shift])
+        stem = Conv2dBN(3, 6, 3, 2, hswish=True).to(dtype).eval()
+        with torch.no_grad():
+            stem.bn.running_mean.normal_()
+            stem.bn.running_var.uniform_(0.5, 2.0)
+        x = leaf(make_image((2, 3, 13, 10)))
+        check(stem(x), F.hardswish(stem.bn(stem.conv(x))), [x, stem.conv.weight, stem.bn.weight])
+    assert len(calls) == 6  # each case above took the folded path
+
+
+def test_cpu_fold_is_for_fp32_and_fp64_outside_reference_and_autocast():
+    """Folding into a bf16/fp16 weight would round the scale, which the kernels keep in fp32:
+    those dtypes (and autocast's) keep conv then affine_hswish, as the reference backend does."""
+    from mpvit_kernels.ops.affine_hswish import folds_into_conv
+
+    x = torch.randn(2, 3, 4, 4)
+    assert folds_into_conv("gli_projection", x) and folds_into_conv("dwconv_bn", x.double())
+    assert not folds_into_conv("gli_projection", x.bfloat16()) and not folds_into_conv("dwconv_bn", x.half())
+    assert not folds_into_conv("gli_projection", x.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not folds_into_conv("affine_hswish", x)
+    with mpvit_kernels.use_backend("reference", ops=["dwconv_bn"]):
+        assert not folds_into_conv("dwconv_bn", x) and folds_into_conv("gli_projection", x)

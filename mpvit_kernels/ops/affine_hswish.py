@@ -59,6 +59,48 @@ def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hsw
     return reference.affine_hswish(x, scale, shift, hswish)
 
 
+# The CPU's eval path of a conv (or 1x1 GEMM) followed by a folded BatchNorm: the scale goes into
+# the conv's weight and the shift becomes its bias, so the conv writes the only fresh map and the
+# activation (and a residual) run in place on it: one pass and one allocation fewer than conv then
+# affine_hswish, which on a CPU also means one map's page faults fewer. fp32/fp64 only: folding
+# into a bf16/fp16 weight would round the scale, which the fused kernels keep in fp32.
+def folds_into_conv(op: str, x: torch.Tensor) -> bool:
+    """Whether op family ``op`` folds an eval BatchNorm into the conv before it for ``x``: CPU
+    tensors computed in fp32/fp64 (outside autocast), except under the ``reference`` backend."""
+    return (x.device.type == "cpu" and backend.autocast_dtype(x) in (torch.float32, torch.float64)
+            and backend.get_backend(op) != "reference")
+
+
+# Rows from which oneDNN's 1x1 conv beats MKL's GEMM on the same NHWC data (2-core x86, MPViT-T's
+# shapes: 10-25% faster at 6272 and 25088 rows, 5-25% slower at 392 and 1568).
+_CONV_ROWS = 4096
+
+
+def conv_folded_bn(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hswish: bool,
+                   residual: torch.Tensor | None = None, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """``act(conv2d(x, weight) * scale + shift) [+ residual]`` (:func:`folds_into_conv`) as one conv
+    whose weight and bias hold the eval BatchNorm, then the activation in place. x (B, Cin, H, W)
+    in fp32/fp64; weight (Cout, Cin, k, k); a 1x1 stride-1 conv of a channels-last x may run as a
+    GEMM over its rows instead (fp64, and fp32 below _CONV_ROWS rows), returning a channels-last
+    map either way. Autograd flows to every tensor argument, out of place where it needs to."""
+    acc = scale.dtype
+    w = (weight.to(acc) * scale.view(-1, *[1] * (weight.dim() - 1))).to(x.dtype)
+    b = shift.to(x.dtype)
+    B, Cin, H, W = x.shape
+    if (weight.shape[2:] == (1, 1) and stride == 1 and padding == 0 and x.stride(1) == 1
+            and (x.dtype == torch.float64 or B * H * W < _CONV_ROWS)):
+        rows = x.permute(0, 2, 3, 1).reshape(B * H * W, Cin)  # a view: x is channels-last
+        y = torch.addmm(b, rows, w.view(w.shape[0], Cin).t()).view(B, H, W, -1).permute(0, 3, 1, 2)
+    else:
+        y = F.conv2d(x, w, b, stride, padding)
+    in_place = not (torch.is_grad_enabled() and y.requires_grad)
+    if hswish:
+        y = F.hardswish(y, inplace=in_place)
+    if residual is not None:
+        y = y.add_(residual) if in_place and residual.dtype == y.dtype else y + residual
+    return y
+
+
 def check_channel_params(where: str, C: int, device: torch.device, **named) -> None:
     """Per-output-channel parameters of the fused GEMM ops (scale/shift, BatchNorm weight/bias):
     floating point tensors of shape (C,) on the inputs' device."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (affine_hswish, affine_hswish_grad, batch_norm_backward,
                                              batch_norm_hswish, batch_stats, check_channel_params,
-                                             check_eps, check_item_span, check_rows)
+                                             check_eps, check_item_span, check_rows, conv_folded_bn, folds_into_conv)
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
@@ -82,6 +82,8 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         return torch.ops.mpvit_kernels.dwconv_bn(x, dw_weight, w, scale, shift, int(stride), bool(hswish))
     # Unfused: the depthwise and affine_hswish ops (compiled or reference, as their families run)
+    if scale is not None and folds_into_conv("dwconv_bn", x):
+        return conv_folded_bn(depthwise(x, dw_weight, None, stride), pw_weight, scale, shift, hswish)
     y = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))
     if scale is not None:
         return affine_hswish(y, scale, shift, hswish)

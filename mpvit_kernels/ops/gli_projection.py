@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswish_grad, batch_norm_backward,
                                              batch_norm_hswish, batch_stats, check_channel_params, check_eps,
-                                             check_rows)
+                                             check_rows, conv_folded_bn, folds_into_conv)
 
 MAX_INPUTS = 5
 # Tensor-descriptor (TMA) loads of the inputs, opt-in (see use_tma): MPVIT_KERNELS_GLI_TMA=1 at import.
@@ -136,6 +136,10 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
             else None
         y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), res), B, H, W)
         return y if residual is None or fused else y + residual_map
+    if scale is not None and folds_into_conv("gli_projection", rows[0]):
+        x = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]
+        return conv_folded_bn(_image(x, B, H, W), weight.reshape(Cout, -1, 1, 1), scale, shift, hswish,
+                              None if residual is None else residual_map)
     z = _unfused_pre_bn(rows, weight, B, H, W)
     if scale is not None:
         y = affine_hswish(z, scale, shift, hswish)
