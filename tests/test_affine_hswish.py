@@ -397,8 +397,9 @@ def test_cuda_kernels_on_the_host_match_reference(cuda_host, case, dtype, hswish
 def test_cpu_eval_folds_batch_norm_into_the_conv(monkeypatch, dtype, grad):
     """On CPU tensors (no Triton) an eval BatchNorm after a conv goes into the conv's weight and
     bias and the activation runs in place (out of place where autograd needs it): gli_projection
-    (a GEMM over the rows below 4096 rows or in fp64, oneDNN's 1x1 conv from there, residual
-    included), dwconv_bn and the stem's k x k Conv2dBN, against conv -> BatchNorm -> Hardswish."""
+    (several inputs: a GEMM per input accumulating onto the output; one input: a GEMM over the
+    rows below 4096 rows or in fp64, oneDNN's 1x1 conv from there; residual included), dwconv_bn
+    and the stem's k x k Conv2dBN, against conv -> BatchNorm -> Hardswish."""
     import torch.nn.functional as F
 
     from mpvit_kernels import backend
@@ -432,6 +433,8 @@ def test_cpu_eval_folds_batch_norm_into_the_conv(monkeypatch, dtype, grad):
             y = ops.gli_projection(xs, w, scale, shift, hswish=True)
             assert y.is_contiguous(memory_format=torch.channels_last)
             check(y, reference.gli_projection(xs, w, scale, shift), xs + [w, scale, shift])
+            y = ops.gli_projection(xs[1:2], w[:, :5], scale, shift, hswish=True)  # one input: no GEMM per input
+            check(y, reference.gli_projection(xs[1:2], w[:, :5], scale, shift), xs[1:2] + [w, scale, shift])
             tokens = [leaf(torch.randn(B, H * W, 5)) for _ in range(2)]
             res = leaf(torch.randn(B, H * W, 6))
             y = ops.gli_projection(tokens, w[:, :10], scale, shift, size=(H, W), residual=res)
@@ -448,7 +451,7 @@ def test_cpu_eval_folds_batch_norm_into_the_conv(monkeypatch, dtype, grad):
             stem.bn.running_var.uniform_(0.5, 2.0)
         x = leaf(make_image((2, 3, 13, 10)))
         check(stem(x), F.hardswish(stem.bn(stem.conv(x))), [x, stem.conv.weight, stem.bn.weight])
-    assert len(calls) == 6  # each case above took the folded path
+    assert len(calls) == 8  # each case above took the folded path
 
 
 def test_cpu_fold_is_for_fp32_and_fp64_outside_reference_and_autocast():

@@ -137,9 +137,8 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
         y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), res), B, H, W)
         return y if residual is None or fused else y + residual_map
     if scale is not None and folds_into_conv("gli_projection", rows[0]):
-        x = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]
-        return conv_folded_bn(_image(x, B, H, W), weight.reshape(Cout, -1, 1, 1), scale, shift, hswish,
-                              None if residual is None else residual_map)
+        return conv_folded_bn([_image(x, B, H, W) for x in rows], weight.reshape(Cout, -1, 1, 1), scale, shift,
+                              hswish, None if residual is None else residual_map)
     z = _unfused_pre_bn(rows, weight, B, H, W)
     if scale is not None:
         y = affine_hswish(z, scale, shift, hswish)
