@@ -320,6 +320,7 @@ def test_whole_model_rows_measure_the_uncompiled_columns_first(monkeypatch):
     # whole-model compiles take minutes: a time-limited GPU call gets eager and ours of both
     # modes before any compiled column; the table still shows each mode's rows together
     monkeypatch.setattr(torch, "compile", lambda model, **_: model)  # stand-in compiles, instant
+    monkeypatch.setattr(model_section, "IN_TURNS", ())  # as on a GPU
     args = report.parse_args(["--model-batch", "2", "--resolutions", "32", "--reps", "1", "--warmup", "0"],
                              cuda=False)
     saved = []
@@ -331,6 +332,49 @@ def test_whole_model_rows_measure_the_uncompiled_columns_first(monkeypatch):
         [(m, i) for m in ("inference", "train") for i in compiled]
     table = [line.split(" | ")[4:6] for line in model_section.table(rows).splitlines()[2:]]
     assert table == [[m, i] for m in ("inference", "train") for i in ("eager", "ours", *compiled)]
+
+
+def test_whole_model_columns_are_timed_in_turns_on_a_cpu(monkeypatch):
+    """On a CPU, whose speed drifts within a run, the columns of a mode run their repeats in
+    turns after every one has warmed up: the calls interleave, and each row still has its reps."""
+    calls = []
+
+    def stand_in_compile(model, **_):
+        def run(x):
+            calls.append("compiled")
+            return model(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", stand_in_compile)
+    args = report.parse_args(["--model-batch", "2", "--model-modes", "inference", "--resolutions", "32",
+                              "--reps", "3", "--warmup", "1"], cuda=False)
+    with as_on_a_cpu(), RecordModels(calls):
+        rows = model_section.run(args, torch.device("cpu"), torch.float32, "fp32")
+    assert [r["impl"] for r in rows] == ["eager", "ours", "torch.compile", "ours + compile"]
+    assert all(r["reps"] == 3 for r in rows) and all("first_call_ms" in r for r in rows[2:])
+    # after the first calls and warm-ups, 3 rounds of one call each: eager, ours, eager compiled,
+    # ours compiled
+    assert calls[-18:] == ["public", "fused", "compiled", "public", "compiled", "fused"] * 3, calls
+
+
+@contextlib.contextmanager
+def RecordModels(calls):
+    """Which model each forward runs: the public one or the fused one (a forward hook on each
+    model class's forward), appended to ``calls``."""
+    from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
+
+    original = PublicStyleMPViT.forward
+
+    def forward(self, x):
+        fused = any(type(m).__name__ == "MHCAStage" for m in self.modules())
+        calls.append("fused" if fused else "public")
+        return original(self, x)
+
+    PublicStyleMPViT.forward = forward
+    try:
+        yield
+    finally:
+        PublicStyleMPViT.forward = original
 
 
 def test_whole_model_shapes_and_options():

@@ -17,7 +17,9 @@ every input; --model-sizes and --model-modes pick models and modes. Training run
 shape but batch 1. Peak memory is the CUDA caching allocator's peak over one more call after the
 timed ones, above what was allocated before it (activations, grads, workspaces: the weights and
 optimiser states of every column stay resident alike and are left out), "-" on a CPU, which has
-no such counter.
+no such counter. On a CPU a mode's columns are timed in turns, one repeat each round after round
+(timing.measure_in_turns): its speed drifts during a run, and in sequence the drift would fall on
+whichever column ran last (the compiled ones).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import fuse
 from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
-from mpvit_kernels.bench.timing import compiled, keep, measure
+from mpvit_kernels.bench.timing import compiled, keep, measure, measure_in_turns
 
 MODEL_SIZES = ("tiny", "xsmall", "small", "base")
 SHORT_NAMES = {"tiny": "T", "xsmall": "XS", "small": "S", "base": "B"}
@@ -40,6 +42,9 @@ DEFAULT_BATCH = {"cuda": 16, "cpu": 8}  # inputs with no entry in SHAPES
 MODES = ("inference", "train")
 MAX_AUTOTUNE = "torch.compile max-autotune + freezing"
 EAGER_COMPILES = ("torch.compile", MAX_AUTOTUNE)  # the compiled columns of the unfused model
+# Device types whose columns are timed in turns (a CPU's speed drifts within a run); a GPU's in
+# sequence, the uncompiled ones first, so that a time-limited call has them before any compile.
+IN_TURNS = ("cpu",)
 
 
 def models(size: str, device: torch.device):
@@ -114,6 +119,25 @@ def peak_mib(device: torch.device, fn) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def _step(mode: str, impl: str, target, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
+          dtype: torch.dtype):
+    """One timed call of a column: a forward without grad, or a training step (forward,
+    cross-entropy, backward, AdamW step) for a (model, optimizer) pair."""
+    if mode == "inference":
+        def step():
+            with _freezing(impl == MAX_AUTOTUNE), torch.no_grad(), _autocast(device, dtype):
+                target(x)
+    else:
+        def step():
+            model, optimizer = target
+            with _autocast(device, dtype):
+                loss = F.cross_entropy(model(x), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
     for size in args.model_sizes:
@@ -127,26 +151,23 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
             # the uncompiled columns of both modes first (whole-model compiles take minutes: a
             # time-limited GPU call has them); the table shows each mode's rows together
             cases.sort(key=lambda case: "compile" in case[1])
-            for mode, impl, target in cases:
-                if mode == "inference":
-                    def step(model=target, frozen=impl == MAX_AUTOTUNE):
-                        with _freezing(frozen), torch.no_grad(), _autocast(device, dtype):
-                            model(x)
-                else:
-                    def step(pair=target):
-                        model, optimizer = pair
-                        with _autocast(device, dtype):
-                            loss = F.cross_entropy(model(x), labels)
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-
-                t = measure(step, device, warmup=args.warmup, reps=args.reps, time_first_call="compile" in impl)
+            steps = [(mode, impl, _step(mode, impl, target, x, labels, device, dtype)) for mode, impl, target in cases]
+            if device.type in IN_TURNS:
+                timed = []
+                for mode in MODES:
+                    group = [(impl, step) for m, impl, step in steps if m == mode]
+                    compiles = tuple(impl for impl, _ in group if "compile" in impl)
+                    times = measure_in_turns(dict(group), device, args.warmup, args.reps, compiles)
+                    timed += [(mode, impl, step, times[impl]) for impl, step in group]
+            else:
+                timed = ((mode, impl, step, measure(step, device, warmup=args.warmup, reps=args.reps,
+                                                    time_first_call="compile" in impl)) for mode, impl, step in steps)
+            for mode, impl, step, t in timed:
                 rows.append({"op": "MPViT", "model": SHORT_NAMES[size], "input": res, "shape": [batch, 3, res, res],
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "img/s": batch / (t["median_ms"] * 1e-3), "peak_mib": peak_mib(device, step)})
                 keep(args, rows)
-            del cases
+            del cases, steps
     return rows
 
 

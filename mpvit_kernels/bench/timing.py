@@ -60,6 +60,31 @@ def first_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """One call's time in milliseconds: CUDA events around it on a GPU, the wall clock on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(times: list[float], flushing: bool, first: float | None) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    timing = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": len(times),
+              "l2_flushed": flushing}
+    if first is not None:
+        timing["first_call_ms"] = first
+    for callback in after_measure:
+        callback()
+    return timing
+
+
 def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20,
             flush_l2_between: bool = False, time_first_call: bool = False) -> dict:
     """Median and quartiles of ``fn``'s wall time in milliseconds (CUDA events on a GPU).
@@ -74,31 +99,32 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     for _ in range(warmup):
         fn()
     flushing = flush_l2_between and device.type == "cuda"
+    sync_device(device)
     times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            if flushing:
-                flush_l2(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    for _ in range(reps):
+        if flushing:
+            flush_l2(device)
+        times.append(_timed_call(fn, device))
+    return _summary(times, flushing, first)
+
+
+def measure_in_turns(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3, reps: int = 20,
+                     time_first_call: tuple[str, ...] = ()) -> dict[str, dict]:
+    """:func:`measure` of several functions that a report compares, timed in turns: one repeat
+    of each, round after round, once every one has had its first call (timed apart for those
+    named in ``time_first_call``) and its warm-up. On a machine whose speed drifts during a run (a
+    shared CPU; its allocator's state, which the compiles change) the drift then falls on all of
+    them alike instead of on whichever ran last."""
+    first = {name: first_call_ms(fn, device) if name in time_first_call else None for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    timing = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": reps,
-              "l2_flushed": flushing}
-    if first is not None:
-        timing["first_call_ms"] = first
-    for callback in after_measure:
-        callback()
-    return timing
+    sync_device(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_timed_call(fn, device))
+    return {name: _summary(times[name], False, first[name]) for name in fns}
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
