@@ -88,8 +88,8 @@ def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.T
     every tensor argument, out of place where it needs to."""
     xs = [xs] if isinstance(xs, torch.Tensor) else list(xs)
     x = xs[0]
-    acc = scale.dtype
-    w = (weight.to(acc) * scale.view(-1, *[1] * (weight.dim() - 1))).to(x.dtype)
+    acc = reference._acc_dtype(x.dtype)  # scale read in it, as affine_hswish reads it, whatever its dtype
+    w = (weight.to(acc) * scale.to(acc).view(-1, *[1] * (weight.dim() - 1))).to(x.dtype)
     b = shift.to(x.dtype)
     B, C, H, W = x.shape
     if len(xs) > 1 or (weight.shape[2:] == (1, 1) and stride == 1 and padding == 0 and x.stride(1) == 1
