@@ -16,13 +16,16 @@
 #include <type_traits>
 #include <vector>
 
-#include "../activation.h"
 #include "../depthwise.h"
 #include "vectorize.h"
 
 // Products and sums contract to FMAs in the AVX2 + FMA copy; the epilogues' compares vectorize
 // only where float compares may be assumed not to trap (no FP exception is ever enabled).
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+// After the pragma, so that Hardswish is compiled with the same options as the epilogues: GCC
+// does not inline a function whose optimize options differ (Hardswish was a call per element,
+// 3.5x the time of the BatchNorm-only epilogue).
+#include "../activation.h"
 
 namespace mpvit_kernels {
 namespace {
