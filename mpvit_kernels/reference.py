@@ -67,13 +67,15 @@ def gli_projection(xs: Sequence[torch.Tensor], weight: torch.Tensor, scale: torc
 
 
 def factor_attention(qkv: torch.Tensor, size: tuple[int, int], num_heads: int, scale: float,
-                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor],
+                     crpe_conv=depthwise_conv) -> torch.Tensor:
     """Factorized attention with convolutional relative position encoding, qkv -> (B, N, C).
 
     qkv: the qkv Linear's output (B, N, 3C), seen as (B, N, 3, heads, Ch). Per head,
     ``out = scale * q @ (softmax_N(k)^T @ v) + q * crpe(v)``. crpe_weights[i] (ci, 1, k, k) and
     crpe_biases[i] (ci,) convolve the next ci channels of v seen as the image (B, heads*Ch, H, W);
     the ci sum to C. Heads are merged head-major into (B, N, C), ready for ``proj``.
+    ``crpe_conv(x, weight, bias)``: the depthwise conv that computes them (F.conv2d's by default).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -84,7 +86,7 @@ def factor_attention(qkv: torch.Tensor, size: tuple[int, int], num_heads: int, s
     factor = scale * (q @ context)
     v_img = v.transpose(-1, -2).reshape(B, C, H, W)
     v_parts = torch.split(v_img, [w.shape[0] for w in crpe_weights], dim=1)
-    conv_v = torch.cat([depthwise_conv(p, w, b) for p, w, b in zip(v_parts, crpe_weights, crpe_biases)], dim=1)
+    conv_v = torch.cat([crpe_conv(p, w, b) for p, w, b in zip(v_parts, crpe_weights, crpe_biases)], dim=1)
     conv_v = conv_v.reshape(B, num_heads, Ch, N).transpose(-1, -2)
     out = factor + q * conv_v
     return out.transpose(1, 2).reshape(B, N, C)

@@ -534,6 +534,33 @@ def test_cpu_twin_ops_pass_opcheck_and_gradcheck():
 
 
 @requires_ext
+def test_cpu_training_runs_the_reference_with_the_crpe_on_the_depthwise_twin(monkeypatch):
+    """Where a backward follows on CPU tensors, auto runs the eager formula with its CRPE convs on
+    the depthwise op's C++ twin (forward and backward): values and every gradient as the
+    reference's F.conv2d, fp64 gradcheck; inference keeps the attention twin."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # auto as on a CPU without the interpreter
+    args, leaves = cpu_inputs(2, 4, 5, 4, {3: 1, 5: 1, 7: 1}, torch.float64)
+    _, (H, W), heads, scale, _, _ = args
+    n = len(args[4])
+
+    def op(q, *p):
+        return ops.factor_attention(q, (H, W), heads, scale, list(p[:n]), list(p[n:]))
+
+    with RecordOps() as rec:
+        y = op(*leaves)
+    assert rec.names.count("mpvit_kernels.depthwise") == n and "mpvit_kernels.factor_attention" not in rec.names
+    want = reference.factor_attention(leaves[0], (H, W), heads, scale, leaves[1:1 + n], leaves[1 + n:])
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(op, leaves)
+    with torch.no_grad(), RecordOps() as rec:
+        op(*leaves)
+    assert rec.names == ["mpvit_kernels.factor_attention"]
+
+
+@requires_ext
 def test_cpu_twin_is_bitwise_the_same_for_any_thread_count_and_under_compile():
     from tests.utils import across_thread_counts
 

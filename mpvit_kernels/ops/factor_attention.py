@@ -26,6 +26,7 @@ import torch
 
 from mpvit_kernels import backend, reference
 from mpvit_kernels.ops.affine_hswish import check_item_span
+from mpvit_kernels.ops.depthwise import depthwise
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -116,11 +117,16 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     crpe = (*crpe_weights, *crpe_biases)
     backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe))
     # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
-    # whose autograd is faster than the twin's backward (which recomputes the softmax and S).
-    if backend.use_cpu_kernel("factor_attention", qkv.device) and (
-            not backward_follows or backend.get_backend("factor_attention") == "cuda"):
-        return torch.ops.mpvit_kernels.factor_attention(qkv, size[0], size[1], num_heads, float(scale),
-                                                        list(crpe_weights), list(crpe_biases))
+    # whose autograd is faster than the twin's backward (which recomputes the softmax and S), with
+    # its CRPE convs on the depthwise twin: oneDNN's depthwise backward is 2-5x slower at these
+    # windows and channel counts (MPViT-T batch 8: 174 -> 54 ms a training step for the CRPE).
+    if backend.use_cpu_kernel("factor_attention", qkv.device):
+        if not backward_follows or backend.get_backend("factor_attention") == "cuda":
+            return torch.ops.mpvit_kernels.factor_attention(qkv, size[0], size[1], num_heads, float(scale),
+                                                            list(crpe_weights), list(crpe_biases))
+        if backend.use_extension("depthwise", qkv.device) and all(w.shape[-1] in (3, 5, 7) for w in crpe_weights):
+            return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases,
+                                              crpe_conv=depthwise)
     if backend.use_triton("factor_attention", qkv.device) and qkv.shape[0] > 0:  # B = 0: nothing to launch
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op grad mode is always off, so the decision is made here (under torch.compile this
