@@ -301,6 +301,32 @@ def test_module_under_torch_compile_fullgraph(training):
         assert_close(g, r, scale=100)
 
 
+@pytest.mark.parametrize("H, W", [(5, 7), (46, 45)], ids=["70_rows", "4140_rows"])  # x 2 images
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cpu_unfused_path_matches_the_eager_chain(training, H, W, monkeypatch):
+    """On CPU tensors without Triton: eval folds the BatchNorm into one GEMM per input, training
+    runs the concat's 1x1 as MKL's GEMM below 4096 rows and oneDNN's conv from there, then the
+    batch's BatchNorm; outputs, every grad and the running statistics as the eager chain's."""
+    from mpvit_kernels import backend
+
+    monkeypatch.setattr(backend, "use_triton", lambda op, device: False)
+    m = make_module(6, 5, 2, torch.float32, training)
+    ref = copy.deepcopy(m)
+    leaves, maps = make_inputs(2, 6, H, W, 2, torch.float32, "channels_last")
+    y = m(leaves)
+    y_ref = chain(ref, maps)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, scale=10)
+    grad = torch.randn_like(y_ref)
+    params = ["conv.weight", "bn.weight", "bn.bias"]
+    got = torch.autograd.grad(y, leaves + [m.get_parameter(p) for p in params], grad)
+    want = torch.autograd.grad(y_ref, leaves + [ref.get_parameter(p) for p in params], grad)
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=100)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
 def test_reference_backend_runs_unfused():
     m = make_module(8, 8, 2, torch.float32, training=False)
     leaves, maps = make_inputs(1, 8, 4, 4, 2, torch.float32, "nchw")
