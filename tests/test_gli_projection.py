@@ -71,6 +71,12 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
         y = m(leaves, size=(H, W))
     assert ("mpvit_kernels.gli_projection_train" if training else "mpvit_kernels.gli_projection") in rec.names
     assert "aten.cat" not in rec.names  # the concat is never built
+    assert_matches_the_chain(y, m, ref, leaves, maps, training)
+
+
+def assert_matches_the_chain(y, m, ref, leaves, maps, training):
+    """y = m(leaves) against the eager chain of m's copy ``ref`` over the same inputs as NCHW
+    ``maps``: values, the grads of the inputs and of the parameters, the running statistics."""
     y_ref = chain(ref, maps)
     assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert_close(y, y_ref, scale=10)
@@ -313,18 +319,7 @@ def test_cpu_unfused_path_matches_the_eager_chain(training, H, W, monkeypatch):
     m = make_module(6, 5, 2, torch.float32, training)
     ref = copy.deepcopy(m)
     leaves, maps = make_inputs(2, 6, H, W, 2, torch.float32, "channels_last")
-    y = m(leaves)
-    y_ref = chain(ref, maps)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y, y_ref, scale=10)
-    grad = torch.randn_like(y_ref)
-    params = ["conv.weight", "bn.weight", "bn.bias"]
-    got = torch.autograd.grad(y, leaves + [m.get_parameter(p) for p in params], grad)
-    want = torch.autograd.grad(y_ref, leaves + [ref.get_parameter(p) for p in params], grad)
-    for g, r in zip(got, want):
-        assert_close(g, r, scale=100)
-    for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+    assert_matches_the_chain(m(leaves), m, ref, leaves, maps, training)
 
 
 def test_reference_backend_runs_unfused():
