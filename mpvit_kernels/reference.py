@@ -84,10 +84,11 @@ def factor_attention(qkv: torch.Tensor, size: tuple[int, int], num_heads: int, s
     q, k, v = qkv.reshape(B, N, 3, num_heads, Ch).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
     context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, heads, Ch, Ch)
     factor = scale * (q @ context)
-    v_img = v.transpose(-1, -2).reshape(B, C, H, W)
+    # v as a channels-last image and back: views of qkv's rows (and of channels-last conv outputs)
+    v_img = v.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
     v_parts = torch.split(v_img, [w.shape[0] for w in crpe_weights], dim=1)
     conv_v = torch.cat([crpe_conv(p, w, b) for p, w, b in zip(v_parts, crpe_weights, crpe_biases)], dim=1)
-    conv_v = conv_v.reshape(B, num_heads, Ch, N).transpose(-1, -2)
+    conv_v = conv_v.permute(0, 2, 3, 1).reshape(B, N, num_heads, Ch).transpose(1, 2)
     out = factor + q * conv_v
     return out.transpose(1, 2).reshape(B, N, C)
 
