@@ -194,6 +194,31 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
                     assert t.stride(-1) == 1, (name, tuple(t.shape), t.stride())
 
 
+def test_cpu_inference_runs_the_encoders_over_slices_of_the_batch(monkeypatch):
+    """Inference on a CPU: an encoder whose qkv would pass SLICE_BYTES runs over slices of the
+    batch (each slice's blocks see fewer images), with the very same result; not where autograd
+    records a graph."""
+    import mpvit_kernels.models.mpvit as mpvit
+
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval()
+    x = torch.randn(5, 3, 40, 36)
+    batches = []
+    for m in model.modules():
+        if isinstance(m, mpvit.MHCABlock):
+            m.register_forward_pre_hook(lambda mod, args: batches.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = model(x)
+        assert set(batches) == {5}
+        monkeypatch.setattr(mpvit, "SLICE_BYTES", 3 * 64 * 10 * 9 * 4 * 2)  # stage 1: 2 images a slice
+        batches.clear()
+        sliced = model(x)
+    assert torch.equal(sliced, whole)
+    assert {1, 2} <= set(batches)  # stage 1's 5 images in slices of 2, 2, 1 (stage 2 in 3, 2)
+    batches.clear()
+    model(x)
+    assert set(batches) == {5}
+
+
 def test_training_step_with_drop_path():
     model = mpvit_tiny(num_classes=5, drop_path_rate=0.1).train()
     x = torch.randn(2, 3, 32, 32)
