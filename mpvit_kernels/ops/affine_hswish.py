@@ -72,8 +72,14 @@ def folds_into_conv(op: str, x: torch.Tensor) -> bool:
 
 
 # Rows from which oneDNN's 1x1 conv beats MKL's GEMM on the same NHWC data (2-core x86, MPViT-T's
-# shapes: 10-25% faster at 6272 and 25088 rows, 5-25% slower at 392 and 1568).
+# shapes: 10-25% faster at 6272 and 25088 rows, forward and backward; 5-25% slower at 392 and 1568).
 _CONV_ROWS = 4096
+
+
+def conv_runs_1x1(x: torch.Tensor, rows: int) -> bool:
+    """Whether a 1x1 conv of x over ``rows`` pixels runs as oneDNN's conv rather than as a GEMM
+    over its NHWC rows: fp32 CPU tensors from _CONV_ROWS rows (oneDNN has no fp64 path of its own)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and rows >= _CONV_ROWS
 
 
 def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hswish: bool,
@@ -83,8 +89,8 @@ def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.T
     (B, Cin, H, W) in fp32/fp64, or a list of channels-last maps whose channel concat is x for a
     1x1 stride-1 conv: each is then its own GEMM over its rows, accumulating onto the output, so
     the concat is never built (MPViT-T's stage-1 GLI on a CPU: 7.1 -> 6.1 ms). weight (Cout, Cin,
-    k, k). A 1x1 stride-1 conv of one channels-last map runs as a GEMM over its rows too in fp64
-    and below _CONV_ROWS rows. Returns a channels-last map whenever x is one. Autograd flows to
+    k, k). A 1x1 stride-1 conv of one channels-last map runs as a GEMM over its rows too where
+    :func:`conv_runs_1x1` says so. Returns a channels-last map whenever x is one. Autograd flows to
     every tensor argument, out of place where it needs to."""
     xs = [xs] if isinstance(xs, torch.Tensor) else list(xs)
     x = xs[0]
@@ -93,11 +99,11 @@ def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.T
     b = shift.to(x.dtype)
     B, C, H, W = x.shape
     if len(xs) > 1 or (weight.shape[2:] == (1, 1) and stride == 1 and padding == 0 and x.stride(1) == 1
-                       and (x.dtype == torch.float64 or B * H * W < _CONV_ROWS)):
+                       and not conv_runs_1x1(x, B * H * W)):
         w = w.view(w.shape[0], -1)
         y = None
-        for i, x in enumerate(xs):
-            rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view of a channels-last map
+        for i, xi in enumerate(xs):
+            rows = xi.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view of a channels-last map
             part = w[:, i * C:(i + 1) * C].t()
             y = torch.addmm(b, rows, part) if y is None else y.addmm_(rows, part)
         y = y.view(B, H, W, -1).permute(0, 3, 1, 2)

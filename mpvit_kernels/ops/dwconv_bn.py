@@ -81,7 +81,8 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         return torch.ops.mpvit_kernels.dwconv_bn(x, dw_weight, w, scale, shift, int(stride), bool(hswish))
-    # Unfused: the depthwise and affine_hswish ops (compiled or reference, as their families run)
+    # Unfused: the depthwise op, then the 1x1 with the BatchNorm folded into it (folds_into_conv) or
+    # followed by affine_hswish (compiled or reference, as their families run)
     if scale is not None and folds_into_conv("dwconv_bn", x):
         return conv_folded_bn(depthwise(x, dw_weight, None, stride), pw_weight, scale, shift, hswish)
     y = F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype))

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend
-from mpvit_kernels.ops.affine_hswish import (_CONV_ROWS, _FLOATS, affine_hswish, affine_hswish_grad,
-                                             batch_norm_backward, batch_norm_hswish, batch_stats,
-                                             check_channel_params, check_eps, check_rows, conv_folded_bn,
-                                             folds_into_conv)
+from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswish_grad, batch_norm_backward,
+                                             batch_norm_hswish, batch_stats, check_channel_params, check_eps,
+                                             check_rows, conv_folded_bn, conv_runs_1x1, folds_into_conv)
 
 MAX_INPUTS = 5
 # Tensor-descriptor (TMA) loads of the inputs, opt-in (see use_tma): MPVIT_KERNELS_GLI_TMA=1 at import.
@@ -98,9 +97,7 @@ def _image(y, B, H, W):
 def _unfused_pre_bn(rows, weight, B, H, W):
     x = torch.cat(rows, dim=2) if len(rows) > 1 else rows[0]  # (B, N, n*C): the concat the kernel avoids
     w = weight.reshape(weight.shape[0], -1).to(x.dtype)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and B * H * W >= _CONV_ROWS:
-        # oneDNN's 1x1 conv beats MKL's GEMMs over these rows, forward and backward (a training
-        # step's GLI at MPViT-T's stage 1: 22.2 -> 16.3 ms)
+    if conv_runs_1x1(x, B * H * W):  # a training step's GLI at MPViT-T's stage 1: 22.2 -> 16.3 ms
         return F.conv2d(_image(x, B, H, W), w[:, :, None, None])
     return _image(x @ w.t(), B, H, W)
 
