@@ -104,6 +104,7 @@ template <int V, typename T, typename acc_t>
 MPVIT_ALWAYS_INLINE void context_rows(const acc_t* __restrict__ p, const T* __restrict__ v, int64_t stride_n, int64_t tile,
                          int64_t Ch, int64_t e0, acc_t* __restrict__ S) {
   int64_t d = 0;
+  for (; d + 8 <= Ch; d += 8) context_block<8, V>(p, v, stride_n, tile, Ch, d, e0, S);
   for (; d + 4 <= Ch; d += 4) context_block<4, V>(p, v, stride_n, tile, Ch, d, e0, S);
   for (; d < Ch; ++d) context_block<1, V>(p, v, stride_n, tile, Ch, d, e0, S);
 }
@@ -223,24 +224,28 @@ MPVIT_ALWAYS_INLINE void crpe_block(const T* const* vrows, int64_t k_rt, int64_t
   const int64_t r = (K ? K : k_rt) / 2;
   int64_t x = 0;
   for (; x < W && x < r; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
+  for (; x + 8 + r <= W; x += 8) crpe_pixels<8, false, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
   for (; x + 4 + r <= W; x += 4) crpe_pixels<4, false, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
   for (; x < W; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
 }
 
-// out[e0..e0+V) = scale * sum_d q[d] Sh[d, e0..) + q[e0..) * conv[e0..) for one head of one
-// token (two partial sums over d: half the chain of dependent adds).
-template <int V, typename T, typename acc_t>
-MPVIT_ALWAYS_INLINE void head_output(const T* __restrict__ qh, const acc_t* __restrict__ Sh, const acc_t* __restrict__ conv,
-                        int64_t Ch, int64_t e0, acc_t scale, T* __restrict__ out) {
+// out[e0..e0+V) = scale * sum_d q[d] Sh[d, e0..) + q[e0..) * conv[e0..) for one head of P adjacent
+// tokens of a row at once: each S vector is loaded once for the P independent sums. Every sum runs
+// over d in order, whatever P: the same bits for any blocking of the row.
+template <int P, int V, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void head_outputs(const T* __restrict__ qh, int64_t stride_n, const acc_t* __restrict__ Sh,
+                                      const acc_t* __restrict__ conv, int64_t C, int64_t Ch, int64_t e0, acc_t scale,
+                                      T* __restrict__ out) {
   using vec = typename Lanes<acc_t, V>::type;
-  vec a = splat<V>(acc_t(0)), b = a;
-  int64_t d = 0;
-  for (; d + 2 <= Ch; d += 2) {
-    a += splat<V>(static_cast<acc_t>(qh[d])) * load<V, acc_t>(Sh + d * Ch + e0);
-    b += splat<V>(static_cast<acc_t>(qh[d + 1])) * load<V, acc_t>(Sh + (d + 1) * Ch + e0);
+  vec acc[P];
+  for (int i = 0; i < P; ++i) acc[i] = splat<V>(acc_t(0));
+  for (int64_t d = 0; d < Ch; ++d) {
+    const vec s = load<V, acc_t>(Sh + d * Ch + e0);
+    for (int i = 0; i < P; ++i) acc[i] += splat<V>(static_cast<acc_t>(qh[i * stride_n + d])) * s;
   }
-  if (d < Ch) a += splat<V>(static_cast<acc_t>(qh[d])) * load<V, acc_t>(Sh + d * Ch + e0);
-  store<V, acc_t>(out + e0, splat<V>(scale) * (a + b) + load<V, acc_t>(qh + e0) * load<V, acc_t>(conv + e0));
+  for (int i = 0; i < P; ++i)
+    store<V, acc_t>(out + i * C + e0, splat<V>(scale) * acc[i] +
+                                          load<V, acc_t>(qh + i * stride_n + e0) * load<V, acc_t>(conv + i * C + e0));
 }
 
 // The CRPE conv of one window group over a row, its channels in blocks of 8, 4, 2, then 1, its window
@@ -264,25 +269,32 @@ MPVIT_ALWAYS_INLINE void window_rows(const T* const* vrows, const Window& g, int
   window_blocks<0>(vrows, g, W, stride_n, C, wt, kmax, bias, conv);
 }
 
-// out = scale * q S + q * conv for the W tokens of a row: q at `q` (token stride stride_n), S the
+// out = scale * q S + q * conv for P tokens x..x+P of a row: q at `q` (token stride stride_n), S the
 // item's (heads, Ch, Ch) contexts, conv (W, C).
+template <int P, typename T, typename acc_t>
+MPVIT_ALWAYS_INLINE void combine_tokens(const T* __restrict__ q, int64_t stride_n, int64_t x, int64_t C, int64_t Ch,
+                                        int64_t heads, const acc_t* __restrict__ S, const acc_t* __restrict__ conv,
+                                        acc_t scale, T* __restrict__ out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* qh = q + x * stride_n + h * Ch;
+    const acc_t *Sh = S + h * Ch * Ch, *ch = conv + x * C + h * Ch;
+    T* oh = out + x * C + h * Ch;
+    int64_t e0 = 0;
+    for (; e0 + 8 <= Ch; e0 += 8) head_outputs<P, 8>(qh, stride_n, Sh, ch, C, Ch, e0, scale, oh);
+    for (; e0 + 4 <= Ch; e0 += 4) head_outputs<P, 4>(qh, stride_n, Sh, ch, C, Ch, e0, scale, oh);
+    for (; e0 + 2 <= Ch; e0 += 2) head_outputs<P, 2>(qh, stride_n, Sh, ch, C, Ch, e0, scale, oh);
+    for (; e0 < Ch; ++e0) head_outputs<P, 1>(qh, stride_n, Sh, ch, C, Ch, e0, scale, oh);
+  }
+}
+
 template <typename T, typename acc_t>
 MPVIT_ALWAYS_INLINE void combine_row(const T* __restrict__ q, int64_t stride_n, int64_t W, int64_t C, int64_t Ch,
                                      int64_t heads, const acc_t* __restrict__ S, const acc_t* __restrict__ conv,
                                      acc_t scale, T* __restrict__ out) {
-  for (int64_t x = 0; x < W; ++x) {
-    if (x + 2 < W) prefetch(q + (x + 2) * stride_n, C);
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* qh = q + x * stride_n + h * Ch;
-      const acc_t *Sh = S + h * Ch * Ch, *ch = conv + x * C + h * Ch;
-      T* oh = out + x * C + h * Ch;
-      int64_t e0 = 0;
-      for (; e0 + 8 <= Ch; e0 += 8) head_output<8>(qh, Sh, ch, Ch, e0, scale, oh);
-      for (; e0 + 4 <= Ch; e0 += 4) head_output<4>(qh, Sh, ch, Ch, e0, scale, oh);
-      for (; e0 + 2 <= Ch; e0 += 2) head_output<2>(qh, Sh, ch, Ch, e0, scale, oh);
-      for (; e0 < Ch; ++e0) head_output<1>(qh, Sh, ch, Ch, e0, scale, oh);
-    }
-  }
+  int64_t x = 0;
+  for (; x + 8 <= W; x += 8) combine_tokens<8>(q, stride_n, x, C, Ch, heads, S, conv, scale, out);
+  for (; x + 4 <= W; x += 4) combine_tokens<4>(q, stride_n, x, C, Ch, heads, S, conv, scale, out);
+  for (; x < W; ++x) combine_tokens<1>(q, stride_n, x, C, Ch, heads, S, conv, scale, out);
 }
 
 at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, int64_t num_heads, double scale,
