@@ -85,6 +85,28 @@ def test_cpu_composition_takes_gelu_in_place_only_where_no_graph_needs_the_pre_a
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("site", ["norm", "gelu", "plain"])
+@pytest.mark.parametrize("rows", [4094, 4096])
+def test_cpu_composition_runs_its_gemm_as_a_conv_from_4096_rows(monkeypatch, rows, site):
+    """From 4096 fp32 rows the CPU composition's GEMM is oneDNN's 1x1 conv over the rows (the bias in
+    its epilogue); values and every grad as the eager chain's on either side of the threshold."""
+    from mpvit_kernels import backend
+
+    monkeypatch.setattr(backend, "use_triton", lambda op, device: False)
+    x, params = make_inputs(rows // 2, 8, 12, torch.float32, "transposed", site, bias=site != "plain", device="cpu")
+    gelu = SITES[site][1]
+    with RecordOps() as rec:
+        y = ops.linear(x, *params, eps=1e-6, gelu=gelu)
+    assert ("aten.convolution" in rec.names) == (rows >= 4096)
+    want = chain(x, *params, 1e-6, gelu)
+    assert y.shape == want.shape and y.is_contiguous()
+    assert_close(y, want, scale=4)
+    leaves = [x] + [p for p in params if p is not None]
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert_close(a, b, scale=10)
+
+
 def test_without_bias_and_with_an_empty_batch():
     x, (w, _, lw, lb) = make_inputs(9, 16, 20, torch.float32, "rows", "norm", bias=False)
     assert_close(ops.linear(x, w, None, lw, lb, 1e-5), chain(x, w, None, lw, lb, 1e-5, False), scale=4)
