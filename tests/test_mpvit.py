@@ -219,6 +219,28 @@ def test_cpu_inference_runs_the_encoders_over_slices_of_the_batch(monkeypatch):
     assert set(batches) == {5}
 
 
+def test_cpu_inference_slices_the_batch_under_torch_compile_fullgraph(monkeypatch):
+    """An encoder's slices are traced too (one graph, fullgraph): the same values as eager's."""
+    import mpvit_kernels.models.mpvit as mpvit
+
+    torch._dynamo.reset()
+    encoder = mpvit_tiny().mhca_stages[0].mhca_blks[0].eval()
+    x = torch.randn(3, 64, 10, 9).to(memory_format=torch.channels_last)
+    cats = []
+
+    def count_cats(gm, example_inputs):  # concats along the batch
+        cats.append(sum(node.target is torch.cat and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) == 0
+                        for node in gm.graph.nodes))
+        return gm.forward
+
+    with torch.no_grad(), mpvit_kernels.use_backend("reference"):
+        whole = encoder(x)
+        monkeypatch.setattr(mpvit, "SLICE_BYTES", 3 * 64 * 10 * 9 * 4 * 2)  # 2 images a slice
+        got = torch.compile(encoder, fullgraph=True, backend=count_cats)(x)
+    assert cats == [1]  # slices of 2 and 1 images
+    torch.testing.assert_close(got, whole)
+
+
 def test_training_step_with_drop_path():
     model = mpvit_tiny(num_classes=5, drop_path_rate=0.1).train()
     x = torch.randn(2, 3, 32, 32)
