@@ -89,7 +89,8 @@ def test_cpu_composition_takes_gelu_in_place_only_where_no_graph_needs_the_pre_a
 @pytest.mark.parametrize("rows", [4094, 4096])
 def test_cpu_composition_runs_its_gemm_as_a_conv_from_4096_rows(monkeypatch, rows, site):
     """From 4096 fp32 rows the CPU composition's GEMM is oneDNN's 1x1 conv over the rows (the bias in
-    its epilogue); values and every grad as the eager chain's on either side of the threshold."""
+    its epilogue); values and every grad as the eager chain's on either side of the threshold. A
+    compiled graph keeps the GEMM (Inductor's conv costs more there)."""
     from mpvit_kernels import backend
 
     monkeypatch.setattr(backend, "use_triton", lambda op, device: False)
@@ -105,6 +106,16 @@ def test_cpu_composition_runs_its_gemm_as_a_conv_from_4096_rows(monkeypatch, row
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
         assert_close(a, b, scale=10)
+    if rows >= 4096:
+        targets = []
+
+        def record(gm, example_inputs):
+            targets.extend(str(node.target) for node in gm.graph.nodes)
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(lambda *a: ops.linear(*a, eps=1e-6, gelu=gelu), fullgraph=True, backend=record)(x, *params)
+        assert targets and not any("conv" in t for t in targets)
 
 
 def test_without_bias_and_with_an_empty_batch():
