@@ -224,7 +224,6 @@ MPVIT_ALWAYS_INLINE void crpe_block(const T* const* vrows, int64_t k_rt, int64_t
   const int64_t r = (K ? K : k_rt) / 2;
   int64_t x = 0;
   for (; x < W && x < r; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
-  for (; x + 8 + r <= W; x += 8) crpe_pixels<8, false, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
   for (; x + 4 + r <= W; x += 4) crpe_pixels<4, false, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
   for (; x < W; ++x) crpe_pixels<1, true, K, V>(vrows, k_rt, x, W, stride_n, C, c0, wt, kmax, bias, conv);
 }
