@@ -286,6 +286,7 @@ MPVIT_ALWAYS_INLINE void combine_tokens(const T* __restrict__ q, int64_t stride_
   }
 }
 
+// The same for the W tokens of a row, 8, then 4, then 1 at a time.
 template <typename T, typename acc_t>
 MPVIT_ALWAYS_INLINE void combine_row(const T* __restrict__ q, int64_t stride_n, int64_t W, int64_t C, int64_t Ch,
                                      int64_t heads, const acc_t* __restrict__ S, const acc_t* __restrict__ conv,
