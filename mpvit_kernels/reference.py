@@ -106,12 +106,13 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None, eps: float = 1e-5,
-           gelu: bool = False) -> torch.Tensor:
+           gelu: bool = False, gemm=F.linear) -> torch.Tensor:
     """``act(layer_norm(x) @ weight^T + bias)`` over the last dim (the LayerNorm where ``ln_weight``
     is given, GELU where ``gelu``), in weight's dtype: the LayerNorm computed in fp32 (fp64 for
-    fp64) and rounded to it, as eager's norm1 -> qkv and fc1 -> GELU run."""
+    fp64) and rounded to it, as eager's norm1 -> qkv and fc1 -> GELU run. ``gemm(x, weight,
+    bias)``: the GEMM that computes it (F.linear's by default)."""
     acc = _acc_dtype(weight.dtype)
     if ln_weight is not None:
         x = F.layer_norm(x.to(acc), (x.shape[-1],), ln_weight.to(acc), ln_bias.to(acc), eps)
-    y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    y = gemm(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return F.gelu(y) if gelu else y

@@ -11,7 +11,7 @@ kernel (mpvit_kernels/triton/linear.py) on CUDA tensors, or on CPU tensors under
 interpreter; on other CPU tensors (and under ``reference``) the eager composition of
 :func:`mpvit_kernels.reference.linear`, which on a CPU is what oneDNN's GEMMs run fastest (its
 GELU in place where no autograd graph needs the pre-activation; from 4096 fp32 rows the GEMM as
-oneDNN's 1x1 conv, :func:`_conv_linear`).
+oneDNN's 1x1 conv, :func:`_conv_gemm`).
 Backward, in ATen ops as eager's autograd runs them: the LayerNorm's output (and with GELU the
 pre-activation) recomputed, as the forward stores neither; then GELU's grad, the GEMMs' and
 the LayerNorm's (``native_layer_norm_backward``). Deterministic.
@@ -73,11 +73,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not backend.use_triton("linear", x.device):
         # not in a compiled graph, where Inductor's conv costs more than its addmm: MPViT-T batch 8
         # under torch.compile, eval 0.93x and a training step 0.88x with the conv
-        if dtype == torch.float32 and conv_runs_1x1(x, x.numel() // x.shape[-1]) \
-                and backend.get_backend("linear") != "reference" and not torch.compiler.is_compiling():
-            y = _conv_linear(x, weight, bias, ln_weight, ln_bias, eps)
-        else:
-            y = reference.linear(x, weight, bias, ln_weight, ln_bias, eps)
+        conv = dtype == torch.float32 and conv_runs_1x1(x, x.numel() // x.shape[-1]) \
+            and backend.get_backend("linear") != "reference" and not torch.compiler.is_compiling()
+        y = reference.linear(x, weight, bias, ln_weight, ln_bias, eps, gemm=_conv_gemm if conv else F.linear)
         if not gelu:
             return y
         # In place where no autograd graph keeps the pre-activation: on a CPU a fresh hidden costs
@@ -91,17 +89,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], N)
 
 
-def _conv_linear(x, weight, bias, ln_weight, ln_bias, eps):
-    """reference.linear in fp32 with its GEMM as oneDNN's 1x1 conv over the rows seen as a
-    channels-last image (1, K, rows, 1), which adds the bias in its epilogue where addmm copies it
-    into the output before the GEMM: MPViT-T eval batch 8 on 2 cores, 2.1-2.6% a forward (same
-    logits to the bit there); a training step 0.8%."""
+def _conv_gemm(x, weight, bias):
+    """F.linear as oneDNN's 1x1 conv over x's rows seen as a channels-last image (1, K, rows, 1),
+    which adds the bias in its epilogue where addmm copies it into the output before the GEMM:
+    MPViT-T eval batch 8 on 2 cores, 2.1-2.6% a forward (same logits to the bit there); a
+    training step 0.8%."""
     K, N = x.shape[-1], weight.shape[0]
-    if ln_weight is not None:
-        x = F.layer_norm(x, (K,), ln_weight.to(x.dtype), ln_bias.to(x.dtype), eps)
     image = x.reshape(-1, K)[None, :, None, :].permute(0, 3, 1, 2)
-    y = F.conv2d(image, weight.reshape(N, K, 1, 1), None if bias is None else bias.to(weight.dtype))
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], N)
+    return F.conv2d(image, weight.reshape(N, K, 1, 1), bias).permute(0, 2, 3, 1).reshape(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("mpvit_kernels::linear", mutates_args=())
