@@ -3,6 +3,7 @@ reference, forward and every gradient, through the op and through the public mod
 import contextlib
 import itertools
 import sys
+import warnings
 
 import pytest
 import torch
@@ -392,6 +393,63 @@ def test_bad_op_inputs_raise_before_any_kernel():
         ops.factor_attention(qkv, size, heads, scale, weights[:1], biases[:1])
     with pytest.raises(ValueError, match="N="):
         FactorAttention(8, num_heads=2, crpe_window={3: 2})(torch.randn(1, 6, 8), (2, 2))
+
+
+def test_heads_wider_than_the_kernels_take_run_the_reference_under_auto(monkeypatch):
+    # The Triton kernels are compiled for head dims up to 64 (MPViT's are 8 to 60); a wider head
+    # would ask a GPU for more shared memory than a block has. auto gives it to the eager
+    # reference (one warning per head dim); the triton backend and the registered op refuse it
+    # before any launch.
+    fa = fa_ops()
+    monkeypatch.setattr(fa, "_warned_head_dims", set())
+    args = make_inputs(1, 2, 3, fa.MAX_TRITON_HEAD_DIM + 1, {3: 1, 5: 1}, torch.float32)
+    with RecordLaunches() as rec, pytest.warns(RuntimeWarning, match="head dims .* at most 64, got 65"):
+        out = ops.factor_attention(*args)
+    assert rec.launches == []
+    with mpvit_kernels.use_backend("reference"):
+        assert torch.equal(out, ops.factor_attention(*args))
+    monkeypatch.setattr(fa, "_warned_head_dims", set())
+    with warnings.catch_warnings():  # no warning in a graph (it would break it)
+        warnings.simplefilter("error")
+        compiled = torch.compile(ops.factor_attention, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(*args), out)
+    with pytest.warns(RuntimeWarning, match="head dims"):
+        ops.factor_attention(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.factor_attention(*args)  # once per head dim
+    with mpvit_kernels.use_backend("triton"), pytest.raises(ValueError, match="head dims"):
+        ops.factor_attention(*args)
+    qkv, size, heads, scale, weights, biases = args
+    with RecordLaunches() as rec, pytest.raises(ValueError, match="head dims"):
+        torch.ops.mpvit_kernels.factor_attention_fwd(qkv.detach(), *size, heads, scale, weights, biases, False)
+    assert rec.launches == []
+    # the widest head the kernels take runs them
+    args = make_inputs(1, 1, 2, fa.MAX_TRITON_HEAD_DIM, {3: 1}, torch.float32, requires_grad=False)
+    with RecordLaunches() as rec:
+        out = ops.factor_attention(*args)
+    assert launched(rec) == ["whole_map_kernel"]
+    with mpvit_kernels.use_backend("reference"):
+        assert_close(out, ops.factor_attention(*args))
+
+
+def test_launch_grids_stay_within_a_gpus_axis_limits():
+    # A GPU's grid axes 1 and 2 stop at 65535 programs, which the 16-token tiles of a 1024 x 1024
+    # map pass: the per-token passes put their B * heads * tiles programs on axis 0 (heads
+    # fastest); the reduction passes put only their chunks on axis 1, which _chunking bounds.
+    args = make_inputs(2, 19, 19, 3, {3: 1, 5: 1}, torch.float32)
+    with RecordLaunches() as rec:
+        out, ref, grads, ref_grads = run_both(args)
+    assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
+    launches = {fn.__name__: kw for fn, kw in rec.launches}
+    grids = {name: kw["grid"](kw) if callable(kw["grid"]) else kw["grid"] for name, kw in launches.items()}
+    tiles = -(-19 * 19 // launches["output_kernel"]["BLOCK_N"])
+    assert tiles > 1 and grids["output_kernel"] == grids["grad_qkv_kernel"] == (2 * 2 * tiles,)
+    assert fa_ops()._chunking(1, 1024 * 1024)[1] <= fa_ops()._TARGET_PROGRAMS
+    for name in ("context_partial_kernel", "grad_partial_kernel"):
+        assert grids[name] == (4, fa_ops()._chunking(4, 19 * 19)[1])
 
 
 def test_fp64_launches_pass_every_float_argument_as_fp64():

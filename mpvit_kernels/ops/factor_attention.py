@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -49,6 +50,31 @@ _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass 
 # partials and S cost more bytes than q, k, v and O; larger maps keep the three passes, whose
 # chunked context pass fills the GPU at small batch.
 _WHOLE_MAP_MAX_N = 256
+
+
+# The Triton kernels hold a head's Ch x Ch context and their token tiles at the head dim's next
+# power of two. The static report compiles them up to 64 (MPViT's head dims are 8 to 60); at
+# 128 they spill, and past 128 whole_map_kernel alone would ask for 0.5 MB of shared memory in
+# bf16 (an H100 has 227 KB a block), so wider heads never reach them.
+MAX_TRITON_HEAD_DIM = 64
+_warned_head_dims: set[int] = set()
+
+
+def _triton_takes_head_dim(Ch: int) -> bool:
+    """Whether the Triton kernels run heads of Ch dims: an error where the ``triton`` backend
+    forces them, else False (the eager reference runs them) with one warning per head dim."""
+    if Ch <= MAX_TRITON_HEAD_DIM:
+        return True
+    if backend.get_backend("factor_attention") == "triton":
+        raise ValueError(_too_wide(Ch))
+    if Ch not in _warned_head_dims and not torch.compiler.is_compiling():  # a warning breaks a graph
+        _warned_head_dims.add(Ch)
+        warnings.warn(f"{_too_wide(Ch)}: such heads run on the eager reference", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _too_wide(Ch: int) -> str:
+    return f"factor_attention: the Triton kernels take head dims (C / num_heads) of at most {MAX_TRITON_HEAD_DIM}, got {Ch}"
 
 
 def _triton_kernels():
@@ -127,7 +153,8 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
         if backend.use_extension("depthwise", qkv.device) and all(w.shape[-1] in (3, 5, 7) for w in crpe_weights):
             return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases,
                                               crpe_conv=depthwise)
-    if backend.use_triton("factor_attention", qkv.device) and qkv.shape[0] > 0:  # B = 0: nothing to launch
+    if (backend.use_triton("factor_attention", qkv.device) and qkv.shape[0] > 0  # B = 0: nothing to launch
+            and _triton_takes_head_dim(qkv.shape[2] // 3 // num_heads)):
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op grad mode is always off, so the decision is made here (under torch.compile this
         # wrapper is traced away and the op packs every call, as conservative as it gets).
@@ -230,6 +257,8 @@ class _Launch:
         self.B, self.N, C3 = qkv.shape
         self.C = C3 // 3
         self.Ch = self.C // num_heads
+        if self.Ch > MAX_TRITON_HEAD_DIM:  # the registered ops called directly
+            raise ValueError(_too_wide(self.Ch))
         self.BD = _block_d(self.Ch)
         self.BH = self.B * num_heads
         self.acc = _acc_dtype(qkv.dtype)
@@ -281,7 +310,7 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
             qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
         k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
-        k.output_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+        k.output_kernel[lambda meta: (L.BH * -(-L.N // meta["BLOCK_N"]),)](
             qkv, ctx_all, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
@@ -328,7 +357,7 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
             qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision,
             KMAX=L.kmax, KK=kk, BLOCK_D=L.BD)
         k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
-        k.grad_qkv_kernel[lambda meta: (L.BH, -(-L.N // meta["BLOCK_N"]))](
+        k.grad_qkv_kernel[lambda meta: (L.BH * -(-L.N // meta["BLOCK_N"]),)](
             qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale, L.n_bucket,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)

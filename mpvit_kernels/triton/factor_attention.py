@@ -266,6 +266,15 @@ def context_combine_kernel(
 
 
 @triton.jit
+def _head_and_tile(N, BLOCK_N: tl.constexpr):
+    """(batch * heads index, token tile) of a per-token program. One grid axis (B*heads*tiles
+    programs): axis 1 stops at 65535 on a GPU, which 16-token tiles pass from a 1024 x 1024 map.
+    Heads vary fastest, so neighbouring programs read neighbouring channels of the same tokens."""
+    BH = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    return tl.program_id(0) % BH, tl.program_id(0) // BH
+
+
+@triton.jit
 def _token_tile(start, N, W, Ch, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The tile of BLOCK_N tokens from ``start``: token and head-dim offsets, their masks, and
     each token's (y, x) in the W-wide image."""
@@ -321,10 +330,10 @@ def output_kernel(
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh, tile = _head_and_tile(N, BLOCK_N)
     b = bh // heads
     h = bh % heads
-    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tile * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
     square, smask = _head_square(offs_d, Ch)
     ctx = tl.load(ctx_ptr + bh.to(tl.int64) * Ch * Ch + square, mask=smask, other=0.0)
     out = _output_tile(qkv_ptr + b.to(tl.int64) * stride_b, ctx, w_ptr, bias_ptr, h, tl.load(ksize_ptr + h) // 2,
@@ -476,11 +485,11 @@ def grad_qkv_kernel(
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh, tile = _head_and_tile(N, BLOCK_N)
     bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
     b = bh // heads
     h = bh % heads
-    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tl.program_id(1) * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
+    offs_n, offs_d, nmask, dmask, mask, ys, xs = _token_tile(tile * BLOCK_N, N, W, Ch, BLOCK_N, BLOCK_D)
     chan = h * Ch + offs_d
     scale_acc = tl.full([], scale, ACC)
     base = qkv_ptr + b.to(tl.int64) * stride_b

@@ -243,7 +243,7 @@ def cuda_extension_usage(library: str) -> list[Usage]:
                       int(fields["STACK"]) + int(fields["LOCAL"]))
             u.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (max(u.registers, 1) * 32 * 8)) * 8)
             results.append(u)
-    return results
+    return sorted(results, key=lambda u: (u.arch, u.kernel))  # the library's order varies between builds
 
 
 def table(results: list[Usage]) -> str:
