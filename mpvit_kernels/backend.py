@@ -116,7 +116,7 @@ def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
             f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere and later)")
     if backend in ("cuda", "triton"):
         raise RuntimeError(f"mpvit_kernels: backend {backend!r} asked for the kernels of {op!r}, but {what}")
-    if index not in _warned_old_gpu:
+    if index not in _warned_old_gpu and not torch.compiler.is_compiling():  # a warning breaks a graph
         _warned_old_gpu.add(index)
         warnings.warn(f"{what}: every op runs on the eager reference path there (same results, unfused).",
                       RuntimeWarning, stacklevel=4)

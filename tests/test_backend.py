@@ -1,6 +1,8 @@
 """The backend switch: per thread (a server's inference threads each keep their own), nested,
 per op family, and checked."""
+import collections
 import threading
+import warnings
 
 import pytest
 import torch
@@ -165,7 +167,7 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
     # no GPU here: the device's answers are stand-ins; what is tested is the decision
     from mpvit_kernels import backend
 
-    props = type("Props", (), {"major": capability[0], "minor": capability[1]})()
+    props = collections.namedtuple("Props", "major minor")(*capability)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(backend, "_capability", {})
@@ -178,6 +180,13 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
         assert not backend.use_triton("linear", gpu)
         assert not backend.use_extension("depthwise", gpu) and not backend.use_triton("factor_attention", gpu)
     assert len(warned) == 1  # once per device
+    # under torch.compile the same decision, without the warning (which would break the graph)
+    monkeypatch.setattr(backend, "_capability", {})
+    monkeypatch.setattr(backend, "_warned_old_gpu", set())
+    decide = torch.compile(lambda x: x + backend.use_triton("linear", gpu), backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decide(torch.zeros(1)).item() == 0
     for forced, ask in (("triton", backend.use_triton), ("cuda", backend.use_extension)):
         with mpvit_kernels.use_backend(forced), pytest.raises(RuntimeError, match=f"backend '{forced}' asked .* 7\\.5"):
             ask("gli_projection", gpu)
