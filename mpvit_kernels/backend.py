@@ -33,6 +33,12 @@ OP_FAMILIES = ("affine_hswish", "factor_attention", "dwconv_bn", "gli_projection
 # (backend forced for every op family or None, {op family: backend}): per thread and per
 # asyncio task, so one thread's use_backend never changes what another thread's ops run.
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("mpvit_kernels_backend", default=(None, {}))
+# Dynamo reads a ContextVar (and guards on it) from torch 2.14; before, ContextVar.get stops a
+# fullgraph trace. Graphs traced there read this process-wide copy of the switch instead, which
+# use_backend keeps (guarded as any global): exact for one thread, while a thread inside
+# use_backend changes it for the graphs other threads run.
+_DYNAMO_READS_CONTEXTVARS = torch.__version__ >= "2.14"
+_forced_for_graphs = (None, {})
 _extension: bool | None = None
 _triton: bool | None = None
 _warned_missing = False
@@ -54,7 +60,7 @@ def _check_name(name: str, where: str) -> str:
 def get_backend(op: str | None = None) -> str:
     """The backend in force (for op family ``op``): :func:`use_backend`'s, else
     ``MPVIT_KERNELS_BACKEND``, else auto."""
-    forced, forced_ops = _FORCED.get()
+    forced, forced_ops = _forced()
     if op in forced_ops:
         return forced_ops[op]
     if forced is not None:
@@ -74,12 +80,21 @@ def use_backend(name: str, ops=None):
     unknown = sorted(set(ops or ()) - set(OP_FAMILIES))
     if unknown:
         raise ValueError(f"ops must name op families of {OP_FAMILIES}, got {unknown}")
+    global _forced_for_graphs
     forced, forced_ops = _FORCED.get()
     token = _FORCED.set((name, {}) if ops is None else (forced, {**forced_ops, **{op: name for op in ops}}))
+    _forced_for_graphs = _FORCED.get()
     try:
         yield
     finally:
         _FORCED.reset(token)
+        _forced_for_graphs = _FORCED.get()
+
+
+def _forced() -> tuple:
+    if not _DYNAMO_READS_CONTEXTVARS and torch.compiler.is_compiling():
+        return _forced_for_graphs
+    return _FORCED.get()
 
 
 def extension_available() -> bool:

@@ -192,3 +192,42 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
             ask("gli_projection", gpu)
     # a CPU tensor's kernels are untouched by the GPU's age
     assert backend.use_extension("depthwise", torch.device("cpu"))
+
+
+def test_compiled_graphs_follow_the_switch_where_dynamo_cannot_read_a_contextvar(monkeypatch):
+    # Dynamo before torch 2.14 (the GPU image has 2.11) stops a fullgraph trace at
+    # ContextVar.get: there graphs read use_backend's process-wide copy of the switch, guarded as
+    # a global. Emulated here by a switch whose get no trace may call.
+    from mpvit_kernels import backend
+
+    class Untraceable:
+        def __init__(self, var):
+            self.var = var
+            self.get = torch.compiler.disable(var.get)
+
+        def set(self, value):
+            return self.var.set(value)
+
+        def reset(self, token):
+            self.var.reset(token)
+
+    monkeypatch.setattr(backend, "_FORCED", Untraceable(backend._FORCED))
+    x = torch.zeros(1)
+
+    def picks_reference(x):
+        return x + (backend.get_backend("depthwise") == "reference")
+
+    monkeypatch.setattr(backend, "_DYNAMO_READS_CONTEXTVARS", True)
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # the control: the variable itself
+        torch.compile(picks_reference, backend="eager", fullgraph=True)(x)
+    monkeypatch.setattr(backend, "_DYNAMO_READS_CONTEXTVARS", False)
+    compiled = torch.compile(picks_reference, backend="eager", fullgraph=True)
+    assert compiled(x).item() == 0
+    with mpvit_kernels.use_backend("reference"):
+        assert compiled(x).item() == 1
+        with mpvit_kernels.use_backend("auto", ops=["depthwise"]):
+            assert compiled(x).item() == 0
+        assert compiled(x).item() == 1
+    with mpvit_kernels.use_backend("reference", ops=["linear"]):
+        assert compiled(x).item() == 0
+    assert compiled(x).item() == 0 and backend._forced_for_graphs == (None, {})
