@@ -40,6 +40,8 @@ _FORCED: contextvars.ContextVar = contextvars.ContextVar("mpvit_kernels_backend"
 _DYNAMO_READS_CONTEXTVARS = torch.__version__ >= "2.14"
 _forced_for_graphs = (None, {})
 _extension: bool | None = None
+_extension_cuda = False  # whether _C holds CUDA kernels (a build without nvcc has the CPU twins alone)
+_warned_no_cuda_kernels = False
 _triton: bool | None = None
 _warned_missing = False
 MIN_CAPABILITY = (8, 0)
@@ -99,7 +101,7 @@ def _forced() -> tuple:
 
 def extension_available() -> bool:
     """Whether ``mpvit_kernels._C`` is built and loaded (registers the ``mpvit_kernels`` ops)."""
-    global _extension
+    global _extension, _extension_cuda
     if _extension is None:
         if _env_flag("MPVIT_KERNELS_NO_EXTENSION"):
             _extension = False
@@ -108,9 +110,16 @@ def extension_available() -> bool:
                 from mpvit_kernels import _C  # noqa: F401  (loading it registers the ops)
 
                 _extension = True
+                _extension_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("mpvit_kernels::depthwise", "CUDA")
             except ImportError:
                 _extension = False
     return _extension
+
+
+def extension_runs_on(device: torch.device) -> bool:
+    """Whether the extension holds kernels for tensors on ``device``, whatever the backend switch
+    says (the fused ops' backward, which follows its forward's choice)."""
+    return extension_available() and (device.type != "cuda" or _extension_cuda)
 
 
 def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
@@ -144,12 +153,22 @@ def use_extension(op: str, device: torch.device) -> bool:
     Under ``auto`` a missing extension falls back to the reference, with one warning per
     process; under ``cuda`` it is an error.
     """
-    global _warned_missing
+    global _warned_missing, _warned_no_cuda_kernels
     backend = get_backend(op)
     if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
-    if extension_available():
+    if extension_runs_on(device):
         return _kernels_fit(op, device, backend)
+    if extension_available():
+        what = (f"mpvit_kernels._C was built without its CUDA kernels (no nvcc or CUDA_HOME at install time), "
+                f"so {op!r} has no kernel for CUDA tensors")
+        if backend == "cuda":
+            raise RuntimeError(f"mpvit_kernels: backend 'cuda': {what}")
+        if not _warned_no_cuda_kernels and not torch.compiler.is_compiling():  # a warning breaks a graph
+            _warned_no_cuda_kernels = True
+            warnings.warn(f"{what}: such ops run on the eager reference path on GPUs (same results, unfused). "
+                          "Reinstall with nvcc on PATH to get them.", RuntimeWarning, stacklevel=3)
+        return False
     if backend == "cuda":
         raise RuntimeError(
             f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "

@@ -231,3 +231,25 @@ def test_compiled_graphs_follow_the_switch_where_dynamo_cannot_read_a_contextvar
     with mpvit_kernels.use_backend("reference", ops=["linear"]):
         assert compiled(x).item() == 0
     assert compiled(x).item() == 0 and backend._forced_for_graphs == (None, {})
+
+
+def test_an_extension_built_without_cuda_kernels_leaves_gpu_tensors_to_the_reference(monkeypatch):
+    # A build without nvcc holds the CPU twins alone: on a GPU, auto runs the reference (one
+    # warning), the cuda backend says why it cannot, CPU tensors keep the twins. Stand-in
+    # device answers: no GPU here.
+    from mpvit_kernels import backend
+
+    monkeypatch.setattr(backend, "_capability", {0: (9, 0)})  # a GPU the kernels take
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backend, "_warned_no_cuda_kernels", False)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(backend, "_extension_cuda", True)
+    assert backend.use_extension("depthwise", gpu) and backend.extension_runs_on(gpu)
+    monkeypatch.setattr(backend, "_extension_cuda", False)
+    with pytest.warns(RuntimeWarning, match="built without its CUDA kernels") as warned:
+        assert not backend.use_extension("depthwise", gpu) and not backend.use_extension("affine_hswish", gpu)
+    assert len(warned) == 1
+    assert not backend.extension_runs_on(gpu)  # what the fused ops' backward asks
+    assert backend.use_extension("depthwise", cpu) and backend.extension_runs_on(cpu)
+    with mpvit_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="'depthwise' has no kernel for CUDA"):
+        backend.use_extension("depthwise", gpu)

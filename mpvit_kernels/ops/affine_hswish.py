@@ -181,7 +181,7 @@ def affine_hswish_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor 
     GEMM ops' eval epilogue, inside their backward: (grad_z in z's dtype, grad_scale, grad_shift,
     None without scale). z (M, C) rows, grad likewise in z's dtype. With the extension: its one
     reduction pass (``affine_hswish_backward``)."""
-    if scale is not None and backend.extension_available():
+    if scale is not None and backend.extension_runs_on(z.device):
         return torch.ops.mpvit_kernels.affine_hswish_backward(grad, z, scale, shift, hswish)
     u = z.to(scale.dtype) * scale + shift if scale is not None else z
     g = torch.ops.aten.hardswish_backward(grad.to(u.dtype), u) if hswish else grad.to(u.dtype)

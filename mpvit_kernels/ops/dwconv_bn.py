@@ -199,7 +199,7 @@ def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
     dm = _depthwise_rows(x, dw_weight, stride) if dm is None else dm
     grad_pw = g.t() @ dm
     gd = (g @ pw_weight).reshape(B, Ho, Wo, Cin).permute(0, 3, 1, 2)  # channels-last (B, Cin, Ho, Wo)
-    if backend.extension_available():
+    if backend.extension_runs_on(x.device):
         gx, gdw = torch.ops.mpvit_kernels.depthwise_backward(gd, x, dw_weight, None, stride, None, None, False,
                                                             False)[:2]
     else:
