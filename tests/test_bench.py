@@ -57,8 +57,8 @@ def as_on_a_cpu():
 
 def test_speed_report_runs(capsys, tmp_path):
     with as_on_a_cpu():
-        assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn,gli_projection", "--batch", "1",
-                            "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64",
+        assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn,gli_projection", "--device", "cpu",
+                            "--batch", "1", "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64",
                             "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "## traffic" in out and "## affine_hswish" in out and "speedup bound" in out
@@ -100,7 +100,7 @@ def test_traffic_model_of_the_gli_projection():
     assert eager.bytes > 2 * sum(b for _, b in ours)
 
 
-TINY_RUN = ["--batch", "1", "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64"]
+TINY_RUN = ["--device", "cpu", "--batch", "1", "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -202,6 +202,12 @@ def test_quick_defaults_and_explicit_options_win():
     assert not report.parse_args(["--no-flush-l2"], cuda=True).flush_l2
     with pytest.raises(SystemExit):
         report.parse_args(["--compile", "--no-compile"], cuda=False)
+    # a CPU run on a machine with a GPU (the tests' runs of the report, there too) takes the CPU's defaults
+    on_cpu = report.parse_args(["--device", "cpu"], cuda=True)
+    assert on_cpu.device == "cpu" and on_cpu.dtypes == ["fp32"] and on_cpu.batch == 1 and not on_cpu.flush_l2
+    assert full.device == "cuda" and quick.device == "cpu"
+    with pytest.raises(SystemExit):
+        report.parse_args(["--device", "cuda"], cuda=False)
 
 
 def test_measure_times_the_first_call_on_its_own():
@@ -292,8 +298,8 @@ def test_training_step_memory_of_ours_is_within_the_memory_goal():
 
 def test_whole_model_rows(tmp_path, capsys):
     with as_on_a_cpu():
-        assert report.main(["--ops", "model", "--model-batch", "2", "--resolutions", "64", "--reps", "1",
-                            "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
+        assert report.main(["--ops", "model", "--device", "cpu", "--model-batch", "2", "--resolutions", "64",
+                            "--reps", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for mode in ("inference", "train"):  # a CPU has no peak-memory counter: "-"
         for impl in ("eager", "ours"):
@@ -412,3 +418,36 @@ def test_compiled_columns():
     assert list(timing.compiled(argparse.Namespace(no_compile=False, max_autotune=False), f)) == ["torch.compile"]
     x = torch.ones(3)  # compiled at the first call: both columns compute what they wrap
     assert torch.equal(cols["torch.compile"](x), f(x)) and torch.equal(cols["ours + compile"](x), g(x))
+
+
+def test_report_settings_let_every_row_compile_and_turn_tf32_off():
+    # Dynamo counts compiles per function's code, shared by every torch.compile of it: past 8
+    # (the report compiles the model's forward per size, shape, dtype) a compiled column would
+    # quietly run eager. Twelve static shapes of one function: 8 compiles, 12 in the report.
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    def outside(x):
+        return x * 2
+
+    def inside(x):
+        return x * 3
+
+    for fn, settings in ((outside, contextlib.nullcontext()), (inside, timing.report_settings())):
+        compiles.clear()
+        with settings:
+            compiled = torch.compile(fn, backend=counting, dynamic=False)
+            for n in range(1, 13):
+                assert torch.equal(compiled(torch.ones(n)), fn(torch.ones(n)))
+        assert len(compiles) == (8 if fn is outside else 12)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default, say
+        with timing.report_settings():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -23,19 +23,26 @@ def test_gpu_proof_stops_without_a_gpu(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing was built or written
 
 
-def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
-    # The script's own steps on a stand-in python that answers the three device questions (is
-    # there a GPU, its name, its arch) and runs everything else for real: a short test and
-    # bench stage, whose results and logs must land as the device tool can copy them back.
+def stand_in_python(tmp_path, *cases):
+    """A python that answers the three device questions (is there a GPU, its name, its arch), and
+    ``cases`` (bash case patterns and actions), and runs everything else for real."""
     fake = tmp_path / "python"
     fake.write_text("#!/usr/bin/env bash\n"
                     'case "$*" in\n'
                     "  *is_available*) exit 0 ;;\n"
                     "  *get_device_name*) echo 'Stand-in GPU'; exit 0 ;;\n"
                     "  *get_device_capability*) echo 9.0; exit 0 ;;\n"
+                    + "".join(f"  {case} ;;\n" for case in cases) +
                     "esac\n"
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
+def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
+    # The script's own steps on a stand-in python: a short test and bench stage, whose results
+    # and logs must land as the device tool can copy them back.
+    fake = stand_in_python(tmp_path)
     out_dir = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out_dir), STAGES="tests bench model",
                TESTS="tests/test_bench.py -k counts_eager_ops", TESTS_WORKERS="2", BENCH_ARGS="--ops traffic --batch 1 --resolutions 224",
@@ -57,6 +64,26 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
     assert "1 passed" in summary, summary
     assert "## traffic" in (out_dir / "speed_report.md").read_text()
     assert "| MPViT-T | 64 | 2 | fp32 | inference | ours |" in (out_dir / "model" / "speed_report.md").read_text()
+
+
+def test_gpu_proof_builds_first_on_a_bare_machine_and_skips_what_its_time_does_not_allow(tmp_path):
+    # A later call may land on a fresh device machine: a stage that needs the extension builds it
+    # first (here the stand-in has no CUDA kernels and its build fails, so the run stops there).
+    fake = stand_in_python(tmp_path, "*_dispatch_has_kernel_for_dispatch_key*) exit 1",
+                           "*pip\\ install*|*build_ext*) echo 'stand-in build: refused'; exit 1")
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "bare"), STAGES="bench", BENCH_ARGS="--ops traffic")
+    out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    summary = (tmp_path / "bare" / "summary.md").read_text()
+    assert out.returncode == 1 and "the build stage first" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "| build | FAILED" in summary and "| bench |" not in summary, summary
+    # A stage gets what is left of TOTAL_TIMEOUT, and none under 30 s: the results are packed
+    # before the device call is killed.
+    env = dict(os.environ, PYTHON=str(stand_in_python(tmp_path)), OUT=str(tmp_path / "late"), STAGES="bench",
+               BENCH_ARGS="--ops traffic", TOTAL_TIMEOUT="40")
+    out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    summary = (tmp_path / "late" / "summary.md").read_text()
+    assert out.returncode == 1 and "| bench | SKIPPED: no time left |" in summary, summary
+    assert (tmp_path / "late" / "logs.tar.gz").exists()
 
 
 def test_a_gpu_test_run_reports_its_triton_compiles_summed_over_xdist_workers(monkeypatch):

@@ -24,8 +24,11 @@
 #              off (so overruns inside PyTorch's cached blocks are seen) and one tile per Triton
 #              kernel (MPVIT_KERNELS_AUTOTUNE=0), so that it fits one call
 # STAGES defaults to "build tests bench": about 7 minutes on a 16-core H100 (each stage prints its
-# time); run STAGES=sanitizer as its own call. Each stage has a time limit (*_TIMEOUT, seconds)
-# so that the results are packed before the device tool's 10-minute limit.
+# time); run STAGES=sanitizer as its own call. Each stage has a time limit (*_TIMEOUT, seconds),
+# cut to what is left of TOTAL_TIMEOUT (default 570: set it a little under the device call's
+# timeout), so that the results are packed before the call is killed; a stage with under 30 s
+# left is skipped. A stage that needs the extension builds it first when STAGES has no build
+# and the checkout has none with CUDA kernels (a device machine gone cold between calls is bare).
 #
 # $OUT (default benchmarks/results/<device>/) receives at most eight files, two folders deep, so
 # that a GPU run's results come back whole: summary.md (versions, stage times and results),
@@ -43,6 +46,8 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
 MODEL_ARGS=${MODEL_ARGS---ops model --model-sizes small --resolutions 224 --model-batch 64 --dtypes bf16 --reps 10 --warmup 2}
 MODEL_TIMEOUT=${MODEL_TIMEOUT:-420}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-480}
+TOTAL_TIMEOUT=${TOTAL_TIMEOUT:-570}
+started_all=$(date +%s)
 cores=$(nproc)
 TESTS_WORKERS=${TESTS_WORKERS:-$(( cores < 8 ? cores : 8 ))}
 # Kernel tests for the GPU: all but the CPU-only checks (the ahead-of-time compile, the wheel
@@ -69,9 +74,17 @@ log() { echo "[gpu-proof $(date +%H:%M:%S)] $*" | tee -a "$LOGS/gpu_proof.log"; 
 pack() { tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .; }
 # stage NAME SECONDS CMD...: runs CMD with a time limit, logs its time and result.
 stage() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc left
   shift 2
   start=$(date +%s)
+  left=$(( TOTAL_TIMEOUT - (start - started_all) - 15 ))  # 15 s: the kill's grace and the packing
+  if [ "$left" -lt 30 ]; then
+    log "stage $name: SKIPPED (${left}s of TOTAL_TIMEOUT=${TOTAL_TIMEOUT} left)"
+    echo "| $name | SKIPPED: no time left | 0s |" >> "$summary"
+    pack
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   timeout --kill-after=10 "$limit" "$@"
   rc=$?
   local took=$(( $(date +%s) - start ))
@@ -124,6 +137,12 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
+if [[ " $STAGES " != *" build "* && " $STAGES " =~ \ (tests|bench|model|sanitizer)\  ]] &&
+   ! "$PYTHON" -c "import sys, torch, mpvit_kernels; sys.exit(0 if mpvit_kernels.extension_available() and
+torch._C._dispatch_has_kernel_for_dispatch_key('mpvit_kernels::affine_hswish', 'CUDA') else 1)" 2>/dev/null; then
+  log "no extension with CUDA kernels in this checkout: the build stage first"
+  STAGES="build $STAGES"
+fi
 for name in $STAGES; do
   case "$name" in
     build)

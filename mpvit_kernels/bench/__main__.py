@@ -48,6 +48,8 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mpvit_kernels.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", type=csv(str), default=DEFAULT_OPS,
                    help=f"comma list of {', '.join(SECTIONS)} (default: all but model)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where to run (default cuda where a GPU is visible, else cpu)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CUDA, 1 on CPU)")
     p.add_argument("--model-batch", type=int, default=None,
                    help="one batch size for every input of the whole-model rows (default on CUDA: 64 and 1 at "
@@ -79,6 +81,10 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
                                  "(default benchmarks/results/<device>/)")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        p.error("--device cuda: no CUDA GPU is visible")
+    cuda = cuda and args.device != "cpu"
+    args.device = "cuda" if cuda else "cpu"
     for name in args.ops:
         if name not in SECTIONS:
             p.error(f"unknown op {name!r}; choose from {', '.join(SECTIONS)}")
@@ -135,16 +141,16 @@ def progress_bar(steps: int):
 
 
 def options(args) -> dict:
-    keys = ("ops", "batch", "model_batch", "model_sizes", "model_modes", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile", "max_autotune",
+    keys = ("ops", "device", "batch", "model_batch", "model_sizes", "model_modes", "dtypes", "resolutions", "traffic_resolutions", "reps", "warmup", "quick", "no_compile", "max_autotune",
             "flush_l2", "out", "json")
     return {k: getattr(args, k) for k in keys}
 
 
 def main(argv=None) -> int:
     started = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    args = parse_args(argv, cuda)
-    device = torch.device("cuda" if cuda else "cpu")
+    args = parse_args(argv, torch.cuda.is_available())
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
     folder = args.out = args.out or default_folder(device)
     info = environment(device)
     info.update(argv=list(sys.argv[1:] if argv is None else argv), options=options(args))
@@ -157,7 +163,8 @@ def main(argv=None) -> int:
         f"python {platform.python_version()}; extension built: {info['extension_built']}; "
         f"backend: {info['backend']}; batch {args.batch}; {args.reps} repeats after {args.warmup} warm-up "
         f"call{'' if args.warmup == 1 else 's'}"
-        f"{'; torch.compile left out' if args.no_compile else ''}{' (--quick)' if args.quick else ''}\n")
+        f"{'; torch.compile left out' if args.no_compile else ''}{' (--quick)' if args.quick else ''}; "
+        "TF32 off (cuDNN's and cuBLAS's fp32 in full precision, as ours)\n")
     if cuda:
         args.peak_gbs = timing.copy_bandwidth_gbs(device)
         flushed = (f"; L2 flushed before each repeat ({timing.L2_FLUSH_BYTES >> 20} MiB or more written)"
@@ -183,28 +190,29 @@ def main(argv=None) -> int:
 
     timing.after_measure.append(count_row)
     try:
-        for name in args.ops:
-            section = SECTIONS[name]
-            section_started = time.perf_counter()
-            rows = []
+        with timing.report_settings():
+            for name in args.ops:
+                section = SECTIONS[name]
+                section_started = time.perf_counter()
+                rows = []
 
-            def save_partial(section_rows, name=name, done=rows):
-                """What a section has measured so far, written after each of its rows
-                (timing.keep): a run cut short by a time limit keeps every row it measured."""
-                partial = results + [{"section": name, **row} for row in done + section_rows]
-                write_report(folder, info, partial, say.markdown())
+                def save_partial(section_rows, name=name, done=rows):
+                    """What a section has measured so far, written after each of its rows
+                    (timing.keep): a run cut short by a time limit keeps every row it measured."""
+                    partial = results + [{"section": name, **row} for row in done + section_rows]
+                    write_report(folder, info, partial, say.markdown())
 
-            args.save_partial = save_partial
-            for dtype_name in args.dtypes:
-                if bar is not None:
-                    bar.set_description(f"{name} {dtype_name}")
-                rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
-                if bar is not None:
-                    bar.update(1)
-            say(f"## {name}\n\n{section.table(rows)}\n")
-            results += [{"section": name, **row} for row in rows]
-            info["section_s"][name] = round(time.perf_counter() - section_started, 1)
-            write_report(folder, info, results, say.markdown())
+                args.save_partial = save_partial
+                for dtype_name in args.dtypes:
+                    if bar is not None:
+                        bar.set_description(f"{name} {dtype_name}")
+                    rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
+                    if bar is not None:
+                        bar.update(1)
+                say(f"## {name}\n\n{section.table(rows)}\n")
+                results += [{"section": name, **row} for row in rows]
+                info["section_s"][name] = round(time.perf_counter() - section_started, 1)
+                write_report(folder, info, results, say.markdown())
     finally:
         timing.after_measure.remove(count_row)
         if bar is not None:

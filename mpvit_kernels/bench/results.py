@@ -54,7 +54,10 @@ def write_report(folder: str, info: dict, rows: list[dict], markdown: str) -> No
     """results.json and speed_report.md; called after each section, so that a run cut short
     leaves what it measured."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({**info, "rows": rows}, f, indent=1)
-    with open(os.path.join(folder, "speed_report.md"), "w") as f:
-        f.write(markdown)
+    # each file written aside, then renamed over the last: a time limit's kill mid-write leaves
+    # the previous whole file, never half of one
+    for name, text in (("results.json", json.dumps({**info, "rows": rows}, indent=1)), ("speed_report.md", markdown)):
+        path = os.path.join(folder, name)
+        with open(path + ".partial", "w") as f:
+            f.write(text)
+        os.replace(path + ".partial", path)

@@ -1,6 +1,7 @@
 """Timing helpers shared by the speed report and the pytest-benchmark suite."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import re
@@ -29,6 +30,22 @@ def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return f"cpu-{platform.machine().lower()}"
+
+
+@contextlib.contextmanager
+def report_settings():
+    """What a speed report runs under. Every row compiles its own functions, but Dynamo counts
+    compiles per function's code, shared by every torch.compile of it (the model's forward over
+    sizes, shapes and dtypes): past its default of 8, a compiled column would run eager, unseen.
+    And cuDNN's fp32 convs default to TF32, which our kernels never use for fp32: off, so that
+    fp32 rows compare like with like."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def sync_device(device: torch.device) -> None:
@@ -153,16 +170,20 @@ def keep(args, rows: list[dict]) -> None:
         save(rows)
 
 
-def compiled(args, eager: Callable, ours: Callable | None = None, fullgraph: bool = True) -> dict[str, Callable]:
+def compiled(args, eager: Callable, ours: Callable | None = None, fullgraph: bool = True,
+             cudagraphs: bool = False) -> dict[str, Callable]:
     """A row's compiled columns: "torch.compile" of the eager function, "torch.compile
     max-autotune" with --max-autotune (its compile takes minutes), and "ours + compile" (our ops
     stay whole in the graph, what is around them fuses); none with --no-compile. Compiles happen
-    at the first call, which ``measure(..., time_first_call=True)`` times apart."""
+    at the first call, which ``measure(..., time_first_call=True)`` times apart. max-autotune
+    replays CUDA graphs only with ``cudagraphs`` (the whole model): a replay copies every input
+    into the graph's own buffers, which for one op is a read and a write of its inputs more."""
     if args.no_compile:
         return {}
     impls = {"torch.compile": torch.compile(eager, fullgraph=fullgraph)}
     if getattr(args, "max_autotune", False):
-        impls["torch.compile max-autotune"] = torch.compile(eager, fullgraph=fullgraph, mode="max-autotune")
+        mode = "max-autotune" if cudagraphs else "max-autotune-no-cudagraphs"
+        impls["torch.compile max-autotune"] = torch.compile(eager, fullgraph=fullgraph, mode=mode)
     if ours is not None:
         impls["ours + compile"] = torch.compile(ours, fullgraph=fullgraph)
     return impls
