@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 
-.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton asan-twins
+.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton asan-twins test-old-torch
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ gpu-proof:
 # so in `make test` itself (tests/test_reliability.py).
 asan-twins: build
 	bash tools/asan_cpu_twins.sh
+
+# The whole suite on an older torch (OLD_TORCH, default torch==2.13.0+cpu; the GPU image has
+# 2.11) with its own venv in a scratch clone (about 9 minutes on 2 cores; not part of `make test`).
+test-old-torch:
+	bash tools/test_old_torch.sh
 
 # Every Triton kernel compiled for sm_80 / sm_90a here (no GPU needed): registers, shared
 # memory, spills, occupancy.
