@@ -24,15 +24,18 @@ def test_gpu_proof_stops_without_a_gpu(tmp_path):
 
 
 def stand_in_python(tmp_path, *cases):
-    """A python that answers the three device questions (is there a GPU, its name, its arch), and
-    ``cases`` (bash case patterns and actions), and runs everything else for real."""
+    """A python that answers ``cases`` (bash case patterns and actions, first), the three device
+    questions (is there a GPU, its name, its arch) and whether the checkout's extension has CUDA
+    kernels (yes: built, so that no stage builds it here, whatever this torch is), and runs
+    everything else for real."""
     fake = tmp_path / "python"
     fake.write_text("#!/usr/bin/env bash\n"
                     'case "$*" in\n'
+                    + "".join(f"  {case} ;;\n" for case in cases) +
                     "  *is_available*) exit 0 ;;\n"
                     "  *get_device_name*) echo 'Stand-in GPU'; exit 0 ;;\n"
                     "  *get_device_capability*) echo 9.0; exit 0 ;;\n"
-                    + "".join(f"  {case} ;;\n" for case in cases) +
+                    "  *_dispatch_has_kernel_for_dispatch_key*) exit 0 ;;\n"
                     "esac\n"
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
