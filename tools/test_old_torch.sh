@@ -4,7 +4,7 @@
 # project's machines; the GPU image has 2.11) and Triton 3.8 (3.6's interpreter cannot run our
 # kernels), the extension built against it, then pytest. Dynamo changes between versions: torch
 # 2.13's stopped every compiled module of ours at the backend switch's ContextVar, which 2.14
-# traces. Not part of `make test`: about 9 minutes on 2 cores.
+# traces. Not part of `make test`: 5 minutes on 2 cores.
 #
 # Environment: PYTHON (a python 3.10+ to make the venv from, default python3), OLD_TORCH,
 # OLD_TRITON (default triton==3.8.*), KEEP=1 keeps the scratch tree.
