@@ -9,6 +9,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels import ops
+from tests.conftest import KERNEL_DEVICE
 from tests.utils import RecordOps
 
 
@@ -84,7 +85,7 @@ def test_threads_tuning_one_kernel_at_once_each_get_their_result(monkeypatch):
     def work(i):
         for j in range(3):
             n = 40 + 8 * (3 * i + j)
-            x = torch.randn(n)
+            x = torch.randn(n, device=KERNEL_DEVICE)  # a GPU's launcher refuses CPU tensors
             y = torch.empty_like(x)
             with backend.triton_device(x):
                 add_one[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, n)

@@ -22,27 +22,34 @@ from tests.utils import ROOT
 BACKENDS = ["auto", "reference"]  # auto: the Triton kernels (interpreted here) and the C++ twins
 
 
-def modules():
+def modules(device=KERNEL_DEVICE):
     torch.manual_seed(0)
-    return {
-        "FactorAttention": (mpvit_kernels.FactorAttention(16, 8), lambda m, B: m(torch.randn(B, 12, 16), (3, 4)),
-                            (12, 16)),
-        "ConvPosEnc": (mpvit_kernels.ConvPosEnc(16), lambda m, B: m(torch.randn(B, 12, 16), (3, 4)), (12, 16)),
-        "DWConv2dBN": (mpvit_kernels.DWConv2dBN(8, 12, 3, 2), lambda m, B: m(torch.randn(B, 8, 7, 5)), (12, 4, 3)),
+    d = {"device": device}
+    built = {
+        "FactorAttention": (mpvit_kernels.FactorAttention(16, 8),
+                            lambda m, B: m(torch.randn(B, 12, 16, **d), (3, 4)), (12, 16)),
+        "ConvPosEnc": (mpvit_kernels.ConvPosEnc(16), lambda m, B: m(torch.randn(B, 12, 16, **d), (3, 4)), (12, 16)),
+        "DWConv2dBN": (mpvit_kernels.DWConv2dBN(8, 12, 3, 2), lambda m, B: m(torch.randn(B, 8, 7, 5, **d)),
+                       (12, 4, 3)),
         "GLIProjection": (mpvit_kernels.GLIProjection(8, 12, 3),
-                          lambda m, B: m([torch.randn(B, 8, 5, 4) for _ in range(3)]), (12, 5, 4)),
-        "Conv2dBN 1x1": (mpvit_kernels.Conv2dBN(8, 12, 1, hswish=True), lambda m, B: m(torch.randn(B, 8, 5, 4)),
+                          lambda m, B: m([torch.randn(B, 8, 5, 4, **d) for _ in range(3)]), (12, 5, 4)),
+        "Conv2dBN 1x1": (mpvit_kernels.Conv2dBN(8, 12, 1, hswish=True), lambda m, B: m(torch.randn(B, 8, 5, 4, **d)),
                          (12, 5, 4)),
-        "Conv2dBN 3x3 s2": (mpvit_kernels.Conv2dBN(3, 8, 3, 2, hswish=True), lambda m, B: m(torch.randn(B, 3, 9, 8)),
-                            (8, 5, 4)),
-        "MPViT-T": (mpvit_tiny(num_classes=5), lambda m, B: m(torch.randn(B, 3, 32, 28)), (5,)),
+        "Conv2dBN 3x3 s2": (mpvit_kernels.Conv2dBN(3, 8, 3, 2, hswish=True),
+                            lambda m, B: m(torch.randn(B, 3, 9, 8, **d)), (8, 5, 4)),
+        "MPViT-T": (mpvit_tiny(num_classes=5), lambda m, B: m(torch.randn(B, 3, 32, 28, **d)), (5,)),
     }
+    return {name: (module.to(device), run, shape) for name, (module, run, shape) in built.items()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(modules()))
-def test_empty_batch_forward_and_backward(name, backend):
-    module, run, shape = modules()[name]
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpu-auto"])
+@pytest.mark.parametrize("name", list(modules("meta")))
+def test_empty_batch_forward_and_backward(name, backend, monkeypatch):
+    device = KERNEL_DEVICE
+    if backend == "cpu-auto":  # what auto runs on CPU tensors without the interpreter: the C++ twins, oneDNN
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        backend, device = "auto", "cpu"
+    module, run, shape = modules(device)[name]
     module.eval()  # training BatchNorm refuses an empty batch, as nn.BatchNorm2d does
     with mpvit_kernels.use_backend(backend):
         out = run(module, 0)
@@ -68,22 +75,25 @@ def test_empty_batch_in_training_keeps_the_statistics_as_batchnorm_does(backend)
 
 
 def op_calls():
-    """(name, inputs requiring grad, fn of them) for every family's forward op."""
+    """(name, inputs requiring grad, fn of them) for every family's forward op, on the kernels'
+    device (on CPU tensors without the interpreter some families run eager ops, which have a
+    second derivative)."""
     from mpvit_kernels import ops
 
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 6, 5, requires_grad=True)
-    w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
-    pw = torch.randn(12, 8, 1, 1)
-    scale, shift = torch.rand(12) + 0.5, torch.randn(12)
-    qkv = torch.randn(2, 12, 48, requires_grad=True)
-    crpe = [torch.randn(4, 1, 3, 3), torch.randn(12, 1, 5, 5)], [torch.randn(4), torch.randn(12)]
+    d = {"device": KERNEL_DEVICE}
+    x = torch.randn(2, 8, 6, 5, requires_grad=True, **d)
+    w, b = torch.randn(8, 1, 3, 3, **d), torch.randn(8, **d)
+    pw, gli_w = torch.randn(12, 8, 1, 1, **d), torch.randn(12, 16, **d)
+    scale, shift = torch.rand(12, **d) + 0.5, torch.randn(12, **d)
+    qkv = torch.randn(2, 12, 48, requires_grad=True, **d)
+    crpe = [torch.randn(4, 1, 3, 3, **d), torch.randn(12, 1, 5, 5, **d)], [torch.randn(4, **d), torch.randn(12, **d)]
     return [
-        ("affine_hswish", x, lambda x: ops.affine_hswish(x, torch.rand(8), torch.randn(8), True)),
+        ("affine_hswish", x, lambda x: ops.affine_hswish(x, scale[:8], shift[:8], True)),
         ("depthwise", x, lambda x: ops.depthwise(x, w, b, 1, hswish=True)),
         ("dwconv_bn", x, lambda x: ops.dwconv_bn(x, w, pw, 1, scale, shift, hswish=True)),
         ("dwconv_bn_train", x, lambda x: ops.dwconv_bn_train(x, w, pw, 1, scale, shift, 1e-5, hswish=True)[0]),
-        ("gli_projection", x, lambda x: ops.gli_projection([x, x], torch.randn(12, 16), scale, shift, hswish=True)),
+        ("gli_projection", x, lambda x: ops.gli_projection([x, x], gli_w, scale, shift, hswish=True)),
         ("factor_attention", qkv, lambda q: ops.factor_attention(q, (3, 4), 4, 0.5, *crpe)),
     ]
 
@@ -190,12 +200,22 @@ def test_modules_take_another_dtype_under_autocast():
 ITEM_STRIDE = 2 ** 30 + 64
 
 
+@pytest.fixture
+def gives_gpu_memory_back():
+    """For the tests that allocate 8 GiB: on a GPU the memory is committed, and the caching
+    allocator would keep it from the other pytest workers sharing the card."""
+    yield
+    if KERNEL_DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def far_apart(item_shape, item_strides, batch=3, parts=1):
     """``parts`` tensors (batch, *item_shape) of random values whose items lie ITEM_STRIDE fp32
-    elements apart in one buffer of over 2^31 elements. The buffer is allocated, never filled:
-    only the pages the items occupy are touched (a few MB of the 8 GiB reserved)."""
+    elements apart in one buffer of over 2^31 elements, on the kernels' device. The buffer is
+    allocated, never filled: on a CPU only the pages the items occupy are touched (a few MB of
+    the 8 GiB reserved)."""
     item = 1 + sum((n - 1) * s for n, s in zip(item_shape, item_strides))
-    buf = torch.empty((batch - 1) * ITEM_STRIDE + parts * item, dtype=torch.float32)
+    buf = torch.empty((batch - 1) * ITEM_STRIDE + parts * item, dtype=torch.float32, device=KERNEL_DEVICE)
     views = []
     for p in range(parts):
         v = buf.as_strided((batch, *item_shape), (ITEM_STRIDE, *item_strides), p * item)
@@ -205,26 +225,28 @@ def far_apart(item_shape, item_strides, batch=3, parts=1):
 
 
 @pytest.mark.parametrize("op", ["factor_attention", "gli_projection maps", "gli_projection tokens", "dwconv_bn"])
-def test_batches_past_2_to_the_31_elements_read_the_right_items(op):
+def test_batches_past_2_to_the_31_elements_read_the_right_items(op, gives_gpu_memory_back):
     from mpvit_kernels import ops
 
+    d = {"device": KERNEL_DEVICE}
     H, W, C = 3, 5, 8
     if op == "factor_attention":
         (x,) = far_apart((H * W, 3 * C), (3 * C, 1))
-        crpe = [torch.randn(4, 1, 3, 3), torch.randn(4, 1, 5, 5)], [torch.randn(4), torch.randn(4)]
+        crpe = [torch.randn(4, 1, 3, 3, **d), torch.randn(4, 1, 5, 5, **d)], [torch.randn(4, **d), torch.randn(4, **d)]
         run = lambda t: ops.factor_attention(t, (H, W), 2, 0.5, *crpe)  # noqa: E731
         xs = [x]
     elif op == "gli_projection maps":
         xs = far_apart((C, H, W), (1, W * C, C), parts=2)  # channels-last images
-        w, scale, shift = torch.randn(6, 2 * C), torch.rand(6), torch.randn(6)
+        w, scale, shift = torch.randn(6, 2 * C, **d), torch.rand(6, **d), torch.randn(6, **d)
         run = lambda *t: ops.gli_projection(list(t), w, scale, shift, hswish=True)  # noqa: E731
     elif op == "gli_projection tokens":
         xs = far_apart((H * W, C), (C, 1), parts=2)
-        w = torch.randn(6, 2 * C)
+        w = torch.randn(6, 2 * C, **d)
         run = lambda *t: ops.gli_projection(list(t), w, size=(H, W))  # noqa: E731
     else:
         xs = far_apart((C, H, W), (1, W * C, C))
-        dw, pw, scale, shift = torch.randn(C, 1, 3, 3), torch.randn(6, C, 1, 1), torch.rand(6), torch.randn(6)
+        dw, pw = torch.randn(C, 1, 3, 3, **d), torch.randn(6, C, 1, 1, **d)
+        scale, shift = torch.rand(6, **d), torch.randn(6, **d)
         run = lambda t: ops.dwconv_bn(t, dw, pw, 1, scale, shift, hswish=True)  # noqa: E731
     compact = [x.clone().requires_grad_() for x in xs]  # the same values, small offsets
     xs = [x.requires_grad_() for x in xs]
@@ -236,7 +258,7 @@ def test_batches_past_2_to_the_31_elements_read_the_right_items(op):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_gli_inputs_with_strides_past_32_bits_beside_ones_within():
+def test_gli_inputs_with_strides_past_32_bits_beside_ones_within(gives_gpu_memory_back):
     """Triton types an int argument i32 or i64 by its value, and the GLI kernel picks each input's
     strides out of one chain of branches, whose types must agree (a mix failed to compile on a
     GPU; the interpreter does not type): the op reads such a mix from dense copies."""
@@ -245,9 +267,9 @@ def test_gli_inputs_with_strides_past_32_bits_beside_ones_within():
 
     H, W, C = 3, 5, 8
     far_stride = 2 ** 31 + 64  # the far input's item 1 starts past 2^31 (8 GiB reserved, two items touched)
-    far = torch.empty(far_stride + H * W * C).as_strided((2, H * W, C), (far_stride, C, 1))
+    far = torch.empty(far_stride + H * W * C, device=KERNEL_DEVICE).as_strided((2, H * W, C), (far_stride, C, 1))
     far.copy_(torch.randn(far.shape))
-    near, w = torch.randn(2, H * W, C), torch.randn(6, 2 * C)
+    near, w = torch.randn(2, H * W, C, device=KERNEL_DEVICE), torch.randn(6, 2 * C, device=KERNEL_DEVICE)
     with RecordLaunches() as rec:
         out = ops.gli_projection([near, far], w, size=(H, W))
     strides = [v for _, args in rec.launches for k, v in args.items() if k[:2] in ("sb", "sn") and k[2:].isdigit()]

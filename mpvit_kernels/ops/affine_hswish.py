@@ -106,7 +106,7 @@ def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.T
             rows = xi.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view of a channels-last map
             part = w[:, i * C:(i + 1) * C].t()
             y = torch.addmm(b, rows, part) if y is None else y.addmm_(rows, part)
-        y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
+        y = y.view(B, H, W, w.shape[0]).permute(0, 3, 1, 2)  # not -1: B may be 0
     else:
         y = F.conv2d(x, w, b, stride, padding)
     in_place = not (torch.is_grad_enabled() and y.requires_grad)

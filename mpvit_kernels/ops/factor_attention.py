@@ -74,7 +74,8 @@ def _triton_takes_head_dim(Ch: int) -> bool:
 
 
 def _too_wide(Ch: int) -> str:
-    return f"factor_attention: the Triton kernels take head dims (C / num_heads) of at most {MAX_TRITON_HEAD_DIM}, got {Ch}"
+    return (f"factor_attention: the Triton kernels take head dims (C / num_heads) of at most {MAX_TRITON_HEAD_DIM}, "
+            f"got {Ch}")
 
 
 def _triton_kernels():
