@@ -44,7 +44,7 @@ _TARGET_PROGRAMS = 256
 _CHUNK_ALIGN = 128  # chunks are whole tiles for every BLOCK_N a reduction pass may pin
 # Maps of at most this many tokens take the whole-map forward: one program per (batch, head)
 # (whole_map_kernel) instead of the three passes. Registers do not bound it (the program walks
-# the map in the passes' own tiles, compiled without spills at every head dim); parallelism
+# the map in the passes' own tiles, compiled without spills at every head dim they take); parallelism
 # does: B*heads programs of 8 warps, each walking N tokens twice. 256 takes MPViT's stage 4 at
 # inputs up to 512 (N = 49..256) and stage 3 at 224 (N = 196), where the three passes' per-head
 # partials and S cost more bytes than q, k, v and O; larger maps keep the three passes, whose
@@ -136,7 +136,8 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     Returns (B, N, C), head-major channels, ready for ``proj``. fp16/bf16/fp32 inputs run with
     fp32 math, fp64 with fp64; under autocast qkv is cast to the autocast dtype. The CRPE
     parameters may have any floating dtype (fp32 ones next to a bf16 qkv under autocast): they
-    are read in the accumulation type.
+    are read in the accumulation type. The Triton kernels take head dims up to
+    MAX_TRITON_HEAD_DIM (64); wider heads run on the eager reference under ``auto``.
     """
     size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
