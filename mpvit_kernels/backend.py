@@ -41,12 +41,20 @@ _DYNAMO_READS_CONTEXTVARS = torch.__version__ >= "2.14"
 _forced_for_graphs = (None, {})
 _extension: bool | None = None
 _extension_cuda = False  # whether _C holds CUDA kernels (a build without nvcc has the CPU twins alone)
-_warned_no_cuda_kernels = False
 _triton: bool | None = None
-_warned_missing = False
 MIN_CAPABILITY = (8, 0)
 _capability: dict[int, tuple[int, int]] = {}  # per CUDA device index
-_warned_old_gpu: set[int] = set()
+_warned: set = set()  # the keys warn_once has warned about
+
+
+def warn_once(key, message: str, stacklevel: int = 2) -> None:
+    """One RuntimeWarning per ``key`` and process (``stacklevel`` as warnings.warn's, from the
+    caller); none while torch.compile traces, as Dynamo cannot trace warnings.warn (a fullgraph
+    compile would fail)."""
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def _env_flag(name: str) -> bool:
@@ -140,10 +148,8 @@ def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
             f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere and later)")
     if backend in ("cuda", "triton"):
         raise RuntimeError(f"mpvit_kernels: backend {backend!r} asked for the kernels of {op!r}, but {what}")
-    if index not in _warned_old_gpu and not torch.compiler.is_compiling():  # a warning breaks a graph
-        _warned_old_gpu.add(index)
-        warnings.warn(f"{what}: every op runs on the eager reference path there (same results, unfused).",
-                      RuntimeWarning, stacklevel=4)
+    warn_once(("old gpu", index), f"{what}: every op runs on the eager reference path there (same results, "
+              "unfused).", stacklevel=4)
     return False
 
 
@@ -153,7 +159,6 @@ def use_extension(op: str, device: torch.device) -> bool:
     Under ``auto`` a missing extension falls back to the reference, with one warning per
     process; under ``cuda`` it is an error.
     """
-    global _warned_missing, _warned_no_cuda_kernels
     backend = get_backend(op)
     if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
@@ -164,21 +169,15 @@ def use_extension(op: str, device: torch.device) -> bool:
                 f"so {op!r} has no kernel for CUDA tensors")
         if backend == "cuda":
             raise RuntimeError(f"mpvit_kernels: backend 'cuda': {what}")
-        if not _warned_no_cuda_kernels and not torch.compiler.is_compiling():  # a warning breaks a graph
-            _warned_no_cuda_kernels = True
-            warnings.warn(f"{what}: such ops run on the eager reference path on GPUs (same results, unfused). "
-                          "Reinstall with nvcc on PATH to get them.", RuntimeWarning, stacklevel=3)
+        warn_once("no cuda kernels", f"{what}: such ops run on the eager reference path on GPUs (same results, "
+                  "unfused). Reinstall with nvcc on PATH to get them.", stacklevel=3)
         return False
     if backend == "cuda":
         raise RuntimeError(
             f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "
             "not built (installed with MPVIT_KERNELS_NO_EXTENSION=1, or the build failed)")
-    if not _warned_missing:
-        _warned_missing = True
-        warnings.warn(
-            "mpvit_kernels._C is not built: compiled ops run on the eager reference path "
-            "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.",
-            RuntimeWarning, stacklevel=3)
+    warn_once("no extension", "mpvit_kernels._C is not built: compiled ops run on the eager reference path "
+              "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.", stacklevel=3)
     return False
 
 

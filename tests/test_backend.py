@@ -172,7 +172,7 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(backend, "_capability", {})
-    monkeypatch.setattr(backend, "_warned_old_gpu", set())
+    monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "_extension_cuda", True)  # built with its CUDA kernels, whatever torch is here
     gpu = torch.device("cuda")
     if capability >= backend.MIN_CAPABILITY:
@@ -184,7 +184,7 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
     assert len(warned) == 1  # once per device
     # under torch.compile the same decision, without the warning (which would break the graph)
     monkeypatch.setattr(backend, "_capability", {})
-    monkeypatch.setattr(backend, "_warned_old_gpu", set())
+    monkeypatch.setattr(backend, "_warned", set())
     decide = torch.compile(lambda x: x + backend.use_triton("linear", gpu), backend="eager", fullgraph=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -243,7 +243,7 @@ def test_an_extension_built_without_cuda_kernels_leaves_gpu_tensors_to_the_refer
 
     monkeypatch.setattr(backend, "_capability", {0: (9, 0)})  # a GPU the kernels take
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(backend, "_warned_no_cuda_kernels", False)
+    monkeypatch.setattr(backend, "_warned", set())
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(backend, "_extension_cuda", True)
     assert backend.use_extension("depthwise", gpu) and backend.extension_runs_on(gpu)

@@ -401,14 +401,14 @@ def test_heads_wider_than_the_kernels_take_run_the_reference_under_auto(monkeypa
     # reference (one warning per head dim); the triton backend and the registered op refuse it
     # before any launch.
     fa = fa_ops()
-    monkeypatch.setattr(fa, "_warned_head_dims", set())
+    monkeypatch.setattr(mpvit_kernels.backend, "_warned", set())
     args = make_inputs(1, 2, 3, fa.MAX_TRITON_HEAD_DIM + 1, {3: 1, 5: 1}, torch.float32)
     with RecordLaunches() as rec, pytest.warns(RuntimeWarning, match="head dims .* at most 64, got 65"):
         out = ops.factor_attention(*args)
     assert rec.launches == []
     with mpvit_kernels.use_backend("reference"):
         assert torch.equal(out, ops.factor_attention(*args))
-    monkeypatch.setattr(fa, "_warned_head_dims", set())
+    monkeypatch.setattr(mpvit_kernels.backend, "_warned", set())
     with warnings.catch_warnings():  # no warning in a graph (it would break it)
         warnings.simplefilter("error")
         compiled = torch.compile(ops.factor_attention, backend="eager", fullgraph=True)

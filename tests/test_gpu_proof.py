@@ -35,7 +35,7 @@ def stand_in_python(tmp_path, *cases):
                     "  *is_available*) exit 0 ;;\n"
                     "  *get_device_name*) echo 'Stand-in GPU'; exit 0 ;;\n"
                     "  *get_device_capability*) echo 9.0; exit 0 ;;\n"
-                    "  *_dispatch_has_kernel_for_dispatch_key*) exit 0 ;;\n"
+                    "  *extension_runs_on*) exit 0 ;;\n"
                     "esac\n"
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
@@ -72,7 +72,7 @@ def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
 def test_gpu_proof_builds_first_on_a_bare_machine_and_skips_what_its_time_does_not_allow(tmp_path):
     # A later call may land on a fresh device machine: a stage that needs the extension builds it
     # first (here the stand-in has no CUDA kernels and its build fails, so the run stops there).
-    fake = stand_in_python(tmp_path, "*_dispatch_has_kernel_for_dispatch_key*) exit 1",
+    fake = stand_in_python(tmp_path, "*extension_runs_on*) exit 1",
                            "*pip\\ install*|*build_ext*) echo 'stand-in build: refused'; exit 1")
     env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "bare"), STAGES="bench", BENCH_ARGS="--ops traffic")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -57,7 +56,6 @@ _WHOLE_MAP_MAX_N = 256
 # 128 they spill, and past 128 whole_map_kernel alone would ask for 0.5 MB of shared memory in
 # bf16 (an H100 has 227 KB a block), so wider heads never reach them.
 MAX_TRITON_HEAD_DIM = 64
-_warned_head_dims: set[int] = set()
 
 
 def _triton_takes_head_dim(Ch: int) -> bool:
@@ -67,9 +65,7 @@ def _triton_takes_head_dim(Ch: int) -> bool:
         return True
     if backend.get_backend("factor_attention") == "triton":
         raise ValueError(_too_wide(Ch))
-    if Ch not in _warned_head_dims and not torch.compiler.is_compiling():  # a warning breaks a graph
-        _warned_head_dims.add(Ch)
-        warnings.warn(f"{_too_wide(Ch)}: such heads run on the eager reference", RuntimeWarning, stacklevel=3)
+    backend.warn_once(("head dim", Ch), f"{_too_wide(Ch)}: such heads run on the eager reference", stacklevel=3)
     return False
 
 
