@@ -4,52 +4,70 @@ spill (STACK or LOCAL bytes in cuobjdump's resource usage), within the per-block
 limit and with one block's registers (per thread x threads) within an SM's; the kernels told
 their alignment (VEC) read 16 bytes at a time as MPViT launches them; no launchable kernel lacks
 a compile spec; the CUDA kernels of the extension likewise.
-The table: benchmarks/results/static/resource_usage.md (`make static-report`)."""
+The table: benchmarks/results/static/resource_usage.md, its rows in resource_usage.json
+(`make static-report`). A cold compile of all of them costs about 10 CPU minutes, more than the
+rest of the suite: CI checks the committed rows against the sources and compiles a sample again
+(static_compile --check)."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "static" / "resource_usage.json"
+
+
+def _check(path):
+    # outside the interpreter, which narrows the kernels' autotune lists (what the specs read) to one config
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "mpvit_kernels.triton.static_compile", "--check", str(path)],
+                          env=env, capture_output=True, text=True, timeout=1500)
+
 
 def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # compile specs are read off the kernels' own autotune lists, which the interpreter
-        # narrows to one config; compile in a process of its own
-        import subprocess
-        import sys
+    out = _check(REPORT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.strip().endswith(": ok") and "compiled again" in out.stderr
 
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = ("from mpvit_kernels.triton.static_compile import run_all, SHARED_LIMIT\n"
-                "res, missing = run_all()\n"
-                "assert not missing, missing\n"
-                "bad = [(u.kernel, u.tag, u.config, u.arch, u.error, u.spill_bytes, u.shared) for u in res\n"
-                "       if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]\n"
-                "assert not bad, bad\n"
-                "assert {u.arch for u in res} == {80, 90} and len(res) > 100\n"
-                "scratch = {(u.kernel, u.arch, u.tag.endswith(' TMA')) for u in res if u.scratch}\n"
-                "assert scratch == {('gli_gemm_kernel', 90, True)}, scratch\n"
-                "vec8 = [u for u in res if 'VEC=8 aligned' in u.tag]\n"
-                "narrow = [(u.kernel, u.tag, u.arch, u.widest_load, u.two_byte_loads) for u in vec8\n"
-                "          if u.widest_load != 16 or u.two_byte_loads > 4]\n"
-                "assert vec8 and not narrow, narrow\n"
-                "print(len(res), 'compiled')\n")
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        assert "compiled" in out.stdout
-        return
-    from mpvit_kernels.triton.static_compile import SHARED_LIMIT, run_all
 
-    results, missing = run_all()
-    assert not missing
-    assert not [u for u in results if u.error or u.spill_bytes or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
-    # global scratch (a launch fails without triton.set_allocator): only where ops.gli_projection sets one
-    assert {(u.kernel, u.arch, u.tag.endswith(" TMA")) for u in results if u.scratch} == {("gli_gemm_kernel", 90, True)}
-    # at MPViT's widths (multiples of 8, VEC) and on aligned tensors the rows are read 16 bytes at
-    # a time; a few 2-byte loads are a narrow tile's per-channel parameters, one element per
-    # thread (a row read element by element makes dozens)
-    vec8 = [u for u in results if "VEC=8 aligned" in u.tag]
-    assert vec8 and all(u.widest_load == 16 and u.two_byte_loads <= 4 for u in vec8)
+def test_problems_names_each_failing_row():
+    from mpvit_kernels.triton.static_compile import Usage, problems
+
+    def row(kernel="k", tag="fp16 VEC=8 aligned", arch=80, **fields):
+        return Usage(kernel, tag, "warps=4", arch, **{"registers": 32, "shared": 0, "warps_per_sm": 64,
+                                                      "widest_load": 16, **fields})
+
+    clean = [row(arch=a, tag=t) for a in (80, 90) for t in ("fp16 VEC=8 aligned", "fp32")] * 26
+    clean.append(row("gli_gemm_kernel", "bf16 TMA", 90, scratch=128))
+    assert problems(clean, []) == []
+    for bad, words in ((row(spill_bytes=8), "8 B of spills"), (row(error="boom"), "compile error boom"),
+                       (row(shared=200 * 1024), "shared memory"), (row(warps_per_sm=0), "no block fits"),
+                       (row(widest_load=4), "widest load 4 B"), (row(scratch=64), "global scratch")):
+        found = problems(clean + [bad], [])
+        assert len(found) == 1 and words in found[0], (bad, found)
+    assert "without a compile spec" in problems(clean, ["m.kernel"])[0]
+
+
+def test_check_refuses_rows_of_other_sources_or_other_figures(tmp_path):
+    from mpvit_kernels.triton import static_compile
+
+    committed = json.loads(REPORT.read_text())
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({**committed, "sources": "0" * 64}))
+    assert "make static-report" in static_compile.check_committed(str(stale))[0]
+    # one register more in the row the sample compiles again (linear_kernel's heaviest on sm_90)
+    rows = committed["kernels"]
+    heaviest = max((r for r in rows if r["kernel"] == "linear_kernel" and r["arch"] == 90),
+                   key=lambda r: (r["registers"], r["shared"]))
+    heaviest["registers"] += 1
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(committed))
+    out = _check(tampered)
+    assert out.returncode == 1 and "linear_kernel" in out.stdout and "compiles unlike" in out.stdout, out.stdout
 
 
 def test_widest_load_reads_vector_loads_and_cp_async_off_the_ptx():

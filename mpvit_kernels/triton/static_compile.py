@@ -7,14 +7,25 @@ cuobjdump that ships inside Triton's NVIDIA backend; dynamic shared memory comes
 compiled kernel's metadata (cuobjdump's SHARED is the static part only).
 
     python -m mpvit_kernels.triton.static_compile [--out benchmarks/results/static/resource_usage.md]
+    python -m mpvit_kernels.triton.static_compile --check benchmarks/results/static/resource_usage.json
+
+``--out`` also writes the rows as JSON beside the table, with a fingerprint of the package's
+Triton sources. ``--check`` is what CI runs (a cold compile of everything takes about 10 CPU
+minutes): the committed rows must come from these sources and this Triton, list exactly the
+compiles the specs ask for and pass every check, and a sample of them (each kernel's heaviest
+row per arch) must compile again to the same registers, shared memory, spills and loads. With
+another Triton than the committed rows', it compiles everything instead.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import dataclasses
+import glob
+import hashlib
 import importlib
 import inspect
+import json
 import multiprocessing
 import os
 import pkgutil
@@ -133,6 +144,10 @@ def as_launched(spec, kernel=None, suffix: str = ""):
             {name: ty + ":16" if ty.startswith("*") else ty for name, ty in types.items()}, {**constexprs, "VEC": 8})
 
 
+def config_label(kwargs: dict, warps: int) -> str:
+    return ", ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"warps={warps}"])
+
+
 def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     """One compile. A type ending in ":16" is an argument the launch specialises as a multiple
     of 16 (Triton does so for a pointer 16-byte aligned and an integer divisible by 16); the
@@ -142,8 +157,7 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     # a constexpr parameter the spec leaves out takes its default, as at a launch that omits it
     defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
     cx = {**defaults, **constexprs, **kwargs}
-    label = ", ".join([f"{k}={v}" for k, v in kwargs.items()] + [f"warps={warps}"])
-    usage = Usage(fn.__name__, tag, label, arch)
+    usage = Usage(fn.__name__, tag, config_label(kwargs, warps), arch)
     signature = {name: types.get(name, "i32").removesuffix(":16") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in cx})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in types.items() if ty.endswith(":16")}
@@ -189,24 +203,124 @@ def _compile_job(job) -> Usage:
     return compile_one(kernel, tag, types, constexprs, configs_of(kernel, constexprs)[config], arch)
 
 
-def run_all(archs=tuple(ARCHS)) -> tuple[list[Usage], list[str]]:
-    """Compile every spec, one worker process per core (in spec order); also return the
-    launchable kernels that have no spec."""
-    jobs, missing = [], []
+def plan(archs=tuple(ARCHS)) -> tuple[dict[tuple, tuple], list[str]]:
+    """Every compile job, (module, spec index, config index, arch), by the key of the row it
+    reports (:func:`row_key`), in spec order; and the launchable kernels that have no spec.
+    Outside the interpreter only: it narrows the autotune lists to one config."""
+    jobs, missing = {}, []
     for module in kernel_modules():
         kernels = launched_kernels(module)
         specs = module.compile_specs() if hasattr(module, "compile_specs") else []
         covered = {jit_function(k).__name__ for k, *_ in specs}
         missing += [f"{module.__name__}.{name}" for name, k in kernels.items() if jit_function(k).__name__ not in covered]
         for i, (kernel, tag, types, constexprs) in enumerate(specs):
-            for j in range(len(configs_of(kernel, constexprs))):
-                jobs += [(module.__name__, i, j, arch) for arch in archs]
+            for j, (kwargs, warps, *_) in enumerate(configs_of(kernel, constexprs)):
+                for arch in archs:
+                    jobs[(jit_function(kernel).__name__, tag, config_label(kwargs, warps), arch)] = (
+                        module.__name__, i, j, arch)
+    return jobs, missing
+
+
+def row_key(u: Usage) -> tuple:
+    return (u.kernel, u.tag, u.config, u.arch)
+
+
+def compile_jobs(jobs: list) -> list[Usage]:
+    """Compile ``jobs``, one worker process per core, results in the jobs' order."""
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
-        return [_compile_job(job) for job in jobs], missing
+        return [_compile_job(job) for job in jobs]
     # fork: the workers inherit the imported kernels (and this process never touches a GPU)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_compile_job, jobs, chunksize=4)), missing
+        return list(pool.map(_compile_job, jobs, chunksize=4))
+
+
+def run_all(archs=tuple(ARCHS)) -> tuple[list[Usage], list[str]]:
+    """Compile every spec (in spec order); also return the launchable kernels that have no spec."""
+    jobs, missing = plan(archs)
+    return compile_jobs(list(jobs.values())), missing
+
+
+def problems(results: list[Usage], missing: list[str]) -> list[str]:
+    """What keeps the Triton kernels' rows from passing: a kernel without a spec, a compile
+    error, a spill, shared memory over the limit, no block fitting an SM, global scratch
+    anywhere but the TMA GEMM (a launch fails without triton.set_allocator, which only
+    ops.gli_projection sets), or a row read narrower than 16 bytes at a time where MPViT's
+    widths and aligned tensors allow it (VEC=8; a few 2-byte loads are a narrow tile's
+    per-channel parameters, one element per thread, where a row read element by element makes
+    dozens)."""
+    found = [f"kernels without a compile spec: {missing}"] if missing else []
+    for u in results:
+        what = (f"compile error {u.error}" if u.error else f"{u.spill_bytes} B of spills" if u.spill_bytes else
+                f"{u.shared} B of shared memory" if u.shared > SHARED_LIMIT[u.arch] else
+                "no block fits an SM" if not u.warps_per_sm else "")
+        if what:
+            found.append(f"{u.kernel} [{u.tag}] {u.config} sm_{u.arch}: {what}")
+    if {u.arch for u in results} != set(ARCHS) or len(results) <= 100:
+        found.append(f"{len(results)} compiles for archs {sorted({u.arch for u in results})}")
+    scratch = {(u.kernel, u.arch, u.tag.endswith(" TMA")) for u in results if u.scratch}
+    if scratch != {("gli_gemm_kernel", 90, True)}:
+        found.append(f"global scratch in {sorted(scratch)}, not only gli_gemm_kernel's TMA path on sm_90")
+    vec8 = [u for u in results if "VEC=8 aligned" in u.tag]
+    found += [f"{u.kernel} [{u.tag}] sm_{u.arch}: widest load {u.widest_load} B, {u.two_byte_loads} 2-byte loads"
+              for u in vec8 if u.widest_load != 16 or u.two_byte_loads > 4]
+    if not vec8:
+        found.append("no VEC=8 aligned compile")
+    return found
+
+
+def source_fingerprint() -> str:
+    """sha256 of the package's Triton sources (every module beside this one, and this one):
+    what a report's rows were compiled from."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
+
+
+def report_json(results: list[Usage]) -> str:
+    head = json.dumps({"triton": triton.__version__, "sources": source_fingerprint()})[:-1]
+    rows = ",\n".join(json.dumps(dataclasses.asdict(u)) for u in results)  # a row a line: diffs stay readable
+    return f'{head}, "kernels": [\n{rows}\n]}}\n'
+
+
+SAMPLE_FIELDS = ("registers", "shared", "spill_bytes", "scratch", "widest_load", "two_byte_loads", "error")
+
+
+def check_committed(path: str) -> list[str]:
+    """What is wrong with the committed rows at ``path`` (JSON from ``--out``), or []: see the
+    module docstring. With another Triton than the rows', the problems of a full compile."""
+    with open(path) as f:
+        committed = json.load(f)
+    if committed["triton"] != triton.__version__:
+        print(f"{path} is for triton {committed['triton']}, this is {triton.__version__}: compiling everything",
+              file=sys.stderr)
+        return problems(*run_all())
+    if committed["sources"] != source_fingerprint():
+        return [f"{path} was compiled from other Triton sources than mpvit_kernels/triton/ holds now: run "
+                "`make static-report` and commit what it writes"]
+    rows = [Usage(**row) for row in committed["kernels"]]
+    jobs, missing = plan()
+    keys = [row_key(u) for u in rows]
+    if sorted(keys) != sorted(jobs):
+        return [f"{path} lists other compiles than the specs ask for (run `make static-report`): missing "
+                f"{sorted(set(jobs) - set(keys))[:5]}, extra {sorted(set(keys) - set(jobs))[:5]}"]
+    found = problems(rows, missing)
+    heaviest = {}
+    for u in rows:
+        best = heaviest.get((u.kernel, u.arch))
+        if best is None or (u.registers, u.shared) > (best.registers, best.shared):
+            heaviest[(u.kernel, u.arch)] = u
+    sample = list(heaviest.values())
+    for want, got in zip(sample, compile_jobs([jobs[row_key(u)] for u in sample])):
+        differ = [f"{name} {getattr(want, name)!r} -> {getattr(got, name)!r}" for name in SAMPLE_FIELDS
+                  if getattr(want, name) != getattr(got, name)]
+        if differ:
+            found.append(f"{want.kernel} [{want.tag}] {want.config} sm_{want.arch} compiles unlike {path}: "
+                         + ", ".join(differ))
+    print(f"{len(rows)} committed compiles checked, {len(sample)} compiled again", file=sys.stderr)
+    return found
 
 
 def extension_library() -> str | None:
@@ -265,9 +379,16 @@ def table(results: list[Usage]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="write the markdown table here")
+    p.add_argument("--out", help="write the markdown table here, and the rows as JSON beside it (.json)")
+    p.add_argument("--check", metavar="JSON", help="check committed rows instead of writing a report (exit 1 on a "
+                   "problem)")
     args = p.parse_args(argv)
+    if args.check:
+        found = check_committed(args.check)
+        print("\n".join(found) if found else f"{args.check}: ok")
+        return 1 if found else 0
     results, missing = run_all()
+    triton_rows = list(results)
     library = extension_library()
     cuda = cuda_extension_usage(library) if library else []
     text = ("# GPU kernels compiled ahead of time (no GPU)\n\n"
@@ -286,6 +407,8 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            f.write(report_json(triton_rows))
     print(text)
     bad = [u for u in results if u.error or u.shared > SHARED_LIMIT[u.arch] or not u.warps_per_sm]
     spills = [u for u in results if u.spill_bytes]
