@@ -27,8 +27,9 @@ build: $(VENV)/.built
 # One pytest worker per core (pytest-xdist): the interpreted Triton tests are CPU-bound. Work
 # stealing: an idle worker takes pending tests from a busy one, so the long tests (the compiled
 # whole model, 25 s) do not leave a core idle at the end (2m52s-3m01s vs 3m13s with --dist load).
+# --durations: every log names the slowest tests (what to trim when make test grows).
 test: build
-	$(PY) -m pytest -q -ra -n auto --dist worksteal tests
+	$(PY) -m pytest -q -ra -n auto --dist worksteal --durations=12 tests
 
 # The bench extra of pyproject.toml (the report's figure and progress bar), installed once.
 $(VENV)/.bench-deps: $(VENV)/.deps
