@@ -40,4 +40,8 @@ TORCH_LIBRARY(mpvit_kernels, m) {
   m.def(
       "residual_layernorm(Tensor x, Tensor y, Tensor bias, Tensor next_bias, Tensor weight, Tensor ln_bias,"
       " float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The cudaError_t of finding the extension's kernels on probe's device: 0 when the build has a
+  // cubin for its arch or PTX its driver compiles, else what every launch there would fail with
+  // (209: no kernel image for the device). CUDA builds only.
+  m.def("cuda_kernel_image(Tensor probe) -> int");
 }

@@ -13,7 +13,8 @@ Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
 
 GPUs below compute capability 8.0 (V100, T4) take the reference under ``auto``, with one warning:
 the extension's cubins are for 8.0 and 9.0, and no kernel of ours was ever run on such a GPU.
-``cuda`` and ``triton`` refuse them.
+``cuda`` and ``triton`` refuse them. An extension built without code for the GPU in use (other
+archs, no PTX for it) leaves its CUDA ops to the reference there likewise (``cuda`` refuses).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ _extension_cuda = False  # whether _C holds CUDA kernels (a build without nvcc h
 _triton: bool | None = None
 MIN_CAPABILITY = (8, 0)
 _capability: dict[int, tuple[int, int]] = {}  # per CUDA device index
+_kernel_image: dict[int, int] = {}  # per CUDA device index: the cudaError_t of finding _C's kernels there, 0 found
 _warned: set = set()  # the keys warn_once has warned about
 
 
@@ -126,8 +128,38 @@ def extension_available() -> bool:
 
 def extension_runs_on(device: torch.device) -> bool:
     """Whether the extension holds kernels for tensors on ``device``, whatever the backend switch
-    says (the fused ops' backward, which follows its forward's choice)."""
-    return extension_available() and (device.type != "cuda" or _extension_cuda)
+    says (the fused ops' backward, which follows its forward's choice): on a GPU, kernels built
+    for its arch, or PTX its driver compiles."""
+    if not extension_available():
+        return False
+    return device.type != "cuda" or (_extension_cuda and _kernel_image_found(device))
+
+
+def _find_kernel_image(index: int) -> int:
+    return int(torch.ops.mpvit_kernels.cuda_kernel_image(torch.empty(0, device=torch.device("cuda", index))))
+
+
+def _kernel_image_found(device: torch.device) -> bool:
+    """Whether _C's CUDA kernels load on ``device`` (asked once per device; one warning where they
+    do not). A build for other archs without PTX (TORCH_CUDA_ARCH_LIST=8.0 on an H100, say) would
+    fail every launch with "no kernel image is available"; its ops take the reference instead.
+    A graph that torch.compile traces before any eager call asked cannot run the query, and
+    assumes the kernels load."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    status = _kernel_image.get(index)
+    if status is None:
+        if torch.compiler.is_compiling():
+            return True
+        status = _kernel_image[index] = _find_kernel_image(index)
+    if status:
+        props = torch.cuda.get_device_properties(index)
+        warn_once(("no kernel image", index),
+                  f"mpvit_kernels._C holds no code that runs on cuda:{index} (compute capability {props.major}."
+                  f"{props.minor}; CUDA error {status} finding its kernels there): it was built for other GPUs, "
+                  "without PTX for this one. Its CUDA ops (affine_hswish, depthwise) run on the eager reference "
+                  "path there (same results, unfused); rebuild with TORCH_CUDA_ARCH_LIST naming "
+                  f"{props.major}.{props.minor} (or an arch with +PTX at or below it) to get them.", stacklevel=4)
+    return status == 0
 
 
 def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
@@ -162,8 +194,19 @@ def use_extension(op: str, device: torch.device) -> bool:
     backend = get_backend(op)
     if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
-    if extension_runs_on(device):
-        return _kernels_fit(op, device, backend)
+    if device.type != "cuda" and extension_available():
+        return True
+    if extension_available() and _extension_cuda:
+        # the capability first: a GPU below 8.0 gets that reason, not the missing kernel image
+        if not _kernels_fit(op, device, backend):
+            return False
+        if _kernel_image_found(device):
+            return True
+        if backend == "cuda":
+            raise RuntimeError(f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but "
+                               "mpvit_kernels._C holds no code that runs on this GPU (built for other archs, "
+                               "without PTX for it): rebuild with TORCH_CUDA_ARCH_LIST naming its arch")
+        return False
     if extension_available():
         what = (f"mpvit_kernels._C was built without its CUDA kernels (no nvcc or CUDA_HOME at install time), "
                 f"so {op!r} has no kernel for CUDA tensors")

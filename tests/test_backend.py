@@ -174,6 +174,7 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
     monkeypatch.setattr(backend, "_capability", {})
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "_extension_cuda", True)  # built with its CUDA kernels, whatever torch is here
+    monkeypatch.setattr(backend, "_kernel_image", {0: 0})  # for this GPU
     gpu = torch.device("cuda")
     if capability >= backend.MIN_CAPABILITY:
         assert backend.use_triton("linear", gpu) and backend.use_extension("depthwise", gpu)
@@ -242,6 +243,7 @@ def test_an_extension_built_without_cuda_kernels_leaves_gpu_tensors_to_the_refer
     from mpvit_kernels import backend
 
     monkeypatch.setattr(backend, "_capability", {0: (9, 0)})  # a GPU the kernels take
+    monkeypatch.setattr(backend, "_kernel_image", {0: 0})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(backend, "_warned", set())
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
@@ -255,3 +257,52 @@ def test_an_extension_built_without_cuda_kernels_leaves_gpu_tensors_to_the_refer
     assert backend.use_extension("depthwise", cpu) and backend.extension_runs_on(cpu)
     with mpvit_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="'depthwise' has no kernel for CUDA"):
         backend.use_extension("depthwise", gpu)
+
+
+def test_an_extension_built_for_other_gpus_leaves_its_ops_to_the_reference(monkeypatch):
+    # Built for other archs without PTX for this GPU (TORCH_CUDA_ARCH_LIST=8.0 on a 10.0 part):
+    # every launch would fail with "no kernel image is available". Stand-in device answers: no
+    # GPU here; on one, test_affine_hswish asks the real query.
+    from mpvit_kernels import backend
+
+    props = collections.namedtuple("Props", "major minor")(10, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backend, "_capability", {})
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_extension_cuda", True)
+    monkeypatch.setattr(backend, "_kernel_image", {})
+    asked = []
+    monkeypatch.setattr(backend, "_find_kernel_image", lambda index: asked.append(index) or 209)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    # under torch.compile before any eager call asked: the query cannot run in a graph, the kernels are assumed
+    decide = torch.compile(lambda x: x + backend.use_extension("depthwise", gpu), backend="eager", fullgraph=True)
+    assert decide(torch.zeros(1)).item() == 1 and asked == []
+    with pytest.warns(RuntimeWarning, match=r"no code that runs on cuda:0 \(compute capability 10\.0; CUDA error "
+                                            r"209") as warned:
+        assert not backend.use_extension("depthwise", gpu) and not backend.use_extension("affine_hswish", gpu)
+        assert not backend.extension_runs_on(gpu)  # what the fused ops' backward asks
+    assert len(warned) == 1 and asked == [0]  # asked and warned once per device
+    assert backend.use_triton("linear", gpu)  # Triton compiles for the GPU it runs on
+    assert backend.use_extension("depthwise", cpu) and backend.extension_runs_on(cpu)
+    with mpvit_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="'depthwise', but .* no code that runs"):
+        backend.use_extension("depthwise", gpu)
+    monkeypatch.setattr(backend, "_kernel_image", {})
+    monkeypatch.setattr(backend, "_find_kernel_image", lambda index: 0)  # a build with code for it
+    assert backend.use_extension("depthwise", gpu) and backend.extension_runs_on(gpu)
+
+
+def test_the_cuda_build_answers_whether_its_kernels_load_on_a_gpu():
+    from mpvit_kernels import backend
+
+    if not (mpvit_kernels.extension_available() and backend._extension_cuda):
+        pytest.skip("mpvit_kernels._C built without CUDA kernels")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mpvit_kernels::cuda_kernel_image", "CUDA")
+    if not torch.cuda.is_available():
+        return
+    # built for this GPU (make gpu-proof builds for it): found, and the query leaves no error
+    # behind for the next launch's check
+    assert torch.ops.mpvit_kernels.cuda_kernel_image(torch.empty(0, device="cuda")) == 0
+    x = torch.randn(2, 3, 4, 5, device="cuda")
+    y = torch.ops.mpvit_kernels.affine_hswish(x, torch.ones(3, device="cuda"), torch.zeros(3, device="cuda"), False)
+    torch.testing.assert_close(y, x)

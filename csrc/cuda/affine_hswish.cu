@@ -27,6 +27,15 @@ cudaError_t launch_backward(cudaStream_t stream, const T* grad, const T* x, cons
   return launch.error;
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, affine_hswish_fwd_kernel<float, float, int32_t>);
+  // A failed runtime call is also the thread's last error: clear it, or the next launch's
+  // cudaGetLastError would report it as that launch's failure.
+  (void)cudaGetLastError();
+  return status;
+}
+
 // The dtypes of AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16) with their accumulation type; the
 // parameters' dtype is dispatched on its own. A missing one is an undefined symbol at load.
 #define MPVIT_AFFINE_HSWISH_INSTANTIATE_BACKWARD(T, ACC, PARAM)                                                      \

@@ -25,5 +25,11 @@ template <typename T, typename acc_t, typename param_t>
                                           const acc_t* shift, T* grad_x, acc_t* partial, param_t* grad_scale,
                                           param_t* grad_shift, int64_t outer, int64_t C, int64_t inner, bool hswish);
 
+// cudaSuccess when this build holds code that runs on the current device (a cubin of its arch,
+// or PTX its driver can compile), else the error any launch of ours would give there
+// (cudaErrorNoKernelImageForDevice, cudaErrorUnsupportedPtxVersion, ...). Every kernel of the
+// library is built for the same archs, so one kernel answers for all.
+[[nodiscard]] cudaError_t kernel_image_status();
+
 }  // namespace affine_hswish
 }  // namespace mpvit_kernels

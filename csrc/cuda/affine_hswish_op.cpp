@@ -75,11 +75,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_hswish_backward_cuda(
   return {grad_x, grad_scale, grad_shift};
 }
 
+int64_t cuda_kernel_image_cuda(const at::Tensor& probe) {
+  const c10::cuda::CUDAGuard guard(probe.device());
+  return static_cast<int64_t>(affine_hswish::kernel_image_status());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mpvit_kernels, CUDA, m) {
   m.impl("affine_hswish", &affine_hswish_cuda);
   m.impl("affine_hswish_backward", &affine_hswish_backward_cuda);
+  m.impl("cuda_kernel_image", &cuda_kernel_image_cuda);
 }
 
 }  // namespace mpvit_kernels
