@@ -30,9 +30,9 @@ cudaError_t launch_backward(cudaStream_t stream, const T* grad, const T* x, cons
 cudaError_t kernel_image_status() {
   cudaFuncAttributes attributes;
   const cudaError_t status = cudaFuncGetAttributes(&attributes, affine_hswish_fwd_kernel<float, float, int32_t>);
-  // A failed runtime call is also the thread's last error: clear it, or the next launch's
-  // cudaGetLastError would report it as that launch's failure.
-  (void)cudaGetLastError();
+  // A failed runtime call is also the thread's last error: clear ours, or the next launch's
+  // cudaGetLastError would report it as that launch's failure (a success leaves any other's).
+  if (status != cudaSuccess) (void)cudaGetLastError();
   return status;
 }
 
