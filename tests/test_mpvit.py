@@ -370,3 +370,43 @@ def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     with torch.no_grad(), mpvit_kernels.use_backend("reference"):
         want = model(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["kernels", "cpu-auto"])
+def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch(path, monkeypatch, tmp_path):
+    """Deployment through torch.export: the program of the fused model, exported under no_grad
+    (the inference kernels) with a dynamic batch, keeps our ops whole, saves, loads (in a process
+    that imported mpvit_kernels, which registers the ops) and gives the eager logits at another
+    batch. "kernels": the Triton ops (on CPU the export alone, the attention on its C++ twin
+    there as in the test above; a GPU runs the program too); "cpu-auto": what auto runs on CPU tensors, the C++ twins and oneDNN,
+    whose size-based choices (batch slices, 1x1 conv vs GEMM) must not guard a symbolic batch."""
+    import collections
+
+    device = KERNEL_DEVICE
+    twin = device == "cpu" and mpvit_kernels.extension_available()
+    attention_backend = "cuda" if twin else "auto"
+    if path == "cpu-auto":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        device, attention_backend = "cpu", "auto"
+    torch.manual_seed(0)
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(device)
+    x = torch.randn(3, 3, 24, 20, device=device)
+    # the batch's range needs a bound: the ops' 32-bit limits (pixels per call) bound it anyway
+    batch = torch.export.Dim("batch", max=4096)
+    with torch.no_grad(), mpvit_kernels.use_backend(attention_backend, ops=["factor_attention"]):
+        program = torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: batch}})
+    ours = collections.Counter(str(n.target).removesuffix(".default") for n in program.graph.nodes
+                               if n.op == "call_function" and str(n.target).startswith("mpvit_kernels."))
+    attention = "mpvit_kernels.factor_attention" if twin or path == "cpu-auto" else "mpvit_kernels.factor_attention_fwd"
+    assert ours[attention] == 23 and ours["mpvit_kernels.depthwise"] > 0, ours
+    if path == "kernels":
+        assert ours["mpvit_kernels.dwconv_bn"] == 11 and ours["mpvit_kernels.gli_projection"] == 12, ours
+        if device == "cpu":  # running it interpreted costs seconds more; its fakes are opcheck'd per op
+            return
+    if path == "cpu-auto":  # the file round trip once (seconds), where the run after it is cheap
+        torch.export.save(program, tmp_path / "mpvit_tiny.pt2")
+        program = torch.export.load(tmp_path / "mpvit_tiny.pt2")
+    loaded = program.module()
+    with torch.no_grad(), mpvit_kernels.use_backend("reference"):
+        want = model(x)
+    torch.testing.assert_close(loaded(x), want, atol=1e-4, rtol=1e-4)  # batch 3, exported at 2

@@ -126,8 +126,8 @@ SLICE_BYTES = 8 << 20
 
 def _images_per_slice(x: torch.Tensor, elements_per_image: int) -> int:
     B = x.shape[0]
-    if torch.is_grad_enabled() or x.device.type != "cpu":
-        return B
+    if torch.is_grad_enabled() or x.device.type != "cpu" or isinstance(B, torch.SymInt):
+        return B  # a dynamic batch (torch.export, dynamic compile): no guard on its size
     images = B
     while images > 1 and images * elements_per_image * x.element_size() > SLICE_BYTES:
         images = (images + 1) // 2

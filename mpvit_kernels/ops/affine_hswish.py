@@ -79,7 +79,9 @@ _CONV_ROWS = 4096
 def conv_runs_1x1(x: torch.Tensor, rows: int) -> bool:
     """Whether a 1x1 conv of x over ``rows`` pixels runs as oneDNN's conv rather than as a GEMM
     over its NHWC rows: fp32 CPU tensors from _CONV_ROWS rows (oneDNN has no fp64 path of its own)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and rows >= _CONV_ROWS
+    # a symbolic row count (a dynamic batch) takes the GEMM: no guard on its size
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(rows, torch.SymInt) \
+        and rows >= _CONV_ROWS
 
 
 def conv_folded_bn(xs, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hswish: bool,
