@@ -194,20 +194,18 @@ def use_extension(op: str, device: torch.device) -> bool:
     backend = get_backend(op)
     if backend == "reference" or device.type not in ("cpu", "cuda", "meta"):
         return False
-    if device.type != "cuda" and extension_available():
-        return True
-    if extension_available() and _extension_cuda:
-        # the capability first: a GPU below 8.0 gets that reason, not the missing kernel image
-        if not _kernels_fit(op, device, backend):
-            return False
-        if _kernel_image_found(device):
-            return True
+    if not extension_available():
         if backend == "cuda":
-            raise RuntimeError(f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but "
-                               "mpvit_kernels._C holds no code that runs on this GPU (built for other archs, "
-                               "without PTX for it): rebuild with TORCH_CUDA_ARCH_LIST naming its arch")
+            raise RuntimeError(
+                f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "
+                "not built (installed with MPVIT_KERNELS_NO_EXTENSION=1, or the build failed)")
+        warn_once("no extension", "mpvit_kernels._C is not built: compiled ops run on the eager reference path "
+                  "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.",
+                  stacklevel=3)
         return False
-    if extension_available():
+    if device.type != "cuda":
+        return True
+    if not _extension_cuda:
         what = (f"mpvit_kernels._C was built without its CUDA kernels (no nvcc or CUDA_HOME at install time), "
                 f"so {op!r} has no kernel for CUDA tensors")
         if backend == "cuda":
@@ -215,12 +213,15 @@ def use_extension(op: str, device: torch.device) -> bool:
         warn_once("no cuda kernels", f"{what}: such ops run on the eager reference path on GPUs (same results, "
                   "unfused). Reinstall with nvcc on PATH to get them.", stacklevel=3)
         return False
+    # the capability first: a GPU below 8.0 gets that reason, not the missing kernel image
+    if not _kernels_fit(op, device, backend):
+        return False
+    if _kernel_image_found(device):
+        return True
     if backend == "cuda":
-        raise RuntimeError(
-            f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but mpvit_kernels._C is "
-            "not built (installed with MPVIT_KERNELS_NO_EXTENSION=1, or the build failed)")
-    warn_once("no extension", "mpvit_kernels._C is not built: compiled ops run on the eager reference path "
-              "(slower, same results). Reinstall without MPVIT_KERNELS_NO_EXTENSION to get the kernels.", stacklevel=3)
+        raise RuntimeError(f"mpvit_kernels: backend 'cuda' asked for the compiled op {op!r}, but "
+                           "mpvit_kernels._C holds no code that runs on this GPU (built for other archs, "
+                           "without PTX for it): rebuild with TORCH_CUDA_ARCH_LIST naming its arch")
     return False
 
 
