@@ -63,7 +63,8 @@ def test_speed_report_runs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "## traffic" in out and "## affine_hswish" in out and "speedup bound" in out
     assert "## depthwise" in out and "| CPE | 64 | 1 | 1x16x16x64 |" in out
-    assert "## gli_projection" in out and "| S | 64 | 1 | 1x16x16x(4x64 -> 128) | fp32 | eval forward | ours |" in out
+    assert "## gli_projection" in out and "| S | 64 | 1 | aggregate | 1x16x16x(4x64 -> 128) | fp32 | eval forward | ours |" in out
+    assert "| B | 64 | 3 | InvRes conv2 | 1x4x4x(1x368 -> 368) | fp32 | eval forward | cuDNN + affine_hswish |" in out
     assert "## dwconv_bn" in out and "| 64 | 2 | 2 | 1x16x16x128 | fp32 | train forward+backward | ours |" in out
 
 
@@ -98,6 +99,25 @@ def test_traffic_model_of_the_gli_projection():
     M = 2 * 56 * 56
     assert sum(b for _, b in ours) >= M * (4 * 64 + 128) * 2  # the inputs read once, y written once
     assert eager.bytes > 2 * sum(b for _, b in ours)
+
+
+@pytest.mark.parametrize("site", ["aggregate", "InvRes conv1", "InvRes conv2"])
+def test_gli_projection_columns_compute_the_same_function_at_every_site(site):
+    # the section's columns are alternatives for one module: a column computing something else
+    # (a Hardswish or the identity left out) would time a different op
+    from mpvit_kernels.bench import gli_projection as section
+
+    n, to_stage_out, hswish, has_residual = section.SITES[site]
+    C, Cout = 8, (12 if to_stage_out else 8)
+    xs, w, bn = section.aggregate_inputs(2, C, Cout, 5, torch.float32, "cpu", n)
+    residual = torch.randn(2, Cout, 5, 5).contiguous(memory_format=torch.channels_last) if has_residual else None
+    want = section.eager(xs, w, bn, hswish, residual)
+    for fn in (section.ours, section.cudnn_affine_hswish):
+        torch.testing.assert_close(fn(xs, w, bn, hswish, residual), want)
+    fresh = lambda: (bn[0].clone(), bn[1].clone(), *bn[2:])  # noqa: E731 (eager's updates its running stats)
+    torch.testing.assert_close(section.ours_train(xs, w, fresh(), hswish, residual),
+                               section.eager_train(xs, w, fresh(), hswish, residual))
+    assert not torch.equal(want, section.eager(xs, w, bn, not hswish, residual))
 
 
 TINY_RUN = ["--device", "cpu", "--batch", "1", "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64"]

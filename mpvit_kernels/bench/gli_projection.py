@@ -1,15 +1,20 @@
-"""Speed report section: the GLI projection (every stage's ``aggregate``: concat of num_path + 1
-maps -> 1x1 conv -> BN -> Hardswish) at MPViT-S and -B shapes, channels-last: eager vs
-torch.compile vs ours, eval forward and training forward+backward, and a bare ``torch.mm`` of the
-same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost about that). Ours
-in eval is the autotuned tile (timed after its first call has tuned it). On sm_90 also "ours
-(TMA)": the op with its tensor-descriptor loads (opt-in until this row measures them), on the
-pinned tile.
+"""Speed report section: the ``gli_projection`` GEMM at its MPViT-S and -B sites, channels-last:
+every stage's ``aggregate`` (concat of num_path + 1 maps -> 1x1 conv -> BN -> Hardswish) and the
+two 1x1 Conv2d_BN of its InvRes, which the model runs through the same GEMM (one input, C -> C:
+conv1 with Hardswish, conv2 with the block's identity added in the epilogue). Eager vs
+torch.compile vs ours, eval forward and training forward+backward, and in eval a bare
+``torch.mm`` of the same M, N, K on a pre-concatenated input (the GEMM alone: ours should cost
+about that) and "cuDNN + affine_hswish" (the 1x1 conv as cuDNN's, on a CPU oneDNN's, then the
+folded BN and Hardswish as one ``affine_hswish`` pass, the residual added after): the
+alternative the GEMM epilogue has to beat at each site. Ours in eval is the autotuned tile
+(timed after its first call has tuned it). On sm_90 also "ours (TMA)": the op with its
+tensor-descriptor loads (opt-in until this row measures them), on the pinned tile.
 
-Eager is the public module's sequence: torch.cat, the 1x1 conv, BatchNorm, Hardswish. Ours on a
-GPU is one Triton GEMM in eval (the concat never built, BN and Hardswish in the epilogue); on a CPU
-the op runs unfused (a concat and a GEMM, then the affine_hswish C++ twin). Bytes are the eval
-minimum traffic: every input read once, y written once.
+Eager is the public module's sequence: torch.cat (the aggregate's), the 1x1 conv, BatchNorm,
+Hardswish, the identity add (InvRes conv2). Ours on a GPU is one Triton GEMM in eval (the concat
+never built, BN, Hardswish and the residual in the epilogue); on a CPU the op runs unfused (a
+concat and a GEMM, then the affine_hswish C++ twin). Bytes are the eval minimum traffic: every
+input read once (the residual too), y written once.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from mpvit_kernels.ops.gli_projection import tma_device
 AGGREGATES = [("S", 1, 64, 128, 4), ("S", 2, 128, 216, 8), ("S", 3, 216, 288, 16), ("S", 4, 288, 288, 32),
               ("B", 1, 128, 224, 4), ("B", 2, 224, 368, 8), ("B", 3, 368, 480, 16), ("B", 4, 480, 480, 32)]
 INPUTS = 4
+# site: (inputs, output channels are the stage's out (else its C), Hardswish, residual)
+SITES = {"aggregate": (INPUTS, True, True, False), "InvRes conv1": (1, False, True, False),
+         "InvRes conv2": (1, False, False, True)}
 
 
 def aggregate_inputs(B, C, Cout, side, dtype, device, n=INPUTS):
@@ -37,28 +45,47 @@ def aggregate_inputs(B, C, Cout, side, dtype, device, n=INPUTS):
     return xs, w, bn
 
 
-def eager(xs, w, bn):
+def _concat(xs):
+    return torch.cat(xs, 1) if len(xs) > 1 else xs[0]
+
+
+def _bn_act(y, bn, training, hswish, residual):
     mean, var, gamma, beta = bn
-    return F.hardswish(F.batch_norm(F.conv2d(torch.cat(xs, 1), w), mean, var, gamma, beta, False, 0.0, 1e-5))
+    y = F.batch_norm(y, mean, var, gamma, beta, training, 0.1 if training else 0.0, 1e-5)
+    y = F.hardswish(y) if hswish else y
+    return y if residual is None else residual + y
 
 
-def ours(xs, w, bn):
+def eager(xs, w, bn, hswish=True, residual=None):
+    return _bn_act(F.conv2d(_concat(xs), w), bn, False, hswish, residual)
+
+
+def ours(xs, w, bn, hswish=True, residual=None):
     mean, var, gamma, beta = bn
     scale, shift = reference.fold_bn(gamma, beta, mean, var, 1e-5)
-    return ops.gli_projection(xs, w, scale, shift, hswish=True)
+    return ops.gli_projection(xs, w, scale, shift, hswish=hswish, residual=residual)
 
 
-def eager_train(xs, w, bn):
+def cudnn_affine_hswish(xs, w, bn, hswish=True, residual=None):
     mean, var, gamma, beta = bn
-    return F.hardswish(F.batch_norm(F.conv2d(torch.cat(xs, 1), w), mean, var, gamma, beta, True, 0.1, 1e-5))
+    scale, shift = reference.fold_bn(gamma, beta, mean, var, 1e-5)
+    y = ops.affine_hswish(F.conv2d(_concat(xs), w), scale, shift, hswish)
+    return y if residual is None else y.add_(residual)
 
 
-def ours_train(xs, w, bn):
-    return ops.gli_projection_train(xs, w, bn[2], bn[3], 1e-5, hswish=True)[0]
+def eager_train(xs, w, bn, hswish=True, residual=None):
+    return _bn_act(F.conv2d(_concat(xs), w), bn, True, hswish, residual)
 
 
-def train_step(fn, xs, w, bn, grad):
-    y = fn(xs, w, bn)
+def ours_train(xs, w, bn, hswish=True, residual=None):
+    """As the model trains them (nn.pointwise_bn_hswish): the GEMM writes the pre-BN output and
+    its statistics, one normalise + Hardswish pass, the residual added after."""
+    y = ops.gli_projection_train(xs, w, bn[2], bn[3], 1e-5, hswish=hswish)[0]
+    return y if residual is None else y + residual
+
+
+def train_step(fn, xs, w, bn, grad, hswish=True, residual=None):
+    y = fn(xs, w, bn, hswish, residual)
     torch.autograd.grad(y, (*xs, w, bn[2], bn[3]), grad)
 
 
@@ -80,55 +107,61 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     modes = {"eval forward": {"eager": eager, "ours": ours},
              "train forward+backward": {"eager": eager_train, "ours": ours_train}}
     tma = device.type == "cuda" and tma_device(device, dtype)
-    for impls in modes.values():
+    for mode, impls in modes.items():
         if tma:  # the GPU run that decides whether the TMA loads become the default
             impls["ours (TMA)"] = with_tma(impls["ours"])
+        if mode == "eval forward":
+            impls["cuDNN + affine_hswish"] = cudnn_affine_hswish
         impls.update(compiled(args, impls["eager"], impls["ours"]))
-    for res in args.resolutions:
-        for model, stage, C, Cout, stride in AGGREGATES:
-            side = res // stride
-            xs, w, bn = aggregate_inputs(args.batch, C, Cout, side, dtype, device)
-            M, K = args.batch * side * side, INPUTS * C
-            nbytes = xs[0].element_size() * M * (K + Cout)
-            flops = 2 * M * K * Cout
-            for mode, impls in modes.items():
-                train = mode != "eval forward"
-                impls = dict(impls)
-                if train:  # the backward's two GEMMs
-                    flops *= 3
-                    xs, w = [x.detach().requires_grad_() for x in xs], w.detach().requires_grad_()
-                    bn = (*bn[:2], bn[2].detach().requires_grad_(), bn[3].detach().requires_grad_())
-                    grad = torch.randn(args.batch, Cout, side, side, device=device, dtype=dtype).contiguous(
-                        memory_format=torch.channels_last)
-                else:  # the GEMM alone, its A operand concatenated beforehand (not timed)
-                    a, b = torch.cat(xs, 1).permute(0, 2, 3, 1).reshape(M, K), w.reshape(Cout, K).t()
-                    impls["torch.mm (pre-concatenated)"] = lambda *_, a=a, b=b: torch.mm(a, b)
-                for impl, fn in impls.items():
-                    def step(fn=fn):
-                        if train:
-                            train_step(fn, xs, w, bn, grad)
-                        else:
-                            with torch.no_grad():
-                                fn(xs, w, bn)
-                    t = measure(step, device, warmup=args.warmup, reps=args.reps, flush_l2_between=args.flush_l2,
-                                time_first_call="compile" in impl)
-                    seconds = t["median_ms"] * 1e-3
-                    rows.append({"op": "gli_projection", "model": model, "input": res, "stage": stage,
-                                 "shape": [args.batch, side, side, INPUTS, C, Cout], "dtype": dtype_name, "mode": mode,
-                                 "impl": impl, **t, "bytes": nbytes, "GB/s": nbytes / seconds / 1e9,
-                                 "TFLOP/s": flops / seconds / 1e12})
-                    keep(args, rows)
+    for res in args.resolutions:  # every aggregate first: a run cut short keeps those rows
+        for site, (n, to_stage_out, hswish, has_residual) in SITES.items():
+            for model, stage, C, stage_out, stride in AGGREGATES:
+                side = res // stride
+                Cout = stage_out if to_stage_out else C
+                xs, w, bn = aggregate_inputs(args.batch, C, Cout, side, dtype, device, n)
+                residual = torch.randn(args.batch, Cout, side, side, device=device, dtype=dtype).contiguous(
+                    memory_format=torch.channels_last) if has_residual else None
+                M, K = args.batch * side * side, n * C
+                nbytes = xs[0].element_size() * M * (K + Cout * (2 if has_residual else 1))
+                for mode, impls in modes.items():
+                    train = mode != "eval forward"
+                    impls = dict(impls)
+                    flops = 2 * M * K * Cout * (3 if train else 1)  # training: the backward's two GEMMs
+                    if train:
+                        xs, w = [x.detach().requires_grad_() for x in xs], w.detach().requires_grad_()
+                        bn = (*bn[:2], bn[2].detach().requires_grad_(), bn[3].detach().requires_grad_())
+                        grad = torch.randn(args.batch, Cout, side, side, device=device, dtype=dtype).contiguous(
+                            memory_format=torch.channels_last)
+                    else:  # the GEMM alone, its A operand concatenated beforehand (not timed)
+                        a, b = _concat(xs).permute(0, 2, 3, 1).reshape(M, K), w.reshape(Cout, K).t()
+                        impls["torch.mm (pre-concatenated)"] = lambda *_, a=a, b=b: torch.mm(a, b)
+                    for impl, fn in impls.items():
+                        def step(fn=fn):
+                            if train:
+                                train_step(fn, xs, w, bn, grad, hswish, residual)
+                            else:
+                                with torch.no_grad():
+                                    fn(xs, w, bn, hswish, residual)
+                        t = measure(step, device, warmup=args.warmup, reps=args.reps,
+                                    flush_l2_between=args.flush_l2, time_first_call="compile" in impl)
+                        seconds = t["median_ms"] * 1e-3
+                        rows.append({"op": "gli_projection", "model": model, "input": res, "stage": stage,
+                                     "site": site, "shape": [args.batch, side, side, n, C, Cout], "dtype": dtype_name,
+                                     "mode": mode, "impl": impl, **t, "bytes": nbytes, "GB/s": nbytes / seconds / 1e9,
+                                     "TFLOP/s": flops / seconds / 1e12})
+                        keep(args, rows)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | input | stage | B x H x W x (n x C -> Cout) | dtype | mode | impl | median ms | p25-p75 ms | "
-           "GB/s | TFLOP/s | speedup vs eager |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (r["model"], r["input"], r["stage"], r["dtype"], r["mode"])  # noqa: E731
+    out = ["| model | input | stage | site | B x H x W x (n x C -> Cout) | dtype | mode | impl | median ms | "
+           "p25-p75 ms | GB/s | TFLOP/s | speedup vs eager |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["model"], r["input"], r["stage"], r["site"], r["dtype"], r["mode"])  # noqa: E731
     base = {key(r): r["median_ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
         B, H, W, n, C, Cout = r["shape"]
-        out.append(f"| {r['model']} | {r['input']} | {r['stage']} | {B}x{H}x{W}x({n}x{C} -> {Cout}) | {r['dtype']} | "
+        out.append(f"| {r['model']} | {r['input']} | {r['stage']} | {r['site']} | {B}x{H}x{W}x({n}x{C} -> {Cout}) | "
+                   f"{r['dtype']} | "
                    f"{r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
                    f"{r['GB/s']:.1f} | {r['TFLOP/s']:.2f} | {base[key(r)] / r['median_ms']:.2f}x |")
     return "\n".join(out)
