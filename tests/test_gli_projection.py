@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps, assert_close, read_as_a_gpu_process
+from tests.utils import LaunchSpy, RecordOps, assert_close, read_as_a_gpu_process
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
 CASES = [
@@ -215,17 +215,8 @@ def test_eval_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monke
     from mpvit_kernels.triton import gli_projection as kernels
 
     taken = []
-
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            taken.append(self.name)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(kernels, "gli_gemm_tuned", Spy("tuned", kernels.gli_gemm_tuned))
-    monkeypatch.setattr(kernels, "gli_gemm_kernel", Spy("pinned", kernels.gli_gemm_kernel))
+    monkeypatch.setattr(kernels, "gli_gemm_tuned", LaunchSpy("tuned", kernels.gli_gemm_tuned, taken))
+    monkeypatch.setattr(kernels, "gli_gemm_kernel", LaunchSpy("pinned", kernels.gli_gemm_kernel, taken))
     monkeypatch.setattr(gli, "TMA", case.endswith("TMA"))
     dtype = torch.float64 if "fp64" in case else torch.float32
     width = 20 if "20" in case else 16

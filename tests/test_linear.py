@@ -9,7 +9,7 @@ import mpvit_kernels
 from mpvit_kernels import ops
 from tests.conftest import KERNEL_DEVICE
 from tests.test_residual_layernorm import make_block
-from tests.utils import RecordOps, assert_close
+from tests.utils import LaunchSpy, RecordOps, assert_close
 
 # what the model runs (norm1 -> qkv; fc1 -> GELU), a plain Linear, and both fusions at once
 SITES = {"norm": (True, False), "gelu": (False, True), "plain": (False, False), "norm+gelu": (True, True)}
@@ -135,8 +135,60 @@ def test_row_stride_and_widths_set_the_vector_width(stride, n, vec):
     _, (w, b, lw, lb) = make_inputs(9, 16, n, torch.float32, "rows", "norm")
     with RecordLaunches() as rec:
         y = ops.linear(x, w, b, lw, lb, 1e-5)
-    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "linear_kernel"] == [vec]
+    # a set: on a GPU the tuner's benchmarking launches are recorded too
+    assert {meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "linear_kernel"} == {vec}
     assert_close(y, chain(x, w, b, lw, lb, 1e-5, False), scale=4)
+
+
+@pytest.mark.parametrize("case, tuned", [("aligned", True), ("row stride 20", False), ("fp64", False),
+                                         ("x 4 bytes off 16", False)])
+def test_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monkeypatch):
+    # the tuner's tiles (gli_projection's) fit the registers at aligned launches (VEC=8, 16-byte
+    # pointers); anything else keeps the pinned tile the worst-case compiles were sized for
+    from mpvit_kernels.triton import linear as kernels
+
+    taken = []
+    monkeypatch.setattr(kernels, "linear_tuned", LaunchSpy("tuned", kernels.linear_tuned, taken))
+    monkeypatch.setattr(kernels, "linear_kernel", LaunchSpy("pinned", kernels.linear_kernel, taken))
+    dtype = torch.float64 if case == "fp64" else torch.float32
+    wide = torch.randn(9 * 20 + 1, dtype=dtype, device=KERNEL_DEVICE)
+    x = {"row stride 20": wide[:180].view(9, 20)[:, :16], "x 4 bytes off 16": wide[1:145].view(9, 16)}.get(
+        case, wide[:144].view(9, 16))
+    _, (w, b, lw, lb) = make_inputs(9, 16, 24, dtype, "rows", "norm")
+    y = ops.linear(x, w, b, lw, lb, 1e-5)
+    assert taken == ["tuned" if tuned else "pinned"]
+    assert_close(y, chain(x, w, b, lw, lb, 1e-5, False), scale=4)
+
+
+def test_what_a_gpu_tunes():
+    # Aligned launches tune per (bucket of M, widths, fusions) over gli_projection's tiles of the
+    # pinned BLOCK_K; MPVIT_KERNELS_AUTOTUNE=0 (read by gli_projection's module) pins them
+    from tests.utils import read_as_a_gpu_process
+
+    results = read_as_a_gpu_process("mpvit_kernels.triton.linear", """
+        def read(m):
+            importlib.reload(importlib.import_module("mpvit_kernels.triton.gli_projection"))
+            m = importlib.reload(m)
+            t = m.linear_tuned
+            out = {"tuned": isinstance(t, triton.runtime.Autotuner), "pinned": type(m.linear_kernel).__name__}
+            if out["tuned"]:
+                g = importlib.import_module("mpvit_kernels.triton.gli_projection")
+                out["key"] = t.keys
+                out["configs"] = t.configs == g.TUNED_CONFIGS
+                out["fit"] = {f"{bn} {p}": [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps] for c in fit(t)]
+                              for bn in (64, 128) for p in ("tf32", "ieee")
+                              for fit in [lambda f, bn=bn, p=p: f.early_config_prune(
+                                  f.configs, {}, BLOCK_N=bn, ACC=triton.language.float32, DOT_PRECISION=p)]}
+            return out
+    """)
+    assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
+    on = results["1"]
+    assert on["tuned"] and on["pinned"] == "Heuristics" and on["configs"]
+    assert on["key"] == ["m_bucket", "K", "N", "NORM", "BIAS", "GELU"]
+    # 16-bit: gli_projection's; fp32 (FMA dots): at most 32 accumulator values per thread
+    assert on["fit"]["128 tf32"] == [[64, 32, 4], [64, 32, 8], [128, 32, 8]]
+    assert on["fit"]["128 ieee"] == [[32, 16, 4], [32, 16, 8], [64, 16, 8]]
+    assert on["fit"]["64 ieee"] == [[32, 16, 4], [32, 16, 8], [64, 16, 4], [64, 16, 8], [128, 16, 8]]
 
 
 def test_fp64_gradcheck():
@@ -282,6 +334,34 @@ def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
     runs = [ops.linear(x, *params, eps=1e-6, gelu=gelu) for _ in range(2)]
     torch.testing.assert_close(runs[0], chain(x, *params, 1e-6, gelu), atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES[1::3], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
+def test_cuda_tuned_tile_does_not_change_the_bits(shape, dtype, monkeypatch):
+    # The tile of an aligned launch is picked by timing: the bits must not depend on the pick
+    # (BLOCK_K, hence the LayerNorm's sums and each output's order of K products, is the pinned
+    # one). Each tile the tuner may pick, forced in turn, against the pinned launch.
+    import triton
+
+    from mpvit_kernels.triton import gli_projection, linear as kernels
+    from mpvit_kernels.triton.static_compile import jit_function
+
+    tokens, K, N = shape
+    site = "norm" if N == 3 * K else "gelu"
+    gelu = SITES[site][1]
+    x, params = make_inputs(8 * tokens, K, N, dtype, "rows", site)
+    meta = {"BLOCK_N": gli_projection.block_n(N), "ACC": kernels.tl.float32,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    fit = kernels._fitting(gli_projection.TUNED_CONFIGS, {}, **meta)
+    assert len(fit) >= 3
+    monkeypatch.setattr(kernels, "linear_tuned", kernels.linear_kernel)  # the pinned tile
+    with torch.no_grad():
+        want = ops.linear(x, *params, eps=1e-6, gelu=gelu)
+        for config in fit:
+            monkeypatch.setattr(kernels, "linear_tuned", triton.autotune([config], key=[])(jit_function(kernels.linear_kernel)))
+            assert torch.equal(ops.linear(x, *params, eps=1e-6, gelu=gelu), want), config
 
 
 def test_layernorm_parameters_narrower_than_x_keep_x_precision_in_the_backward():

@@ -84,6 +84,18 @@ class RecordLaunches:
             cls.run = run
 
 
+class LaunchSpy:
+    """A stand-in for a Triton launcher (``kernel[grid](...)``) that appends ``name`` to ``taken``
+    at each launch, then launches ``kernel``: which of two launchers an op picked."""
+
+    def __init__(self, name, kernel, taken: list):
+        self.name, self.kernel, self.taken = name, kernel, taken
+
+    def __getitem__(self, grid):
+        self.taken.append(self.name)
+        return self.kernel[grid]
+
+
 def across_thread_counts(fn, counts=(1, 2, 1)):
     """fn() run with each intra-op thread count in turn; the results, in order."""
     threads = torch.get_num_threads()

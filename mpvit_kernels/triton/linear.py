@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 
 from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
-# gli_projection's GEMM tiles: the same loop (rows of A with unit channel stride, W (N, K)), and
-# they compile without spills with the LayerNorm prologue and GELU epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import LAUNCH
+# gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
+# stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
+# epilogue too (static report)
+from mpvit_kernels.triton.gli_projection import AUTOTUNE, LAUNCH, TUNED_CONFIGS
+from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
 
 
-@LAUNCH
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "m_bucket"])
 def linear_kernel(
     x_ptr,  # (M, K) rows with unit channel stride, row stride below; any float dtype
     w_ptr,  # (N, K) contiguous, in the GEMM's dtype (y's)
@@ -31,6 +32,7 @@ def linear_kernel(
     ln_weight_ptr, ln_bias_ptr,  # (K,) each: the LayerNorm's affine (NORM), read in ACC
     y_ptr,  # (M, N) contiguous
     M, K, N, stride_xm,
+    m_bucket,  # gli_projection.m_bucket(M): the autotune key, unused in the body
     eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
     NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
@@ -85,6 +87,26 @@ def linear_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+def _fitting(configs, named_args, **meta):
+    """gli_projection's tiles that fit, less, for fp32 dots (FMA, operands in registers), those
+    with over 32 accumulator values per thread: here 64 spilled 8-24 bytes on sm_90a (the GELU
+    and plain sites at 4 warps, static report)."""
+    fit = _gli_fitting(configs, named_args, **meta)
+    if meta["DOT_PRECISION"] != "ieee":
+        return fit
+    return [c for c in fit if c.kwargs["BLOCK_M"] * meta["BLOCK_N"] <= 32 * 32 * c.num_warps]
+
+
+# The tuned launch (ops.linear takes it where aligned, not fp64), tuned per (bucket of M, widths,
+# fusions, dtypes) over gli_projection's tiles (_fitting), whose BLOCK_K is the pinned tile's: the
+# LayerNorm's sums and each output's K products keep their order whatever the pick. The pinned
+# tile everywhere else: the worst-case launches, MPVIT_KERNELS_AUTOTUNE=0 and the interpreter.
+linear_tuned = triton.autotune(
+    TUNED_CONFIGS, key=["m_bucket", "K", "N", "NORM", "BIAS", "GELU"],
+    prune_configs_by={"early_config_prune": _fitting})(linear_kernel) if AUTOTUNE else LAUNCH(linear_kernel)
+linear_kernel = LAUNCH(linear_kernel)
+
+
 # (what the model launches) the qkv Linear after norm1, and fc1 with GELU; plus the plain Linear
 SITES = {"norm": dict(NORM=True, BIAS=True, GELU=False), "gelu": dict(NORM=False, BIAS=True, GELU=True),
          "plain": dict(NORM=False, BIAS=False, GELU=False)}
@@ -95,7 +117,8 @@ def compile_specs():
     BLOCK_N, GEMM dtype and site; for a 16-bit GEMM, x and the parameters in it (a 16-bit
     model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
     fp32 residual stream of an fp32 model); each with no alignment known, and for MPViT's widths
-    and dtypes as it launches them (VEC=8, aligned pointers)."""
+    and dtypes as it launches them (VEC=8, aligned pointers; also with every tile the tuner may
+    pick there)."""
     from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
@@ -112,4 +135,5 @@ def compile_specs():
                                   {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
                     if bn >= 64 and dt != "fp64":  # MPViT's widths: 64 to 1920, multiples of 8
                         specs.append(as_launched(specs[-1]))
+                        specs.append(as_launched(specs[-2], linear_tuned, " tuned"))  # every tile it may pick
     return specs
