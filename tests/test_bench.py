@@ -194,6 +194,39 @@ def test_a_run_cut_short_keeps_every_row_it_measured(tmp_path, monkeypatch):
     assert not results["finished"] and [r["section"] for r in results["rows"]] == ["gli_projection"] * 3
 
 
+def test_a_failing_family_costs_only_its_own_rows(tmp_path, monkeypatch, capsys):
+    """A first GPU run may meet an error in one family: the others still run, the failing one
+    keeps what it measured, the report says what failed and exits 1; in gli_projection a column
+    the model does not run (TMA, cuDNN + affine_hswish) failing costs that column alone."""
+    from mpvit_kernels.bench import gli_projection
+
+    measure, calls = timing.measure, []
+
+    def fails_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a stand-in kernel error")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["mpvit_kernels.bench.depthwise"], "measure", fails_on_the_third)
+    monkeypatch.setattr(gli_projection, "AGGREGATES", gli_projection.AGGREGATES[:1])
+    monkeypatch.setattr(gli_projection, "cudnn_affine_hswish", lambda *a: 1 / 0)
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    with as_on_a_cpu():
+        assert report.main(["--ops", "gli_projection,depthwise,affine_hswish", *TINY_RUN, "--out", str(tmp_path)]) == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["finished"] and results["git_commit"] == "0123abc"
+    assert results["errors"] == ["depthwise fp32: RuntimeError: a stand-in kernel error"]
+    sections = [r["section"] for r in results["rows"]]
+    assert sections.count("depthwise") == 2 and sections.count("affine_hswish") > 0
+    gli = [r for r in results["rows"] if r["section"] == "gli_projection"]
+    assert {r["impl"] for r in gli} == {"eager", "ours", "torch.mm (pre-concatenated)"}
+    assert len(gli) == 3 * 3 + 3 * 2  # 3 sites: eval eager, ours, torch.mm; train eager, ours
+    out, err = capsys.readouterr()
+    assert "**fp32 stopped after 2 rows: RuntimeError: a stand-in kernel error**" in out
+    assert "column 'cuDNN + affine_hswish' dropped at S stage 1 aggregate eval forward: ZeroDivisionError" in err
+
+
 def test_speed_report_without_matplotlib_skips_the_figure_only(capsys, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # import matplotlib now fails

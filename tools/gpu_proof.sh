@@ -10,8 +10,9 @@
 #              workers where xdist is installed (default min(8, cores); 0: one process): the
 #              stage is mostly Triton compiles, one per specialisation a test launches (the CPU
 #              suite alone launches about 460 distinct ones), each single-threaded
-#   bench      the speed report (BENCH_ARGS, default "--resolutions 224 --no-compile": every family
-#              against eager, the GLI GEMM also against cuBLAS, in one or two minutes; the
+#   bench      the speed report (BENCH_ARGS, default "--resolutions 224 --no-compile --dtypes bf16":
+#              every family against eager in bf16, the issues' speed goals, the GLI GEMM also
+#              against cuBLAS, in one or two minutes (fp32 rows: --dtypes fp32 in a later call); the
 #              torch.compile columns cost an Inductor compile per row, several minutes per
 #              family on a GPU, so they come in calls of their own, e.g. BENCH_ARGS="--resolutions
 #              224 --ops gli_projection"). Rows reach results.json as they are measured, the
@@ -39,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3}
 STAGES=${STAGES:-"build tests bench"}
-BENCH_ARGS=${BENCH_ARGS---resolutions 224 --no-compile}
+BENCH_ARGS=${BENCH_ARGS---resolutions 224 --no-compile --dtypes bf16}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
@@ -101,7 +102,7 @@ stage() {
   "$PYTHON" -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', torch.cuda.get_device_capability(0))"
   nvcc --version 2>&1 | tail -n 2 || true
   echo "cores: $cores"
-  git rev-parse HEAD 2>/dev/null || true
+  echo "commit: ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git here: pass GIT_COMMIT)")}"
 } > "$LOGS/versions.txt" 2>&1
 cat "$LOGS/versions.txt"
 {
@@ -167,6 +168,7 @@ for name in $STAGES; do
       stage bench "$BENCH_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $BENCH_ARGS --out "$OUT" \
         > "$LOGS/bench.log" 2>&1 || status=1
       tail -n 5 "$OUT/speed_report.md"
+      grep -m 5 -E "Traceback|Error|failed: |dropped at" "$LOGS/bench.log" || true
       ;;
     model)
       log "whole model $MODEL_ARGS"
@@ -174,6 +176,7 @@ for name in $STAGES; do
       stage model "$MODEL_TIMEOUT" "$PYTHON" -m mpvit_kernels.bench $MODEL_ARGS --out "$OUT/model" \
         > "$LOGS/model.log" 2>&1 || status=1
       tail -n 12 "$OUT/model/speed_report.md"
+      grep -m 5 -E "Traceback|Error|failed: " "$LOGS/model.log" || true
       ;;
     sanitizer)
       if ! command -v compute-sanitizer > /dev/null; then log "compute-sanitizer not found: skipped"; continue; fi

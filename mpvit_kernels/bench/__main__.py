@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 import torch
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
             "GPU.\n")
     info.update(copy_bandwidth_gbs=args.peak_gbs, finished=False, section_s={})
 
-    results = []
+    results, errors = [], []
     bar = say.bar = progress_bar(len(args.ops) * len(args.dtypes))
     measured = 0
 
@@ -194,11 +195,12 @@ def main(argv=None) -> int:
             for name in args.ops:
                 section = SECTIONS[name]
                 section_started = time.perf_counter()
-                rows = []
+                rows, latest, failed = [], [], []
 
-                def save_partial(section_rows, name=name, done=rows):
+                def save_partial(section_rows, name=name, done=rows, latest=latest):
                     """What a section has measured so far, written after each of its rows
                     (timing.keep): a run cut short by a time limit keeps every row it measured."""
+                    latest[:] = section_rows
                     partial = results + [{"section": name, **row} for row in done + section_rows]
                     write_report(folder, info, partial, say.markdown())
 
@@ -206,10 +208,20 @@ def main(argv=None) -> int:
                 for dtype_name in args.dtypes:
                     if bar is not None:
                         bar.set_description(f"{name} {dtype_name}")
-                    rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
+                    latest.clear()
+                    try:
+                        rows += section.run(args, device, DTYPES[dtype_name], dtype_name)
+                    except Exception as e:  # one family's failure must not cost the others their rows
+                        traceback.print_exc()
+                        rows += latest  # what it measured before it failed
+                        errors.append(f"{name} {dtype_name}: {type(e).__name__}: {e}")
+                        info["errors"] = errors
+                        failed.append(f"**{dtype_name} stopped after {len(latest)} rows: {type(e).__name__}: {e}**\n")
                     if bar is not None:
                         bar.update(1)
-                say(f"## {name}\n\n{section.table(rows)}\n")
+                say(f"## {name}\n\n{section.table(rows) if rows else 'no rows measured'}\n")
+                for line in failed:
+                    say(line)
                 results += [{"section": name, **row} for row in rows]
                 info["section_s"][name] = round(time.perf_counter() - section_started, 1)
                 write_report(folder, info, results, say.markdown())
@@ -230,7 +242,9 @@ def main(argv=None) -> int:
             json.dump({"device": info["device"], "torch": torch.__version__, "rows": results}, f, indent=1)
     print(f"results in {folder}: results.json, speed_report.md{'' if skipped else ', speedup.png'} "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    return 0
+    for error in errors:
+        print(f"failed: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -40,13 +40,14 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":  # one driver serves every GPU of the machine: the first line will do
         answer = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         driver = answer.splitlines()[0] if answer else None
-    # the commit of the checkout this package was imported from (None when it is not one)
+    # the commit of the checkout this package was imported from (None when it is not one), or
+    # GIT_COMMIT's: a device machine gets a copy of the working tree without its .git
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(mpvit_kernels.__file__)))
     return {"device": device_name(device), "device_slug": device_slug(device), "driver": driver,
             "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _command_output(["git", "rev-parse", "HEAD"], cwd=package_root),
+            "git_commit": os.environ.get("GIT_COMMIT") or _command_output(["git", "rev-parse", "HEAD"], cwd=package_root),
             "extension_built": mpvit_kernels.extension_available(), "backend": mpvit_kernels.get_backend()}
 
 
