@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import DWConv2dBN, ops
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps, assert_close, make_image
+from tests.utils import RecordOps, assert_close, make_image, normwise_error
 
 # (B, Cin, Cout, H, W, k, stride): odd sizes, Cin != Cout, channels not multiples of the tiles
 CASES = [
@@ -233,7 +233,7 @@ def test_train_op_refuses_a_bad_eps(eps):
 # MPViT-S and -B patch embeddings at 224 input: (C, input side, stride); path 0 of stages 2-4 has
 # stride 2, the others stride 1.
 PATCH_EMBEDS = [(C, side, s) for dims in ((64, 128, 216, 288), (128, 224, 368, 480))
-                for C, side, s in zip(dims, (56, 56, 28, 14), (1, 2, 2, 2))] + [(64, 56, 1), (288, 7, 1)]
+                for C, side, s in zip(dims, (56, 56, 28, 14), (1, 2, 2, 2))] + [(216, 14, 1), (288, 7, 1)]
 
 
 @pytest.mark.cuda
@@ -254,13 +254,12 @@ def test_cuda_low_precision_at_model_shapes(embed, dtype, training):
     for name, fn in (("ours", low), ("eager", lambda t: chain(low, t))):
         out = fn(xl)
         grads = torch.autograd.grad(out, [xl] + [low.get_parameter(p) for p in params], grad.to(dtype))
-        errs = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [want, *want_grads])]
+        errs = [normwise_error(a, b) for a, b in zip([out, *grads], [want, *want_grads])]
         if name == "ours":
             ours = errs
         else:
             eager = errs
-    scales = [t.abs().max().item() for t in [want, *want_grads]]
-    assert all(o <= 2 * e + 1e-3 * max(1.0, s) for o, e, s in zip(ours, eager, scales)), (ours, eager)
+    assert all(o <= 2 * e + 1e-3 for o, e in zip(ours, eager)), (ours, eager)
 
 
 @pytest.mark.cuda

@@ -84,6 +84,13 @@ class RecordLaunches:
             cls.run = run
 
 
+def normwise_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (want in fp64): the low-precision tests' measure. A max error
+    would be decided by the few elements whose 16-bit rounding crossed a Hardswish kink (its
+    slope jumps by 0.5 at +-3), for ours and eager alike, by chance."""
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
 class LaunchSpy:
     """A stand-in for a Triton launcher (``kernel[grid](...)``) that appends ``name`` to ``taken``
     at each launch, then launches ``kernel``: which of two launchers an op picked."""
