@@ -55,7 +55,10 @@ def as_on_a_cpu():
         yield
 
 
-def test_speed_report_runs(capsys, tmp_path):
+def test_speed_report_runs(capsys, tmp_path, monkeypatch):
+    from mpvit_kernels.bench import gli_projection
+
+    monkeypatch.setattr(gli_projection, "AGGREGATES", gli_projection.AGGREGATES[::6])  # S stage 1, B stage 3
     with as_on_a_cpu():
         assert report.main(["--ops", "traffic,affine_hswish,depthwise,dwconv_bn,gli_projection", "--device", "cpu",
                             "--batch", "1", "--reps", "1", "--warmup", "0", "--no-compile", "--resolutions", "64",
