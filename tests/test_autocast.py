@@ -13,14 +13,10 @@ import mpvit_kernels
 from mpvit_kernels import fuse, ops
 from mpvit_kernels.bench.public_mpvit import MHCA_stage, Patch_Embed_stage
 from tests.test_fuse import TRITON, randomized
-from tests.utils import randomize_bn
+from tests.utils import normwise_error, randomize_bn
 
 LOW = [torch.bfloat16, torch.float16]
 fuse_module = importlib.import_module("mpvit_kernels.fuse")  # the package's `fuse` is the function
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -68,7 +64,7 @@ def run_three(public, fused, x, dtype, loss=None):
         with mpvit_kernels.use_backend("reference", ops=TRITON):
             ours = fused(x)
     assert ours.dtype == eager.dtype == dtype
-    assert rel_err(ours, out64) <= 2 * rel_err(eager, out64) + 2e-3
+    assert normwise_error(ours, out64) <= 2 * normwise_error(eager, out64) + 2e-3
     if loss is None:
         return
     for out in (out64, eager, ours):
@@ -137,4 +133,4 @@ def test_fused_model_under_autocast_on_cuda_through_the_kernels(dtype):
         eager = public(x)
         ours = fused(x)
     assert ours.dtype == eager.dtype == dtype
-    assert rel_err(ours, out64) <= 2 * rel_err(eager, out64) + 2e-3
+    assert normwise_error(ours, out64) <= 2 * normwise_error(eager, out64) + 2e-3

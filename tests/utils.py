@@ -85,10 +85,10 @@ class RecordLaunches:
 
 
 def normwise_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| (want in fp64): the low-precision tests' measure. A max error
+    """||got - want|| / ||want||, in fp64: the low-precision tests' measure. A max error
     would be decided by the few elements whose 16-bit rounding crossed a Hardswish kink (its
     slope jumps by 0.5 at +-3), for ours and eager alike, by chance."""
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
 class LaunchSpy:

@@ -60,16 +60,17 @@ def eager(xs, w, bn, hswish=True, residual=None):
     return _bn_act(F.conv2d(_concat(xs), w), bn, False, hswish, residual)
 
 
-def ours(xs, w, bn, hswish=True, residual=None):
+def _folded(bn):
     mean, var, gamma, beta = bn
-    scale, shift = reference.fold_bn(gamma, beta, mean, var, 1e-5)
-    return ops.gli_projection(xs, w, scale, shift, hswish=hswish, residual=residual)
+    return reference.fold_bn(gamma, beta, mean, var, 1e-5)
+
+
+def ours(xs, w, bn, hswish=True, residual=None):
+    return ops.gli_projection(xs, w, *_folded(bn), hswish=hswish, residual=residual)
 
 
 def cudnn_affine_hswish(xs, w, bn, hswish=True, residual=None):
-    mean, var, gamma, beta = bn
-    scale, shift = reference.fold_bn(gamma, beta, mean, var, 1e-5)
-    y = ops.affine_hswish(F.conv2d(_concat(xs), w), scale, shift, hswish)
+    y = ops.affine_hswish(F.conv2d(_concat(xs), w), *_folded(bn), hswish)
     return y if residual is None else y.add_(residual)
 
 
