@@ -115,3 +115,22 @@ def test_a_gpu_test_run_reports_its_triton_compiles_summed_over_xdist_workers(mo
     conftest.pytest_sessionfinish(type("Session", (), {"config": config})())
     compiled, tuned, per_kernel = config.workeroutput["triton_counts"]
     assert "linear_kernel" in per_kernel and compiled == sum(n for n, _ in per_kernel.values())
+
+
+def test_a_stage_cut_short_at_its_limit_still_reports_what_failed(tmp_path):
+    # At the limit the stage gets SIGINT: pytest still prints its short summary and writes its
+    # junit XML, so a tests stage that runs out of time says which tests had failed by then.
+    tests = tmp_path / "test_cut_short.py"
+    tests.write_text("import time\n\n"
+                     "def test_fails_first():\n    assert False, 'seen before the limit'\n\n"
+                     "def test_outlasts_the_limit():\n    time.sleep(60)\n")
+    out_dir = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(stand_in_python(tmp_path)), OUT=str(out_dir), STAGES="tests",
+               TESTS=f"{tests} -p no:xdist", TESTS_WORKERS="0", TESTS_TIMEOUT="8")
+    out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    summary = (out_dir / "summary.md").read_text()
+    assert out.returncode == 1 and "| tests | TIMED OUT after 8s |" in summary, summary
+    assert "test_cut_short.py::test_fails_first" in summary and "seen before the limit" in summary, summary
+    with tarfile.open(out_dir / "logs.tar.gz") as tar:
+        xml = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("pytest.xml"))).read().decode()
+    assert 'name="test_fails_first"' in xml

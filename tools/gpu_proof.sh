@@ -28,7 +28,8 @@
 # time); run STAGES=sanitizer as its own call. Each stage has a time limit (*_TIMEOUT, seconds),
 # cut to what is left of TOTAL_TIMEOUT (default 570: set it a little under the device call's
 # timeout), so that the results are packed before the call is killed; a stage with under 30 s
-# left is skipped. A stage that needs the extension builds it first when STAGES has no build
+# left is skipped. At its limit a stage gets SIGINT, so that a cut-short pytest still reports
+# its failures. A stage that needs the extension builds it first when STAGES has no build
 # and the checkout has none with CUDA kernels (a device machine gone cold between calls is bare).
 #
 # $OUT (default benchmarks/results/<device>/) receives at most eight files, two folders deep, so
@@ -86,10 +87,20 @@ stage() {
     return 124
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  timeout --kill-after=10 "$limit" "$@"
+  # SIGINT at the limit, not timeout's SIGTERM: pytest then still prints its failures and
+  # short summary and writes its junit XML (the bench and model stages have kept their rows
+  # anyway). SIGKILL 10 s later if that hangs: exit 137, also the limit's doing.
+  timeout -s INT --kill-after=10 "$limit" "$@"
   rc=$?
   local took=$(( $(date +%s) - start ))
-  local verdict=$([ $rc -eq 0 ] && echo ok || ([ $rc -eq 124 ] && echo "TIMED OUT after ${limit}s" || echo "FAILED (exit $rc)"))
+  local verdict
+  case $rc in
+    0) verdict=ok ;;
+    124) verdict="TIMED OUT after ${limit}s" ;;
+    137) [ "$took" -ge "$limit" ] && verdict="TIMED OUT after ${limit}s (killed 10 s later)" ||
+           verdict="FAILED (exit 137: killed, out of memory?)" ;;
+    *) verdict="FAILED (exit $rc)" ;;
+  esac
   log "stage $name: $verdict in ${took}s"
   echo "| $name | $verdict | ${took}s |" >> "$summary"
   pack
