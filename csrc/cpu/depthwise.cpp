@@ -237,11 +237,14 @@ void with_k(int64_t K, F&& f) {
 }
 
 // f(c0, v) over the channels in blocks of kBlock, then one by one (v: an integral_constant).
-// Inlined, with an always-inline f, into the with_best_isa copy that calls it.
-template <typename F>
+// Inlined, with an always-inline f, into the with_best_isa copy that calls it. fp64 (checks
+// only, see with_best_isa) goes one channel at a time: its 8-wide blocks were a fifth of this
+// file's compile time.
+template <typename acc_t, typename F>
 MPVIT_ALWAYS_INLINE void channel_blocks(int64_t C, F&& f) {
   int64_t c0 = 0;
-  for (; c0 + kBlock <= C; c0 += kBlock) f(c0, std::integral_constant<int, kBlock>{});
+  if constexpr (!std::is_same_v<acc_t, double>)
+    for (; c0 + kBlock <= C; c0 += kBlock) f(c0, std::integral_constant<int, kBlock>{});
   for (; c0 < C; ++c0) f(c0, std::integral_constant<int, 1>{});
 }
 
@@ -249,8 +252,8 @@ MPVIT_ALWAYS_INLINE void channel_blocks(int64_t C, F&& f) {
 template <int K, bool TRANSPOSED, typename T, typename acc_t>
 void conv_row(const T* const* rows, int64_t src_w, int64_t C, int64_t n_out, int64_t S, const acc_t* wt,
               const acc_t* init, acc_t* out) {
-  with_best_isa([&]() __attribute__((always_inline)) {
-    channel_blocks(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
+  with_best_isa<acc_t>([&]() __attribute__((always_inline)) {
+    channel_blocks<acc_t>(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
       conv_row_block<K, decltype(v)::value, TRANSPOSED>(rows, src_w, C, c0, n_out, S, wt, init, out);
     });
   });
@@ -259,8 +262,8 @@ void conv_row(const T* const* rows, int64_t src_w, int64_t C, int64_t n_out, int
 // param_row_block over a row's channel blocks, likewise.
 template <int K, typename G, typename T, typename acc_t>
 void param_row(const G* gc, const T* const* x_rows, int64_t W, int64_t C, int64_t Wo, int64_t S, acc_t* part) {
-  with_best_isa([&]() __attribute__((always_inline)) {
-    channel_blocks(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
+  with_best_isa<acc_t>([&]() __attribute__((always_inline)) {
+    channel_blocks<acc_t>(C, [&](int64_t c0, auto v) __attribute__((always_inline)) {
       param_row_block<K, decltype(v)::value>(gc, x_rows, W, C, c0, Wo, S, part);
     });
   });

@@ -354,7 +354,7 @@ at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, 
     acc_t* sp = S.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B * num_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> work((2 + kTokenTile) * Ch);
-      with_best_isa([&]() __attribute__((always_inline)) {
+      with_best_isa<acc_t>([&]() __attribute__((always_inline)) {
         for (int64_t bh = begin; bh < end; ++bh) {
           const scalar_t* item = qp + (bh / num_heads) * sb + (bh % num_heads) * Ch;
           head_context(item + C, item + 2 * C, sn, N, Ch, sp + bh * Ch * Ch, work.data());
@@ -366,7 +366,7 @@ at::Tensor factor_attention_cpu(const at::Tensor& qkv_in, int64_t H, int64_t W, 
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> conv(W * C);
       std::vector<const scalar_t*> vrows(kmax);
-      with_best_isa([&]() __attribute__((always_inline)) {
+      with_best_isa<acc_t>([&]() __attribute__((always_inline)) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t b = row / H, y = row % H;
           const scalar_t* item = qp + b * sb;
