@@ -306,3 +306,40 @@ def test_the_cuda_build_answers_whether_its_kernels_load_on_a_gpu():
     x = torch.randn(2, 3, 4, 5, device="cuda")
     y = torch.ops.mpvit_kernels.affine_hswish(x, torch.ones(3, device="cuda"), torch.zeros(3, device="cuda"), False)
     torch.testing.assert_close(y, x)
+
+
+def test_eager_inference_calls_the_implementations_straight_and_anything_else_the_registered_op(monkeypatch):
+    # backend.call_op skips the registered op's Python layers (a quarter of a linear call's host
+    # time) only where nothing needs the dispatcher; the same function runs either way.
+    import importlib
+
+    linear_module = importlib.import_module("mpvit_kernels.ops.linear")
+    op = linear_module._linear
+    direct = []
+    implementation = op._init_fn
+    monkeypatch.setattr(op, "_init_fn", lambda *a: direct.append(1) or implementation(*a))
+    x = torch.randn(2, 5, 16, device=KERNEL_DEVICE)
+    w = torch.randn(24, 16, device=KERNEL_DEVICE, requires_grad=True)
+    b, lw, lb = (torch.randn(n, device=KERNEL_DEVICE) for n in (24, 16, 16))
+
+    def run():
+        direct.clear()
+        y = ops.linear(x, w, b, lw, lb, 1e-6)
+        return y, bool(direct)
+
+    with torch.no_grad():
+        y_direct, took = run()
+    assert took
+    y_registered, took = run()  # w requires grad: autograd records the op
+    assert not took and y_registered.requires_grad
+    assert torch.equal(y_direct, y_registered.detach())
+    with torch.no_grad(), RecordOps() as rec:  # a dispatch mode sees every op
+        assert not run()[1]
+    assert "mpvit_kernels.linear" in rec.names
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert not run()[1]  # a profile names the op
+    assert any("mpvit_kernels::linear" in e.key for e in prof.key_averages())
+    with torch.no_grad():
+        meta = [t.to("meta") for t in (x, w, b, lw, lb)]
+        direct.clear()
+        assert ops.linear(*meta, 1e-6).device.type == "meta" and not direct  # the fake answers

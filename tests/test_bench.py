@@ -279,6 +279,42 @@ def test_measure_times_the_first_call_on_its_own():
     assert "first_call_ms" not in timing.measure(lambda: None, torch.device("cpu"), warmup=0, reps=1)
 
 
+def test_a_gpu_timing_also_reports_the_hosts_time_for_the_call(monkeypatch):
+    # On a GPU the events time the kernels; the host's own time for the call (until its last
+    # launch is queued) says whether Python and launches set the pace. Stand-in events here.
+    import time
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = Event.clock
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    def call():
+        time.sleep(0.004)  # the host's share: 4 ms
+        Event.clock += 10.0  # the GPU's: 10 ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(timing, "sync_device", lambda device: None)
+    t = timing.measure(call, torch.device("cuda"), warmup=0, reps=3)
+    assert t["median_ms"] == 10.0 and 4.0 <= t["host_ms"] < 10.0
+    both = timing.measure_in_turns({"a": call, "b": call}, torch.device("cuda"), warmup=0, reps=2)
+    assert all(4.0 <= both[k]["host_ms"] < 10.0 for k in "ab")
+    assert "host_ms" not in timing.measure(call, torch.device("cpu"), warmup=0, reps=1)  # wall time is the host's
+    row = {"op": "MPViT", "model": "S", "input": 224, "shape": [64, 3, 224, 224], "dtype": "bf16",
+           "mode": "inference", "impl": "eager", **t, "img/s": 6400.0, "peak_mib": 1.0}
+    assert "| 10.0 | 10.0-10.0 | " + f"{t['host_ms']:.1f} | 6400.0 |" in model_section.table([row])
+
+
 def test_results_folder_is_named_after_the_device(monkeypatch):
     assert timing.device_slug(torch.device("cpu")) == f"cpu-{platform.machine().lower()}"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
@@ -507,3 +543,19 @@ def test_report_settings_let_every_row_compile_and_turn_tf32_off():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_host_overhead_tool_runs_the_model_with_its_kernels_stubbed():
+    # tools/host_overhead.py: the host's share of a forward, measured on a CPU (its own process:
+    # it stubs Triton's launches)
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # MPViT-T's 23 blocks: qkv and fc1 GEMMs, the attention (one launch on maps this small) and
+    # the residual LayerNorm each; 11 patch embeddings; 4 GLI projections and 8 InvRes 1x1s
+    assert "MPViT-Tiny batch 1 16x16 eval, kernels stubbed" in out.stdout, out.stdout
+    assert "115 Triton launches stubbed" in out.stdout, out.stdout

@@ -17,7 +17,9 @@ every input; --model-sizes and --model-modes pick models and modes. Training run
 shape but batch 1. Peak memory is the CUDA caching allocator's peak over one more call after the
 timed ones, above what was allocated before it (activations, grads, workspaces: the weights and
 optimiser states of every column stay resident alike and are left out), "-" on a CPU, which has
-no such counter. On a CPU a mode's columns are timed in turns, one repeat each round after round
+no such counter. "host ms" (GPU only) is the host's time for one call, until its last kernel is
+queued: where it comes close to "median ms", Python and launches, not the GPU, set the pace
+(tools/host_overhead.py measures ours' share of it on a CPU). On a CPU a mode's columns are timed in turns, one repeat each round after round
 (timing.measure_in_turns): its speed drifts during a run, and in sequence the drift would fall on
 whichever column ran last (the compiled ones).
 """
@@ -174,9 +176,9 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | input | batch | dtype | mode | impl | median ms | p25-p75 ms | img/s | peak MiB above resident | "
-           "speedup vs eager | vs fastest compile of eager | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | input | batch | dtype | mode | impl | median ms | p25-p75 ms | host ms | img/s | "
+           "peak MiB above resident | speedup vs eager | vs fastest compile of eager | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["model"], r["input"], r["shape"][0], r["dtype"], r["mode"])  # noqa: E731
     base = {(key(r), r["impl"]): r["median_ms"] for r in rows}
     shapes_seen = {k: i for i, k in enumerate(dict.fromkeys(key(r)[:4] for r in rows))}
@@ -186,7 +188,8 @@ def table(rows: list[dict]) -> str:
         vs_compile = f"{min(compiles) / r['median_ms']:.2f}x" if compiles else "-"
         first = f"{r['first_call_ms'] / 1e3:.0f}" if r.get("first_call_ms") is not None else "-"
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+        host = f"{r['host_ms']:.1f}" if r.get("host_ms") is not None else "-"
         out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['mode']} | "
-                   f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {r['img/s']:.1f} | "
+                   f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {host} | {r['img/s']:.1f} | "
                    f"{peak} | {base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | {first} |")
     return "\n".join(out)

@@ -77,13 +77,19 @@ def first_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
-    """One call's time in milliseconds: CUDA events around it on a GPU, the wall clock on a CPU."""
+def _timed_call(fn: Callable[[], object], device: torch.device, host: list[float] | None = None) -> float:
+    """One call's time in milliseconds: CUDA events around it on a GPU, the wall clock on a CPU.
+    On a GPU ``host`` (if given) also receives the host's time for the call, from before the
+    start event to after the end event is queued: Python, dispatch and launches. Where it comes
+    close to the events' time, the host, not the GPU, sets the pace."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         fn()
         end.record()
+        if host is not None:
+            host.append((time.perf_counter() - t0) * 1e3)
         end.synchronize()
         return start.elapsed_time(end)
     t0 = time.perf_counter()
@@ -91,10 +97,12 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _summary(times: list[float], flushing: bool, first: float | None) -> dict:
+def _summary(times: list[float], flushing: bool, first: float | None, host: list[float] | None = None) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     timing = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "reps": len(times),
               "l2_flushed": flushing}
+    if host:
+        timing["host_ms"] = statistics.median(host)
     if first is not None:
         timing["first_call_ms"] = first
     for callback in after_measure:
@@ -117,12 +125,12 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
         fn()
     flushing = flush_l2_between and device.type == "cuda"
     sync_device(device)
-    times = []
+    times, host = [], []
     for _ in range(reps):
         if flushing:
             flush_l2(device)
-        times.append(_timed_call(fn, device))
-    return _summary(times, flushing, first)
+        times.append(_timed_call(fn, device, host))
+    return _summary(times, flushing, first, host)
 
 
 def measure_in_turns(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3, reps: int = 20,
@@ -138,10 +146,11 @@ def measure_in_turns(fns: dict[str, Callable[[], object]], device: torch.device,
             fn()
     sync_device(device)
     times = {name: [] for name in fns}
+    host = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name].append(_timed_call(fn, device))
-    return {name: _summary(times[name], False, first[name]) for name in fns}
+            times[name].append(_timed_call(fn, device, host[name]))
+    return {name: _summary(times[name], False, first[name], host[name]) for name in fns}
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -80,7 +80,7 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
         w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
-        return torch.ops.mpvit_kernels.dwconv_bn(x, dw_weight, w, scale, shift, int(stride), bool(hswish))
+        return backend.call_op(_dwconv_bn, x, dw_weight, w, scale, shift, int(stride), bool(hswish))
     # Unfused: the depthwise op, then the 1x1 with the BatchNorm folded into it (folds_into_conv) or
     # followed by affine_hswish (compiled or reference, as their families run)
     if scale is not None and folds_into_conv("dwconv_bn", x):

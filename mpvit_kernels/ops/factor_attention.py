@@ -163,7 +163,7 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
             return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
         token = _REUSE_PACKING.set(True)
         try:
-            return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
+            return backend.call_op(factor_attention_fwd, *args)[0]
         finally:
             _REUSE_PACKING.reset(token)
     return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases)

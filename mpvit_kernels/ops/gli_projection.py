@@ -137,7 +137,7 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
         # the epilogue reads the residual as rows laid out as y's: a view of a channels-last map
         res = (residual.permute(0, 2, 3, 1).reshape(B, H * W, Cout) if maps else residual).contiguous() if fused \
             else None
-        y = _image(torch.ops.mpvit_kernels.gli_projection(rows, w, scale, shift, bool(hswish), res), B, H, W)
+        y = _image(backend.call_op(_gli_projection, rows, w, scale, shift, bool(hswish), res), B, H, W)
         return y if residual is None or fused else y + residual_map
     if scale is not None and folds_into_conv("gli_projection", rows[0]):
         return conv_folded_bn([_image(x, B, H, W) for x in rows], weight.reshape(Cout, -1, 1, 1), scale, shift,

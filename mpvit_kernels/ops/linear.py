@@ -85,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     params = [bias, ln_weight, ln_bias]
     if len({p.dtype for p in params if p is not None}) > 1:  # the kernel reads them in one dtype, whichever it is
         params = [None if p is None else p.to(reference._acc_dtype(dtype)) for p in params]
-    y = torch.ops.mpvit_kernels.linear(x.reshape(-1, K), weight, *params, float(eps), gelu)
+    y = backend.call_op(_linear, x.reshape(-1, K), weight, *params, float(eps), gelu)
     return y.view(*x.shape[:-1], N)
 
 

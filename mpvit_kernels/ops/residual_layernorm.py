@@ -76,7 +76,7 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     if backend.use_triton("residual_layernorm", x.device):
         if len({p.dtype for p in params}) > 1:  # the kernel reads them in one dtype, whichever it is
             params = tuple(p.to(reference._acc_dtype(x.dtype)) for p in params)
-        return torch.ops.mpvit_kernels.residual_layernorm_fwd(x, y, *params, float(eps))[:2]
+        return backend.call_op(_residual_layernorm, x, y, *params, float(eps))[:2]
     return reference.residual_layernorm(x, y, *params, eps)
 
 

@@ -1,0 +1,81 @@
+"""Host time of one eval forward of our MPViT with every kernel stubbed: the Python, dispatch and
+allocation work the fused ops do around their launches, which a GPU cannot hide where the host
+is the slower side (batch 1, or any batch once the host takes longer than the kernels).
+
+Measured on a CPU, no GPU needed: TRITON_INTERPRET=1 takes the ops down their Triton path on CPU
+tensors, and each Triton launch returns at once (Triton's own launch cost on a GPU, its argument
+binding and the driver call, comes on top). The attention's and depthwise's CPU twins, the
+GEMMs around them and the tensors' allocations still run, so a small input keeps their share
+small; the figure is for comparing the code's host cost before and after a change, on one
+machine, not a GPU's time.
+
+    python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+LAUNCHES = [0]
+
+
+def _stub(self, *args, **kwargs):
+    LAUNCHES[0] += 1
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="small", choices=("tiny", "xsmall", "small", "base"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--res", type=int, default=16, help="input height and width")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: less noise)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N functions of most own time")
+    args = p.parse_args(argv)
+
+    interpreter.InterpretedFunction.run = _stub
+    from mpvit_kernels import models
+
+    torch.set_num_threads(args.threads)
+    model = getattr(models, f"mpvit_{args.size}")().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.res, args.res).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        LAUNCHES[0] = 0
+        model(x)
+        launches = LAUNCHES[0]
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1e3)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(10):
+                model(x)
+            profiler.disable()
+    q = statistics.quantiles(times, n=4)
+    result = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "triton_launches": launches}
+    print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed, "
+          f"{args.threads} thread(s): {result['median_ms']:.2f} ms a forward (p25-p75 {q[0]:.2f}-{q[2]:.2f}), "
+          f"{launches} Triton launches stubbed")
+    if args.profile:
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+    return result
+
+
+if __name__ == "__main__":
+    main()
