@@ -325,14 +325,15 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def call_op(op, *args):
     """``op(*args)`` for one of our ops defined with ``torch.library.custom_op``, called straight
     into its implementation where nothing needs the dispatcher: eager code (not traced by
-    torch.compile or torch.export), no autograd graph to record, no TorchDispatchMode, functorch
-    transform or profiler active, plain tensors on a real device. There the registered op only
+    torch.compile, torch.export or torch.jit.trace), no autograd graph to record, no
+    TorchDispatchMode, functorch transform or profiler active, plain tensors on a real device. There the registered op only
     adds its Python layers (26 us of a linear call's 100 on this project's CPU, the kernel launch
     stubbed), host time that a GPU cannot hide where the host is the slower side. The same
     function runs either way, so the results are the same."""
     fn = getattr(op, "_init_fn", None)  # the undecorated implementation (torch 2.4+)
     if (fn is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled()):
+            or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled()
+            or torch._C._get_tracing_state() is not None):
         return op(*args)
     grad = torch.is_grad_enabled()
     for arg in args:

@@ -340,6 +340,10 @@ def test_eager_inference_calls_the_implementations_straight_and_anything_else_th
         assert not run()[1]  # a profile names the op
     assert any("mpvit_kernels::linear" in e.key for e in prof.key_averages())
     with torch.no_grad():
+        frozen = w.detach()
+        traced = torch.jit.trace(lambda t: ops.linear(t, frozen, b, lw, lb, 1e-6), (x,), check_trace=False)
+    assert "mpvit_kernels::linear" in str(traced.graph)  # a trace records the op, not its insides
+    with torch.no_grad():
         meta = [t.to("meta") for t in (x, w, b, lw, lb)]
         direct.clear()
         assert ops.linear(*meta, 1e-6).device.type == "meta" and not direct  # the fake answers
