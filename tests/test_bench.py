@@ -313,6 +313,35 @@ def test_a_gpu_timing_also_reports_the_hosts_time_for_the_call(monkeypatch):
     row = {"op": "MPViT", "model": "S", "input": 224, "shape": [64, 3, 224, 224], "dtype": "bf16",
            "mode": "inference", "impl": "eager", **t, "img/s": 6400.0, "peak_mib": 1.0}
     assert "| 10.0 | 10.0-10.0 | " + f"{t['host_ms']:.1f} | 6400.0 |" in model_section.table([row])
+    # the host's time differs per column: it does not split a case of the figure
+    ours = {**row, "impl": "ours", "host_ms": t["host_ms"] + 1}
+    assert len(measured_cases([row, ours])) == 1
+
+
+def test_a_cuda_graph_column_that_fails_to_capture_costs_only_itself(monkeypatch, capsys):
+    # On a GPU, inference is also replayed from CUDA graphs of eager and ours (the kernels'
+    # time without the host's); a capture that fails on a first GPU run drops its column alone.
+    inference_impls, fused = model_section._inference_impls, []
+
+    def impls(args, public, ours, device):
+        fused.append(ours)
+        return {**inference_impls(args, public, ours, device), **dict(zip(model_section.GRAPHED, (public, ours)))}
+
+    def capture(model, x, device, dtype):
+        if model is fused[-1]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return lambda: model(x)
+
+    monkeypatch.setattr(model_section, "_inference_impls", impls)
+
+    monkeypatch.setattr(model_section, "_graph_replay", capture)
+    args = report.parse_args(["--model-batch", "1", "--resolutions", "32", "--reps", "1", "--warmup", "0",
+                              "--no-compile", "--model-modes", "inference"], cuda=False)
+    with as_on_a_cpu():
+        rows = model_section.run(args, torch.device("cpu"), torch.float32, "fp32")
+    assert [r["impl"] for r in rows] == ["eager", "ours", "eager + CUDA graph"]
+    assert rows[-1]["peak_mib"] is None
+    assert "column 'ours + CUDA graph' dropped at MPViT-T 32 batch 1: RuntimeError" in capsys.readouterr().err
 
 
 def test_results_folder_is_named_after_the_device(monkeypatch):

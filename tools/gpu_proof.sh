@@ -18,7 +18,8 @@
 #              224 --ops gli_projection"). Rows reach results.json as they are measured, the
 #              GEMM and attention families first, so a run cut short keeps what it measured
 #   model      the whole model end to end (MODEL_ARGS, default MPViT-S at 224, batch 64, bf16:
-#              inference and a training step; eager, torch.compile, ours, ours + compile), into
+#              inference and a training step; eager, ours, their CUDA-graph replays (inference),
+#              torch.compile, ours + compile), into
 #              $OUT/model/ (results.json after every row, eager and ours of both modes before any
 #              compiled column): its compiles take minutes, so run it as a call of its own
 #   sanitizer  compute-sanitizer memcheck and racecheck over the kernel tests, caching allocator

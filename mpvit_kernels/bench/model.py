@@ -19,7 +19,10 @@ timed ones, above what was allocated before it (activations, grads, workspaces: 
 optimiser states of every column stay resident alike and are left out), "-" on a CPU, which has
 no such counter. "host ms" (GPU only) is the host's time for one call, until its last kernel is
 queued: where it comes close to "median ms", Python and launches, not the GPU, set the pace
-(tools/host_overhead.py measures ours' share of it on a CPU). On a CPU a mode's columns are timed in turns, one repeat each round after round
+(tools/host_overhead.py measures ours' share of it on a CPU). On a GPU inference is also timed
+replayed from a CUDA graph of eager and of ours ("eager + CUDA graph", "ours + CUDA graph",
+captured after warm-up, no compile): the kernels without the host's time; a capture that fails
+drops its column alone. On a CPU a mode's columns are timed in turns, one repeat each round after round
 (timing.measure_in_turns): its speed drifts during a run, and in sequence the drift would fall on
 whichever column ran last (the compiled ones).
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,9 @@ SHAPES = {"cuda": ((224, 64), (224, 1), (512, 16)), "cpu": ((224, 8),)}
 DEFAULT_BATCH = {"cuda": 16, "cpu": 8}  # inputs with no entry in SHAPES
 MODES = ("inference", "train")
 MAX_AUTOTUNE = "torch.compile max-autotune + freezing"
+# Inference replayed from a CUDA graph captured after warm-up (GPU only, no compile: a capture
+# takes a second): the kernels' time without the host's, for eager and ours alike.
+GRAPHED = ("eager + CUDA graph", "ours + CUDA graph")
 EAGER_COMPILES = ("torch.compile", MAX_AUTOTUNE)  # the compiled columns of the unfused model
 # Device types whose columns are timed in turns (a CPU's speed drifts within a run); a GPU's in
 # sequence, the uncompiled ones first, so that a time-limited call has them before any compile.
@@ -86,8 +93,11 @@ def _freezing(on: bool):
     return torch._inductor.config.patch(freezing=True)
 
 
-def _inference_impls(args, public, ours) -> dict:
-    impls = {"eager": public, "ours": ours, **compiled(args, public, ours, fullgraph=False, cudagraphs=True)}
+def _inference_impls(args, public, ours, device: torch.device) -> dict:
+    impls = {"eager": public, "ours": ours}
+    if device.type == "cuda":
+        impls.update(zip(GRAPHED, (public, ours)))
+    impls.update(compiled(args, public, ours, fullgraph=False, cudagraphs=True))
     if "torch.compile max-autotune" in impls:  # frozen below, at its compile (its first call)
         impls[MAX_AUTOTUNE] = impls.pop("torch.compile max-autotune")
     return impls
@@ -121,10 +131,34 @@ def peak_mib(device: torch.device, fn) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def _graph_replay(model, x: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """A replay of ``model``'s inference forward captured in a CUDA graph on a copy of x, after
+    warm-up forwards on a side stream (Triton's tuning, the caches of BatchNorm folds and CRPE
+    packings: none of that may happen inside a capture), as torch.cuda.graph asks. Autocast
+    without its cache of cast weights, which it frees when its region ends: the graph would
+    replay reads of freed memory (PyTorch's CUDA-graph notes)."""
+    static_x = x.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    cast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype != torch.float32 \
+        else contextlib.nullcontext()
+    with torch.no_grad(), cast:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static_x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(static_x)
+    return graph.replay
+
+
 def _step(mode: str, impl: str, target, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
           dtype: torch.dtype):
     """One timed call of a column: a forward without grad, or a training step (forward,
     cross-entropy, backward, AdamW step) for a (model, optimizer) pair."""
+    if impl in GRAPHED:
+        return _graph_replay(target, x, device, dtype)
     if mode == "inference":
         def step():
             with _freezing(impl == MAX_AUTOTUNE), torch.no_grad(), _autocast(device, dtype):
@@ -143,7 +177,7 @@ def _step(mode: str, impl: str, target, x: torch.Tensor, labels: torch.Tensor, d
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     rows = []
     for size in args.model_sizes:
-        inference = _inference_impls(args, *models(size, device)) if "inference" in args.model_modes else {}
+        inference = _inference_impls(args, *models(size, device), device) if "inference" in args.model_modes else {}
         for res, batch in shapes(args, device):
             x = torch.randn(batch, 3, res, res, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
@@ -153,7 +187,15 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
             # the uncompiled columns of both modes first (whole-model compiles take minutes: a
             # time-limited GPU call has them); the table shows each mode's rows together
             cases.sort(key=lambda case: "compile" in case[1])
-            steps = [(mode, impl, _step(mode, impl, target, x, labels, device, dtype)) for mode, impl, target in cases]
+            steps = []
+            for mode, impl, target in cases:
+                try:
+                    steps.append((mode, impl, _step(mode, impl, target, x, labels, device, dtype)))
+                except Exception as e:  # a first capture on a GPU costs only its own column
+                    if impl not in GRAPHED:
+                        raise
+                    print(f"model: column {impl!r} dropped at MPViT-{SHORT_NAMES[size]} {res} batch {batch}: "
+                          f"{type(e).__name__}: {e}", file=sys.stderr)
             if device.type in IN_TURNS:
                 timed = []
                 for mode in MODES:
@@ -169,7 +211,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                              "dtype": dtype_name, "mode": mode, "impl": impl, **t,
                              "img/s": batch / (t["median_ms"] * 1e-3),
                              # a CUDA graph's memory is set aside at its capture: a replay's peak says nothing
-                             "peak_mib": None if impl == MAX_AUTOTUNE else peak_mib(device, step)})
+                             "peak_mib": None if impl in (MAX_AUTOTUNE, *GRAPHED) else peak_mib(device, step)})
                 keep(args, rows)
             del cases, steps
     return rows
@@ -182,7 +224,7 @@ def table(rows: list[dict]) -> str:
     key = lambda r: (r["model"], r["input"], r["shape"][0], r["dtype"], r["mode"])  # noqa: E731
     base = {(key(r), r["impl"]): r["median_ms"] for r in rows}
     shapes_seen = {k: i for i, k in enumerate(dict.fromkeys(key(r)[:4] for r in rows))}
-    impls = ("eager", "ours", *EAGER_COMPILES, "ours + compile")
+    impls = ("eager", "ours", *GRAPHED, *EAGER_COMPILES, "ours + compile")
     for r in sorted(rows, key=lambda r: (shapes_seen[key(r)[:4]], MODES.index(r["mode"]), impls.index(r["impl"]))):
         compiles = [base[(key(r), c)] for c in EAGER_COMPILES if (key(r), c) in base]
         vs_compile = f"{min(compiles) / r['median_ms']:.2f}x" if compiles else "-"
