@@ -18,8 +18,9 @@ shape but batch 1. Peak memory is the CUDA caching allocator's peak over one mor
 timed ones, above what was allocated before it (activations, grads, workspaces: the weights and
 optimiser states of every column stay resident alike and are left out), "-" on a CPU, which has
 no such counter. "host ms" (GPU only) is the host's time for one call, until its last kernel is
-queued: where it comes close to "median ms", Python and launches, not the GPU, set the pace
-(tools/host_overhead.py measures ours' share of it on a CPU). On a GPU inference is also timed
+queued: where it comes close to "median ms", Python and launches, not the GPU, set the pace, or
+the launch queue was full (a thousand launches or so queued behind slower kernels block the
+host too: compare with the CUDA-graph rows; tools/host_overhead.py measures ours' share on a CPU). On a GPU inference is also timed
 replayed from a CUDA graph of eager and of ours ("eager + CUDA graph", "ours + CUDA graph",
 captured after warm-up, no compile): the kernels without the host's time; a capture that fails
 drops its column alone. On a CPU a mode's columns are timed in turns, one repeat each round after round
@@ -142,15 +143,24 @@ def _graph_replay(model, x: torch.Tensor, device: torch.device, dtype: torch.dty
     side.wait_stream(torch.cuda.current_stream(device))
     cast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype != torch.float32 \
         else contextlib.nullcontext()
-    with torch.no_grad(), cast:
+    # the outer stream context puts the current stream back even where a failed capture's exit
+    # raises before the graph's own stream context is left
+    with torch.no_grad(), cast, torch.cuda.stream(torch.cuda.current_stream(device)):
         with torch.cuda.stream(side):
             for _ in range(3):
                 model(static_x)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            model(static_x)
-    return graph.replay
+            out = model(static_x)
+
+    def replay():
+        graph.replay()
+
+    # the graph reads static_x and writes out at their addresses: both live as long as the replay
+    # (a freed static_x goes back to the driver at the next capture, which empties the cache)
+    replay.keep = (static_x, out)
+    return replay
 
 
 def _step(mode: str, impl: str, target, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -194,6 +204,8 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 except Exception as e:  # a first capture on a GPU costs only its own column
                     if impl not in GRAPHED:
                         raise
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # a sticky CUDA error stops the report here
                     print(f"model: column {impl!r} dropped at MPViT-{SHORT_NAMES[size]} {res} batch {batch}: "
                           f"{type(e).__name__}: {e}", file=sys.stderr)
             if device.type in IN_TURNS:
