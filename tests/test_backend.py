@@ -339,7 +339,8 @@ def test_eager_inference_calls_the_implementations_straight_and_anything_else_th
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert not run()[1]  # a profile names the op
     assert any("mpvit_kernels::linear" in e.key for e in prof.key_averages())
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace is deprecated, and warns of the checks' Python bools
         frozen = w.detach()
         traced = torch.jit.trace(lambda t: ops.linear(t, frozen, b, lw, lb, 1e-6), (x,), check_trace=False)
     assert "mpvit_kernels::linear" in str(traced.graph)  # a trace records the op, not its insides
