@@ -326,10 +326,10 @@ def call_op(op, *args):
     """``op(*args)`` for one of our ops defined with ``torch.library.custom_op``, called straight
     into its implementation where nothing needs the dispatcher: eager code (not traced by
     torch.compile, torch.export or torch.jit.trace), no autograd graph to record, no
-    TorchDispatchMode, functorch transform or profiler active, plain tensors on a real device. There the registered op only
-    adds its Python layers (26 us of a linear call's 100 on this project's CPU, the kernel launch
-    stubbed), host time that a GPU cannot hide where the host is the slower side. The same
-    function runs either way, so the results are the same."""
+    TorchDispatchMode, functorch transform or profiler active, plain tensors on a real device.
+    There the registered op only adds its Python layers (26 us of a linear call's 100 on this
+    project's CPU, the kernel launch stubbed), host time that a GPU cannot hide where the host is
+    the slower side. The same function runs either way, so the results are the same."""
     fn = getattr(op, "_init_fn", None)  # the undecorated implementation (torch 2.4+)
     if (fn is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled()

@@ -20,12 +20,12 @@ optimiser states of every column stay resident alike and are left out), "-" on a
 no such counter. "host ms" (GPU only) is the host's time for one call, until its last kernel is
 queued: where it comes close to "median ms", Python and launches, not the GPU, set the pace, or
 the launch queue was full (a thousand launches or so queued behind slower kernels block the
-host too: compare with the CUDA-graph rows; tools/host_overhead.py measures ours' share on a CPU). On a GPU inference is also timed
-replayed from a CUDA graph of eager and of ours ("eager + CUDA graph", "ours + CUDA graph",
-captured after warm-up, no compile): the kernels without the host's time; a capture that fails
-drops its column alone. On a CPU a mode's columns are timed in turns, one repeat each round after round
-(timing.measure_in_turns): its speed drifts during a run, and in sequence the drift would fall on
-whichever column ran last (the compiled ones).
+host too: compare with the CUDA-graph rows; tools/host_overhead.py measures ours' share on a
+CPU). On a GPU inference is also timed replayed from a CUDA graph of eager and of ours ("eager +
+CUDA graph", "ours + CUDA graph", captured after warm-up, no compile): the kernels without the
+host's time; a capture that fails drops its column alone. On a CPU a mode's columns are timed in
+turns, one repeat each round after round (timing.measure_in_turns): its speed drifts during a
+run, and in sequence the drift would fall on whichever column ran last (the compiled ones).
 """
 from __future__ import annotations
 
@@ -244,6 +244,7 @@ def table(rows: list[dict]) -> str:
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
         host = f"{r['host_ms']:.1f}" if r.get("host_ms") is not None else "-"
         out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['mode']} | "
-                   f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {host} | {r['img/s']:.1f} | "
+                   f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {host} | "
+                   f"{r['img/s']:.1f} | "
                    f"{peak} | {base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | {first} |")
     return "\n".join(out)

@@ -4,8 +4,8 @@ measured copy bandwidth (the roofline of a memory-bound op)."""
 from __future__ import annotations
 
 # Keys that differ between the implementations of one case; every other key names the case.
-PER_IMPL_KEYS = {"impl", "median_ms", "p25_ms", "p75_ms", "reps", "l2_flushed", "first_call_ms", "host_ms", "GB/s", "TFLOP/s",
-                 "% of copy peak", "bytes", "img/s", "peak_mib"}
+PER_IMPL_KEYS = {"impl", "median_ms", "p25_ms", "p75_ms", "reps", "l2_flushed", "first_call_ms", "host_ms", "GB/s",
+                 "TFLOP/s", "% of copy peak", "bytes", "img/s", "peak_mib"}
 MODE_LABELS = {"forward": "fwd", "forward+backward": "fwd+bwd", "eval forward": "eval fwd",
                "train forward+backward": "train fwd+bwd"}
 INCH_PER_CASE = 0.3

@@ -81,7 +81,8 @@ def _timed_call(fn: Callable[[], object], device: torch.device, host: list[float
     """One call's time in milliseconds: CUDA events around it on a GPU, the wall clock on a CPU.
     On a GPU ``host`` (if given) also receives the host's time for the call, from before the
     start event to after the end event is queued: Python, dispatch and launches. Where it comes
-    close to the events' time, the host, not the GPU, sets the pace."""
+    close to the events' time, the host, not the GPU, sets the pace (or a full launch queue
+    blocked it)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
