@@ -171,7 +171,6 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         B, H, W, n, C, Cout = r["shape"]
         out.append(f"| {r['model']} | {r['input']} | {r['stage']} | {r['site']} | {B}x{H}x{W}x({n}x{C} -> {Cout}) | "
-                   f"{r['dtype']} | "
-                   f"{r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
+                   f"{r['dtype']} | {r['mode']} | {r['impl']} | {r['median_ms']:.3f} | {r['p25_ms']:.3f}-{r['p75_ms']:.3f} | "
                    f"{r['GB/s']:.1f} | {r['TFLOP/s']:.2f} | {base[key(r)] / r['median_ms']:.2f}x |")
     return "\n".join(out)

@@ -81,8 +81,10 @@ def shapes(args, device: torch.device) -> list[tuple[int, int]]:
     return out
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+def _autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _freezing(on: bool):
@@ -140,16 +142,15 @@ def _graph_replay(model, x: torch.Tensor, device: torch.device, dtype: torch.dty
     replay reads of freed memory (PyTorch's CUDA-graph notes)."""
     static_x = x.clone()
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    cast = torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype != torch.float32 \
-        else contextlib.nullcontext()
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
     # the outer stream context puts the current stream back even where a failed capture's exit
     # raises before the graph's own stream context is left
-    with torch.no_grad(), cast, torch.cuda.stream(torch.cuda.current_stream(device)):
+    with torch.no_grad(), _autocast(device, dtype, cache=False), torch.cuda.stream(current):
         with torch.cuda.stream(side):
             for _ in range(3):
                 model(static_x)
-        torch.cuda.current_stream(device).wait_stream(side)
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = model(static_x)
@@ -245,6 +246,6 @@ def table(rows: list[dict]) -> str:
         host = f"{r['host_ms']:.1f}" if r.get("host_ms") is not None else "-"
         out.append(f"| MPViT-{r['model']} | {r['input']} | {r['shape'][0]} | {r['dtype']} | {r['mode']} | "
                    f"{r['impl']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {host} | "
-                   f"{r['img/s']:.1f} | "
-                   f"{peak} | {base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | {first} |")
+                   f"{r['img/s']:.1f} | {peak} | {base[(key(r), 'eager')] / r['median_ms']:.2f}x | {vs_compile} | "
+                   f"{first} |")
     return "\n".join(out)

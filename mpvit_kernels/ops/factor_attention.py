@@ -155,8 +155,8 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
             and _triton_takes_head_dim(qkv.shape[2] // 3 // num_heads)):
         # Reuse a cached CRPE packing only where no graph through the weights is built: inside
         # the op no autograd graph is recorded whatever grad mode says, so the decision is made
-        # here (under torch.compile this
-        # wrapper is traced away and the op packs every call, as conservative as it gets).
+        # here (under torch.compile this wrapper is traced away and the op packs every call, as
+        # conservative as it gets).
         # S and lse are kept for the backward only where autograd will ask for it.
         need_stats = backward_follows
         args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases), need_stats)
