@@ -167,7 +167,9 @@ def _kernels_fit(op: str, device: torch.device, backend: str) -> bool:
     error where ``backend`` forces kernels), True for any other device."""
     if device.type != "cuda" or torch.version.hip:
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device()
     capability = _capability.get(index)
     if capability is None:
         props = torch.cuda.get_device_properties(index)  # what torch.compile folds to a constant
@@ -245,9 +247,10 @@ def use_triton(op: str, device: torch.device) -> bool:
     backend = get_backend(op)
     if backend == "reference":
         return False
-    if device.type == "meta":  # shapes only: the registered ops' fakes, no kernel (traffic counts)
+    kind = device.type  # a fresh str each time it is read: read once
+    if kind == "meta":  # shapes only: the registered ops' fakes, no kernel (traffic counts)
         return True
-    runs_here = device.type == "cuda" or (device.type == "cpu" and _env_flag("TRITON_INTERPRET"))
+    runs_here = kind == "cuda" or (kind == "cpu" and _env_flag("TRITON_INTERPRET"))
     if runs_here and _triton_importable():
         return _kernels_fit(op, device, backend)
     if backend == "triton":
@@ -309,13 +312,35 @@ def refuse_double_backward(op: str) -> None:
 _LAUNCH_LOCK = threading.RLock()
 
 
-@contextlib.contextmanager
+class _OnDevice:
+    """triton_device's context for a CUDA tensor (a class, not a generator context manager: this
+    runs at every launch, and the generator's machinery cost 1.5 us of host time each)."""
+    __slots__ = ("device", "guard")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        _LAUNCH_LOCK.acquire()
+        try:
+            self.guard = torch.cuda.device(self.device)
+            self.guard.__enter__()
+        except BaseException:
+            _LAUNCH_LOCK.release()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            self.guard.__exit__(*exc)
+        finally:
+            _LAUNCH_LOCK.release()
+
+
 def triton_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton launches on the current CUDA device, not the
     tensors', so make it theirs (nothing to do for CPU tensors under the interpreter); and hold
     the process's launch lock (see _LAUNCH_LOCK), so that threads may call the ops side by side."""
-    with _LAUNCH_LOCK, (torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()):
-        yield
+    return _OnDevice(t.device) if t.is_cuda else _LAUNCH_LOCK
 
 
 # Tensors with nothing of their own to dispatch (a subclass such as FakeTensor needs the op).
@@ -338,7 +363,7 @@ def call_op(op, *args):
     grad = torch.is_grad_enabled()
     for arg in args:
         for t in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS or t.device.type == "meta"
+            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS or t.is_meta
                                                 or (grad and t.requires_grad)):
                 return op(*args)
     return fn(*args)
@@ -358,12 +383,13 @@ def cached_by_version(sources, extra, compute):
     its sources, so their ids cannot be reused while it lives). A write through ``.data`` bumps
     no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds and packed
     CRPE weights, never where the value must be part of an autograd graph."""
-    state = (tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources), extra,
+    # list comprehensions, not generators: this runs per BatchNorm per forward
+    state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]), extra,
              torch.is_inference_mode_enabled())
-    key = tuple(id(t) for t in sources)
+    key = tuple([id(t) for t in sources])
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
         hit = _DERIVED.get(key)
-        if hit is not None and hit[1] == state and all(a is b for a, b in zip(hit[0], sources)):
+        if hit is not None and hit[1] == state and all([a is b for a, b in zip(hit[0], sources)]):
             _DERIVED.move_to_end(key)
             return hit[2]
     value = compute()

@@ -26,19 +26,21 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     load_state_dict recomputes it). Not cached where the fold is part of an autograd graph (the
     affine parameters train, as in frozen-BN fine-tuning: each forward needs its own graph), nor
     inside torch.compile (which fuses the fold into its graph)."""
-    C = bn.running_mean.shape[0]
-    weight = bn.weight if bn.weight is not None else bn.running_mean.new_ones(C)
-    bias = bn.bias if bn.bias is not None else bn.running_mean.new_zeros(C)
+    # each read once: a module attribute costs a __getattr__, and this runs per BatchNorm per forward
+    weight, bias, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
 
     def fold():  # in the accumulation type: a bf16 model's fold stays exact to fp32, as the ops read it
-        acc = reference._acc_dtype(bn.running_var.dtype)
-        return reference.fold_bn(weight.to(acc), bias.to(acc), bn.running_mean.to(acc), bn.running_var.to(acc),
-                                 bn.eps)
+        acc = reference._acc_dtype(var.dtype)
+        C = mean.shape[0]
+        return reference.fold_bn(mean.new_ones(C, dtype=acc) if weight is None else weight.to(acc),
+                                 mean.new_zeros(C, dtype=acc) if bias is None else bias.to(acc),
+                                 mean.to(acc), var.to(acc), eps)
 
-    if (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
         return fold()
     with torch.no_grad():
-        return backend.cached_by_version((bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, fold)
+        return backend.cached_by_version((weight, bias, mean, var), eps, fold)
 
 
 def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,
@@ -49,9 +51,8 @@ def check_input(where: str, x, layout: str, channel_dim: int, channels: int, par
     autocast the ops cast as autocast does)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a Tensor, got {type(x).__name__}")
-    want = layout.replace("C", str(channels))
     if x.dim() != layout.count(",") + 1 or x.shape[channel_dim] != channels:
-        raise ValueError(f"{where}: {name} must be {want}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{where}: {name} must be {layout.replace('C', str(channels))}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{where}: {name} must be floating point, got {x.dtype}")
     if x.device != param.device:

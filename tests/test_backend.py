@@ -136,6 +136,42 @@ def test_threads_share_the_cache_of_derived_weights(monkeypatch):
     assert not errors, errors
 
 
+def test_inference_casts_the_gemm_weights_once_per_weight_version(monkeypatch):
+    """gli_projection and dwconv_bn cast a weight of another dtype than the activations (autocast's
+    bf16 over fp32 weights on a GPU: a cast launch per op per forward otherwise) once per weight
+    version in inference; a weight written in place is cast again; results as uncached."""
+    from mpvit_kernels import backend
+
+    casts = []
+    cached = backend.cached_by_version
+    monkeypatch.setattr(backend, "cached_by_version",
+                        lambda sources, extra, compute: cached(sources, extra, lambda: casts.append(extra) or compute()))
+    backend.clear_caches()
+    maps = [torch.randn(1, 8, 3, 5).to(KERNEL_DEVICE, memory_format=torch.channels_last) for _ in range(2)]
+    gli_w = torch.randn(6, 16, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE)
+    dw, pw = (torch.randn(shape, dtype=torch.float64, device=KERNEL_DEVICE) for shape in ((8, 1, 3, 3), (6, 8, 1, 1)))
+    scale, shift = torch.rand(6, device=KERNEL_DEVICE) + 0.5, torch.randn(6, device=KERNEL_DEVICE)
+
+    def forward():
+        return (ops.gli_projection(maps, gli_w, scale, shift, hswish=True),
+                ops.dwconv_bn(maps[0], dw, pw, 1, scale, shift, hswish=True))
+
+    with torch.no_grad():
+        first = forward()
+        assert sorted(map(str, casts)) == ["torch.float32"] * 3  # the GLI weight, dw and pw
+        for a, b in zip(forward(), first):
+            assert torch.equal(a, b)
+        assert len(casts) == 3
+        gli_w.mul_(2)
+        after = forward()
+        assert len(casts) == 4
+        with mpvit_kernels.use_backend("reference"):
+            want = forward()
+    backend.clear_caches()
+    for a, b in zip(after, want):  # the GLI with its new weight, not the stale cast
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_use_backend_nests_per_op_family_and_restores():
     assert mpvit_kernels.get_backend() == "auto"
     with mpvit_kernels.use_backend("reference"):

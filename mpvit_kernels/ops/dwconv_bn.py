@@ -77,7 +77,10 @@ def dwconv_bn(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
     _check(x, dw_weight, pw_weight, stride, scale, shift)
     if backend.use_triton("dwconv_bn", x.device):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
+        # cast once per weight version (autocast's bf16 over fp32 weights, a 16-bit model's dw)
+        w = backend.weight_as(pw_weight, x.dtype).reshape(pw_weight.shape[0], -1)
+        if not (torch.is_grad_enabled() and dw_weight.requires_grad):
+            dw_weight = backend.weight_as(dw_weight, acc)
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         return backend.call_op(_dwconv_bn, x, dw_weight, w, scale, shift, int(stride), bool(hswish))

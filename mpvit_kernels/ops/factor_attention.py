@@ -98,7 +98,7 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
     Ch = C // num_heads
     if len(crpe_weights) == 0 or len(crpe_weights) != len(crpe_biases):
         raise ValueError("factor_attention: crpe_weights and crpe_biases must be non-empty lists of one length")
-    total = 0
+    total, device = 0, qkv.device
     for i, (w, b) in enumerate(zip(crpe_weights, crpe_biases)):
         if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
             raise TypeError(f"factor_attention: crpe_weights[{i}] and crpe_biases[{i}] must be Tensors")
@@ -110,11 +110,11 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
                              f"not a whole number of heads of {Ch}")
         if b.shape != (w.shape[0],):
             raise ValueError(f"factor_attention: crpe_biases[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-        for name, t in ((f"crpe_weights[{i}]", w), (f"crpe_biases[{i}]", b)):
-            if t.device != qkv.device:
-                raise ValueError(f"factor_attention: {name} is on {t.device} but qkv is on {qkv.device}")
+        for name, t in (("crpe_weights", w), ("crpe_biases", b)):  # the names formatted on errors alone
+            if t.device != device:
+                raise ValueError(f"factor_attention: {name}[{i}] is on {t.device} but qkv is on {device}")
             if t.dtype not in _FLOATS:
-                raise TypeError(f"factor_attention: {name} must be floating point, got {t.dtype}")
+                raise TypeError(f"factor_attention: {name}[{i}] must be floating point, got {t.dtype}")
         total += w.shape[0]
     if total != C:
         raise ValueError(f"factor_attention: the CRPE windows cover {total} channels, expected C = {C}")

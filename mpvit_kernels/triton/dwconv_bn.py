@@ -15,7 +15,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -23,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def block_n(cout: int) -> int:
     """Output channels per program: all of them up to 128 (the depthwise conv of a pixel tile is
     recomputed once per BLOCK_N columns)."""
-    return min(128, max(16, triton.next_power_of_2(cout)))
+    return min(128, max(16, next_pow2(cout)))
 
 
 def tile(block_n: int, wide: bool) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # MPVIT_KERNELS_AUTOTUNE=0 pins the tile (factor_attention's switch)
@@ -27,7 +27,7 @@ MAX_INPUTS = 5
 def block_n(cout: int) -> int:
     """Output channels per program: all of them up to 128, so the inputs are read once for
     MPViT's widths up to 128 and at most 4 times (MPViT-B's 480)."""
-    return min(128, max(16, triton.next_power_of_2(cout)))
+    return min(128, max(16, next_pow2(cout)))
 
 
 def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:

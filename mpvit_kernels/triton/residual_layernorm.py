@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mpvit_kernels.ops.residual_layernorm import MAX_CHANNELS
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, next_pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -164,7 +164,7 @@ GRAD_TILES = 8  # row tiles per backward program: fewer partial sums to combine
 
 def block_c(C: int) -> int:
     """Channels per row tile: all of them."""
-    return max(16, triton.next_power_of_2(C))
+    return max(16, next_pow2(C))
 
 
 def compile_specs():
