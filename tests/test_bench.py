@@ -581,10 +581,17 @@ def test_host_overhead_tool_runs_the_model_with_its_kernels_stubbed():
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2"], cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2", "--by-op"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     # MPViT-T's 23 blocks: qkv and fc1 GEMMs, the attention (one launch on maps this small) and
     # the residual LayerNorm each; 11 patch embeddings; 4 GLI projections and 8 InvRes 1x1s
     assert "MPViT-Tiny batch 1 16x16 eval, kernels stubbed" in out.stdout, out.stdout
     assert "115 Triton launches stubbed" in out.stdout, out.stdout
+    # --by-op: the calls a forward of each op the model makes (the CPE's and InvRes' depthwise
+    # convs: 23 + 4), each once, not again inside another
+    calls = {line.split(" | ")[0][2:]: int(line.split(" | ")[1]) for line in out.stdout.splitlines()
+             if line.startswith("| ") and line.split(" | ")[1].strip().isdigit()}
+    assert calls == {"linear": 46, "factor_attention": 23, "residual_layernorm": 23, "depthwise": 27,
+                     "gli_projection": 12, "dwconv_bn": 11}, out.stdout
+    assert "| everything else (modules, aten ops between ours) |" in out.stdout, out.stdout

@@ -9,7 +9,12 @@ GEMMs around them and the tensors' allocations still run, so a small input keeps
 small; the figure is for comparing the code's host cost before and after a change, on one
 machine, not a GPU's time.
 
-    python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25]
+    python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op]
+
+--by-op adds where the forward's host time goes: each op of mpvit_kernels.ops that the model
+calls, its calls a forward and inclusive time a call (wrapped in a timer for extra forwards after
+the timed ones, the timer's own cost, under a microsecond a call, included), and the rest of the
+forward (the modules' Python, the aten ops between the fused ones).
 """
 from __future__ import annotations
 
@@ -31,6 +36,43 @@ def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
 
 
+def _time_ops(totals: dict) -> None:
+    """Wrap every public op of mpvit_kernels.ops (the model calls them as ``ops.<name>``) to add
+    its calls and inclusive seconds to ``totals[name]``; an op called inside another counts in
+    its caller's time alone."""
+    from mpvit_kernels import ops
+
+    depth = [0]
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                entry = totals.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - start
+                depth[0] -= 1
+        return call
+
+    for name in ops.__all__:
+        setattr(ops, name, timed(name, getattr(ops, name)))
+
+
+def _by_op_table(totals: dict, forwards: int, forward_ms: float) -> str:
+    lines = [f"host time by op, {forwards} forwards with each op timed ({forward_ms:.2f} ms a forward):",
+             "| op | calls a forward | us a call | ms a forward |", "|---|---|---|---|"]
+    for name, (calls, seconds) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {name} | {calls // forwards} | {seconds / calls * 1e6:.1f} | {seconds / forwards * 1e3:.2f} |")
+    rest = forward_ms - sum(seconds for _, seconds in totals.values()) / forwards * 1e3
+    lines.append(f"| everything else (modules, aten ops between ours) | | | {rest:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", choices=("tiny", "xsmall", "small", "base"))
@@ -39,6 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: less noise)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N functions of most own time")
+    p.add_argument("--by-op", action="store_true", help="also print each fused op's calls and host time a forward")
     args = p.parse_args(argv)
 
     interpreter.InterpretedFunction.run = _stub
@@ -67,11 +110,22 @@ def main(argv=None) -> dict:
             for _ in range(10):
                 model(x)
             profiler.disable()
+        if args.by_op:
+            totals, forwards = {}, max(args.reps, 1)
+            _time_ops(totals)
+            start = time.perf_counter()
+            for _ in range(forwards):
+                model(x)
+            by_op_ms = (time.perf_counter() - start) * 1e3 / forwards
     q = statistics.quantiles(times, n=4)
     result = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "triton_launches": launches}
     print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed, "
           f"{args.threads} thread(s): {result['median_ms']:.2f} ms a forward (p25-p75 {q[0]:.2f}-{q[2]:.2f}), "
           f"{launches} Triton launches stubbed")
+    if args.by_op:
+        result["by_op"] = {name: {"calls": calls // forwards, "us_per_call": seconds / calls * 1e6}
+                           for name, (calls, seconds) in totals.items()}
+        print(_by_op_table(totals, forwards, by_op_ms))
     if args.profile:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
     return result
