@@ -344,6 +344,41 @@ def test_the_cuda_build_answers_whether_its_kernels_load_on_a_gpu():
     torch.testing.assert_close(y, x)
 
 
+@pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="needs the compiled extension")
+def test_eager_inference_calls_an_extension_op_below_autograd_and_anything_else_through_it(monkeypatch):
+    # backend.call_op on a C++ op of ours: below the autograd keys where no graph is recorded
+    # (what the op's registered autograd would do itself, minus its Python), else the whole op
+    from mpvit_kernels import backend
+
+    entered = []
+
+    class Below:
+        def __enter__(self):
+            entered.append(1)
+            self.guard = torch._C._AutoDispatchBelowAutograd()
+            return self.guard.__enter__()
+
+        def __exit__(self, *exc):
+            return self.guard.__exit__(*exc)
+
+    monkeypatch.setattr(backend, "_BELOW_AUTOGRAD", Below)
+    x = torch.randn(2, 6, 5, 7, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 3, 3, device=KERNEL_DEVICE, requires_grad=True)
+    b = torch.randn(6, device=KERNEL_DEVICE, requires_grad=True)
+    with mpvit_kernels.use_backend("cuda", ops=["depthwise"]):
+        with torch.no_grad():
+            y_below = ops.depthwise(x, w, b, residual=True)
+        assert len(entered) == 1 and not y_below.requires_grad
+        y = ops.depthwise(x, w, b, residual=True)  # w and b take grads: autograd records the op
+        assert len(entered) == 1 and y.requires_grad
+        assert torch.equal(y_below, y.detach())
+        y.sum().backward()
+        assert w.grad is not None and b.grad is not None
+        with torch.no_grad(), RecordOps() as rec:  # a dispatch mode sees the op
+            ops.depthwise(x, w, b, residual=True)
+        assert len(entered) == 1 and "mpvit_kernels.depthwise" in rec.names
+
+
 def test_eager_inference_calls_the_implementations_straight_and_anything_else_the_registered_op(monkeypatch):
     # backend.call_op skips the registered op's Python layers (a quarter of a linear call's host
     # time) only where nothing needs the dispatcher; the same function runs either way.

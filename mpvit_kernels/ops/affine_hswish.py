@@ -55,7 +55,7 @@ def affine_hswish(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hsw
     """
     _check(x, scale, shift)
     if backend.use_extension("affine_hswish", x.device):
-        return torch.ops.mpvit_kernels.affine_hswish(x, scale, shift, bool(hswish))
+        return backend.call_op(torch.ops.mpvit_kernels.affine_hswish.default, x, scale, shift, bool(hswish))
     return reference.affine_hswish(x, scale, shift, hswish)
 
 

@@ -67,8 +67,8 @@ def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     if not residual:
         x = backend.autocast(x)
     if backend.use_extension("depthwise", x.device):
-        return torch.ops.mpvit_kernels.depthwise(x, weight, bias, int(stride), scale, shift, bool(hswish),
-                                                 bool(residual))
+        return backend.call_op(torch.ops.mpvit_kernels.depthwise.default, x, weight, bias, int(stride), scale, shift,
+                               bool(hswish), bool(residual))
     return reference.depthwise(x, weight, bias, stride, scale, shift, hswish, residual)
 
 

@@ -146,8 +146,8 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     # windows and channel counts (MPViT-T batch 8: 174 -> 54 ms a training step for the CRPE).
     if backend.use_cpu_kernel("factor_attention", qkv.device):
         if not backward_follows or backend.get_backend("factor_attention") == "cuda":
-            return torch.ops.mpvit_kernels.factor_attention(qkv, size[0], size[1], num_heads, float(scale),
-                                                            list(crpe_weights), list(crpe_biases))
+            return backend.call_op(torch.ops.mpvit_kernels.factor_attention.default, qkv, size[0], size[1], num_heads,
+                                   float(scale), list(crpe_weights), list(crpe_biases))
         if backend.use_extension("depthwise", qkv.device) and all(w.shape[-1] in (3, 5, 7) for w in crpe_weights):
             return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases,
                                               crpe_conv=depthwise)

@@ -72,7 +72,7 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     # whose autograd keeps s instead of recomputing it (measured faster on CPU, `--ops residual_layernorm`).
     if backend.use_cpu_kernel("residual_layernorm", x.device) and (
             not backward_follows or backend.get_backend("residual_layernorm") == "cuda"):
-        return torch.ops.mpvit_kernels.residual_layernorm(x, y, *params, float(eps))[:2]
+        return backend.call_op(torch.ops.mpvit_kernels.residual_layernorm.default, x, y, *params, float(eps))[:2]
     if backend.use_triton("residual_layernorm", x.device):
         if len({p.dtype for p in params}) > 1:  # the kernel reads them in one dtype, whichever it is
             params = tuple(p.to(reference._acc_dtype(x.dtype)) for p in params)
