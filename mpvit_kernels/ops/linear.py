@@ -83,10 +83,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.aten.gelu_(y) if not (torch.is_grad_enabled() and y.requires_grad) else F.gelu(y)
     K, N = x.shape[-1], weight.shape[0]
     params = [bias, ln_weight, ln_bias]
-    if len({p.dtype for p in params if p is not None}) > 1:  # the kernel reads them in one dtype, whichever it is
+    given = [p.dtype for p in params if p is not None]
+    if given and given.count(given[0]) != len(given):  # the kernel reads them in one dtype, whichever it is
         params = [None if p is None else p.to(reference._acc_dtype(dtype)) for p in params]
     y = backend.call_op(_linear, x.reshape(-1, K), weight, *params, float(eps), gelu)
-    return y.view(*x.shape[:-1], N)
+    return y.view(x.shape[:-1] + (N,))
 
 
 def _conv_gemm(x, weight, bias):
@@ -99,6 +100,23 @@ def _conv_gemm(x, weight, bias):
     return F.conv2d(image, weight.reshape(N, K, 1, 1), bias).permute(0, 2, 3, 1).reshape(*x.shape[:-1], N)
 
 
+def _kernels():
+    """The Triton module and its launch helpers, imported at the first launch (triton is not
+    imported with the package) and then kept: function-level imports cost host time at every
+    launch (1 us for these three)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from mpvit_kernels.triton import linear
+        from mpvit_kernels.triton.affine_hswish import vector_width
+        from mpvit_kernels.triton.gli_projection import block_n, m_bucket
+
+        _KERNELS = linear, vector_width, block_n, m_bucket
+    return _KERNELS
+
+
+_KERNELS = None
+
+
 @torch.library.custom_op("mpvit_kernels::linear", mutates_args=())
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor | None,
             ln_bias: torch.Tensor | None, eps: float, gelu: bool) -> torch.Tensor:
@@ -106,10 +124,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     any strides (any float dtype), weight (N, K) the GEMM's dtype, bias (N,) or None, ln_weight
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
-    from mpvit_kernels.triton import linear as kernels
-    from mpvit_kernels.triton.affine_hswish import vector_width
-    from mpvit_kernels.triton.gli_projection import block_n, m_bucket
-
+    kernels, vector_width, block_n, m_bucket = _kernels()
     M, K = x.shape
     N = weight.shape[0]
     dtype = weight.dtype
@@ -118,20 +133,19 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     y = torch.empty((M, N), dtype=dtype, device=x.device)
     if M == 0:
         return y
-    acc = reference._acc_dtype(dtype)
+    wide = dtype == torch.float64
     norm = ln_weight is not None
     params = [None if t is None else t.contiguous() for t in (bias, ln_weight, ln_bias)]
     w = weight.contiguous()
     bn = block_n(N)
     vec = vector_width(y.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
     # the tuner's tiles fit the registers at an aligned launch (vec is 1 for fp64)
-    tuned = vec == 8 and all(t.data_ptr() % 16 == 0 for t in (x, w, y, *params) if t is not None)
+    tuned = vec == 8 and not [t for t in (x, w, y, *params) if t is not None and t.data_ptr() % 16]
     kernel = kernels.linear_tuned if tuned else kernels.linear_kernel
     with backend.triton_device(x):
         kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // bn))](
-            x, w, *(y if t is None else t for t in params), y, M, K, N, x.stride(0), m_bucket(M), float(eps),
-            NORM=norm, BIAS=bias is not None, GELU=gelu,
-            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            x, w, *[y if t is None else t for t in params], y, M, K, N, x.stride(0), m_bucket(M), float(eps),
+            NORM=norm, BIAS=bias is not None, GELU=gelu, ACC=kernels.tl.float64 if wide else kernels.tl.float32,
             DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn, VEC=vec)
     return y
 
