@@ -83,8 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.aten.gelu_(y) if not (torch.is_grad_enabled() and y.requires_grad) else F.gelu(y)
     K, N = x.shape[-1], weight.shape[0]
     params = [bias, ln_weight, ln_bias]
-    given = [p.dtype for p in params if p is not None]
-    if given and given.count(given[0]) != len(given):  # the kernel reads them in one dtype, whichever it is
+    if len({p.dtype for p in params if p is not None}) > 1:  # the kernel reads them in one dtype, whichever it is
         params = [None if p is None else p.to(reference._acc_dtype(dtype)) for p in params]
     y = backend.call_op(_linear, x.reshape(-1, K), weight, *params, float(eps), gelu)
     return y.view(x.shape[:-1] + (N,))
@@ -140,7 +139,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     bn = block_n(N)
     vec = vector_width(y.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
     # the tuner's tiles fit the registers at an aligned launch (vec is 1 for fp64)
-    tuned = vec == 8 and not [t for t in (x, w, y, *params) if t is not None and t.data_ptr() % 16]
+    tuned = vec == 8 and all(t.data_ptr() % 16 == 0 for t in (x, w, y, *params) if t is not None)
     kernel = kernels.linear_tuned if tuned else kernels.linear_kernel
     with backend.triton_device(x):
         kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // bn))](

@@ -37,6 +37,8 @@ import os
 import triton
 import triton.language as tl
 
+from mpvit_kernels.triton.affine_hswish import next_pow2
+
 
 # Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of
 # BLOCK_N tokens, and num_warps sets how each tile's tl.sum splits across threads: both fix the
@@ -55,7 +57,7 @@ _INTERPRETER_TILE = (128, 4)
 def n_bucket(N: int) -> int:
     """Autotune key of the token count: its next power of two, so that inputs of varying size
     (multi-scale training, detection) share a handful of tunings instead of one per size."""
-    return 1 << (max(N, 1) - 1).bit_length()
+    return next_pow2(N)
 
 
 class Tiles:

@@ -56,7 +56,7 @@ def _tile(meta):
 def m_bucket(M: int) -> int:
     """Autotune key of the pixel count: its next power of two, so inputs of varying size
     (multi-scale training, detection) share a handful of tunings."""
-    return 1 << (max(M, 1) - 1).bit_length()
+    return next_pow2(M)
 
 
 # What the eval GEMM may be tuned over where the launch is aligned (VEC=8, 16-byte pointers):
