@@ -7,6 +7,11 @@ import torch
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # a fifth off the interpreted kernel tests (see the module); MPVIT_TESTS_PLAIN_INTERPRETER=1: without
+    if os.environ.get("MPVIT_TESTS_PLAIN_INTERPRETER", "0") in ("", "0"):
+        from tests.interpreter_speedups import install
+
+        install()
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
 
