@@ -390,11 +390,21 @@ def cached_by_version(sources, extra, compute):
     (hashable settings), then the same value until one of them changes: an in-place write bumps a
     tensor's version, module.to() changes its data_ptr, a new tensor its identity (an entry holds
     its sources, so their ids cannot be reused while it lives). A write through ``.data`` bumps
-    no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds and packed
-    CRPE weights, never where the value must be part of an autograd graph."""
-    # list comprehensions, not generators: this runs per BatchNorm per forward
-    state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]), extra,
-             torch.is_inference_mode_enabled())
+    no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds, packed
+    CRPE weights and weight casts, never where the value must be part of an autograd graph.
+
+    Computed afresh, and not kept, inside a CUDA graph capture (the graph then computes it from
+    the sources at each replay, as autocast's cast cache must be off in a capture: a cached value
+    would be a tensor the cache frees or replaces while the graph still reads it, and blind to
+    in-place changes of the sources) and for inference tensors (made under torch.inference_mode),
+    which have no version counter."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return compute()
+    try:  # list comprehensions, not generators: this runs per BatchNorm per forward
+        state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]),
+                 extra, torch.is_inference_mode_enabled())
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return compute()
     key = tuple([id(t) for t in sources])
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
         hit = _DERIVED.get(key)

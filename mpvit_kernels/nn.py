@@ -25,7 +25,8 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     are the same tensors at the same version (backend.cached_by_version: an optimiser step or a
     load_state_dict recomputes it). Not cached where the fold is part of an autograd graph (the
     affine parameters train, as in frozen-BN fine-tuning: each forward needs its own graph), nor
-    inside torch.compile (which fuses the fold into its graph)."""
+    inside torch.compile (which fuses the fold into its graph), a CUDA graph capture or for
+    inference tensors (backend.cached_by_version)."""
     # each read once: a module attribute costs a __getattr__, and this runs per BatchNorm per forward
     weight, bias, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
 

@@ -134,3 +134,36 @@ def test_fused_model_under_autocast_on_cuda_through_the_kernels(dtype):
         ours = fused(x)
     assert ours.dtype == eager.dtype == dtype
     assert normwise_error(ours, out64) <= 2 * normwise_error(eager, out64) + 2e-3
+
+
+@pytest.mark.cuda
+def test_a_cuda_graph_replay_reads_the_weights_as_they_are_then():
+    """A CUDA graph of the fused model's inference forward under autocast (captured after warm-up
+    forwards, autocast's own cast cache off as a capture needs) computes its BatchNorm folds, CRPE
+    packings and weight casts inside the graph: a replay after the weights and statistics changed
+    in place, and after the eager caches were dropped, equals an eager forward with the new values."""
+    model = fuse(randomized()).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+        before = out.float().clone()
+        for p in model.parameters():
+            p.mul_(0.9)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.mul_(1.5)
+        mpvit_kernels.clear_caches()
+        graph.replay()
+        want = model(x)
+    torch.cuda.synchronize()
+    assert not torch.allclose(out.float(), before, rtol=1e-2, atol=1e-2)  # the change shows
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -419,3 +419,28 @@ def test_eager_inference_calls_the_implementations_straight_and_anything_else_th
         meta = [t.to("meta") for t in (x, w, b, lw, lb)]
         direct.clear()
         assert ops.linear(*meta, 1e-6).device.type == "meta" and not direct  # the fake answers
+
+
+def test_a_cuda_graph_capture_computes_derived_weights_afresh_and_keeps_none(monkeypatch):
+    """Inside a capture a cached fold, packing or cast would be a tensor the cache may free or
+    replace while the graph reads it, and blind to in-place changes: cached_by_version computes it
+    afresh there (in the graph) and keeps nothing; the eager entry stays. (The capture itself is
+    stood in for here; test_autocast's CUDA test captures a real one.)"""
+    from mpvit_kernels import backend
+
+    backend.clear_caches()
+    t, computed = torch.randn(4), []
+
+    def compute():
+        computed.append(1)
+        return t * 2
+
+    eager = backend.cached_by_version((t,), "x2", compute)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = [backend.cached_by_version((t,), "x2", compute) for _ in range(2)]
+    entries = len(backend._DERIVED)
+    monkeypatch.undo()
+    assert len(computed) == 3 and entries == 1 and all(c is not eager for c in captured)
+    assert backend.cached_by_version((t,), "x2", compute) is eager and len(computed) == 3
+    backend.clear_caches()

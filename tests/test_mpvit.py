@@ -354,6 +354,24 @@ def test_frozen_stages_take_no_grads_and_stay_in_eval(frozen):
         mpvit_tiny(frozen_stages=5)
 
 
+def test_a_model_made_under_inference_mode_runs(monkeypatch):
+    """Tensors made under torch.inference_mode (a model built or converted there) have no version
+    counter: the caches of BatchNorm folds, CRPE packings and weight casts compute their values
+    afresh for them (they raised before). What auto runs on CPU tensors: the C++ twins."""
+    from mpvit_kernels import backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend.clear_caches()
+    with torch.inference_mode(), mpvit_kernels.use_backend("auto"):
+        model = randomize_bn(mpvit_tiny(num_classes=5)).eval()
+        x = torch.randn(1, 3, 32, 28)
+        got = model(x)
+        assert not backend._DERIVED
+        with mpvit_kernels.use_backend("reference"):
+            want = model(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)

@@ -136,10 +136,11 @@ def peak_mib(device: torch.device, fn) -> float | None:
 
 def _graph_replay(model, x: torch.Tensor, device: torch.device, dtype: torch.dtype):
     """A replay of ``model``'s inference forward captured in a CUDA graph on a copy of x, after
-    warm-up forwards on a side stream (Triton's tuning, the caches of BatchNorm folds and CRPE
-    packings: none of that may happen inside a capture), as torch.cuda.graph asks. Autocast
-    without its cache of cast weights, which it frees when its region ends: the graph would
-    replay reads of freed memory (PyTorch's CUDA-graph notes)."""
+    warm-up forwards on a side stream (Triton's tuning and the attention's layout table may not
+    happen inside a capture), as torch.cuda.graph asks. Autocast without its cache of cast
+    weights, which it frees when its region ends: the graph would replay reads of freed memory
+    (PyTorch's CUDA-graph notes); our own caches of folds, packings and casts likewise compute
+    inside a capture (backend.cached_by_version)."""
     static_x = x.clone()
     side = torch.cuda.Stream(device)
     current = torch.cuda.current_stream(device)
