@@ -156,14 +156,14 @@ def test_a_cuda_graph_replay_reads_the_weights_as_they_are_then():
             out = model(x)
         graph.replay()
         before = out.float().clone()
-        for p in model.parameters():
-            p.mul_(0.9)
-        for b in model.buffers():
-            if b.is_floating_point():
-                b.mul_(1.5)
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            if name.endswith("running_var"):
+                t.mul_(1.5)
+            elif t.is_floating_point():  # weights, BN affine, running means
+                t.add_(0.2 * t.abs().mean() * torch.randn_like(t))
         mpvit_kernels.clear_caches()
         graph.replay()
         want = model(x)
     torch.cuda.synchronize()
-    assert not torch.allclose(out.float(), before, rtol=1e-2, atol=1e-2)  # the change shows
-    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert (out.float() - before).norm() > 0.05 * before.norm()  # the change shows
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())
