@@ -101,6 +101,25 @@ def test_cpu_twin_low_precision_inputs_with_fp32_parameters(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpu_twin_low_precision_is_the_fp32_twin_rounded_once(dtype):
+    """16-bit maps run the fp32 kernels on a widened copy: the output and the input grad are the
+    fp32 twin's rounded once, the parameter grads the fp32 twin's, in the twin's layout."""
+    fwd, bwd = torch.ops.mpvit_kernels.depthwise.default, torch.ops.mpvit_kernels.depthwise_backward.default
+    x = torch.randn(2, 16, 9, 7).to(dtype)  # NCHW: the widened copy is made channels-last
+    weight, bias, scale, shift = torch.randn(16, 1, 5, 5), torch.randn(16), torch.rand(16) + 0.5, torch.randn(16)
+    for stride, residual in ((1, True), (2, False)):
+        args = (weight, bias, stride, scale, shift, True, residual)
+        y, y32 = fwd(x, *args), fwd(x.float(), *args)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, y32.to(dtype))
+        g = torch.randn(y.shape).to(dtype)
+        grads, grads32 = bwd(g, x, *args), bwd(g.float(), x.float(), *args)
+        assert grads[0].dtype == dtype and torch.equal(grads[0], grads32[0].to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(grads[1:], grads32[1:]))
+
+
+@requires_ext
 @pytest.mark.parametrize("epilogue", ["plain", "cpe", "invres"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gradcheck_float64(epilogue, layout):

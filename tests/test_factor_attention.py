@@ -577,6 +577,18 @@ def test_cpu_twin_low_precision_is_as_accurate_as_eager(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpu_twin_low_precision_is_the_fp32_twin_rounded_once(dtype):
+    """16-bit qkv runs the fp32 kernels on a widened copy: the fp32 twin's output rounded once."""
+    (qkv, size, heads, scale, weights, biases), _ = cpu_inputs(2, 5, 7, 12, DEFAULT, dtype, strided=True)
+    twin = torch.ops.mpvit_kernels.factor_attention.default
+    with torch.no_grad():
+        out = twin(qkv, *size, heads, scale, weights, biases)
+        out32 = twin(qkv.float(), *size, heads, scale, weights, biases)
+    assert out.dtype == dtype and torch.equal(out, out32.to(dtype))
+
+
+@requires_ext
 def test_cpu_twin_ops_pass_opcheck_and_gradcheck():
     args, leaves = cpu_inputs(2, 4, 5, 4, {3: 1, 5: 1}, torch.float64, strided=True)
     qkv, (H, W), heads, scale, weights, biases = args
