@@ -404,6 +404,12 @@ def cached_by_version(sources, extra, compute):
         state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]),
                  extra, torch.is_inference_mode_enabled())
     except RuntimeError:  # "Inference tensors do not track version counter"
+        if not any([t is not None and t.is_inference() for t in sources]):
+            raise
+        warn_once("inference-tensor-sources",
+                  "mpvit_kernels: parameters made under torch.inference_mode have no version counter, so eval "
+                  "BatchNorm folds, CRPE packings and weight casts are recomputed at every call; build or load "
+                  "the model outside inference_mode (running it inside is fine) to have them cached", stacklevel=3)
         return compute()
     key = tuple([id(t) for t in sources])
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError

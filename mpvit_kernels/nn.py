@@ -29,6 +29,9 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     inference tensors (backend.cached_by_version)."""
     # each read once: a module attribute costs a __getattr__, and this runs per BatchNorm per forward
     weight, bias, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    # a training forward of nn.BatchNorm2d updates the running statistics inside ATen's kernel,
+    # which bumps no version; it bumps this counter's (add_), so the fold follows
+    tracked = bn.num_batches_tracked
 
     def fold():  # in the accumulation type: a bf16 model's fold stays exact to fp32, as the ops read it
         acc = reference._acc_dtype(var.dtype)
@@ -41,7 +44,7 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
             (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
         return fold()
     with torch.no_grad():
-        return backend.cached_by_version((weight, bias, mean, var), eps, fold)
+        return backend.cached_by_version((weight, bias, mean, var, tracked), eps, fold)
 
 
 def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,

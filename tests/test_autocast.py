@@ -158,12 +158,14 @@ def test_a_cuda_graph_replay_reads_the_weights_as_they_are_then():
         before = out.float().clone()
         for name, t in (*model.named_parameters(), *model.named_buffers()):
             if name.endswith("running_var"):
-                t.mul_(1.5)
-            elif t.is_floating_point():  # weights, BN affine, running means
-                t.add_(0.2 * t.abs().mean() * torch.randn_like(t))
+                t.mul_(4.0)
+            elif t.is_floating_point():  # weights, BN affine, running means: every fold and cast changes
+                t.add_(0.5 * t.abs().mean() * torch.randn_like(t))
         mpvit_kernels.clear_caches()
         graph.replay()
-        want = model(x)
+        want = model(x).float()
     torch.cuda.synchronize()
-    assert (out.float() - before).norm() > 0.05 * before.norm()  # the change shows
-    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())
+    change = (want - before).norm()
+    assert change > 0.3 * before.norm()  # (0.71 in a CPU run of the same changes)
+    # the same kernels on the same values: a stale fold or cast would leave a fair part of the change
+    assert (out.float() - want).norm() <= 0.05 * change

@@ -104,7 +104,9 @@ def test_cpu_twin_low_precision_inputs_with_fp32_parameters(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cpu_twin_low_precision_is_the_fp32_twin_rounded_once(dtype):
     """16-bit maps run the fp32 kernels on a widened copy: the output and the input grad are the
-    fp32 twin's rounded once, the parameter grads the fp32 twin's, in the twin's layout."""
+    fp32 twin's rounded once, the parameter grads the fp32 twin's, in the twin's layout. (Pins
+    that design; its equality with the former native 16-bit kernels, bitwise over 228 cases of
+    both twins, was checked once against the build before 2302f47.)"""
     fwd, bwd = torch.ops.mpvit_kernels.depthwise.default, torch.ops.mpvit_kernels.depthwise_backward.default
     x = torch.randn(2, 16, 9, 7).to(dtype)  # NCHW: the widened copy is made channels-last
     weight, bias, scale, shift = torch.randn(16, 1, 5, 5), torch.randn(16), torch.rand(16) + 0.5, torch.randn(16)

@@ -579,7 +579,9 @@ def test_cpu_twin_low_precision_is_as_accurate_as_eager(dtype):
 @requires_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cpu_twin_low_precision_is_the_fp32_twin_rounded_once(dtype):
-    """16-bit qkv runs the fp32 kernels on a widened copy: the fp32 twin's output rounded once."""
+    """16-bit qkv runs the fp32 kernels on a widened copy: the fp32 twin's output rounded once
+    (pins the design; test_depthwise's twin of this test says how it was checked against the
+    former native 16-bit kernels)."""
     (qkv, size, heads, scale, weights, biases), _ = cpu_inputs(2, 5, 7, 12, DEFAULT, dtype, strided=True)
     twin = torch.ops.mpvit_kernels.factor_attention.default
     with torch.no_grad():

@@ -12,6 +12,7 @@ import mpvit_kernels
 from mpvit_kernels import fuse
 from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
 from mpvit_kernels.models.mpvit import MHCAStage, PatchEmbedStage
+from tests.test_mpvit import reference_keys
 from tests.utils import RecordOps, randomize_bn
 
 # The Triton families run their reference here (interpreting them costs seconds per call, and
@@ -34,6 +35,11 @@ def test_fuse_replaces_every_stage_in_place_sharing_the_tensors(size):
     with torch.no_grad():
         want = model(x)
     tensors = model.state_dict(keep_vars=True)
+    # the stand-in has the public checkpoints' very keys (their head is cls_head.cls) and shapes
+    # (but the head's: 5 classes here)
+    shapes, expected = {k: str(tuple(v.shape)) for k, v in tensors.items()}, reference_keys(size)
+    assert shapes.keys() == expected.keys()
+    assert {k: v for k, v in shapes.items() if v != expected[k]}.keys() == {"cls_head.cls.weight", "cls_head.cls.bias"}
     assert fuse(model) is model
     assert all(isinstance(s, PatchEmbedStage) for s in model.patch_embed_stages)
     assert all(isinstance(s, MHCAStage) for s in model.mhca_stages)

@@ -302,6 +302,20 @@ def test_eval_batchnorm_folds_are_cached_until_a_statistic_or_parameter_changes(
         torch.testing.assert_close(double.float(), first, atol=1e-4, rtol=1e-4)
 
 
+def test_eval_after_a_training_forward_folds_the_new_running_statistics():
+    """nn.BatchNorm2d's training forward (the stem's k x k convs, ResBlock's norm) updates the
+    running statistics inside ATen's kernel, which bumps no version counter: the fold cache
+    follows num_batches_tracked too, or eval after a training epoch read the stale folds."""
+    model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        model(x)  # folds cached
+        model.train()(x)  # running statistics updated
+        got = model.eval()(x)
+        fresh = copy.deepcopy(model)(x)  # no cached fold
+    torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_batchnorm_finetuning_gets_affine_grads():
     # Detection fine-tuning: BN in eval (running stats), its weight and bias still trained.
     model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
@@ -361,11 +375,13 @@ def test_a_model_made_under_inference_mode_runs(monkeypatch):
     from mpvit_kernels import backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend, "_warned", set())
     backend.clear_caches()
     with torch.inference_mode(), mpvit_kernels.use_backend("auto"):
         model = randomize_bn(mpvit_tiny(num_classes=5)).eval()
         x = torch.randn(1, 3, 32, 28)
-        got = model(x)
+        with pytest.warns(RuntimeWarning, match="recomputed at every call"):
+            got = model(x)
         assert not backend._DERIVED
         with mpvit_kernels.use_backend("reference"):
             want = model(x)
