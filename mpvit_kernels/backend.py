@@ -398,8 +398,8 @@ def cached_by_version(sources, extra, compute):
     would be a tensor the cache frees or replaces while the graph still reads it, and blind to
     in-place changes of the sources) and for inference tensors (made under torch.inference_mode),
     which have no version counter."""
-    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
-        return compute()
+    if (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()) or torch._C._get_tracing_state():
+        return compute()  # (torch.jit.trace: from the parameters in the trace, not a cached constant)
     try:  # list comprehensions, not generators: this runs per BatchNorm per forward
         state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]),
                  extra, torch.is_inference_mode_enabled())

@@ -79,6 +79,11 @@ def _check_sizes(where: str, kernel_sizes=None, strides=None, **sizes) -> None:
 
 def check_size(where: str, size, N: int) -> tuple[int, int]:
     """``size`` = (H, W) of a token tensor with N tokens."""
+    if torch.jit.is_tracing() and isinstance(size, (tuple, list)):
+        # torch.jit.trace gives sizes as 0-dim tensors; the trace keeps them as constants, as it
+        # does every Python int (a traced model runs at the traced input size)
+        size = tuple(int(s) if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point() else s
+                     for s in size)
     if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
             or not all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"{where}: size must be (H, W), two positive ints, got {size!r}")

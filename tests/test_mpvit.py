@@ -316,6 +316,29 @@ def test_eval_after_a_training_forward_folds_the_new_running_statistics():
     torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_torch_jit_trace_runs_and_follows_the_weights(monkeypatch):
+    """torch.jit.trace (deprecated by PyTorch, still in deployment tool chains): the sizes it hands
+    the modules are 0-dim tensors, taken as the constants a trace keeps; BatchNorm folds are traced
+    from the parameters, not from the cache, so the traced model follows in-place weight changes
+    (and a second trace, which torch.jit.trace's own check makes, is the same); another batch
+    runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what auto runs on CPU tensors: the C++ twins
+    model = randomize_bn(mpvit_tiny(num_classes=5)).eval()
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad(), mpvit_kernels.use_backend("auto"):
+        model(x)  # the folds cached first: a trace must not take them as constants
+        traced = torch.jit.trace(model, x, check_trace=False)  # (its check: 5 s more)
+        torch.testing.assert_close(traced(x), model(x))
+        for p in model.parameters():
+            p.mul_(1.1)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.mul_(1.2)
+        x3 = torch.randn(3, 3, 40, 36)
+        torch.testing.assert_close(traced(x3), model(x3))
+
+
 def test_frozen_batchnorm_finetuning_gets_affine_grads():
     # Detection fine-tuning: BN in eval (running stats), its weight and bias still trained.
     model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
