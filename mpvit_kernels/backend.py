@@ -24,6 +24,7 @@ import contextvars
 import os
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -380,16 +381,41 @@ def call_op(op, *args):
 
 # ---- values derived from parameters, kept until the parameters change ----------------------
 
-_DERIVED: collections.OrderedDict = collections.OrderedDict()  # ids of the sources -> (sources, state, value)
+# ids of the sources -> (weak references to them, state, value)
+_DERIVED: collections.OrderedDict = collections.OrderedDict()
 _DERIVED_SIZE = 512  # an MPViT-B holds about 30 BatchNorm folds and 12 CRPE packings
 _DERIVED_LOCK = threading.Lock()
+_FREED: list = []  # keys of entries whose source died while the lock was held: dropped at the next call
+
+
+def _drop_dead(key) -> None:
+    """Under _DERIVED_LOCK: the entry at ``key`` goes if one of its sources has died (the key may
+    already hold a newer entry, under ids the dead ones freed)."""
+    entry = _DERIVED.get(key)
+    if entry is not None and any([r is not None and r() is None for r in entry[0]]):
+        del _DERIVED[key]
+
+
+def _on_source_freed(key):
+    def freed(_ref):
+        # a deleted model's folds and casts go with it. The callback may run inside this module's
+        # own locked code (a garbage collection there): then the drop waits for the next call.
+        if _DERIVED_LOCK.acquire(blocking=False):
+            try:
+                _drop_dead(key)
+            finally:
+                _DERIVED_LOCK.release()
+        else:
+            _FREED.append(key)
+    return freed
 
 
 def cached_by_version(sources, extra, compute):
     """``compute()`` once per version of the tensors ``sources`` (None allowed) and of ``extra``
     (hashable settings), then the same value until one of them changes: an in-place write bumps a
     tensor's version, module.to() changes its data_ptr, a new tensor its identity (an entry holds
-    its sources, so their ids cannot be reused while it lives). A write through ``.data`` bumps
+    weak references to its sources and goes when one of them dies, so a deleted model's values are
+    freed with it, and a reused id never matches a dead source). A write through ``.data`` bumps
     no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds, packed
     CRPE weights and weight casts, never where the value must be part of an autograd graph.
 
@@ -413,13 +439,18 @@ def cached_by_version(sources, extra, compute):
         return compute()
     key = tuple([id(t) for t in sources])
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
+        while _FREED:
+            _drop_dead(_FREED.pop())
         hit = _DERIVED.get(key)
-        if hit is not None and hit[1] == state and all([a is b for a, b in zip(hit[0], sources)]):
+        # (a None source sits where the entry has None: id(None) is no tensor's id)
+        if hit is not None and hit[1] == state and all([r is None or r() is t for r, t in zip(hit[0], sources)]):
             _DERIVED.move_to_end(key)
             return hit[2]
     value = compute()
+    freed = _on_source_freed(key)
+    refs = tuple([None if t is None else weakref.ref(t, freed) for t in sources])
     with _DERIVED_LOCK:
-        _DERIVED[key] = (tuple(sources), state, value)
+        _DERIVED[key] = (refs, state, value)
         _DERIVED.move_to_end(key)
         while len(_DERIVED) > _DERIVED_SIZE:
             _DERIVED.popitem(last=False)

@@ -444,3 +444,30 @@ def test_a_cuda_graph_capture_computes_derived_weights_afresh_and_keeps_none(mon
     assert len(computed) == 3 and entries == 1 and all(c is not eager for c in captured)
     assert backend.cached_by_version((t,), "x2", compute) is eager and len(computed) == 3
     backend.clear_caches()
+
+
+def test_the_cache_lets_deleted_sources_and_their_values_go():
+    """An entry holds weak references to its sources: a deleted model's folds, packings and casts
+    are freed with it (the cache held them, and the model's tensors, until 512 newer entries
+    evicted them: 120 MB after 12 MPViT-T under bf16 autocast). Where the last reference goes
+    while the cache's lock is held, the entry goes at the next call."""
+    import gc
+    import weakref
+
+    from mpvit_kernels import backend
+
+    backend.clear_caches()
+    t = torch.randn(4)
+    source, value = weakref.ref(t), weakref.ref(backend.cached_by_version((t, None), "x2", lambda: t * 2))
+    assert value() is not None and len(backend._DERIVED) == 1
+    del t
+    gc.collect()
+    assert source() is None and value() is None and not backend._DERIVED
+    t, kept = torch.randn(4), torch.randn(3)
+    backend.cached_by_version((t,), "x2", lambda: t * 2)
+    with backend._DERIVED_LOCK:
+        del t
+    assert len(backend._DERIVED) == 1 and len(backend._FREED) == 1
+    backend.cached_by_version((kept,), "x2", lambda: kept * 2)
+    assert not backend._FREED and [r() for r in next(iter(backend._DERIVED.values()))[0]] == [kept]
+    backend.clear_caches()
