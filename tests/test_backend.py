@@ -458,13 +458,13 @@ def test_the_cache_lets_deleted_sources_and_their_values_go():
 
     backend.clear_caches()
     t = torch.randn(4)
-    source, value = weakref.ref(t), weakref.ref(backend.cached_by_version((t, None), "x2", lambda: t * 2))
+    source, value = weakref.ref(t), weakref.ref(backend.cached_by_version((t, None), "x2", lambda s=t: s * 2))
     assert value() is not None and len(backend._DERIVED) == 1
     del t
     gc.collect()
     assert source() is None and value() is None and not backend._DERIVED
     t, kept = torch.randn(4), torch.randn(3)
-    backend.cached_by_version((t,), "x2", lambda: t * 2)
+    backend.cached_by_version((t,), "x2", lambda s=t: s * 2)
     with backend._DERIVED_LOCK:
         del t
     assert len(backend._DERIVED) == 1 and len(backend._FREED) == 1
