@@ -87,6 +87,8 @@ def test_in_chans_and_bad_inputs():
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         model(torch.randn(1, 32, 32))
+    with pytest.raises(ValueError, match=r"H, W >= 1"):  # rather than the stem conv's RuntimeError
+        model(torch.randn(1, 1, 0, 32))
     with pytest.raises(TypeError, match="Tensor"):
         model([[1.0]])
     with pytest.raises(ValueError, match="drop_path_rate"):

@@ -272,8 +272,9 @@ class MPViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MPViT: x must be a Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"MPViT: x must be (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"MPViT: x must be (B, {self.in_chans}, H, W) with H, W >= 1, "
+                             f"got shape {tuple(x.shape)}")
         # NHWC from the first conv on: every later activation is channels-last (the fused ops
         # read and write it, image <-> token changes are views). Copying the 3-channel input is
         # cheap next to converting any later map.
