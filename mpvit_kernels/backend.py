@@ -386,27 +386,29 @@ _DERIVED: collections.OrderedDict = collections.OrderedDict()
 _DERIVED_SIZE = 512  # an MPViT-B holds about 30 BatchNorm folds and 12 CRPE packings
 _DERIVED_LOCK = threading.Lock()
 _FREED: list = []  # keys of entries whose source died while the lock was held: dropped at the next call
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 
 
-def _drop_dead(key) -> None:
+def _drop_dead(key, derived=_DERIVED) -> None:
     """Under _DERIVED_LOCK: the entry at ``key`` goes if one of its sources has died (the key may
     already hold a newer entry, under ids the dead ones freed)."""
-    entry = _DERIVED.get(key)
+    entry = derived.get(key)
     if entry is not None and any([r is not None and r() is None for r in entry[0]]):
-        del _DERIVED[key]
+        del derived[key]
 
 
-def _on_source_freed(key):
+def _on_source_freed(key, lock=_DERIVED_LOCK, freed_keys=_FREED, drop=_drop_dead):
+    # (what it uses bound here: at interpreter exit the module's globals may be gone first)
     def freed(_ref):
         # a deleted model's folds and casts go with it. The callback may run inside this module's
         # own locked code (a garbage collection there): then the drop waits for the next call.
-        if _DERIVED_LOCK.acquire(blocking=False):
+        if lock.acquire(blocking=False):
             try:
-                _drop_dead(key)
+                drop(key)
             finally:
-                _DERIVED_LOCK.release()
+                lock.release()
         else:
-            _FREED.append(key)
+            freed_keys.append(key)
     return freed
 
 
@@ -417,15 +419,21 @@ def cached_by_version(sources, extra, compute):
     weak references to its sources and goes when one of them dies, so a deleted model's values are
     freed with it, and a reused id never matches a dead source). A write through ``.data`` bumps
     no version: :func:`clear_caches` after such writes. Used for eval BatchNorm folds, packed
-    CRPE weights and weight casts, never where the value must be part of an autograd graph.
+    CRPE weights and weight casts, never where the value must be part of an autograd graph;
+    ``compute`` makes new tensors (a value holding a source alive would keep its entry too).
 
     Computed afresh, and not kept, inside a CUDA graph capture (the graph then computes it from
     the sources at each replay, as autocast's cast cache must be off in a capture: a cached value
     would be a tensor the cache frees or replaces while the graph still reads it, and blind to
     in-place changes of the sources) and for inference tensors (made under torch.inference_mode),
     which have no version counter."""
-    if (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()) or torch._C._get_tracing_state():
-        return compute()  # (torch.jit.trace: from the parameters in the trace, not a cached constant)
+    if (torch._C._get_dispatch_mode(_FAKE_MODE) is not None or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state()
+            or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())):
+        # FakeTensorMode (its fake values must not be kept for real tensors), a functorch
+        # transform (vmap's batched parameters have no storage), torch.jit.trace (from the
+        # parameters in the trace, not a cached constant) or a CUDA graph capture (above)
+        return compute()
     try:  # list comprehensions, not generators: this runs per BatchNorm per forward
         state = (tuple([None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in sources]),
                  extra, torch.is_inference_mode_enabled())

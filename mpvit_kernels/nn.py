@@ -31,7 +31,7 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     weight, bias, mean, var, eps = bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
     # a training forward of nn.BatchNorm2d updates the running statistics inside ATen's kernel,
     # which bumps no version; it bumps this counter's (add_), so the fold follows
-    tracked = bn.num_batches_tracked
+    tracked = getattr(bn, "num_batches_tracked", None)  # (look-alikes such as FrozenBatchNorm2d have none)
 
     def fold():  # in the accumulation type: a bf16 model's fold stays exact to fp32, as the ops read it
         acc = reference._acc_dtype(var.dtype)

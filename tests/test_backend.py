@@ -471,3 +471,41 @@ def test_the_cache_lets_deleted_sources_and_their_values_go():
     backend.cached_by_version((kept,), "x2", lambda: kept * 2)
     assert not backend._FREED and [r() for r in next(iter(backend._DERIVED.values()))[0]] == [kept]
     backend.clear_caches()
+
+
+def test_derived_weights_under_vmap_fake_mode_and_with_a_frozen_batchnorm():
+    """Not cached where the sources are not this eager run's plain tensors: vmap's batched
+    parameters (an ensemble, torch.func.stack_module_state) have no storage, and a FakeTensorMode
+    run (memory estimators) kept fake folds for the real parameters, which the next eager call
+    returned. A BatchNorm look-alike without num_batches_tracked (FrozenBatchNorm2d) folds too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call, stack_module_state
+
+    from mpvit_kernels import backend
+    from mpvit_kernels.nn import folded_bn
+    from tests.utils import randomize_bn
+
+    backend.clear_caches()
+    convs = [randomize_bn(mpvit_kernels.Conv2dBN(3, 8, 3, 1, hswish=True)).eval() for _ in range(3)]
+    x = torch.randn(2, 3, 9, 7)
+    params, buffers = stack_module_state(convs)
+    with torch.no_grad():
+        got = torch.vmap(lambda p, b: functional_call(convs[0], (p, b), (x,)))(params, buffers)
+        want = torch.stack([c(x) for c in convs])
+        torch.testing.assert_close(got, want)
+        backend.clear_caches()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            convs[1](x)
+        assert type(convs[1](x)) is torch.Tensor
+
+        class FrozenBatchNorm2d(torch.nn.Module):  # as torchvision's: buffers, no num_batches_tracked
+            def __init__(self, bn):
+                super().__init__()
+                self.eps = bn.eps
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    self.register_buffer(name, getattr(bn, name).detach().clone())
+
+        for _ in range(2):  # computed, then from the cache
+            for a, b in zip(folded_bn(FrozenBatchNorm2d(convs[2].bn)), folded_bn(convs[2].bn)):
+                torch.testing.assert_close(a, b)
+    backend.clear_caches()

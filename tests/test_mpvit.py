@@ -324,7 +324,7 @@ def test_torch_jit_trace_runs_and_follows_the_weights(monkeypatch):
     the modules are 0-dim tensors, taken as the constants a trace keeps; BatchNorm folds are traced
     from the parameters, not from the cache, so the traced model follows in-place weight changes
     (and a second trace, which torch.jit.trace's own check makes, is the same); another batch
-    runs."""
+    runs, another height and width are refused."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # what auto runs on CPU tensors: the C++ twins
     model = randomize_bn(mpvit_tiny(num_classes=5)).eval()
     x = torch.randn(2, 3, 40, 36)
@@ -339,6 +339,8 @@ def test_torch_jit_trace_runs_and_follows_the_weights(monkeypatch):
                 b.mul_(1.2)
         x3 = torch.randn(3, 3, 40, 36)
         torch.testing.assert_close(traced(x3), model(x3))
+        with pytest.raises(RuntimeError, match="expanded size"):  # as many tokens, on another grid
+            traced(torch.randn(2, 3, 36, 40))
 
 
 def test_frozen_batchnorm_finetuning_gets_affine_grads():

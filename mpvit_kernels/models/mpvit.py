@@ -157,6 +157,11 @@ class PatchEmbedStage(nn.Module):
         self.patch_embeds = nn.ModuleList(DWCPatchEmbed(dim, 2 if downsample and j == 0 else 1) for j in range(num_path))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.jit.is_tracing():
+            # the ops take H and W as ints, which torch.jit.trace keeps as constants: this expand
+            # to them, recorded in the trace, makes the traced model refuse another H or W
+            # (a map of the same token count, transposed, would otherwise run on the wrong grid)
+            x = x.expand(-1, -1, int(x.shape[2]), int(x.shape[3]))
         outs = []
         for embed in self.patch_embeds:
             x = embed(x)
