@@ -5,6 +5,7 @@ import torch
 # Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter; it must be
 # chosen before triton is imported anywhere. With a GPU they run for real on CUDA tensors.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BF16_INTERPRETED = False
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Triton 3.8's interpreter, 9% faster (see the module); MPVIT_TESTS_PLAIN_INTERPRETER=1: as it is
@@ -12,10 +13,19 @@ if KERNEL_DEVICE == "cpu":
         from tests.interpreter_speedups import install
 
         install()
+    # bf16 computed as a GPU computes it (see the module); without it the bf16 kernel cases skip
+    from tests.interpreter_bf16 import install as install_bf16
+
+    _BF16_INTERPRETED = install_bf16()
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
 
 import pytest  # noqa: E402
+
+# bf16 through the Triton kernels: on a GPU, or in an interpreter that computes it as one does
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+    KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED,
+    reason="this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_bf16.py does not fit it"))
 
 # One pytest-xdist worker per core: each worker's intra-op threads share the cores with the
 # others', and OpenMP threads that outnumber the cores spin-wait on each other (the interpreted

@@ -10,8 +10,8 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
-from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordLaunches, RecordOps, assert_close, read_as_a_gpu_process
+from tests.conftest import BF16, KERNEL_DEVICE
+from tests.utils import RecordLaunches, RecordOps, assert_close, normwise_error, read_as_a_gpu_process
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
@@ -674,9 +674,9 @@ def test_cpu_twin_edge_cases():
 # MPViT-S and MPViT-B stage shapes at 224x224 input: (N, C); 8 heads.
 MPVIT_S_STAGES = [(56 * 56, 64), (28 * 28, 128), (14 * 14, 216), (7 * 7, 288)]
 MPVIT_B_STAGES = [(56 * 56, 128), (28 * 28, 224), (14 * 14, 368), (7 * 7, 480)]
-# Low precision tolerance: the kernel's error against the fp64 reference may be at most this
-# multiple of eager PyTorch's own error in the same dtype (plus a floor of 1e-3 of the
-# reference's magnitude), for the output and for every gradient.
+# Low precision tolerance: the kernel's normwise error against the fp64 reference may be at most
+# this multiple of eager PyTorch's own error in the same dtype (plus 1e-3), for the output and for
+# every gradient.
 LOW_PRECISION_FACTOR = 2.0
 
 
@@ -684,24 +684,38 @@ def _all_grads(out, inputs, g):
     return [out, *torch.autograd.grad(out, inputs, g.to(out.dtype))]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("N, C", MPVIT_S_STAGES + MPVIT_B_STAGES, ids=lambda v: str(v))
-def test_cuda_low_precision_every_gradient_at_model_shapes(N, C, dtype):
-    side = int(N ** 0.5)
-    qkv, size, heads, scale, weights, biases = make_inputs(8, side, side, C // 8, DEFAULT, torch.float64)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+@pytest.mark.parametrize("N, C, forward", [(25, 32, "whole_map"), (25, 32, "three_passes")] + [
+    pytest.param(N, C, "auto", marks=pytest.mark.cuda) for N, C in MPVIT_S_STAGES + MPVIT_B_STAGES],
+    ids=lambda v: str(v))
+def test_low_precision_every_gradient_within_twice_eager(N, C, forward, dtype, monkeypatch):
+    """fp16/bf16 forward and every grad against fp64, within LOW_PRECISION_FACTOR times eager's
+    error in the same dtype: the first cases small enough for the interpreter (bf16 there as a
+    GPU computes it: tests/interpreter_bf16.py), one per forward path, the others at the
+    model's shapes on a GPU."""
+    if forward == "three_passes":
+        monkeypatch.setattr(fa_ops(), "_WHOLE_MAP_MAX_N", 0)
+    side, batch = int(N ** 0.5), 8 if KERNEL_DEVICE == "cuda" else 2
+    qkv, size, heads, scale, weights, biases = make_inputs(batch, side, side, C // 8, DEFAULT, torch.float64)
     exact_inputs = [qkv, *weights, *biases]
-    g = torch.randn(8, N, C, dtype=torch.float64, device=qkv.device)
+    g = torch.randn(batch, N, C, dtype=torch.float64, device=qkv.device)
     exact = _all_grads(reference.factor_attention(qkv, size, heads, scale, weights, biases), exact_inputs, g)
     low = [t.detach().to(dtype).requires_grad_() for t in exact_inputs]
     ours = _all_grads(ops.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7]), low, g)
     eager = _all_grads(reference.factor_attention(low[0], size, heads, scale, low[1:4], low[4:7]), low, g)
-    names = ["out", "qkv", "w3", "w5", "w7", "b3", "b5", "b7"]
+    # the three windows' weight grads as one vector, and their bias grads: a bias grad alone has
+    # as few elements as its window's channels (8 in the small cases), too few for a measure of
+    # rounding error (ours came out 1.7x eager's on one and 0.8x on another, by chance)
+    groups = {"out": [0], "qkv": [1], "crpe weights": [2, 3, 4], "crpe biases": [5, 6, 7]}
+
+    def joined(ts, idx):
+        return torch.cat([ts[i].double().flatten() for i in idx])
+
     worse = []
-    for name, e, o, r in zip(names, exact, ours, eager):
-        err_ours = (o.double() - e).abs().max().item()
-        err_eager = (r.double() - e).abs().max().item()
-        if err_ours > LOW_PRECISION_FACTOR * err_eager + 1e-3 * e.abs().max().item():
+    for name, idx in groups.items():
+        err_ours = normwise_error(joined(ours, idx), joined(exact, idx))
+        err_eager = normwise_error(joined(eager, idx), joined(exact, idx))
+        if err_ours > LOW_PRECISION_FACTOR * err_eager + 1e-3:
             worse.append((name, err_ours, err_eager))
     assert worse == []
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import BF16, KERNEL_DEVICE
 from tests.utils import LaunchSpy, RecordOps, assert_close, normwise_error, read_as_a_gpu_process
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
@@ -124,15 +124,17 @@ def test_residual_of_another_dtype_keeps_eager_type_promotion():
         ops.gli_projection([x], w, residual=res[:, :3])
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_tensor_descriptor_loads_give_the_pointer_loads_bits(training, monkeypatch):
+def test_tensor_descriptor_loads_give_the_pointer_loads_bits(training, dtype, monkeypatch):
     # TMA (MPVIT_KERNELS_GLI_TMA=1): the inputs read through tensor descriptors (TMA on sm_90; the
-    # interpreter runs them here), the K tail (C = 20 of a 32-wide tile) and the row tail zero-filled
+    # interpreter runs them here), the K tail (C = 24 of a 32-wide tile) and the row tail zero-filled;
+    # C = 24 so that bf16 rows are 16-byte aligned too, as descriptors need
     from tests.utils import RecordLaunches
 
-    m = make_module(20, 12, 3, torch.float32, training)
-    xs, maps = make_inputs(2, 20, 5, 7, 3, torch.float32, "channels_last")
-    ref = chain(copy.deepcopy(m), [x.detach().requires_grad_() for x in maps])
+    m = make_module(24, 16, 3, dtype, training)
+    xs, maps = make_inputs(2, 24, 5, 7, 3, dtype, "channels_last")
+    ref = chain(copy.deepcopy(m).double(), [x.detach().double() for x in maps])
     results = {}
     for tma in (False, True):
         monkeypatch.setattr(sys.modules["mpvit_kernels.ops.gli_projection"], "TMA", tma)
@@ -142,7 +144,7 @@ def test_tensor_descriptor_loads_give_the_pointer_loads_bits(training, monkeypat
         assert launches and all(t == tma for t in launches)
         results[tma] = out
     torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
-    assert_close(results[True], ref, scale=4)
+    assert_close(results[True], ref.to(dtype), scale=4)
 
 
 def test_tensor_descriptors_only_where_every_input_is_a_dense_aligned_matrix(monkeypatch):
@@ -361,14 +363,19 @@ AGGREGATES = [(C, Cout, side, 4) for dims in ((64, 128, 216, 288), (128, 224, 36
               for C, Cout, side in zip(dims, dims[1:] + dims[-1:], (56, 28, 14, 7))]
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("agg", AGGREGATES, ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
-def test_cuda_low_precision_at_model_shapes(agg, dtype, training):
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+@pytest.mark.parametrize("agg", [(22, 27, 5, 3), (16, 24, 5, 2)] + [pytest.param(a, marks=pytest.mark.cuda) for a in AGGREGATES],
+                         ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
+def test_low_precision_within_twice_eager(agg, dtype, training):
+    """fp16/bf16 forward and every grad against fp64, within twice eager's error in the same dtype.
+    The first cases are small enough for the interpreter (bf16 there as a GPU computes it:
+    tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte vector loads the
+    model's widths take); the others run at the model's shapes on a GPU."""
     C, Cout, side, n = agg
+    batch = 8 if KERNEL_DEVICE == "cuda" else 2
     exact = make_module(C, Cout, n, torch.float64, training)
-    xs64 = [torch.randn(8, C, side, side, dtype=torch.float64, device="cuda").contiguous(
+    xs64 = [torch.randn(batch, C, side, side, dtype=torch.float64, device=KERNEL_DEVICE).contiguous(
         memory_format=torch.channels_last).requires_grad_() for _ in range(n)]
     low = copy.deepcopy(exact).to(dtype)
     params = ["conv.weight", "bn.weight", "bn.bias"] if training else ["conv.weight"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mpvit_kernels
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import _BF16_INTERPRETED, KERNEL_DEVICE
 from tests.utils import RecordOps, randomize_bn
 from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 
@@ -195,6 +195,31 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
                 if isinstance(t, torch.Tensor) and t.dim() == 3:
                     assert t.stride(-1) == 1, (name, tuple(t.shape), t.stride())
 
+
+def test_whole_model_through_the_kernels_under_bf16_autocast():
+    """The configuration of the speed goals, bf16 autocast over fp32 parameters, through every
+    fused op (the weights cast once per version, the activations bf16): eval logits within twice
+    eager autocast's error against the fp64 model. On CPU the Triton kernels compute bf16 as a
+    GPU does (tests/interpreter_bf16.py) and the attention takes its C++ twin, as above."""
+    if KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED:
+        pytest.skip("this Triton's interpreter computes bf16 on raw bits (tests/interpreter_bf16.py does not fit it)")
+    from tests.utils import normwise_error
+
+    twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
+    model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
+    x = torch.randn(1, 3, 24, 20, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        with mpvit_kernels.use_backend("reference"):
+            want = copy.deepcopy(model).double()(x.double())
+        with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+            with mpvit_kernels.use_backend("cuda" if twin else "auto", ops=["factor_attention"]), RecordOps() as rec:
+                on = model(x)
+            with mpvit_kernels.use_backend("reference"):
+                off = model(x)
+    assert on.dtype == off.dtype == torch.bfloat16
+    for op, calls in (("dwconv_bn", 11), ("gli_projection", 12), ("linear", 46), ("residual_layernorm_fwd", 23)):
+        assert rec.names.count(f"mpvit_kernels.{op}") == calls, op
+    assert normwise_error(on, want) <= 2 * normwise_error(off, want) + 1e-3
 
 def test_cpu_inference_runs_the_encoders_over_slices_of_the_batch(monkeypatch):
     """Inference on a CPU: an encoder whose qkv would pass SLICE_BYTES runs over slices of the

@@ -1,0 +1,108 @@
+"""Test-only: bf16 in Triton's interpreter, computed as a GPU computes it, so that CI runs the
+kernels' bf16 paths (the speed goals' dtype) on CPU tensors.
+
+The interpreter holds a bf16 block as its raw bits in numpy uint16. Three things then go wrong
+where a GPU's answer is well defined:
+
+- ``tl.dot`` of bf16 blocks multiplies the bits as integers. On a GPU the tensor cores multiply
+  the bf16 values exactly and accumulate in fp32; here the operands are widened to fp32 (exact)
+  first, which is the same sum of the same products, in another order.
+- ``x.to(tl.bfloat16)`` from fp32 truncates; a GPU rounds to nearest even, as here (torch's cast).
+  From fp64 the interpreter cast the value to an integer; here it rounds to nearest even too.
+- Any other arithmetic on bf16 (add, compare, exp, sum, ...) computes on the bits. The kernels
+  widen every bf16 load to fp32 before arithmetic, so none should reach it: here it raises
+  TypeError rather than returning garbage, so a kernel that does is caught by its bf16 test.
+
+fp16 needs none of this: numpy computes float16 natively (rounding to nearest even).
+Installed by conftest when the kernels run interpreted; ``install`` returns False (and the
+tests that need it skip, saying so) where the interpreter's internals are not the ones wrapped.
+"""
+import numpy as np
+import torch
+
+
+class Bf16Arithmetic(TypeError):
+    pass
+
+
+installed = False
+
+
+def install() -> bool:
+    global installed
+    if installed:
+        return True
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    reduce_ops = getattr(interpreter, "ReduceOps", None)
+    names = ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op", "unary_op", "create_fma", "create_clampf",
+             "create_erf", "create_rsqrt")
+    if handle is None or reduce_ops is None or any(not hasattr(builder, n) for n in names) or any(
+            not hasattr(reduce_ops, n) for n in ("sum", "min_max", "generic_reduce")):
+        return False
+    bf16 = tl.bfloat16
+
+    def is_bf16(h):
+        return getattr(getattr(h, "dtype", None), "scalar", None) == bf16
+
+    def widen(h):  # bf16 bits -> fp32 values, exact
+        bits = np.ascontiguousarray(h.data).view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).float().numpy()
+
+    def narrow(data):  # fp32/fp64 values -> bf16 bits, rounded to nearest even
+        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+    dot = builder.create_dot
+
+    def create_dot(self, a, b, d, *rest):
+        if is_bf16(d):
+            raise Bf16Arithmetic("tl.dot accumulating in bf16: accumulate in fp32")
+        if is_bf16(a):
+            a = handle(widen(a), tl.float32)
+        if is_bf16(b):
+            b = handle(widen(b), tl.float32)
+        return dot(self, a, b, d, *rest)
+
+    def cast(original):
+        def wrapped(self, src, dst_type, *rest):
+            src_t, dst_t = src.dtype.scalar, dst_type.scalar
+            if dst_t == bf16 and src_t in (tl.float32, tl.float64):
+                return handle(narrow(src.data), bf16)
+            if src_t == bf16 and dst_t in (tl.float32, tl.float64):
+                data = widen(src)
+                return handle(data if dst_t == tl.float32 else data.astype(np.float64), dst_t)
+            if bf16 in (src_t, dst_t) and src_t != dst_t:
+                raise Bf16Arithmetic(f"a cast between {src_t} and {dst_t}")
+            return original(self, src, dst_type, *rest)
+        return wrapped
+
+    def refuse(original, what):
+        def wrapped(self, *args, **kwargs):
+            if any(is_bf16(a) for a in args):
+                raise Bf16Arithmetic(f"{what} on a bf16 block: widen it to fp32 first "
+                                     "(Triton's interpreter would compute on its uint16 bits)")
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    def refuse_reduce(original):
+        def wrapped(self, input, *args, **kwargs):
+            blocks = input if isinstance(input, (tuple, list)) else (input,)
+            if any(is_bf16(getattr(t, "handle", None)) for t in blocks):
+                raise Bf16Arithmetic("a reduction of a bf16 block: widen it to fp32 first")
+            return original(self, input, *args, **kwargs)
+        return wrapped
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast(builder.cast_impl)
+    builder.create_fp_to_fp = cast(builder.create_fp_to_fp)
+    for name in ("binary_op", "unary_op", "create_fma", "create_clampf", "create_erf", "create_rsqrt"):
+        setattr(builder, name, refuse(getattr(builder, name), name))
+    for name in ("sum", "min_max", "generic_reduce"):
+        setattr(reduce_ops, name, refuse_reduce(getattr(reduce_ops, name)))
+    installed = True
+    return True

@@ -1,0 +1,68 @@
+"""tests/interpreter_bf16.py, which the bf16 kernel tests rely on without a GPU: bf16 in Triton's
+interpreter as a GPU computes it (dots of exact products accumulated in fp32, casts rounded to
+nearest even), and any other bf16 arithmetic refused rather than done on the raw bits."""
+import pytest
+import torch
+
+from tests.conftest import _BF16_INTERPRETED, KERNEL_DEVICE
+
+pytestmark = pytest.mark.skipif(KERNEL_DEVICE != "cpu" or not _BF16_INTERPRETED,
+                                reason="the emulation of bf16 in Triton's interpreter (CPU tensors only)")
+
+if KERNEL_DEVICE == "cpu":
+    import triton
+    import triton.language as tl
+
+    from triton.runtime.errors import InterpreterError
+
+    from tests.interpreter_bf16 import Bf16Arithmetic
+
+    @triton.jit
+    def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+        m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+        tl.store(out_ptr + m[:, None] * N + n[None, :], tl.dot(a, b, out_dtype=tl.float32))
+
+    @triton.jit
+    def _cast_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.load(x_ptr + i).to(tl.bfloat16))
+
+    @triton.jit
+    def _add_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i)
+        tl.store(out_ptr + i, x + x)
+
+    @triton.jit
+    def _sum_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        tl.store(out_ptr, tl.sum(tl.load(x_ptr + tl.arange(0, BLOCK)), axis=0))
+
+
+def test_a_bf16_dot_is_the_fp32_product_of_the_bf16_values():
+    a = torch.randn(16, 32).bfloat16()
+    b = torch.randn(32, 16).bfloat16()
+    out = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, out, 16, 32, 16)
+    torch.testing.assert_close(out, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_cast_to_bf16_rounds_to_nearest_even(src):
+    # halfway and near-halfway values between two bf16 neighbours, both signs, and ordinary ones
+    one_ulp = 2.0 ** -7
+    x = torch.tensor([1 + one_ulp / 2, 1 + 3 * one_ulp / 2, 1 + one_ulp * 0.51, 1 + one_ulp * 0.49, -(1 + one_ulp / 2),
+                      3.14159, -2.71828e-3, 1e30, 0.0, 65504.0, 1e-40, 7.0], dtype=src)
+    x = torch.cat([x, torch.randn(52, dtype=src) * 100])
+    out = torch.empty(64, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, out, 64)
+    assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("kernel", ["add", "sum"])
+def test_other_bf16_arithmetic_is_refused(kernel):
+    x = torch.randn(16).bfloat16()
+    out = torch.empty(16, dtype=torch.bfloat16)
+    with pytest.raises(InterpreterError, match=Bf16Arithmetic.__name__):  # the interpreter's wrapping
+        (_add_kernel if kernel == "add" else _sum_kernel)[(1,)](x, out, 16)
