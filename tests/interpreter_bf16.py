@@ -7,8 +7,9 @@ where a GPU's answer is well defined:
 - ``tl.dot`` of bf16 blocks multiplies the bits as integers. On a GPU the tensor cores multiply
   the bf16 values exactly and accumulate in fp32; here the operands are widened to fp32 (exact)
   first, which is the same sum of the same products, in another order.
-- ``x.to(tl.bfloat16)`` from fp32 truncates; a GPU rounds to nearest even, as here (torch's cast).
-  From fp64 the interpreter cast the value to an integer; here it rounds to nearest even too.
+- ``x.to(tl.bfloat16)`` from fp32 truncates; a GPU rounds to nearest even, as here (torch's cast),
+  unless the kernel asks for rounding toward zero. From fp64 the interpreter cast the value to an
+  integer; here it rounds to nearest even too.
 - Any other arithmetic on bf16 (add, compare, exp, sum, ...) computes on the bits. The kernels
   widen every bf16 load to fp32 before arithmetic, so none should reach it: here it raises
   TypeError rather than returning garbage, so a kernel that does is caught by its bf16 test.
@@ -68,9 +69,13 @@ def install() -> bool:
             b = handle(widen(b), tl.float32)
         return dot(self, a, b, d, *rest)
 
+    rtz = getattr(getattr(getattr(interpreter, "_ir", None), "ROUNDING_MODE", None), "RTZ", None)
+
     def cast(original):
         def wrapped(self, src, dst_type, *rest):
             src_t, dst_t = src.dtype.scalar, dst_type.scalar
+            if dst_t == bf16 and src_t == tl.float32 and rest and rtz is not None and rest[0] == rtz:
+                return original(self, src, dst_type, *rest)  # asked to truncate, as the interpreter does
             if dst_t == bf16 and src_t in (tl.float32, tl.float64):
                 return handle(narrow(src.data), bf16)
             if src_t == bf16 and dst_t in (tl.float32, tl.float64):
