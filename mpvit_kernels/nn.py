@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpvit_kernels import backend, ops, reference
-from mpvit_kernels.ops.affine_hswish import conv_folded_bn, folds_into_conv
+from mpvit_kernels.ops.affine_hswish import check_strided, conv_folded_bn, folds_into_conv
 from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
@@ -49,12 +49,13 @@ def folded_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_input(where: str, x, layout: str, channel_dim: int, channels: int, param: torch.Tensor,
                 name: str = "x") -> None:
-    """A module's input before any kernel runs: a floating Tensor of ``layout`` ("(B, C, H, W)"
+    """A module's input before any kernel runs: a dense floating Tensor of ``layout`` ("(B, C, H, W)"
     or "(B, N, C)", its dims counted from it) with ``channels`` in ``channel_dim``, on ``param``'s
     device and, outside autocast, in its dtype (as nn.Linear and nn.Conv2d require; under
     autocast the ops cast as autocast does)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a Tensor, got {type(x).__name__}")
+    check_strided(where, name, x)
     if x.dim() != layout.count(",") + 1 or x.shape[channel_dim] != channels:
         raise ValueError(f"{where}: {name} must be {layout.replace('C', str(channels))}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():

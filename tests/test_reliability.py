@@ -174,6 +174,12 @@ def bad_module_calls():
          ValueError, r"inputs\[0\] must be \(B, N, 8\)"),
         ("GLIProjection dtype", lambda: GLIProjection(8, 12, 2)([r(1, 8, 5, 5, dtype=torch.float64)] * 2),
          TypeError, r"inputs\[0\] is torch.float64"),
+        ("FactorAttention sparse", lambda: FactorAttention(16, 8)(r(2, 12, 16).to_sparse(), (3, 4)), TypeError,
+         r"x must be a dense \(strided\) tensor, got torch.sparse_coo"),
+        ("GLIProjection mkldnn", lambda: GLIProjection(8, 12, 2)([r(1, 8, 5, 5), r(1, 8, 5, 5).to_mkldnn()]),
+         TypeError, r"inputs\[1\] must be a dense \(strided\) tensor, got torch._mkldnn"),
+        ("MPViT sparse", lambda: mpvit_tiny()(r(1, 3, 8, 8).to_sparse()), TypeError,
+         r"MPViT: x must be a dense \(strided\) tensor"),
     ]
 
 
@@ -181,6 +187,39 @@ def bad_module_calls():
 def test_modules_refuse_bad_arguments_naming_them(case):
     _, call, exc, match = bad_module_calls()[case]
     with pytest.raises(exc, match=match):
+        call()
+
+
+def non_dense_op_calls():
+    """(name, call, the argument's name): one op call per family with one argument sparse, mkldnn
+    or nested, the others fine."""
+    from mpvit_kernels import ops
+
+    x, w3, ones, zeros = torch.randn(2, 8, 5, 5), torch.randn(8, 1, 3, 3), torch.ones(8), torch.zeros(8)
+    tokens = torch.randn(2, 6, 8)
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(3, 8)], layout=torch.jagged)
+    return [
+        ("affine_hswish", lambda: ops.affine_hswish(x.to_sparse(), ones, zeros, True), "x"),
+        ("affine_hswish shift", lambda: ops.affine_hswish(x, ones, zeros.to_sparse(), True), "shift"),
+        ("depthwise", lambda: ops.depthwise(x, w3.to_sparse(), None), "weight"),
+        ("dwconv_bn", lambda: ops.dwconv_bn(x, w3, torch.randn(6, 8, 1, 1).to_mkldnn(), 1), "pw_weight"),
+        ("gli_projection", lambda: ops.gli_projection([x, x.to_sparse()], torch.randn(6, 16)), r"inputs\[1\]"),
+        ("gli_projection weight", lambda: ops.gli_projection([x], torch.randn(6, 8).to_sparse()), "weight"),
+        ("factor_attention", lambda: ops.factor_attention(torch.randn(2, 6, 24).to_sparse(), (2, 3), 2, 0.5,
+                                                          [w3], [ones]), "qkv"),
+        ("factor_attention crpe", lambda: ops.factor_attention(torch.randn(2, 6, 24), (2, 3), 2, 0.5,
+                                                               [w3.to_sparse()], [ones]), r"crpe_weights\[0\]"),
+        ("linear", lambda: ops.linear(nested, torch.randn(6, 8), None, None, None), "x"),
+        ("residual_layernorm", lambda: ops.residual_layernorm(tokens, nested, ones, ones, ones, zeros, 1e-6), "y"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(non_dense_op_calls())), ids=[c[0] for c in non_dense_op_calls()])
+def test_ops_refuse_non_dense_tensors_naming_them(case):
+    """Sparse, mkldnn and nested tensors have no strides for the kernels: a TypeError naming the
+    argument (they failed deep in ATen, or with the dispatcher's list of backends)."""
+    _, call, name = non_dense_op_calls()[case]
+    with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor"):
         call()
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import ops
 from mpvit_kernels.backend import weight_as
+from mpvit_kernels.ops.affine_hswish import check_strided
 from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
                               depthwise_bn_hswish)
 
@@ -277,6 +278,7 @@ class MPViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MPViT: x must be a Tensor, got {type(x).__name__}")
+        check_strided("MPViT", "x", x)
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"MPViT: x must be (B, {self.in_chans}, H, W) with H, W >= 1, "
                              f"got shape {tuple(x.shape)}")

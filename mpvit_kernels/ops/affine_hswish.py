@@ -23,11 +23,21 @@ from mpvit_kernels import backend, reference
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_strided(where: str, name: str, t: torch.Tensor) -> None:
+    """A dense (strided) tensor, else a TypeError naming it: sparse, mkldnn and nested tensors
+    have no strides for the kernels to read (and failed deep inside ATen or the dispatcher)."""
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{where}: {name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else t.layout}")
+
+
 def check_float_tensors(where: str, **named) -> None:
-    """Each of ``named`` a Tensor of a floating dtype the kernels take, else a TypeError naming it."""
+    """Each of ``named`` a dense Tensor of a floating dtype the kernels take, else a TypeError
+    naming it."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+        check_strided(where, name, t)
         if t.dtype not in _FLOATS:
             raise TypeError(f"{where}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
 
@@ -125,6 +135,7 @@ def check_channel_params(where: str, C: int, device: torch.device, **named) -> N
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
             raise TypeError(f"{where}: {name} must be a floating point Tensor")
+        check_strided(where, name, t)
         if tuple(t.shape) != (C,):
             raise ValueError(f"{where}: {name} must have shape ({C},), got {tuple(t.shape)}")
         if t.device != device:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from mpvit_kernels import backend, reference
+from mpvit_kernels.ops.affine_hswish import check_strided
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,6 +29,7 @@ def _check(x, weight, bias, stride, scale, shift, hswish, residual) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"depthwise: {name} must be a Tensor, got {type(t).__name__}")
+        check_strided("depthwise", name, t)
         if t.dtype not in _FLOATS:
             raise TypeError(f"depthwise: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
         if t.device != x.device:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (affine_hswish, affine_hswish_grad, batch_norm_backward,
                                              batch_norm_hswish, batch_stats, check_channel_params,
-                                             check_eps, check_item_span, check_rows, conv_folded_bn, folds_into_conv)
+                                             check_eps, check_item_span, check_rows, check_strided, conv_folded_bn,
+                                             folds_into_conv)
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
 from mpvit_kernels.ops.depthwise import _check as _check_depthwise
 
@@ -37,6 +38,7 @@ def _check(x, dw_weight, pw_weight, stride, scale, shift) -> None:
     _check_depthwise(x, dw_weight, None, stride, scale=None, shift=None, hswish=False, residual=False)
     if not isinstance(pw_weight, torch.Tensor):
         raise TypeError(f"dwconv_bn: pw_weight must be a Tensor, got {type(pw_weight).__name__}")
+    check_strided("dwconv_bn", "pw_weight", pw_weight)
     C = x.shape[1]
     if pw_weight.dim() != 4 or tuple(pw_weight.shape[1:]) != (C, 1, 1):
         raise ValueError(f"dwconv_bn: pw_weight must be (out_channels, {C}, 1, 1), got {tuple(pw_weight.shape)}")

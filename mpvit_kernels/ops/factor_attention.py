@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from mpvit_kernels import backend, reference
-from mpvit_kernels.ops.affine_hswish import check_item_span
+from mpvit_kernels.ops.affine_hswish import check_item_span, check_strided
 from mpvit_kernels.ops.depthwise import depthwise
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,6 +83,7 @@ def _triton_kernels():
 def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int, int, int, int, int]:
     if not isinstance(qkv, torch.Tensor):
         raise TypeError(f"factor_attention: qkv must be a Tensor, got {type(qkv).__name__}")
+    check_strided("factor_attention", "qkv", qkv)
     if qkv.dtype not in _FLOATS:
         raise TypeError(f"factor_attention: qkv must be float16/bfloat16/float32/float64, got {qkv.dtype}")
     if qkv.dim() != 3 or qkv.shape[2] % 3 != 0:
@@ -102,6 +103,8 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
     for i, (w, b) in enumerate(zip(crpe_weights, crpe_biases)):
         if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
             raise TypeError(f"factor_attention: crpe_weights[{i}] and crpe_biases[{i}] must be Tensors")
+        check_strided("factor_attention", f"crpe_weights[{i}]", w)
+        check_strided("factor_attention", f"crpe_biases[{i}]", b)
         if w.dim() != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
             raise ValueError(f"factor_attention: crpe_weights[{i}] must be (c, 1, k, k) with odd k, "
                              f"got {tuple(w.shape)}")

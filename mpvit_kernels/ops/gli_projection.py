@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (_FLOATS, affine_hswish, affine_hswish_grad, batch_norm_backward,
                                              batch_norm_hswish, batch_stats, check_channel_params, check_eps,
-                                             check_rows, conv_folded_bn, conv_runs_1x1, folds_into_conv)
+                                             check_rows, check_strided, conv_folded_bn, conv_runs_1x1, folds_into_conv)
 
 MAX_INPUTS = 5
 # Tensor-descriptor (TMA) loads of the inputs, opt-in (see use_tma): MPVIT_KERNELS_GLI_TMA=1 at import.
@@ -66,6 +66,7 @@ def _as_rows(inputs, size, where):
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
+        check_strided(where, f"inputs[{i}]", x)
         if x.dtype not in _FLOATS:
             raise TypeError(f"{where}: inputs[{i}] must be float16/bfloat16/float32/float64, got {x.dtype}")
         if x.dtype != first.dtype or x.device != first.device:
@@ -82,6 +83,7 @@ def _as_rows(inputs, size, where):
 def _check_weight(weight, n, C, device, where):
     if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOATS:
         raise TypeError(f"{where}: weight must be a floating point Tensor")
+    check_strided(where, "weight", weight)
     if weight.dim() not in (2, 4) or weight.shape[1] != n * C or (weight.dim() == 4 and weight.shape[2:] != (1, 1)):
         raise ValueError(f"{where}: weight must be (out_channels, {n * C}, 1, 1) or (out_channels, {n * C}) for "
                          f"{n} inputs of {C} channels, got {tuple(weight.shape)}")
@@ -153,6 +155,7 @@ def gli_projection(inputs, weight: torch.Tensor, scale: torch.Tensor | None = No
 def _check_residual(residual, want):
     if not isinstance(residual, torch.Tensor) or residual.dtype not in _FLOATS:
         raise TypeError("gli_projection: residual must be a floating point Tensor")
+    check_strided("gli_projection", "residual", residual)
     if tuple(residual.shape) != want:
         raise ValueError(f"gli_projection: residual must have the output's shape {want}, got {tuple(residual.shape)}")
 
