@@ -31,7 +31,7 @@ TORCH_LIBRARY(mpvit_kernels, m) {
   // (B, N, 3C); crpe_weights[i] (ci, 1, k, k) and crpe_biases[i] (ci,) convolve the next ci
   // channels of v. The CPU twin of the Triton op factor_attention_fwd (no backward stats).
   m.def(
-      "factor_attention(Tensor qkv, int H, int W, int num_heads, float scale, Tensor[] crpe_weights,"
+      "factor_attention(Tensor qkv, SymInt H, SymInt W, int num_heads, float scale, Tensor[] crpe_weights,"
       " Tensor[] crpe_biases) -> Tensor");
   // (r, u, mean, rstd) per token of x, y (tokens (B, N, C) or rows (M, C)): s = x + y + bias,
   // r = s + next_bias, u = layer_norm(s) with weight, ln_bias, eps; mean and rstd per token in the

@@ -459,13 +459,14 @@ def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("path", ["kernels", "cpu-auto"])
-def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch(path, monkeypatch, tmp_path):
+def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch_and_size(path, monkeypatch, tmp_path):
     """Deployment through torch.export: the program of the fused model, exported under no_grad
-    (the inference kernels) with a dynamic batch, keeps our ops whole, saves, loads (in a process
-    that imported mpvit_kernels, which registers the ops) and gives the eager logits at another
-    batch. "kernels": the Triton ops (on CPU the export alone, the attention on its C++ twin
-    there as in the test above; a GPU runs the program too); "cpu-auto": what auto runs on CPU tensors, the C++ twins and oneDNN,
-    whose size-based choices (batch slices, 1x1 conv vs GEMM) must not guard a symbolic batch."""
+    (the inference kernels) with a dynamic batch, height and width, keeps our ops whole, saves,
+    loads (in a process that imported mpvit_kernels, which registers the ops) and gives the eager
+    logits at another batch and size. "kernels": the Triton ops (on CPU the export alone, the
+    attention on its C++ twin there as in the test above; a GPU runs the program too);
+    "cpu-auto": what auto runs on CPU tensors, the C++ twins and oneDNN, whose size-based choices
+    (batch slices, 1x1 conv vs GEMM) must not guard a symbolic size."""
     import collections
 
     device = KERNEL_DEVICE
@@ -476,11 +477,15 @@ def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch(path, monk
         device, attention_backend = "cpu", "auto"
     torch.manual_seed(0)
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(device)
-    x = torch.randn(3, 3, 24, 20, device=device)
-    # the batch's range needs a bound: the ops' 32-bit limits (pixels per call) bound it anyway
-    batch = torch.export.Dim("batch", max=4096)
+    x = torch.randn(3, 3, 45, 34, device=device)
+    # the batch's range needs a bound: the ops' 32-bit limits (pixels per call) bound it anyway;
+    # sides from 33, where the last stage's map (a 32nd of the input) is at least 2 wide: PyTorch
+    # decides a tensor's contiguity differently for a dim of 1
+    batch, height, width = (torch.export.Dim(n, min=m, max=M) for n, m, M in
+                            (("batch", 1, 256), ("height", 33, 4096), ("width", 33, 4096)))
     with torch.no_grad(), mpvit_kernels.use_backend(attention_backend, ops=["factor_attention"]):
-        program = torch.export.export(model, (x[:2],), dynamic_shapes={"x": {0: batch}})
+        program = torch.export.export(model, (x[:2, :, :40, :33].contiguous(),), dynamic_shapes={"x": {0: batch, 2: height,
+                                                                                          3: width}})
     ours = collections.Counter(str(n.target).removesuffix(".default") for n in program.graph.nodes
                                if n.op == "call_function" and str(n.target).startswith("mpvit_kernels."))
     attention = "mpvit_kernels.factor_attention" if twin or path == "cpu-auto" else "mpvit_kernels.factor_attention_fwd"
@@ -495,4 +500,4 @@ def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch(path, monk
     loaded = program.module()
     with torch.no_grad(), mpvit_kernels.use_backend("reference"):
         want = model(x)
-    torch.testing.assert_close(loaded(x), want, atol=1e-4, rtol=1e-4)  # batch 3, exported at 2
+    torch.testing.assert_close(loaded(x), want, atol=1e-4, rtol=1e-4)  # 3 x 45 x 34, exported at 2 x 40 x 33

@@ -92,7 +92,7 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
     C = C3 // 3
     if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads != 0:
         raise ValueError(f"factor_attention: num_heads must be a positive divisor of C={C}, got {num_heads!r}")
-    if len(size) != 2 or any(not isinstance(s, int) or s <= 0 for s in size) or size[0] * size[1] != N:
+    if len(size) != 2 or any(not isinstance(s, (int, torch.SymInt)) or s <= 0 for s in size) or size[0] * size[1] != N:
         raise ValueError(f"factor_attention: size must be (H, W) with H*W = N = {N}, got {tuple(size)}")
     if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == math.inf:  # traceable when symbolic
         raise TypeError(f"factor_attention: scale must be a finite float, got {scale!r}")
@@ -138,7 +138,7 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     are read in the accumulation type. The Triton kernels take head dims up to
     MAX_TRITON_HEAD_DIM (64); wider heads run on the eager reference under ``auto``.
     """
-    size = tuple(int(s) if isinstance(s, torch.SymInt) else s for s in size)
+    size = tuple(size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
     crpe = (*crpe_weights, *crpe_biases)
