@@ -4,7 +4,6 @@ its input's dtype, as eager's ``x + conv(x)`` does). The rule against eager unde
 autocast: our error against the fp64 model is at most twice eager's, plus a small floor."""
 import copy
 import importlib
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import fuse, ops
 from mpvit_kernels.bench.public_mpvit import MHCA_stage, Patch_Embed_stage
-from tests.conftest import _BF16_INTERPRETED
+from tests.conftest import _BF16_INTERPRETED, KERNEL_DEVICE
 from tests.test_fuse import TRITON, randomized
 from tests.utils import normwise_error, randomize_bn
 
@@ -88,7 +87,7 @@ def run_three(public, fused, x, dtype, loss=None, kernels="twins"):
 def test_fused_stages_train_under_autocast_as_accurately_as_eager(dtype, stage, kernels):
     # Stages rather than the whole model for training: at a test-sized input the last stage's
     # BatchNorms see a handful of values per channel, which turns rounding noise into grads.
-    if kernels == "triton" and not os.environ.get("TRITON_INTERPRET"):
+    if kernels == "triton" and KERNEL_DEVICE != "cpu":
         pytest.skip("Triton kernels on CPU tensors run in the interpreter alone; on a GPU, "
                     "test_fused_model_under_autocast_on_cuda_through_the_kernels runs them")
     if kernels == "triton" and dtype == torch.bfloat16 and not _BF16_INTERPRETED:
