@@ -483,9 +483,13 @@ def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch_and_size(p
     # decides a tensor's contiguity differently for a dim of 1
     batch, height, width = (torch.export.Dim(n, min=m, max=M) for n, m, M in
                             (("batch", 1, 256), ("height", 33, 4096), ("width", 33, 4096)))
+    dims, example = {0: batch, 2: height, 3: width}, x[:2, :, :40, :33].contiguous()
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.14":
+        # torch 2.13 cannot prove the guards its own stride reasoning adds for channels-last maps
+        # of a symbolic size (strides such as Min(64, 64 * W)): the batch alone is dynamic there
+        dims, example = {0: batch}, x[:2]
     with torch.no_grad(), mpvit_kernels.use_backend(attention_backend, ops=["factor_attention"]):
-        program = torch.export.export(model, (x[:2, :, :40, :33].contiguous(),), dynamic_shapes={"x": {0: batch, 2: height,
-                                                                                          3: width}})
+        program = torch.export.export(model, (example,), dynamic_shapes={"x": dims})
     ours = collections.Counter(str(n.target).removesuffix(".default") for n in program.graph.nodes
                                if n.op == "call_function" and str(n.target).startswith("mpvit_kernels."))
     attention = "mpvit_kernels.factor_attention" if twin or path == "cpu-auto" else "mpvit_kernels.factor_attention_fwd"
