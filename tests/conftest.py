@@ -27,6 +27,11 @@ BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
     KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED,
     reason="this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_bf16.py does not fit it"))
 
+# a parameter set at the model's full shapes: on a GPU only (too big for the interpreter), and left
+# out of the compute-sanitizer runs (tools/gpu_proof.sh), which are orders of magnitude slower
+MODEL_SHAPES = [pytest.mark.cuda, pytest.mark.model_shapes]
+
+
 # One pytest-xdist worker per core: each worker's intra-op threads share the cores with the
 # others', and OpenMP threads that outnumber the cores spin-wait on each other (the interpreted
 # kernels ran 2-3x slower so); so each worker takes its share of the cores.

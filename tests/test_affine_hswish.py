@@ -277,6 +277,7 @@ def test_cuda_matches_cpu_twin(shape, layout, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.model_shapes
 def test_cuda_backward_is_deterministic():
     x = make_image((16, 64, 56, 56), torch.bfloat16, "channels_last", device="cuda")
     scale, shift = params(64, device="cuda")

@@ -10,7 +10,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
-from tests.conftest import BF16, KERNEL_DEVICE
+from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import RecordLaunches, RecordOps, assert_close, normwise_error, read_as_a_gpu_process
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
@@ -686,7 +686,7 @@ def _all_grads(out, inputs, g):
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
 @pytest.mark.parametrize("N, C, forward", [(25, 32, "whole_map"), (25, 32, "three_passes")] + [
-    pytest.param(N, C, "auto", marks=pytest.mark.cuda) for N, C in MPVIT_S_STAGES + MPVIT_B_STAGES],
+    pytest.param(N, C, "auto", marks=MODEL_SHAPES) for N, C in MPVIT_S_STAGES + MPVIT_B_STAGES],
     ids=lambda v: str(v))
 def test_low_precision_every_gradient_within_twice_eager(N, C, forward, dtype, monkeypatch):
     """fp16/bf16 forward and every grad against fp64, within LOW_PRECISION_FACTOR times eager's

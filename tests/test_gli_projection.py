@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
-from tests.conftest import BF16, KERNEL_DEVICE
-from tests.utils import LaunchSpy, RecordOps, assert_close, normwise_error, read_as_a_gpu_process
+from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
+from tests.utils import LaunchSpy, RecordOps, assert_close, away_from_the_kinks, normwise_error, read_as_a_gpu_process
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
 CASES = [
@@ -365,7 +365,8 @@ AGGREGATES = [(C, Cout, side, 4) for dims in ((64, 128, 216, 288), (128, 224, 36
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
-@pytest.mark.parametrize("agg", [(22, 27, 5, 3), (16, 24, 5, 2)] + [pytest.param(a, marks=pytest.mark.cuda) for a in AGGREGATES],
+@pytest.mark.parametrize("agg", [(22, 27, 5, 3), (16, 24, 5, 2)]
+                         + [pytest.param(a, marks=MODEL_SHAPES) for a in AGGREGATES],
                          ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
 def test_low_precision_within_twice_eager(agg, dtype, training):
     """fp16/bf16 forward and every grad against fp64, within twice eager's error in the same dtype.
@@ -379,8 +380,9 @@ def test_low_precision_within_twice_eager(agg, dtype, training):
         memory_format=torch.channels_last).requires_grad_() for _ in range(n)]
     low = copy.deepcopy(exact).to(dtype)
     params = ["conv.weight", "bn.weight", "bn.bias"] if training else ["conv.weight"]
-    want = chain(exact, xs64)
-    grad = torch.randn_like(want)
+    z = exact.bn(exact.conv(torch.cat(xs64, dim=1)))  # the exact pre-activation
+    want = F.hardswish(z)
+    grad = away_from_the_kinks(torch.randn_like(want), z, dtype)
     want_grads = torch.autograd.grad(want, xs64 + [exact.get_parameter(p) for p in params], grad)
     xsl = [x.detach().to(dtype).requires_grad_() for x in xs64]
     errs = {}
@@ -392,6 +394,7 @@ def test_low_precision_within_twice_eager(agg, dtype, training):
 
 
 @pytest.mark.cuda
+@pytest.mark.model_shapes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("agg", AGGREGATES[1::2], ids=lambda a: f"{a[0]}to{a[1]}-{a[2]}px")
 def test_cuda_tuned_tile_does_not_change_the_bits(agg, dtype, monkeypatch):
@@ -436,6 +439,7 @@ def test_cuda_fp32_at_model_shapes(agg, training):
 
 
 @pytest.mark.cuda
+@pytest.mark.model_shapes
 def test_cuda_training_is_deterministic():
     C, Cout, side, n = AGGREGATES[1]
     m = make_module(C, Cout, n, torch.bfloat16, training=True)
@@ -450,6 +454,7 @@ def test_cuda_training_is_deterministic():
 
 
 @pytest.mark.cuda
+@pytest.mark.model_shapes
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the tensor-descriptor (TMA) path runs on sm_90 only")
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import ops
-from tests.conftest import BF16, KERNEL_DEVICE
+from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
 from tests.test_residual_layernorm import make_block
 from tests.utils import LaunchSpy, RecordOps, assert_close, normwise_error
 
@@ -302,7 +302,8 @@ SHAPES = [(side * side, C, n * C) for dims in ((64, 128, 216, 288), (128, 224, 3
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
-@pytest.mark.parametrize("shape", [(21, 22, 66), (21, 22, 88), (21, 16, 48), (21, 16, 64)] + [pytest.param(s, marks=pytest.mark.cuda) for s in SHAPES],
+@pytest.mark.parametrize("shape", [(21, 22, 66), (21, 22, 88), (21, 16, 48), (21, 16, 64)]
+                         + [pytest.param(s, marks=MODEL_SHAPES) for s in SHAPES],
                          ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
 def test_low_precision_within_twice_eager(shape, dtype):
     """Under fp16/bf16 autocast, forward and every grad against fp64, within twice eager's error in
@@ -341,6 +342,7 @@ def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.model_shapes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES[1::3], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
 def test_cuda_tuned_tile_does_not_change_the_bits(shape, dtype, monkeypatch):

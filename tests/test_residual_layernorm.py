@@ -13,7 +13,7 @@ import mpvit_kernels
 from mpvit_kernels import ops
 from mpvit_kernels.models.mpvit import MHCABlock
 from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
-from tests.conftest import _BF16_INTERPRETED, BF16, KERNEL_DEVICE
+from tests.conftest import BF16, _BF16_INTERPRETED, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import RecordOps, assert_close
 
 
@@ -293,7 +293,7 @@ SHAPES = [(C, side * side) for dims in ((64, 128, 216, 288), (128, 224, 368, 480
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
-@pytest.mark.parametrize("shape", [(27, 15), (24, 15)] + [pytest.param(s, marks=pytest.mark.cuda) for s in SHAPES],
+@pytest.mark.parametrize("shape", [(27, 15), (24, 15)] + [pytest.param(s, marks=MODEL_SHAPES) for s in SHAPES],
                          ids=lambda s: f"C{s[0]}-N{s[1]}")
 def test_low_precision_within_twice_eager(shape, dtype):
     """Under fp16/bf16 autocast, both outputs and every grad against fp64, within twice eager's

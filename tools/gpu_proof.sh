@@ -196,13 +196,17 @@ for name in $STAGES; do
       log "compute-sanitizer memcheck"
       # shellcheck disable=SC2086
       stage memcheck "$SANITIZER_TIMEOUT" compute-sanitizer --tool memcheck --error-exitcode 3 \
-        "$PYTHON" -m pytest -q -x -p no:cacheprovider $SANITIZED_TESTS -k "not large_n and not model_shapes and not token_tile" \
+        "$PYTHON" -m pytest -q -x -p no:cacheprovider $SANITIZED_TESTS -m "not model_shapes" \
+        -k "not large_n and not model_shapes and not token_tile" \
         > "$LOGS/memcheck.log" 2>&1 || status=1
       tail -n 3 "$LOGS/memcheck.log"
+      # racecheck: the determinism tests at small shapes (the CUDA reductions) and the small
+      # fp16/bf16 cases of every Triton family (their dots through shared memory)
       log "compute-sanitizer racecheck (shared memory: the CUDA reductions and the Triton dots)"
       # shellcheck disable=SC2086
       stage racecheck "$SANITIZER_TIMEOUT" compute-sanitizer --tool racecheck --error-exitcode 3 \
-        "$PYTHON" -m pytest -q -x -p no:cacheprovider $SANITIZED_TESTS -k "deterministic and not large_n" \
+        "$PYTHON" -m pytest -q -x -p no:cacheprovider $SANITIZED_TESTS -m "not model_shapes" \
+        -k "(deterministic or twice_eager) and not large_n and not model_shapes" \
         > "$LOGS/racecheck.log" 2>&1 || status=1
       tail -n 3 "$LOGS/racecheck.log"
       unset PYTORCH_NO_CUDA_MEMORY_CACHING MPVIT_KERNELS_AUTOTUNE
