@@ -23,9 +23,9 @@ else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-
 import pytest  # noqa: E402
 
 # bf16 through the Triton kernels: on a GPU, or in an interpreter that computes it as one does
-BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
-    KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED,
-    reason="this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_bf16.py does not fit it"))
+BF16_KERNELS = KERNEL_DEVICE != "cpu" or _BF16_INTERPRETED
+NO_BF16_KERNELS = "this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_bf16.py does not fit it"
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(not BF16_KERNELS, reason=NO_BF16_KERNELS))
 
 # a parameter set at the model's full shapes: on a GPU only (too big for the interpreter), and left
 # out of the compute-sanitizer runs (tools/gpu_proof.sh), which are orders of magnitude slower

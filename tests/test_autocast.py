@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import fuse, ops
 from mpvit_kernels.bench.public_mpvit import MHCA_stage, Patch_Embed_stage
-from tests.conftest import _BF16_INTERPRETED, KERNEL_DEVICE
+from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
 from tests.test_fuse import TRITON, randomized
 from tests.utils import normwise_error, randomize_bn
 
@@ -90,8 +90,8 @@ def test_fused_stages_train_under_autocast_as_accurately_as_eager(dtype, stage, 
     if kernels == "triton" and KERNEL_DEVICE != "cpu":
         pytest.skip("Triton kernels on CPU tensors run in the interpreter alone; on a GPU, "
                     "test_fused_model_under_autocast_on_cuda_through_the_kernels runs them")
-    if kernels == "triton" and dtype == torch.bfloat16 and not _BF16_INTERPRETED:
-        pytest.skip("this Triton's interpreter computes bf16 on raw bits (tests/interpreter_bf16.py does not fit it)")
+    if kernels == "triton" and dtype == torch.bfloat16 and not BF16_KERNELS:
+        pytest.skip(NO_BF16_KERNELS)
     torch.manual_seed(0)
     if stage == "patch_embed":
         public = randomize_bn(Patch_Embed_stage(32, 3, True).train())

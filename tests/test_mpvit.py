@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mpvit_kernels
-from tests.conftest import _BF16_INTERPRETED, KERNEL_DEVICE
+from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
 from tests.utils import RecordOps, randomize_bn
 from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 
@@ -196,13 +196,12 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
                     assert t.stride(-1) == 1, (name, tuple(t.shape), t.stride())
 
 
+@pytest.mark.skipif(not BF16_KERNELS, reason=NO_BF16_KERNELS)
 def test_whole_model_through_the_kernels_under_bf16_autocast():
     """The configuration of the speed goals, bf16 autocast over fp32 parameters, through every
     fused op (the weights cast once per version, the activations bf16): eval logits within twice
     eager autocast's error against the fp64 model. On CPU the Triton kernels compute bf16 as a
     GPU does (tests/interpreter_bf16.py) and the attention takes its C++ twin, as above."""
-    if KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED:
-        pytest.skip("this Triton's interpreter computes bf16 on raw bits (tests/interpreter_bf16.py does not fit it)")
     from tests.utils import normwise_error
 
     twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
@@ -220,6 +219,7 @@ def test_whole_model_through_the_kernels_under_bf16_autocast():
     for op, calls in (("dwconv_bn", 11), ("gli_projection", 12), ("linear", 46), ("residual_layernorm_fwd", 23)):
         assert rec.names.count(f"mpvit_kernels.{op}") == calls, op
     assert normwise_error(on, want) <= 2 * normwise_error(off, want) + 1e-3
+
 
 def test_cpu_inference_runs_the_encoders_over_slices_of_the_batch(monkeypatch):
     """Inference on a CPU: an encoder whose qkv would pass SLICE_BYTES runs over slices of the

@@ -13,7 +13,7 @@ import mpvit_kernels
 from mpvit_kernels import ops
 from mpvit_kernels.models.mpvit import MHCABlock
 from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
-from tests.conftest import BF16, _BF16_INTERPRETED, KERNEL_DEVICE, MODEL_SHAPES
+from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import RecordOps, assert_close
 
 
@@ -170,8 +170,8 @@ def test_outputs_take_the_dtype_of_x_plus_y_under_autocast_too(impl):
     for xd, yd, want in ((torch.float32, torch.float32, torch.float32),  # a residual stream kept in fp32
                          (torch.float32, torch.bfloat16, torch.float32),
                          (torch.bfloat16, torch.bfloat16, torch.bfloat16)):
-        if want == torch.bfloat16 and impl == "triton" and KERNEL_DEVICE == "cpu" and not _BF16_INTERPRETED:
-            continue  # this Triton's interpreter computes bf16 on raw bits (tests/interpreter_bf16.py)
+        if want == torch.bfloat16 and impl == "triton" and not BF16_KERNELS:
+            continue  # bf16 cannot run through the kernels here (conftest.NO_BF16_KERNELS)
         with forced(), torch.autocast(device, dtype=torch.bfloat16):
             rl, ul = ops.residual_layernorm(x.to(xd), y.to(yd), *params, 1e-6)
         assert rl.dtype == ul.dtype == want

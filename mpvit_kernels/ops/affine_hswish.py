@@ -23,12 +23,13 @@ from mpvit_kernels import backend, reference
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_strided(where: str, name: str, t: torch.Tensor) -> None:
-    """A dense (strided) tensor, else a TypeError naming it: sparse, mkldnn and nested tensors
+def check_strided(where: str, name: str, t: torch.Tensor, index: int | None = None) -> None:
+    """A dense (strided) tensor, else a TypeError naming it (``name[index]`` for an item of a list,
+    formatted on the error alone: this runs per tensor per call): sparse, mkldnn and nested tensors
     have no strides for the kernels to read (and failed deep inside ATen or the dispatcher)."""
     if t.layout != torch.strided or t.is_nested:
-        raise TypeError(f"{where}: {name} must be a dense (strided) tensor, got "
-                        f"{'a nested tensor' if t.is_nested else t.layout}")
+        raise TypeError(f"{where}: {name if index is None else f'{name}[{index}]'} must be a dense (strided) tensor, "
+                        f"got {'a nested tensor' if t.is_nested else t.layout}")
 
 
 def check_float_tensors(where: str, **named) -> None:

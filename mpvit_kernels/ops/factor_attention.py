@@ -103,8 +103,8 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
     for i, (w, b) in enumerate(zip(crpe_weights, crpe_biases)):
         if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
             raise TypeError(f"factor_attention: crpe_weights[{i}] and crpe_biases[{i}] must be Tensors")
-        check_strided("factor_attention", f"crpe_weights[{i}]", w)
-        check_strided("factor_attention", f"crpe_biases[{i}]", b)
+        check_strided("factor_attention", "crpe_weights", w, i)
+        check_strided("factor_attention", "crpe_biases", b, i)
         if w.dim() != 4 or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
             raise ValueError(f"factor_attention: crpe_weights[{i}] must be (c, 1, k, k) with odd k, "
                              f"got {tuple(w.shape)}")

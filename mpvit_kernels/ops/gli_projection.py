@@ -66,7 +66,7 @@ def _as_rows(inputs, size, where):
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: inputs[{i}] must be a Tensor, got {type(x).__name__}")
-        check_strided(where, f"inputs[{i}]", x)
+        check_strided(where, "inputs", x, i)
         if x.dtype not in _FLOATS:
             raise TypeError(f"{where}: inputs[{i}] must be float16/bfloat16/float32/float64, got {x.dtype}")
         if x.dtype != first.dtype or x.device != first.device:
