@@ -55,6 +55,7 @@ def as_on_a_cpu():
         yield
 
 
+@pytest.mark.slow
 def test_speed_report_runs(capsys, tmp_path, monkeypatch):
     from mpvit_kernels.bench import gli_projection
 
@@ -141,6 +142,7 @@ def table_rows(markdown: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_speed_report_writes_its_files(capsys, tmp_path):
     argv = ["--ops", "affine_hswish,factor_attention,traffic", *TINY_RUN, "--out", str(tmp_path)]
     with as_on_a_cpu():

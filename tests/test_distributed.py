@@ -58,6 +58,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_ddp_with_sync_batchnorm_equals_one_process_on_the_global_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)

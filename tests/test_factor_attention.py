@@ -184,6 +184,7 @@ def test_backward_after_a_forward_without_stats_recomputes_them():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64_through_the_whole_map():
     # the op itself, w.r.t. qkv and every CRPE weight and bias, on an odd 3x5 map
     qkv, size, heads, scale, weights, biases = make_inputs(1, 3, 5, 5, {3: 1, 5: 1}, torch.float64)
@@ -308,6 +309,7 @@ def test_gradcheck_float64_through_the_module():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["whole_map", "three_passes"])
 def test_opcheck(path, monkeypatch):
     if path == "three_passes":
@@ -684,6 +686,7 @@ def _all_grads(out, inputs, g):
     return [out, *torch.autograd.grad(out, inputs, g.to(out.dtype))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
 @pytest.mark.parametrize("N, C, forward", [(25, 32, "whole_map"), (25, 32, "three_passes")] + [
     pytest.param(N, C, "auto", marks=MODEL_SHAPES) for N, C in MPVIT_S_STAGES + MPVIT_B_STAGES],

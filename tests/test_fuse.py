@@ -54,6 +54,7 @@ def test_fuse_replaces_every_stage_in_place_sharing_the_tensors(size):
     assert fuse(model) is model and list(model.modules()) == modules  # a second call changes nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_fused_training_step_matches_the_original(size):
     model = randomized(size).train()

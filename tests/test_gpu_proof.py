@@ -42,6 +42,7 @@ def stand_in_python(tmp_path, *cases):
     return fake
 
 
+@pytest.mark.slow
 def test_gpu_proof_results_fit_what_the_device_tool_returns(tmp_path):
     # The script's own steps on a stand-in python: a short test and bench stage, whose results
     # and logs must land as the device tool can copy them back.
@@ -117,6 +118,7 @@ def test_a_gpu_test_run_reports_its_triton_compiles_summed_over_xdist_workers(mo
     assert "linear_kernel" in per_kernel and compiled == sum(n for n, _ in per_kernel.values())
 
 
+@pytest.mark.slow
 def test_a_stage_cut_short_at_its_limit_still_reports_what_failed(tmp_path):
     # At the limit the stage gets SIGINT: pytest still prints its short summary and writes its
     # junit XML, so a tests stage that runs out of time says which tests had failed by then.

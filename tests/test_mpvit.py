@@ -160,6 +160,7 @@ def test_kernels_on_equal_kernels_off(memory_format):
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_whole_model_through_the_kernels_equals_kernels_off():
     """Eval logits with every fused op on equal kernels off. The same forward is channels-last
     without copies: no clone/copy/contiguous/cat dispatched but the one that makes the NCHW
@@ -196,6 +197,7 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
                     assert t.stride(-1) == 1, (name, tuple(t.shape), t.stride())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BF16_KERNELS, reason=NO_BF16_KERNELS)
 def test_whole_model_through_the_kernels_under_bf16_autocast():
     """The configuration of the speed goals, bf16 autocast over fp32 parameters, through every
@@ -278,6 +280,7 @@ def test_training_step_with_drop_path():
     assert int(model.stem[0].bn.num_batches_tracked) == 1
 
 
+@pytest.mark.slow
 def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
     """A training step with the patch embeddings' fused dwconv_bn and the fused GLI projections
     (batch statistics in their epilogues, their backward kernels) equals kernels off: every grad, running statistics. In fp64:
@@ -440,6 +443,7 @@ def test_a_model_made_under_inference_mode_runs(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
@@ -458,6 +462,7 @@ def test_whole_model_through_the_kernels_under_torch_compile_fullgraph():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["kernels", "cpu-auto"])
 def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch_and_size(path, monkeypatch, tmp_path):
     """Deployment through torch.export: the program of the fused model, exported under no_grad

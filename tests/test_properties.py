@@ -147,6 +147,7 @@ def whole_map_limit(n):
         module._WHOLE_MAP_MAX_N = saved
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=7, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), H=SIDE, W=SIDE, Ch=st.integers(1, 13),
                   window=st.dictionaries(st.sampled_from([3, 5, 7]), st.integers(1, 2), min_size=1, max_size=3),

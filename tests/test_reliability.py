@@ -6,7 +6,6 @@ reproducible in deterministic mode; bad module arguments are refused naming them
 a NaN in an input is never hidden; low-precision attention with large keys stays finite."""
 import copy
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels.models import mpvit_tiny
 from tests.conftest import BF16, KERNEL_DEVICE
-from tests.utils import ROOT
+from tests.utils import HOST_RUN_FILES, HOST_RUN_KEYWORD, ROOT, asan_runtimes
 
 BACKENDS = ["auto", "reference"]  # auto: the Triton kernels (interpreted here) and the C++ twins
 
@@ -465,15 +464,15 @@ _OUT_OF_BOUNDS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path):
     """The host runs of the CUDA kernels (test_depthwise's and test_affine_hswish's, every case)
-    again with the kernels built under AddressSanitizer: each of their loads and stores, shared
-    memory included, must land inside what it was given, as compute-sanitizer's memcheck checks
-    on a GPU. Without it an out-of-bounds store went unseen or hung the emulation."""
-    # the sanitizer's runtime first, and the C++ runtime with it, whose exceptions it intercepts
-    runtimes = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-                for name in ("libasan.so", "libstdc++.so.6")] if shutil.which("g++") else []
-    if not runtimes or not all(os.path.isabs(path) for path in runtimes):
+    with the kernels built under AddressSanitizer: each of their loads and stores, shared memory
+    included, must land inside what it was given, as compute-sanitizer's memcheck checks on a
+    GPU. Without it an out-of-bounds store went unseen or hung the emulation. Where this test
+    runs, conftest leaves those cases out of the session itself: they run once, here."""
+    runtimes = asan_runtimes()
+    if runtimes is None:
         pytest.skip("no g++ with AddressSanitizer's runtime")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
     env.update(LD_PRELOAD=" ".join(runtimes), MPVIT_CUDA_HOST_ASAN="1",
@@ -488,8 +487,8 @@ def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path
     control = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS, str(tmp_path)], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert control.returncode != 0 and "heap-buffer-overflow" in reports(), control.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_depthwise.py",
-                          "tests/test_affine_hswish.py", "-k", "on_the_host"], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *HOST_RUN_FILES,
+                          "-k", HOST_RUN_KEYWORD], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     found = reports()
     assert out.returncode == 0 and not found, found[:3000] + out.stdout[-2000:]

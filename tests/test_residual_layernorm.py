@@ -225,6 +225,7 @@ def eager_block(block, x, size):
     return x + block.mlp(block.norm2(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_mpvit_block_equals_its_eager_form(training):
     block = make_block(16, torch.float64).train(training)

@@ -152,6 +152,25 @@ def read_as_a_gpu_process(module: str, read: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+# The host runs of the CUDA kernels (tests/cuda_host): these files' tests whose names hold the
+# keyword. test_reliability runs them built under AddressSanitizer where g++ has its runtime
+# (conftest then leaves them out of the session itself).
+HOST_RUN_FILES = ("tests/test_depthwise.py", "tests/test_affine_hswish.py")
+HOST_RUN_KEYWORD = "on_the_host"
+
+
+def asan_runtimes():
+    """g++'s AddressSanitizer runtime and the C++ runtime (whose exceptions it intercepts), in the
+    order a process preloads them; None without g++ or without them."""
+    import shutil
+
+    if not shutil.which("g++"):
+        return None
+    paths = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+             for name in ("libasan.so", "libstdc++.so.6")]
+    return paths if all(os.path.isabs(p) for p in paths) else None
+
+
 def build_cuda_host(name: str, out_dir, defines=()):
     """tests/cuda_host/<name>.cpp (a kernel family's CUDA code on shim.h) built with g++ into a
     library loaded through ctypes; pytest skips without g++. With MPVIT_CUDA_HOST_ASAN=1 it is
