@@ -55,8 +55,8 @@ gpu-proof:
 asan-twins: build
 	bash tools/asan_cpu_twins.sh
 
-# The whole suite on an older torch (OLD_TORCH, default torch==2.13.0+cpu; the GPU image has
-# 2.11) with its own venv in a scratch clone (5 minutes on 2 cores; not part of `make test`).
+# The whole suite on an older torch (OLD_TORCH, default torch==2.11.0, the GPU image's, its CUDA
+# kernels built) with its own venv in a scratch clone (6 minutes on 2 cores; not part of `make test`).
 test-old-torch:
 	bash tools/test_old_torch.sh
 
