@@ -48,8 +48,8 @@ def install() -> bool:
         return False
     bf16 = tl.bfloat16
 
-    def is_bf16(h):
-        return getattr(getattr(h, "dtype", None), "scalar", None) == bf16
+    def is_bf16(h):  # by name, half the time of dtype.__eq__ (half a million calls in a 6-s test)
+        return getattr(getattr(getattr(h, "dtype", None), "scalar", None), "name", None) == "bf16"
 
     def widen(h):  # bf16 bits -> fp32 values, exact
         bits = np.ascontiguousarray(h.data).view(np.int16)

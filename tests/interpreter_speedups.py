@@ -44,8 +44,13 @@ def install() -> bool:
         finally:
             launches.pop()
 
+    seen_langs = {}  # per helper: which of the two namespaces its globals hold (scanned once, not per call)
+
     def patch_lang_once(fn):
-        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and (v is tl or v is tl.core)}
+        langs = seen_langs.get(fn)
+        if langs is None:
+            langs = seen_langs[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                               if inspect.ismodule(v) and (v is tl or v is tl.core))
         launches = getattr(running, "launches", None)
         if launches:
             patched = launches[-1]
