@@ -29,8 +29,8 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 build: $(VENV)/.built
 
 # One pytest worker per core (pytest-xdist): the interpreted Triton tests are CPU-bound. Work
-# stealing: an idle worker takes pending tests from a busy one, so the long tests (the compiled
-# whole model, 25 s) do not leave a core idle at the end (2m52s-3m01s vs 3m13s with --dist load).
+# stealing: an idle worker takes pending tests from a busy one, and conftest runs the tests marked
+# slow (20-30 s the longest) first, so that no core idles at the end waiting on one of them.
 # --durations: every log names the slowest tests (what to trim when make test grows).
 test: build
 	$(PY) -m pytest -q -ra -n auto --dist worksteal --durations=12 tests
