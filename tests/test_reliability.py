@@ -475,7 +475,9 @@ def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path
     if runtimes is None:
         pytest.skip("no g++ with AddressSanitizer's runtime")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env.update(LD_PRELOAD=" ".join(runtimes), MPVIT_CUDA_HOST_ASAN="1",
+    # no GPU in the sanitized process, on a machine with one too (gpu_proof's tests stage): the
+    # host runs need none, and the CUDA driver's address-space reservations clash with ASan's shadow
+    env.update(LD_PRELOAD=" ".join(runtimes), MPVIT_CUDA_HOST_ASAN="1", CUDA_VISIBLE_DEVICES="",
                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={tmp_path / 'asan'}")
 
     def reports():
