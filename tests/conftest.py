@@ -56,9 +56,9 @@ def pytest_collection_modifyitems(config, items):
     # The slow tests first (a stable sort): pytest-xdist hands each worker a contiguous half of the
     # collection and an idle worker steals from the end of the other's queue, so the run ends on
     # short tests and the workers finish together, not one waiting on a 20-second test
-    runs = torch.cuda.is_available()
-    items.sort(key=lambda item: not ("slow" in item.keywords and (runs or "cuda" not in item.keywords)))
-    if runs:
+    on_gpu = torch.cuda.is_available()
+    items.sort(key=lambda item: not ("slow" in item.keywords and (on_gpu or "cuda" not in item.keywords)))
+    if on_gpu:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

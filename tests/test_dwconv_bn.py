@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import DWConv2dBN, ops
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import RecordOps, assert_close, away_from_the_kinks, make_image, normwise_error
+from tests.utils import RecordOps, assert_close, away_from_the_kinks, make_image, output_and_grad_errors
 
 # (B, Cin, Cout, H, W, k, stride): odd sizes, Cin != Cout, channels not multiples of the tiles
 CASES = [
@@ -258,14 +258,9 @@ def test_low_precision_within_twice_eager(embed, dtype, training):
     grad = away_from_the_kinks(torch.randn_like(want), z, dtype)
     want_grads = torch.autograd.grad(want, [x64] + [exact.get_parameter(p) for p in params], grad)
     xl = x64.detach().to(dtype).requires_grad_()
-    for name, fn in (("ours", low), ("eager", lambda t: chain(low, t))):
-        out = fn(xl)
-        grads = torch.autograd.grad(out, [xl] + [low.get_parameter(p) for p in params], grad.to(dtype))
-        errs = [normwise_error(a, b) for a, b in zip([out, *grads], [want, *want_grads])]
-        if name == "ours":
-            ours = errs
-        else:
-            eager = errs
+    leaves, wants = [xl] + [low.get_parameter(p) for p in params], [want, *want_grads]
+    ours = output_and_grad_errors(lambda: low(xl), leaves, grad.to(dtype), wants)
+    eager = output_and_grad_errors(lambda: chain(low, xl), leaves, grad.to(dtype), wants)
     assert all(o <= 2 * e + 1e-3 for o, e in zip(ours, eager)), (ours, eager)
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import LaunchSpy, RecordOps, assert_close, away_from_the_kinks, normwise_error, read_as_a_gpu_process
+from tests.utils import (LaunchSpy, RecordOps, assert_close, away_from_the_kinks, output_and_grad_errors,
+                         read_as_a_gpu_process)
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
 CASES = [
@@ -385,12 +386,10 @@ def test_low_precision_within_twice_eager(agg, dtype, training):
     grad = away_from_the_kinks(torch.randn_like(want), z, dtype)
     want_grads = torch.autograd.grad(want, xs64 + [exact.get_parameter(p) for p in params], grad)
     xsl = [x.detach().to(dtype).requires_grad_() for x in xs64]
-    errs = {}
-    for name, fn in (("ours", low), ("eager", lambda t: chain(low, t))):
-        out = fn(xsl)
-        grads = torch.autograd.grad(out, xsl + [low.get_parameter(p) for p in params], grad.to(dtype))
-        errs[name] = [normwise_error(a, b) for a, b in zip([out, *grads], [want, *want_grads])]
-    assert all(o <= 2 * e + 1e-3 for o, e in zip(errs["ours"], errs["eager"])), errs
+    leaves, wants = xsl + [low.get_parameter(p) for p in params], [want, *want_grads]
+    ours = output_and_grad_errors(lambda: low(xsl), leaves, grad.to(dtype), wants)
+    eager = output_and_grad_errors(lambda: chain(low, xsl), leaves, grad.to(dtype), wants)
+    assert all(o <= 2 * e + 1e-3 for o, e in zip(ours, eager)), (ours, eager)
 
 
 @pytest.mark.cuda

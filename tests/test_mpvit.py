@@ -7,7 +7,7 @@ import torch
 
 import mpvit_kernels
 from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
-from tests.utils import RecordOps, randomize_bn
+from tests.utils import RecordOps, normwise_error, randomize_bn
 from mpvit_kernels.models import load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 
 SIZES = {"tiny": mpvit_tiny, "xsmall": mpvit_xsmall, "small": mpvit_small, "base": mpvit_base}
@@ -204,8 +204,6 @@ def test_whole_model_through_the_kernels_under_bf16_autocast():
     fused op (the weights cast once per version, the activations bf16): eval logits within twice
     eager autocast's error against the fp64 model. On CPU the Triton kernels compute bf16 as a
     GPU does (tests/interpreter_bf16.py) and the attention takes its C++ twin, as above."""
-    from tests.utils import normwise_error
-
     twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 24, 20, device=KERNEL_DEVICE)
@@ -490,8 +488,9 @@ def test_whole_model_through_the_kernels_exports_with_a_dynamic_batch_and_size(p
                             (("batch", 1, 256), ("height", 33, 4096), ("width", 33, 4096)))
     dims, example = {0: batch, 2: height, 3: width}, x[:2, :, :40, :33].contiguous()
     if torch.torch_version.TorchVersion(torch.__version__) < "2.14":
-        # torch 2.13 cannot prove the guards its own stride reasoning adds for channels-last maps
-        # of a symbolic size (strides such as Min(64, 64 * W)): the batch alone is dynamic there
+        # torch 2.13 and 2.11 cannot prove the guards their own stride reasoning adds for
+        # channels-last maps of a symbolic size (strides such as Min(64, 64 * W)): the batch alone
+        # is dynamic there
         dims, example = {0: batch}, x[:2]
     with torch.no_grad(), mpvit_kernels.use_backend(attention_backend, ops=["factor_attention"]):
         program = torch.export.export(model, (example,), dynamic_shapes={"x": dims})

@@ -91,6 +91,15 @@ def normwise_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
+def output_and_grad_errors(run, leaves, grad, want) -> list[float]:
+    """Normwise errors of ``run()``'s output and of its grads w.r.t. ``leaves`` (upstream ``grad``)
+    against ``want``, the exact output and grads in that order: the low-precision tests' measure,
+    taken for ours and for eager alike."""
+    out = run()
+    grads = torch.autograd.grad(out, leaves, grad)
+    return [normwise_error(a, b) for a, b in zip([out, *grads], want)]
+
+
 def away_from_the_kinks(grad: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad`` with no upstream grad where the exact pre-activation ``z`` of a Hardswish lies
     within a few roundings of ``dtype`` from a kink (+-3), for the low-precision tests: where a
