@@ -412,6 +412,12 @@ def _on_source_freed(key, lock=_DERIVED_LOCK, freed_keys=_FREED, drop=_drop_dead
     return freed
 
 
+def current_stream(device: torch.device):
+    """The id of ``device``'s current CUDA stream (None for any other device); read straight
+    from torch._C, as torch.cuda.current_stream builds a Stream object at every call."""
+    return torch._C._cuda_getCurrentStream(device.index)[0] if device.type == "cuda" else None
+
+
 def cached_by_version(sources, extra, compute):
     """``compute()`` once per version of the tensors ``sources`` (None allowed) and of ``extra``
     (hashable settings), then the same value until one of them changes: an in-place write bumps a
@@ -426,7 +432,13 @@ def cached_by_version(sources, extra, compute):
     the sources at each replay, as autocast's cast cache must be off in a capture: a cached value
     would be a tensor the cache frees or replaces while the graph still reads it, and blind to
     in-place changes of the sources) and for inference tensors (made under torch.inference_mode),
-    which have no version counter."""
+    which have no version counter.
+
+    One value per CUDA stream: a value is made on the stream that reads it, so it is complete
+    before that stream reads it, and once dropped (a new version, an eviction) the caching
+    allocator gives its memory only to work queued after those reads on the same stream. Shared
+    across streams, a value could be read before its computation ended, and its memory reused
+    while another stream still read it."""
     if (torch._C._get_dispatch_mode(_FAKE_MODE) is not None or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state()
             or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())):
@@ -445,7 +457,8 @@ def cached_by_version(sources, extra, compute):
                   "BatchNorm folds, CRPE packings and weight casts are recomputed at every call; build or load "
                   "the model outside inference_mode (running it inside is fine) to have them cached", stacklevel=3)
         return compute()
-    key = tuple([id(t) for t in sources])
+    first = sources[0] if sources[0] is not None else next((t for t in sources if t is not None), None)
+    key = (*[id(t) for t in sources], current_stream(first.device) if first is not None and first.is_cuda else None)
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
         while _FREED:
             _drop_dead(_FREED.pop())

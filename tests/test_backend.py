@@ -446,6 +446,60 @@ def test_a_cuda_graph_capture_computes_derived_weights_afresh_and_keeps_none(mon
     backend.clear_caches()
 
 
+def test_derived_weights_are_kept_per_cuda_stream(monkeypatch):
+    """A value is made and kept for the stream that reads it: on another stream it could be read
+    before its computation ended, and once replaced its memory reused while that stream still
+    read it. Streams stood in for here; the CUDA test below uses real ones."""
+    from mpvit_kernels import backend
+
+    backend.clear_caches()
+    stream, computed = [7], []
+    monkeypatch.setattr(backend, "current_stream", lambda device: stream[0])
+
+    class OnCuda(torch.Tensor):
+        is_cuda = True
+
+    t = torch.randn(4).as_subclass(OnCuda)
+
+    def compute():
+        computed.append(stream[0])
+        return t * 2
+
+    first = backend.cached_by_version((t,), "x2", compute)
+    stream[0] = 9
+    other = backend.cached_by_version((t,), "x2", compute)
+    assert other is not first and len(backend._DERIVED) == 2
+    stream[0] = 7
+    assert backend.cached_by_version((t,), "x2", compute) is first and computed == [7, 9]
+    t.mul_(3)  # a new version: recomputed on the stream that asks
+    assert torch.equal(backend.cached_by_version((t,), "x2", compute), t * 2) and computed == [7, 9, 7]
+    backend.clear_caches()
+
+
+@pytest.mark.cuda
+def test_eval_batchnorm_folds_on_a_side_stream_are_its_own():
+    """The real streams: a fold made on the default stream is not handed to a side stream, which
+    folds for itself; each stream gets the same result and its own value back again."""
+    from mpvit_kernels import backend
+    from mpvit_kernels.nn import folded_bn
+    from tests.utils import randomize_bn
+
+    backend.clear_caches()
+    conv = randomize_bn(mpvit_kernels.Conv2dBN(8, 8, 1, 1, hswish=True)).cuda().eval()
+    x = torch.randn(2, 8, 9, 7, device="cuda").to(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        main_fold, want = folded_bn(conv.bn), conv(x)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            side_fold, got = folded_bn(conv.bn), conv(x)
+            assert folded_bn(conv.bn)[0] is side_fold[0]
+        torch.cuda.current_stream().wait_stream(side)
+        assert side_fold[0] is not main_fold[0] and folded_bn(conv.bn)[0] is main_fold[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    backend.clear_caches()
+
+
 def test_the_cache_lets_deleted_sources_and_their_values_go():
     """An entry holds weak references to its sources: a deleted model's folds, packings and casts
     are freed with it (the cache held them, and the model's tensors, until 512 newer entries

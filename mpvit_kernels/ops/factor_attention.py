@@ -201,8 +201,9 @@ def _chunking(BH: int, N: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _ksize_table(windows: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """(heads,) int32 window of each head; a function of the layout alone, so built once."""
+def _ksize_table(windows: tuple[tuple[int, int], ...], device: torch.device, stream) -> torch.Tensor:
+    """(heads,) int32 window of each head; a function of the layout alone, so built once per
+    stream that reads it (see backend.cached_by_version)."""
     return torch.tensor([k for k, heads in windows for _ in range(heads)], dtype=torch.int32, device=device)
 
 
@@ -224,7 +225,8 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
         packed.append(torch.nn.functional.pad(w3, (p, p, p, p)) if p else w3)
     w_packed = torch.cat(packed).reshape(-1, kmax * kmax).to(acc)
     bias = torch.cat(list(biases)).to(acc)
-    ksize = _ksize_table(tuple((w.shape[-1], w.shape[0] // Ch) for w in weights), w_packed.device)
+    ksize = _ksize_table(tuple((w.shape[-1], w.shape[0] // Ch) for w in weights), w_packed.device,
+                         backend.current_stream(w_packed.device))
     return w_packed, bias, ksize, kmax
 
 
