@@ -169,6 +169,7 @@ def test_whole_map_matches_the_three_passes_and_the_reference(dtype, tiles):
         assert_close(ours, theirs, scale=4)
     torch.testing.assert_close(bare[0], whole[0], atol=0, rtol=0)
     assert bare[1].shape == (0, 12, 12) and bare[2].shape == (0, 12)  # Ch, not BLOCK_D, head dims
+    assert bare[3].shape == (0,) and whole[3].shape == (fa_ops().packed_size(weights),)
 
 
 def test_backward_after_a_forward_without_stats_recomputes_them():
@@ -208,10 +209,36 @@ def test_module_forward_is_two_gemms_and_our_op_without_copies():
     assert rec.compute == ["aten.addmm", "mpvit_kernels.factor_attention_fwd", "aten.addmm"], rec.names
 
 
+@pytest.mark.parametrize("window", [{3: 2, 5: 3, 7: 3}, {5: 1, 3: 2}, {3: 1}])
+@pytest.mark.parametrize("dtype,acc", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.float64, torch.float64)])
+def test_crpe_packing_centres_each_window_in_one_cat_and_one_gather(window, dtype, acc):
+    """The packed CRPE weights the kernels read: each head's k x k window centred in KMAX x KMAX,
+    zeros around it, the biases after; made by one cat and one gather (and a cast for weights
+    not in the accumulation type), since training packs at every forward and backward (a pad
+    per window, two cats and two casts before)."""
+    Ch = 3
+    _, _, heads, _, weights, biases = make_inputs(1, 2, 2, Ch, window, dtype, requires_grad=False)
+    kmax = max(window)
+    want_w = torch.cat([torch.nn.functional.pad(w[:, 0], [(kmax - w.shape[-1]) // 2] * 4) for w in weights])
+    fa_ops()._pack_crpe(weights, biases, Ch, acc)  # the layout's tables, built once
+    with RecordOps() as rec:
+        packed = fa_ops()._pack_crpe(weights, biases, Ch, acc)
+    assert packed.shape == (fa_ops().packed_size(weights),)
+    w_packed, bias, ksize, got_kmax = fa_ops()._crpe_views(packed, weights, Ch)
+    assert rec.compute == ["aten.cat", "aten.index_select"] + (["aten._to_copy"] if dtype != acc else [])
+    assert len(rec.compute) == fa_ops().pack_launches(weights, acc)
+    assert got_kmax == kmax and w_packed.dtype == bias.dtype == acc and w_packed.is_contiguous()
+    assert torch.equal(w_packed, want_w.reshape(-1, kmax * kmax).to(acc))
+    assert torch.equal(bias, torch.cat(biases).to(acc)) and bias.data_ptr() % 16 == 0
+    assert ksize.tolist() == [k for k, h in window.items() for _ in range(h)]
+
+
 def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
-    """Where no graph through the CRPE weights is built, their packing (pads, cat, casts) runs
+    """Where no graph through the CRPE weights is built, their packing (a cat and a gather) runs
     once per version: not again in a second forward, again after an in-place update or
-    clear_caches(). Where they take grads (training, gradcheck) every call packs."""
+    clear_caches(). Where they take grads (training, gradcheck) every forward packs, and its
+    backward reads the forward's packing."""
     fa = sys.modules["mpvit_kernels.ops.factor_attention"]  # the module (the package exports the function)
     calls = []
     pack = fa._pack_crpe
@@ -234,7 +261,7 @@ def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
         assert len(calls) == 3
     out = ops.factor_attention(*args)
     torch.autograd.grad(out.sum(), [qkv, *weights, *biases])
-    assert len(calls) == 5  # with grads: the forward and the backward pack
+    assert len(calls) == 4  # with grads: the forward packs, and its backward reads that packing
 
 
 @pytest.mark.parametrize("path", ["whole_map", "three_passes"])
@@ -327,11 +354,18 @@ def test_opcheck(path, monkeypatch):
         return
     wide = torch.randn(1, 6, qkv.shape[-1] + 5, device=KERNEL_DEVICE)[..., :qkv.shape[-1]].requires_grad_()
     torch.library.opcheck(fwd.default, (wide, *fwd_args[1:]))  # strided rows
-    with torch.no_grad():  # the backward op, on the S and lse the whole map wrote
-        out, ctx, lse = fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), qkv.detach(), ctx, lse, size[0], size[1], heads, scale,
+    with torch.no_grad():  # the backward op, on the S, lse and packing the whole map's forward left
+        out, ctx, lse, packed = fwd(*fwd_args)
+    bwd = torch.ops.mpvit_kernels.factor_attention_bwd
+    bwd_args = (torch.randn_like(out), qkv.detach(), ctx, lse, packed, size[0], size[1], heads, scale,
                 [w.detach() for w in weights], [b.detach() for b in biases])
-    torch.library.opcheck(torch.ops.mpvit_kernels.factor_attention_bwd.default, bwd_args)
+    torch.library.opcheck(bwd.default, bwd_args)
+    unpacked = (*bwd_args[:4], packed.new_empty(0), *bwd_args[5:])  # packs for itself: the same grads
+    torch.library.opcheck(bwd.default, unpacked)
+    for a, b in zip(bwd(*bwd_args), bwd(*unpacked)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="crpe_packed must be empty or the forward's packing"):
+        bwd(*bwd_args[:4], packed[1:], *bwd_args[5:])
     # S and lse in any other layout than the forward's are refused, not misread
     padded = torch.zeros(lse.shape[0], 16, device=lse.device, dtype=lse.dtype)
     for bad in ({2: ctx.transpose(1, 2)}, {3: padded}):

@@ -91,7 +91,7 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
     launches around them (the backward's sums over batch and chunks, and the CRPE weight packing:
     cached per version of the weights where no graph is built, so never in an inference forward
-    after the first; in training the forward and the backward each pack). The forward is the op's
+    after the first; in training the forward packs, and its backward reads that packing). The forward is the op's
     own choice for N: one whole_map launch on small maps (k, v, then q, v read, O written; S and
     lse written only in training, for the backward), else the three passes through memory."""
     heads = 8
@@ -105,7 +105,7 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     partials = BH * splits * (Ch * Ch + 2 * Ch) * 4
     weights = [torch.empty(h * (C // heads), 1, k, k, device="meta", dtype=dtype)
                for k, h in {3: 2, 5: 3, 7: 3}.items()]
-    pack = [("pack CRPE weights/bias (pad, cat, cast)", 2 * w)] * pack_launches(weights, torch.float32)
+    pack = [("pack CRPE weights/bias (cat, gather, cast)", 2 * w)] * pack_launches(weights, torch.float32)
     launches = list(pack if backward else [])  # inference: the packing is cached
     if _whole_map(N):
         launches.append(("whole_map: read k, v, q, v, weights; write O" + (", S, lse" if backward else ""),
@@ -119,7 +119,7 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
         padded = BH * (BD * BD + BD) * 4  # dS and c, BD-padded for grad_qkv
-        launches += pack + [
+        launches += [  # (the forward's packing: none here)
             ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * Ch * Ch * 4 + dw_partials),
             ("grad_combine: partials, S -> dS, c", BH * splits * Ch * Ch * 4 + stats + padded),
             ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + stats + padded + w),

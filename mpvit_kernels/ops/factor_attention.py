@@ -3,8 +3,8 @@
 On CUDA tensors: the Triton kernels of mpvit_kernels/triton/factor_attention.py behind two
 torch.library ops,
 ``mpvit_kernels::factor_attention_fwd`` (returns the output and, when ``need_stats`` says a
-backward will follow, the per-head softmax stats and context S the backward needs, never the
-N x Ch softmax) and ``factor_attention_bwd``, with fakes and registered autograd, so
+backward will follow, the per-head softmax stats, context S and packed CRPE weights the backward
+needs, never the N x Ch softmax) and ``factor_attention_bwd``, with fakes and registered autograd, so
 torch.compile(fullgraph=True) goes through them. ``factor_attention`` sets ``need_stats`` from
 grad mode and requires_grad. The forward is one launch (``whole_map_kernel``) on maps of at most
 _WHOLE_MAP_MAX_N tokens, three (context partials, combine, output) on larger ones; the backward
@@ -201,33 +201,66 @@ def _chunking(BH: int, N: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _ksize_table(windows: tuple[tuple[int, int], ...], device: torch.device, stream) -> torch.Tensor:
-    """(heads,) int32 window of each head; a function of the layout alone, so built once per
-    stream that reads it (see backend.cached_by_version)."""
-    return torch.tensor([k for k, heads in windows for _ in range(heads)], dtype=torch.int32, device=device)
+def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.device, stream, dtype: torch.dtype):
+    """For CRPE weights of these (k, channels) windows, in ``dtype``: the gather index that lays
+    out cat(flat weights, biases, 0) as the packed (C, KMAX*KMAX) weights, each window centred in
+    KMAX x KMAX with zeros around it, then the (C,) bias (from an offset of a multiple of 16
+    elements, aligned as a tensor of its own would start); the zero the padding reads; the (heads,) int32 window of each
+    head; KMAX and the bias's offset. A function of the layout alone, so built once per stream
+    that reads it (see backend.cached_by_version)."""
+    kmax = max(k for k, _ in windows)
+    C = sum(c for _, c in windows)
+    weights = sum(c * k * k for k, c in windows)
+    zero_at = weights + C
+    index = torch.full((C, kmax, kmax), zero_at, dtype=torch.int32)  # (index_select takes int32)
+    start, row = 0, 0
+    for k, c in windows:
+        p = (kmax - k) // 2
+        index[row:row + c, p:p + k, p:p + k] = torch.arange(start, start + c * k * k, dtype=torch.int32).view(c, k, k)
+        start, row = start + c * k * k, row + c
+    bias_at = -(-C * kmax * kmax // 16) * 16
+    gap = torch.full((bias_at - C * kmax * kmax,), zero_at, dtype=torch.int32)
+    index = torch.cat([index.view(-1), gap, torch.arange(weights, weights + C, dtype=torch.int32)])
+    ksize = torch.tensor([k for k, c in windows for _ in range(c // Ch)], dtype=torch.int32)
+    return index.to(device), torch.zeros(1, dtype=dtype, device=device), ksize.to(device), kmax, bias_at
 
 
 def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
-    """Small launches _pack_crpe makes: a pad per window smaller than the largest, a cat and
-    (when the weights are not in the accumulation dtype) a cast for the weights and the biases."""
-    kmax = max(w.shape[-1] for w in weights)
-    casts = 2 if weights[0].dtype != acc else 0
-    return sum(w.shape[-1] < kmax for w in weights) + 2 + casts
+    """Small launches _pack_crpe makes: a cat, a gather and, when the weights are not in the
+    accumulation dtype, a cast."""
+    return 2 + (weights[0].dtype != acc)
+
+
+def _layout_of(weights: Sequence[torch.Tensor], Ch: int):
+    """_crpe_layout for these weights, on the current stream of their device."""
+    dtype, device = weights[0].dtype, weights[0].device
+    return _crpe_layout(tuple((w.shape[-1], w.shape[0]) for w in weights), Ch, device, backend.current_stream(device),
+                        dtype)
+
+
+def packed_size(weights: Sequence[torch.Tensor]) -> int:
+    """Elements of the packed CRPE weights and bias (_crpe_layout's bias offset, then C)."""
+    C, kmax = sum(w.shape[0] for w in weights), max(w.shape[-1] for w in weights)
+    return -(-C * kmax * kmax // 16) * 16 + C
 
 
 def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
-    """(C, KMAX*KMAX) weights with each window centred in KMAX x KMAX, (C,) bias, (heads,) k."""
-    kmax = max(w.shape[-1] for w in weights)
-    packed = []
-    for w in weights:
-        p = (kmax - w.shape[-1]) // 2
-        w3 = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
-        packed.append(torch.nn.functional.pad(w3, (p, p, p, p)) if p else w3)
-    w_packed = torch.cat(packed).reshape(-1, kmax * kmax).to(acc)
-    bias = torch.cat(list(biases)).to(acc)
-    ksize = _ksize_table(tuple((w.shape[-1], w.shape[0] // Ch) for w in weights), w_packed.device,
-                         backend.current_stream(w_packed.device))
-    return w_packed, bias, ksize, kmax
+    """The CRPE weights and biases packed in ``acc`` as the kernels read them, one flat tensor
+    (_crpe_layout; _crpe_views takes it apart): one cat and one gather whatever the windows (a
+    pad per window, two cats and two casts before), as training packs at every forward."""
+    index, zero, *_ = _layout_of(weights, Ch)
+    parts = [*[w.reshape(-1) for w in weights], *biases, zero]
+    if any(t.dtype != weights[0].dtype for t in biases):  # (a model's own weights and biases share a dtype)
+        parts = [t.to(acc) for t in parts]
+    return torch.cat(parts).index_select(0, index).to(acc)
+
+
+def _crpe_views(packed: torch.Tensor, weights: Sequence[torch.Tensor], Ch: int):
+    """(C, KMAX*KMAX) weights with each window centred in KMAX x KMAX, (C,) bias, (heads,) int32
+    window of each head, KMAX: views of a packed tensor, and the layout's window table."""
+    _, _, ksize, kmax, bias_at = _layout_of(weights, Ch)
+    C = packed.numel() - bias_at
+    return packed[:C * kmax * kmax].view(C, kmax * kmax), packed[bias_at:], ksize, kmax
 
 
 _REUSE_PACKING = contextvars.ContextVar("mpvit_kernels_reuse_crpe_packing", default=False)
@@ -255,9 +288,11 @@ def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kma
 
 
 class _Launch:
-    """What both passes derive from the inputs: sizes, accumulation type, packed CRPE, chunking."""
+    """What both passes derive from the inputs: sizes, accumulation type, packed CRPE, chunking.
+    The CRPE packing is ``packed`` where given (the forward's, for its backward), else packed here:
+    afresh where ``fresh`` (it is returned), else through the cache where factor_attention allows."""
 
-    def __init__(self, qkv: torch.Tensor, num_heads: int, weights, biases):
+    def __init__(self, qkv: torch.Tensor, num_heads: int, weights, biases, packed=None, fresh=False):
         self.B, self.N, C3 = qkv.shape
         self.C = C3 // 3
         self.Ch = self.C // num_heads
@@ -270,7 +305,10 @@ class _Launch:
         self.tl_acc = self.kernels.tl.float64 if self.acc == torch.float64 else self.kernels.tl.float32
         self.precision = self.kernels.dot_precision(_TRITON_NAMES[qkv.dtype])
         self.n_bucket = self.kernels.n_bucket(self.N)
-        self.w_packed, self.bias, self.ksize, self.kmax = _pack_crpe_cached(weights, biases, self.Ch, self.acc)
+        if packed is None:
+            packed = (_pack_crpe if fresh else _pack_crpe_cached)(weights, biases, self.Ch, self.acc)
+        self.packed = packed
+        self.w_packed, self.bias, self.ksize, self.kmax = _crpe_views(packed, weights, self.Ch)
         self.chunk, self.splits = _chunking(self.BH, self.N)
         self.device = qkv.device
 
@@ -289,13 +327,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("mpvit_kernels::factor_attention_fwd", mutates_args=())
 def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
                          crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], need_stats: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, N, C), context S (B*heads, Ch, Ch), column log-sum-exp of k (B*heads, Ch)): S
-    and lse are what the backward reads. With ``need_stats`` False (no backward expected) they
-    come back empty, (0, Ch, Ch) and (0, Ch), a map of at most _WHOLE_MAP_MAX_N tokens writes
-    nothing but out, and a backward, should one run after all, recomputes them."""
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, N, C), context S (B*heads, Ch, Ch), column log-sum-exp of k (B*heads, Ch),
+    the packed CRPE weights and bias (packed_size(crpe_weights),)): S, lse and the packing are what
+    the backward reads, so that it packs nothing. With ``need_stats`` False (no backward expected)
+    they come back empty, (0, Ch, Ch), (0, Ch) and (0,), a map of at most _WHOLE_MAP_MAX_N tokens
+    writes nothing but out, and a backward, should one run after all, recomputes them."""
     qkv = _rows(qkv)
-    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
+    # a packing that is returned is made here (a cached one would be an output shared by calls)
+    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, fresh=need_stats)
+    packed = L.packed if need_stats else L.empty(0)
     k = L.kernels
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
     ctx, lse = (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)) if need_stats else _no_stats(L)
@@ -305,7 +346,7 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
                 qkv, L.w_packed, L.bias, L.ksize, out, ctx, lse, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
                 qkv.stride(1), out.stride(0), out.stride(1), scale,
                 ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, WRITE_STATS=need_stats, BLOCK_D=L.BD)
-        return out, ctx, lse
+        return out, ctx, lse, packed
     m, l, s = L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch, L.Ch)
     # the output pass reads S: computed whether or not it is returned
     ctx_all, lse_all = (ctx, lse) if need_stats else (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch))
@@ -318,7 +359,7 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
             qkv, ctx_all, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
-    return out, ctx, lse
+    return out, ctx, lse, packed
 
 
 def _no_stats(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,18 +373,26 @@ def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases, need_stats):
     Ch = C3 // 3 // num_heads
     acc = _acc_dtype(qkv.dtype)
     rows = B * num_heads if need_stats else 0
-    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, Ch, Ch, dtype=acc), qkv.new_empty(rows, Ch, dtype=acc)
+    return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, Ch, Ch, dtype=acc), qkv.new_empty(rows, Ch, dtype=acc),
+            qkv.new_empty(packed_size(crpe_weights) if need_stats else 0, dtype=acc))
 
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_bwd", mutates_args=())
-def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tensor, lse: torch.Tensor, H: int, W: int,
-                         num_heads: int, scale: float, crpe_weights: list[torch.Tensor],
-                         crpe_biases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tensor, lse: torch.Tensor,
+                         crpe_packed: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
+                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d qkv (B, N, 3C), d packed CRPE weights (C, KMAX*KMAX), d CRPE bias (C,)), in fp32/fp64
-    for the two CRPE grads."""
+    for the two CRPE grads. ``crpe_packed`` is the forward's packing of the CRPE weights and
+    biases, or an empty tensor to pack them here."""
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
-    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases)
+    acc, size = _acc_dtype(qkv.dtype), packed_size(crpe_weights)
+    if crpe_packed.numel() and (tuple(crpe_packed.shape) != (size,) or crpe_packed.dtype != acc
+                                or not crpe_packed.is_contiguous()):
+        raise ValueError(f"factor_attention_bwd: crpe_packed must be empty or the forward's packing, a contiguous "
+                         f"{acc} tensor of shape ({size},), got {crpe_packed.dtype} {tuple(crpe_packed.shape)}")
+    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, packed=crpe_packed if crpe_packed.numel() else None)
     # the kernels read S and lse as dense (B*heads, Ch, Ch) and (B*heads, Ch), as the forward wrote them
     for name, t, shape in (("ctx", ctx, (L.BH, L.Ch, L.Ch)), ("lse", lse, (L.BH, L.Ch))):
         if tuple(t.shape) != shape or t.dtype != L.acc or not t.is_contiguous():
@@ -373,7 +422,7 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
 
 
 @factor_attention_bwd.register_fake
-def _(dout, qkv, ctx, lse, H, W, num_heads, scale, crpe_weights, crpe_biases):
+def _(dout, qkv, ctx, lse, crpe_packed, H, W, num_heads, scale, crpe_weights, crpe_biases):
     B, N, C3 = qkv.shape
     C = C3 // 3
     kmax = max(w.shape[-1] for w in crpe_weights)
@@ -383,20 +432,20 @@ def _(dout, qkv, ctx, lse, H, W, num_heads, scale, crpe_weights, crpe_biases):
 
 def _setup_context(ctx, inputs, output):
     qkv, H, W, num_heads, scale, weights, biases, need_stats = inputs
-    _, context, lse = output
-    ctx.save_for_backward(qkv, context, lse, *weights, *biases)
+    _, context, lse, packed = output
+    ctx.save_for_backward(qkv, context, lse, packed, *weights, *biases)
     ctx.shape = (H, W, num_heads, scale, len(weights), need_stats)
 
 
-def _backward(ctx, dout, _dcontext, _dlse):
+def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
     H, W, num_heads, scale, n, need_stats = ctx.shape
-    qkv, context, lse, *crpe = ctx.saved_tensors
+    qkv, context, lse, packed, *crpe = ctx.saved_tensors
     weights, biases = crpe[:n], crpe[n:]
-    if not need_stats:  # a forward told that no backward would come kept no S, lse: one more forward
-        _, context, lse = torch.ops.mpvit_kernels.factor_attention_fwd(qkv, H, W, num_heads, scale, weights, biases,
-                                                                       True)
+    if not need_stats:  # a forward told that no backward would come kept nothing: one more forward
+        _, context, lse, packed = torch.ops.mpvit_kernels.factor_attention_fwd(qkv, H, W, num_heads, scale, weights,
+                                                                               biases, True)
     dqkv, dw, db = torch.ops.mpvit_kernels.factor_attention_bwd(
-        dout, qkv, context, lse, H, W, num_heads, scale, weights, biases)
+        dout, qkv, context, lse, packed, H, W, num_heads, scale, weights, biases)
     kmax = max(w.shape[-1] for w in weights)
     dweights = _unpack_crpe(dw, weights, kmax)
     dbiases = [g.to(b.dtype) for g, b in zip(db.split([b.shape[0] for b in biases]), biases)]
