@@ -201,13 +201,16 @@ def _chunking(BH: int, N: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.device, stream, dtype: torch.dtype):
+def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.device, dtype: torch.dtype):
     """For CRPE weights of these (k, channels) windows, in ``dtype``: the gather index that lays
     out cat(flat weights, biases, 0) as the packed (C, KMAX*KMAX) weights, each window centred in
     KMAX x KMAX with zeros around it, then the (C,) bias (from an offset of a multiple of 16
-    elements, aligned as a tensor of its own would start); the zero the padding reads; the (heads,) int32 window of each
-    head; KMAX and the bias's offset. A function of the layout alone, so built once per stream
-    that reads it (see backend.cached_by_version)."""
+    elements, aligned as a tensor of its own would start); the zero the padding reads; the
+    (heads,) int32 window of each head; KMAX and the bias's offset. A function of the layout
+    alone, so built once: every
+    table is copied from the host with a synchronous copy, complete on the device before any
+    stream reads it (so shared by the streams, and found by a CUDA graph capture, which runs on
+    a stream of its own and could not copy from the host)."""
     kmax = max(k for k, _ in windows)
     C = sum(c for _, c in windows)
     weights = sum(c * k * k for k, c in windows)
@@ -222,7 +225,7 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     gap = torch.full((bias_at - C * kmax * kmax,), zero_at, dtype=torch.int32)
     index = torch.cat([index.view(-1), gap, torch.arange(weights, weights + C, dtype=torch.int32)])
     ksize = torch.tensor([k for k, c in windows for _ in range(c // Ch)], dtype=torch.int32)
-    return index.to(device), torch.zeros(1, dtype=dtype, device=device), ksize.to(device), kmax, bias_at
+    return index.to(device), torch.zeros(1, dtype=dtype).to(device), ksize.to(device), kmax, bias_at
 
 
 def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
@@ -232,10 +235,8 @@ def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
 
 
 def _layout_of(weights: Sequence[torch.Tensor], Ch: int):
-    """_crpe_layout for these weights, on the current stream of their device."""
-    dtype, device = weights[0].dtype, weights[0].device
-    return _crpe_layout(tuple((w.shape[-1], w.shape[0]) for w in weights), Ch, device, backend.current_stream(device),
-                        dtype)
+    """_crpe_layout for these weights."""
+    return _crpe_layout(tuple((w.shape[-1], w.shape[0]) for w in weights), Ch, weights[0].device, weights[0].dtype)
 
 
 def packed_size(weights: Sequence[torch.Tensor]) -> int:
