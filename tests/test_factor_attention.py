@@ -223,9 +223,12 @@ def test_crpe_packing_centres_each_window_in_one_cat_and_one_gather(window, dtyp
     want_w = torch.cat([torch.nn.functional.pad(w[:, 0], [(kmax - w.shape[-1]) // 2] * 4) for w in weights])
     fa_ops()._pack_crpe(weights, biases, Ch, acc)  # the layout's tables, built once
     with RecordOps() as rec:
-        packed = fa_ops()._pack_crpe(weights, biases, Ch, acc)
+        packed, w_packed, bias, ksize, got_kmax = fa_ops()._pack_crpe(weights, biases, Ch, acc)
     assert packed.shape == (fa_ops().packed_size(weights),)
-    w_packed, bias, ksize, got_kmax = fa_ops()._crpe_views(packed, weights, Ch)
+    w_view, b_view, k_view, kmax_view = fa_ops()._crpe_views(packed, weights, Ch)  # as a backward takes it apart
+    assert (w_view.shape, w_view.data_ptr(), b_view.shape, b_view.data_ptr()) == \
+        (w_packed.shape, w_packed.data_ptr(), bias.shape, bias.data_ptr())
+    assert k_view is ksize and kmax_view == got_kmax
     assert rec.compute == ["aten.cat", "aten.index_select"] + (["aten._to_copy"] if dtype != acc else [])
     assert len(rec.compute) == fa_ops().pack_launches(weights, acc)
     assert got_kmax == kmax and w_packed.dtype == bias.dtype == acc and w_packed.is_contiguous()

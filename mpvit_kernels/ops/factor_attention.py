@@ -247,28 +247,34 @@ def packed_size(weights: Sequence[torch.Tensor]) -> int:
 
 def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
     """The CRPE weights and biases packed in ``acc`` as the kernels read them, one flat tensor
-    (_crpe_layout; _crpe_views takes it apart): one cat and one gather whatever the windows (a
-    pad per window, two cats and two casts before), as training packs at every forward."""
-    index, zero, *_ = _layout_of(weights, Ch)
-    parts = [*[w.reshape(-1) for w in weights], *biases, zero]
+    (_crpe_layout), with _crpe_views' four: one cat and one gather whatever the windows (a pad
+    per window, two cats and two casts before), as training packs at every forward."""
+    layout = _layout_of(weights, Ch)
+    parts = [*[w.reshape(-1) for w in weights], *biases, layout[1]]
     if any(t.dtype != weights[0].dtype for t in biases):  # (a model's own weights and biases share a dtype)
         parts = [t.to(acc) for t in parts]
-    return torch.cat(parts).index_select(0, index).to(acc)
+    packed = torch.cat(parts).index_select(0, layout[0]).to(acc)
+    return (packed, *_views(packed, layout))
+
+
+def _views(packed: torch.Tensor, layout):
+    _, _, ksize, kmax, bias_at = layout
+    C = packed.numel() - bias_at
+    return packed[:C * kmax * kmax].view(C, kmax * kmax), packed[bias_at:], ksize, kmax
 
 
 def _crpe_views(packed: torch.Tensor, weights: Sequence[torch.Tensor], Ch: int):
     """(C, KMAX*KMAX) weights with each window centred in KMAX x KMAX, (C,) bias, (heads,) int32
     window of each head, KMAX: views of a packed tensor, and the layout's window table."""
-    _, _, ksize, kmax, bias_at = _layout_of(weights, Ch)
-    C = packed.numel() - bias_at
-    return packed[:C * kmax * kmax].view(C, kmax * kmax), packed[bias_at:], ksize, kmax
+    return _views(packed, _layout_of(weights, Ch))
 
 
 _REUSE_PACKING = contextvars.ContextVar("mpvit_kernels_reuse_crpe_packing", default=False)
 
 
 def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
-    """_pack_crpe once per version of the weights (backend.cached_by_version) where no autograd
+    """_pack_crpe (the packing and its views: an inference call takes them as they are) once per
+    version of the weights (backend.cached_by_version) where no autograd
     graph is built (inference: every forward after the first reuses one packing;
     factor_attention decides); packed afresh where the weights take grads."""
     if not _REUSE_PACKING.get():
@@ -307,9 +313,10 @@ class _Launch:
         self.precision = self.kernels.dot_precision(_TRITON_NAMES[qkv.dtype])
         self.n_bucket = self.kernels.n_bucket(self.N)
         if packed is None:
-            packed = (_pack_crpe if fresh else _pack_crpe_cached)(weights, biases, self.Ch, self.acc)
-        self.packed = packed
-        self.w_packed, self.bias, self.ksize, self.kmax = _crpe_views(packed, weights, self.Ch)
+            crpe = (_pack_crpe if fresh else _pack_crpe_cached)(weights, biases, self.Ch, self.acc)
+        else:
+            crpe = (packed, *_crpe_views(packed, weights, self.Ch))
+        self.packed, self.w_packed, self.bias, self.ksize, self.kmax = crpe
         self.chunk, self.splits = _chunking(self.BH, self.N)
         self.device = qkv.device
 
