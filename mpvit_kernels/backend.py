@@ -381,9 +381,11 @@ def call_op(op, *args):
 
 # ---- values derived from parameters, kept until the parameters change ----------------------
 
-# ids of the sources -> (weak references to them, state, value)
+# ids of the sources -> (weak references to them, state, value, streams: None for a value off
+# CUDA, else [the event recorded after it was made, the ids of the streams that may read it])
 _DERIVED: collections.OrderedDict = collections.OrderedDict()
-_DERIVED_SIZE = 512  # an MPViT-B holds about 30 BatchNorm folds and 12 CRPE packings
+# an MPViT-B forward under autocast holds about 160: BatchNorm folds, CRPE packings, weight casts
+_DERIVED_SIZE = 512
 _DERIVED_LOCK = threading.Lock()
 _FREED: list = []  # keys of entries whose source died while the lock was held: dropped at the next call
 _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
@@ -418,6 +420,26 @@ def current_stream(device: torch.device):
     return torch._C._cuda_getCurrentStream(device.index)[0] if device.type == "cuda" else None
 
 
+def _made_on_stream(device: torch.device) -> list:
+    """A new CUDA value's stream record: an event after its computation, and the id of the
+    stream it was made on, which may read it at once."""
+    event = torch.cuda.Event()
+    event.record()
+    return [event, {current_stream(device)}]
+
+
+def _share_with_current_stream(value, streams: list, device: torch.device) -> None:
+    """Let the current stream read ``value``, made on another: it waits for the computation,
+    and the caching allocator is told that this stream uses the value's memory, so that a
+    dropped value is not reused before this stream's reads are done."""
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(streams[0])
+    for t in value if isinstance(value, tuple) else (value,):
+        if isinstance(t, torch.Tensor):
+            t.record_stream(stream)
+    streams[1].add(stream.stream_id)
+
+
 def cached_by_version(sources, extra, compute):
     """``compute()`` once per version of the tensors ``sources`` (None allowed) and of ``extra``
     (hashable settings), then the same value until one of them changes: an in-place write bumps a
@@ -434,11 +456,12 @@ def cached_by_version(sources, extra, compute):
     in-place changes of the sources) and for inference tensors (made under torch.inference_mode),
     which have no version counter.
 
-    One value per CUDA stream: a value is made on the stream that reads it, so it is complete
-    before that stream reads it, and once dropped (a new version, an eviction) the caching
-    allocator gives its memory only to work queued after those reads on the same stream. Shared
-    across streams, a value could be read before its computation ended, and its memory reused
-    while another stream still read it."""
+    One value for every CUDA stream: the first time another stream than the one it was made on
+    asks for it, that stream waits for an event recorded after its computation, and the value's
+    memory is recorded as used by that stream (record_stream), so that once dropped (a new
+    version, an eviction) the caching allocator reuses it only after that stream's reads. Without
+    either, a value could be read before its computation ended, or its memory reused while
+    another stream still read it."""
     if (torch._C._get_dispatch_mode(_FAKE_MODE) is not None or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state()
             or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())):
@@ -457,8 +480,7 @@ def cached_by_version(sources, extra, compute):
                   "BatchNorm folds, CRPE packings and weight casts are recomputed at every call; build or load "
                   "the model outside inference_mode (running it inside is fine) to have them cached", stacklevel=3)
         return compute()
-    first = sources[0] if sources[0] is not None else next((t for t in sources if t is not None), None)
-    key = (*[id(t) for t in sources], current_stream(first.device) if first is not None and first.is_cuda else None)
+    key = tuple([id(t) for t in sources])
     with _DERIVED_LOCK:  # another thread's eviction between a lookup and its move_to_end: KeyError
         while _FREED:
             _drop_dead(_FREED.pop())
@@ -466,12 +488,22 @@ def cached_by_version(sources, extra, compute):
         # (a None source sits where the entry has None: id(None) is no tensor's id)
         if hit is not None and hit[1] == state and all([r is None or r() is t for r, t in zip(hit[0], sources)]):
             _DERIVED.move_to_end(key)
-            return hit[2]
+        else:
+            hit = None
+    if hit is not None:
+        streams = hit[3]
+        if streams is not None:  # (outside the lock: CUDA calls)
+            device = next(t for t in sources if t is not None).device
+            if current_stream(device) not in streams[1]:
+                _share_with_current_stream(hit[2], streams, device)
+        return hit[2]
     value = compute()
+    first = next((t for t in sources if t is not None), None)
+    streams = _made_on_stream(first.device) if first is not None and first.is_cuda else None
     freed = _on_source_freed(key)
     refs = tuple([None if t is None else weakref.ref(t, freed) for t in sources])
     with _DERIVED_LOCK:
-        _DERIVED[key] = (refs, state, value)
+        _DERIVED[key] = (refs, state, value, streams)
         _DERIVED.move_to_end(key)
         while len(_DERIVED) > _DERIVED_SIZE:
             _DERIVED.popitem(last=False)

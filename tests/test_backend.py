@@ -446,40 +446,40 @@ def test_a_cuda_graph_capture_computes_derived_weights_afresh_and_keeps_none(mon
     backend.clear_caches()
 
 
-def test_derived_weights_are_kept_per_cuda_stream(monkeypatch):
-    """A value is made and kept for the stream that reads it: on another stream it could be read
-    before its computation ended, and once replaced its memory reused while that stream still
-    read it. Streams stood in for here; the CUDA test below uses real ones."""
+def test_a_derived_weight_read_on_another_cuda_stream_waits_for_it_and_holds_its_memory(monkeypatch):
+    """One value for every stream: a stream other than the one that made it waits for the event
+    recorded after its computation, and records its use of the value's memory (record_stream),
+    once; without either, it could be read before it was complete, or reused while that stream
+    still read it. Streams and events stood in for here; the CUDA test below uses real ones."""
     from mpvit_kernels import backend
 
     backend.clear_caches()
-    stream, computed = [7], []
+    stream, shared = [7], []
     monkeypatch.setattr(backend, "current_stream", lambda device: stream[0])
+    monkeypatch.setattr(backend, "_made_on_stream", lambda device: ["event", {stream[0]}])
+    monkeypatch.setattr(backend, "_share_with_current_stream",
+                        lambda value, streams, device: shared.append(streams[0]) or streams[1].add(stream[0]))
 
     class OnCuda(torch.Tensor):
         is_cuda = True
 
     t = torch.randn(4).as_subclass(OnCuda)
-
-    def compute():
-        computed.append(stream[0])
-        return t * 2
-
-    first = backend.cached_by_version((t,), "x2", compute)
+    first = backend.cached_by_version((t,), "x2", lambda: t * 2)
+    assert backend.cached_by_version((t,), "x2", lambda: t * 3) is first and shared == []  # its own stream
     stream[0] = 9
-    other = backend.cached_by_version((t,), "x2", compute)
-    assert other is not first and len(backend._DERIVED) == 2
-    stream[0] = 7
-    assert backend.cached_by_version((t,), "x2", compute) is first and computed == [7, 9]
-    t.mul_(3)  # a new version: recomputed on the stream that asks
-    assert torch.equal(backend.cached_by_version((t,), "x2", compute), t * 2) and computed == [7, 9, 7]
+    for _ in range(2):
+        assert backend.cached_by_version((t,), "x2", lambda: t * 3) is first
+    assert shared == ["event"] and len(backend._DERIVED) == 1  # waited and recorded once
+    t.mul_(3)  # a new version: made again, on the stream that asks, which may read it at once
+    again = backend.cached_by_version((t,), "x2", lambda: t * 2)
+    assert again is not first and torch.equal(again, t * 2) and shared == ["event"]
     backend.clear_caches()
 
 
 @pytest.mark.cuda
-def test_eval_batchnorm_folds_on_a_side_stream_are_its_own():
-    """The real streams: a fold made on the default stream is not handed to a side stream, which
-    folds for itself; each stream gets the same result and its own value back again."""
+def test_eval_batchnorm_folds_are_shared_with_a_side_stream():
+    """The real streams: a fold made on the default stream is read on a side stream after waiting
+    for it (and its memory recorded as that stream's), the same tensors, the same results."""
     from mpvit_kernels import backend
     from mpvit_kernels.nn import folded_bn
     from tests.utils import randomize_bn
@@ -493,9 +493,9 @@ def test_eval_batchnorm_folds_on_a_side_stream_are_its_own():
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             side_fold, got = folded_bn(conv.bn), conv(x)
-            assert folded_bn(conv.bn)[0] is side_fold[0]
         torch.cuda.current_stream().wait_stream(side)
-        assert side_fold[0] is not main_fold[0] and folded_bn(conv.bn)[0] is main_fold[0]
+        entry = next(e for e in backend._DERIVED.values() if e[2] is main_fold)
+        assert side_fold[0] is main_fold[0] and side.stream_id in entry[3][1]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     backend.clear_caches()
 

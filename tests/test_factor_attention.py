@@ -367,8 +367,9 @@ def test_opcheck(path, monkeypatch):
     torch.library.opcheck(bwd.default, unpacked)
     for a, b in zip(bwd(*bwd_args), bwd(*unpacked)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="crpe_packed must be empty or the forward's packing"):
-        bwd(*bwd_args[:4], packed[1:], *bwd_args[5:])
+    for bad in [packed[1:]] + ([packed.cpu()] if packed.is_cuda else []):  # another size, another device
+        with pytest.raises(ValueError, match="crpe_packed must be empty or the forward's packing"):
+            bwd(*bwd_args[:4], bad, *bwd_args[5:])
     # S and lse in any other layout than the forward's are refused, not misread
     padded = torch.zeros(lse.shape[0], 16, device=lse.device, dtype=lse.dtype)
     for bad in ({2: ctx.transpose(1, 2)}, {3: padded}):

@@ -200,17 +200,17 @@ def _chunking(BH: int, N: int) -> tuple[int, int]:
     return chunk, -(-N // chunk)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a freed table could still be read by a queued kernel or a CUDA graph
 def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.device, dtype: torch.dtype):
     """For CRPE weights of these (k, channels) windows, in ``dtype``: the gather index that lays
     out cat(flat weights, biases, 0) as the packed (C, KMAX*KMAX) weights, each window centred in
     KMAX x KMAX with zeros around it, then the (C,) bias (from an offset of a multiple of 16
     elements, aligned as a tensor of its own would start); the zero the padding reads; the
     (heads,) int32 window of each head; KMAX and the bias's offset. A function of the layout
-    alone, so built once: every
-    table is copied from the host with a synchronous copy, complete on the device before any
-    stream reads it (so shared by the streams, and found by a CUDA graph capture, which runs on
-    a stream of its own and could not copy from the host)."""
+    alone (a model has one or two), so built once: each table is a synchronous copy from the
+    host, complete on the device before any stream reads it, so the streams share them, and a
+    CUDA graph capture, which runs on a stream of its own and could not copy from the host,
+    finds them made."""
     kmax = max(k for k, _ in windows)
     C = sum(c for _, c in windows)
     weights = sum(c * k * k for k, c in windows)
@@ -397,9 +397,10 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     dout = _rows(dout.to(qkv.dtype))
     acc, size = _acc_dtype(qkv.dtype), packed_size(crpe_weights)
     if crpe_packed.numel() and (tuple(crpe_packed.shape) != (size,) or crpe_packed.dtype != acc
-                                or not crpe_packed.is_contiguous()):
+                                or not crpe_packed.is_contiguous() or crpe_packed.device != qkv.device):
         raise ValueError(f"factor_attention_bwd: crpe_packed must be empty or the forward's packing, a contiguous "
-                         f"{acc} tensor of shape ({size},), got {crpe_packed.dtype} {tuple(crpe_packed.shape)}")
+                         f"{acc} tensor of shape ({size},) on qkv's device, got {crpe_packed.dtype} "
+                         f"{tuple(crpe_packed.shape)} on {crpe_packed.device}")
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, packed=crpe_packed if crpe_packed.numel() else None)
     # the kernels read S and lse as dense (B*heads, Ch, Ch) and (B*heads, Ch), as the forward wrote them
     for name, t, shape in (("ctx", ctx, (L.BH, L.Ch, L.Ch)), ("lse", lse, (L.BH, L.Ch))):
