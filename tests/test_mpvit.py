@@ -302,6 +302,21 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
 
 
+def test_whole_model_through_the_kernels_training_step_fills_no_zero_grads_for_side_outputs():
+    """The fused ops' side outputs (the attention's S, lse and CRPE packing, the training
+    BatchNorms' pre-BN map and statistics, residual_layernorm's mean and rstd) take no grads:
+    autograd would otherwise fill a zero tensor for each, a launch apiece (183 a training step of
+    MPViT-S). Counted on meta tensors, where every fused op runs its registered fake and autograd."""
+    model = mpvit_tiny(num_classes=5).to(memory_format=torch.channels_last).to(device="meta").train()
+    loss = torch.nn.functional.cross_entropy(model(torch.empty(2, 3, 64, 64, device="meta")),
+                                             torch.zeros(2, dtype=torch.long, device="meta"))
+    with RecordOps() as rec:
+        loss.backward()
+    for op in ("factor_attention_bwd", "residual_layernorm_bwd", "affine_hswish_batch_backward"):
+        assert f"mpvit_kernels.{op}" in rec.names
+    assert rec.names.count("aten.zeros") == 0, rec.names
+
+
 def test_eval_batchnorm_folds_are_cached_until_a_statistic_or_parameter_changes():
     model = randomize_bn(mpvit_tiny(num_classes=4)).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -241,11 +241,14 @@ def _train_setup_context(ctx, inputs, output):
     x, dw_weight, pw_weight, bn_weight, bn_bias, eps, stride, hswish = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for z, mean and var (a launch each)
     ctx.save_for_backward(x, dw_weight, pw_weight, bn_weight, bn_bias, z, mean, var)
     ctx.args = (eps, stride, hswish)
 
 
 def _train_backward(ctx, grad, *_):
+    if grad is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
+        return (None,) * 8
     x, dw_weight, pw_weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
     eps, stride, hswish = ctx.args
     Cout = pw_weight.shape[0]

@@ -442,12 +442,16 @@ def _(dout, qkv, ctx, lse, crpe_packed, H, W, num_heads, scale, crpe_weights, cr
 def _setup_context(ctx, inputs, output):
     qkv, H, W, num_heads, scale, weights, biases, need_stats = inputs
     _, context, lse, packed = output
+    ctx.mark_non_differentiable(context, lse, packed)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for them (a launch each)
     ctx.save_for_backward(qkv, context, lse, packed, *weights, *biases)
     ctx.shape = (H, W, num_heads, scale, len(weights), need_stats)
 
 
 def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
     H, W, num_heads, scale, n, need_stats = ctx.shape
+    if dout is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
+        return None, None, None, None, None, [None] * n, [None] * n, None
     qkv, context, lse, packed, *crpe = ctx.saved_tensors
     weights, biases = crpe[:n], crpe[n:]
     if not need_stats:  # a forward told that no backward would come kept nothing: one more forward

@@ -351,11 +351,14 @@ def _train_setup_context(ctx, inputs, output):
     xs, weight, bn_weight, bn_bias, eps, hswish = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for z, mean and var (a launch each)
     ctx.save_for_backward(*xs, weight, bn_weight, bn_bias, z, mean, var)
     ctx.args = (eps, hswish)
 
 
 def _train_backward(ctx, grad, *_):
+    if grad is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
+        return [None] * (len(ctx.saved_tensors) - 6), None, None, None, None, None
     *xs, weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
     eps, hswish = ctx.args
     Cout = weight.shape[0]
