@@ -367,6 +367,11 @@ def test_opcheck(path, monkeypatch):
     torch.library.opcheck(bwd.default, unpacked)
     for a, b in zip(bwd(*bwd_args), bwd(*unpacked)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with RecordOps() as rec:  # inside the op: after its kernels, the CRPE grads in two sums and a gather
+        fa_ops().factor_attention_bwd._init_fn(*bwd_args)
+    # (allocations; and Triton's interpreter moves each launch's arguments with new_empty, set_ and copy_)
+    moved = {"aten.empty"} | ({"aten.new_empty", "aten.set_", "aten.copy_"} if not qkv.is_cuda else set())
+    assert [n for n in rec.compute if n not in moved] == ["aten.sum", "aten.sum", "aten.index_select"]
     for bad in [packed[1:]] + ([packed.cpu()] if packed.is_cuda else []):  # another size, another device
         with pytest.raises(ValueError, match="crpe_packed must be empty or the forward's packing"):
             bwd(*bwd_args[:4], bad, *bwd_args[5:])

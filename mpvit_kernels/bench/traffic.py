@@ -123,9 +123,10 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
             ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * Ch * Ch * 4 + dw_partials),
             ("grad_combine: partials, S -> dS, c", BH * splits * Ch * Ch * 4 + stats + padded),
             ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + stats + padded + w),
-            ("sum CRPE weight/bias grads over batch and chunks", dw_partials + w),
-            ("sum", dw_partials),
-            ("reshape CRPE grads", 2 * w),
+            # the sums read only the existing taps and head dims of the partials
+            ("sum CRPE weight grads over batch and chunks", BH * splits * 49 * Ch * 4 + w),
+            ("sum CRPE bias grads", BH * splits * Ch * 4 + C * 4),
+            ("gather CRPE weight grads into each window's layout", 2 * w),
         ]
     return launches
 

@@ -206,7 +206,9 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     out cat(flat weights, biases, 0) as the packed (C, KMAX*KMAX) weights, each window centred in
     KMAX x KMAX with zeros around it, then the (C,) bias (from an offset of a multiple of 16
     elements, aligned as a tensor of its own would start); the zero the padding reads; the
-    (heads,) int32 window of each head; KMAX and the bias's offset. A function of the layout
+    (heads,) int32 window of each head; KMAX and the bias's offset; and the backward's gather
+    index from the (heads, KMAX*KMAX, Ch) sum of its weight grads to the weights' own layouts,
+    each window's (c, 1, k, k) in turn. A function of the layout
     alone (a model has one or two), so built once: each table is a synchronous copy from the
     host, complete on the device before any stream reads it, so the streams share them, and a
     CUDA graph capture, which runs on a stream of its own and could not copy from the host,
@@ -225,7 +227,17 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     gap = torch.full((bias_at - C * kmax * kmax,), zero_at, dtype=torch.int32)
     index = torch.cat([index.view(-1), gap, torch.arange(weights, weights + C, dtype=torch.int32)])
     ksize = torch.tensor([k for k, c in windows for _ in range(c // Ch)], dtype=torch.int32)
-    return index.to(device), torch.zeros(1, dtype=dtype).to(device), ksize.to(device), kmax, bias_at
+    grad_index, row = [], 0
+    for k, c in windows:
+        p = (kmax - k) // 2
+        chan = torch.arange(row, row + c, dtype=torch.int32).view(c, 1, 1)
+        tap = ((torch.arange(k, dtype=torch.int32) + p) * kmax).view(1, k, 1) + \
+            (torch.arange(k, dtype=torch.int32) + p).view(1, 1, k)
+        grad_index.append(((chan // Ch) * (kmax * kmax) + tap) * Ch + chan % Ch)
+        row += c
+    grad_index = torch.cat([g.reshape(-1) for g in grad_index])
+    return (index.to(device), torch.zeros(1, dtype=dtype).to(device), ksize.to(device), kmax, bias_at,
+            grad_index.to(device))
 
 
 def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
@@ -258,7 +270,7 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
 
 
 def _views(packed: torch.Tensor, layout):
-    _, _, ksize, kmax, bias_at = layout
+    _, _, ksize, kmax, bias_at, _ = layout
     C = packed.numel() - bias_at
     return packed[:C * kmax * kmax].view(C, kmax * kmax), packed[bias_at:], ksize, kmax
 
@@ -281,17 +293,6 @@ def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
         return _pack_crpe(weights, biases, Ch, acc)
     return backend.cached_by_version((*weights, *biases), ("crpe", Ch, acc),
                                      lambda: _pack_crpe(weights, biases, Ch, acc))
-
-
-def _unpack_crpe(grad_packed: torch.Tensor, weights: Sequence[torch.Tensor], kmax: int):
-    grads, start = [], 0
-    for w in weights:
-        c, k = w.shape[0], w.shape[-1]
-        p = (kmax - k) // 2
-        g = grad_packed[start:start + c].reshape(c, kmax, kmax)[:, p:p + k, p:p + k]
-        grads.append(g.reshape(c, 1, k, k).to(w.dtype))
-        start += c
-    return grads
 
 
 class _Launch:
@@ -390,8 +391,8 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
                          crpe_packed: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
                          crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d qkv (B, N, 3C), d packed CRPE weights (C, KMAX*KMAX), d CRPE bias (C,)), in fp32/fp64
-    for the two CRPE grads. ``crpe_packed`` is the forward's packing of the CRPE weights and
+    """Returns (d qkv (B, N, 3C), d CRPE weights (each window's (c, 1, k, k) flat in turn), d CRPE
+    biases (C,)), in fp32/fp64 for the two CRPE grads. ``crpe_packed`` is the forward's packing of the CRPE weights and
     biases, or an empty tensor to pack them here."""
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
@@ -424,19 +425,19 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale, L.n_bucket,
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     # CRPE weights are shared by the batch: sum the (b, chunk) partials in a fixed order.
-    kmax2 = L.kmax * L.kmax
-    dw = dw_part.view(L.B, num_heads, L.splits, kk, L.BD).sum(dim=(0, 2))[:, :kmax2, :L.Ch]  # (heads, KK, Ch)
-    db = db_part.view(L.B, num_heads, L.splits, L.BD).sum(dim=(0, 2))[:, :L.Ch]
-    return dqkv, dw.transpose(1, 2).reshape(L.C, kmax2).contiguous(), db.reshape(L.C).contiguous()
+    # (the sums read only the taps and head dims that exist: (heads, KMAX*KMAX, Ch) and (heads, Ch) out)
+    dw = dw_part.view(L.B, num_heads, L.splits, kk, L.BD)[:, :, :, :L.kmax * L.kmax, :L.Ch].sum(dim=(0, 2))
+    db = db_part.view(L.B, num_heads, L.splits, L.BD)[..., :L.Ch].sum(dim=(0, 2))
+    return dqkv, dw.view(-1).index_select(0, _layout_of(crpe_weights, L.Ch)[5]), db.view(L.C)
 
 
 @factor_attention_bwd.register_fake
 def _(dout, qkv, ctx, lse, crpe_packed, H, W, num_heads, scale, crpe_weights, crpe_biases):
     B, N, C3 = qkv.shape
     C = C3 // 3
-    kmax = max(w.shape[-1] for w in crpe_weights)
     acc = _acc_dtype(qkv.dtype)
-    return qkv.new_empty(B, N, C3), qkv.new_empty(C, kmax * kmax, dtype=acc), qkv.new_empty(C, dtype=acc)
+    return (qkv.new_empty(B, N, C3), qkv.new_empty(sum(w.numel() for w in crpe_weights), dtype=acc),
+            qkv.new_empty(C, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
@@ -459,10 +460,15 @@ def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
                                                                                biases, True)
     dqkv, dw, db = torch.ops.mpvit_kernels.factor_attention_bwd(
         dout, qkv, context, lse, packed, H, W, num_heads, scale, weights, biases)
-    kmax = max(w.shape[-1] for w in weights)
-    dweights = _unpack_crpe(dw, weights, kmax)
-    dbiases = [g.to(b.dtype) for g, b in zip(db.split([b.shape[0] for b in biases]), biases)]
-    return dqkv, None, None, None, None, dweights, dbiases, None
+    return dqkv, None, None, None, None, _grads_of(dw, weights), _grads_of(db, biases), None
+
+
+def _grads_of(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's grad as a view of ``flat`` (their grads in turn), in its shape and dtype:
+    one cast, where they share a dtype that is not flat's (16-bit parameters)."""
+    shared = all(p.dtype == params[0].dtype for p in params)
+    parts = (flat.to(params[0].dtype) if shared else flat).split([p.numel() for p in params])
+    return [g.view(p.shape).to(p.dtype) for g, p in zip(parts, params)]
 
 
 factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
