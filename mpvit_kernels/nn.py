@@ -238,7 +238,8 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
         if count == 0:  # an empty batch: counted, the statistics kept (as nn.BatchNorm2d does)
             return
         factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
-        # (1 - f) * running + f * batch, as lerp: one launch a statistic (mul_, mul, add_ before)
+        # (1 - f) * running + f * batch as one lerp_ a statistic (mul_, mul, add_ before; the
+        # variance is scaled to unbiased first)
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), factor)
 

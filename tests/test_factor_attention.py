@@ -185,6 +185,21 @@ def test_backward_after_a_forward_without_stats_recomputes_them():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_crpe_grads_take_the_layout_of_channels_last_weights():
+    """A model converted with .to(memory_format=torch.channels_last) holds its (c, 1, k, k) CRPE
+    weights with channels-last strides; their grads (views of the backward's one flat output)
+    take those strides, as DDP's buckets expect (it warns at every other stride), and equal the
+    grads of contiguous weights."""
+    qkv, size, heads, scale, weights, biases = make_inputs(1, 3, 4, 4, {3: 1, 5: 1}, torch.float32)
+    nhwc = [w.detach().to(memory_format=torch.channels_last).requires_grad_() for w in weights]
+    assert all(w.stride() != v.stride() for w, v in zip(nhwc, weights))
+    for ws in (weights, nhwc):
+        ops.factor_attention(qkv, size, heads, scale, ws, biases).sum().backward()
+    for w, v in zip(nhwc, weights):
+        assert w.grad.stride() == w.stride() and v.grad.stride() == v.stride()
+        torch.testing.assert_close(w.grad, v.grad, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_gradcheck_float64_through_the_whole_map():
     # the op itself, w.r.t. qkv and every CRPE weight and bias, on an odd 3x5 map

@@ -127,7 +127,8 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
             ("sum CRPE weight grads over batch and chunks", BH * splits * 49 * Ch * 4 + w),
             ("sum CRPE bias grads", BH * splits * Ch * 4 + C * 4),
             ("gather CRPE weight grads into each window's layout", 2 * w),
-        ]
+        ] + ([("cast CRPE weight grads to the parameters' dtype", w + w // 2),
+              ("cast CRPE bias grads", C * 6)] if dtype != torch.float32 else [])
     return launches
 
 

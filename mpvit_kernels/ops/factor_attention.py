@@ -464,11 +464,19 @@ def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
 
 
 def _grads_of(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each parameter's grad as a view of ``flat`` (their grads in turn), in its shape and dtype:
-    one cast, where they share a dtype that is not flat's (16-bit parameters)."""
+    """Each parameter's grad as a view of ``flat`` (their grads in turn), in its shape, dtype and
+    strides: one cast, where they share a dtype that is not flat's (16-bit parameters). A
+    channels-last (c, 1, k, k) weight is laid out as a contiguous one (its size-1 dim aside), so
+    its grad takes its strides too, as DDP's buckets expect (they warn at every other stride)."""
     shared = all(p.dtype == params[0].dtype for p in params)
     parts = (flat.to(params[0].dtype) if shared else flat).split([p.numel() for p in params])
-    return [g.view(p.shape).to(p.dtype) for g, p in zip(parts, params)]
+    grads = []
+    for g, p in zip(parts, params):
+        g = g.view(p.shape).to(p.dtype)
+        if g.stride() != p.stride() and p.is_contiguous():
+            g = g.as_strided(p.shape, p.stride(), g.storage_offset())
+        grads.append(g)
+    return grads
 
 
 factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

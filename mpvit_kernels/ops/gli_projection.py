@@ -353,14 +353,14 @@ def _train_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(z, mean, var)
     ctx.set_materialize_grads(False)  # no zero-filled grads for z, mean and var (a launch each)
     ctx.save_for_backward(*xs, weight, bn_weight, bn_bias, z, mean, var)
-    ctx.args = (eps, hswish)
+    ctx.args = (eps, hswish, len(xs))
 
 
 def _train_backward(ctx, grad, *_):
     if grad is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
-        return [None] * (len(ctx.saved_tensors) - 6), None, None, None, None, None
+        return [None] * ctx.args[2], None, None, None, None, None
     *xs, weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
-    eps, hswish = ctx.args
+    eps, hswish, _ = ctx.args
     Cout = weight.shape[0]
     g, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad.reshape(-1, Cout), z.reshape(-1, Cout), bn_weight,
                                                           bn_bias, mean, var, eps, hswish)
