@@ -1,14 +1,14 @@
 """factor_attention: ``scale * q softmax_N(k)^T v + q * crpe(v)`` per head, qkv -> (B, N, C).
 
 On CUDA tensors: the Triton kernels of mpvit_kernels/triton/factor_attention.py behind two
-torch.library ops,
-``mpvit_kernels::factor_attention_fwd`` (returns the output and, when ``need_stats`` says a
-backward will follow, the per-head softmax stats, context S and packed CRPE weights the backward
-needs, never the N x Ch softmax) and ``factor_attention_bwd``, with fakes and registered autograd, so
-torch.compile(fullgraph=True) goes through them. ``factor_attention`` sets ``need_stats`` from
-grad mode and requires_grad. The forward is one launch (``whole_map_kernel``) on maps of at most
-_WHOLE_MAP_MAX_N tokens, three (context partials, combine, output) on larger ones; the backward
-is three launches on every map.
+torch.library ops, ``mpvit_kernels::factor_attention_fwd`` (returns the output and, when
+``need_stats`` says a backward will follow, the per-head softmax stats, context S and packed
+CRPE weights the backward needs, never the N x Ch softmax) and ``factor_attention_bwd``, with
+fakes and registered autograd, so torch.compile(fullgraph=True) goes through them.
+``factor_attention`` sets ``need_stats`` from grad mode and requires_grad. The forward is one
+launch (``whole_map_kernel``) on maps of at most _WHOLE_MAP_MAX_N tokens, three (context
+partials, combine, output) on larger ones; the backward is three launches on every map, then
+two sums and a gather for the CRPE grads.
 
 On CPU tensors: the extension's C++ twin ``mpvit_kernels::factor_attention`` (csrc/cpu), a
 forward kernel for inference. Its backward, ``factor_attention_backward``, is written with eager
@@ -208,11 +208,10 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     elements, aligned as a tensor of its own would start); the zero the padding reads; the
     (heads,) int32 window of each head; KMAX and the bias's offset; and the backward's gather
     index from the (heads, KMAX*KMAX, Ch) sum of its weight grads to the weights' own layouts,
-    each window's (c, 1, k, k) in turn. A function of the layout
-    alone (a model has one or two), so built once: each table is a synchronous copy from the
-    host, complete on the device before any stream reads it, so the streams share them, and a
-    CUDA graph capture, which runs on a stream of its own and could not copy from the host,
-    finds them made."""
+    each window's (c, 1, k, k) in turn. A function of the layout alone (a model has one or two),
+    so built once: each table is a synchronous copy from the host, complete on the device before
+    any stream reads it, so the streams share them, and a CUDA graph capture, which runs on a
+    stream of its own and could not copy from the host, finds them made."""
     kmax = max(k for k, _ in windows)
     C = sum(c for _, c in windows)
     weights = sum(c * k * k for k, c in windows)
@@ -286,9 +285,9 @@ _REUSE_PACKING = contextvars.ContextVar("mpvit_kernels_reuse_crpe_packing", defa
 
 def _pack_crpe_cached(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], Ch: int, acc: torch.dtype):
     """_pack_crpe (the packing and its views: an inference call takes them as they are) once per
-    version of the weights (backend.cached_by_version) where no autograd
-    graph is built (inference: every forward after the first reuses one packing;
-    factor_attention decides); packed afresh where the weights take grads."""
+    version of the weights (backend.cached_by_version) where no autograd graph is built
+    (inference: every forward after the first reuses one packing; factor_attention decides);
+    packed afresh where the weights take grads."""
     if not _REUSE_PACKING.get():
         return _pack_crpe(weights, biases, Ch, acc)
     return backend.cached_by_version((*weights, *biases), ("crpe", Ch, acc),
@@ -392,8 +391,8 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
                          crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d qkv (B, N, 3C), d CRPE weights (each window's (c, 1, k, k) flat in turn), d CRPE
-    biases (C,)), in fp32/fp64 for the two CRPE grads. ``crpe_packed`` is the forward's packing of the CRPE weights and
-    biases, or an empty tensor to pack them here."""
+    biases (C,)), in fp32/fp64 for the two CRPE grads. ``crpe_packed`` is the forward's packing of
+    the CRPE weights and biases, or an empty tensor to pack them here."""
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
     acc, size = _acc_dtype(qkv.dtype), packed_size(crpe_weights)
