@@ -230,8 +230,8 @@ def test_module_forward_is_two_gemms_and_our_op_without_copies():
 def test_crpe_packing_centres_each_window_in_one_cat_and_one_gather(window, dtype, acc):
     """The packed CRPE weights the kernels read: each head's k x k window centred in KMAX x KMAX,
     zeros around it, the biases after; made by one cat and one gather (and a cast for weights
-    not in the accumulation type), since training packs at every forward and backward (a pad
-    per window, two cats and two casts before)."""
+    not in the accumulation type), since training packs at every forward (a pad per window, two
+    cats and two casts before); a backward takes the forward's packing apart into the same views."""
     Ch = 3
     _, _, heads, _, weights, biases = make_inputs(1, 2, 2, Ch, window, dtype, requires_grad=False)
     kmax = max(window)

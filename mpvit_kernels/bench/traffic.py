@@ -89,11 +89,12 @@ def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") 
 
 def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int]]:
     """(launch, bytes) of our core: the Triton kernels from their loads and stores, plus the small
-    launches around them (the backward's sums over batch and chunks, and the CRPE weight packing:
-    cached per version of the weights where no graph is built, so never in an inference forward
-    after the first; in training the forward packs, and its backward reads that packing). The forward is the op's
-    own choice for N: one whole_map launch on small maps (k, v, then q, v read, O written; S and
-    lse written only in training, for the backward), else the three passes through memory."""
+    launches around them (the backward's sums over batch and chunks and its gather of the CRPE
+    grads, and the CRPE weight packing: cached per version of the weights where no graph is
+    built, so never in an inference forward after the first; in training the forward packs, and
+    its backward reads that packing). The forward is the op's own choice for N: one whole_map
+    launch on small maps (k, v, then q, v read, O written; S and lse written only in training,
+    for the backward), else the three passes through memory."""
     heads = 8
     elem = torch.finfo(dtype).bits // 8
     BD, BH = _block_d(C // heads), B * heads
