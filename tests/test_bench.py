@@ -597,3 +597,20 @@ def test_host_overhead_tool_runs_the_model_with_its_kernels_stubbed():
     assert calls == {"linear": 46, "factor_attention": 23, "residual_layernorm": 23, "depthwise": 27,
                      "gli_projection": 12, "dwconv_bn": 11}, out.stdout
     assert "| everything else (modules, aten ops between ours) |" in out.stdout, out.stdout
+
+
+def test_train_step_traffic_tool_counts_a_step_of_both_models():
+    # tools/train_step_traffic.py: a training step's launches and bytes on meta tensors, eager vs ours
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_step_traffic.py")
+    spec = importlib.util.spec_from_file_location("train_step_traffic", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    eager, ours = (tool.count(impl, "tiny", 2, 64, torch.float32) for impl in ("eager", "ours"))
+    assert ours.launches < eager.launches and ours.bytes < eager.bytes
+    assert sum(eager.op_launches.values()) == eager.launches and sum(ours.op_bytes.values()) == ours.bytes
+    # fc1's GELU grad and bias grad in the GEMM that recomputes the pre-activation (+ the partial sums' sum)
+    assert ours.op_launches["mpvit_kernels.linear_gelu_grad"] == 2 * eager.op_launches["aten.gelu_backward"] > 0
+    assert "aten.gelu_backward" not in ours.op_launches

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import ops
-from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
+from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES, NO_BF16_KERNELS
 from tests.test_residual_layernorm import make_block
-from tests.utils import LaunchSpy, RecordOps, assert_close, normwise_error
+from tests.utils import LaunchSpy, RecordLaunches, RecordOps, assert_close, normwise_error
 
 # what the model runs (norm1 -> qkv; fc1 -> GELU), a plain Linear, and both fusions at once
 SITES = {"norm": (True, False), "gelu": (False, True), "plain": (False, False), "norm+gelu": (True, True)}
@@ -61,7 +61,12 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
     assert_close(y, want, scale=4)
     leaves = [x] + [p for p in params if p is not None]
     g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+    with RecordOps() as rec:
+        got = torch.autograd.grad(y, leaves, g)
+    # GELU's grad from the GEMM that recomputes the pre-activation, which never reaches memory
+    assert rec.names.count("mpvit_kernels.linear_gelu_grad") == gelu
+    assert not {"aten.gelu_backward", "aten.addmm", "aten.gelu"} & set(rec.names)
+    for a, b in zip(got, torch.autograd.grad(want, leaves, g)):
         assert a.dtype == b.dtype
         assert_close(a, b, scale=10)
 
@@ -123,14 +128,21 @@ def test_without_bias_and_with_an_empty_batch():
     assert_close(ops.linear(x, w, None, lw, lb, 1e-5), chain(x, w, None, lw, lb, 1e-5, False), scale=4)
     empty = ops.linear(torch.randn(0, 5, 16, device=KERNEL_DEVICE), w, gelu=True)
     assert empty.shape == (0, 5, 20)
+    x, (w, *_) = make_inputs(9, 16, 20, torch.float32, "rows", "gelu", bias=False)
+    y, want = ops.linear(x, w, gelu=True), chain(x, w, None, None, None, 0, True)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, [x, w], g), torch.autograd.grad(want, [x, w], g)):
+        assert_close(a, b, scale=10)
+    x = torch.randn(0, 5, 16, device=KERNEL_DEVICE, requires_grad=True)
+    b = torch.randn(20, device=KERNEL_DEVICE, requires_grad=True)
+    grads = torch.autograd.grad(ops.linear(x, w, b, gelu=True).sum(), [x, w, b])
+    assert [tuple(t.shape) for t in grads] == [(0, 5, 16), (20, 16), (20,)] and not grads[2].any()
 
 
 @pytest.mark.parametrize("stride, n, vec", [(16, 24, 8), (20, 24, 4), (16, 20, 4), (19, 24, 1)])
 def test_row_stride_and_widths_set_the_vector_width(stride, n, vec):
     # the kernel is told K, N and the row stride are multiples of VEC (16-byte loads at widths
     # such as 216); a wrong VEC would round them and read the wrong rows
-    from tests.utils import RecordLaunches
-
     x = torch.randn(9, stride, device=KERNEL_DEVICE)[:, :16]
     _, (w, b, lw, lb) = make_inputs(9, 16, n, torch.float32, "rows", "norm")
     with RecordLaunches() as rec:
@@ -158,6 +170,21 @@ def test_gemm_takes_the_tuner_where_its_tiles_were_sized(case, tuned, monkeypatc
     y = ops.linear(x, w, b, lw, lb, 1e-5)
     assert taken == ["tuned" if tuned else "pinned"]
     assert_close(y, chain(x, w, b, lw, lb, 1e-5, False), scale=4)
+
+
+@pytest.mark.parametrize("case, width", [("aligned", 128), ("K 12", 64), ("fp64", 64), ("fp32 K 12", 128)])
+def test_gelu_grad_runs_the_pinned_tile_at_the_widths_its_compiles_allow(case, width):
+    # never the tuner (the bias grad's partial sums keep one order); 128-wide tiles only where the
+    # static report compiles them without spills: 16-bit rows read 16 bytes at a time, and fp32
+    dtype = {"fp64": torch.float64, "fp32 K 12": torch.float32}.get(case, torch.bfloat16)
+    if dtype == torch.bfloat16 and not BF16_KERNELS:
+        pytest.skip(NO_BF16_KERNELS)
+    K = 12 if "K 12" in case else 16
+    x, (w, b, _, _) = make_inputs(9, K, 136, dtype, "rows", "gelu")
+    with RecordLaunches() as rec:
+        torch.ops.mpvit_kernels.linear_gelu_grad(torch.randn(9, 136, dtype=dtype, device=KERNEL_DEVICE), x.detach(),
+                                                  w.detach(), b.detach())
+    assert [(meta["BLOCK_N"], meta["GELU_GRAD"]) for fn, meta in rec.launches] == [(width, True)]
 
 
 def test_what_a_gpu_tunes():
@@ -200,6 +227,8 @@ def test_fp64_gradcheck():
         def fn(x, w, b, *ln):
             return ops.linear(x, w, b, *ln, eps=1e-5, gelu=gelu)
         assert torch.autograd.gradcheck(fn, (x, *leaves))
+        if gelu:  # the fused GELU grad has a second derivative, as eager's GELU backward has
+            assert torch.autograd.gradgradcheck(fn, (x, *leaves))
 
 
 def test_opcheck():
@@ -207,6 +236,34 @@ def test_opcheck():
         for layout in ("rows", "strided"):
             x, (w, b, lw, lb) = make_inputs(10, 12, 20, torch.float32, layout, site)
             torch.library.opcheck(torch.ops.mpvit_kernels.linear.default, (x, w, b, lw, lb, 1e-6, SITES[site][1]))
+    for layout in ("rows", "strided"):
+        x, (w, b, _, _) = make_inputs(10, 12, 20, torch.float32, layout, "gelu")
+        dy = torch.randn(10, 20, device=KERNEL_DEVICE)
+        for bias in (b, None):
+            torch.library.opcheck(torch.ops.mpvit_kernels.linear_gelu_grad.default, (dy, x.detach(), w.detach(), bias))
+
+
+def test_gelu_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
+    # M = 70: more than one program's rows at every dtype's pinned tile, so the bias grad adds partial sums
+    x, (w, b, _, _) = make_inputs(70, 12, 20, torch.float64, "strided", "gelu")
+    dy = torch.randn(70, 20, dtype=torch.float64, device=KERNEL_DEVICE)
+    h = torch.addmm(b, x, w.t()).detach().requires_grad_()
+    want, = torch.autograd.grad(F.gelu(h), h, dy)
+    got, dbias = torch.ops.mpvit_kernels.linear_gelu_grad(dy, x.detach(), w.detach(), b.detach())
+    assert got.is_contiguous()
+    assert_close(got, want, scale=4)
+    assert_close(dbias, want.sum(0), scale=4)
+    got_nb, none = torch.ops.mpvit_kernels.linear_gelu_grad(dy, x.detach(), w.detach(), None)
+    assert none.shape == (0,)
+    assert_close(got_nb, torch.autograd.grad(F.gelu(h - b.detach()), h, dy)[0], scale=4)
+    empty = torch.ops.mpvit_kernels.linear_gelu_grad(dy[:0], x.detach()[:0], w.detach(), b.detach())
+    assert empty[0].shape == (0, 20) and torch.equal(empty[1], torch.zeros_like(b))
+    dy, x = dy[:9], x[:9]
+    for args, match in (((dy.float(), x, w, b), "dy must be torch.float64 \\(9, 20\\)"),
+                        ((dy[:, :19], x, w, b), "dy must be"), ((dy, x[:, :11], w, b), "x must be"),
+                        ((dy, x, w, b[:19]), "bias must have shape \\(20,\\)")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.mpvit_kernels.linear_gelu_grad(*[a.detach() for a in args])
 
 
 def test_under_torch_compile_fullgraph():
@@ -232,15 +289,15 @@ def test_autocast_through_the_kernel_is_as_accurate_as_eager(dtype):
         p64 = [None if p is None else p.detach().double().requires_grad_() for p in params]
         want = chain(x64, *p64, 1e-6, gelu)
         g = torch.randn_like(want)
-        want_grads = torch.autograd.grad(want, [x64, p64[0]], g)
+        want_grads = torch.autograd.grad(want, [x64, *p64[:2]], g)  # x, weight, bias
         errs = {}
         for name, fn in (("ours", lambda *a: ops.linear(*a, eps=1e-6, gelu=gelu)),
                          ("eager", lambda *a: chain(*a, 1e-6, gelu))):
             with torch.autocast(x.device.type, dtype=dtype):
                 y = fn(x, *params)
             assert y.dtype == dtype
-            grads = torch.autograd.grad(y, [x, params[0]], g.to(y.dtype))
-            assert [t.dtype for t in grads] == [torch.float32, torch.float32]
+            grads = torch.autograd.grad(y, [x, *params[:2]], g.to(y.dtype))
+            assert [t.dtype for t in grads] == [torch.float32] * 3
             errs[name] = [normwise_error(a, b) for a, b in zip([y, *grads], [want, *want_grads])]
         assert all(o <= 2 * e + 1e-4 for o, e in zip(errs["ours"], errs["eager"])), errs
 
@@ -272,6 +329,9 @@ def test_dtypes_follow_autocast_and_fp64_is_left_alone():
     (dict(weight=torch.randn(12, 8, device="meta")), ValueError, "weight is on meta"),
     (dict(x=torch.randn(4, 8, device="meta"), weight=torch.empty(65535 * 128 + 1, 8, device="meta")), ValueError,
      "at most 8388480 outputs"),
+    (dict(x=torch.randn(4, 8, device="meta", dtype=torch.float64), gelu=True,  # fp64's GELU grad: 64-wide tiles
+          weight=torch.empty(65535 * 64 + 1, 8, device="meta", dtype=torch.float64)), ValueError,
+     "at most 4194240 outputs"),
 ])
 def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(12, 8), bias=torch.randn(12), ln_weight=torch.randn(8),

@@ -4,7 +4,9 @@ stages, eager vs torch.compile vs ours, tokens (B, N, C) -> (B, N, hidden).
 Sites: "norm1 + qkv" (``qkv(norm1(x))``, hidden 3C) and "fc1 + GELU" (``gelu(fc1(u))``, hidden
 4C). Eager runs them as the public block does (a LayerNorm pass, then cuBLAS's GEMM with its
 bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM with the
-LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM).
+LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM);
+forward+backward rows add fc1's backward, whose GELU grad and bias grad come from the epilogue
+of a GEMM that recomputes the pre-activation (``linear_gelu_grad``).
 """
 from __future__ import annotations
 

@@ -137,8 +137,8 @@ class CountOurs(CountTraffic):
     """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
     outputs (what our fused kernels read and write), except the attention forward, whose
     launches and bytes come from its kernels (``ours_factor_attention``), and the
-    residual_layernorm backward, whose kernel also writes per-program partial sums that one small
-    sum then reduces."""
+    residual_layernorm backward and fc1's GELU grad (``linear_gelu_grad``), whose kernels also
+    write per-program partial sums that one small sum then reduces."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
@@ -150,6 +150,22 @@ class CountOurs(CountTraffic):
             self.bytes += partials + partials + 4 * C * 4
             self.launches += 1
             self.ops.append("residual_layernorm_bwd partial sums")
+        if func is torch.ops.mpvit_kernels.linear_gelu_grad.default and args[3] is not None:
+            from mpvit_kernels.triton import gli_projection
+
+            (M, N), acc = args[0].shape, 8 if args[0].dtype == torch.float64 else 4
+            bn = min(64, gli_projection.block_n(N)) if acc == 8 else gli_projection.block_n(N)
+            precision = "fp64" if acc == 8 else "fp32" if args[0].dtype == torch.float32 else "16-bit"
+            # the bias grad: the kernel's partial sums, written, then summed (into the op's
+            # output, counted with the op), then cast unless the bias is in the accumulation dtype
+            partials = -(-M // gli_projection.gpu_tile(bn, precision)[0]) * N * acc
+            self.bytes += partials + partials
+            self.launches += 1
+            self.ops.append("linear_gelu_grad bias partial sums")
+            if args[3].element_size() != acc:
+                self.bytes += N * acc
+                self.launches += 1
+                self.ops.append("linear_gelu_grad bias grad cast")
         if func is not torch.ops.mpvit_kernels.factor_attention_fwd.default:
             return super().__torch_dispatch__(func, types, args, kwargs)
         qkv = args[0]
@@ -239,17 +255,22 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def training_model(impl: str, size: str, B: int, res: int, dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(model in training mode, input batch) on meta tensors: the public MPViT ("eager") or ours
+    (channels-last, kernels on)."""
+    if impl == "eager":
+        model = PublicStyleMPViT(size).to(device="meta", dtype=dtype).train()
+        return model, torch.empty(B, 3, res, res, device="meta", dtype=dtype)
+    model = getattr(models, f"mpvit_{size}")().to(device="meta", dtype=dtype).train()
+    return model, torch.empty(B, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
 def train_activations(impl: str, size: str, B: int, res: int, dtype) -> dict:
     """One training step's memory on meta tensors, the public MPViT (eager) or ours (channels-last,
     kernels on), batch statistics: ``saved``/``tensors``, what the forward leaves autograd holding
     (saved_for_backward), and ``peak``, LiveBytes over forward, cross-entropy and backward (the
     grads included; parameters and buffers left out)."""
-    if impl == "eager":
-        model = PublicStyleMPViT(size).to(device="meta", dtype=dtype).train()
-        x = torch.empty(B, 3, res, res, device="meta", dtype=dtype)
-    else:
-        model = getattr(models, f"mpvit_{size}")().to(device="meta", dtype=dtype).train()
-        x = torch.empty(B, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    model, x = training_model(impl, size, B, res, dtype)
     saved, tensors = saved_for_backward(model, x)
     live = LiveBytes(_resident(model))
     with live:

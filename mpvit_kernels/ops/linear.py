@@ -12,9 +12,11 @@ interpreter; on other CPU tensors (and under ``reference``) the eager compositio
 :func:`mpvit_kernels.reference.linear`, which on a CPU is what oneDNN's GEMMs run fastest (its
 GELU in place where no autograd graph needs the pre-activation; from 4096 fp32 rows the GEMM as
 oneDNN's 1x1 conv, :func:`_conv_gemm`).
-Backward, in ATen ops as eager's autograd runs them: the LayerNorm's output (and with GELU the
-pre-activation) recomputed, as the forward stores neither; then GELU's grad, the GEMMs' and
-the LayerNorm's (``native_layer_norm_backward``). Deterministic.
+Backward: with GELU, ``mpvit_kernels::linear_gelu_grad``, the same Triton GEMM recomputing the
+pre-activation h with dh = dy * gelu'(h) in its epilogue (h never reaches memory: eager's
+autograd keeps it, and the GELU's backward reads it back beside dy); then, in ATen ops as
+eager's autograd runs them, the GEMMs' grads and the LayerNorm's (its output recomputed, as the
+forward does not store it; ``native_layer_norm_backward``). Deterministic.
 """
 from __future__ import annotations
 
@@ -38,8 +40,10 @@ def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
         raise ValueError(f"linear: weight must be (N, {K}) for x with {K} channels, got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"linear: weight is on {weight.device}, x on {x.device}")
-    if weight.shape[0] > MAX_OUTPUTS:
-        raise ValueError(f"linear: at most {MAX_OUTPUTS} outputs (weight rows), got {weight.shape[0]}")
+    # (fp64's GELU grad runs 64-wide output tiles)
+    limit = MAX_OUTPUTS // 2 if gelu is True and x.dtype == torch.float64 else MAX_OUTPUTS
+    if weight.shape[0] > limit:
+        raise ValueError(f"linear: at most {limit} outputs (weight rows), got {weight.shape[0]}")
     if bias is not None:
         check_channel_params("linear", weight.shape[0], x.device, bias=bias)
     if (ln_weight is None) != (ln_bias is None):
@@ -102,14 +106,14 @@ def _conv_gemm(x, weight, bias):
 def _kernels():
     """The Triton module and its launch helpers, imported at the first launch (triton is not
     imported with the package) and then kept: function-level imports cost host time at every
-    launch (1 us for these three)."""
+    launch (1 us for three)."""
     global _KERNELS
     if _KERNELS is None:
         from mpvit_kernels.triton import linear
         from mpvit_kernels.triton.affine_hswish import vector_width
-        from mpvit_kernels.triton.gli_projection import block_n, m_bucket
+        from mpvit_kernels.triton.gli_projection import block_n, m_bucket, tile
 
-        _KERNELS = linear, vector_width, block_n, m_bucket
+        _KERNELS = linear, vector_width, block_n, m_bucket, tile
     return _KERNELS
 
 
@@ -123,7 +127,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     any strides (any float dtype), weight (N, K) the GEMM's dtype, bias (N,) or None, ln_weight
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
-    kernels, vector_width, block_n, m_bucket = _kernels()
+    kernels, vector_width, block_n, m_bucket, _ = _kernels()
     M, K = x.shape
     N = weight.shape[0]
     dtype = weight.dtype
@@ -143,10 +147,106 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     kernel = kernels.linear_tuned if tuned else kernels.linear_kernel
     with backend.triton_device(x):
         kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // bn))](
-            x, w, *[y if t is None else t for t in params], y, M, K, N, x.stride(0), m_bucket(M), float(eps),
+            x, w, *[y if t is None else t for t in params], y, y, y, M, K, N, x.stride(0), m_bucket(M), float(eps),
             NORM=norm, BIAS=bias is not None, GELU=gelu, ACC=kernels.tl.float64 if wide else kernels.tl.float32,
-            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn, VEC=vec)
+            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn, VEC=vec,
+            GELU_GRAD=False)
     return y
+
+
+@torch.library.custom_op("mpvit_kernels::linear_gelu_grad", mutates_args=())
+def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, d bias): dh = dy * gelu'(h), h = x @ weight^T + bias recomputed by the forward's GEMM
+    (same K order: the h the forward's GELU saw), the grad of ``linear(x, weight, bias,
+    gelu=True)``'s pre-activation, (M, N) contiguous in weight's dtype; and bias's grad, the
+    column sums of dh before its rounding, in bias's dtype (empty without a bias). x (M, K)
+    with unit channel stride and weight (N, K) in one dtype, dy (M, N) in it, bias (N,) or None.
+    The GEMM runs its pinned tile, never a tuned one: each program sums its rows of dh, and those
+    partial sums are added in a fixed order, so the bias grad's bits cannot depend on a tuner's
+    pick (deterministic)."""
+    kernels, vector_width, block_n, m_bucket, tile = _kernels()
+    if weight.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"linear_gelu_grad: x and weight must be 2-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    (N, K), M, dtype = weight.shape, x.shape[0], weight.dtype
+    if bias is not None:
+        check_channel_params("linear_gelu_grad", N, weight.device, bias=bias)
+    for name, t, shape in (("x", x, (M, K)), ("dy", dy, (M, N))):
+        if t.dtype != dtype or tuple(t.shape) != shape or t.device != weight.device:
+            raise ValueError(f"linear_gelu_grad: {name} must be {dtype} {shape} on {weight.device} (weight "
+                             f"{tuple(weight.shape)}), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if x.stride(1) != 1 and K != 1:
+        x = x.contiguous()
+    dy, w = dy.contiguous(), weight.contiguous()
+    dh = torch.empty((M, N), dtype=dtype, device=x.device)
+    if bias is None:
+        dbias = torch.empty(0, dtype=dtype, device=x.device)
+    elif M == 0:
+        dbias = torch.zeros(N, dtype=bias.dtype, device=x.device)
+    if M == 0:
+        return dh, dbias
+    acc = reference._acc_dtype(dtype)
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    vec = vector_width(dh.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
+    aligned = vec == 8 and all(t.data_ptr() % 16 == 0 for t in (x, w, dh, dy, bias) if t is not None)
+    # 128-wide tiles spilled in fp64, and for 16-bit GEMMs read element by element (Triton 3.6,
+    # sm_80): those take 64 (static report)
+    narrow = acc == torch.float64 or (precision == "tf32" and not aligned)
+    bn = min(64, block_n(N)) if narrow else block_n(N)
+    # the pinned tile's (LAUNCH), whose BLOCK_M sizes the partial sums
+    block_m = tile(bn, "fp64" if acc == torch.float64 else "fp32" if precision == "ieee" else "16-bit")[0]
+    parts = torch.empty((-(-M // block_m), N) if bias is not None else (0,), dtype=acc, device=x.device)
+    def grid(meta):
+        if meta["BLOCK_M"] != block_m:  # the partial sums have a row per program
+            raise RuntimeError(f"linear_gelu_grad: launched with BLOCK_M={meta['BLOCK_M']}, sized for {block_m}")
+        return -(-M // block_m), -(-N // bn)
+
+    with backend.triton_device(x):
+        kernels.linear_kernel[grid](
+            x, w, dh if bias is None else bias.contiguous(), dh, dh, dh, dy, parts, M, K, N, x.stride(0),
+            m_bucket(M), 1e-5, NORM=False, BIAS=bias is not None, GELU=False,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
+            BLOCK_N=bn, VEC=vec, GELU_GRAD=True)
+    if bias is not None:
+        dbias = parts.sum(0).to(bias.dtype)
+    return dh, dbias
+
+
+@_linear_gelu_grad.register_fake
+def _(dy, x, weight, bias):
+    n = 0 if bias is None else weight.shape[0]
+    return (x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype),
+            x.new_empty(n, dtype=weight.dtype if bias is None else bias.dtype))
+
+
+def _gelu_grad_setup_context(ctx, inputs, output):
+    dy, x, weight, bias = inputs
+    ctx.save_for_backward(dy, x, weight, bias)
+
+
+def _gelu_grad_backward(ctx, grad, grad_bias):
+    """The second derivative (linear's backward stays differentiable, as eager's GELU backward
+    is: gradient penalties through the MLP), in ATen ops: the bias grad is dh's column sums, so
+    its grad joins dh's; then with h recomputed and gelu''(h) = phi(h) (2 - h^2),
+    d dy = grad gelu'(h) and dh = grad dy gelu''(h), which flows back through the GEMM to x,
+    weight and bias."""
+    dy, x, weight, bias = ctx.saved_tensors
+    acc = reference._acc_dtype(x.dtype)
+    g = grad.to(acc)
+    if bias is not None and grad_bias is not None:
+        g = g + grad_bias.to(acc)
+    h = (x @ weight.t()).to(acc)  # the bias added in acc, as the kernel adds it
+    if bias is not None:
+        h = h + bias.to(acc)
+    pdf = torch.exp(-0.5 * h * h) * 0.3989422804014327
+    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
+    d_dy = (g * (cdf + h * pdf)).to(dy.dtype)
+    dh = g * dy * pdf * (2.0 - h * h)
+    low = dh.to(x.dtype)
+    return (d_dy, low @ weight, low.t() @ x, None if bias is None else dh.sum(0).to(bias.dtype))
+
+
+_linear_gelu_grad.register_autograd(_gelu_grad_backward, setup_context=_gelu_grad_setup_context)
 
 
 @_linear.register_fake
@@ -162,7 +262,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """In the GEMM's dtype as eager's autograd runs it (no casts where x, weight and the grad share
-    a dtype), from u = layer_norm(x) (and h = u @ W^T + bias for GELU) recomputed."""
+    a dtype), from u = layer_norm(x) recomputed; GELU's grad from the fused GEMM (h recomputed in
+    registers)."""
     x, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
     eps, gelu = ctx.args
     dtype, K = weight.dtype, x.shape[-1]
@@ -176,10 +277,12 @@ def _backward(ctx, grad):
     else:
         u = x.to(dtype)
     g = grad.to(dtype)
-    if gelu:
-        h = u @ weight.t() if bias is None else torch.addmm(bias.to(dtype), u, weight.t())
-        g = torch.ops.aten.gelu_backward(g, h)
-    grad_bias = None if bias is None else g.sum(0).to(bias.dtype)
+    grad_bias = None
+    if gelu:  # the bias grad from the same pass
+        g, sums = torch.ops.mpvit_kernels.linear_gelu_grad(g, u, weight, bias)
+        grad_bias = None if bias is None else sums
+    elif bias is not None:
+        grad_bias = g.sum(0).to(bias.dtype)
     grad_weight = g.t() @ u
     grad_u = g @ weight
     if ln_weight is None:

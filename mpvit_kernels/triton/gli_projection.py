@@ -31,13 +31,18 @@ def block_n(cout: int) -> int:
 
 
 def tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for this BLOCK_N and input dtype ("fp64", "fp32",
-    or "16-bit"): the largest tiles that compile without spills for sm_80 and sm_90a with no
-    alignment hints (the worst case a launch can specialise to; `make static-report`). fp32 and
-    fp64 dots run on FMA units, whose operands live in registers: smaller tiles. The interpreter
-    takes the fewest programs. The op sizes the statistics buffers of training with BLOCK_M."""
+    """The tile launched: the GPU's (gpu_tile), or under the interpreter the fewest programs. The
+    op sizes the statistics buffers of training with BLOCK_M."""
     if INTERPRET:
         return 64, 16 if dtype == "fp64" else 32, 4, 1
+    return gpu_tile(block_n, dtype)
+
+
+def gpu_tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for this BLOCK_N and input dtype ("fp64", "fp32",
+    or "16-bit") on a GPU: the largest tiles that compile without spills for sm_80 and sm_90a
+    with no alignment hints (the worst case a launch can specialise to; `make static-report`).
+    fp32 and fp64 dots run on FMA units, whose operands live in registers: smaller tiles."""
     if dtype == "fp64":
         return 32, 16, 4, 2
     if dtype == "fp32":

@@ -5,7 +5,12 @@ fusions around its GEMM,
 
 with the LayerNorm (NORM: norm1 before the qkv Linear) applied to each A tile as it is loaded
 and GELU (the exact, erf one: fc1's) in the epilogue, so neither the normalised tokens nor the
-pre-activation hidden ever reach memory.
+pre-activation hidden ever reach memory. Its backward (GELU_GRAD) is the same GEMM with another
+epilogue: the pre-activation h, recomputed as the forward computed it, is never stored either;
+the program reads its tile of dy and writes dh = dy * gelu'(h), the grad the weight and input
+grads of fc1 are computed from, and its column sums of dh, which the op adds up, in a fixed
+order, into the bias grad (so that dh is not read again for it). Always the pinned tile: the
+sums' order must not depend on a tuner's pick.
 
 One program owns BLOCK_M whole rows and BLOCK_N outputs. With NORM it first walks its rows'
 K channels twice (mean, then the centred variance, as eager's two-pass LayerNorm: no
@@ -30,12 +35,15 @@ def linear_kernel(
     w_ptr,  # (N, K) contiguous, in the GEMM's dtype (y's)
     bias_ptr,  # (N,) (BIAS), read in ACC
     ln_weight_ptr, ln_bias_ptr,  # (K,) each: the LayerNorm's affine (NORM), read in ACC
-    y_ptr,  # (M, N) contiguous
+    y_ptr,  # (M, N) contiguous: y, or dh with GELU_GRAD
+    dy_ptr,  # (M, N) contiguous, y's grad (GELU_GRAD; else not read)
+    db_ptr,  # (cdiv(M, BLOCK_M), N) out, in ACC: each program's column sums of dh (GELU_GRAD and BIAS)
     M, K, N, stride_xm,
     m_bucket,  # gli_projection.m_bucket(M): the autotune key, unused in the body
     eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
     NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
+    GELU_GRAD: tl.constexpr = False,
 ):
     # K, N and the row stride are multiples of VEC (affine_hswish.vector_width): vector loads
     K = _known_multiple(K, VEC)
@@ -81,10 +89,19 @@ def linear_kernel(
         acc += tl.dot(a.to(w_ptr.dtype.element_ty), w, out_dtype=ACC, input_precision=DOT_PRECISION)
     if BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(ACC)[None, :]
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
     if GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
-    out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    if GELU_GRAD:  # gelu'(h) = Phi(h) + h phi(h)
+        cdf = 0.5 * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
+        pdf = tl.exp(-0.5 * acc * acc) * tl.full([], 0.3989422804014327, ACC)
+        dy = tl.load(dy_ptr + out, mask=omask, other=0.0).to(ACC)
+        acc = dy * (cdf + acc * pdf)
+        if BIAS:
+            tl.store(db_ptr + tl.program_id(0).to(tl.int64) * N + offs_n,
+                     tl.sum(tl.where(omask, acc, 0.0), axis=0), mask=nmask)
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 def _fitting(configs, named_args, **meta):
@@ -107,8 +124,10 @@ linear_tuned = triton.autotune(
 linear_kernel = LAUNCH(linear_kernel)
 
 
-# (what the model launches) the qkv Linear after norm1, and fc1 with GELU; plus the plain Linear
+# (what the model launches) the qkv Linear after norm1, fc1 with GELU and its backward (pinned
+# tile only); plus the plain Linear
 SITES = {"norm": dict(NORM=True, BIAS=True, GELU=False), "gelu": dict(NORM=False, BIAS=True, GELU=True),
+         "gelu_grad": dict(NORM=False, BIAS=True, GELU=False, GELU_GRAD=True),
          "plain": dict(NORM=False, BIAS=False, GELU=False)}
 
 
@@ -116,9 +135,9 @@ def compile_specs():
     """What the op can launch, for the ahead-of-time compile check (static_compile.py): every
     BLOCK_N, GEMM dtype and site; for a 16-bit GEMM, x and the parameters in it (a 16-bit
     model), or the parameters in fp32 with x in it or in fp32 (autocast: norm1's input is the
-    fp32 residual stream of an fp32 model); each with no alignment known, and for MPViT's widths
-    and dtypes as it launches them (VEC=8, aligned pointers; also with every tile the tuner may
-    pick there)."""
+    fp32 residual stream of an fp32 model; GELU's grad reads x in the GEMM's dtype); each with
+    no alignment known, and for MPViT's widths and dtypes as it launches them (VEC=8, aligned
+    pointers; also with every tile the tuner may pick there, GELU's grad excepted: pinned)."""
     from mpvit_kernels.triton.static_compile import as_launched
 
     specs = []
@@ -129,11 +148,19 @@ def compile_specs():
         for x_dt, p_dt in dtypes:
             for bn in (16, 32, 64, 128):
                 for site, flags in SITES.items():
+                    grad = site == "gelu_grad"
+                    if grad and x_dt != dt:  # GELU's grad reads x cast to the GEMM's dtype
+                        continue
                     types = {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{p_dt}",
-                             "ln_weight_ptr": f"*{p_dt}", "ln_bias_ptr": f"*{p_dt}", "y_ptr": f"*{dt}"}
-                    specs.append((linear_kernel, f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}", types,
-                                  {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn}))
+                             "ln_weight_ptr": f"*{p_dt}", "ln_bias_ptr": f"*{p_dt}", "y_ptr": f"*{dt}",
+                             "dy_ptr": f"*{dt}", "db_ptr": "*fp64" if dt == "fp64" else "*fp32"}
+                    spec = (linear_kernel, f"{dt} x={x_dt} params={p_dt} BLOCK_N={bn} {site}", types,
+                            {**flags, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn})
+                    # GELU's grad is at most 64 wide in fp64 and, unless aligned, for 16-bit GEMMs (ops.linear)
+                    if not (grad and bn > 64 and dt != "fp32"):
+                        specs.append(spec)
                     if bn >= 64 and dt != "fp64":  # MPViT's widths: 64 to 1920, multiples of 8
-                        specs.append(as_launched(specs[-1]))
-                        specs.append(as_launched(specs[-2], linear_tuned, " tuned"))  # every tile it may pick
+                        specs.append(as_launched(spec))
+                        if not grad:
+                            specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
     return specs
