@@ -43,6 +43,14 @@ def test_attention_core_meets_its_traffic_budget_at_every_mpvit_s_stage(res):
         assert len(ours) <= 3 and ratio >= (4.5 if stage < 4 else 3.0), (stage, len(ours), ratio)
 
 
+def test_traffic_model_drops_the_combines_where_one_chunk_covers_a_head():
+    # batch 64 with 8 heads: 512 programs without chunking, so one chunk a head at every stage
+    names = [n.split(":")[0] for n, _ in ours_factor_attention(64, 56 * 56, 64, torch.bfloat16, backward=True)]
+    assert not any("combine" in n for n in names) and sum("(one chunk)" in n for n in names) == 2
+    names = [n.split(":")[0] for n, _ in ours_factor_attention(16, 56 * 56, 64, torch.bfloat16, backward=True)]
+    assert names.count("context_combine") == names.count("grad_combine") == 1
+
+
 @contextlib.contextmanager
 def as_on_a_cpu():
     """The op families about as a CPU run without the interpreter has them: dwconv_bn,

@@ -48,6 +48,18 @@ def make_inputs(B, H, W, Ch, window, dtype, requires_grad=True, qkv_scale=1.0):
 
 FORWARD_THREE_PASSES = ["context_partial_kernel", "context_combine_kernel", "output_kernel"]
 BACKWARD = ["grad_partial_kernel", "grad_combine_kernel", "grad_qkv_kernel"]
+# where one chunk covers a head's tokens, the context and grad passes do the combines' work
+FORWARD_ONE_CHUNK = ["context_partial_kernel", "output_kernel"]
+BACKWARD_ONE_CHUNK = ["grad_partial_kernel", "grad_qkv_kernel"]
+
+
+def expected_launches(B, heads, N):
+    """The kernels a forward and backward launch: the forward's path by N, the combines by
+    whether one chunk covers N (_chunking)."""
+    one_chunk = fa_ops()._chunking(B * heads, N)[1] == 1
+    forward = ["whole_map_kernel"] if N <= fa_ops()._WHOLE_MAP_MAX_N else (
+        FORWARD_ONE_CHUNK if one_chunk else FORWARD_THREE_PASSES)
+    return forward + (BACKWARD_ONE_CHUNK if one_chunk else BACKWARD)
 
 
 def fa_ops():
@@ -78,8 +90,7 @@ def run_both(args, grad_seed=1):
 def test_kernels_match_reference(case, dtype):
     with RecordLaunches() as rec:
         out, ref, grads, ref_grads = run_both(make_inputs(*case, dtype))
-    forward = ["whole_map_kernel"] if case[1] * case[2] <= 256 else FORWARD_THREE_PASSES
-    assert launched(rec) == forward + BACKWARD
+    assert launched(rec) == expected_launches(case[0], sum(case[4].values()), case[1] * case[2])
     assert_close(out, ref, scale=4)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, scale=10)  # grads reduce over N (and B): summation order differs
@@ -179,7 +190,7 @@ def test_backward_after_a_forward_without_stats_recomputes_them():
     kept = torch.autograd.grad(fwd(qkv, *size, heads, scale, weights, biases, True)[0].sum(), inputs)
     with RecordLaunches() as rec:
         recomputed = torch.autograd.grad(fwd(qkv, *size, heads, scale, weights, biases, False)[0].sum(), inputs)
-    assert launched(rec) == ["whole_map_kernel", "whole_map_kernel"] + BACKWARD
+    assert launched(rec) == ["whole_map_kernel", "whole_map_kernel"] + BACKWARD_ONE_CHUNK
     assert [b["WRITE_STATS"] for _, b in rec.launches[:2]] == [False, True]
     for a, b in zip(kept, recomputed):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -294,8 +305,55 @@ def test_strided_qkv_rows_are_read_in_place(path, monkeypatch):
     assert not strided.is_contiguous()
     with RecordLaunches() as rec:
         out = ops.factor_attention(strided, size, heads, scale, weights, biases)
-    assert launched(rec) == (["whole_map_kernel"] if path == "whole_map" else FORWARD_THREE_PASSES)
+    assert launched(rec) == (["whole_map_kernel"] if path == "whole_map" else FORWARD_ONE_CHUNK)
     assert_close(out, reference.factor_attention(qkv, size, heads, scale, weights, biases))
+
+
+def test_one_chunk_passes_write_what_the_combines_would_to_the_bit():
+    """Where one chunk covers N, the context pass writes S and lse and the grad pass dS and c
+    (FINAL) instead of partials for a combine: the same bits as the combines make of one chunk."""
+    from mpvit_kernels.triton import factor_attention as fa
+
+    qkv, size, heads, scale, weights, biases = make_inputs(2, 19, 17, 12, {3: 1, 7: 1}, torch.float32,
+                                                           requires_grad=False)
+    L = fa_ops()._Launch(qkv, heads, weights, biases)
+    N, chunk = 19 * 17, fa_ops()._CHUNK_ALIGN * 3  # one chunk of whole tiles over all 323 tokens
+    dout = torch.randn(2, N, L.C, device=KERNEL_DEVICE)
+    kk = fa_ops()._next_pow2(L.kmax ** 2)
+    common = dict(ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
+    runs = []
+    for final in (False, True):
+        m, l, s = L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch, L.Ch)
+        ctx, lse = L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)
+        fa.context_partial_kernel[(L.BH, 1)](qkv, m, l, s, ctx, lse, N, L.C, L.Ch, heads, qkv.stride(0),
+                                             qkv.stride(1), chunk, FINAL=final, **common)
+        if not final:
+            fa.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, 1, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
+        ds_part, dw, db = L.empty(L.BH, 1, L.Ch, L.Ch), L.empty(L.BH, 1, kk, L.BD), L.empty(L.BH, 1, L.BD)
+        ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
+        fa.grad_partial_kernel[(L.BH, 1)](qkv, dout, ds_part, dw, db, L.ksize, ctx, ds, c, N, *size, L.C, L.Ch, heads,
+                                          qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), chunk, scale,
+                                          KMAX=L.kmax, KK=kk, FINAL=final, **common)
+        if not final:
+            fa.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, 1, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+        runs.append((ctx, lse, ds, c, dw, db))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _, k, v = qkv.reshape(2, N, 3, heads, 12).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
+    assert_close(runs[1][0], (k.softmax(dim=2).transpose(-1, -2) @ v).reshape(2 * heads, 12, 12), scale=4)
+
+
+def test_one_chunk_forward_and_backward_skip_the_combines(monkeypatch):
+    # _TARGET_PROGRAMS B*heads programs (batch 32 with 8 heads) make one chunk a head at any N
+    monkeypatch.setattr(fa_ops(), "_TARGET_PROGRAMS", 4)
+    args = make_inputs(2, 19, 17, 12, {3: 1, 7: 1}, torch.float64)
+    with RecordLaunches() as rec:
+        out, ref, grads, ref_grads = run_both(args)
+    assert launched(rec) == FORWARD_ONE_CHUNK + BACKWARD_ONE_CHUNK == expected_launches(2, 2, 19 * 17)
+    assert [b["FINAL"] for fn, b in rec.launches if "partial" in fn.__name__] == [True, True]
+    assert_close(out, ref, scale=4)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, scale=10)
 
 
 def test_large_keys_do_not_overflow():
@@ -523,7 +581,7 @@ def test_fp64_launches_pass_every_float_argument_as_fp64():
         with torch.no_grad(), forced_three_passes():
             ops.factor_attention(*args)
     floats = [(fn, name) for fn, bound in rec.launches for name, value in bound.items() if isinstance(value, float)]
-    assert {fn.__name__ for fn, _ in floats} == {"whole_map_kernel", "output_kernel", "grad_combine_kernel",
+    assert {fn.__name__ for fn, _ in floats} == {"whole_map_kernel", "output_kernel", "grad_partial_kernel",
                                                  "grad_qkv_kernel"}
     assert [(fn.__name__, name, float_launch_type(fn, name)) for fn, name in floats
             if float_launch_type(fn, name) != "fp64"] == []

@@ -399,6 +399,11 @@ def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
     runs = [ops.linear(x, *params, eps=1e-6, gelu=gelu) for _ in range(2)]
     torch.testing.assert_close(runs[0], chain(x, *params, 1e-6, gelu), atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0], runs[1])
+    # the backward too: fc1's bias grad sums per-program partials in a fixed order
+    leaves = [x] + [p for p in params if p is not None]
+    g = torch.randn_like(runs[0])
+    grads = [torch.autograd.grad(y, leaves, g) for y in runs]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.cuda

@@ -111,6 +111,11 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     if _whole_map(N):
         launches.append(("whole_map: read k, v, q, v, weights; write O" + (", S, lse" if backward else ""),
                          5 * nc + w + (stats if backward else 0)))
+    elif splits == 1:  # one chunk a head: the context pass writes S and lse, no combine
+        launches += [
+            ("context_partial (one chunk): read k, v; write S, lse", 2 * nc + stats),
+            ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
+        ]
     else:
         launches += [
             ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
@@ -120,9 +125,16 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
         padded = BH * (BD * BD + BD) * 4  # dS and c, BD-padded for grad_qkv
+        if splits == 1:  # the grad pass writes dS and c, no combine
+            launches.append(("grad_partial (one chunk): read q, dO, v, S; write dS, c, CRPE partials",
+                             3 * nc + BH * Ch * Ch * 4 + padded + dw_partials))
+        else:
+            launches += [
+                ("grad_partial: read q, dO, v; write chunk partials",
+                 3 * nc + BH * splits * Ch * Ch * 4 + dw_partials),
+                ("grad_combine: partials, S -> dS, c", BH * splits * Ch * Ch * 4 + stats + padded),
+            ]
         launches += [  # (the forward's packing: none here)
-            ("grad_partial: read q, dO, v; write chunk partials", 3 * nc + BH * splits * Ch * Ch * 4 + dw_partials),
-            ("grad_combine: partials, S -> dS, c", BH * splits * Ch * Ch * 4 + stats + padded),
             ("grad_qkv: read q, k, v, dO, S, dS, lse, c; write dq, dk, dv", 7 * nc + stats + padded + w),
             # the sums read only the existing taps and head dims of the partials
             ("sum CRPE weight grads over batch and chunks", BH * splits * 49 * Ch * 4 + w),

@@ -7,8 +7,10 @@ CRPE weights the backward needs, never the N x Ch softmax) and ``factor_attentio
 fakes and registered autograd, so torch.compile(fullgraph=True) goes through them.
 ``factor_attention`` sets ``need_stats`` from grad mode and requires_grad. The forward is one
 launch (``whole_map_kernel``) on maps of at most _WHOLE_MAP_MAX_N tokens, three (context
-partials, combine, output) on larger ones; the backward is three launches on every map, then
-two sums and a gather for the CRPE grads.
+partials, combine, output) on larger ones; the backward is three launches (grad partials,
+combine, grad qkv), then two sums and a gather for the CRPE grads. Where one chunk covers a
+head's N (_chunking: B*heads >= _TARGET_PROGRAMS, or N <= 128), the context and grad passes
+finish what the combines would do, and neither combine is launched.
 
 On CPU tensors: the extension's C++ twin ``mpvit_kernels::factor_attention`` (csrc/cpu), a
 forward kernel for inference. Its backward, ``factor_attention_backward``, is written with eager
@@ -355,14 +357,17 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
                 qkv.stride(1), out.stride(0), out.stride(1), scale,
                 ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, WRITE_STATS=need_stats, BLOCK_D=L.BD)
         return out, ctx, lse, packed
-    m, l, s = L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch, L.Ch)
     # the output pass reads S: computed whether or not it is returned
     ctx_all, lse_all = (ctx, lse) if need_stats else (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch))
+    final = L.splits == 1  # one chunk: the context pass writes S and lse, no partials or combine
+    m, l, s = (ctx_all,) * 3 if final else (L.empty(L.BH, L.splits, L.Ch), L.empty(L.BH, L.splits, L.Ch),
+                                              L.empty(L.BH, L.splits, L.Ch, L.Ch))
     with backend.triton_device(qkv):
         k.context_partial_kernel[(L.BH, L.splits)](
-            qkv, m, l, s, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
-            ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
-        k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
+            qkv, m, l, s, ctx_all, lse_all, L.N, L.C, L.Ch, num_heads, qkv.stride(0), qkv.stride(1), L.chunk,
+            ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD, FINAL=final)
+        if not final:
+            k.context_combine_kernel[(L.BH,)](m, l, s, ctx_all, lse_all, L.splits, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
         k.output_kernel[lambda meta: (L.BH * -(-L.N // meta["BLOCK_N"]),)](
             qkv, ctx_all, L.w_packed, L.bias, L.ksize, out, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
             qkv.stride(1), out.stride(0), out.stride(1), scale, L.n_bucket,
@@ -409,16 +414,18 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
                              f"got {t.dtype} {tuple(t.shape)} with strides {t.stride()}")
     k = L.kernels
     kk = _next_pow2(L.kmax * L.kmax)
-    ds_part = L.empty(L.BH, L.splits, L.Ch, L.Ch)
     dw_part, db_part = L.empty(L.BH, L.splits, kk, L.BD), L.empty(L.BH, L.splits, L.BD)
     ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)  # zero-padded for grad_qkv
+    final = L.splits == 1  # one chunk: the grad pass writes dS and c, no partials or combine
+    ds_part = ds if final else L.empty(L.BH, L.splits, L.Ch, L.Ch)
     dqkv = torch.empty(L.B, L.N, 3 * L.C, device=qkv.device, dtype=qkv.dtype)
     with backend.triton_device(qkv):
         k.grad_partial_kernel[(L.BH, L.splits)](
-            qkv, dout, ds_part, dw_part, db_part, L.ksize, L.N, H, W, L.C, L.Ch, num_heads, qkv.stride(0),
-            qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, ACC=L.tl_acc, DOT_PRECISION=L.precision,
-            KMAX=L.kmax, KK=kk, BLOCK_D=L.BD)
-        k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+            qkv, dout, ds_part, dw_part, db_part, L.ksize, ctx, ds, c, L.N, H, W, L.C, L.Ch, num_heads,
+            qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), L.chunk, scale, ACC=L.tl_acc,
+            DOT_PRECISION=L.precision, KMAX=L.kmax, KK=kk, BLOCK_D=L.BD, FINAL=final)
+        if not final:
+            k.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, L.splits, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
         k.grad_qkv_kernel[lambda meta: (L.BH * -(-L.N // meta["BLOCK_N"]),)](
             qkv, dout, ctx, lse, ds, c, L.w_packed, L.bias, L.ksize, dqkv, L.N, H, W, L.C, L.Ch, num_heads,
             qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), scale, L.n_bucket,

@@ -9,6 +9,8 @@ Forward (minimum traffic: k, v once, then q, v and O once):
   1. ``context_partial``: per (b*h, chunk of tokens) online column max m, sum l of exp(k - m)
      and exp(k - m)^T v over the chunk, so that B=1 still fills the GPU at large N.
   2. ``context_combine``: per b*h, a fixed-order merge of the chunks: S and lse = m + log(l).
+     Where one chunk covers N (B*heads programs are enough: batch 32 and up with 8 heads), the
+     context pass writes S and lse itself (FINAL) and there is no combine launch.
   3. ``output``: per (b*h, tile of tokens), O = scale * q S + q * crpe(v), v read with its halo.
 Small maps (MPViT's last stages, N = 49..256) take one launch instead, ``whole_map``: per b*h,
 one program runs pass 1 over all N tokens (the loop of context_partial, in one chunk), keeps S
@@ -16,7 +18,8 @@ in registers and runs pass 3 over all N; it writes O, and S and lse only when th
 needs them (WRITE_STATS), so no per-head partials or S travel through memory.
 Backward (dO given; dS = scale * q^T dO, c_d = sum_e S_de dS_de):
   1. ``grad_partial``: per (b*h, chunk) q^T dO and, per CRPE tap, sum (q*dO) * shifted v.
-  2. ``grad_combine``: per b*h, dS and c from the chunk partials, in fixed order.
+  2. ``grad_combine``: per b*h, dS and c from the chunk partials, in fixed order (with one
+     chunk, grad_partial writes them itself: FINAL).
   3. ``grad_qkv``: per (b*h, tile), elementwise in the tokens:
      dq = scale dO S^T + dO * crpe(v), dv = A dS + crpe^T(q*dO), dk = A * (v dS^T - c),
      written into one d(qkv) in the Linear's layout.
@@ -214,11 +217,14 @@ def _head_square(offs_d, Ch):
 @triton.jit(do_not_specialize=SIZES)
 def context_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
-    m_ptr,  # (B*heads, SPLITS, Ch) out: chunk column max of k
-    l_ptr,  # (B*heads, SPLITS, Ch) out: chunk column sum of exp(k - m)
-    s_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk exp(k - m)^T v
+    m_ptr,  # (B*heads, SPLITS, Ch) out: chunk column max of k (not FINAL)
+    l_ptr,  # (B*heads, SPLITS, Ch) out: chunk column sum of exp(k - m) (not FINAL)
+    s_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk exp(k - m)^T v (not FINAL)
+    ctx_ptr,  # (B*heads, Ch, Ch) out if FINAL: S = softmax_N(k)^T v
+    lse_ptr,  # (B*heads, Ch) out if FINAL: column log-sum-exp of k
     N, C, Ch, heads, stride_b, stride_n, chunk,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FINAL: tl.constexpr = False,  # one chunk covers N: S and lse here, no combine
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -231,9 +237,14 @@ def context_partial_kernel(
                               tl.minimum(split * chunk + chunk, N), stride_n, ACC, DOT_PRECISION, BLOCK_N, BLOCK_D)
     row = bh.to(tl.int64) * splits + split
     square, smask = _head_square(offs_d, Ch)
-    tl.store(m_ptr + row * Ch + offs_d, m, mask=offs_d < Ch)
-    tl.store(l_ptr + row * Ch + offs_d, l, mask=offs_d < Ch)
-    tl.store(s_ptr + row * Ch * Ch + square, acc, mask=smask)
+    if FINAL:  # what the combine makes of one chunk, to the bit (its weight is exp(0) = 1)
+        ctx, lse = _normalise(m, l, acc)
+        tl.store(ctx_ptr + row * Ch * Ch + square, ctx, mask=smask)
+        tl.store(lse_ptr + row * Ch + offs_d, lse, mask=offs_d < Ch)
+    else:
+        tl.store(m_ptr + row * Ch + offs_d, m, mask=offs_d < Ch)
+        tl.store(l_ptr + row * Ch + offs_d, l, mask=offs_d < Ch)
+        tl.store(s_ptr + row * Ch * Ch + square, acc, mask=smask)
 
 
 @triton.autotune(COMBINE_CONFIGS, key=[])
@@ -388,18 +399,36 @@ def whole_map_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_ds_and_c(qt_do, ctx_ptr, ds_ptr, c_ptr, bh64, Ch, scale, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dS = scale * q^T dO and c_d = sum_e S_de dS_de of head bh64, from its q^T dO over all
+    tokens (zero past Ch), padded to BLOCK_D, so that grad_qkv reads them without masks (its fp32
+    BLOCK_D=64 tile spills with them)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    square, smask = _head_square(offs_d, Ch)
+    ds = tl.full([], scale, ACC) * qt_do
+    ctx = tl.load(ctx_ptr + bh64 * Ch * Ch + square, mask=smask, other=0.0)
+    tl.store(ds_ptr + bh64 * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds)
+    tl.store(c_ptr + bh64 * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
+
+
 @GRAD_REDUCE_TILES.pinned()
 @triton.jit(do_not_specialize=SIZES)
 def grad_partial_kernel(
     qkv_ptr,  # (B, N, 3C) qkv Linear output
     dout_ptr,  # (B, N, C) gradient of the attention output
-    ds_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk q^T dO
+    ds_part_ptr,  # (B*heads, SPLITS, Ch, Ch) out: chunk q^T dO (not FINAL)
     dw_ptr,  # (B*heads, SPLITS, KK, BLOCK_D) out: chunk sum of (q*dO) * v shifted by each tap
     db_ptr,  # (B*heads, SPLITS, BLOCK_D) out: chunk sum of q*dO
     ksize_ptr,  # (heads,) int32 window of each head
+    ctx_ptr,  # (B*heads, Ch, Ch) S (FINAL)
+    ds_ptr,  # (B*heads, BLOCK_D, BLOCK_D) out if FINAL: dS = scale * q^T dO, zero-padded
+    c_ptr,  # (B*heads, BLOCK_D) out if FINAL: c_d = sum_e S_de dS_de, zero-padded
     N, H, W, C, Ch, heads, stride_b, stride_n, dout_stride_b, dout_stride_n, chunk,
+    scale: tl.float64,  # fp64 whatever ACC (see output_kernel)
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, KMAX: tl.constexpr, KK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FINAL: tl.constexpr = False,  # one chunk covers N: dS and c here, no combine
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -438,8 +467,11 @@ def grad_partial_kernel(
                 tap = first_tap + (dy + r) * KMAX + (dx + r)
                 dw_acc += tl.where(taps[:, None] == tap, contrib[None, :], 0.0)
     row = bh.to(tl.int64) * splits + split
-    square, smask = _head_square(offs_d, Ch)
-    tl.store(ds_ptr + row * Ch * Ch + square, ds_acc, mask=smask)
+    if FINAL:  # what the combine makes of one chunk, to the bit
+        _store_ds_and_c(ds_acc, ctx_ptr, ds_ptr, c_ptr, row, Ch, scale, ACC, BLOCK_D)
+    else:
+        square, smask = _head_square(offs_d, Ch)
+        tl.store(ds_part_ptr + row * Ch * Ch + square, ds_acc, mask=smask)
     tl.store(dw_ptr + row * KK * BLOCK_D + taps[:, None] * BLOCK_D + offs_d[None, :], dw_acc)
     tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
 
@@ -456,16 +488,11 @@ def grad_combine_kernel(
 ):
     bh = tl.program_id(0)
     bh64 = bh.to(tl.int64)  # per-head buffers pass 2^31 elements at large batches
-    offs_d = tl.arange(0, BLOCK_D)
-    square, smask = _head_square(offs_d, Ch)
+    square, smask = _head_square(tl.arange(0, BLOCK_D), Ch)
     acc = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     for s in range(0, splits):
         acc += tl.load(ds_part_ptr + (bh64 * splits + s) * Ch * Ch + square, mask=smask, other=0.0)
-    ds = tl.full([], scale, ACC) * acc
-    ctx = tl.load(ctx_ptr + bh64 * Ch * Ch + square, mask=smask, other=0.0)
-    # padded, so that grad_qkv reads them without masks (its fp32 BLOCK_D=64 tile spills with them)
-    tl.store(ds_ptr + bh64 * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], ds)
-    tl.store(c_ptr + bh64 * BLOCK_D + offs_d, tl.sum(ctx * ds, axis=1))
+    _store_ds_and_c(acc, ctx_ptr, ds_ptr, c_ptr, bh64, Ch, scale, ACC, BLOCK_D)
 
 
 @GRAD_QKV_TILES.tuned()
@@ -575,8 +602,9 @@ def compile_specs():
         for bd in (16, 32, 64):
             tag = f"{dt} BLOCK_D={bd}"
             specs += [
-                (context_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "m_ptr": acc, "l_ptr": acc, "s_ptr": acc},
-                 {**common, "BLOCK_D": bd}),
+                *[(context_partial_kernel, tag + (" FINAL" if final else ""),
+                   {"qkv_ptr": f"*{dt}", "m_ptr": acc, "l_ptr": acc, "s_ptr": acc, "ctx_ptr": acc, "lse_ptr": acc},
+                   {**common, "BLOCK_D": bd, "FINAL": final}) for final in (False, True)],
                 (context_combine_kernel, tag, {"m_ptr": acc, "l_ptr": acc, "s_ptr": acc, "ctx_ptr": acc,
                                                "lse_ptr": acc}, {"ACC": acc_ty, "BLOCK_D": bd}),
                 (output_kernel, tag, {"qkv_ptr": f"*{dt}", "ctx_ptr": acc, "w_ptr": acc, "bias_ptr": acc,
@@ -586,9 +614,10 @@ def compile_specs():
                    {"qkv_ptr": f"*{dt}", "w_ptr": acc, "bias_ptr": acc, "ksize_ptr": "*i32", "out_ptr": f"*{dt}",
                     "ctx_ptr": acc, "lse_ptr": acc, "scale": "fp64"},
                    {**common, "BLOCK_D": bd, "KMAX": 7, "WRITE_STATS": stats}) for stats in (False, True)],
-                (grad_partial_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ds_ptr": acc, "dw_ptr": acc,
-                                            "db_ptr": acc, "ksize_ptr": "*i32"},
-                 {**common, "BLOCK_D": bd, "KMAX": 7, "KK": 64}),
+                *[(grad_partial_kernel, tag + (" FINAL" if final else ""),
+                   {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ds_part_ptr": acc, "dw_ptr": acc, "db_ptr": acc,
+                    "ksize_ptr": "*i32", "ctx_ptr": acc, "ds_ptr": acc, "c_ptr": acc, "scale": "fp64"},
+                   {**common, "BLOCK_D": bd, "KMAX": 7, "KK": 64, "FINAL": final}) for final in (False, True)],
                 (grad_combine_kernel, tag, {"ds_part_ptr": acc, "ctx_ptr": acc, "ds_ptr": acc, "c_ptr": acc,
                                             "scale": "fp64"}, {"ACC": acc_ty, "BLOCK_D": bd}),
                 (grad_qkv_kernel, tag, {"qkv_ptr": f"*{dt}", "dout_ptr": f"*{dt}", "ctx_ptr": acc, "lse_ptr": acc,
