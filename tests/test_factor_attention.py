@@ -293,32 +293,39 @@ def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
     assert len(calls) == 4  # with grads: the forward packs, and its backward reads that packing
 
 
-@pytest.mark.parametrize("path", ["whole_map", "three_passes"])
+@pytest.mark.parametrize("path", ["whole_map", "one_chunk", "three_passes"])
 def test_strided_qkv_rows_are_read_in_place(path, monkeypatch):
-    if path == "three_passes":
+    if path != "whole_map":
         monkeypatch.setattr(fa_ops(), "_WHOLE_MAP_MAX_N", 0)
-    qkv, size, heads, scale, weights, biases = make_inputs(2, 4, 5, 12, {3: 1, 7: 1}, torch.float32,
+    H, W = (12, 11) if path == "three_passes" else (4, 5)  # 132 tokens: two chunks, and the combine
+    qkv, size, heads, scale, weights, biases = make_inputs(2, H, W, 12, {3: 1, 7: 1}, torch.float32,
                                                            requires_grad=False)
-    wide = torch.randn(2, 20, qkv.shape[-1] + 8, device=KERNEL_DEVICE)
+    wide = torch.randn(2, H * W, qkv.shape[-1] + 8, device=KERNEL_DEVICE)
     wide[..., :qkv.shape[-1]] = qkv
     strided = wide[..., :qkv.shape[-1]]
     assert not strided.is_contiguous()
     with RecordLaunches() as rec:
         out = ops.factor_attention(strided, size, heads, scale, weights, biases)
-    assert launched(rec) == (["whole_map_kernel"] if path == "whole_map" else FORWARD_ONE_CHUNK)
+    assert launched(rec) == {"whole_map": ["whole_map_kernel"], "one_chunk": FORWARD_ONE_CHUNK,
+                             "three_passes": FORWARD_THREE_PASSES}[path]
     assert_close(out, reference.factor_attention(qkv, size, heads, scale, weights, biases))
 
 
-def test_one_chunk_passes_write_what_the_combines_would_to_the_bit():
+@pytest.mark.parametrize("dtype, Ch", [(torch.float32, 12)] + [
+    # on a GPU: 16-bit tiles, where grad_partial and grad_combine run other warp counts, and wider heads
+    pytest.param(dtype, Ch, marks=pytest.mark.cuda) for dtype in (torch.bfloat16, torch.float32) for Ch in (12, 27, 36)
+    if (dtype, Ch) != (torch.float32, 12)], ids=lambda v: str(v).replace("torch.", ""))
+def test_one_chunk_passes_write_what_the_combines_would_to_the_bit(dtype, Ch):
     """Where one chunk covers N, the context pass writes S and lse and the grad pass dS and c
-    (FINAL) instead of partials for a combine: the same bits as the combines make of one chunk."""
+    (FINAL) instead of partials for a combine: the same values, to the bit, as the combines make
+    of one chunk (whose weight is exp(0) = 1; a combine's 0 + x may turn a -0.0 into +0.0, which
+    torch.equal counts as equal)."""
     from mpvit_kernels.triton import factor_attention as fa
 
-    qkv, size, heads, scale, weights, biases = make_inputs(2, 19, 17, 12, {3: 1, 7: 1}, torch.float32,
-                                                           requires_grad=False)
+    qkv, size, heads, scale, weights, biases = make_inputs(2, 19, 17, Ch, {3: 1, 7: 1}, dtype, requires_grad=False)
     L = fa_ops()._Launch(qkv, heads, weights, biases)
     N, chunk = 19 * 17, fa_ops()._CHUNK_ALIGN * 3  # one chunk of whole tiles over all 323 tokens
-    dout = torch.randn(2, N, L.C, device=KERNEL_DEVICE)
+    dout = torch.randn(2, N, L.C, device=KERNEL_DEVICE, dtype=dtype)
     kk = fa_ops()._next_pow2(L.kmax ** 2)
     common = dict(ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
     runs = []
@@ -339,8 +346,8 @@ def test_one_chunk_passes_write_what_the_combines_would_to_the_bit():
         runs.append((ctx, lse, ds, c, dw, db))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    _, k, v = qkv.reshape(2, N, 3, heads, 12).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
-    assert_close(runs[1][0], (k.softmax(dim=2).transpose(-1, -2) @ v).reshape(2 * heads, 12, 12), scale=4)
+    _, k, v = qkv.float().reshape(2, N, 3, heads, Ch).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)
+    assert_close(runs[1][0], (k.softmax(dim=2).transpose(-1, -2) @ v).reshape(2 * heads, Ch, Ch), dtype=dtype, scale=4)
 
 
 def test_one_chunk_forward_and_backward_skip_the_combines(monkeypatch):
@@ -576,13 +583,15 @@ def test_fp64_launches_pass_every_float_argument_as_fp64():
     from mpvit_kernels.triton.static_compile import float_launch_type
 
     args = make_inputs(1, 3, 4, 6, {3: 1, 5: 1}, torch.float64)
+    chunked = make_inputs(1, 12, 11, 6, {3: 1, 5: 1}, torch.float64)  # 132 tokens: two chunks, the combines
     with RecordLaunches() as rec:
         ops.factor_attention(*args).sum().backward()
+        ops.factor_attention(*chunked).sum().backward()
         with torch.no_grad(), forced_three_passes():
             ops.factor_attention(*args)
     floats = [(fn, name) for fn, bound in rec.launches for name, value in bound.items() if isinstance(value, float)]
     assert {fn.__name__ for fn, _ in floats} == {"whole_map_kernel", "output_kernel", "grad_partial_kernel",
-                                                 "grad_qkv_kernel"}
+                                                 "grad_combine_kernel", "grad_qkv_kernel"}
     assert [(fn.__name__, name, float_launch_type(fn, name)) for fn, name in floats
             if float_launch_type(fn, name) != "fp64"] == []
 
