@@ -111,17 +111,15 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     if _whole_map(N):
         launches.append(("whole_map: read k, v, q, v, weights; write O" + (", S, lse" if backward else ""),
                          5 * nc + w + (stats if backward else 0)))
-    elif splits == 1:  # one chunk a head: the context pass writes S and lse, no combine
-        launches += [
-            ("context_partial (one chunk): read k, v; write S, lse", 2 * nc + stats),
-            ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
-        ]
     else:
-        launches += [
-            ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
-            ("context_combine: partials -> S, lse", partials + stats),
-            ("output: read q, v, S, weights; write O", 3 * nc + stats + w),
-        ]
+        if splits == 1:  # one chunk a head: the context pass writes S and lse, no combine
+            launches.append(("context_partial (one chunk): read k, v; write S, lse", 2 * nc + stats))
+        else:
+            launches += [
+                ("context_partial: read k, v; write chunk partials", 2 * nc + partials),
+                ("context_combine: partials -> S, lse", partials + stats),
+            ]
+        launches.append(("output: read q, v, S, weights; write O", 3 * nc + stats + w))
     if backward:
         dw_partials = BH * splits * (64 * BD + BD) * 4
         padded = BH * (BD * BD + BD) * 4  # dS and c, BD-padded for grad_qkv
@@ -163,14 +161,13 @@ class CountOurs(CountTraffic):
             self.launches += 1
             self.ops.append("residual_layernorm_bwd partial sums")
         if func is torch.ops.mpvit_kernels.linear_gelu_grad.default and args[3] is not None:
-            from mpvit_kernels.triton import gli_projection
+            from mpvit_kernels.ops.linear import gelu_grad_tiles
 
             (M, N), acc = args[0].shape, 8 if args[0].dtype == torch.float64 else 4
-            bn = min(64, gli_projection.block_n(N)) if acc == 8 else gli_projection.block_n(N)
-            precision = "fp64" if acc == 8 else "fp32" if args[0].dtype == torch.float32 else "16-bit"
-            # the bias grad: the kernel's partial sums, written, then summed (into the op's
-            # output, counted with the op), then cast unless the bias is in the accumulation dtype
-            partials = -(-M // gli_projection.gpu_tile(bn, precision)[0]) * N * acc
+            # the bias grad: the kernel's partial sums (MPViT's launches are aligned), written, then
+            # summed (into the op's output, counted with the op), then cast unless the bias is in
+            # the accumulation dtype
+            partials = -(-M // gelu_grad_tiles(N, args[0].dtype, aligned=True, on_gpu=True)[1]) * N * acc
             self.bytes += partials + partials
             self.launches += 1
             self.ops.append("linear_gelu_grad bias partial sums")

@@ -106,18 +106,37 @@ def _conv_gemm(x, weight, bias):
 def _kernels():
     """The Triton module and its launch helpers, imported at the first launch (triton is not
     imported with the package) and then kept: function-level imports cost host time at every
-    launch (1 us for three)."""
+    launch (1 us for these three)."""
     global _KERNELS
     if _KERNELS is None:
         from mpvit_kernels.triton import linear
         from mpvit_kernels.triton.affine_hswish import vector_width
-        from mpvit_kernels.triton.gli_projection import block_n, m_bucket, tile
+        from mpvit_kernels.triton.gli_projection import block_n, m_bucket
 
-        _KERNELS = linear, vector_width, block_n, m_bucket, tile
+        _KERNELS = linear, vector_width, block_n, m_bucket
     return _KERNELS
 
 
 _KERNELS = None
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The GEMM's input_precision: FMA dots for fp32/fp64, tensor cores for 16-bit."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def gelu_grad_tiles(N: int, dtype: torch.dtype, aligned: bool, on_gpu: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) of linear_gelu_grad's pinned launch for N outputs of a GEMM in ``dtype``:
+    gli_projection's tile, but 64 wide where 128-wide tiles spilled (fp64, and 16-bit GEMMs whose
+    rows are read element by element, i.e. not ``aligned``: Triton 3.6, sm_80; static report).
+    ``on_gpu``: a GPU's tile even under the interpreter (the traffic model)."""
+    from mpvit_kernels.triton import gli_projection  # (after the first call: a sys.modules lookup)
+
+    bn = gli_projection.block_n(N)
+    if dtype == torch.float64 or (_dot_precision(dtype) == "tf32" and not aligned):
+        bn = min(64, bn)
+    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
+    return bn, (gli_projection.gpu_tile if on_gpu else gli_projection.tile)(bn, kind)[0]
 
 
 @torch.library.custom_op("mpvit_kernels::linear", mutates_args=())
@@ -127,7 +146,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     any strides (any float dtype), weight (N, K) the GEMM's dtype, bias (N,) or None, ln_weight
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
-    kernels, vector_width, block_n, m_bucket, _ = _kernels()
+    kernels, vector_width, block_n, m_bucket = _kernels()
     M, K = x.shape
     N = weight.shape[0]
     dtype = weight.dtype
@@ -149,8 +168,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
         kernel[lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // bn))](
             x, w, *[y if t is None else t for t in params], y, y, y, M, K, N, x.stride(0), m_bucket(M), float(eps),
             NORM=norm, BIAS=bias is not None, GELU=gelu, ACC=kernels.tl.float64 if wide else kernels.tl.float32,
-            DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_N=bn, VEC=vec,
-            GELU_GRAD=False)
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_N=bn, VEC=vec, GELU_GRAD=False)
     return y
 
 
@@ -165,7 +183,7 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     The GEMM runs its pinned tile, never a tuned one: each program sums its rows of dh, and those
     partial sums are added in a fixed order, so the bias grad's bits cannot depend on a tuner's
     pick (deterministic)."""
-    kernels, vector_width, block_n, m_bucket, tile = _kernels()
+    kernels, vector_width, _, m_bucket = _kernels()
     if weight.dim() != 2 or x.dim() != 2:
         raise ValueError(f"linear_gelu_grad: x and weight must be 2-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
     (N, K), M, dtype = weight.shape, x.shape[0], weight.dtype
@@ -179,23 +197,14 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
         x = x.contiguous()
     dy, w = dy.contiguous(), weight.contiguous()
     dh = torch.empty((M, N), dtype=dtype, device=x.device)
-    if bias is None:
-        dbias = torch.empty(0, dtype=dtype, device=x.device)
-    elif M == 0:
-        dbias = torch.zeros(N, dtype=bias.dtype, device=x.device)
     if M == 0:
-        return dh, dbias
+        return dh, dh.new_empty(0) if bias is None else torch.zeros_like(bias)
     acc = reference._acc_dtype(dtype)
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     vec = vector_width(dh.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
     aligned = vec == 8 and all(t.data_ptr() % 16 == 0 for t in (x, w, dh, dy, bias) if t is not None)
-    # 128-wide tiles spilled in fp64, and for 16-bit GEMMs read element by element (Triton 3.6,
-    # sm_80): those take 64 (static report)
-    narrow = acc == torch.float64 or (precision == "tf32" and not aligned)
-    bn = min(64, block_n(N)) if narrow else block_n(N)
-    # the pinned tile's (LAUNCH), whose BLOCK_M sizes the partial sums
-    block_m = tile(bn, "fp64" if acc == torch.float64 else "fp32" if precision == "ieee" else "16-bit")[0]
+    bn, block_m = gelu_grad_tiles(N, dtype, aligned)  # BLOCK_M: the pinned tile's, which sizes the partial sums
     parts = torch.empty((-(-M // block_m), N) if bias is not None else (0,), dtype=acc, device=x.device)
+
     def grid(meta):
         if meta["BLOCK_M"] != block_m:  # the partial sums have a row per program
             raise RuntimeError(f"linear_gelu_grad: launched with BLOCK_M={meta['BLOCK_M']}, sized for {block_m}")
@@ -205,11 +214,9 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
         kernels.linear_kernel[grid](
             x, w, dh if bias is None else bias.contiguous(), dh, dh, dh, dy, parts, M, K, N, x.stride(0),
             m_bucket(M), 1e-5, NORM=False, BIAS=bias is not None, GELU=False,
-            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=precision,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=_dot_precision(dtype),
             BLOCK_N=bn, VEC=vec, GELU_GRAD=True)
-    if bias is not None:
-        dbias = parts.sum(0).to(bias.dtype)
-    return dh, dbias
+    return dh, dh.new_empty(0) if bias is None else parts.sum(0).to(bias.dtype)
 
 
 @_linear_gelu_grad.register_fake
