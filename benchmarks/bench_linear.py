@@ -1,26 +1,28 @@
 """pytest-benchmark: the block's token Linears with norm1 (qkv) or GELU (fc1) fused, at the
 MPViT-S stage-1 shape, eager vs torch.compile vs ours (ops.linear), forward and
-forward+backward, on CUDA when there is one (else the eager composition ours runs on a CPU).
+forward+backward; and the whole MLP onto the residual (ops.linear_mlp), forward (the model runs
+it in inference); on CUDA when there is one (else the eager composition ours runs on a CPU).
 `pytest benchmarks/`."""
 import pytest
 import torch
 
-from mpvit_kernels.bench.linear import IMPLS, SITES, site_inputs
+from mpvit_kernels.bench.linear import IMPLS, MLP, SITES, site_inputs
 from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
 BATCH = 16 if DEVICE == "cuda" else 2
 C, N = 64, 56 * 56
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("site, backward", [(site, backward) for site in SITES
+                                             for backward in ((False,) if site == MLP else (False, True))],
+                         ids=lambda v: {False: "forward", True: "forward+backward"}.get(v, v))
 @pytest.mark.parametrize("impl", ["eager", "torch.compile", "ours"])
-@pytest.mark.parametrize("site", list(SITES))
 def test_linear(benchmark, site, impl, backward):
     eager, ours = IMPLS[site]
     fn = {"eager": eager, "torch.compile": torch.compile(eager), "ours": ours}[impl]
     x, params = site_inputs(site, BATCH, N, C, torch.float32, DEVICE)
     leaves = [t.requires_grad_(backward) for t in (x, *params)]
-    grad = torch.randn(BATCH, N, SITES[site] * C, device=DEVICE)
+    grad = torch.randn(BATCH, N, C if site == MLP else SITES[site] * C, device=DEVICE)
 
     def step():
         if backward:

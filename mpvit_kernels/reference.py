@@ -116,3 +116,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x = F.layer_norm(x.to(acc), (x.shape[-1],), ln_weight.to(acc), ln_bias.to(acc), eps)
     y = gemm(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return F.gelu(y) if gelu else y
+
+
+def linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+               fc2_weight: torch.Tensor) -> torch.Tensor:
+    """``r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T`` over the last dim, as MPViT's block
+    runs its MLP onto the residual: the hidden in the weights' dtype (:func:`linear`), fc2's GEMM
+    accumulating onto r where they share a dtype (one rounding, as ``addmm``), else its output
+    added to r (autocast over a wider stream)."""
+    h = linear(u, fc1_weight, fc1_bias, gelu=True)
+    if h.dtype == r.dtype:
+        return torch.addmm(r.reshape(-1, r.shape[-1]), h.reshape(-1, h.shape[-1]), fc2_weight.t()).view(r.shape)
+    return r + F.linear(h, fc2_weight)

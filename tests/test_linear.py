@@ -341,15 +341,21 @@ def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
         ops.linear(**args)
 
 
-def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms():
-    block = make_block(16, torch.float32).eval()
-    x = torch.randn(2, 15, 16, device=KERNEL_DEVICE)
+@pytest.mark.parametrize("C", [16, 136])
+def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(C):
+    """Inference: norm1 inside the qkv GEMM; the whole MLP onto the residual in one op up to 128
+    channels (linear_mlp), above that GELU inside fc1's GEMM and fc2 accumulating onto r."""
+    block = make_block(C, torch.float32).eval()
+    x = torch.randn(2, 15, C, device=KERNEL_DEVICE)
     with torch.no_grad():
         with RecordOps() as rec:
             out = block(x, (3, 5))
         with mpvit_kernels.use_backend("reference"):
             want = block(x, (3, 5))
-    assert rec.names.count("mpvit_kernels.linear") == 2
+    fused = C <= 128
+    assert rec.names.count("mpvit_kernels.linear") == (1 if fused else 2)
+    assert rec.names.count("mpvit_kernels.linear_mlp") == (1 if fused else 0)
+    assert rec.names.count("aten.addmm_") == (0 if fused else 1)
     assert not {"aten.gelu", "aten.native_layer_norm"} & set(rec.names)
     assert_close(out, want, scale=4)
 
@@ -442,3 +448,143 @@ def test_layernorm_parameters_narrower_than_x_keep_x_precision_in_the_backward()
     want = torch.autograd.grad(chain(x, w, b, lw16.double(), lb16.double(), 1e-5, False).sum(), [x])
     assert [g.dtype for g in got] == [torch.float64, torch.float16, torch.float16]
     assert_close(got[0], want[0], scale=10)
+
+
+# ---- linear_mlp: fc1 -> GELU -> fc2 onto the residual, one kernel (C <= 128) ---------------------
+
+def mlp_chain(u, r, w1, b1, w2):
+    """What eager runs: the block's MLP, then the residual add."""
+    return r + F.linear(F.gelu(F.linear(u, w1, b1)), w2)
+
+
+def make_mlp_inputs(M, C, hidden, dtype, layout, device=KERNEL_DEVICE):
+    """u and r leaves in ``layout`` ("rows" (M, C), "tokens" (2, M, C), "strided" rows of their own
+    row stride, "transposed" tokens with a non-unit channel stride), then fc1's weight and bias and
+    fc2's weight."""
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    def tokens():
+        if layout == "rows":
+            return randn(M, C)
+        if layout == "tokens":
+            return randn(2, M, C)
+        if layout == "strided":
+            return randn(M, C + 5)[:, :C]
+        return randn(2, C, M).transpose(1, 2)
+
+    u, r = (t.requires_grad_() for t in (tokens(), tokens()))
+    params = [randn(hidden, C) * C ** -0.5, randn(hidden), randn(C, hidden) * hidden ** -0.5]
+    return u, r, [p.requires_grad_() for p in params]
+
+
+@pytest.mark.parametrize("layout", ["rows", "tokens", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(7, 8, 32), (37, 22, 88), (21, 96, 192), (9, 128, 512)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_mlp_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
+    """Widths of every BLOCK_C (16 to 128), hidden widths 2C and 4C that are not multiples of the
+    hidden tile, more rows than one program takes (fp64's 32, fp32's 64 at C <= 64)."""
+    u, r, params = make_mlp_inputs(*shape, dtype, layout)
+    with RecordOps() as rec:
+        y = ops.linear_mlp(u, r, *params)
+    assert rec.names.count("mpvit_kernels.linear_mlp") == 1 and not {"aten.gelu", "aten.addmm"} & set(rec.names)
+    want = mlp_chain(u, r, *params)
+    assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, want, scale=4)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, [u, r, *params], g), torch.autograd.grad(want, [u, r, *params], g)):
+        assert_close(a, b, scale=10)
+
+
+def test_mlp_fp64_gradcheck_and_opcheck():
+    u, r, params = make_mlp_inputs(5, 8, 20, torch.float64, "strided")
+    assert torch.autograd.gradcheck(ops.linear_mlp, (u, r, *params))
+    assert torch.autograd.gradgradcheck(ops.linear_mlp, (u, r, *params))  # its backward is ATen ops
+    for layout in ("strided", "transposed"):
+        u, r, (w1, b1, w2) = make_mlp_inputs(10, 12, 24, torch.float32, layout)
+        u, r = u.reshape(-1, 12), r.reshape(-1, 12)
+        torch.library.opcheck(torch.ops.mpvit_kernels.linear_mlp.default, (u, r, w1, b1, w2))
+
+
+def test_mlp_without_bias_with_an_empty_batch_and_mixed_dtypes():
+    u, r, (w1, b1, w2) = make_mlp_inputs(6, 16, 32, torch.float32, "rows")
+    with torch.no_grad():
+        assert_close(ops.linear_mlp(u, r, w1, None, w2), mlp_chain(u, r, w1, None, w2), scale=4)
+        empty = ops.linear_mlp(u[:0], r[:0], w1, b1, w2)
+        assert empty.shape == (0, 16) and empty.dtype == torch.float32
+        # an fp64 residual over fp32 GEMMs: the output in r's dtype, the GEMMs in u's
+        y = ops.linear_mlp(u, r.double(), w1, b1, w2)
+        assert y.dtype == torch.float64
+        assert_close(y, mlp_chain(u, r, w1, b1, w2).double(), dtype=torch.float32, scale=4)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(u=torch.randn(4, 136), r=torch.randn(4, 136), fc1_weight=torch.randn(16, 136), fc2_weight=torch.randn(136, 16)),
+     ValueError, "at most 128 channels"),
+    (dict(r=torch.randn(4, 9)), ValueError, "u and r must be tokens \\(..., C\\) of one shape"),
+    (dict(u=torch.randn(8), r=torch.randn(8)), ValueError, "u and r must be tokens"),
+    (dict(fc1_weight=torch.randn(16, 9)), ValueError, "fc1_weight must be \\(hidden, 8\\)"),
+    (dict(fc2_weight=torch.randn(16, 8)), ValueError, "fc2_weight must be \\(8, 16\\)"),
+    (dict(fc1_bias=torch.randn(15)), ValueError, "fc1_bias must have shape \\(16,\\)"),
+    (dict(u=torch.ones(4, 8, dtype=torch.int32)), TypeError, "u must be float16/bfloat16/float32/float64, got torch.int32"),
+    (dict(r=torch.randn(4, 8, device="meta")), ValueError, "r is on meta"),
+])
+def test_mlp_bad_inputs_are_refused_before_any_kernel(change, error, match):
+    args = dict(u=torch.randn(4, 8), r=torch.randn(4, 8), fc1_weight=torch.randn(16, 8), fc1_bias=torch.randn(16),
+                fc2_weight=torch.randn(8, 16))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.linear_mlp(**args)
+
+
+def test_mlp_op_refuses_shapes_its_kernel_would_overrun():
+    u, r, params = make_mlp_inputs(6, 16, 32, torch.float32, "rows")
+    u, r, w1, b1, w2 = (t.detach() for t in (u, r, *params))
+    op = torch.ops.mpvit_kernels.linear_mlp
+    for args in ((u, r, w1[:, :8], b1, w2), (u, r, w1, b1, w2[:, :16]), (u, r, w1, b1[:31], w2), (u, r[:, :8], w1, b1, w2)):
+        with pytest.raises(ValueError, match="linear_mlp: u, r \\(M, C <= 128\\)"):
+            op(*args)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        op(u, r, w1, b1, w2.double())
+
+
+def test_mlp_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    u, r, params = make_mlp_inputs(10, 24, 48, torch.float32, "tokens")
+    y = torch.compile(ops.linear_mlp, fullgraph=True, backend="aot_eager")(u, r, *params)
+    want = mlp_chain(u, r, *params)
+    assert_close(y, want, scale=4)
+    for a, b in zip(torch.autograd.grad(y.sum(), [u, r, *params]), torch.autograd.grad(want.sum(), [u, r, *params])):
+        assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_mlp_autocast_is_as_accurate_as_eager(dtype):
+    """Under fp16/bf16 autocast over an fp32 stream (the speed goals' configuration), the output
+    against fp64 within twice eager's error in the same dtype; the output in the stream's fp32."""
+    u, r, params = make_mlp_inputs(70, 64, 256, torch.float32, "rows")
+    with torch.no_grad():
+        want = mlp_chain(*(t.double() for t in (u, r, *params)))
+        errs = {}
+        for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
+            with torch.autocast(KERNEL_DEVICE, dtype=dtype):
+                y = fn(u, r, *params)
+            assert y.dtype == torch.float32
+            errs[name] = normwise_error(y, want)
+    assert errs["ours"] <= 2 * errs["eager"] + 1e-6, errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", [64, 96, 128])
+def test_cuda_mlp_at_model_shapes_is_deterministic_and_close(C, dtype):
+    """MPViT's stage-1 and -2 MLPs (hidden 4C) at batch 4 of a 224 input's stage 2 map: the same
+    bits twice, and within twice eager's error against fp64."""
+    u, r, params = make_mlp_inputs(4 * 784, C, 4 * C, dtype, "rows")
+    with torch.no_grad():
+        runs = [ops.linear_mlp(u, r, *params) for _ in range(2)]
+        want = mlp_chain(*(t.double() for t in (u, r, *params)))
+        eager = mlp_chain(u, r, *params)
+    assert torch.equal(runs[0], runs[1])
+    assert normwise_error(runs[0], want) <= 2 * normwise_error(eager, want) + 1e-6

@@ -7,6 +7,11 @@ bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM 
 LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM);
 forward+backward rows add fc1's backward, whose GELU grad and bias grad come from the epilogue
 of a GEMM that recomputes the pre-activation (``linear_gelu_grad``).
+Site "MLP + residual" (``r + fc2(gelu(fc1(u)))``, inference, the stages with C <= 128): eager
+as the public block (cuBLAS, a GELU pass, cuBLAS with fc2's bias, the residual add); ours
+``ops.linear_mlp``, one kernel whose hidden never reaches memory, where the model takes it; and
+"ours unfused", what the model ran there before (``ops.linear`` for fc1 + GELU, then cuBLAS's
+fc2 accumulating onto r): the fusion is worth it where ours beats ours unfused.
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from mpvit_kernels import ops
 from mpvit_kernels.bench.factor_attention import STAGES  # (stage, channels, stride) of MPViT-S
 from mpvit_kernels.bench.timing import compiled, keep, measure
 from mpvit_kernels.models.mpvit import CONFIGS
+from mpvit_kernels.ops.linear import MLP_MAX_C
 
 MLP_RATIO = CONFIGS["small"][2]
 EPS = 1e-6  # MPViT's LayerNorms'
-SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO}  # site: hidden width / C
+MLP = "MLP + residual"
+SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO, MLP: MLP_RATIO}  # site: hidden width / C
 
 
 def eager_norm_qkv(x, w, b, gamma, beta):
@@ -39,16 +46,36 @@ def ours_fc1_gelu(x, w, b):
     return ops.linear(x, w, b, gelu=True)
 
 
-IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu)}
+def eager_mlp(u, w1, b1, w2, b2, r):
+    return r + F.linear(F.gelu(F.linear(u, w1, b1)), w2, b2)
+
+
+def ours_mlp(u, w1, b1, w2, b2, r):
+    # fc2's bias is in r already in the model (residual_layernorm adds it): not counted here
+    return ops.linear_mlp(u, r, w1, b1, w2)
+
+
+def ours_unfused_mlp(u, w1, b1, w2, b2, r):
+    C = u.shape[-1]
+    h = ops.linear(u, w1, b1, gelu=True)
+    return torch.addmm(r.reshape(-1, C), h.reshape(-1, h.shape[-1]), w2.t()).view(r.shape)
+
+
+IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu),
+         MLP: (eager_mlp, ours_mlp)}
 
 
 def site_inputs(site: str, B: int, N: int, C: int, dtype, device):
-    """x (B, N, C) and the site's parameters: (weight, bias[, LayerNorm weight, bias])."""
+    """x (B, N, C) and the site's parameters: (weight, bias[, LayerNorm weight, bias]); for the
+    MLP (fc1 weight, fc1 bias, fc2 weight, fc2 bias, the residual r (B, N, C))."""
     hidden = SITES[site] * C
     x = torch.randn(B, N, C, device=device, dtype=dtype)
     params = [torch.randn(hidden, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(hidden, device=device, dtype=dtype)]
     if site == "norm1 + qkv":
         params += [torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype)]
+    if site == MLP:
+        params += [torch.randn(C, hidden, device=device, dtype=dtype) * hidden ** -0.5,
+                   torch.randn(C, device=device, dtype=dtype), torch.randn(B, N, C, device=device, dtype=dtype)]
     return x, params
 
 
@@ -56,17 +83,22 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
     rows = []
     for site, (eager, ours) in IMPLS.items():
         impls = {"eager": eager, "ours": ours, **compiled(args, eager, ours)}
+        if site == MLP:
+            impls = {"eager": eager, "ours": ours, "ours unfused": ours_unfused_mlp, **compiled(args, eager, ours)}
         for res in args.resolutions:
             for stage, C, stride in STAGES:
+                if site == MLP and C > MLP_MAX_C:
+                    continue
                 N = (res // stride) ** 2
                 x, params = site_inputs(site, args.batch, N, C, dtype, device)
-                # the least any implementation moves: x read once, the hidden written once
-                nbytes = args.batch * N * C * x.element_size() * (1 + SITES[site])
-                for mode in ("forward", "forward+backward"):
+                # the least any implementation moves: x read once, the hidden written once (the
+                # MLP: u and r read, the output written)
+                nbytes = args.batch * N * C * x.element_size() * (3 if site == MLP else 1 + SITES[site])
+                for mode in ("forward",) if site == MLP else ("forward", "forward+backward"):
                     backward = mode != "forward"
                     leaf = x.detach().requires_grad_(backward)
                     weights = [p.detach().requires_grad_(backward) for p in params]
-                    grad = torch.randn(args.batch, N, SITES[site] * C, device=device, dtype=dtype)
+                    grad = torch.randn(args.batch, N, C if site == MLP else SITES[site] * C, device=device, dtype=dtype)
                     for impl, fn in impls.items():
                         if backward:
                             def step(fn=fn):

@@ -307,9 +307,9 @@ def block_middle(impl: str, B: int, N: int, C: int, dtype, backward: bool) -> Co
 
 
 def token_linear(impl: str, site: str, B: int, N: int, C: int, dtype, backward: bool) -> CountTraffic:
-    """norm1 -> qkv or fc1 -> GELU (bench.linear's sites) as the public block runs them ("eager")
-    or as ``ops.linear`` ("ours"), forward or forward+backward with every parameter training,
-    counted on meta tensors."""
+    """norm1 -> qkv, fc1 -> GELU or the MLP onto the residual (bench.linear's sites) as the public
+    block runs them ("eager") or as ``ops.linear`` / ``ops.linear_mlp`` ("ours"), forward or
+    forward+backward with every parameter training, counted on meta tensors."""
     eager, ours = linear_bench.IMPLS[site]
     x, params = linear_bench.site_inputs(site, B, N, C, dtype, "meta")
     x, params = x.requires_grad_(backward), [p.requires_grad_(backward) for p in params]
@@ -451,7 +451,10 @@ def run(args, device, dtype, dtype_name) -> list[dict]:
         for stage, C, stride in STAGES:
             N = (res // stride) ** 2
             for site in linear_bench.SITES:
-                for mode in ("forward", "forward+backward"):
+                mlp = site == linear_bench.MLP
+                if mlp and C > linear_bench.MLP_MAX_C:  # (the model keeps fc1 and fc2 apart there)
+                    continue
+                for mode in ("forward",) if mlp else ("forward", "forward+backward"):
                     eager, ours = (token_linear(impl, site, args.batch, N, C, dtype, mode != "forward")
                                    for impl in ("eager", "ours"))
                     rows.append({"op": site, "input": res, "stage": stage, "shape": [args.batch, N, C],

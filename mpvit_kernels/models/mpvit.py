@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpvit_kernels import ops
+from mpvit_kernels import backend, ops
 from mpvit_kernels.backend import weight_as
 from mpvit_kernels.ops.affine_hswish import check_strided
+from mpvit_kernels.ops.linear import MLP_MAX_C
 from mpvit_kernels.nn import (Conv2dBN, ConvPosEnc, ConvRelPosEnc, DWConv2dBN, FactorAttention, GLIProjection,
                               depthwise_bn_hswish)
 
@@ -86,6 +87,12 @@ class MHCABlock(nn.Module):
         r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, norm2.weight, norm2.bias,
                                       norm2.eps)
         del x, y
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        if C <= MLP_MAX_C and fc1.bias is not None and backend.use_triton("linear", r.device) and not (
+                torch.is_grad_enabled() and any(t.requires_grad for t in (r, u, fc1.weight, fc1.bias, fc2.weight))):
+            # no graph to record: the whole MLP and its residual add in one kernel, whose hidden
+            # never reaches memory (training keeps fc1's fused GELU grad, below)
+            return ops.linear_mlp(u, r, fc1.weight, fc1.bias, fc2.weight).view(B, N, C)
         h = ops.linear(u, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
         del u
         if h.dtype != r.dtype:

@@ -12,6 +12,10 @@ interpreter; on other CPU tensors (and under ``reference``) the eager compositio
 :func:`mpvit_kernels.reference.linear`, which on a CPU is what oneDNN's GEMMs run fastest (its
 GELU in place where no autograd graph needs the pre-activation; from 4096 fp32 rows the GEMM as
 oneDNN's 1x1 conv, :func:`_conv_gemm`).
+The MLP of the first two stages' blocks (C <= 128) is one op in inference, ``linear_mlp``:
+``r + gelu(u @ W1^T + b1) @ W2^T``, fc1, GELU, fc2 and the residual add in one Triton kernel
+whose 4C-wide hidden never reaches memory.
+
 Backward: with GELU, ``mpvit_kernels::linear_gelu_grad``, the same Triton GEMM recomputing the
 pre-activation h with dh = dy * gelu'(h) in its epilogue (h never reaches memory: eager's
 autograd keeps it, and the GELU's backward reads it back beside dy); then, in ATen ops as
@@ -29,6 +33,11 @@ from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_te
 
 # a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
 MAX_OUTPUTS = 65535 * 128
+# linear_mlp's widths: one program holds whole rows of C channels (its output accumulator and u
+# tile), so C is at most 128: MPViT's first two stages, where the MLP is memory-bound (a 4C-wide
+# hidden written and read per token by the unfused pair); wider stages keep fc1 (``linear``) and
+# fc2 (cuBLAS) apart.
+MLP_MAX_C = 128
 
 
 def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
@@ -91,6 +100,56 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         params = [None if p is None else p.to(reference._acc_dtype(dtype)) for p in params]
     y = backend.call_op(_linear, x.reshape(-1, K), weight, *params, float(eps), gelu)
     return y.view(x.shape[:-1] + (N,))
+
+
+def linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+               fc2_weight: torch.Tensor) -> torch.Tensor:
+    """``r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T``: a block's MLP (fc1, the exact GELU,
+    fc2 without its bias) added to the residual r, for C <= 128 channels (``MLP_MAX_C``).
+
+    u, r: tokens (..., C) of one shape, any strides (a unit channel stride is read in place), any
+    float dtypes; fc1_weight (hidden, C), fc1_bias (hidden,) or None, fc2_weight (C, hidden).
+    Returns r's shape and dtype, contiguous. The GEMMs run in the autocast dtype inside an
+    autocast region (u's dtype float64 excepted), else in u's, the weights cast to it as
+    :func:`linear` casts them; they accumulate in fp32 (fp64), and the hidden is rounded to their
+    dtype between them, as eager's fc1 output is. On CUDA (and under Triton's interpreter) one
+    kernel: the hidden stays in registers, so each token moves u and r in and the output out,
+    where fc1 -> GELU -> fc2 -> add write and read a 4C-wide hidden. Elsewhere (and under
+    ``reference``) :func:`mpvit_kernels.reference.linear_mlp`. Its backward is eager's, in ATen
+    ops from the hidden recomputed: the model takes this op only where no autograd graph is
+    recorded (training keeps ``linear`` and its fused GELU grad).
+    """
+    _check_mlp(u, r, fc1_weight, fc1_bias, fc2_weight)
+    dtype = backend.autocast_dtype(u)
+    w1, w2 = backend.weight_as(fc1_weight, dtype), backend.weight_as(fc2_weight, dtype)
+    if not backend.use_triton("linear", u.device):
+        return reference.linear_mlp(u, r, w1, fc1_bias, w2)
+    C = u.shape[-1]
+    if fc1_bias is None:
+        fc1_bias = w1.new_zeros(w1.shape[0], dtype=reference._acc_dtype(dtype))
+    out = backend.call_op(_linear_mlp, u.reshape(-1, C), r.reshape(-1, C), w1, fc1_bias, w2)
+    return out.view(r.shape)
+
+
+def _check_mlp(u, r, fc1_weight, fc1_bias, fc2_weight):
+    check_float_tensors("linear_mlp", u=u, r=r, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+    if u.dim() < 2 or u.shape != r.shape:
+        raise ValueError(f"linear_mlp: u and r must be tokens (..., C) of one shape, got {tuple(u.shape)} and "
+                         f"{tuple(r.shape)}")
+    C = u.shape[-1]
+    if not 1 <= C <= MLP_MAX_C:
+        raise ValueError(f"linear_mlp: at most {MLP_MAX_C} channels (C, u's last dim), got {C}")
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or fc1_weight.shape[0] < 1:
+        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}), got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    if tuple(fc2_weight.shape) != (C, hidden):
+        raise ValueError(f"linear_mlp: fc2_weight must be ({C}, {hidden}), got {tuple(fc2_weight.shape)}")
+    for name, t in (("r", r), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if t.device != u.device:
+            raise ValueError(f"linear_mlp: {name} is on {t.device}, u on {u.device}")
+    if fc1_bias is not None:
+        check_channel_params("linear_mlp", hidden, u.device, fc1_bias=fc1_bias)
+    check_rows("linear_mlp", u.numel() // C)
 
 
 def _conv_gemm(x, weight, bias):
@@ -254,6 +313,72 @@ def _gelu_grad_backward(ctx, grad, grad_bias):
 
 
 _linear_gelu_grad.register_autograd(_gelu_grad_backward, setup_context=_gelu_grad_setup_context)
+
+
+@torch.library.custom_op("mpvit_kernels::linear_mlp", mutates_args=())
+def _linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+                fc2_weight: torch.Tensor) -> torch.Tensor:
+    """out (M, C) contiguous in r's dtype = r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T:
+    u and r (M, C) with any strides and float dtypes, C <= 128; the weights (hidden, C) and (C,
+    hidden) in the GEMMs' dtype, which they share; fc1_bias (hidden,) in any float dtype."""
+    kernels, vector_width, _, _ = _kernels()
+    M, C = u.shape
+    dtype, hidden = fc1_weight.dtype, fc1_weight.shape[0]
+    # what the kernel's indexing relies on (the wrapper checked the rest, with clearer messages)
+    if (r.shape != u.shape or not 1 <= C <= MLP_MAX_C or fc1_weight.shape != (hidden, C)
+            or fc2_weight.shape != (C, hidden) or fc1_bias.shape != (hidden,)):
+        raise ValueError(f"linear_mlp: u, r (M, C <= {MLP_MAX_C}), fc1_weight (hidden, C), fc1_bias (hidden,), "
+                         f"fc2_weight (C, hidden) expected, got {tuple(u.shape)}, {tuple(r.shape)}, "
+                         f"{tuple(fc1_weight.shape)}, {tuple(fc1_bias.shape)}, {tuple(fc2_weight.shape)}")
+    if fc2_weight.dtype != dtype:
+        raise ValueError(f"linear_mlp: fc1_weight and fc2_weight must share a dtype, got {dtype} and {fc2_weight.dtype}")
+    if u.stride(1) != 1 and C != 1:  # the kernel indexes channels with unit stride
+        u = u.contiguous()
+    if r.stride(1) != 1 and C != 1:
+        r = r.contiguous()
+    out = torch.empty((M, C), dtype=r.dtype, device=r.device)
+    if M == 0:
+        return out
+    block_c = max(16, 1 << (C - 1).bit_length())  # C's next power of two
+    vec = vector_width(out.element_size(), C, hidden, *((u.stride(0), r.stride(0)) if M > 1 else ()))
+    with backend.triton_device(u):
+        kernels.mlp_kernel[lambda meta: (-(-M // meta["BLOCK_M"]),)](
+            u, r, fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous(), out, M, C, hidden,
+            u.stride(0), r.stride(0), ACC=kernels.tl.float64 if dtype == torch.float64 else kernels.tl.float32,
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=block_c, VEC=vec)
+    return out
+
+
+@_linear_mlp.register_fake
+def _(u, r, fc1_weight, fc1_bias, fc2_weight):
+    return r.new_empty(r.shape)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    u, r, fc1_weight, fc1_bias, fc2_weight = inputs
+    ctx.save_for_backward(u, fc1_weight, fc1_bias, fc2_weight)
+    ctx.r_dtype = r.dtype
+
+
+def _mlp_backward(ctx, grad):
+    """Eager's MLP backward in ATen ops, from the hidden recomputed (as the kernel computed it:
+    fp32 (fp64) pre-activation, rounded to the GEMMs' dtype after GELU); r's grad is the
+    output's."""
+    u, w1, b1, w2 = ctx.saved_tensors
+    dtype = w1.dtype
+    acc = reference._acc_dtype(dtype)
+    x = u.to(dtype)
+    h = (x @ w1.t()).to(acc) + b1.to(acc)
+    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * h * h) * 0.3989422804014327
+    g = grad.to(dtype)
+    grad_w2 = g.t() @ (h * cdf).to(dtype)
+    dh = (g @ w2).to(acc) * (cdf + h * pdf)
+    low = dh.to(dtype)
+    return (low @ w1).to(u.dtype), grad.to(ctx.r_dtype), low.t() @ x, dh.sum(0).to(b1.dtype), grad_w2
+
+
+_linear_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 
 @_linear.register_fake

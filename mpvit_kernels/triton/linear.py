@@ -17,6 +17,10 @@ K channels twice (mean, then the centred variance, as eager's two-pass LayerNorm
 cancellation for tokens far from zero mean); the GEMM's K loop then reads the same rows a third
 time, all three from cache for the widths MPViT has (K <= 480). The normalised tile is rounded
 to W's dtype before the dot, as eager rounds the LayerNorm's output before its Linear reads it.
+
+``mlp_kernel`` (the op ``mpvit_kernels::linear_mlp``, inference) is the whole MLP onto the
+residual, out = r + gelu(u W1^T + b1) W2^T, for C <= 128: fc1's GEMM and fc2's in one program,
+the hidden in registers.
 """
 import triton
 import triton.language as tl
@@ -104,6 +108,83 @@ def linear_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _gelu(h, ACC: tl.constexpr):
+    """The exact (erf) GELU, in ACC."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
+
+
+@triton.jit(do_not_specialize=["M"])
+def mlp_kernel(
+    u_ptr,  # (M, C) rows with unit channel stride, row stride below; any float dtype
+    r_ptr,  # (M, C) rows with unit channel stride: the residual the MLP's output is added to
+    w1_ptr,  # (HID, C) contiguous: fc1's weight, in the GEMMs' dtype
+    b1_ptr,  # (HID,) fc1's bias, read in ACC
+    w2_ptr,  # (C, HID) contiguous: fc2's weight, in the GEMMs' dtype
+    out_ptr,  # (M, C) contiguous, in r's dtype: r + gelu(u W1^T + b1) W2^T
+    M, C, HID, stride_um, stride_rm,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, VEC: tl.constexpr = 1,
+):
+    """The whole MLP of BLOCK_M tokens: the 4C-wide hidden lives in registers, BLOCK_H columns
+    at a time (fc1's GEMM, its bias and GELU, rounded to the GEMMs' dtype as eager's fc1 output
+    is, then fc2's GEMM accumulating onto all C outputs), so that it never reaches memory. One
+    program holds whole rows of u and of the output (BLOCK_C >= C): the LayerNorm'ed u tile is
+    read once, the residual once, the output written once; the weights come from L2."""
+    # C, HID and the row strides are multiples of VEC (affine_hswish.vector_width): vector loads
+    C = _known_multiple(C, VEC)
+    HID = _known_multiple(HID, VEC)
+    stride_um = _known_multiple(stride_um, VEC)
+    stride_rm = _known_multiple(stride_rm, VEC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    mmask = offs_m < M
+    cmask = offs_c < C
+    rows = offs_m.to(tl.int64)
+    tmask = mmask[:, None] & cmask[None, :]
+    ty = w1_ptr.dtype.element_ty
+    u = tl.load(u_ptr + rows[:, None] * stride_um + offs_c[None, :], mask=tmask, other=0.0).to(ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        hmask = offs_h < HID
+        # W1^T's columns h0.. (C x BLOCK_H) and W2^T's rows h0.. (BLOCK_H x C); zero past C and HID,
+        # so the padded hidden columns are gelu(0) = 0 and add nothing
+        w1 = tl.load(w1_ptr + offs_h[None, :].to(tl.int64) * C + offs_c[:, None], mask=cmask[:, None] & hmask[None, :],
+                     other=0.0)
+        h = tl.dot(u, w1, out_dtype=ACC, input_precision=DOT_PRECISION)
+        h = _gelu(h + tl.load(b1_ptr + offs_h, mask=hmask, other=0.0).to(ACC)[None, :], ACC)
+        w2 = tl.load(w2_ptr + offs_c[None, :].to(tl.int64) * HID + offs_h[:, None], mask=hmask[:, None] & cmask[None, :],
+                     other=0.0)
+        acc += tl.dot(h.to(ty), w2, out_dtype=ACC, input_precision=DOT_PRECISION)
+    res = tl.load(r_ptr + rows[:, None] * stride_rm + offs_c[None, :], mask=tmask, other=0.0).to(ACC)
+    tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], (res + acc).to(out_ptr.dtype.element_ty), mask=tmask)
+
+
+def mlp_tile(block_c: int, kind: str, vec: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages) of mlp_kernel for this BLOCK_C, GEMM dtype ("fp64",
+    "fp32" or "16-bit") and VEC: the largest row blocks (each program reads both weights whole,
+    from L2) that compile without spills for sm_80 and sm_90a (static report), 16-bit rows read
+    element by element (VEC < 8) spilling at 128 rows x 128 channels. fp32 and fp64 dots run on
+    FMA units, their operands in registers: smaller tiles."""
+    if kind == "fp64":
+        return 32, 16, 8, 1
+    if kind == "fp32":
+        return (64 if block_c == 64 else 32), 16, 8, 1
+    return (64 if block_c == 128 and vec < 8 else 128), 32, 8, 2
+
+
+def _mlp_tile(meta):
+    kind = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
+    return mlp_tile(meta["BLOCK_C"], kind, meta.get("VEC", 1))
+
+
+mlp_kernel = triton.heuristics({
+    "BLOCK_M": lambda meta: _mlp_tile(meta)[0], "BLOCK_H": lambda meta: _mlp_tile(meta)[1],
+    "num_warps": lambda meta: _mlp_tile(meta)[2], "num_stages": lambda meta: _mlp_tile(meta)[3],
+})(mlp_kernel)
+
+
 def _fitting(configs, named_args, **meta):
     """gli_projection's tiles that fit, less, for fp32 dots (FMA, operands in registers), those
     with over 32 accumulator values per thread: here 64 spilled 8-24 bytes on sm_90a (the GELU
@@ -163,4 +244,18 @@ def compile_specs():
                         specs.append(as_launched(spec))
                         if not grad:
                             specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
+    # the MLP: every BLOCK_C; u and r in the GEMMs' dtype (a 16-bit or fp32 model) or, for a
+    # 16-bit GEMM, in fp32 (autocast: the fp32 residual stream, u from its fp32 norm2)
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
+        for io in ([dt, "fp32"] if dt in ("fp16", "bf16") else [dt]):
+            for bc in (16, 32, 64, 128):
+                types = {"u_ptr": f"*{io}", "r_ptr": f"*{io}", "w1_ptr": f"*{dt}", "b1_ptr": f"*{io}",
+                         "w2_ptr": f"*{dt}", "out_ptr": f"*{io}"}
+                spec = (mlp_kernel, f"{dt} u,r={io} BLOCK_C={bc}", types,
+                        {"ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_C": bc})
+                specs.append(spec)
+                if bc >= 64 and dt != "fp64":  # MPViT's widths (64, 96, 128) as it launches them
+                    specs.append(as_launched(spec))
     return specs
