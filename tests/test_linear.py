@@ -498,7 +498,7 @@ def test_mlp_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
 
 
 def test_mlp_fp64_gradcheck_and_opcheck():
-    u, r, params = make_mlp_inputs(5, 8, 20, torch.float64, "strided")
+    u, r, params = make_mlp_inputs(3, 4, 8, torch.float64, "strided")
     assert torch.autograd.gradcheck(ops.linear_mlp, (u, r, *params))
     assert torch.autograd.gradgradcheck(ops.linear_mlp, (u, r, *params))  # its backward is ATen ops
     for layout in ("strided", "transposed"):
@@ -547,6 +547,26 @@ def test_mlp_op_refuses_shapes_its_kernel_would_overrun():
             op(*args)
     with pytest.raises(ValueError, match="must share a dtype"):
         op(u, r, w1, b1, w2.double())
+    # (through the dispatcher a meta tensor would take the fake: the implementation itself, as
+    # backend.call_op calls it)
+    from mpvit_kernels.ops.linear import _linear_mlp
+    with pytest.raises(ValueError, match="every tensor must be on u's device"):
+        _linear_mlp._init_fn(u, r.to("meta"), w1, b1, w2)
+    with pytest.raises(TypeError, match="fc1_weight must be float16/bfloat16/float32/float64"):
+        op(u, r, w1.int(), b1, w2.int())
+
+
+@pytest.mark.parametrize("offset, vec", [(0, 8), (1, 1)])
+def test_mlp_reads_16_bytes_at_a_time_only_from_aligned_tensors(offset, vec):
+    # a view one element into its storage: widths and strides multiples of 8, the pointer not
+    # 16-byte aligned, so Triton reads it element by element: the op launches VEC=1, whose tile
+    # compiles without spills for such reads (mlp_tile)
+    u = torch.randn(8 * 32 + offset, device=KERNEL_DEVICE)[offset:].view(8, 32)
+    r, w1, b1, w2 = (torch.randn(*s, device=KERNEL_DEVICE) for s in ((8, 32), (64, 32), (64,), (32, 64)))
+    with RecordLaunches() as rec:
+        y = ops.linear_mlp(u, r, w1, b1, w2)
+    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "mlp_kernel"] == [vec]
+    assert_close(y, mlp_chain(u, r, w1, b1, w2), scale=4)
 
 
 def test_mlp_under_torch_compile_fullgraph():

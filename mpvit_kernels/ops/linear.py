@@ -111,9 +111,12 @@ def linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_b
     float dtypes; fc1_weight (hidden, C), fc1_bias (hidden,) or None, fc2_weight (C, hidden).
     Returns r's shape and dtype, contiguous. The GEMMs run in the autocast dtype inside an
     autocast region (u's dtype float64 excepted), else in u's, the weights cast to it as
-    :func:`linear` casts them; they accumulate in fp32 (fp64), and the hidden is rounded to their
-    dtype between them, as eager's fc1 output is. On CUDA (and under Triton's interpreter) one
-    kernel: the hidden stays in registers, so each token moves u and r in and the output out,
+    :func:`linear` casts them; they accumulate in fp32 (fp64). The kernel adds fc1's bias in fp32
+    (fp64) and takes GELU of the unrounded pre-activation, as :func:`linear`'s epilogue does, and
+    rounds the hidden once to the GEMMs' dtype before fc2 (eager rounds fc1's output, then
+    GELU's); fc2's product is added to r unrounded and the sum rounded once to r's dtype (eager
+    under autocast over a wider stream rounds fc2's output to the autocast dtype first). On CUDA
+    (and under Triton's interpreter) one kernel: the hidden stays in registers, so each token moves u and r in and the output out,
     where fc1 -> GELU -> fc2 -> add write and read a 4C-wide hidden. Elsewhere (and under
     ``reference``) :func:`mpvit_kernels.reference.linear_mlp`. Its backward is eager's, in ATen
     ops from the hidden recomputed: the model takes this op only where no autograd graph is
@@ -324,7 +327,8 @@ def _linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_
     kernels, vector_width, _, _ = _kernels()
     M, C = u.shape
     dtype, hidden = fc1_weight.dtype, fc1_weight.shape[0]
-    # what the kernel's indexing relies on (the wrapper checked the rest, with clearer messages)
+    # what the kernel's indexing relies on, for direct calls (the wrapper checked it all, with
+    # clearer messages)
     if (r.shape != u.shape or not 1 <= C <= MLP_MAX_C or fc1_weight.shape != (hidden, C)
             or fc2_weight.shape != (C, hidden) or fc1_bias.shape != (hidden,)):
         raise ValueError(f"linear_mlp: u, r (M, C <= {MLP_MAX_C}), fc1_weight (hidden, C), fc1_bias (hidden,), "
@@ -332,6 +336,10 @@ def _linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_
                          f"{tuple(fc1_weight.shape)}, {tuple(fc1_bias.shape)}, {tuple(fc2_weight.shape)}")
     if fc2_weight.dtype != dtype:
         raise ValueError(f"linear_mlp: fc1_weight and fc2_weight must share a dtype, got {dtype} and {fc2_weight.dtype}")
+    check_float_tensors("linear_mlp", fc1_weight=fc1_weight, fc1_bias=fc1_bias)
+    if any(t.device != u.device for t in (r, fc1_weight, fc1_bias, fc2_weight)):
+        raise ValueError(f"linear_mlp: every tensor must be on u's device ({u.device})")
+    check_rows("linear_mlp", M)
     if u.stride(1) != 1 and C != 1:  # the kernel indexes channels with unit stride
         u = u.contiguous()
     if r.stride(1) != 1 and C != 1:
@@ -340,11 +348,16 @@ def _linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_
     if M == 0:
         return out
     block_c = max(16, 1 << (C - 1).bit_length())  # C's next power of two
+    w1, b1, w2 = fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous()
     vec = vector_width(out.element_size(), C, hidden, *((u.stride(0), r.stride(0)) if M > 1 else ()))
+    if any(t.data_ptr() % 16 for t in (u, r, w1, b1, w2, out)):
+        # Triton vectorises only 16-byte-aligned pointers: rows read element by element take the
+        # narrower tile (VEC < 8), which is what compiles without spills then
+        vec = 1
     with backend.triton_device(u):
         kernels.mlp_kernel[lambda meta: (-(-M // meta["BLOCK_M"]),)](
-            u, r, fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous(), out, M, C, hidden,
-            u.stride(0), r.stride(0), ACC=kernels.tl.float64 if dtype == torch.float64 else kernels.tl.float32,
+            u, r, w1, b1, w2, out, M, C, hidden, u.stride(0), r.stride(0),
+            ACC=kernels.tl.float64 if dtype == torch.float64 else kernels.tl.float32,
             DOT_PRECISION=_dot_precision(dtype), BLOCK_C=block_c, VEC=vec)
     return out
 
