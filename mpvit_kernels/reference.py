@@ -118,12 +118,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.gelu(y) if gelu else y
 
 
-def linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
-               fc2_weight: torch.Tensor) -> torch.Tensor:
-    """``r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T`` over the last dim, as MPViT's block
-    runs its MLP onto the residual: the hidden in the weights' dtype (:func:`linear`), fc2's GEMM
-    accumulating onto r where they share a dtype (one rounding, as ``addmm``), else its output
-    added to r (autocast over a wider stream)."""
+def linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                    norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, fc1_weight: torch.Tensor,
+                    fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
+    """An MPViT block after its attention, as our unfused ops run it: proj's GEMM (no bias) in
+    its weight's dtype; then :func:`residual_layernorm` (s = x + y + proj_bias, r = s + fc2_bias,
+    u = norm2(s)) in the dtype of x + y; then the MLP onto r: fc1 -> GELU (:func:`linear`) and
+    fc2 accumulating onto r where they share a dtype (one rounding, as ``addmm``), else fc2's
+    output added to r (autocast over a wider stream)."""
+    y = F.linear(a.to(proj_weight.dtype), proj_weight)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    r, u = residual_layernorm(x.to(dtype), y.to(dtype), proj_bias, fc2_bias, norm_weight, norm_bias, eps)
     h = linear(u, fc1_weight, fc1_bias, gelu=True)
     if h.dtype == r.dtype:
         return torch.addmm(r.reshape(-1, r.shape[-1]), h.reshape(-1, h.shape[-1]), fc2_weight.t()).view(r.shape)

@@ -343,8 +343,9 @@ def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
 
 @pytest.mark.parametrize("C", [16, 136])
 def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(C):
-    """Inference: norm1 inside the qkv GEMM; the whole MLP onto the residual in one op up to 128
-    channels (linear_mlp), above that GELU inside fc1's GEMM and fc2 accumulating onto r."""
+    """Inference: norm1 inside the qkv GEMM; the rest of the block after the attention in one op
+    up to 128 channels (linear_proj_mlp), above that proj's GEMM, residual_layernorm, GELU inside
+    fc1's GEMM and fc2 accumulating onto r."""
     block = make_block(C, torch.float32).eval()
     x = torch.randn(2, 15, C, device=KERNEL_DEVICE)
     with torch.no_grad():
@@ -354,10 +355,14 @@ def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(C):
             want = block(x, (3, 5))
     fused = C <= 128
     assert rec.names.count("mpvit_kernels.linear") == (1 if fused else 2)
-    assert rec.names.count("mpvit_kernels.linear_mlp") == (1 if fused else 0)
-    assert rec.names.count("aten.addmm_") == (0 if fused else 1)
+    assert rec.names.count("mpvit_kernels.linear_proj_mlp") == (1 if fused else 0)
+    assert rec.names.count("aten.addmm_") == rec.names.count("aten.mm") == (0 if fused else 1)
     assert not {"aten.gelu", "aten.native_layer_norm"} & set(rec.names)
     assert_close(out, want, scale=4)
+    # where a graph is recorded (the parameters train), the separate ops with their backward kernels
+    with RecordOps() as rec:
+        block(x, (3, 5))
+    assert "mpvit_kernels.linear_proj_mlp" not in rec.names and rec.names.count("mpvit_kernels.linear") == 2
 
 
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
@@ -450,17 +455,23 @@ def test_layernorm_parameters_narrower_than_x_keep_x_precision_in_the_backward()
     assert_close(got[0], want[0], scale=10)
 
 
-# ---- linear_mlp: fc1 -> GELU -> fc2 onto the residual, one kernel (C <= 128) ---------------------
+# ---- linear_proj_mlp: the block after its attention in one kernel (C <= 128) ---------------------
 
-def mlp_chain(u, r, w1, b1, w2):
-    """What eager runs: the block's MLP, then the residual add."""
-    return r + F.linear(F.gelu(F.linear(u, w1, b1)), w2)
+NAMES = ("a", "x", "proj_weight", "proj_bias", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight",
+         "fc2_bias")
 
 
-def make_mlp_inputs(M, C, hidden, dtype, layout, device=KERNEL_DEVICE):
-    """u and r leaves in ``layout`` ("rows" (M, C), "tokens" (2, M, C), "strided" rows of their own
-    row stride, "transposed" tokens with a non-unit channel stride), then fc1's weight and bias and
-    fc2's weight."""
+def proj_mlp_chain(a, x, wp, pb, lnw, lnb, eps, w1, b1, w2, b2):
+    """What eager runs: proj, the residual add, norm2, the MLP, the residual add."""
+    s = x + F.linear(a, wp, pb)
+    return s + F.linear(F.gelu(F.linear(F.layer_norm(s, (s.shape[-1],), lnw, lnb, eps), w1, b1)), w2, b2)
+
+
+def make_proj_mlp_inputs(M, C, hidden, dtype, layout, device=KERNEL_DEVICE):
+    """(a, x, proj weight, proj bias, norm2 weight, norm2 bias, eps, fc1 weight, fc1 bias, fc2
+    weight, fc2 bias), the tensors leaves; a and x in ``layout`` ("rows" (M, C), "tokens" (2, M,
+    C), "strided" rows of their own row stride, "transposed" tokens with a non-unit channel
+    stride), x far from zero mean as a residual stream is."""
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=device)
 
@@ -473,123 +484,142 @@ def make_mlp_inputs(M, C, hidden, dtype, layout, device=KERNEL_DEVICE):
             return randn(M, C + 5)[:, :C]
         return randn(2, C, M).transpose(1, 2)
 
-    u, r = (t.requires_grad_() for t in (tokens(), tokens()))
-    params = [randn(hidden, C) * C ** -0.5, randn(hidden), randn(C, hidden) * hidden ** -0.5]
-    return u, r, [p.requires_grad_() for p in params]
+    a, x = tokens(), tokens() * 2 + 3
+    params = [randn(C, C) * C ** -0.5, randn(C), torch.rand(C, dtype=dtype, device=device) + 0.5, randn(C)]
+    tail = [randn(hidden, C) * C ** -0.5, randn(hidden), randn(C, hidden) * hidden ** -0.5, randn(C)]
+    leaves = [t.requires_grad_() for t in (a, x, *params, *tail)]
+    return (*leaves[:6], 1e-6, *leaves[6:])
+
+
+def _tensors(args):
+    return [t for t in args if isinstance(t, torch.Tensor)]
 
 
 @pytest.mark.parametrize("layout", ["rows", "tokens", "strided", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(7, 8, 32), (37, 22, 88), (21, 96, 192), (9, 128, 512)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_mlp_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
+def test_proj_mlp_matches_the_eager_chain_with_every_grad(shape, dtype, layout):
     """Widths of every BLOCK_C (16 to 128), hidden widths 2C and 4C that are not multiples of the
-    hidden tile, more rows than one program takes (fp64's 32, fp32's 64 at C <= 64)."""
-    u, r, params = make_mlp_inputs(*shape, dtype, layout)
+    hidden tile, more rows than one program takes at fp32 and fp64 (32, 16 at C = 128)."""
+    args = make_proj_mlp_inputs(*shape, dtype, layout)
     with RecordOps() as rec:
-        y = ops.linear_mlp(u, r, *params)
-    assert rec.names.count("mpvit_kernels.linear_mlp") == 1 and not {"aten.gelu", "aten.addmm"} & set(rec.names)
-    want = mlp_chain(u, r, *params)
+        y = ops.linear_proj_mlp(*args)
+    assert rec.names.count("mpvit_kernels.linear_proj_mlp") == 1
+    assert not {"aten.gelu", "aten.addmm", "aten.mm", "aten.native_layer_norm"} & set(rec.names)
+    want = proj_mlp_chain(*args)
     assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous()
     assert_close(y, want, scale=4)
     g = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(y, [u, r, *params], g), torch.autograd.grad(want, [u, r, *params], g)):
-        assert_close(a, b, scale=10)
+    leaves = _tensors(args)
+    for name, got, ref in zip(NAMES, torch.autograd.grad(y, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert_close(got, ref, scale=10), name
 
 
-def test_mlp_fp64_gradcheck_and_opcheck():
-    u, r, params = make_mlp_inputs(3, 4, 8, torch.float64, "strided")
-    assert torch.autograd.gradcheck(ops.linear_mlp, (u, r, *params))
-    assert torch.autograd.gradgradcheck(ops.linear_mlp, (u, r, *params))  # its backward is ATen ops
+def test_proj_mlp_fp64_gradcheck_and_opcheck():
+    args = make_proj_mlp_inputs(3, 4, 8, torch.float64, "strided")
+    leaves = _tensors(args)
+
+    def fn(a, x, wp, pb, lnw, lnb, w1, b1, w2, b2):
+        return ops.linear_proj_mlp(a, x, wp, pb, lnw, lnb, 1e-6, w1, b1, w2, b2)
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)  # its backward is ATen ops
     for layout in ("strided", "transposed"):
-        u, r, (w1, b1, w2) = make_mlp_inputs(10, 12, 24, torch.float32, layout)
-        u, r = u.reshape(-1, 12), r.reshape(-1, 12)
-        torch.library.opcheck(torch.ops.mpvit_kernels.linear_mlp.default, (u, r, w1, b1, w2))
+        a, x, *rest = make_proj_mlp_inputs(10, 12, 24, torch.float32, layout)
+        torch.library.opcheck(torch.ops.mpvit_kernels.linear_proj_mlp.default, (a.reshape(-1, 12), x.reshape(-1, 12),
+                                                                               *rest))
 
 
-def test_mlp_without_bias_with_an_empty_batch_and_mixed_dtypes():
-    u, r, (w1, b1, w2) = make_mlp_inputs(6, 16, 32, torch.float32, "rows")
-    with torch.no_grad():
-        assert_close(ops.linear_mlp(u, r, w1, None, w2), mlp_chain(u, r, w1, None, w2), scale=4)
-        empty = ops.linear_mlp(u[:0], r[:0], w1, b1, w2)
-        assert empty.shape == (0, 16) and empty.dtype == torch.float32
-        # an fp64 residual over fp32 GEMMs: the output in r's dtype, the GEMMs in u's
-        y = ops.linear_mlp(u, r.double(), w1, b1, w2)
-        assert y.dtype == torch.float64
-        assert_close(y, mlp_chain(u, r, w1, b1, w2).double(), dtype=torch.float32, scale=4)
+def test_proj_mlp_empty_batch_and_mixed_dtypes():
+    a, x, wp, pb, lnw, lnb, eps, w1, b1, w2, b2 = (t.detach() if isinstance(t, torch.Tensor) else t
+                                                     for t in make_proj_mlp_inputs(6, 16, 32, torch.float32, "rows"))
+    empty = ops.linear_proj_mlp(a[:0], x[:0], wp, pb, lnw, lnb, eps, w1, b1, w2, b2)
+    assert empty.shape == (0, 16) and empty.dtype == torch.float32
+    # an fp64 residual stream and fp64 vectors over fp32 GEMMs: the output in the stream's dtype
+    y = ops.linear_proj_mlp(a, x.double(), wp, pb.double(), lnw, lnb, eps, w1, b1, w2, b2)
+    assert y.dtype == torch.float64
+    assert_close(y, proj_mlp_chain(a, x, wp, pb, lnw, lnb, eps, w1, b1, w2, b2).double(), dtype=torch.float32, scale=4)
+
+
+def _good_proj_mlp_args():
+    return dict(a=torch.randn(4, 8), x=torch.randn(4, 8), proj_weight=torch.randn(8, 8), proj_bias=torch.randn(8),
+                norm_weight=torch.randn(8), norm_bias=torch.randn(8), eps=1e-6, fc1_weight=torch.randn(16, 8),
+                fc1_bias=torch.randn(16), fc2_weight=torch.randn(8, 16), fc2_bias=torch.randn(8))
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(u=torch.randn(4, 136), r=torch.randn(4, 136), fc1_weight=torch.randn(16, 136), fc2_weight=torch.randn(136, 16)),
-     ValueError, "at most 128 channels"),
-    (dict(r=torch.randn(4, 9)), ValueError, "u and r must be tokens \\(..., C\\) of one shape"),
-    (dict(u=torch.randn(8), r=torch.randn(8)), ValueError, "u and r must be tokens"),
+    (dict(a=torch.randn(4, 136), x=torch.randn(4, 136)), ValueError, "at most 128 channels"),
+    (dict(x=torch.randn(4, 9)), ValueError, "a and x must be tokens \\(..., C\\) of one shape"),
+    (dict(a=torch.randn(8), x=torch.randn(8)), ValueError, "a and x must be tokens"),
+    (dict(proj_weight=torch.randn(8, 9)), ValueError, "proj_weight must be \\(8, 8\\)"),
     (dict(fc1_weight=torch.randn(16, 9)), ValueError, "fc1_weight must be \\(hidden, 8\\)"),
     (dict(fc2_weight=torch.randn(16, 8)), ValueError, "fc2_weight must be \\(8, 16\\)"),
     (dict(fc1_bias=torch.randn(15)), ValueError, "fc1_bias must have shape \\(16,\\)"),
-    (dict(u=torch.ones(4, 8, dtype=torch.int32)), TypeError, "u must be float16/bfloat16/float32/float64, got torch.int32"),
-    (dict(r=torch.randn(4, 8, device="meta")), ValueError, "r is on meta"),
+    (dict(norm_bias=torch.randn(7)), ValueError, "norm_bias must have shape \\(8,\\)"),
+    (dict(eps=0.0), ValueError, "eps must be"),
+    (dict(a=torch.ones(4, 8, dtype=torch.int32)), TypeError, "a must be float16/bfloat16/float32/float64"),
+    (dict(x=torch.randn(4, 8, device="meta")), ValueError, "x is on meta"),
 ])
-def test_mlp_bad_inputs_are_refused_before_any_kernel(change, error, match):
-    args = dict(u=torch.randn(4, 8), r=torch.randn(4, 8), fc1_weight=torch.randn(16, 8), fc1_bias=torch.randn(16),
-                fc2_weight=torch.randn(8, 16))
+def test_proj_mlp_bad_inputs_are_refused_before_any_kernel(change, error, match):
+    args = _good_proj_mlp_args()
     args.update(change)
     with pytest.raises(error, match=match):
-        ops.linear_mlp(**args)
+        ops.linear_proj_mlp(**args)
 
 
-def test_mlp_op_refuses_shapes_its_kernel_would_overrun():
-    u, r, params = make_mlp_inputs(6, 16, 32, torch.float32, "rows")
-    u, r, w1, b1, w2 = (t.detach() for t in (u, r, *params))
-    op = torch.ops.mpvit_kernels.linear_mlp
-    for args in ((u, r, w1[:, :8], b1, w2), (u, r, w1, b1, w2[:, :16]), (u, r, w1, b1[:31], w2), (u, r[:, :8], w1, b1, w2)):
-        with pytest.raises(ValueError, match="linear_mlp: u, r \\(M, C <= 128\\)"):
-            op(*args)
+def test_proj_mlp_op_refuses_what_its_kernel_would_overrun():
+    from mpvit_kernels.ops.linear import _linear_proj_mlp
+
+    good = list(_good_proj_mlp_args().values())
+    op = torch.ops.mpvit_kernels.linear_proj_mlp
+    for i, bad in ((2, torch.randn(8, 9)), (7, torch.randn(16, 4)), (9, torch.randn(8, 8)), (8, torch.randn(15)),
+                   (1, torch.randn(4, 4))):
+        with pytest.raises(ValueError, match="linear_proj_mlp: a, x \\(M, C <= 128\\)"):
+            op(*good[:i], bad, *good[i + 1:])
     with pytest.raises(ValueError, match="must share a dtype"):
-        op(u, r, w1, b1, w2.double())
+        op(*good[:9], good[9].double(), good[10])
     # (through the dispatcher a meta tensor would take the fake: the implementation itself, as
     # backend.call_op calls it)
-    from mpvit_kernels.ops.linear import _linear_mlp
-    with pytest.raises(ValueError, match="every tensor must be on u's device"):
-        _linear_mlp._init_fn(u, r.to("meta"), w1, b1, w2)
-    with pytest.raises(TypeError, match="fc1_weight must be float16/bfloat16/float32/float64"):
-        op(u, r, w1.int(), b1, w2.int())
+    with pytest.raises(ValueError, match="every tensor must be on a's device"):
+        _linear_proj_mlp._init_fn(good[0], good[1].to("meta"), *good[2:])
 
 
 @pytest.mark.parametrize("offset, vec", [(0, 8), (1, 1)])
-def test_mlp_reads_16_bytes_at_a_time_only_from_aligned_tensors(offset, vec):
+def test_proj_mlp_reads_16_bytes_at_a_time_only_from_aligned_tensors(offset, vec):
     # a view one element into its storage: widths and strides multiples of 8, the pointer not
-    # 16-byte aligned, so Triton reads it element by element: the op launches VEC=1, whose tile
-    # compiles without spills for such reads (mlp_tile)
-    u = torch.randn(8 * 32 + offset, device=KERNEL_DEVICE)[offset:].view(8, 32)
-    r, w1, b1, w2 = (torch.randn(*s, device=KERNEL_DEVICE) for s in ((8, 32), (64, 32), (64,), (32, 64)))
+    # 16-byte aligned, so Triton reads it element by element: the op launches VEC=1
+    args = list(t.detach() if isinstance(t, torch.Tensor) else t
+                for t in make_proj_mlp_inputs(8, 32, 64, torch.float32, "rows"))
+    args[0] = torch.randn(8 * 32 + offset, device=KERNEL_DEVICE)[offset:].view(8, 32)
     with RecordLaunches() as rec:
-        y = ops.linear_mlp(u, r, w1, b1, w2)
-    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "mlp_kernel"] == [vec]
-    assert_close(y, mlp_chain(u, r, w1, b1, w2), scale=4)
+        y = ops.linear_proj_mlp(*args)
+    assert [meta["VEC"] for fn, meta in rec.launches if fn.__name__ == "proj_mlp_kernel"] == [vec]
+    assert_close(y, proj_mlp_chain(*args), scale=4)
 
 
-def test_mlp_under_torch_compile_fullgraph():
+def test_proj_mlp_under_torch_compile_fullgraph():
     torch._dynamo.reset()
-    u, r, params = make_mlp_inputs(10, 24, 48, torch.float32, "tokens")
-    y = torch.compile(ops.linear_mlp, fullgraph=True, backend="aot_eager")(u, r, *params)
-    want = mlp_chain(u, r, *params)
+    args = make_proj_mlp_inputs(10, 24, 48, torch.float32, "tokens")
+    y = torch.compile(ops.linear_proj_mlp, fullgraph=True, backend="aot_eager")(*args)
+    want = proj_mlp_chain(*args)
     assert_close(y, want, scale=4)
-    for a, b in zip(torch.autograd.grad(y.sum(), [u, r, *params]), torch.autograd.grad(want.sum(), [u, r, *params])):
-        assert_close(a, b, scale=10)
+    leaves = _tensors(args)
+    for got, ref in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        assert_close(got, ref, scale=10)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
-def test_mlp_autocast_is_as_accurate_as_eager(dtype):
-    """Under fp16/bf16 autocast over an fp32 stream (the speed goals' configuration), the output
-    against fp64 within twice eager's error in the same dtype; the output in the stream's fp32."""
-    u, r, params = make_mlp_inputs(70, 64, 256, torch.float32, "rows")
+def test_proj_mlp_autocast_is_as_accurate_as_eager(dtype):
+    """Under fp16/bf16 autocast over an fp32 stream and parameters (the speed goals'
+    configuration), the output against fp64 within twice eager's error in the same dtype, in the
+    stream's fp32."""
+    args = make_proj_mlp_inputs(70, 64, 256, torch.float32, "rows")
     with torch.no_grad():
-        want = mlp_chain(*(t.double() for t in (u, r, *params)))
+        want = proj_mlp_chain(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
         errs = {}
-        for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
+        for name, fn in (("ours", ops.linear_proj_mlp), ("eager", proj_mlp_chain)):
             with torch.autocast(KERNEL_DEVICE, dtype=dtype):
-                y = fn(u, r, *params)
+                y = fn(*args)
             assert y.dtype == torch.float32
             errs[name] = normwise_error(y, want)
     assert errs["ours"] <= 2 * errs["eager"] + 1e-6, errs
@@ -598,13 +628,13 @@ def test_mlp_autocast_is_as_accurate_as_eager(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("C", [64, 96, 128])
-def test_cuda_mlp_at_model_shapes_is_deterministic_and_close(C, dtype):
-    """MPViT's stage-1 and -2 MLPs (hidden 4C) at batch 4 of a 224 input's stage 2 map: the same
+def test_cuda_proj_mlp_at_model_shapes_is_deterministic_and_close(C, dtype):
+    """MPViT's stage-1 and -2 blocks (hidden 4C) at batch 4 of a 224 input's stage 2 map: the same
     bits twice, and within twice eager's error against fp64."""
-    u, r, params = make_mlp_inputs(4 * 784, C, 4 * C, dtype, "rows")
+    args = make_proj_mlp_inputs(4 * 784, C, 4 * C, dtype, "rows")
     with torch.no_grad():
-        runs = [ops.linear_mlp(u, r, *params) for _ in range(2)]
-        want = mlp_chain(*(t.double() for t in (u, r, *params)))
-        eager = mlp_chain(u, r, *params)
+        runs = [ops.linear_proj_mlp(*args) for _ in range(2)]
+        want = proj_mlp_chain(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
+        eager = proj_mlp_chain(*args)
     assert torch.equal(runs[0], runs[1])
     assert normwise_error(runs[0], want) <= 2 * normwise_error(eager, want) + 1e-6

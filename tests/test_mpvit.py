@@ -183,10 +183,10 @@ def test_whole_model_through_the_kernels_equals_kernels_off():
     assert rec.names.count(attention) == 23  # every block of every path
     assert rec.names.count("mpvit_kernels.dwconv_bn") == 11  # every patch embedding of every stage
     assert rec.names.count("mpvit_kernels.gli_projection") == 12  # every stage's aggregate and InvRes 1x1s
-    # norm1 -> qkv of every block; the whole MLP in one op where C <= 128 (stages 1 and 2: 2 + 6
-    # blocks), else fc1 -> GELU
+    # norm1 -> qkv of every block; the rest of the block in one op where C <= 128 (stages 1 and 2:
+    # 2 + 6 blocks), else residual_layernorm and fc1 -> GELU
     assert rec.names.count("mpvit_kernels.linear") == 23 + 15
-    assert rec.names.count("mpvit_kernels.linear_mlp") == 8
+    assert rec.names.count("mpvit_kernels.linear_proj_mlp") == 8
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
     assert rec.names.count("aten.clone") == 1  # the input
     assert not {"aten.copy_", "aten._to_copy", "aten.contiguous", "aten.cat", "aten.constant_pad_nd"} & set(rec.names)
@@ -219,8 +219,8 @@ def test_whole_model_through_the_kernels_under_bf16_autocast():
             with mpvit_kernels.use_backend("reference"):
                 off = model(x)
     assert on.dtype == off.dtype == torch.bfloat16
-    for op, calls in (("dwconv_bn", 11), ("gli_projection", 12), ("linear", 38), ("linear_mlp", 8),
-                      ("residual_layernorm_fwd", 23)):
+    for op, calls in (("dwconv_bn", 11), ("gli_projection", 12), ("linear", 38), ("linear_proj_mlp", 8),
+                      ("residual_layernorm_fwd", 15)):
         assert rec.names.count(f"mpvit_kernels.{op}") == calls, op
     assert normwise_error(on, want) <= 2 * normwise_error(off, want) + 1e-3
 

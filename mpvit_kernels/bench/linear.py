@@ -7,11 +7,12 @@ bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM 
 LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM);
 forward+backward rows add fc1's backward, whose GELU grad and bias grad come from the epilogue
 of a GEMM that recomputes the pre-activation (``linear_gelu_grad``).
-Site "MLP + residual" (``r + fc2(gelu(fc1(u)))``, inference, the stages with C <= 128): eager
-as the public block (cuBLAS, a GELU pass, cuBLAS with fc2's bias, the residual add); ours
-``ops.linear_mlp``, one kernel whose hidden never reaches memory, where the model takes it; and
-"ours unfused", what the model ran there before (``ops.linear`` for fc1 + GELU, then cuBLAS's
-fc2 accumulating onto r): the fusion is worth it where ours beats ours unfused.
+Site "block after attention" (proj, residual add, norm2, MLP, residual add: inference, the
+stages with C <= 128): eager as the public block runs it (cuBLAS's GEMMs with their biases, the
+adds, LayerNorm and GELU passes); ours ``ops.linear_proj_mlp``, one kernel whose proj output,
+norm2 output and hidden never reach memory, where the model takes it; and "ours unfused", what
+the model runs elsewhere (proj's cuBLAS GEMM, ``ops.residual_layernorm``, ``ops.linear`` for fc1
++ GELU, cuBLAS's fc2 accumulating onto r): the fusion is worth it where ours beats ours unfused.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from mpvit_kernels.ops.linear import MLP_MAX_C
 
 MLP_RATIO = CONFIGS["small"][2]
 EPS = 1e-6  # MPViT's LayerNorms'
-MLP = "MLP + residual"
+MLP = "block after attention"
 SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO, MLP: MLP_RATIO}  # site: hidden width / C
 
 
@@ -46,19 +47,21 @@ def ours_fc1_gelu(x, w, b):
     return ops.linear(x, w, b, gelu=True)
 
 
-def eager_mlp(u, w1, b1, w2, b2, r):
-    return r + F.linear(F.gelu(F.linear(u, w1, b1)), w2, b2)
+def eager_mlp(a, wp, pb, lnw, lnb, w1, b1, w2, b2, x):
+    x = x + F.linear(a, wp, pb)
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), lnw, lnb, EPS), w1, b1)), w2, b2)
 
 
-def ours_mlp(u, w1, b1, w2, b2, r):
-    # fc2's bias is in r already in the model (residual_layernorm adds it): not counted here
-    return ops.linear_mlp(u, r, w1, b1, w2)
+def ours_mlp(a, wp, pb, lnw, lnb, w1, b1, w2, b2, x):
+    return ops.linear_proj_mlp(a, x, wp, pb, lnw, lnb, EPS, w1, b1, w2, b2)
 
 
-def ours_unfused_mlp(u, w1, b1, w2, b2, r):
-    C = u.shape[-1]
+def ours_unfused_mlp(a, wp, pb, lnw, lnb, w1, b1, w2, b2, x):
+    C = a.shape[-1]
+    y = F.linear(a.reshape(-1, C), wp)
+    r, u = ops.residual_layernorm(x.reshape(-1, C), y, pb, b2, lnw, lnb, EPS)
     h = ops.linear(u, w1, b1, gelu=True)
-    return torch.addmm(r.reshape(-1, C), h.reshape(-1, h.shape[-1]), w2.t()).view(r.shape)
+    return torch.addmm(r, h, w2.t()).view(x.shape)
 
 
 IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu),
@@ -67,15 +70,18 @@ IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc
 
 def site_inputs(site: str, B: int, N: int, C: int, dtype, device):
     """x (B, N, C) and the site's parameters: (weight, bias[, LayerNorm weight, bias]); for the
-    MLP (fc1 weight, fc1 bias, fc2 weight, fc2 bias, the residual r (B, N, C))."""
+    block after attention x is the attention's output and the parameters (proj weight and bias,
+    norm2 weight and bias, fc1 weight and bias, fc2 weight and bias, the block's input (B, N, C))."""
     hidden = SITES[site] * C
     x = torch.randn(B, N, C, device=device, dtype=dtype)
     params = [torch.randn(hidden, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(hidden, device=device, dtype=dtype)]
     if site == "norm1 + qkv":
         params += [torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype)]
     if site == MLP:
-        params += [torch.randn(C, hidden, device=device, dtype=dtype) * hidden ** -0.5,
-                   torch.randn(C, device=device, dtype=dtype), torch.randn(B, N, C, device=device, dtype=dtype)]
+        params = [torch.randn(C, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(C, device=device, dtype=dtype),
+                  torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype),
+                  *params, torch.randn(C, hidden, device=device, dtype=dtype) * hidden ** -0.5,
+                  torch.randn(C, device=device, dtype=dtype), torch.randn(B, N, C, device=device, dtype=dtype)]
     return x, params
 
 
@@ -92,7 +98,7 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 N = (res // stride) ** 2
                 x, params = site_inputs(site, args.batch, N, C, dtype, device)
                 # the least any implementation moves: x read once, the hidden written once (the
-                # MLP: u and r read, the output written)
+                # block after attention: its two inputs read, its output written)
                 nbytes = args.batch * N * C * x.element_size() * (3 if site == MLP else 1 + SITES[site])
                 for mode in ("forward",) if site == MLP else ("forward", "forward+backward"):
                     backward = mode != "forward"

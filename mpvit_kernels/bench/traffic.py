@@ -307,9 +307,9 @@ def block_middle(impl: str, B: int, N: int, C: int, dtype, backward: bool) -> Co
 
 
 def token_linear(impl: str, site: str, B: int, N: int, C: int, dtype, backward: bool) -> CountTraffic:
-    """norm1 -> qkv, fc1 -> GELU or the MLP onto the residual (bench.linear's sites) as the public
-    block runs them ("eager") or as ``ops.linear`` / ``ops.linear_mlp`` ("ours"), forward or
-    forward+backward with every parameter training, counted on meta tensors."""
+    """norm1 -> qkv, fc1 -> GELU or the block after its attention (bench.linear's sites) as the
+    public block runs them ("eager") or as ``ops.linear`` / ``ops.linear_proj_mlp`` ("ours"),
+    forward or forward+backward with every parameter training, counted on meta tensors."""
     eager, ours = linear_bench.IMPLS[site]
     x, params = linear_bench.site_inputs(site, B, N, C, dtype, "meta")
     x, params = x.requires_grad_(backward), [p.requires_grad_(backward) for p in params]

@@ -82,17 +82,20 @@ class MHCABlock(nn.Module):
         qkv = ops.linear(x, att.qkv.weight, att.qkv.bias, norm1.weight, norm1.bias, norm1.eps)
         a = att.core(qkv, size).reshape(B * N, C)
         del qkv
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        if C <= MLP_MAX_C and fc1.bias is not None and backend.use_triton("linear", x.device) and \
+                backend.use_triton("residual_layernorm", x.device) and not (torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (x, a, att.proj.weight, att.proj.bias, norm2.weight, norm2.bias,
+                                              fc1.weight, fc1.bias, fc2.weight, fc2.bias))):
+            # no graph to record: the rest of the block in one kernel, whose proj output, norm2
+            # output and hidden never reach memory (training keeps the ops below and their backward)
+            return ops.linear_proj_mlp(a, x.reshape(B * N, C), att.proj.weight, att.proj.bias, norm2.weight, norm2.bias,
+                                       norm2.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias).view(B, N, C)
         y = F.linear(a, att.proj.weight)
         del a
         r, u = ops.residual_layernorm(x.reshape(B * N, C), y, att.proj.bias, mlp.fc2.bias, norm2.weight, norm2.bias,
                                       norm2.eps)
         del x, y
-        fc1, fc2 = mlp.fc1, mlp.fc2
-        if C <= MLP_MAX_C and fc1.bias is not None and backend.use_triton("linear", r.device) and not (
-                torch.is_grad_enabled() and any(t.requires_grad for t in (r, u, fc1.weight, fc1.bias, fc2.weight))):
-            # no graph to record: the whole MLP and its residual add in one kernel, whose hidden
-            # never reaches memory (training keeps fc1's fused GELU grad, below)
-            return ops.linear_mlp(u, r, fc1.weight, fc1.bias, fc2.weight).view(B, N, C)
         h = ops.linear(u, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
         del u
         if h.dtype != r.dtype:

@@ -12,9 +12,10 @@ interpreter; on other CPU tensors (and under ``reference``) the eager compositio
 :func:`mpvit_kernels.reference.linear`, which on a CPU is what oneDNN's GEMMs run fastest (its
 GELU in place where no autograd graph needs the pre-activation; from 4096 fp32 rows the GEMM as
 oneDNN's 1x1 conv, :func:`_conv_gemm`).
-The MLP of the first two stages' blocks (C <= 128) is one op in inference, ``linear_mlp``:
-``r + gelu(u @ W1^T + b1) @ W2^T``, fc1, GELU, fc2 and the residual add in one Triton kernel
-whose 4C-wide hidden never reaches memory.
+In inference, the rest of the first two stages' blocks after their attention (C <= 128) is one
+op, ``linear_proj_mlp``: proj, the residual add, norm2, fc1, GELU, fc2 and the second residual
+add in one Triton kernel, whose proj output, normalised tokens and 4C-wide hidden never reach
+memory.
 
 Backward: with GELU, ``mpvit_kernels::linear_gelu_grad``, the same Triton GEMM recomputing the
 pre-activation h with dh = dy * gelu'(h) in its epilogue (h never reaches memory: eager's
@@ -33,10 +34,10 @@ from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_te
 
 # a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
 MAX_OUTPUTS = 65535 * 128
-# linear_mlp's widths: one program holds whole rows of C channels (its output accumulator and u
-# tile), so C is at most 128: MPViT's first two stages, where the MLP is memory-bound (a 4C-wide
-# hidden written and read per token by the unfused pair); wider stages keep fc1 (``linear``) and
-# fc2 (cuBLAS) apart.
+# linear_proj_mlp's widths: one program holds whole rows of C channels (the residual stream's and
+# norm2's), so C is at most 128: MPViT's first two stages, where the block's GEMMs are
+# memory-bound (the unfused ops write and read proj's output, r, u and a 4C-wide hidden per
+# token); wider stages keep them apart.
 MLP_MAX_C = 128
 
 
@@ -102,57 +103,72 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(x.shape[:-1] + (N,))
 
 
-def linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
-               fc2_weight: torch.Tensor) -> torch.Tensor:
-    """``r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T``: a block's MLP (fc1, the exact GELU,
-    fc2 without its bias) added to the residual r, for C <= 128 channels (``MLP_MAX_C``).
+def linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                    norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, fc1_weight: torch.Tensor,
+                    fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
+    """An MPViT encoder block after its attention, for C <= 128 channels (``MLP_MAX_C``)::
 
-    u, r: tokens (..., C) of one shape, any strides (a unit channel stride is read in place), any
-    float dtypes; fc1_weight (hidden, C), fc1_bias (hidden,) or None, fc2_weight (C, hidden).
-    Returns r's shape and dtype, contiguous. The GEMMs run in the autocast dtype inside an
-    autocast region (u's dtype float64 excepted), else in u's, the weights cast to it as
-    :func:`linear` casts them; they accumulate in fp32 (fp64). The kernel adds fc1's bias in fp32
-    (fp64) and takes GELU of the unrounded pre-activation, as :func:`linear`'s epilogue does, and
-    rounds the hidden once to the GEMMs' dtype before fc2 (eager rounds fc1's output, then
-    GELU's); fc2's product is added to r unrounded and the sum rounded once to r's dtype (eager
-    under autocast over a wider stream rounds fc2's output to the autocast dtype first). On CUDA
-    (and under Triton's interpreter) one kernel: the hidden stays in registers, so each token moves u and r in and the output out,
-    where fc1 -> GELU -> fc2 -> add write and read a 4C-wide hidden. Elsewhere (and under
-    ``reference``) :func:`mpvit_kernels.reference.linear_mlp`. Its backward is eager's, in ATen
-    ops from the hidden recomputed: the model takes this op only where no autograd graph is
-    recorded (training keeps ``linear`` and its fused GELU grad).
+        s = x + a @ proj_weight^T + proj_bias
+        out = s + fc2_bias + gelu(layer_norm(s) @ fc1_weight^T + fc1_bias) @ fc2_weight^T
+
+    the LayerNorm (norm2) over C with ``norm_weight``, ``norm_bias`` and ``eps``. a: the
+    attention's output, x: the block's input, tokens (..., C) of one shape, any strides (a unit
+    channel stride is read in place), any float dtypes; proj_weight (C, C), fc1_weight (hidden,
+    C), fc2_weight (C, hidden), the biases and norm2's affine (C,) or (hidden,), any float dtype.
+    Returns x's shape, contiguous, in the dtype of x + proj's output (the residual stream's
+    dtype, as eager's type promotion gives it). The GEMMs run in the autocast dtype inside an
+    autocast region (a's dtype float64 excepted), else in a's, the weights cast to it as
+    :func:`linear` casts them, and accumulate in fp32 (fp64); the rest computes in fp32 (fp64).
+    Eager rounds proj's output, norm2's, fc1's, GELU's (and under autocast fc2's) to their
+    dtypes; here only norm2's output and the hidden are rounded to the GEMMs' dtype, as the
+    GEMMs read them, and the sum once, at the end. On CUDA (and under Triton's interpreter) one
+    kernel; elsewhere (and where ``linear`` or ``residual_layernorm`` runs ``reference``)
+    :func:`mpvit_kernels.reference.linear_proj_mlp`. Its backward is that composition's, the
+    forward recomputed in ATen ops: the model takes this op only where no autograd graph is
+    recorded (training keeps its separate fused ops and their backward kernels).
     """
-    _check_mlp(u, r, fc1_weight, fc1_bias, fc2_weight)
-    dtype = backend.autocast_dtype(u)
-    w1, w2 = backend.weight_as(fc1_weight, dtype), backend.weight_as(fc2_weight, dtype)
-    if not backend.use_triton("linear", u.device):
-        return reference.linear_mlp(u, r, w1, fc1_bias, w2)
-    C = u.shape[-1]
-    if fc1_bias is None:
-        fc1_bias = w1.new_zeros(w1.shape[0], dtype=reference._acc_dtype(dtype))
-    out = backend.call_op(_linear_mlp, u.reshape(-1, C), r.reshape(-1, C), w1, fc1_bias, w2)
-    return out.view(r.shape)
+    _check_proj_mlp(a, x, proj_weight, proj_bias, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                    fc2_bias)
+    dtype = backend.autocast_dtype(a)
+    wp, w1, w2 = (backend.weight_as(w, dtype) for w in (proj_weight, fc1_weight, fc2_weight))
+    if not (backend.use_triton("linear", a.device) and backend.use_triton("residual_layernorm", a.device)):
+        return reference.linear_proj_mlp(a, x, wp, proj_bias, norm_weight, norm_bias, eps, w1, fc1_bias, w2, fc2_bias)
+    vectors = [proj_bias, norm_weight, norm_bias, fc1_bias, fc2_bias]
+    if len({v.dtype for v in vectors}) > 1:  # the kernel reads them in one dtype, whichever it is
+        vectors = [v.to(reference._acc_dtype(dtype)) for v in vectors]
+    pb, lnw, lnb, b1, b2 = vectors
+    C = a.shape[-1]
+    out = backend.call_op(_linear_proj_mlp, a.reshape(-1, C), x.reshape(-1, C), wp, pb, lnw, lnb, float(eps), w1, b1,
+                          w2, b2)
+    return out.view(x.shape)
 
 
-def _check_mlp(u, r, fc1_weight, fc1_bias, fc2_weight):
-    check_float_tensors("linear_mlp", u=u, r=r, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
-    if u.dim() < 2 or u.shape != r.shape:
-        raise ValueError(f"linear_mlp: u and r must be tokens (..., C) of one shape, got {tuple(u.shape)} and "
-                         f"{tuple(r.shape)}")
-    C = u.shape[-1]
+def _check_proj_mlp(a, x, proj_weight, proj_bias, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
+                    fc2_bias):
+    check_float_tensors("linear_proj_mlp", a=a, x=x, proj_weight=proj_weight, fc1_weight=fc1_weight,
+                        fc2_weight=fc2_weight)
+    if a.dim() < 2 or a.shape != x.shape:
+        raise ValueError(f"linear_proj_mlp: a and x must be tokens (..., C) of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(x.shape)}")
+    C = a.shape[-1]
     if not 1 <= C <= MLP_MAX_C:
-        raise ValueError(f"linear_mlp: at most {MLP_MAX_C} channels (C, u's last dim), got {C}")
+        raise ValueError(f"linear_proj_mlp: at most {MLP_MAX_C} channels (C, a's last dim), got {C}")
+    if tuple(proj_weight.shape) != (C, C):
+        raise ValueError(f"linear_proj_mlp: proj_weight must be ({C}, {C}), got {tuple(proj_weight.shape)}")
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or fc1_weight.shape[0] < 1:
-        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}), got {tuple(fc1_weight.shape)}")
+        raise ValueError(f"linear_proj_mlp: fc1_weight must be (hidden, {C}), got {tuple(fc1_weight.shape)}")
     hidden = fc1_weight.shape[0]
     if tuple(fc2_weight.shape) != (C, hidden):
-        raise ValueError(f"linear_mlp: fc2_weight must be ({C}, {hidden}), got {tuple(fc2_weight.shape)}")
-    for name, t in (("r", r), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
-        if t.device != u.device:
-            raise ValueError(f"linear_mlp: {name} is on {t.device}, u on {u.device}")
-    if fc1_bias is not None:
-        check_channel_params("linear_mlp", hidden, u.device, fc1_bias=fc1_bias)
-    check_rows("linear_mlp", u.numel() // C)
+        raise ValueError(f"linear_proj_mlp: fc2_weight must be ({C}, {hidden}), got {tuple(fc2_weight.shape)}")
+    for name, t in (("x", x), ("proj_weight", proj_weight), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if t.device != a.device:
+            raise ValueError(f"linear_proj_mlp: {name} is on {t.device}, a on {a.device}")
+    check_channel_params("linear_proj_mlp", C, a.device, proj_bias=proj_bias, norm_weight=norm_weight,
+                         norm_bias=norm_bias, fc2_bias=fc2_bias)
+    check_channel_params("linear_proj_mlp", hidden, a.device, fc1_bias=fc1_bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+        raise ValueError(f"linear_proj_mlp: eps must be a finite number > 0, got {eps!r}")
+    check_rows("linear_proj_mlp", a.numel() // C)
 
 
 def _conv_gemm(x, weight, bias):
@@ -318,80 +334,79 @@ def _gelu_grad_backward(ctx, grad, grad_bias):
 _linear_gelu_grad.register_autograd(_gelu_grad_backward, setup_context=_gelu_grad_setup_context)
 
 
-@torch.library.custom_op("mpvit_kernels::linear_mlp", mutates_args=())
-def _linear_mlp(u: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
-                fc2_weight: torch.Tensor) -> torch.Tensor:
-    """out (M, C) contiguous in r's dtype = r + gelu(u @ fc1_weight^T + fc1_bias) @ fc2_weight^T:
-    u and r (M, C) with any strides and float dtypes, C <= 128; the weights (hidden, C) and (C,
-    hidden) in the GEMMs' dtype, which they share; fc1_bias (hidden,) in any float dtype."""
+@torch.library.custom_op("mpvit_kernels::linear_proj_mlp", mutates_args=())
+def _linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, fc1_weight: torch.Tensor,
+                     fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
+    """out (M, C) contiguous in the dtype of x + proj's output: ``linear_proj_mlp``. a and x (M,
+    C) with any strides and float dtypes, C <= 128; the three weights in the GEMMs' dtype, which
+    they share; the five vectors in one float dtype."""
     kernels, vector_width, _, _ = _kernels()
-    M, C = u.shape
-    dtype, hidden = fc1_weight.dtype, fc1_weight.shape[0]
+    M, C = a.shape
+    dtype, hidden = proj_weight.dtype, fc1_weight.shape[0]
+    vectors = (proj_bias, norm_weight, norm_bias, fc2_bias, fc1_bias)
     # what the kernel's indexing relies on, for direct calls (the wrapper checked it all, with
     # clearer messages)
-    if (r.shape != u.shape or not 1 <= C <= MLP_MAX_C or fc1_weight.shape != (hidden, C)
-            or fc2_weight.shape != (C, hidden) or fc1_bias.shape != (hidden,)):
-        raise ValueError(f"linear_mlp: u, r (M, C <= {MLP_MAX_C}), fc1_weight (hidden, C), fc1_bias (hidden,), "
-                         f"fc2_weight (C, hidden) expected, got {tuple(u.shape)}, {tuple(r.shape)}, "
-                         f"{tuple(fc1_weight.shape)}, {tuple(fc1_bias.shape)}, {tuple(fc2_weight.shape)}")
-    if fc2_weight.dtype != dtype:
-        raise ValueError(f"linear_mlp: fc1_weight and fc2_weight must share a dtype, got {dtype} and {fc2_weight.dtype}")
-    check_float_tensors("linear_mlp", fc1_weight=fc1_weight, fc1_bias=fc1_bias)
-    if any(t.device != u.device for t in (r, fc1_weight, fc1_bias, fc2_weight)):
-        raise ValueError(f"linear_mlp: every tensor must be on u's device ({u.device})")
-    check_rows("linear_mlp", M)
-    if u.stride(1) != 1 and C != 1:  # the kernel indexes channels with unit stride
-        u = u.contiguous()
-    if r.stride(1) != 1 and C != 1:
-        r = r.contiguous()
-    out = torch.empty((M, C), dtype=r.dtype, device=r.device)
+    if (x.shape != a.shape or not 1 <= C <= MLP_MAX_C or proj_weight.shape != (C, C)
+            or fc1_weight.shape != (hidden, C) or fc2_weight.shape != (C, hidden)
+            or any(v.shape != (C,) for v in vectors[:4]) or fc1_bias.shape != (hidden,)):
+        raise ValueError(f"linear_proj_mlp: a, x (M, C <= {MLP_MAX_C}), proj_weight (C, C), fc1_weight (hidden, C), "
+                         f"fc2_weight (C, hidden), biases and norm2's affine (C,) or (hidden,) expected, got "
+                         f"{[tuple(t.shape) for t in (a, x, proj_weight, fc1_weight, fc2_weight, *vectors)]}")
+    if fc1_weight.dtype != dtype or fc2_weight.dtype != dtype or len({v.dtype for v in vectors}) > 1:
+        raise ValueError("linear_proj_mlp: the three weights must share a dtype, and the five vectors one")
+    check_float_tensors("linear_proj_mlp", proj_weight=proj_weight, proj_bias=proj_bias)
+    if any(t.device != a.device for t in (x, proj_weight, fc1_weight, fc2_weight, *vectors)):
+        raise ValueError(f"linear_proj_mlp: every tensor must be on a's device ({a.device})")
+    check_rows("linear_proj_mlp", M)
+    if a.stride(1) != 1 and C != 1:  # the kernel indexes channels with unit stride
+        a = a.contiguous()
+    if x.stride(1) != 1 and C != 1:
+        x = x.contiguous()
+    out = torch.empty((M, C), dtype=torch.promote_types(x.dtype, dtype), device=x.device)
     if M == 0:
         return out
-    block_c = max(16, 1 << (C - 1).bit_length())  # C's next power of two
-    w1, b1, w2 = fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous()
-    vec = vector_width(out.element_size(), C, hidden, *((u.stride(0), r.stride(0)) if M > 1 else ()))
-    if any(t.data_ptr() % 16 for t in (u, r, w1, b1, w2, out)):
-        # Triton vectorises only 16-byte-aligned pointers: rows read element by element take the
-        # narrower tile (VEC < 8), which is what compiles without spills then
-        vec = 1
-    with backend.triton_device(u):
-        kernels.mlp_kernel[lambda meta: (-(-M // meta["BLOCK_M"]),)](
-            u, r, w1, b1, w2, out, M, C, hidden, u.stride(0), r.stride(0),
+    weights = [w.contiguous() for w in (proj_weight, fc1_weight, fc2_weight)]
+    vectors = [v.contiguous() for v in vectors]
+    vec = vector_width(out.element_size(), C, hidden, *((a.stride(0), x.stride(0)) if M > 1 else ()))
+    if any(t.data_ptr() % 16 for t in (a, x, out, *weights, *vectors)):
+        vec = 1  # Triton vectorises only 16-byte-aligned pointers
+    wp, w1, w2 = weights
+    pb, lnw, lnb, b2, b1 = vectors
+    with backend.triton_device(a):
+        kernels.proj_mlp_kernel[lambda meta: (-(-M // meta["BLOCK_M"]),)](
+            a, x, wp, pb, b2, lnw, lnb, w1, b1, w2, out, M, C, hidden, a.stride(0), x.stride(0), float(eps),
             ACC=kernels.tl.float64 if dtype == torch.float64 else kernels.tl.float32,
-            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=block_c, VEC=vec)
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=max(16, 1 << (C - 1).bit_length()), VEC=vec)
     return out
 
 
-@_linear_mlp.register_fake
-def _(u, r, fc1_weight, fc1_bias, fc2_weight):
-    return r.new_empty(r.shape)
+@_linear_proj_mlp.register_fake
+def _(a, x, proj_weight, proj_bias, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, proj_weight.dtype))
 
 
-def _mlp_setup_context(ctx, inputs, output):
-    u, r, fc1_weight, fc1_bias, fc2_weight = inputs
-    ctx.save_for_backward(u, fc1_weight, fc1_bias, fc2_weight)
-    ctx.r_dtype = r.dtype
+def _proj_mlp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], *inputs[7:])
+    ctx.eps = inputs[6]
 
 
-def _mlp_backward(ctx, grad):
-    """Eager's MLP backward in ATen ops, from the hidden recomputed (as the kernel computed it:
-    fp32 (fp64) pre-activation, rounded to the GEMMs' dtype after GELU); r's grad is the
-    output's."""
-    u, w1, b1, w2 = ctx.saved_tensors
-    dtype = w1.dtype
-    acc = reference._acc_dtype(dtype)
-    x = u.to(dtype)
-    h = (x @ w1.t()).to(acc) + b1.to(acc)
-    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
-    pdf = torch.exp(-0.5 * h * h) * 0.3989422804014327
-    g = grad.to(dtype)
-    grad_w2 = g.t() @ (h * cdf).to(dtype)
-    dh = (g @ w2).to(acc) * (cdf + h * pdf)
-    low = dh.to(dtype)
-    return (low @ w1).to(u.dtype), grad.to(ctx.r_dtype), low.t() @ x, dh.sum(0).to(b1.dtype), grad_w2
+def _proj_mlp_backward(ctx, grad):
+    """The grads of ``reference.linear_proj_mlp``'s composition, its forward recomputed in ATen
+    ops (differentiable again: a second derivative works)."""
+    needs = ctx.needs_input_grad[:6] + ctx.needs_input_grad[7:]
+    create_graph = torch.is_grad_enabled()  # a second derivative follows: recompute on the inputs themselves
+    leaves = list(ctx.saved_tensors) if create_graph else \
+        [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    with torch.enable_grad():
+        out = reference.linear_proj_mlp(*leaves[:6], ctx.eps, *leaves[6:])
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=create_graph) if wanted else ())
+    got = [next(grads) if need else None for need in needs]
+    return (*got[:6], None, *got[6:])
 
 
-_linear_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+_linear_proj_mlp.register_autograd(_proj_mlp_backward, setup_context=_proj_mlp_setup_context)
 
 
 @_linear.register_fake

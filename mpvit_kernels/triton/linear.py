@@ -18,18 +18,20 @@ cancellation for tokens far from zero mean); the GEMM's K loop then reads the sa
 time, all three from cache for the widths MPViT has (K <= 480). The normalised tile is rounded
 to W's dtype before the dot, as eager rounds the LayerNorm's output before its Linear reads it.
 
-``mlp_kernel`` (the op ``mpvit_kernels::linear_mlp``, inference) is the whole MLP onto the
-residual, out = r + gelu(u W1^T + b1) W2^T, for C <= 128: fc1's GEMM and fc2's in one program,
-the hidden in registers.
+``proj_mlp_kernel`` (the op ``mpvit_kernels::linear_proj_mlp``, inference) is the rest of an
+encoder block after its attention, for C <= 128: s = x + a Wp^T + bp, then
+s + b2 + gelu(norm2(s) W1^T + b1) W2^T; proj's, fc1's and fc2's GEMMs in one program, proj's
+output, norm2's and the hidden in registers.
 """
 import triton
 import triton.language as tl
 
 from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
+from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
 # epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import AUTOTUNE, LAUNCH, TUNED_CONFIGS
+from mpvit_kernels.triton.gli_projection import AUTOTUNE, INTERPRET, LAUNCH, TUNED_CONFIGS
 from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
 
 
@@ -114,37 +116,13 @@ def _gelu(h, ACC: tl.constexpr):
     return 0.5 * h * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
 
 
-@triton.jit(do_not_specialize=["M"])
-def mlp_kernel(
-    u_ptr,  # (M, C) rows with unit channel stride, row stride below; any float dtype
-    r_ptr,  # (M, C) rows with unit channel stride: the residual the MLP's output is added to
-    w1_ptr,  # (HID, C) contiguous: fc1's weight, in the GEMMs' dtype
-    b1_ptr,  # (HID,) fc1's bias, read in ACC
-    w2_ptr,  # (C, HID) contiguous: fc2's weight, in the GEMMs' dtype
-    out_ptr,  # (M, C) contiguous, in r's dtype: r + gelu(u W1^T + b1) W2^T
-    M, C, HID, stride_um, stride_rm,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, VEC: tl.constexpr = 1,
-):
-    """The whole MLP of BLOCK_M tokens: the 4C-wide hidden lives in registers, BLOCK_H columns
-    at a time (fc1's GEMM, its bias and GELU, rounded to the GEMMs' dtype as eager's fc1 output
-    is, then fc2's GEMM accumulating onto all C outputs), so that it never reaches memory. One
-    program holds whole rows of u and of the output (BLOCK_C >= C): the LayerNorm'ed u tile is
-    read once, the residual once, the output written once; the weights come from L2."""
-    # C, HID and the row strides are multiples of VEC (affine_hswish.vector_width): vector loads
-    C = _known_multiple(C, VEC)
-    HID = _known_multiple(HID, VEC)
-    stride_um = _known_multiple(stride_um, VEC)
-    stride_rm = _known_multiple(stride_rm, VEC)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C)
-    mmask = offs_m < M
-    cmask = offs_c < C
-    rows = offs_m.to(tl.int64)
-    tmask = mmask[:, None] & cmask[None, :]
+@triton.jit
+def _mlp_onto(acc, u, w1_ptr, b1_ptr, w2_ptr, C, HID, offs_c, cmask,
+              ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr):
+    """acc + gelu(u W1^T + b1) W2^T for a (BLOCK_M, BLOCK_C) tile of tokens u (in the GEMMs' dtype,
+    zero past C): the hidden BLOCK_H columns at a time (fc1's GEMM, its bias and GELU, rounded to
+    the GEMMs' dtype as eager's fc1 output is, then fc2's GEMM onto all C outputs), never stored."""
     ty = w1_ptr.dtype.element_ty
-    u = tl.load(u_ptr + rows[:, None] * stride_um + offs_c[None, :], mask=tmask, other=0.0).to(ty)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         hmask = offs_h < HID
@@ -157,32 +135,84 @@ def mlp_kernel(
         w2 = tl.load(w2_ptr + offs_c[None, :].to(tl.int64) * HID + offs_h[:, None], mask=hmask[:, None] & cmask[None, :],
                      other=0.0)
         acc += tl.dot(h.to(ty), w2, out_dtype=ACC, input_precision=DOT_PRECISION)
-    res = tl.load(r_ptr + rows[:, None] * stride_rm + offs_c[None, :], mask=tmask, other=0.0).to(ACC)
-    tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], (res + acc).to(out_ptr.dtype.element_ty), mask=tmask)
+    return acc
 
 
-def mlp_tile(block_c: int, kind: str, vec: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_H, num_warps, num_stages) of mlp_kernel for this BLOCK_C, GEMM dtype ("fp64",
-    "fp32" or "16-bit") and VEC: the largest row blocks (each program reads both weights whole,
-    from L2) that compile without spills for sm_80 and sm_90a (static report), 16-bit rows read
-    element by element (VEC < 8) spilling at 128 rows x 128 channels. fp32 and fp64 dots run on
-    FMA units, their operands in registers: smaller tiles."""
+@triton.jit(do_not_specialize=["M"])
+def proj_mlp_kernel(
+    a_ptr,  # (M, C) rows with unit channel stride: the attention's output, proj's input; any float dtype
+    x_ptr,  # (M, C) rows with unit channel stride: the block's input (the residual stream)
+    wp_ptr,  # (C, C) contiguous: proj's weight, in the GEMMs' dtype
+    pb_ptr, b2_ptr, lnw_ptr, lnb_ptr,  # (C,) each: proj's bias, fc2's, norm2's weight and bias; read in ACC
+    w1_ptr, b1_ptr, w2_ptr,  # fc1's weight (HID, C), its bias (HID,, read in ACC), fc2's weight (C, HID)
+    out_ptr,  # (M, C) contiguous, in x's dtype: the block's output
+    M, C, HID, stride_am, stride_xm,
+    eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, VEC: tl.constexpr = 1,
+):
+    """An encoder block after its attention, for BLOCK_M tokens: s = x + a Wp^T + bp, then
+    out = s + b2 + MLP(norm2(s)) (_mlp_onto). proj's output, s, norm2's output and the hidden
+    all stay in registers: a and x are read once, the output written once (unfused: proj's
+    output written and read, residual_layernorm's r and u, fc1's 4C-wide hidden). One program
+    holds whole rows (BLOCK_C >= C); the weights come from L2."""
+    C = _known_multiple(C, VEC)
+    HID = _known_multiple(HID, VEC)
+    stride_am = _known_multiple(stride_am, VEC)
+    stride_xm = _known_multiple(stride_xm, VEC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    rows = offs_m.to(tl.int64)
+    mmask = offs_m < M
+    tmask = mmask[:, None] & cmask[None, :]
+    ty = w1_ptr.dtype.element_ty
+    # proj's GEMM in K chunks of BLOCK_H (a whole C x C operand would not fit in registers where
+    # the dots run on FMA units); Wp^T (C_in x C_out) zero past C: s is zero in the padding
+    # columns, as the LayerNorm needs
+    s = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for k0 in range(0, C, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        kmask = offs_k < C
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wp = tl.load(wp_ptr + offs_c[None, :].to(tl.int64) * C + offs_k[:, None], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0)
+        s += tl.dot(a.to(ty), wp, out_dtype=ACC, input_precision=DOT_PRECISION)
+    s += tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :], mask=tmask, other=0.0).to(ACC)
+    s += tl.load(pb_ptr + offs_c, mask=cmask, other=0.0).to(ACC)[None, :]
+    dev, _, rstd = _row_layernorm(s, tmask, C, eps, ACC)
+    u = dev * rstd[:, None] * tl.load(lnw_ptr + offs_c, mask=cmask, other=0.0).to(ACC)[None, :] + \
+        tl.load(lnb_ptr + offs_c, mask=cmask, other=0.0).to(ACC)[None, :]
+    acc = s + tl.load(b2_ptr + offs_c, mask=cmask, other=0.0).to(ACC)[None, :]
+    acc = _mlp_onto(acc, u.to(ty), w1_ptr, b1_ptr, w2_ptr, C, HID, offs_c, cmask, ACC, DOT_PRECISION, BLOCK_H)
+    tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=tmask)
+
+
+def proj_mlp_tile(block_c: int, kind: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages) of proj_mlp_kernel for this BLOCK_C and GEMM dtype
+    ("fp64", "fp32" or "16-bit"): the largest row blocks (each program reads all three weights
+    whole, from L2) that compile without spills for sm_80 and sm_90a (static report), aligned or
+    not; 128 x 128 16-bit tiles over an fp32 stream spilled. fp32 and fp64 dots run on FMA
+    units, their operands in registers: smaller tiles."""
     if kind == "fp64":
         return 32, 16, 8, 1
     if kind == "fp32":
-        return (64 if block_c == 64 else 32), 16, 8, 1
-    return (64 if block_c == 128 and vec < 8 else 128), 32, 8, 2
+        return (32 if block_c <= 64 else 16), 16, 8, 1
+    return (128 if block_c <= 64 else 64), 32, 8, 2
 
 
-def _mlp_tile(meta):
+def _proj_mlp_tile(meta):
     kind = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
-    return mlp_tile(meta["BLOCK_C"], kind, meta.get("VEC", 1))
+    return proj_mlp_tile(meta["BLOCK_C"], kind)
 
 
-mlp_kernel = triton.heuristics({
-    "BLOCK_M": lambda meta: _mlp_tile(meta)[0], "BLOCK_H": lambda meta: _mlp_tile(meta)[1],
-    "num_warps": lambda meta: _mlp_tile(meta)[2], "num_stages": lambda meta: _mlp_tile(meta)[3],
-})(mlp_kernel)
+# ptxas's register budget pinned, as gli_projection's LAUNCH pins it: Triton 3.6's ptxas capped
+# the aligned 16-bit 64 x 128 tile at 128 registers and spilled 8 bytes on sm_80
+proj_mlp_kernel = triton.heuristics({
+    "BLOCK_M": lambda meta: _proj_mlp_tile(meta)[0], "BLOCK_H": lambda meta: _proj_mlp_tile(meta)[1],
+    "num_warps": lambda meta: _proj_mlp_tile(meta)[2], "num_stages": lambda meta: _proj_mlp_tile(meta)[3],
+    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
+})(proj_mlp_kernel)
 
 
 def _fitting(configs, named_args, **meta):
@@ -244,16 +274,18 @@ def compile_specs():
                         specs.append(as_launched(spec))
                         if not grad:
                             specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
-    # the MLP: every BLOCK_C; u and r in the GEMMs' dtype (a 16-bit or fp32 model) or, for a
-    # 16-bit GEMM, in fp32 (autocast: the fp32 residual stream, u from its fp32 norm2)
+    # the block after its attention: every BLOCK_C; x (and the output, the parameters) in the
+    # GEMMs' dtype (a 16-bit or fp32 model) or, for a 16-bit GEMM, in fp32 (autocast: the fp32
+    # residual stream and parameters; the attention's output a in the GEMMs' dtype either way)
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
         precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
         for io in ([dt, "fp32"] if dt in ("fp16", "bf16") else [dt]):
             for bc in (16, 32, 64, 128):
-                types = {"u_ptr": f"*{io}", "r_ptr": f"*{io}", "w1_ptr": f"*{dt}", "b1_ptr": f"*{io}",
-                         "w2_ptr": f"*{dt}", "out_ptr": f"*{io}"}
-                spec = (mlp_kernel, f"{dt} u,r={io} BLOCK_C={bc}", types,
+                types = {"a_ptr": f"*{dt}", "x_ptr": f"*{io}", "wp_ptr": f"*{dt}", "w1_ptr": f"*{dt}",
+                         "w2_ptr": f"*{dt}", "out_ptr": f"*{io}", "eps": "fp64",
+                         **{name: f"*{io}" for name in ("pb_ptr", "b2_ptr", "lnw_ptr", "lnb_ptr", "b1_ptr")}}
+                spec = (proj_mlp_kernel, f"{dt} x={io} BLOCK_C={bc}", types,
                         {"ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_C": bc})
                 specs.append(spec)
                 if bc >= 64 and dt != "fp64":  # MPViT's widths (64, 96, 128) as it launches them

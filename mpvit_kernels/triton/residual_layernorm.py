@@ -66,6 +66,22 @@ def _aligned(C, stride_xb, stride_xn, stride_yb, stride_yn, VEC: tl.constexpr):
             _known_multiple(stride_yb, VEC), _known_multiple(stride_yn, VEC))
 
 
+@triton.jit
+def _row_layernorm(s, mask, C, eps, ACC: tl.constexpr):
+    """(s - mean, mean, rstd) of each row of the (BLOCK_M, BLOCK_C) tile s over its C channels (s
+    zero in the padding columns; the deviations zero where ``mask`` is off): eager's two passes,
+    the mean, then the centred variance, rstd = 1 / sqrt(var + eps) correctly rounded."""
+    count = tl.full([], 0.0, ACC) + C
+    mean = _div(tl.sum(s, 1), count, ACC)
+    dev = tl.where(mask, s - mean[:, None], 0.0)
+    var = _div(tl.sum(dev * dev, 1), count, ACC)
+    if ACC == tl.float64:
+        root = tl.sqrt(var + tl.full([], eps, ACC))
+    else:  # tl.sqrt is the approximate square root in fp32
+        root = tl.sqrt_rn(var + tl.full([], eps, ACC))
+    return dev, mean, _div(tl.full([], 1.0, ACC), root, ACC)
+
+
 @LAUNCH
 @triton.jit(do_not_specialize=["M", "N"])
 def residual_layernorm_kernel(
@@ -86,15 +102,7 @@ def residual_layernorm_kernel(
     bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC)
     s = _tokens(x_ptr, rows, cols, mask, N, stride_xb, stride_xn, ACC) + \
         _tokens(y_ptr, rows, cols, mask, N, stride_yb, stride_yn, ACC) + bias[None, :]  # zero in the padding columns
-    count = tl.full([], 0.0, ACC) + C
-    mean = _div(tl.sum(s, 1), count, ACC)
-    dev = tl.where(mask, s - mean[:, None], 0.0)
-    var = _div(tl.sum(dev * dev, 1), count, ACC)
-    if ACC == tl.float64:
-        root = tl.sqrt(var + tl.full([], eps, ACC))
-    else:  # tl.sqrt is the approximate square root in fp32
-        root = tl.sqrt_rn(var + tl.full([], eps, ACC))
-    rstd = _div(tl.full([], 1.0, ACC), root, ACC)
+    dev, mean, rstd = _row_layernorm(s, mask, C, eps, ACC)
     weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(ACC)
     ln_bias = tl.load(ln_bias_ptr + cols, mask=cmask, other=0.0).to(ACC)
     u = dev * rstd[:, None] * weight[None, :] + ln_bias[None, :]
