@@ -523,7 +523,17 @@ def test_proj_mlp_fp64_gradcheck_and_opcheck():
     def fn(a, x, wp, pb, lnw, lnb, w1, b1, w2, b2):
         return ops.linear_proj_mlp(a, x, wp, pb, lnw, lnb, 1e-6, w1, b1, w2, b2)
     assert torch.autograd.gradcheck(fn, leaves)
-    assert torch.autograd.gradgradcheck(fn, leaves)  # its backward is ATen ops
+    assert torch.autograd.gradgradcheck(fn, leaves)  # its backward is ATen ops, differentiable again
+    # one tensor in two slots (a is x, one bias for proj and fc2): the same grads whether or not
+    # a second derivative is being built, and eager's
+    a, x, wp, pb, lnw, lnb, w1, b1, w2, b2 = leaves
+    y = ops.linear_proj_mlp(x, x, wp, pb, lnw, lnb, 1e-6, w1, b1, w2, pb)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(proj_mlp_chain(x, x, wp, pb, lnw, lnb, 1e-6, w1, b1, w2, pb), (x, pb), g)
+    for create_graph in (False, True):
+        got = torch.autograd.grad(y, (x, pb), g, retain_graph=True, create_graph=create_graph)
+        for got_one, want_one in zip(got, want):
+            assert_close(got_one, want_one, scale=4)
     for layout in ("strided", "transposed"):
         a, x, *rest = make_proj_mlp_inputs(10, 12, 24, torch.float32, layout)
         torch.library.opcheck(torch.ops.mpvit_kernels.linear_proj_mlp.default, (a.reshape(-1, 12), x.reshape(-1, 12),

@@ -355,7 +355,7 @@ def _linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor
                          f"{[tuple(t.shape) for t in (a, x, proj_weight, fc1_weight, fc2_weight, *vectors)]}")
     if fc1_weight.dtype != dtype or fc2_weight.dtype != dtype or len({v.dtype for v in vectors}) > 1:
         raise ValueError("linear_proj_mlp: the three weights must share a dtype, and the five vectors one")
-    check_float_tensors("linear_proj_mlp", proj_weight=proj_weight, proj_bias=proj_bias)
+    check_float_tensors("linear_proj_mlp", a=a, x=x, proj_weight=proj_weight, proj_bias=proj_bias)
     if any(t.device != a.device for t in (x, proj_weight, fc1_weight, fc2_weight, *vectors)):
         raise ValueError(f"linear_proj_mlp: every tensor must be on a's device ({a.device})")
     check_rows("linear_proj_mlp", M)
@@ -395,8 +395,9 @@ def _proj_mlp_backward(ctx, grad):
     """The grads of ``reference.linear_proj_mlp``'s composition, its forward recomputed in ATen
     ops (differentiable again: a second derivative works)."""
     needs = ctx.needs_input_grad[:6] + ctx.needs_input_grad[7:]
-    create_graph = torch.is_grad_enabled()  # a second derivative follows: recompute on the inputs themselves
-    leaves = list(ctx.saved_tensors) if create_graph else \
+    create_graph = torch.is_grad_enabled()  # a second derivative follows: recompute on the inputs themselves,
+    # each slot through a view of its own (one tensor in two slots would otherwise get both slots' grads twice)
+    leaves = [t.view_as(t) if need else t for t, need in zip(ctx.saved_tensors, needs)] if create_graph else \
         [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
     wanted = [t for t, need in zip(leaves, needs) if need]
     with torch.enable_grad():

@@ -160,11 +160,10 @@ def proj_mlp_kernel(
     HID = _known_multiple(HID, VEC)
     stride_am = _known_multiple(stride_am, VEC)
     stride_xm = _known_multiple(stride_xm, VEC)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (past 2^31 in the last program)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    rows = offs_m.to(tl.int64)
-    mmask = offs_m < M
+    mmask = rows < M
     tmask = mmask[:, None] & cmask[None, :]
     ty = w1_ptr.dtype.element_ty
     # proj's GEMM in K chunks of BLOCK_H (a whole C x C operand would not fit in registers where
