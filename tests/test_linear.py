@@ -23,23 +23,26 @@ def chain(x, weight, bias, ln_weight, ln_bias, eps, gelu):
     return F.gelu(y) if gelu else y
 
 
+def tokens_in(layout, M, K, dtype, device=KERNEL_DEVICE):
+    """Random tokens in ``layout``: "rows" (M, K) dense; "tokens" (2, M, K); "strided" rows sliced
+    out of wider ones (a row stride of their own); "transposed" tokens with a non-unit channel
+    stride (copied once)."""
+    if layout == "rows":
+        return torch.randn(M, K, dtype=dtype, device=device)
+    if layout == "tokens":
+        return torch.randn(2, M, K, dtype=dtype, device=device)
+    if layout == "strided":
+        return torch.randn(M, K + 7, dtype=dtype, device=device)[:, :K]
+    return torch.randn(2, K, M, dtype=dtype, device=device).transpose(1, 2)
+
+
 def make_inputs(M, K, N, dtype, layout, site, bias=True, device=KERNEL_DEVICE):
-    """x (leaf) in ``layout``: "rows" (M, K) dense; "tokens" (2, M, K); "strided" rows sliced out
-    of wider ones (a row stride of their own); "transposed" tokens with a non-unit channel
-    stride (copied once); then (weight, bias, ln_weight, ln_bias) leaves, the LayerNorm's None
-    where the site has none. Rows far from zero mean, as a residual stream's are."""
+    """x (leaf) in ``layout`` (tokens_in), then (weight, bias, ln_weight, ln_bias) leaves, the
+    LayerNorm's None where the site has none. Rows far from zero mean, as a residual stream's are."""
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=device)
 
-    if layout == "rows":
-        x = randn(M, K)
-    elif layout == "tokens":
-        x = randn(2, M, K)
-    elif layout == "strided":
-        x = randn(M, K + 7)[:, :K]
-    else:
-        x = randn(2, K, M).transpose(1, 2)
-    x = (x * 2 + 3).detach().requires_grad_()
+    x = (tokens_in(layout, M, K, dtype, device) * 2 + 3).detach().requires_grad_()
     norm, _ = SITES[site]
     params = [randn(N, K) * K ** -0.5, randn(N) if bias else None,
               torch.rand(K, dtype=dtype, device=device) + 0.5 if norm else None, randn(K) if norm else None]
@@ -469,22 +472,12 @@ def proj_mlp_chain(a, x, wp, pb, lnw, lnb, eps, w1, b1, w2, b2):
 
 def make_proj_mlp_inputs(M, C, hidden, dtype, layout, device=KERNEL_DEVICE):
     """(a, x, proj weight, proj bias, norm2 weight, norm2 bias, eps, fc1 weight, fc1 bias, fc2
-    weight, fc2 bias), the tensors leaves; a and x in ``layout`` ("rows" (M, C), "tokens" (2, M,
-    C), "strided" rows of their own row stride, "transposed" tokens with a non-unit channel
-    stride), x far from zero mean as a residual stream is."""
+    weight, fc2 bias), the tensors leaves; a and x in ``layout`` (tokens_in), x far from zero
+    mean as a residual stream is."""
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=device)
 
-    def tokens():
-        if layout == "rows":
-            return randn(M, C)
-        if layout == "tokens":
-            return randn(2, M, C)
-        if layout == "strided":
-            return randn(M, C + 5)[:, :C]
-        return randn(2, C, M).transpose(1, 2)
-
-    a, x = tokens(), tokens() * 2 + 3
+    a, x = tokens_in(layout, M, C, dtype, device), tokens_in(layout, M, C, dtype, device) * 2 + 3
     params = [randn(C, C) * C ** -0.5, randn(C), torch.rand(C, dtype=dtype, device=device) + 0.5, randn(C)]
     tail = [randn(hidden, C) * C ** -0.5, randn(hidden), randn(C, hidden) * hidden ** -0.5, randn(C)]
     leaves = [t.requires_grad_() for t in (a, x, *params, *tail)]

@@ -163,6 +163,12 @@ def check_item_span(where: str, name: str, t: torch.Tensor) -> None:
                          f"strides {t.stride()}); at most 2^31 - 1 are supported")
 
 
+def check_layernorm_eps(where: str, eps) -> None:
+    """A LayerNorm's eps: a finite number > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
+        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+
+
 def check_eps(where: str, eps) -> None:
     """A training BatchNorm's eps: a finite number >= 0."""
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from mpvit_kernels import backend, reference
-from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_tensors, check_rows, conv_runs_1x1
+from mpvit_kernels.ops.affine_hswish import (check_channel_params, check_float_tensors, check_layernorm_eps, check_rows,
+                                             conv_runs_1x1)
 
 
 # a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
@@ -60,8 +61,7 @@ def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
         raise ValueError("linear: ln_weight and ln_bias must be given together (the LayerNorm's affine)")
     if ln_weight is not None:
         check_channel_params("linear", K, x.device, ln_weight=ln_weight, ln_bias=ln_bias)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
-            raise ValueError(f"linear: eps must be a finite number > 0, got {eps!r}")
+        check_layernorm_eps("linear", eps)
     if not isinstance(gelu, bool):
         raise TypeError(f"linear: gelu must be a bool, got {type(gelu).__name__}")
     check_rows("linear", x.numel() // K)
@@ -166,8 +166,7 @@ def _check_proj_mlp(a, x, proj_weight, proj_bias, norm_weight, norm_bias, eps, f
     check_channel_params("linear_proj_mlp", C, a.device, proj_bias=proj_bias, norm_weight=norm_weight,
                          norm_bias=norm_bias, fc2_bias=fc2_bias)
     check_channel_params("linear_proj_mlp", hidden, a.device, fc1_bias=fc1_bias)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
-        raise ValueError(f"linear_proj_mlp: eps must be a finite number > 0, got {eps!r}")
+    check_layernorm_eps("linear_proj_mlp", eps)
     check_rows("linear_proj_mlp", a.numel() // C)
 
 
@@ -184,14 +183,14 @@ def _conv_gemm(x, weight, bias):
 def _kernels():
     """The Triton module and its launch helpers, imported at the first launch (triton is not
     imported with the package) and then kept: function-level imports cost host time at every
-    launch (1 us for these three)."""
+    launch (1 us for these)."""
     global _KERNELS
     if _KERNELS is None:
         from mpvit_kernels.triton import linear
-        from mpvit_kernels.triton.affine_hswish import vector_width
+        from mpvit_kernels.triton.affine_hswish import next_pow2, vector_width
         from mpvit_kernels.triton.gli_projection import block_n, m_bucket
 
-        _KERNELS = linear, vector_width, block_n, m_bucket
+        _KERNELS = linear, vector_width, next_pow2, block_n, m_bucket
     return _KERNELS
 
 
@@ -224,7 +223,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ln
     any strides (any float dtype), weight (N, K) the GEMM's dtype, bias (N,) or None, ln_weight
     and ln_bias (K,) or both None (no LayerNorm); the kernel reads these three in their dtype,
     which they share (the wrapper's rule; another mix compiles too, unchecked by the static report)."""
-    kernels, vector_width, block_n, m_bucket = _kernels()
+    kernels, vector_width, _, block_n, m_bucket = _kernels()
     M, K = x.shape
     N = weight.shape[0]
     dtype = weight.dtype
@@ -261,7 +260,7 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     The GEMM runs its pinned tile, never a tuned one: each program sums its rows of dh, and those
     partial sums are added in a fixed order, so the bias grad's bits cannot depend on a tuner's
     pick (deterministic)."""
-    kernels, vector_width, _, m_bucket = _kernels()
+    kernels, vector_width, _, _, m_bucket = _kernels()
     if weight.dim() != 2 or x.dim() != 2:
         raise ValueError(f"linear_gelu_grad: x and weight must be 2-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
     (N, K), M, dtype = weight.shape, x.shape[0], weight.dtype
@@ -341,15 +340,16 @@ def _linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor
     """out (M, C) contiguous in the dtype of x + proj's output: ``linear_proj_mlp``. a and x (M,
     C) with any strides and float dtypes, C <= 128; the three weights in the GEMMs' dtype, which
     they share; the five vectors in one float dtype."""
-    kernels, vector_width, _, _ = _kernels()
+    kernels, vector_width, next_pow2, _, _ = _kernels()
     M, C = a.shape
     dtype, hidden = proj_weight.dtype, fc1_weight.shape[0]
-    vectors = (proj_bias, norm_weight, norm_bias, fc2_bias, fc1_bias)
+    vectors = (proj_bias, norm_weight, norm_bias, fc1_bias, fc2_bias)
     # what the kernel's indexing relies on, for direct calls (the wrapper checked it all, with
     # clearer messages)
     if (x.shape != a.shape or not 1 <= C <= MLP_MAX_C or proj_weight.shape != (C, C)
             or fc1_weight.shape != (hidden, C) or fc2_weight.shape != (C, hidden)
-            or any(v.shape != (C,) for v in vectors[:4]) or fc1_bias.shape != (hidden,)):
+            or any(v.shape != (C,) for v in (proj_bias, norm_weight, norm_bias, fc2_bias))
+            or fc1_bias.shape != (hidden,)):
         raise ValueError(f"linear_proj_mlp: a, x (M, C <= {MLP_MAX_C}), proj_weight (C, C), fc1_weight (hidden, C), "
                          f"fc2_weight (C, hidden), biases and norm2's affine (C,) or (hidden,) expected, got "
                          f"{[tuple(t.shape) for t in (a, x, proj_weight, fc1_weight, fc2_weight, *vectors)]}")
@@ -372,12 +372,12 @@ def _linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor
     if any(t.data_ptr() % 16 for t in (a, x, out, *weights, *vectors)):
         vec = 1  # Triton vectorises only 16-byte-aligned pointers
     wp, w1, w2 = weights
-    pb, lnw, lnb, b2, b1 = vectors
+    pb, lnw, lnb, b1, b2 = vectors
     with backend.triton_device(a):
         kernels.proj_mlp_kernel[lambda meta: (-(-M // meta["BLOCK_M"]),)](
             a, x, wp, pb, b2, lnw, lnb, w1, b1, w2, out, M, C, hidden, a.stride(0), x.stride(0), float(eps),
             ACC=kernels.tl.float64 if dtype == torch.float64 else kernels.tl.float32,
-            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=max(16, 1 << (C - 1).bit_length()), VEC=vec)
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=max(16, next_pow2(C)), VEC=vec)
     return out
 
 

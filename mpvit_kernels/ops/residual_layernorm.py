@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from mpvit_kernels import backend, reference
-from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_tensors, check_rows
+from mpvit_kernels.ops.affine_hswish import check_channel_params, check_float_tensors, check_layernorm_eps, check_rows
 
 MAX_CHANNELS = 2048  # a token's channels are one tile of the Triton kernels (wider rows spill)
 
@@ -43,8 +43,7 @@ def _check(x, y, params, eps):
     if not 1 <= C <= MAX_CHANNELS:
         raise ValueError(f"residual_layernorm: x must have 1 to {MAX_CHANNELS} channels, got {C}")
     check_channel_params("residual_layernorm", C, x.device, **params)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or eps == float("inf"):
-        raise ValueError(f"residual_layernorm: eps must be a finite number > 0, got {eps!r}")
+    check_layernorm_eps("residual_layernorm", eps)
     check_rows("residual_layernorm", x.numel() // C)
 
 

@@ -52,10 +52,14 @@ def gpu_tile(block_n: int, dtype: str) -> tuple[int, int, int, int]:
     return (128, 32, 8, 3) if block_n == 64 else (64, 32, 4, 3)
 
 
+def dot_kind(meta) -> str:
+    """"fp64", "fp32" or "16-bit": the GEMM's dtype class at a launch's constexprs (the ops pass
+    ieee precision for fp32 and fp64 inputs only), which sizes the tiles."""
+    return "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
+
+
 def _tile(meta):
-    # the op passes ieee precision for fp32 and fp64 inputs only
-    dtype = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
-    return tile(meta["BLOCK_N"], dtype)
+    return tile(meta["BLOCK_N"], dot_kind(meta))
 
 
 def m_bucket(M: int) -> int:

@@ -31,8 +31,14 @@ from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
 # epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import AUTOTUNE, INTERPRET, LAUNCH, TUNED_CONFIGS
+from mpvit_kernels.triton.gli_projection import AUTOTUNE, INTERPRET, LAUNCH, TUNED_CONFIGS, dot_kind
 from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
+
+
+@triton.jit
+def _gelu(h, ACC: tl.constexpr):
+    """The exact (erf) GELU, in ACC."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket"])
@@ -98,7 +104,7 @@ def linear_kernel(
     out = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
     if GELU:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
+        acc = _gelu(acc, ACC)
     if GELU_GRAD:  # gelu'(h) = Phi(h) + h phi(h)
         cdf = 0.5 * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
         pdf = tl.exp(-0.5 * acc * acc) * tl.full([], 0.3989422804014327, ACC)
@@ -108,12 +114,6 @@ def linear_kernel(
             tl.store(db_ptr + tl.program_id(0).to(tl.int64) * N + offs_n,
                      tl.sum(tl.where(omask, acc, 0.0), axis=0), mask=nmask)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _gelu(h, ACC: tl.constexpr):
-    """The exact (erf) GELU, in ACC."""
-    return 0.5 * h * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
 
 
 @triton.jit
@@ -201,8 +201,7 @@ def proj_mlp_tile(block_c: int, kind: str) -> tuple[int, int, int, int]:
 
 
 def _proj_mlp_tile(meta):
-    kind = "fp64" if meta["ACC"] == tl.float64 else "fp32" if meta["DOT_PRECISION"] == "ieee" else "16-bit"
-    return proj_mlp_tile(meta["BLOCK_C"], kind)
+    return proj_mlp_tile(meta["BLOCK_C"], dot_kind(meta))
 
 
 # ptxas's register budget pinned, as gli_projection's LAUNCH pins it: Triton 3.6's ptxas capped
