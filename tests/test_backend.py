@@ -96,6 +96,58 @@ def test_threads_tuning_one_kernel_at_once_each_get_their_result(monkeypatch):
     assert len(add_one.cache) == 18  # every key tuned once
 
 
+def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
+    """triton.affine_hswish.pinned, the ops' pinned launches: each value computed once per
+    distinct key (Triton's heuristics recompute every value at every launch), the values in
+    order as Triton's, a value reading a launch argument outside the keys refused, and a test
+    forcing another value (kernel.values.update) taking effect at the next launch."""
+    import triton
+    import triton.language as tl
+
+    from mpvit_kernels import backend
+    from mpvit_kernels.triton.affine_hswish import pinned
+
+    calls = []
+
+    def block(meta):
+        calls.append(meta["WIDE"])
+        return 32 if meta["WIDE"] else 16
+
+    @pinned(("WIDE",), {"BLOCK": block, "TWICE": lambda meta: 2 * meta["BLOCK"]})
+    @triton.jit
+    def fill(y, n, WIDE: tl.constexpr, BLOCK: tl.constexpr, TWICE: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + i, i * 0 + BLOCK * 1000 + TWICE, mask=i < n)
+
+    def launch(n, wide):
+        y = torch.zeros(n, device=KERNEL_DEVICE, dtype=torch.int32)
+        with backend.triton_device(y):
+            fill[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](y, n, WIDE=wide)
+        return y
+
+    for n, wide in ((40, False), (70, False), (40, True), (99, False), (70, True)):
+        y = launch(n, wide)
+        block_n = 32 if wide else 16
+        assert torch.equal(y.cpu(), torch.full((n,), block_n * 1002, dtype=torch.int32)), (n, wide)
+    assert calls == [False, True]  # once per key, whatever the sizes
+
+    saved = dict(fill.values)
+    fill.values.update(BLOCK=lambda meta: 64)
+    try:
+        assert torch.equal(launch(70, False).cpu(), torch.full((70,), 64 * 1002, dtype=torch.int32))
+    finally:
+        fill.values.clear()
+        fill.values.update(saved)
+    assert torch.equal(launch(70, False).cpu(), torch.full((70,), 16 * 1002, dtype=torch.int32))
+
+    fill.values["BLOCK"] = lambda meta: 16 if meta["n"] < 50 else 32  # n is not a key: refused
+    with pytest.raises(KeyError, match="n"):
+        launch(40, False)
+    fill.values.update(saved)
+    with pytest.raises(TypeError, match="pass WIDE as a keyword"):
+        fill[(1,)](torch.zeros(1, device=KERNEL_DEVICE), 1, False)
+
+
 def test_threads_call_the_ops_side_by_side():
     """Two op families' Triton kernels (interpreted on CPU here) from threads at once give each
     thread what one thread alone gets."""

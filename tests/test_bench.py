@@ -598,13 +598,16 @@ def test_host_overhead_tool_runs_the_model_with_its_kernels_stubbed():
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2", "--by-op"],
-                         cwd=root, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2", "--by-op",
+                          "--eager"], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     # MPViT-T's 23 blocks: the qkv GEMM, the attention (one launch on maps this small), then the
     # residual LayerNorm and fc1's GEMM each, or in stages 1 and 2 (8 blocks) the rest of the
     # block in one kernel; 11 patch embeddings; 4 GLI projections and 8 InvRes 1x1s
-    assert "MPViT-Tiny batch 1 16x16 eval, kernels stubbed" in out.stdout, out.stdout
+    assert "MPViT-Tiny batch 1 16x16 eval, kernels stubbed (and the GEMMs and convs)" in out.stdout, out.stdout
+    # --eager: the public model timed in turns with ours, its GEMMs and convs stubbed as ours are
+    assert re.search(r"public model, eager \(NCHW, its GEMMs and convs stubbed\): [0-9.]+ ms a forward .*; "
+                     r"ours/eager [0-9.]+", out.stdout), out.stdout
     assert "107 Triton launches stubbed" in out.stdout, out.stdout
     # --by-op: the calls a forward of each op the model makes (the CPE's and InvRes' depthwise
     # convs: 23 + 4), each once, not again inside another

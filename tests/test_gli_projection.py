@@ -248,9 +248,9 @@ def test_what_a_gpu_tunes():
                 out["tiles"] = {f"{bn} {d}": list(g.tile(bn, d)) for bn in (16, 64, 128) for d in ("16-bit", "fp32")}
             return out
     """)
-    assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
+    assert results["0"] == {"tuned": False, "pinned": "PinnedHeuristics"}
     on = results["1"]
-    assert on["tuned"] and on["pinned"] == "Heuristics"
+    assert on["tuned"] and on["pinned"] == "PinnedHeuristics"
     assert on["key"] == ["m_bucket", "C", "Cout", "NUM_INPUTS", "AFFINE", "HSWISH", "RESIDUAL"]
     for bn in (16, 64, 128):
         for precision, dtype in (("tf32", "16-bit"), ("ieee", "fp32")):

@@ -211,9 +211,9 @@ def test_what_a_gpu_tunes():
                                   f.configs, {}, BLOCK_N=bn, ACC=triton.language.float32, DOT_PRECISION=p)]}
             return out
     """)
-    assert results["0"] == {"tuned": False, "pinned": "Heuristics"}
+    assert results["0"] == {"tuned": False, "pinned": "PinnedHeuristics"}
     on = results["1"]
-    assert on["tuned"] and on["pinned"] == "Heuristics" and on["configs"]
+    assert on["tuned"] and on["pinned"] == "PinnedHeuristics" and on["configs"]
     assert on["key"] == ["m_bucket", "K", "N", "NORM", "BIAS", "GELU"]
     # 16-bit: gli_projection's; fp32 (FMA dots): at most 32 accumulator values per thread
     assert on["fit"]["128 tf32"] == [[64, 32, 4], [64, 32, 8], [128, 32, 8]]

@@ -9,7 +9,16 @@ GEMMs around them and the tensors' allocations still run, so a small input keeps
 small; the figure is for comparing the code's host cost before and after a change, on one
 machine, not a GPU's time.
 
-    python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op]
+    python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op] [--eager]
+
+--eager compares with the public model's eager forward (mpvit_kernels.bench.public_mpvit, NCHW,
+no op of ours) at the same shape, the two timed in turns, with the GEMMs and convs of both stubbed
+too (F.linear, F.conv2d, addmm: each returns an empty tensor of its output's shape and layout):
+at batch 1 they read every weight from DRAM on the CPU (about two thirds of eager's forward
+here: MPViT-S 36 ms, 11 with them stubbed), a GPU's work, not the host's. What is left is each
+model's Python, dispatch and allocations, and the other ops (ours: the depthwise twin) computing
+on maps of a few pixels. Neither figure has a GPU's launch cost (eager's aten ops, our Triton
+launches, the GEMMs' cuBLAS/cuDNN set-up), which a GPU run adds to both.
 
 --by-op adds where the forward's host time goes: each op of mpvit_kernels.ops that the model
 calls, its calls a forward and inclusive time a call (wrapped in a timer for extra forwards after
@@ -34,6 +43,35 @@ LAUNCHES = [0]
 
 def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
+
+
+def _empty_like_result(shape, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+        and not like.is_contiguous() else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _stub_gemms() -> None:
+    """The GEMMs and convs both models run through aten (F.linear, F.conv2d, addmm) return an
+    empty tensor of their output's shape, without computing it (--eager)."""
+    F = torch.nn.functional
+
+    def linear(x, weight, bias=None):
+        return _empty_like_result(x.shape[:-1] + (weight.shape[0],), x)
+
+    def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+        kh, kw = weight.shape[2:]
+        H = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        W = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return _empty_like_result(x.shape[:-3] + (weight.shape[0], H, W), x)
+
+    def addmm(base, a, b, **kwargs):
+        return _empty_like_result((a.shape[0], b.shape[1]), a)
+
+    F.linear, F.conv2d, torch.addmm = linear, conv2d, addmm
+    torch.Tensor.addmm_ = lambda self, a, b, **kwargs: self
 
 
 def _time_ops(totals: dict) -> None:
@@ -82,25 +120,37 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: less noise)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N functions of most own time")
     p.add_argument("--by-op", action="store_true", help="also print each fused op's calls and host time a forward")
+    p.add_argument("--eager", action="store_true",
+                   help="also time the public model's eager forward, in turns with ours, both with GEMMs and convs stubbed")
     args = p.parse_args(argv)
 
     interpreter.InterpretedFunction.run = _stub
+    if args.eager:
+        torch.set_flush_denormal(True)  # the stubs' outputs are uninitialised memory
+        _stub_gemms()
     from mpvit_kernels import models
 
     torch.set_num_threads(args.threads)
     model = getattr(models, f"mpvit_{args.size}")().eval().to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, args.res, args.res).contiguous(memory_format=torch.channels_last)
+    runs = [(model, x, [])]
+    if args.eager:
+        from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
+
+        runs.append((PublicStyleMPViT(args.size).eval(), x.contiguous(), []))  # as its users run it: NCHW
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
+        for m, inp, _ in runs:
+            for _ in range(3):
+                m(inp)
         LAUNCHES[0] = 0
         model(x)
         launches = LAUNCHES[0]
-        times = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(args.reps):  # in turns: this machine's drift falls on both
+            for m, inp, times in runs:
+                start = time.perf_counter()
+                m(inp)
+                times.append((time.perf_counter() - start) * 1e3)
+        times = runs[0][2]
         if args.profile:
             import cProfile
             import pstats
@@ -119,9 +169,16 @@ def main(argv=None) -> dict:
             by_op_ms = (time.perf_counter() - start) * 1e3 / forwards
     q = statistics.quantiles(times, n=4)
     result = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "triton_launches": launches}
-    print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed, "
+    print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed"
+          f"{' (and the GEMMs and convs)' if args.eager else ''}, "
           f"{args.threads} thread(s): {result['median_ms']:.2f} ms a forward (p25-p75 {q[0]:.2f}-{q[2]:.2f}), "
           f"{launches} Triton launches stubbed")
+    if args.eager:
+        eager = runs[1][2]
+        qe = statistics.quantiles(eager, n=4)
+        result.update(eager_median_ms=statistics.median(eager), eager_p25_ms=qe[0], eager_p75_ms=qe[2])
+        print(f"public model, eager (NCHW, its GEMMs and convs stubbed): {result['eager_median_ms']:.2f} ms a forward "
+              f"(p25-p75 {qe[0]:.2f}-{qe[2]:.2f}); ours/eager {result['median_ms'] / result['eager_median_ms']:.2f}")
     if args.by_op:
         result["by_op"] = {name: {"calls": calls // forwards, "us_per_call": seconds / calls * 1e6}
                            for name, (calls, seconds) in totals.items()}

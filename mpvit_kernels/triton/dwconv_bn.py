@@ -15,7 +15,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -44,7 +44,7 @@ def _tile(meta) -> tuple[int, int, int]:
 
 # The taps loop runs over loads whose software pipelining would stage every tap's tile in shared
 # memory (num_stages buffers each): one stage. ptxas's register budget pinned, as measured.
-LAUNCH = triton.heuristics({
+LAUNCH = pinned(("BLOCK_N", "ACC"), {
     "BLOCK_M": lambda meta: _tile(meta)[0],
     "BLOCK_K": lambda meta: _tile(meta)[1],
     "num_warps": lambda meta: _tile(meta)[2],

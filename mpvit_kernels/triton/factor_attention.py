@@ -40,7 +40,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import next_pow2
+from mpvit_kernels.triton.affine_hswish import next_pow2, pinned
 
 
 # Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of
@@ -102,12 +102,12 @@ class Tiles:
         return fit[0] if fit else min(n for n, _ in self.candidates)
 
     def pinned(self):
-        """Decorator: one tile per (dtype, BLOCK_D), computed at launch (triton.heuristics)."""
+        """Decorator: one tile per (dtype, BLOCK_D), computed at its first launch (PinnedHeuristics)."""
         values = {"BLOCK_N": lambda meta: self.fitting(meta)[0][0],
                   "num_warps": lambda meta: self.fitting(meta)[0][1]}
         if self.maxnreg and not INTERPRET:
             values["maxnreg"] = lambda meta: self.maxnreg
-        return triton.heuristics(values)
+        return pinned(("BLOCK_D", "ACC", "DOT_PRECISION"), values)
 
     def tuned(self):
         """Decorator: autotune over the fitting tiles, per (bucket of N, head-dim tile, dtypes)."""
@@ -145,12 +145,12 @@ class WholeMapTiles:
         return self.reduce.at_warps(meta, self.warps), self.output.at_warps(meta, self.warps)
 
     def pinned(self):
-        """Decorator: BLOCK_N, BLOCK_OUT and the warps, computed at launch (triton.heuristics)."""
+        """Decorator: BLOCK_N, BLOCK_OUT and the warps, computed at their first launch (PinnedHeuristics)."""
         values = {"BLOCK_N": lambda meta: self.tiles(meta)[0], "BLOCK_OUT": lambda meta: self.tiles(meta)[1],
                   "num_warps": lambda meta: self.warps}
         if self.maxnreg and not INTERPRET:
             values["maxnreg"] = lambda meta: self.maxnreg
-        return triton.heuristics(values)
+        return pinned(("BLOCK_D", "ACC", "DOT_PRECISION"), values)
 
 
 # The whole forward of one (batch, head) in one program (small maps: B*heads programs): 8 warps

@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # MPVIT_KERNELS_AUTOTUNE=0 pins the tile (factor_attention's switch)
@@ -85,7 +85,7 @@ def _fitting(configs, named_args, **meta):
     return [c for c in configs if c.kwargs["BLOCK_K"] == bk and c.kwargs["BLOCK_M"] * bn <= 64 * 32 * c.num_warps]
 
 
-LAUNCH = triton.heuristics({
+LAUNCH = pinned(("BLOCK_N", "ACC", "DOT_PRECISION"), {
     "BLOCK_M": lambda meta: _tile(meta)[0],
     "BLOCK_K": lambda meta: _tile(meta)[1],
     "num_warps": lambda meta: _tile(meta)[2],

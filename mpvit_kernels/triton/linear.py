@@ -26,7 +26,7 @@ output, norm2's and the hidden in registers.
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, pinned
 from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
@@ -206,7 +206,7 @@ def _proj_mlp_tile(meta):
 
 # ptxas's register budget pinned, as gli_projection's LAUNCH pins it: Triton 3.6's ptxas capped
 # the aligned 16-bit 64 x 128 tile at 128 registers and spilled 8 bytes on sm_80
-proj_mlp_kernel = triton.heuristics({
+proj_mlp_kernel = pinned(("BLOCK_C", "ACC", "DOT_PRECISION"), {
     "BLOCK_M": lambda meta: _proj_mlp_tile(meta)[0], "BLOCK_H": lambda meta: _proj_mlp_tile(meta)[1],
     "num_warps": lambda meta: _proj_mlp_tile(meta)[2], "num_stages": lambda meta: _proj_mlp_tile(meta)[3],
     **({} if INTERPRET else {"maxnreg": lambda meta: 255}),

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from mpvit_kernels.ops.residual_layernorm import MAX_CHANNELS
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, next_pow2
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, next_pow2, pinned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -39,7 +39,7 @@ def tile(block_c: int) -> tuple[int, int]:
 
 # ptxas's register budget pinned: left to itself it spills 8 bytes in one bf16 tile on sm_80.
 # (255 x 8 warps still fits an SM's 64K registers: the static report checks each block fits.)
-LAUNCH = triton.heuristics({
+LAUNCH = pinned(("BLOCK_C",), {
     "BLOCK_M": lambda meta: tile(meta["BLOCK_C"])[0],
     "num_warps": lambda meta: tile(meta["BLOCK_C"])[1],
     **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
