@@ -366,7 +366,9 @@ class FactorAttention(nn.Module):
     (``FactorAtt_ConvRelPosEnc``): ``proj(scale * q softmax_N(k)^T v + q * crpe(v))`` per head.
 
     The attention core between the two Linears is one fused op (``ops.factor_attention``): the
-    Triton kernels on CUDA tensors, the eager reference elsewhere (or with kernels off).
+    Triton kernels on CUDA tensors; on CPU tensors the C++ twin in inference and the eager
+    reference (its CRPE convs on the ``depthwise`` twin) where a backward follows; the eager
+    reference with kernels off.
 
     ``forward(x: (B, N, C), size: (H, W)) -> (B, N, C)`` with N = H * W row-major.
     ``crpe_window`` maps kernel size to head count (default ``{3: 2, 5: 3, 7: 3}``);

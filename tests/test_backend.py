@@ -148,6 +148,62 @@ def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
         fill[(1,)](torch.zeros(1, device=KERNEL_DEVICE), 1, False)
 
 
+def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkeypatch):
+    """triton.affine_hswish.tuned, the ops' autotuned launches: the first launch of a key tunes
+    through Triton's Autotuner; later ones launch the remembered pick without it, the config
+    Triton's cache holds for that key. A new key value, another dtype, or configs replaced (a
+    test forcing a tile) go through the Autotuner again. The timings a stand-in (the interpreter
+    has no timer): the 32-wide tile wins from 64 elements."""
+    import triton
+    import triton.language as tl
+
+    from mpvit_kernels import backend
+    from mpvit_kernels.triton.affine_hswish import TunedLaunch, tuned
+
+    benched, tunings = [], []
+
+    def bench(self, *args, config, **meta):
+        benched.append((config.kwargs["BLOCK"], args[2]))
+        t = 1.0 if (config.kwargs["BLOCK"] == 32) == (args[2] >= 64) else 2.0
+        return [t, t, t]
+
+    autotuner_run = triton.runtime.Autotuner.run
+
+    def counted_run(self, *args, **kwargs):
+        tunings.append(args[2])
+        return autotuner_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(TunedLaunch, "_bench", bench)
+    monkeypatch.setattr(triton.runtime.Autotuner, "run", counted_run)
+
+    @tuned([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+    @triton.jit
+    def fill(x, y, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + i, tl.load(x + i, mask=i < n) * 0 + BLOCK, mask=i < n)
+
+    def launch(n, dtype=torch.float32):
+        x = torch.zeros(n, device=KERNEL_DEVICE, dtype=dtype)
+        y = torch.zeros_like(x)
+        with backend.triton_device(x):
+            fill[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, n)
+        return set(y.tolist())
+
+    assert [launch(n) for n in (40, 40, 70, 40, 70)] == [{16}, {16}, {32}, {16}, {32}]
+    assert tunings == [40, 70] and len(benched) == 4  # each key tuned once, both configs timed
+    assert {k[0]: c.kwargs["BLOCK"] for k, c in fill.cache.items()} == {40: 16, 70: 32}
+    assert all(any(c is p for c in fill.cache.values()) for p, _ in fill._picked.values())
+    assert launch(40, torch.float64) == {16} and tunings == [40, 70, 40]  # another dtype: another key
+    saved = fill.configs, dict(fill.cache)
+    fill.configs = [triton.Config({"BLOCK": 16})]
+    fill.cache.clear()
+    try:
+        assert launch(70) == {16} and tunings[-1] == 70  # forced: the Autotuner again, its one config
+    finally:
+        fill.configs, fill.cache = saved
+    assert launch(70) == {32}
+
+
 def test_threads_call_the_ops_side_by_side():
     """Two op families' Triton kernels (interpreted on CPU here) from threads at once give each
     thread what one thread alone gets."""

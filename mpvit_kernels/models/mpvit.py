@@ -331,8 +331,9 @@ def mpvit_base(num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: i
 def load_checkpoint(model: nn.Module, path, strict: bool = True) -> nn.Module:
     """Load a public MPViT checkpoint into ``model``: ``path`` a file (read with
     ``weights_only=True``) or an already loaded checkpoint, either ``{"model": state_dict}``,
-    ``{"state_dict": ...}`` or a bare state_dict; anything else is a TypeError. With ``strict``
-    (default), any missing, unexpected or mis-shaped key is a ValueError that lists them;
+    ``{"state_dict": ...}`` or a bare state_dict; an argument that is neither a path, a file
+    object nor a dict is a TypeError, a dict or file holding no state_dict a ValueError. With
+    ``strict`` (default), any missing, unexpected or mis-shaped key is a ValueError that lists them;
     without, mis-shaped keys still are, the rest is skipped."""
     if isinstance(path, dict):
         ckpt, path = path, "the checkpoint given"
@@ -348,7 +349,8 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> nn.Module:
                 state = ckpt[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{_name(path)}: not an MPViT checkpoint (expected a state_dict, or a dict with 'model')")
+        raise ValueError(f"{_name(path)}: not an MPViT checkpoint (expected a state_dict, or a dict with 'model' or "
+                         "'state_dict')")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -40,7 +40,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import next_pow2, pinned
+from mpvit_kernels.triton.affine_hswish import next_pow2, pinned, tuned
 
 
 # Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of
@@ -119,7 +119,7 @@ class Tiles:
             return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in fit]
 
         configs = [triton.Config({"BLOCK_N": n}, num_warps=w, maxnreg=self.maxnreg) for n, w in self.candidates]
-        return triton.autotune(configs, key=["n_bucket", "BLOCK_D"], prune_configs_by={"early_config_prune": prune})
+        return tuned(configs, key=["n_bucket", "BLOCK_D"], prune_configs_by={"early_config_prune": prune})
 
 
 # The reductions stream long chunks (bigger tiles, fewer loop trips); the per-token passes keep

@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned, tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # MPVIT_KERNELS_AUTOTUNE=0 pins the tile (factor_attention's switch)
@@ -160,7 +160,7 @@ def gli_gemm_kernel(
 # everywhere else: training (its statistics are per BLOCK_M rows, so the tile fixes their sum
 # order), the worst-case launches the pinned tiles were sized for, MPVIT_KERNELS_AUTOTUNE=0 and
 # the interpreter.
-gli_gemm_tuned = triton.autotune(
+gli_gemm_tuned = tuned(
     TUNED_CONFIGS, key=["m_bucket", "C", "Cout", "NUM_INPUTS", "AFFINE", "HSWISH", "RESIDUAL"],
     prune_configs_by={"early_config_prune": _fitting})(gli_gemm_kernel) if AUTOTUNE else LAUNCH(gli_gemm_kernel)
 gli_gemm_kernel = LAUNCH(gli_gemm_kernel)

@@ -26,7 +26,7 @@ output, norm2's and the hidden in registers.
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, pinned
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, pinned, tuned
 from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
@@ -227,7 +227,7 @@ def _fitting(configs, named_args, **meta):
 # fusions, dtypes) over gli_projection's tiles (_fitting), whose BLOCK_K is the pinned tile's: the
 # LayerNorm's sums and each output's K products keep their order whatever the pick. The pinned
 # tile everywhere else: the worst-case launches, MPVIT_KERNELS_AUTOTUNE=0 and the interpreter.
-linear_tuned = triton.autotune(
+linear_tuned = tuned(
     TUNED_CONFIGS, key=["m_bucket", "K", "N", "NORM", "BIAS", "GELU"],
     prune_configs_by={"early_config_prune": _fitting})(linear_kernel) if AUTOTUNE else LAUNCH(linear_kernel)
 linear_kernel = LAUNCH(linear_kernel)
