@@ -144,6 +144,9 @@ def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
     with pytest.raises(KeyError, match="n"):
         launch(40, False)
     fill.values.update(saved)
+    fill.values |= {"BLOCK": lambda meta: 64}  # any way of changing the values is seen
+    assert torch.equal(launch(70, False).cpu(), torch.full((70,), 64 * 1002, dtype=torch.int32))
+    fill.values.update(saved)
     with pytest.raises(TypeError, match="pass WIDE as a keyword"):
         fill[(1,)](torch.zeros(1, device=KERNEL_DEVICE), 1, False)
 
@@ -151,9 +154,9 @@ def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
 def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkeypatch):
     """triton.affine_hswish.tuned, the ops' autotuned launches: the first launch of a key tunes
     through Triton's Autotuner; later ones launch the remembered pick without it, the config
-    Triton's cache holds for that key. A new key value, another dtype, or configs replaced (a
-    test forcing a tile) go through the Autotuner again. The timings a stand-in (the interpreter
-    has no timer): the 32-wide tile wins from 64 elements."""
+    Triton's cache holds for that key. A new key value, another dtype, configs replaced (a
+    test forcing a tile) or a cleared cache (a re-tune) go through the Autotuner again. The
+    timings a stand-in (the interpreter has no timer): the 32-wide tile wins from 64 elements."""
     import triton
     import triton.language as tl
 
@@ -192,7 +195,7 @@ def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkey
     assert [launch(n) for n in (40, 40, 70, 40, 70)] == [{16}, {16}, {32}, {16}, {32}]
     assert tunings == [40, 70] and len(benched) == 4  # each key tuned once, both configs timed
     assert {k[0]: c.kwargs["BLOCK"] for k, c in fill.cache.items()} == {40: 16, 70: 32}
-    assert all(any(c is p for c in fill.cache.values()) for p, _ in fill._picked.values())
+    assert all(any(c is p for c in fill.cache.values()) for p, *_ in fill._picked.values())
     assert launch(40, torch.float64) == {16} and tunings == [40, 70, 40]  # another dtype: another key
     saved = fill.configs, dict(fill.cache)
     fill.configs = [triton.Config({"BLOCK": 16})]
@@ -201,7 +204,11 @@ def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkey
         assert launch(70) == {16} and tunings[-1] == 70  # forced: the Autotuner again, its one config
     finally:
         fill.configs, fill.cache = saved
-    assert launch(70) == {32}
+    assert launch(70) == {32} and tunings[-1] == 70
+    calls = len(tunings)
+    assert launch(70) == {32} and len(tunings) == calls  # the pick again, directly
+    fill.cache.clear()  # a re-tune asked for: through the Autotuner, which times both configs again
+    assert launch(70) == {32} and len(tunings) == calls + 1 and benched[-2:] == [(16, 70), (32, 70)]
 
 
 def test_threads_call_the_ops_side_by_side():

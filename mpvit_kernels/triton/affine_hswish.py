@@ -79,13 +79,15 @@ class _Values(dict):
 
     def _changed(method):
         def call(self, *args, **kwargs):
-            self._picked.clear()
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            finally:  # after the change: a launch in between cannot keep a pick of the old values
+                self._picked.clear()
         return call
 
     __setitem__, __delitem__ = _changed(dict.__setitem__), _changed(dict.__delitem__)
     update, clear, pop = _changed(dict.update), _changed(dict.clear), _changed(dict.pop)
-    popitem, setdefault = _changed(dict.popitem), _changed(dict.setdefault)
+    popitem, setdefault, __ior__ = _changed(dict.popitem), _changed(dict.setdefault), _changed(dict.__ior__)
     del _changed
 
 
@@ -99,29 +101,37 @@ class TunedLaunch(triton.runtime.Autotuner):
     """``triton.autotune`` whose launches, once their key is tuned, skip the Autotuner's own key
     building: it looks every argument up by name and turns each tensor's dtype into a string at
     every launch (host time a launch of ``linear``'s kernel, on this project's CPU with the launch
-    itself stubbed: 12.0-12.7 us through the Autotuner, 5.7 here, 3.5 pinned). The pick is
-    remembered under the same facts
-    Triton's key holds (the ``key`` arguments' values and the arguments' dtypes), so it is the
-    config Triton's cache holds for that key; a key not seen yet, or configs replaced (a test
-    forcing a tile), goes through the Autotuner as before."""
+    itself stubbed: 12.0-12.7 us through the Autotuner, 6.0 here, 3.5 pinned). The pick is
+    remembered under the facts Triton's key holds (the ``key`` arguments' values and the
+    arguments' dtypes) with Triton's key itself, and launched directly only while it is still
+    what the Autotuner would launch (its cache's entry for that key, or its one config): a new
+    key, a cleared cache (a re-tune) or configs replaced (a test forcing a tile) go through the
+    Autotuner as before."""
 
     def __init__(self, fn, configs, key, prune_configs_by=None) -> None:
         super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
         self._key_at = [(name, fn.arg_names.index(name)) for name in key]
-        self._picked, self._picked_from = {}, self.configs
+        self._picked = {}
+
+    def _triton_key(self, args, kwargs) -> tuple:
+        """Autotuner.run's key for this launch (Triton 3.6-3.8)."""
+        named = {name: v for name, v in {**dict(zip(self.arg_names, args)), **kwargs}.items() if name in self.arg_names}
+        return tuple([named[k] for k in self.keys if k in named]
+                     + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
 
     def run(self, *args, **kwargs):
-        if self._picked_from is not self.configs:
-            self._picked, self._picked_from = {}, self.configs
         key = tuple([args[i] if i < len(args) else kwargs.get(name, _ABSENT) for name, i in self._key_at]
                     + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
         picked = self._picked.get(key)
-        if picked is None or picked[0].pre_hook is not None:
-            out = super().run(*args, **kwargs)
-            self._picked[key] = (self.best_config, self.best_config.all_kwargs())
-            return out
-        self.best_config = picked[0]
-        return self.fn.run(*args, **kwargs, **picked[1])
+        if picked is not None:
+            config, config_kwargs, triton_key = picked
+            current = self.cache.get(triton_key) if len(self.configs) > 1 else self.configs[0]
+            if current is config and config.pre_hook is None:
+                self.best_config = config
+                return self.fn.run(*args, **kwargs, **config_kwargs)
+        out = super().run(*args, **kwargs)
+        self._picked[key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
+        return out
 
 
 _ABSENT = object()
