@@ -13,6 +13,10 @@ order and there are no atomics.
 - Backward: ``grad_sums_kernel`` reduces sum(g_u) and sum(g_u * (z - mean)) per row block, with
   g_u = grad * hardswish'(u); ``grad_kernel`` is the elementwise
   grad_z = scale * (g_u - sum(g_u) / M - xhat * sum(g_u * xhat) / M).
+
+Also what every family's launches share, as this module is the one they all import: the vector
+width of channel rows (``vector_width``), ``next_pow2``, and the launch wrappers ``pinned`` and
+``tuned`` (Triton's heuristics and autotune with less host time a launch).
 """
 import triton
 import triton.language as tl
