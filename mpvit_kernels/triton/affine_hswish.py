@@ -39,8 +39,8 @@ def vector_width(element_size: int, *extents: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """The next power of two from n (1 for n <= 1): triton.next_power_of_2's value in 0.03 us of
-    host time where that one (a constexpr function object) takes 2 us, at every launch."""
+    """The next power of two from n, 1 for n <= 1 (triton.next_power_of_2's value for n >= 1), in
+    0.03 us of host time where that one (a constexpr function object) takes 2 us, at every launch."""
     return 1 << (max(n, 1) - 1).bit_length()
 
 

@@ -36,9 +36,15 @@ from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
 
 
 @triton.jit
+def _normal_cdf(h, ACC: tl.constexpr):
+    """Phi(h), the standard normal CDF, in ACC."""
+    return 0.5 * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
+
+
+@triton.jit
 def _gelu(h, ACC: tl.constexpr):
-    """The exact (erf) GELU, in ACC."""
-    return 0.5 * h * (1.0 + tl.math.erf(h * tl.full([], 0.7071067811865476, ACC)))
+    """The exact (erf) GELU, h Phi(h), in ACC."""
+    return h * _normal_cdf(h, ACC)
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket"])
@@ -106,7 +112,7 @@ def linear_kernel(
     if GELU:
         acc = _gelu(acc, ACC)
     if GELU_GRAD:  # gelu'(h) = Phi(h) + h phi(h)
-        cdf = 0.5 * (1.0 + tl.math.erf(acc * tl.full([], 0.7071067811865476, ACC)))
+        cdf = _normal_cdf(acc, ACC)
         pdf = tl.exp(-0.5 * acc * acc) * tl.full([], 0.3989422804014327, ACC)
         dy = tl.load(dy_ptr + out, mask=omask, other=0.0).to(ACC)
         acc = dy * (cdf + acc * pdf)

@@ -227,6 +227,8 @@ def row_key(u: Usage) -> tuple:
 
 def compile_jobs(jobs: list) -> list[Usage]:
     """Compile ``jobs``, one worker process per core, results in the jobs' order."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # the kernels are interpreted functions then
+        raise RuntimeError("static_compile compiles for GPU targets: run it in a process without TRITON_INTERPRET=1")
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
         return [_compile_job(job) for job in jobs]
@@ -293,13 +295,13 @@ def check_committed(path: str) -> list[str]:
     module docstring. With another Triton than the rows', the problems of a full compile."""
     with open(path) as f:
         committed = json.load(f)
+    if committed["sources"] != source_fingerprint():  # stale whatever the Triton
+        return [f"{path} was compiled from other Triton sources than mpvit_kernels/triton/ holds now: run "
+                "`make static-report` and commit what it writes"]
     if committed["triton"] != triton.__version__:
         print(f"{path} is for triton {committed['triton']}, this is {triton.__version__}: compiling everything",
               file=sys.stderr)
         return problems(*run_all())
-    if committed["sources"] != source_fingerprint():
-        return [f"{path} was compiled from other Triton sources than mpvit_kernels/triton/ holds now: run "
-                "`make static-report` and commit what it writes"]
     rows = [Usage(**row) for row in committed["kernels"]]
     jobs, missing = plan()
     keys = [row_key(u) for u in rows]
