@@ -10,7 +10,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import ops
 from tests.conftest import KERNEL_DEVICE
-from tests.utils import RecordOps
+from tests.utils import RecordOps, warnings_as_errors
 
 
 def test_use_backend_in_one_thread_leaves_the_others_alone():
@@ -338,8 +338,7 @@ def test_gpus_below_compute_capability_8_take_the_reference_under_auto(monkeypat
     monkeypatch.setattr(backend, "_capability", {})
     monkeypatch.setattr(backend, "_warned", set())
     decide = torch.compile(lambda x: x + backend.use_triton("linear", gpu), backend="eager", fullgraph=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         assert decide(torch.zeros(1)).item() == 0
     for forced, ask in (("triton", backend.use_triton), ("cuda", backend.use_extension)):
         with mpvit_kernels.use_backend(forced), pytest.raises(RuntimeError, match=f"backend '{forced}' asked .* 7\\.5"):

@@ -11,7 +11,8 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import RecordLaunches, RecordOps, assert_close, normwise_error, read_as_a_gpu_process
+from tests.utils import (RecordLaunches, RecordOps, assert_close, normwise_error, read_as_a_gpu_process,
+                         warnings_as_errors)
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
@@ -534,14 +535,12 @@ def test_heads_wider_than_the_kernels_take_run_the_reference_under_auto(monkeypa
     with mpvit_kernels.use_backend("reference"):
         assert torch.equal(out, ops.factor_attention(*args))
     monkeypatch.setattr(mpvit_kernels.backend, "_warned", set())
-    with warnings.catch_warnings():  # no warning in a graph (it would break it)
-        warnings.simplefilter("error")
+    with warnings_as_errors():  # no warning in a graph (it would break it)
         compiled = torch.compile(ops.factor_attention, backend="eager", fullgraph=True)
         assert torch.equal(compiled(*args), out)
     with pytest.warns(RuntimeWarning, match="head dims"):
         ops.factor_attention(*args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         ops.factor_attention(*args)  # once per head dim
     with mpvit_kernels.use_backend("triton"), pytest.raises(ValueError, match="head dims"):
         ops.factor_attention(*args)

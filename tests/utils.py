@@ -1,9 +1,11 @@
 """Shared test helpers: one tolerance table per dtype, tensors in the layouts the ops meet."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,6 +39,16 @@ def make_image(shape, dtype=torch.float32, layout="nchw", device="cpu", requires
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    """Every warning raised inside is an error, but those of the environment that a test of ours
+    cannot help: Dynamo's on Python 3.13.0 (a CPython bug, fixed in 3.13.1, slows its guards)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="Guards may run slower on Python 3.13.0", category=RuntimeWarning)
+        yield
 
 
 # Not views by their schema, yet aliases that move no data: torch 2.15's F.linear of a 3-d input

@@ -9,7 +9,9 @@
 # 2 cores.
 #
 # Environment: PYTHON (a python 3.10+ to make the venv from, default python3), OLD_TORCH,
-# OLD_TRITON (default triton==3.8.*), KEEP=1 keeps the scratch tree.
+# OLD_TRITON (default triton==3.8.*), KEEP=1 keeps the scratch tree. A newer torch than this
+# machine's pip allows (its constraints file caps torch at 2.14.1): PIP_CONSTRAINT=/dev/null
+# OLD_TORCH=torch==2.15.0 OLD_TRITON='triton==3.9.*'.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
