@@ -2,7 +2,8 @@
 # The GPU proof on a lent GPU (`make gpu-proof`), on the device image as it is (its own
 # python/torch/triton, nothing downloaded). Stages, in the order given:
 #   build      preflight (pytest, setuptools, ninja import), the extension for this GPU's arch with
-#              every core; fails unless the CUDA kernels are registered (never a silent CPU-only build)
+#              every core; fails unless the CUDA kernels are registered (never a silent CPU-only build);
+#              then `python -m mpvit_kernels.info` (what each op family runs there) into summary.md
 #   tests      every test file that exercises the kernels, on CUDA tensors (not only `-m cuda`),
 #              one tile per Triton kernel (MPVIT_KERNELS_AUTOTUNE=0 unless set): tuning every
 #              odd test shape would double the stage's compiles; the token-tile test forces each
@@ -159,6 +160,8 @@ for name in $STAGES; do
       log "build"
       stage build "$BUILD_TIMEOUT" bash -c "$(declare -f cuda_kernels_built build); build" > "$LOGS/build.log" 2>&1 ||
         { status=1; tail -n 5 "$LOGS/build.log"; break; }
+      # what each op family runs on this GPU (a silent fallback to the reference would show here)
+      { echo; echo '```'; timeout 60 "$PYTHON" -m mpvit_kernels.info 2>&1; echo '```'; echo; } | tee -a "$summary"
       ;;
     tests)
       workers=""

@@ -1,0 +1,108 @@
+"""What runs where on this machine: ``python -m mpvit_kernels.info``.
+
+Versions (Python, torch and its CUDA, Triton), the extension (built? with CUDA kernels?), the
+backend in force and the environment variables the package reads, and for every op family the
+implementation its calls take on CPU tensors and on each visible GPU, decided by the same
+functions the ops ask (mpvit_kernels.backend). The warnings those raise (an old GPU, an
+extension without code for this GPU, ...) are printed as notes. Paste it into a bug report.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import warnings
+
+import torch
+
+from mpvit_kernels import __version__, backend
+
+ENV_VARS = ("MPVIT_KERNELS_BACKEND", "MPVIT_KERNELS_AUTOTUNE", "MPVIT_KERNELS_GLI_TMA", "MPVIT_KERNELS_NO_EXTENSION",
+            "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
+# families whose GPU kernels are the extension's CUDA ones (the others' are Triton's)
+CUDA_FAMILIES = ("affine_hswish", "depthwise")
+# families with a C++ CPU twin for inference only (a call that autograd records runs the reference)
+INFERENCE_TWINS = ("factor_attention", "residual_layernorm")
+
+
+def implementation(op: str, device: torch.device) -> str:
+    """What a call of op family ``op`` on tensors of ``device`` runs under the backend in force."""
+    cpu = device.type == "cpu"
+    if op in CUDA_FAMILIES:
+        if backend.use_extension(op, device):
+            return "C++ CPU twin" if cpu else "CUDA kernel"
+        return "eager reference"
+    if op in INFERENCE_TWINS and cpu and backend.use_cpu_kernel(op, device):
+        return "C++ CPU twin (inference; a recorded autograd graph: eager reference)"
+    if backend.use_triton(op, device):
+        return "Triton kernels, interpreted" if cpu else "Triton kernels"
+    return "eager reference"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def _extension() -> str:
+    if not backend.extension_available():
+        return "not built (or MPVIT_KERNELS_NO_EXTENSION set): every op without Triton kernels runs the reference"
+    from mpvit_kernels import _C
+
+    kernels = "with CUDA kernels" if backend._extension_cuda else "CPU twins only (built without nvcc)"
+    return f"built, {kernels} ({_C.__file__})"
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def report() -> str:
+    lines = [f"mpvit-kernels {__version__}",
+             f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+             f"triton {_triton_version()}",
+             f"extension mpvit_kernels._C: {_extension()}",
+             f"backend: {backend.get_backend()}",
+             "environment: " + ", ".join(f"{name}={os.environ[name]!r}" if name in os.environ else f"{name} unset"
+                                         for name in ENV_VARS)]
+    devices = _devices()
+    if len(devices) == 1:
+        lines.append("GPUs: none visible (torch.cuda.is_available() is False)")
+    for d in devices[1:]:
+        props = torch.cuda.get_device_properties(d)
+        lines.append(f"{d}: {props.name}, compute capability {props.major}.{props.minor}, "
+                     f"{props.total_memory / 2**30:.0f} GiB")
+    lines += ["", "| op family | " + " | ".join(str(d) for d in devices) + " |",
+              "|---|" + "---|" * len(devices)]
+    errors = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for op in backend.OP_FAMILIES:
+            cells = []
+            for d in devices:
+                try:
+                    cells.append(implementation(op, d))
+                except RuntimeError as e:  # a forced backend that cannot run here: the call would raise this
+                    cells.append("error (notes)")
+                    errors.append(str(e))
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("(eager reference: PyTorch's own ops, mpvit_kernels.reference, unfused)")
+    notes = list(dict.fromkeys(errors + [str(w.message) for w in caught]))
+    if notes:
+        lines += ["", "notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
