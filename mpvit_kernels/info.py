@@ -21,7 +21,8 @@ ENV_VARS = ("MPVIT_KERNELS_BACKEND", "MPVIT_KERNELS_AUTOTUNE", "MPVIT_KERNELS_GL
             "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
 # families whose GPU kernels are the extension's CUDA ones (the others' are Triton's)
 CUDA_FAMILIES = ("affine_hswish", "depthwise")
-# families with a C++ CPU twin for inference only (a call that autograd records runs the reference)
+# families whose C++ CPU twin runs inference only under auto (a call that autograd records runs the
+# reference, which is faster there)
 INFERENCE_TWINS = ("factor_attention", "residual_layernorm")
 
 
@@ -33,6 +34,8 @@ def implementation(op: str, device: torch.device) -> str:
             return "C++ CPU twin" if cpu else "CUDA kernel"
         return "eager reference"
     if op in INFERENCE_TWINS and cpu and backend.use_cpu_kernel(op, device):
+        if backend.get_backend(op) == "cuda":  # forced: the twin's backward too
+            return "C++ CPU twin"
         return "C++ CPU twin (inference; a recorded autograd graph: eager reference)"
     if backend.use_triton(op, device):
         return "Triton kernels, interpreted" if cpu else "Triton kernels"

@@ -66,6 +66,10 @@ def test_command_without_the_interpreter_says_the_cpu_twins_run():
     assert table["residual_layernorm"][0].startswith("C++ CPU twin (inference")
     assert table["linear"] == table["dwconv_bn"] == table["gli_projection"] == ["eager reference"]
     assert "GPUs: none visible" in out.stdout and "notes:" not in out.stdout
+    # forced, the twin takes training calls too
+    out = subprocess.run([sys.executable, "-m", "mpvit_kernels.info"], env=dict(env, MPVIT_KERNELS_BACKEND="cuda"),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert rows(out.stdout)["factor_attention"] == ["C++ CPU twin"] and "backend: cuda" in out.stdout
 
 
 @pytest.mark.cuda
