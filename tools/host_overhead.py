@@ -111,6 +111,16 @@ def _by_op_table(totals: dict, forwards: int, forward_ms: float) -> str:
     return "\n".join(lines)
 
 
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4)
+    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2]}
+
+
+def _spread(summary: dict) -> str:
+    return (f"{summary['median_ms']:.2f} ms a forward (p25-p75 {summary['p25_ms']:.2f}-"
+            f"{summary['p75_ms']:.2f})")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", choices=("tiny", "xsmall", "small", "base"))
@@ -167,18 +177,15 @@ def main(argv=None) -> dict:
             for _ in range(forwards):
                 model(x)
             by_op_ms = (time.perf_counter() - start) * 1e3 / forwards
-    q = statistics.quantiles(times, n=4)
-    result = {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "triton_launches": launches}
+    result = {**_summary(times), "triton_launches": launches}
     print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed"
           f"{' (and the GEMMs and convs)' if args.eager else ''}, "
-          f"{args.threads} thread(s): {result['median_ms']:.2f} ms a forward (p25-p75 {q[0]:.2f}-{q[2]:.2f}), "
-          f"{launches} Triton launches stubbed")
+          f"{args.threads} thread(s): {_spread(result)}, {launches} Triton launches stubbed")
     if args.eager:
-        eager = runs[1][2]
-        qe = statistics.quantiles(eager, n=4)
-        result.update(eager_median_ms=statistics.median(eager), eager_p25_ms=qe[0], eager_p75_ms=qe[2])
-        print(f"public model, eager (NCHW, its GEMMs and convs stubbed): {result['eager_median_ms']:.2f} ms a forward "
-              f"(p25-p75 {qe[0]:.2f}-{qe[2]:.2f}); ours/eager {result['median_ms'] / result['eager_median_ms']:.2f}")
+        eager = _summary(runs[1][2])
+        result.update({f"eager_{k}": v for k, v in eager.items()})
+        print(f"public model, eager (NCHW, its GEMMs and convs stubbed): {_spread(eager)}; "
+              f"ours/eager {result['median_ms'] / eager['median_ms']:.2f}")
     if args.by_op:
         result["by_op"] = {name: {"calls": calls // forwards, "us_per_call": seconds / calls * 1e6}
                            for name, (calls, seconds) in totals.items()}
