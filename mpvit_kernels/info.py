@@ -24,10 +24,15 @@ CUDA_FAMILIES = ("affine_hswish", "depthwise")
 # families whose C++ CPU twin runs inference only under auto (a call that autograd records runs the
 # reference, which is faster there)
 INFERENCE_TWINS = ("factor_attention", "residual_layernorm")
+# what the fused families run off their Triton kernels: our other ops where they apply
+_FOLDED = "the BatchNorm folded into it (CPU fp32/fp64 eval) or the affine_hswish op"
+UNFUSED = {"dwconv_bn": f"unfused: the depthwise op, PyTorch's 1x1 conv, {_FOLDED}",
+           "gli_projection": f"unfused: PyTorch's 1x1 conv per input, {_FOLDED}"}
 
 
 def implementation(op: str, device: torch.device) -> str:
-    """What a call of op family ``op`` on tensors of ``device`` runs under the backend in force."""
+    """What a call of op family ``op`` on tensors of ``device`` runs under the backend in force
+    (raising what such a call would raise where a forced backend cannot run here)."""
     cpu = device.type == "cpu"
     if op in CUDA_FAMILIES:
         if backend.use_extension(op, device):
@@ -36,9 +41,20 @@ def implementation(op: str, device: torch.device) -> str:
     if op in INFERENCE_TWINS and cpu and backend.use_cpu_kernel(op, device):
         if backend.get_backend(op) == "cuda":  # forced: the twin's backward too
             return "C++ CPU twin"
-        return "C++ CPU twin (inference; a recorded autograd graph: eager reference)"
+        training = "eager reference"
+        if op == "factor_attention" and backend.use_extension("depthwise", device):
+            training += ", its CRPE convs on the depthwise twin"
+        return f"C++ CPU twin (inference; under autograd: {training})"
     if backend.use_triton(op, device):
-        return "Triton kernels, interpreted" if cpu else "Triton kernels"
+        # the interpreter runs the kernels on the host, CUDA tensors copied over
+        return "Triton kernels, interpreted" if backend._env_flag("TRITON_INTERPRET") else "Triton kernels"
+    if op in UNFUSED:
+        parts = ("depthwise", "affine_hswish") if op == "dwconv_bn" else ("affine_hswish",)
+        if all(backend.get_backend(o) == "reference" for o in (op, *parts)):
+            return "eager reference"
+        if op == "dwconv_bn":
+            implementation("depthwise", device)  # what its row raises, every such call raises
+        return UNFUSED[op]
     return "eager reference"
 
 
@@ -52,7 +68,7 @@ def _triton_version() -> str:
 
 def _extension() -> str:
     if not backend.extension_available():
-        return "not built (or MPVIT_KERNELS_NO_EXTENSION set): every op without Triton kernels runs the reference"
+        return "not built, or MPVIT_KERNELS_NO_EXTENSION set (no CUDA kernels, no CPU twins)"
     from mpvit_kernels import _C
 
     kernels = "with CUDA kernels" if backend._extension_cuda else "CPU twins only (built without nvcc)"
@@ -66,12 +82,21 @@ def _devices() -> list[torch.device]:
     return devices
 
 
+def _backend() -> str:
+    try:
+        return backend.get_backend()
+    except ValueError as e:  # a misspelt MPVIT_KERNELS_BACKEND: every op call would raise this
+        return f"error: {e}"
+
+
 def report() -> str:
+    """The report ``python -m mpvit_kernels.info`` prints. Its notes are the warnings the ops give
+    once per process, given again here whatever has run before (and still given by the ops)."""
     lines = [f"mpvit-kernels {__version__}",
              f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
              f"triton {_triton_version()}",
              f"extension mpvit_kernels._C: {_extension()}",
-             f"backend: {backend.get_backend()}",
+             f"backend: {_backend()}",
              "environment: " + ", ".join(f"{name}={os.environ[name]!r}" if name in os.environ else f"{name} unset"
                                          for name in ENV_VARS)]
     devices = _devices()
@@ -84,17 +109,21 @@ def report() -> str:
     lines += ["", "| op family | " + " | ".join(str(d) for d in devices) + " |",
               "|---|" + "---|" * len(devices)]
     errors = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for op in backend.OP_FAMILIES:
-            cells = []
-            for d in devices:
-                try:
-                    cells.append(implementation(op, d))
-                except RuntimeError as e:  # a forced backend that cannot run here: the call would raise this
-                    cells.append("error (notes)")
-                    errors.append(str(e))
-            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    warned, backend._warned = backend._warned, set()  # warn_once's keys: its warnings given again here
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for op in backend.OP_FAMILIES:
+                cells = []
+                for d in devices:
+                    try:
+                        cells.append(implementation(op, d))
+                    except (RuntimeError, ValueError) as e:  # what a call would raise here
+                        cells.append("error (notes)")
+                        errors.append(str(e))
+                lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    finally:
+        backend._warned = warned
     lines.append("(eager reference: PyTorch's own ops, mpvit_kernels.reference, unfused)")
     notes = list(dict.fromkeys(errors + [str(w.message) for w in caught]))
     if notes:

@@ -37,6 +37,8 @@ def test_report_names_every_family_and_device_and_follows_the_backend_switch():
         assert all(cells == ["eager reference"] * devices for cells in rows(info.report()).values())
     with mpvit_kernels.use_backend("reference", ops=["linear"]):
         assert rows(info.report())["linear"] == ["eager reference"] * devices
+    with mpvit_kernels.use_backend("reference", ops=["dwconv_bn"]):  # its depthwise op still runs ours
+        assert all(cell.startswith("unfused: the depthwise op") for cell in rows(info.report())["dwconv_bn"])
 
 
 def test_report_agrees_with_what_an_op_runs():
@@ -64,8 +66,25 @@ def test_command_without_the_interpreter_says_the_cpu_twins_run():
     assert table["depthwise"] == ["C++ CPU twin"] and table["affine_hswish"] == ["C++ CPU twin"]
     assert table["factor_attention"][0].startswith("C++ CPU twin (inference")
     assert table["residual_layernorm"][0].startswith("C++ CPU twin (inference")
-    assert table["linear"] == table["dwconv_bn"] == table["gli_projection"] == ["eager reference"]
+    assert table["linear"] == ["eager reference"]
+    assert table["dwconv_bn"][0].startswith("unfused: the depthwise op")
+    assert table["gli_projection"][0].startswith("unfused: PyTorch's 1x1 conv per input")
     assert "GPUs: none visible" in out.stdout and "notes:" not in out.stdout
+    # the attention's cell against its own call there: the twin's op in inference, under autograd
+    # the reference with the depthwise op for its CRPE convs
+    probe = ("import torch; from mpvit_kernels import info, ops; from tests.utils import RecordOps\n"
+             "args = (torch.randn(1, 12, 48), (3, 4), 2, 0.25, [torch.randn(8, 1, 3, 3), torch.randn(8, 1, 5, 5)],"
+             " [torch.randn(8)] * 2)\n"
+             "with torch.no_grad(), RecordOps() as inference: ops.factor_attention(*args)\n"
+             "args[0].requires_grad_()\n"
+             "with RecordOps() as training: ops.factor_attention(*args)\n"
+             "print(info.implementation('factor_attention', torch.device('cpu')))\n"
+             "print(sorted({n for n in inference.names + training.names if n.startswith('mpvit_kernels.')}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    cell, ran = out.stdout.splitlines()
+    assert cell == "C++ CPU twin (inference; under autograd: eager reference, its CRPE convs on the depthwise twin)"
+    assert ran == "['mpvit_kernels.depthwise', 'mpvit_kernels.factor_attention']", ran
     # forced, the twin takes training calls too
     out = subprocess.run([sys.executable, "-m", "mpvit_kernels.info"], env=dict(env, MPVIT_KERNELS_BACKEND="cuda"),
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
