@@ -125,7 +125,9 @@ def report() -> str:
     finally:
         backend._warned = warned
     lines.append("(eager reference: PyTorch's own ops, mpvit_kernels.reference, unfused)")
-    notes = list(dict.fromkeys(errors + [str(w.message) for w in caught]))
+    package = os.path.dirname(os.path.abspath(__file__))
+    ours = [str(w.message) for w in caught if os.path.abspath(w.filename).startswith(package)]  # not a library's
+    notes = list(dict.fromkeys(errors + ours))
     if notes:
         lines += ["", "notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines)

@@ -99,3 +99,16 @@ def test_every_family_runs_its_kernels_on_the_gpu():
     gpu = rows(report)
     assert all(cells[1] in ("CUDA kernel", "Triton kernels") for cells in gpu.values()), report
     assert "notes:" not in report, report
+
+
+def test_notes_are_the_package_warnings_not_a_library_s(monkeypatch):
+    import warnings
+
+    def library_warns(op, device):
+        warnings.warn("a library's own warning", UserWarning)  # raised here, outside the package
+        backend.warn_once("k", "ours, from the package")  # attributed to the package's caller, as the ops' are
+        return False
+
+    monkeypatch.setattr(backend, "use_triton", library_warns)
+    report = info.report()
+    assert "a library's own warning" not in report and "- ours, from the package" in report, report
