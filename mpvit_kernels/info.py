@@ -24,10 +24,10 @@ CUDA_FAMILIES = ("affine_hswish", "depthwise")
 # families whose C++ CPU twin runs inference only under auto (a call that autograd records runs the
 # reference, which is faster there)
 INFERENCE_TWINS = ("factor_attention", "residual_layernorm")
-# what the fused families run off their Triton kernels: our other ops where they apply
+# what the fused families run off their Triton kernels, and the op families of ours in it
 _FOLDED = "the BatchNorm folded into it (CPU fp32/fp64 eval) or the affine_hswish op"
-UNFUSED = {"dwconv_bn": f"unfused: the depthwise op, PyTorch's 1x1 conv, {_FOLDED}",
-           "gli_projection": f"unfused: PyTorch's 1x1 conv per input, {_FOLDED}"}
+UNFUSED = {"dwconv_bn": (f"unfused: the depthwise op, PyTorch's 1x1 conv, {_FOLDED}", ("depthwise", "affine_hswish")),
+           "gli_projection": (f"unfused: PyTorch's 1x1 conv per input, {_FOLDED}", ("affine_hswish",))}
 
 
 def implementation(op: str, device: torch.device) -> str:
@@ -49,12 +49,12 @@ def implementation(op: str, device: torch.device) -> str:
         # the interpreter runs the kernels on the host, CUDA tensors copied over
         return "Triton kernels, interpreted" if backend._env_flag("TRITON_INTERPRET") else "Triton kernels"
     if op in UNFUSED:
-        parts = ("depthwise", "affine_hswish") if op == "dwconv_bn" else ("affine_hswish",)
+        what, parts = UNFUSED[op]
         if all(backend.get_backend(o) == "reference" for o in (op, *parts)):
             return "eager reference"
-        if op == "dwconv_bn":
-            implementation("depthwise", device)  # what its row raises, every such call raises
-        return UNFUSED[op]
+        if "depthwise" in parts:  # every such call runs it (affine_hswish only where no fold): its errors
+            implementation("depthwise", device)
+        return what
     return "eager reference"
 
 

@@ -29,11 +29,10 @@ def _skip_unless_rows_are_for_this_triton():
     committed = json.loads(REPORT.read_text())
     # stale rows are stale whatever the Triton
     assert committed["sources"] == source_fingerprint(), "run `make static-report` and commit what it writes"
-    committed = committed["triton"]
-    if committed != triton.__version__:
+    if committed["triton"] != triton.__version__:
         # its rows cannot be compared, and a full compile takes 10 CPU minutes and reports what this
         # Triton compiles (Triton 3.9: seven fp32/fp64 compiles spill on sm_90): `make static-report`
-        pytest.skip(f"the committed rows are for triton {committed}, this is {triton.__version__}: "
+        pytest.skip(f"the committed rows are for triton {committed['triton']}, this is {triton.__version__}: "
                     f"`python -m mpvit_kernels.triton.static_compile --check {REPORT}` compiles every kernel with it")
 
 
