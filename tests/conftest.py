@@ -6,6 +6,7 @@ import torch
 # chosen before triton is imported anywhere. With a GPU they run for real on CUDA tensors.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _BF16_INTERPRETED = False
+_ACCESSES_CHECKED = False
 if KERNEL_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Triton 3.8's interpreter, 9% faster (see the module); MPVIT_TESTS_PLAIN_INTERPRETER=1: as it is
@@ -17,6 +18,10 @@ if KERNEL_DEVICE == "cpu":
     from tests.interpreter_bf16 import install as install_bf16
 
     _BF16_INTERPRETED = install_bf16()
+    # every load and store of an interpreted launch checked against its tensor arguments (see the module)
+    from tests.interpreter_bounds import install as install_bounds
+
+    _ACCESSES_CHECKED = install_bounds()
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
 

@@ -1,0 +1,77 @@
+"""tests/interpreter_bounds.py, which checks every interpreted launch of the suite: an access of an
+active lane outside the launch's tensor arguments is refused, naming the kernel and the argument;
+masked-off lanes, and views of one storage passed side by side, are not."""
+import pytest
+import torch
+
+from tests.conftest import _ACCESSES_CHECKED, KERNEL_DEVICE
+
+pytestmark = pytest.mark.skipif(KERNEL_DEVICE != "cpu" or not _ACCESSES_CHECKED,
+                                reason="the access checks of Triton's interpreter (CPU tensors only)")
+
+if KERNEL_DEVICE == "cpu":
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import InterpreterError
+
+    from tests import interpreter_bounds
+
+    @triton.jit
+    def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, READ_PAST: tl.constexpr, WRITE_PAST: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n + READ_PAST, other=0.0)
+        tl.store(y_ptr + i, x, mask=i < n + WRITE_PAST)
+
+    @triton.jit
+    def _add_kernel(x_ptr, n, BLOCK: tl.constexpr, PAST: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.atomic_add(x_ptr + i, 1.0, mask=i < n + PAST)
+
+
+def _refused(launch) -> str:
+    with pytest.raises(InterpreterError) as info:
+        launch()
+    assert isinstance(info.value.__cause__, interpreter_bounds.OutOfBounds)
+    return str(info.value.__cause__)
+
+
+def test_masked_lanes_and_views_of_one_storage_pass():
+    x, y = torch.randn(10), torch.empty(10)
+    before = interpreter_bounds.checked_launches
+    _copy_kernel[(1,)](x, y, 10, BLOCK=16, READ_PAST=0, WRITE_PAST=0)  # six lanes past both, masked off
+    assert torch.equal(x, y) and interpreter_bounds.checked_launches == before + 1
+    both = torch.randn(2, 10)  # two views of one storage, as q, k and v of one qkv
+    _copy_kernel[(1,)](both[0], both[1], 10, BLOCK=16, READ_PAST=0, WRITE_PAST=0)
+    assert torch.equal(both[0], both[1])
+
+
+def test_a_lane_past_a_tensor_is_refused_naming_the_kernel_and_the_argument():
+    x, y = torch.randn(10, dtype=torch.float64), torch.empty(10, dtype=torch.float64)
+    message = _refused(lambda: _copy_kernel[(1,)](x, y, 10, BLOCK=16, READ_PAST=1, WRITE_PAST=0))
+    assert message.startswith("_copy_kernel: a load of 8-byte elements touches 1 address(es)")
+    assert "at byte 80 of 'x_ptr', which spans 80" in message
+    message = _refused(lambda: _copy_kernel[(1,)](x, y, 9, BLOCK=16, READ_PAST=0, WRITE_PAST=2))
+    assert message.startswith("_copy_kernel: a store") and "'y_ptr'" in message
+    message = _refused(lambda: _add_kernel[(1,)](torch.zeros(10), 10, BLOCK=16, PAST=3))
+    assert message == ("_add_kernel: an atomic of 4-byte elements touches 3 address(es) outside its tensor "
+                       "arguments, the first at byte 40 of 'x_ptr', which spans 40")
+
+
+def test_a_view_is_its_own_bounds_not_its_storage():
+    """On a GPU the rest of the storage is another tensor's memory as often as not."""
+    storage = torch.randn(20)
+    y = torch.empty(10)
+    message = _refused(lambda: _copy_kernel[(1,)](storage[:10], y, 10, BLOCK=16, READ_PAST=2, WRITE_PAST=0))
+    assert "2 address(es)" in message and "'x_ptr', which spans 40" in message
+    message = _refused(lambda: _copy_kernel[(1,)](storage[5:15], torch.empty(0), 0, BLOCK=16, READ_PAST=0,
+                                                  WRITE_PAST=1))
+    assert message.endswith("the first at byte 0 of 'y_ptr', which spans 0")  # an empty tensor has no bytes
+
+
+def test_the_ops_launches_are_checked():
+    from mpvit_kernels import ops
+
+    before = interpreter_bounds.checked_launches
+    x = torch.randn(2, 5, 8)
+    ops.linear(x, torch.randn(12, 8), torch.randn(12), gelu=True)
+    assert interpreter_bounds.checked_launches > before
