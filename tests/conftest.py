@@ -22,6 +22,11 @@ if KERNEL_DEVICE == "cpu":
     from tests.interpreter_bounds import install as install_bounds
 
     _ACCESSES_CHECKED = install_bounds()
+    # and what they read before anything wrote it shows: in deterministic mode torch.empty & co.
+    # fill floats with NaN and integers with their maximum (fill_uninitialized_memory), so a
+    # partial-sum row or an output element a kernel leaves unwritten spoils its result. (On a GPU
+    # the mode needs CUBLAS_WORKSPACE_CONFIG and refuses some ops: not there.)
+    torch.use_deterministic_algorithms(True)
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
 

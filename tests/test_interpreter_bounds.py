@@ -1,6 +1,7 @@
 """tests/interpreter_bounds.py, which checks every interpreted launch of the suite: an access of an
 active lane outside the launch's tensor arguments is refused, naming the kernel and the argument;
-masked-off lanes, and views of one storage passed side by side, are not."""
+masked-off lanes, and views of one storage passed side by side, are not. And conftest's NaN in
+fresh allocations, which shows a read of memory nothing wrote."""
 import pytest
 import torch
 
@@ -75,3 +76,14 @@ def test_the_ops_launches_are_checked():
     x = torch.randn(2, 5, 8)
     ops.linear(x, torch.randn(12, 8), torch.randn(12), gelu=True)
     assert interpreter_bounds.checked_launches > before
+
+
+def test_fresh_allocations_hold_nan_so_reading_what_nothing_wrote_shows():
+    """A kernel that sums a partial-sum row no program wrote, or returns an element it never
+    stored, gives NaN rather than whatever the allocator's memory held (often zeros, which pass)."""
+    from mpvit_kernels import ops
+
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.randn(2).new_empty(4)).all()
+    assert (torch.empty(2, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
+    assert not ops.linear(torch.randn(2, 5, 8), torch.randn(12, 8), torch.randn(12), gelu=True).isnan().any()
