@@ -18,10 +18,11 @@ if KERNEL_DEVICE == "cpu":
     from tests.interpreter_bf16 import install as install_bf16
 
     _BF16_INTERPRETED = install_bf16()
-    # every load and store of an interpreted launch checked against its tensor arguments (see the module)
-    from tests.interpreter_bounds import install as install_bounds
+    # every load and store of an interpreted launch checked against its tensor arguments, and
+    # against the other programs' (see the module)
+    from tests.interpreter_sanitizer import install as install_sanitizer
 
-    _ACCESSES_CHECKED = install_bounds()
+    _ACCESSES_CHECKED = install_sanitizer()
     # and what they read before anything wrote it shows: in deterministic mode torch.empty & co.
     # fill floats with NaN and integers with their maximum (fill_uninitialized_memory), so a
     # partial-sum row or an output element a kernel leaves unwritten spoils its result. (On a GPU

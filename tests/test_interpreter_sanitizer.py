@@ -1,5 +1,6 @@
-"""tests/interpreter_bounds.py, which checks every interpreted launch of the suite: an access of an
-active lane outside the launch's tensor arguments is refused, naming the kernel and the argument;
+"""tests/interpreter_sanitizer.py, which checks every interpreted launch of the suite: an access of
+an active lane outside the launch's tensor arguments is refused, naming the kernel and the
+argument, and so is an element stored by two programs or loaded by one that another stores;
 masked-off lanes, and views of one storage passed side by side, are not. And conftest's NaN in
 fresh allocations, which shows a read of memory nothing wrote."""
 import pytest
@@ -15,7 +16,7 @@ if KERNEL_DEVICE == "cpu":
     import triton.language as tl
     from triton.runtime.errors import InterpreterError
 
-    from tests import interpreter_bounds
+    from tests import interpreter_sanitizer
 
     @triton.jit
     def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, READ_PAST: tl.constexpr, WRITE_PAST: tl.constexpr):
@@ -28,19 +29,29 @@ if KERNEL_DEVICE == "cpu":
         i = tl.arange(0, BLOCK)
         tl.atomic_add(x_ptr + i, 1.0, mask=i < n + PAST)
 
+    @triton.jit
+    def _tiles_kernel(x_ptr, y_ptr, STEP: tl.constexpr, BLOCK: tl.constexpr, READ_NEXT: tl.constexpr):
+        """Program p copies x's elements p*STEP .. p*STEP + BLOCK - 1 to y (tiles overlap where
+        STEP < BLOCK); with READ_NEXT it reads them from y, shifted by one, instead."""
+        i = tl.program_id(0) * STEP + tl.arange(0, BLOCK)
+        if READ_NEXT:
+            tl.store(y_ptr + i, tl.load(y_ptr + i + 1))
+        else:
+            tl.store(y_ptr + i, tl.load(x_ptr + i))
+
 
 def _refused(launch) -> str:
     with pytest.raises(InterpreterError) as info:
         launch()
-    assert isinstance(info.value.__cause__, interpreter_bounds.OutOfBounds)
+    assert isinstance(info.value.__cause__, interpreter_sanitizer.OutOfBounds)
     return str(info.value.__cause__)
 
 
 def test_masked_lanes_and_views_of_one_storage_pass():
     x, y = torch.randn(10), torch.empty(10)
-    before = interpreter_bounds.checked_launches
+    before = interpreter_sanitizer.checked_launches
     _copy_kernel[(1,)](x, y, 10, BLOCK=16, READ_PAST=0, WRITE_PAST=0)  # six lanes past both, masked off
-    assert torch.equal(x, y) and interpreter_bounds.checked_launches == before + 1
+    assert torch.equal(x, y) and interpreter_sanitizer.checked_launches == before + 1
     both = torch.randn(2, 10)  # two views of one storage, as q, k and v of one qkv
     _copy_kernel[(1,)](both[0], both[1], 10, BLOCK=16, READ_PAST=0, WRITE_PAST=0)
     assert torch.equal(both[0], both[1])
@@ -69,13 +80,27 @@ def test_a_view_is_its_own_bounds_not_its_storage():
     assert message.endswith("the first at byte 0 of 'y_ptr', which spans 0")  # an empty tensor has no bytes
 
 
+def test_programs_sharing_an_element_are_a_race():
+    x = torch.randn(48)
+    _tiles_kernel[(3,)](x, y := torch.empty(48), STEP=16, BLOCK=16, READ_NEXT=False)  # tiles side by side
+    assert torch.equal(x, y)
+    with pytest.raises(interpreter_sanitizer.Race) as info:
+        _tiles_kernel[(3,)](x, torch.empty(48), STEP=15, BLOCK=16, READ_NEXT=False)
+    assert str(info.value) == ("_tiles_kernel: programs (0, 0, 0) and (1, 0, 0) both store the element at byte 60 "
+                               "of 'y_ptr', which spans 192")
+    with pytest.raises(interpreter_sanitizer.Race) as info:
+        _tiles_kernel[(2,)](x, torch.empty(33), STEP=16, BLOCK=16, READ_NEXT=True)
+    assert str(info.value) == ("_tiles_kernel: program (0, 0, 0) loads the element at byte 64 of 'y_ptr', which "
+                               "spans 132, which program (1, 0, 0) stores in the same launch")
+
+
 def test_the_ops_launches_are_checked():
     from mpvit_kernels import ops
 
-    before = interpreter_bounds.checked_launches
+    before = interpreter_sanitizer.checked_launches
     x = torch.randn(2, 5, 8)
     ops.linear(x, torch.randn(12, 8), torch.randn(12), gelu=True)
-    assert interpreter_bounds.checked_launches > before
+    assert interpreter_sanitizer.checked_launches > before
 
 
 def test_fresh_allocations_hold_nan_so_reading_what_nothing_wrote_shows():
