@@ -239,9 +239,12 @@ ITEM_STRIDE = 2 ** 30 + 64
 
 
 @pytest.fixture
-def gives_gpu_memory_back():
-    """For the tests that allocate 8 GiB: on a GPU the memory is committed, and the caching
-    allocator would keep it from the other pytest workers sharing the card."""
+def huge_buffers(monkeypatch):
+    """For the tests that allocate 8 GiB: on a CPU left unfilled (conftest's deterministic mode
+    would fill all of it with NaN: 8 GiB written and resident per test, where only the items'
+    pages are touched otherwise); on a GPU, where the memory is committed, given back afterwards,
+    as the caching allocator would keep it from the other pytest workers sharing the card."""
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
     yield
     if KERNEL_DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -263,7 +266,7 @@ def far_apart(item_shape, item_strides, batch=3, parts=1):
 
 
 @pytest.mark.parametrize("op", ["factor_attention", "gli_projection maps", "gli_projection tokens", "dwconv_bn"])
-def test_batches_past_2_to_the_31_elements_read_the_right_items(op, gives_gpu_memory_back):
+def test_batches_past_2_to_the_31_elements_read_the_right_items(op, huge_buffers):
     from mpvit_kernels import ops
 
     d = {"device": KERNEL_DEVICE}
@@ -296,7 +299,7 @@ def test_batches_past_2_to_the_31_elements_read_the_right_items(op, gives_gpu_me
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def test_gli_inputs_with_strides_past_32_bits_beside_ones_within(gives_gpu_memory_back):
+def test_gli_inputs_with_strides_past_32_bits_beside_ones_within(huge_buffers):
     """Triton types an int argument i32 or i64 by its value, and the GLI kernel picks each input's
     strides out of one chain of branches, whose types must agree (a mix failed to compile on a
     GPU; the interpreter does not type): the op reads such a mix from dense copies."""
