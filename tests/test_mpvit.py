@@ -1,5 +1,6 @@
 """The reference MPViT: checkpoint parity, dense features, odd sizes, kernels on vs off."""
 import copy
+import functools
 import os
 
 import pytest
@@ -304,6 +305,40 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-7, msg=name)
     for (name, a), b in zip(on.named_buffers(), off.buffers()):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_of_the_blocks_gives_the_grads_of_kernels_off():
+    """torch.utils.checkpoint around each encoder block (what segmentation code bases do at high
+    resolution to save memory), through the Triton ops: non-reentrant (the block recomputed in
+    the backward, its saved tensors checked against the first forward's, so the ops must take the
+    same path and save the same tensors both times) and reentrant (the first forward under
+    no_grad, where the block runs its inference kernel ``linear_proj_mlp``; the backward's
+    recompute records the training ops). The grads are those of kernels off, not checkpointed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mpvit_kernels.models.mpvit import MHCAEncoder
+
+    torch.manual_seed(0)
+    ckpt = MHCAEncoder(16, 2, 2.0, [0.0, 0.0]).train().to(KERNEL_DEVICE, torch.float64)
+    plain = copy.deepcopy(ckpt)
+    for layer, reentrant in zip(ckpt.MHCA_layers, (False, True)):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=reentrant)
+    x = torch.randn(2, 16, 3, 4, device=KERNEL_DEVICE, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    grads = []
+    for model, backend in ((ckpt, "auto"), (plain, "reference")):
+        inp = x.clone().requires_grad_()
+        with mpvit_kernels.use_backend(backend), RecordOps() as rec:
+            (model(inp) * g).sum().backward()
+        grads.append([inp.grad] + [p.grad for p in model.parameters()])
+        if model is ckpt:  # two blocks, each run twice forward and once backward
+            assert rec.names.count("mpvit_kernels.factor_attention_fwd") == 4
+            assert rec.names.count("mpvit_kernels.linear_proj_mlp") == 1
+            assert rec.names.count("mpvit_kernels.factor_attention_bwd") == 2
+    for (name, _), a, b in zip([("x", None), *ckpt.named_parameters()], *grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
 
 
 def test_whole_model_through_the_kernels_training_step_fills_no_zero_grads_for_side_outputs():
