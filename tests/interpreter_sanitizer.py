@@ -15,12 +15,12 @@ the caching allocator's block, corrupts it or faults, and the programs run in no
   rest of the storage is out of bounds too: a kernel given a view reads that view. The first
   access outside raises OutOfBounds;
 - races: at the end of a launch, no element may be stored by two programs, nor loaded by a
-  program other than the one that stores it (Race). Atomics are left out of this (they are for
-  sharing; the kernels have none).
+  program other than the one that stores it (Race), elements compared by their first byte.
+  Atomics are left out of this (they are for sharing; the kernels have none).
 
 Each names the kernel, the programs and where the address lies against the nearest argument.
 Installed by conftest when the kernels run interpreted, so every launch of the suite is checked
-(about 1% of an interpreted test's time). ``install`` returns False where the interpreter's
+(about 3% of an interpreted test's time). ``install`` returns False where the interpreter's
 internals are not the ones wrapped; tests/test_interpreter_sanitizer.py then skips, saying so.
 """
 import threading
