@@ -84,6 +84,10 @@ def _describe(address: int, extents) -> str:
     return f"at byte {address - lo} of {name!r}, which spans {hi - lo}"
 
 
+def _unique(parts) -> np.ndarray:
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+
+
 class _Launch:
     """One launch's argument extents and, per program, the elements it stored and loaded (their
     first bytes)."""
@@ -125,8 +129,7 @@ class _Launch:
 
     def close_program(self):
         if self.program is not None and (self.reads or self.writes):
-            unique = lambda parts: np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)  # noqa: E731
-            self.done.append((self.program, unique(self.writes), unique(self.reads)))
+            self.done.append((self.program, _unique(self.writes), _unique(self.reads)))
         self.program, self.reads, self.writes = None, [], []
 
     def check_races(self):
@@ -137,8 +140,9 @@ class _Launch:
             return
         writes = [w for _, w, _ in self.done]
         owners = np.repeat(np.arange(len(writes)), [len(w) for w in writes])
-        order = np.argsort(np.concatenate(writes), kind="stable")
-        written, owners = np.concatenate(writes)[order], owners[order]
+        written = np.concatenate(writes)
+        order = np.argsort(written, kind="stable")
+        written, owners = written[order], owners[order]
         if written.size == 0:
             return
         twice = np.nonzero(written[1:] == written[:-1])[0]
