@@ -20,7 +20,7 @@ the caching allocator's block, corrupts it or faults, and the programs run in no
 
 Each names the kernel, the programs and where the address lies against the nearest argument.
 Installed by conftest when the kernels run interpreted, so every launch of the suite is checked
-(about 3% of an interpreted test's time). ``install`` returns False where the interpreter's
+(6-10% of the interpreted kernel tests' time). ``install`` returns False where the interpreter's
 internals are not the ones wrapped; tests/test_interpreter_sanitizer.py then skips, saying so.
 """
 import threading
