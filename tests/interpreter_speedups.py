@@ -1,4 +1,4 @@
-"""Test-only: three shortcuts in Triton 3.8's interpreter that leave what it computes unchanged
+"""Test-only: four shortcuts in Triton 3.8's interpreter that leave what it computes unchanged
 (the 19x19 attention case: 10.4 -> 7.8 s with the first two when they came; the third, measured
 back to back a session later, 8.3 -> 5.8 s).
 
@@ -12,6 +12,13 @@ back to back a session later, 8.3 -> 5.8 s).
   int64, the op, two compares), which ``device_assert`` then drops: it checks only under
   ``options.debug``, which the interpreter's builder never sets. A GPU compile without debug
   drops the check the same way. Here the builder is told not to build it (where debug is off).
+- Every op's result builds its block type (the shape unwrapped and validated, a name formatted)
+  and a ``tl.tensor`` whose ``shape`` is a fresh ``tl.tuple`` of constexprs (a tuple type built
+  per element): a few microseconds each, millions of times a test file. Here a block type is
+  built once per (element type, shape) and a tensor takes its shape and numel from its type,
+  where they were built once (a scalar's: one empty tuple). Types and shapes are never changed
+  after they are built, so sharing them is safe; a block type keeps the very element type
+  object it was asked for.
 
 Installed by conftest when the kernels run interpreted, on Triton 3.8 only (the code it wraps
 is that version's); with another Triton nothing is changed and the tests run at its own speed.
@@ -81,8 +88,45 @@ def install() -> bool:
     if dataclasses.is_dataclass(options) and not options.debug and getattr(options, "sanitize_overflow", False):
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
+    block_types = {}  # (id(element type), shape) -> (the block type, the element type: alive, so its id is its own)
+    block_type = tl.block_type
+
+    def block_type_once(element_ty, shape: tuple):
+        found = block_types.get((id(element_ty), shape))
+        if found is None:
+            if len(block_types) > 4096:  # pointer types are built per launch
+                block_types.clear()
+            found = block_types[(id(element_ty), shape)] = (block_type(element_ty, list(shape)), element_ty)
+        return found[0]
+
+    def with_element_ty(self, scalar_ty):
+        return block_type_once(scalar_ty, self.shape)
+
+    def get_block_ty(self, dtype, shape):
+        if all(type(d) is int for d in shape):
+            return block_type_once(dtype, tuple(shape))
+        return block_type(dtype, shape)
+
+    constexpr, tl_tuple = tl.constexpr, tl.tuple
+    one, no_shape = constexpr(1), tl_tuple([])
+
+    def tensor_init(self, handle, type):
+        self.handle = handle
+        self.type = type
+        self.dtype = type.scalar
+        if type.is_block():
+            shape = type.__dict__.get("_tensor_shape")
+            if shape is None:  # as tl.tensor.__init__ builds them
+                shape = type._tensor_shape = (constexpr(type.numel), tl_tuple([constexpr(d) for d in type.shape]))
+            self.numel, self.shape = shape
+        else:
+            self.numel, self.shape = one, no_shape
+
     launch.memoised = True
     interpreter.GridExecutor.__call__ = launch
     interpreter._patch_lang = patch_lang_once
     interpreter._get_np_dtype = np_dtype_once
+    block_type.with_element_ty = with_element_ty
+    interpreter.InterpreterBuilder.get_block_ty = get_block_ty
+    tl.tensor.__init__ = tensor_init
     return True

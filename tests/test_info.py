@@ -79,16 +79,15 @@ def test_command_without_the_interpreter_says_the_cpu_twins_run():
              "args[0].requires_grad_()\n"
              "with RecordOps() as training: ops.factor_attention(*args)\n"
              "print(info.implementation('factor_attention', torch.device('cpu')))\n"
-             "print(sorted({n for n in inference.names + training.names if n.startswith('mpvit_kernels.')}))")
+             "print(sorted({n for n in inference.names + training.names if n.startswith('mpvit_kernels.')}))\n"
+             # forced (the variable is read per call), the twin takes training calls too
+             "import os; os.environ['MPVIT_KERNELS_BACKEND'] = 'cuda'; print(info.report())")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    cell, ran = out.stdout.splitlines()
+    cell, ran, forced = out.stdout.split("\n", 2)
     assert cell == "C++ CPU twin (inference; under autograd: eager reference, its CRPE convs on the depthwise twin)"
     assert ran == "['mpvit_kernels.depthwise', 'mpvit_kernels.factor_attention']", ran
-    # forced, the twin takes training calls too
-    out = subprocess.run([sys.executable, "-m", "mpvit_kernels.info"], env=dict(env, MPVIT_KERNELS_BACKEND="cuda"),
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert rows(out.stdout)["factor_attention"] == ["C++ CPU twin"] and "backend: cuda" in out.stdout
+    assert rows(forced)["factor_attention"] == ["C++ CPU twin"] and "backend: cuda" in forced, forced
 
 
 @pytest.mark.cuda
