@@ -93,11 +93,12 @@ def install() -> bool:
     block_type = tl.block_type
 
     def block_type_once(element_ty, shape: tuple):
-        found = block_types.get((id(element_ty), shape))
+        key = (id(element_ty), shape)
+        found = block_types.get(key)
         if found is None:
             if len(block_types) > 4096:  # pointer types are built per launch
                 block_types.clear()
-            found = block_types[(id(element_ty), shape)] = (block_type(element_ty, list(shape)), element_ty)
+            found = block_types[key] = (block_type(element_ty, list(shape)), element_ty)
         return found[0]
 
     def with_element_ty(self, scalar_ty):

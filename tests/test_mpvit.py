@@ -10,6 +10,7 @@ import mpvit_kernels
 from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
 from tests.utils import RecordOps, normwise_error, randomize_bn
 from mpvit_kernels.models import MPViT, load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
+from mpvit_kernels.models.mpvit import CONFIGS
 
 SIZES = {"tiny": mpvit_tiny, "xsmall": mpvit_xsmall, "small": mpvit_small, "base": mpvit_base}
 PARAMS = {"tiny": 5_843_736, "xsmall": 10_573_448, "small": 22_892_400, "base": 74_845_976}
@@ -23,7 +24,8 @@ def shallow_tiny(num_classes: int) -> MPViT:
     """MPViT-T's widths with one block a stage but two in the second (blocks share their stage's
     CPE and CRPE): every module and op of the model in 14 attention calls, not 23. For the tests
     whose time goes with the graph's size (compile, export), not with what the blocks compute."""
-    return MPViT((1, 2, 1, 1), EMBED["tiny"], 2, num_classes)
+    _, embed_dims, mlp_ratio = CONFIGS["tiny"]
+    return MPViT((1, 2, 1, 1), embed_dims, mlp_ratio, num_classes)
 
 
 def reference_keys(size):
