@@ -16,7 +16,8 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -nam
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "$(TORCH_SPEC)" setuptools wheel ninja pybind11 pytest pytest-benchmark pytest-xdist hypothesis numpy
+	$(PY) -m pip install -q --no-compile "$(TORCH_SPEC)" setuptools wheel ninja pybind11 pytest pytest-benchmark pytest-xdist hypothesis numpy \
+		onnx onnxscript onnxruntime
 	site=$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") && test -d "$$site" && \
 		{ $(PY) -m compileall -qq -j 0 "$$site" || echo "compileall: some files are for other Pythons (as under pip)"; }
 	touch $@

@@ -11,6 +11,9 @@ Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
   for CPU tensors) wherever an op has one; an error if the extension is not built.
 - ``triton``: the Triton kernels wherever an op has one, ``auto`` elsewhere.
 
+While ``torch.onnx.export`` runs (either exporter), every op takes ``reference`` whatever the
+switch says: ONNX has no kernels of ours, and the reference's ATen ops are what it translates.
+
 GPUs below compute capability 8.0 (V100, T4) take the reference under ``auto``, with one warning:
 the extension's cubins are for 8.0 and 9.0, and no kernel of ours was ever run on such a GPU.
 ``cuda`` and ``triton`` refuse them. An extension built without code for the GPU in use (other
@@ -22,6 +25,7 @@ import collections
 import contextlib
 import contextvars
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -64,6 +68,20 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx is exporting the running code, with either exporter (the torch.export
+    one, torch 2.9's default, or the TorchScript one, which traces): ONNX has no kernels of ours,
+    so every op then runs its reference, plain ATen ops that the exporter translates."""
+    # (Dynamo folds the tracing state to None: a compiled graph never asks further)
+    return (torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None) and _in_onnx_export()
+
+
+@torch.compiler.assume_constant_result  # a constant for a strict (Dynamo) export's trace
+def _in_onnx_export() -> bool:
+    onnx = sys.modules.get("torch.onnx")  # not imported: nothing is exported to ONNX
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def _check_name(name: str, where: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{where} must be one of {BACKENDS}, got {name!r}")
@@ -71,8 +89,10 @@ def _check_name(name: str, where: str) -> str:
 
 
 def get_backend(op: str | None = None) -> str:
-    """The backend in force (for op family ``op``): :func:`use_backend`'s, else
-    ``MPVIT_KERNELS_BACKEND``, else auto."""
+    """The backend in force (for op family ``op``): ``reference`` while torch.onnx exports, else
+    :func:`use_backend`'s, else ``MPVIT_KERNELS_BACKEND``, else auto."""
+    if _onnx_exporting():
+        return "reference"
     forced, forced_ops = _forced()
     if op in forced_ops:
         return forced_ops[op]

@@ -100,7 +100,7 @@ def residual_layernorm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, nex
     norm2, with fc2's bias added to the residual ahead of the MLP's last GEMM."""
     acc = _acc_dtype(x.dtype)
     s = x.to(acc) + y.to(acc) + bias.to(acc)
-    u = F.layer_norm(s, (s.shape[-1],), weight.to(acc), ln_bias.to(acc), eps)
+    u = F.layer_norm(s, weight.shape, weight.to(acc), ln_bias.to(acc), eps)
     return (s + next_bias.to(acc)).to(x.dtype), u.to(x.dtype)
 
 
@@ -113,7 +113,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bias)``: the GEMM that computes it (F.linear's by default)."""
     acc = _acc_dtype(weight.dtype)
     if ln_weight is not None:
-        x = F.layer_norm(x.to(acc), (x.shape[-1],), ln_weight.to(acc), ln_bias.to(acc), eps)
+        x = F.layer_norm(x.to(acc), ln_weight.shape, ln_weight.to(acc), ln_bias.to(acc), eps)
     y = gemm(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return F.gelu(y) if gelu else y
 

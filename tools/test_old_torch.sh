@@ -23,7 +23,8 @@ scratch=$(mktemp -d)
 git clone -q "$ROOT" "$scratch/tree"
 cd "$scratch/tree"
 "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q "$OLD_TORCH" setuptools wheel ninja pybind11 pytest pytest-xdist hypothesis numpy
+.venv/bin/python -m pip install -q "$OLD_TORCH" setuptools wheel ninja pybind11 pytest pytest-xdist hypothesis numpy onnx onnxscript \
+    onnxruntime
 # Triton apart and without its dependencies: a CUDA build of torch pins its own (2.11: 3.6.0)
 .venv/bin/python -m pip install -q --no-deps "$OLD_TRITON"
 .venv/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
