@@ -16,7 +16,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels.models import mpvit_tiny
 from tests.conftest import BF16, KERNEL_DEVICE
-from tests.utils import HOST_RUN_FILES, HOST_RUN_KEYWORD, ROOT, asan_runtimes
+from tests.utils import HOST_RUN_FILES, HOST_RUN_KEYWORD, ROOT, asan_runtimes, compile_cuda_host
 
 BACKENDS = ["auto", "reference"]  # auto: the Triton kernels (interpreted here) and the C++ twins
 
@@ -454,16 +454,19 @@ def test_modules_compile_with_dynamic_shapes():
 
 
 # Reads past `scale` (C claimed twice its length) through the host build of affine_hswish's CUDA
-# kernels: what the sanitizer must report.
+# kernels (argv[1], built under ASan): what the sanitizer must report. Buffers from malloc, which
+# ASan surrounds with redzones (Python's small-object allocator would not), and no torch import:
+# 3 s under ASan.
 _OUT_OF_BOUNDS = textwrap.dedent("""
     import ctypes, sys
-    import torch
-    from tests.utils import build_cuda_host
-    so = build_cuda_host("affine_hswish_host", sys.argv[1])
-    x = torch.randn(2, 40, 3, 3).contiguous(memory_format=torch.channels_last)
-    scale, shift, y = torch.rand(40), torch.randn(40), torch.empty_like(x)
-    p = [ctypes.c_void_p(t.data_ptr()) for t in (x, scale, shift, y)]
-    so.ah_forward(0, *p, ctypes.c_int64(x.numel()), ctypes.c_int64(80), ctypes.c_int64(1), 1)
+    so, libc = ctypes.CDLL(sys.argv[1]), ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    C, n = 40, 2 * 40 * 3 * 3  # x and y (2, 40, 3, 3) channels-last, scale and shift (40,)
+    x, scale, shift, y = (ctypes.c_void_p(libc.malloc(4 * k)) for k in (n, C, C, n))
+    ctypes.memset(x, 0, 4 * n)
+    ctypes.memset(scale, 0, 4 * C)
+    ctypes.memset(shift, 0, 4 * C)
+    so.ah_forward(0, x, scale, shift, y, ctypes.c_int64(n), ctypes.c_int64(2 * C), ctypes.c_int64(1), 1)
 """)
 
 
@@ -489,7 +492,8 @@ def test_cuda_kernels_on_the_host_stay_in_bounds_under_addresssanitizer(tmp_path
             p.unlink()
         return found
 
-    control = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS, str(tmp_path)], env=env, cwd=ROOT,
+    library = compile_cuda_host("affine_hswish_host", tmp_path, asan=True)  # built here, loaded there only
+    control = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS, library], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert control.returncode != 0 and "heap-buffer-overflow" in reports(), control.stderr[-2000:]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *HOST_RUN_FILES,

@@ -203,6 +203,13 @@ def build_cuda_host(name: str, out_dir, defines=()):
     built under AddressSanitizer (the process must preload its runtime): the kernels' loads and
     stores, shared memory included, are then checked against the buffers they were given."""
     import ctypes
+
+    return ctypes.CDLL(compile_cuda_host(name, out_dir, defines, asan=os.environ.get("MPVIT_CUDA_HOST_ASAN") == "1"))
+
+
+def compile_cuda_host(name: str, out_dir, defines=(), asan: bool = False) -> str:
+    """build_cuda_host's library, not loaded: its path. Built under AddressSanitizer where
+    ``asan``: then only a process that preloads the sanitizer's runtime may load it."""
     import shutil
 
     import pytest
@@ -211,7 +218,7 @@ def build_cuda_host(name: str, out_dir, defines=()):
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the host emulation")
-    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("MPVIT_CUDA_HOST_ASAN") == "1" else []
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     lib = os.path.join(str(out_dir), f"{name}.so")
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas", *sanitize,
            *(f"-D{d}" for d in defines), *(f"-I{p}" for p in include_paths()[:1]),
@@ -221,4 +228,4 @@ def build_cuda_host(name: str, out_dir, defines=()):
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    return ctypes.CDLL(lib)
+    return lib
