@@ -13,6 +13,8 @@ Backends (``MPVIT_KERNELS_BACKEND`` or :func:`use_backend`):
 
 While ``torch.onnx.export`` runs (either exporter), every op takes ``reference`` whatever the
 switch says: ONNX has no kernels of ours, and the reference's ATen ops are what it translates.
+torch's export flags are process-wide, so during a torch.export-based ONNX export the ops of
+other threads take it too (same results, unfused).
 
 GPUs below compute capability 8.0 (V100, T4) take the reference under ``auto``, with one warning:
 the extension's cubins are for 8.0 and 9.0, and no kernel of ours was ever run on such a GPU.
@@ -72,7 +74,10 @@ def _onnx_exporting() -> bool:
     """Whether torch.onnx is exporting the running code, with either exporter (the torch.export
     one, torch 2.9's default, or the TorchScript one, which traces): ONNX has no kernels of ours,
     so every op then runs its reference, plain ATen ops that the exporter translates."""
-    # (Dynamo folds the tracing state to None: a compiled graph never asks further)
+    # (Dynamo folds the tracing state to None, and from torch 2.14 is_exporting() to False outside
+    # an export; 2.11's folds it to True in any compiled trace, which then asks the constant below.)
+    # torch's export flags are process-wide: while one thread exports, other threads' ops take
+    # the reference too (the TorchScript exporter's tracing state is per thread).
     return (torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None) and _in_onnx_export()
 
 

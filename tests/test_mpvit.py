@@ -629,7 +629,9 @@ def test_onnx_export_of_a_stage_through_the_kernels_gives_the_reference_in_onnxr
             torch.onnx.export(first_stage, (x,), f, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
             proto = onnx.load_from_string(f.getvalue())
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # conftest's share of the cores, not all
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = torch.randn(3, 3, 37, 34)
     with torch.no_grad(), mpvit_kernels.use_backend("reference"):
         want = first_stage(x)
