@@ -76,8 +76,8 @@ def _onnx_exporting() -> bool:
     so every op then runs its reference, plain ATen ops that the exporter translates."""
     # (Dynamo folds the tracing state to None, and from torch 2.14 is_exporting() to False outside
     # an export; 2.11's folds it to True in any compiled trace, which then asks the constant below.)
-    # torch's export flags are process-wide: while one thread exports, other threads' ops take
-    # the reference too (the TorchScript exporter's tracing state is per thread).
+    # The TorchScript exporter's tracing state is per thread, torch.export's flags process-wide
+    # (the module docstring).
     return (torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None) and _in_onnx_export()
 
 

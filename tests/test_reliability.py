@@ -463,9 +463,8 @@ _OUT_OF_BOUNDS = textwrap.dedent("""
     libc.malloc.restype = ctypes.c_void_p
     C, n = 40, 2 * 40 * 3 * 3  # x and y (2, 40, 3, 3) channels-last, scale and shift (40,)
     x, scale, shift, y = (ctypes.c_void_p(libc.malloc(4 * k)) for k in (n, C, C, n))
-    ctypes.memset(x, 0, 4 * n)
-    ctypes.memset(scale, 0, 4 * C)
-    ctypes.memset(shift, 0, 4 * C)
+    for p, k in ((x, n), (scale, C), (shift, C)):
+        ctypes.memset(p, 0, 4 * k)
     so.ah_forward(0, x, scale, shift, y, ctypes.c_int64(n), ctypes.c_int64(2 * C), ctypes.c_int64(1), 1)
 """)
 
