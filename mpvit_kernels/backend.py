@@ -376,28 +376,124 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
+# op (a custom_op, or an extension op's OpOverload) -> (setup_context, backward): the autograd
+# formulas register_autograd gave torch, for call_op's eager path
+_AUTOGRAD: dict = {}
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``op``'s autograd formula: registered with torch.library (the dispatcher's path, which
+    torch.compile, torch.export and dispatch modes take) and kept for :func:`call_op`, which
+    runs the same two functions on a plain autograd node in eager code. ``op``: a custom op, or
+    an extension op's qualified name ("mpvit_kernels::depthwise")."""
+    if isinstance(op, str):
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+        namespace, name = op.split("::")
+        op = getattr(getattr(torch.ops, namespace), name).default
+    else:
+        op.register_autograd(backward, setup_context=setup_context)
+    _AUTOGRAD[op] = (setup_context, backward)
+
+
+def _regroup(flat, spec) -> list:
+    """call_op's arguments back from their flat form: spec holds -1 for an argument passed as
+    is, n for a list of n tensors."""
+    args, i = [], 0
+    for n in spec:
+        if n < 0:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return args
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """call_op's autograd node in eager code: the op run below autograd, then its own
+    setup_context and backward (``register_autograd``'s), without the dispatcher's layers around
+    them (torch.library's Python autograd kernel: its pytree flattening of tensor lists, the
+    re-binding of every argument to the schema, a second dispatch to the implementation). The
+    grads are the registered path's, the same functions computing them; lists of tensors are
+    passed flat, so that autograd sees each tensor."""
+
+    @staticmethod
+    def forward(ctx, op, spec, *flat):
+        args = _regroup(flat, spec)
+        fn = getattr(op, "_init_fn", None)
+        if fn is not None:
+            out = fn(*args)
+        else:
+            with _BELOW_AUTOGRAD():
+                out = op(*args)
+        ctx._mpvit_call = op, spec
+        _AUTOGRAD[op][0](ctx=ctx, inputs=tuple(args), output=out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        op, spec = ctx._mpvit_call
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_regroup(needs[2:], spec))  # as the op's inputs, for its backward
+        try:
+            got = _AUTOGRAD[op][1](ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        got = got if isinstance(got, tuple) else (got,)
+        if len(got) != len(spec):
+            raise RuntimeError(f"the backward of {op} returned {len(got)} grads for {len(spec)} inputs")
+        flat = [None, None]
+        for n, g in zip(spec, got):
+            if n < 0:
+                flat.append(g)
+            else:
+                flat.extend([None] * n if g is None else g)
+        return tuple(flat)
+
+
 def call_op(op, *args):
     """``op(*args)`` for one of our ops, the short way where nothing needs the dispatcher's
     layers: eager code (not traced by torch.compile, torch.export or torch.jit.trace), no
-    autograd graph to record, no TorchDispatchMode, functorch transform or profiler active, plain
-    tensors on a real device. There an op defined with ``torch.library.custom_op`` is called
-    straight into its implementation (its registered layers took 26 us of a linear call's 100 on
-    this project's CPU, the kernel launch stubbed), and an extension op (an ``OpOverload``,
-    e.g. ``torch.ops.mpvit_kernels.depthwise.default``) below autograd, skipping the Python of
-    its registered autograd (3.5 us of 11 for a small depthwise conv): host time that a GPU
-    cannot hide where the host is the slower side. The same kernel runs either way."""
+    TorchDispatchMode, functorch transform or profiler active, plain tensors on a real device.
+    There an op defined with ``torch.library.custom_op`` is called straight into its
+    implementation (its registered layers took 26 us of a linear call's 100 on this project's
+    CPU, the kernel launch stubbed), and an extension op (an ``OpOverload``, e.g.
+    ``torch.ops.mpvit_kernels.depthwise.default``) below autograd, skipping the Python of its
+    registered autograd (3.5 us of 11 for a small depthwise conv): host time that a GPU cannot
+    hide where the host is the slower side. Where an autograd graph is recorded, an op given
+    its formula through :func:`register_autograd` runs on a plain autograd node with that
+    formula (``_EagerAutograd``: a ``linear`` call with its backward 300 -> 256 us). The same
+    kernels run either way; an op without such a formula (a backward op, which refuses a second
+    derivative) goes through the dispatcher."""
     fn = getattr(op, "_init_fn", None)  # the undecorated implementation (torch 2.4+)
     extension_op = isinstance(op, torch._ops.OpOverload)
     if ((fn is None and not extension_op) or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled()
             or torch._C._get_tracing_state() is not None):
         return op(*args)
-    grad = torch.is_grad_enabled()
+    grad, graph, lists = torch.is_grad_enabled(), False, False
     for arg in args:
-        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS or t.is_meta
-                                                or (grad and t.requires_grad)):
-                return op(*args)
+        is_list = isinstance(arg, (list, tuple))
+        lists |= is_list
+        for t in arg if is_list else (arg,):
+            if isinstance(t, torch.Tensor):
+                if type(t) not in _PLAIN_TENSORS or t.is_meta:
+                    return op(*args)
+                graph |= grad and t.requires_grad
+    if graph:
+        if op not in _AUTOGRAD:
+            return op(*args)
+        if not lists:
+            return _EagerAutograd.apply(op, (-1,) * len(args), *args)
+        spec, flat = [], []
+        for arg in args:
+            if isinstance(arg, (list, tuple)):
+                spec.append(len(arg))
+                flat.extend(arg)
+            else:
+                spec.append(-1)
+                flat.append(arg)
+        return _EagerAutograd.apply(op, tuple(spec), *flat)
     if fn is not None:
         return fn(*args)
     with _BELOW_AUTOGRAD():

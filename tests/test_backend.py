@@ -458,10 +458,20 @@ def test_the_cuda_build_answers_whether_its_kernels_load_on_a_gpu():
     torch.testing.assert_close(y, x)
 
 
+def _recorded_by(t: torch.Tensor) -> str:
+    """The autograd node of the op that made ``t``, under the views and casts the op wrappers add."""
+    node = t.grad_fn
+    while type(node).__name__.startswith(("View", "Reshape", "Permute", "Alias", "Unsafe", "Transpose")):
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
 @pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="needs the compiled extension")
-def test_eager_inference_calls_an_extension_op_below_autograd_and_anything_else_through_it(monkeypatch):
+def test_eager_code_calls_an_extension_op_below_autograd_and_anything_else_through_it(monkeypatch):
     # backend.call_op on a C++ op of ours: below the autograd keys where no graph is recorded
-    # (what the op's registered autograd would do itself, minus its Python), else the whole op
+    # (what the op's registered autograd would do itself, minus its Python); where one is, on
+    # call_op's own autograd node with the op's formula, the op still below the autograd keys,
+    # and so its backward op; under a dispatch mode, the whole op
     from mpvit_kernels import backend
 
     entered = []
@@ -484,19 +494,28 @@ def test_eager_inference_calls_an_extension_op_below_autograd_and_anything_else_
             y_below = ops.depthwise(x, w, b, residual=True)
         assert len(entered) == 1 and not y_below.requires_grad
         y = ops.depthwise(x, w, b, residual=True)  # w and b take grads: autograd records the op
-        assert len(entered) == 1 and y.requires_grad
+        assert len(entered) == 2 and _recorded_by(y) == "_EagerAutogradBackward"
         assert torch.equal(y_below, y.detach())
-        y.sum().backward()
-        assert w.grad is not None and b.grad is not None
+        grads = torch.autograd.grad(y.square().sum(), (w, b))
+        assert len(entered) == 3  # depthwise_backward
+        monkeypatch.setattr(backend, "_AUTOGRAD", {})  # no formula for call_op: the registered op's autograd
+        y_registered = ops.depthwise(x, w, b, residual=True)
+        assert len(entered) == 3 and _recorded_by(y_registered).startswith("GeneratedBackward")
+        for got, want in zip(grads, torch.autograd.grad(y_registered.square().sum(), (w, b))):
+            assert torch.equal(got, want)
+        assert len(entered) == 4  # the same backward, its op below autograd
         with torch.no_grad(), RecordOps() as rec:  # a dispatch mode sees the op
             ops.depthwise(x, w, b, residual=True)
-        assert len(entered) == 1 and "mpvit_kernels.depthwise" in rec.names
+        assert len(entered) == 4 and "mpvit_kernels.depthwise" in rec.names
 
 
-def test_eager_inference_calls_the_implementations_straight_and_anything_else_the_registered_op(monkeypatch):
+def test_eager_code_calls_the_implementations_straight_and_anything_else_the_registered_op(monkeypatch):
     # backend.call_op skips the registered op's Python layers (a quarter of a linear call's host
-    # time) only where nothing needs the dispatcher; the same function runs either way.
+    # time) only where nothing needs the dispatcher; the same function runs either way, and where
+    # autograd records the op, the same formula (its setup_context and backward) on call_op's node.
     import importlib
+
+    from mpvit_kernels import backend
 
     linear_module = importlib.import_module("mpvit_kernels.ops.linear")
     op = linear_module._linear
@@ -515,9 +534,15 @@ def test_eager_inference_calls_the_implementations_straight_and_anything_else_th
     with torch.no_grad():
         y_direct, took = run()
     assert took
-    y_registered, took = run()  # w requires grad: autograd records the op
+    y_eager, took = run()  # w requires grad: autograd records the op, on call_op's node
+    assert took and _recorded_by(y_eager) == "_EagerAutogradBackward"
+    with monkeypatch.context() as m:
+        m.setattr(backend, "_AUTOGRAD", {})  # no formula for call_op: the registered op
+        y_registered, took = run()
     assert not took and y_registered.requires_grad
-    assert torch.equal(y_direct, y_registered.detach())
+    assert torch.equal(y_direct, y_eager.detach()) and torch.equal(y_direct, y_registered.detach())
+    seed = torch.randn_like(y_direct)
+    assert torch.equal(*(torch.autograd.grad(y, w, seed)[0] for y in (y_eager, y_registered)))
     with torch.no_grad(), RecordOps() as rec:  # a dispatch mode sees every op
         assert not run()[1]
     assert "mpvit_kernels.linear" in rec.names
@@ -533,6 +558,40 @@ def test_eager_inference_calls_the_implementations_straight_and_anything_else_th
         meta = [t.to("meta") for t in (x, w, b, lw, lb)]
         direct.clear()
         assert ops.linear(*meta, 1e-6).device.type == "meta" and not direct  # the fake answers
+
+
+@pytest.mark.parametrize("wanted", ["all", "inputs[1] and bn_bias"])
+def test_call_ops_autograd_node_passes_tensor_lists_flat_and_gives_the_registered_ops_grads(monkeypatch, wanted):
+    # gli_projection_train takes a list of maps: call_op's node sees each map, asks the backward
+    # for the grads that are needed (needs_input_grad regrouped as the op's inputs) and gives each
+    # map its own; bitwise the registered op's grads, running statistics too
+    from mpvit_kernels import backend
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 6, 5, 3, dtype=torch.float64, device=KERNEL_DEVICE)
+              .contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    weight = torch.randn(7, 18, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE)
+    gamma = torch.rand(7, dtype=torch.float64, device=KERNEL_DEVICE) + 0.5
+    beta = torch.randn(7, dtype=torch.float64, device=KERNEL_DEVICE)
+    leaves = [*inputs, weight, gamma, beta] if wanted == "all" else [inputs[1], beta]
+    seen = []
+
+    def step():
+        xs = [t.detach().requires_grad_(any(t is leaf for leaf in leaves)) for t in inputs]
+        params = [t.detach().requires_grad_(any(t is leaf for leaf in leaves)) for t in (weight, gamma, beta)]
+        y, mean, var = ops.gli_projection_train(xs, params[0], params[1], params[2], 1e-5, hswish=True)
+        seen.append(_recorded_by(y))
+        want = [t for t in (*xs, *params) if t.requires_grad]
+        return (y, mean, var), torch.autograd.grad(y.square().sum(), want)
+
+    with mpvit_kernels.use_backend("triton"):  # (interpreted on a CPU)
+        eager = step()
+        monkeypatch.setattr(backend, "_AUTOGRAD", {})
+        registered = step()
+    assert seen[0] == "_EagerAutogradBackward" and seen[1].startswith("GeneratedBackward"), seen  # torch.library's
+    assert len(eager[1]) == len(leaves)
+    for got, want in zip((*eager[0], *eager[1]), (*registered[0], *registered[1])):
+        assert torch.equal(got, want)
 
 
 def test_a_cuda_graph_capture_computes_derived_weights_afresh_and_keeps_none(monkeypatch):

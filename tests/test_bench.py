@@ -618,6 +618,25 @@ def test_host_overhead_tool_runs_the_model_with_its_kernels_stubbed():
     assert "| everything else (modules, aten ops between ours) |" in out.stdout, out.stdout
 
 
+def test_host_overhead_tool_times_a_training_step_of_narrowed_models():
+    # --train: forward, loss and backward of both models in turns, every stage --width wide (the
+    # GEMMs cannot be stubbed under autograd); --by-op times forward calls only, so it refuses
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tool = [sys.executable, "tools/host_overhead.py", "--size", "tiny", "--reps", "2", "--train"]
+    out = subprocess.run(tool + ["--width", "16", "--eager"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = re.search(r"MPViT-Tiny 16 wide batch 2 16x16 train, kernels stubbed, 1 thread\(s\): [0-9.]+ ms a training "
+                     r"step .*, ([0-9]+) Triton launches stubbed", out.stdout)
+    assert ours and int(ours.group(1)) > 107, out.stdout  # the eval forward's 107, then the backward's
+    assert re.search(r"public model, eager \(NCHW\): [0-9.]+ ms a training step .*; ours/eager [0-9.]+", out.stdout), \
+        out.stdout
+    refused = subprocess.run(tool + ["--by-op"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--by-op times the ops' forward calls" in refused.stderr, refused.stderr
+
+
 def test_train_step_traffic_tool_counts_a_step_of_both_models():
     # tools/train_step_traffic.py: a training step's launches and bytes on meta tensors, eager vs ours
     import importlib.util

@@ -10,6 +10,7 @@ small; the figure is for comparing the code's host cost before and after a chang
 machine, not a GPU's time.
 
     python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op] [--eager]
+    python tools/host_overhead.py --train [--width 32] [--batch 2] [--eager]
 
 --eager compares with the public model's eager forward (mpvit_kernels.bench.public_mpvit, NCHW,
 no op of ours) at the same shape, the two timed in turns, with the GEMMs and convs of both stubbed
@@ -24,6 +25,13 @@ launches, the GEMMs' cuBLAS/cuDNN set-up), which a GPU run adds to both.
 calls, its calls a forward and inclusive time a call (wrapped in a timer for extra forwards after
 the timed ones, the timer's own cost, under a microsecond a call, included), and the rest of the
 forward (the modules' Python, the aten ops between the fused ones).
+
+--train times a training step instead (train mode, forward, cross-entropy, backward; the batch
+at least 2, for the batch statistics): the backward's host work too, the autograd nodes of our
+ops and their backward ops. The GEMMs and convs cannot be stubbed there (autograd needs their
+graph), so --width narrows every stage of both models to that many channels: the same modules,
+ops and launches, little arithmetic (MPViT-S at full width spends most of a CPU step reading its
+weights). --eager then times the public model's step in turns with ours, at the same width.
 """
 from __future__ import annotations
 
@@ -121,10 +129,21 @@ def _spread(summary: dict) -> str:
             f"{summary['p75_ms']:.2f})")
 
 
+def _narrow(size: str, width: int) -> None:
+    """Every stage of MPViT-``size`` (ours and the public model's, which share the table) ``width``
+    channels wide, its layers and MLP ratio kept."""
+    from mpvit_kernels.models import mpvit
+
+    if width % mpvit.NUM_HEADS:
+        raise SystemExit(f"--width must be a multiple of {mpvit.NUM_HEADS} (the heads), got {width}")
+    layers, _, mlp_ratio = mpvit.CONFIGS[size]
+    mpvit.CONFIGS[size] = (layers, (width,) * 4, mlp_ratio)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", choices=("tiny", "xsmall", "small", "base"))
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="images (default 1, or 2 with --train)")
     p.add_argument("--res", type=int, default=16, help="input height and width")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: less noise)")
@@ -132,33 +151,48 @@ def main(argv=None) -> dict:
     p.add_argument("--by-op", action="store_true", help="also print each fused op's calls and host time a forward")
     p.add_argument("--eager", action="store_true",
                    help="also time the public model's eager forward, in turns with ours, both with GEMMs and convs stubbed")
+    p.add_argument("--train", action="store_true", help="time a training step (forward, loss, backward) instead")
+    p.add_argument("--width", type=int, default=None, help="every stage this many channels wide (for --train)")
     args = p.parse_args(argv)
+    if args.train and args.by_op:
+        p.error("--by-op times the ops' forward calls: an eval forward only")
+    args.batch = args.batch or (2 if args.train else 1)
 
     interpreter.InterpretedFunction.run = _stub
-    if args.eager:
-        torch.set_flush_denormal(True)  # the stubs' outputs are uninitialised memory
+    torch.set_flush_denormal(True)  # the stubs' outputs are uninitialised memory
+    if args.eager and not args.train:
         _stub_gemms()
+    if args.width:
+        _narrow(args.size, args.width)
     from mpvit_kernels import models
 
     torch.set_num_threads(args.threads)
-    model = getattr(models, f"mpvit_{args.size}")().eval().to(memory_format=torch.channels_last)
+    mode = "train" if args.train else "eval"
+    model = getattr(models, f"mpvit_{args.size}")().train(args.train).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, args.res, args.res).contiguous(memory_format=torch.channels_last)
     runs = [(model, x, [])]
     if args.eager:
         from mpvit_kernels.bench.public_mpvit import PublicStyleMPViT
 
-        runs.append((PublicStyleMPViT(args.size).eval(), x.contiguous(), []))  # as its users run it: NCHW
-    with torch.no_grad():
+        runs.append((PublicStyleMPViT(args.size).train(args.train), x.contiguous(), []))  # as its users run it: NCHW
+    labels = torch.zeros(args.batch, dtype=torch.long)
+
+    def call(m, inp):
+        if not args.train:
+            return m(inp)
+        torch.nn.functional.cross_entropy(m(inp), labels).backward()
+
+    with torch.set_grad_enabled(args.train):
         for m, inp, _ in runs:
             for _ in range(3):
-                m(inp)
+                call(m, inp)
         LAUNCHES[0] = 0
-        model(x)
+        call(model, x)
         launches = LAUNCHES[0]
         for _ in range(args.reps):  # in turns: this machine's drift falls on both
             for m, inp, times in runs:
                 start = time.perf_counter()
-                m(inp)
+                call(m, inp)
                 times.append((time.perf_counter() - start) * 1e3)
         times = runs[0][2]
         if args.profile:
@@ -168,7 +202,7 @@ def main(argv=None) -> dict:
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(10):
-                model(x)
+                call(model, x)
             profiler.disable()
         if args.by_op:
             totals, forwards = {}, max(args.reps, 1)
@@ -178,13 +212,16 @@ def main(argv=None) -> dict:
                 model(x)
             by_op_ms = (time.perf_counter() - start) * 1e3 / forwards
     result = {**_summary(times), "triton_launches": launches}
-    print(f"MPViT-{args.size[0].upper()}{args.size[1:]} batch {args.batch} {args.res}x{args.res} eval, kernels stubbed"
-          f"{' (and the GEMMs and convs)' if args.eager else ''}, "
-          f"{args.threads} thread(s): {_spread(result)}, {launches} Triton launches stubbed")
+    what = "a training step" if args.train else "a forward"
+    name = f"MPViT-{args.size[0].upper()}{args.size[1:]}{f' {args.width} wide' if args.width else ''}"
+    also = " (and the GEMMs and convs)" if args.eager and not args.train else ""
+    print(f"{name} batch {args.batch} {args.res}x{args.res} {mode}, kernels stubbed{also}, {args.threads} thread(s): "
+          f"{_spread(result).replace('a forward', what)}, {launches} Triton launches stubbed")
     if args.eager:
         eager = _summary(runs[1][2])
         result.update({f"eager_{k}": v for k, v in eager.items()})
-        print(f"public model, eager (NCHW, its GEMMs and convs stubbed): {_spread(eager)}; "
+        stubbed = "" if args.train else ", its GEMMs and convs stubbed"
+        print(f"public model, eager (NCHW{stubbed}): {_spread(eager).replace('a forward', what)}; "
               f"ours/eager {result['median_ms'] / eager['median_ms']:.2f}")
     if args.by_op:
         result["by_op"] = {name: {"calls": calls // forwards, "us_per_call": seconds / calls * 1e6}

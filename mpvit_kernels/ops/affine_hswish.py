@@ -202,7 +202,7 @@ def affine_hswish_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor 
     None without scale). z (M, C) rows, grad likewise in z's dtype. With the extension: its one
     reduction pass (``affine_hswish_backward``)."""
     if scale is not None and backend.extension_runs_on(z.device):
-        return torch.ops.mpvit_kernels.affine_hswish_backward(grad, z, scale, shift, hswish)
+        return backend.call_op(torch.ops.mpvit_kernels.affine_hswish_backward.default, grad, z, scale, shift, hswish)
     u = z.to(scale.dtype) * scale + shift if scale is not None else z
     g = torch.ops.aten.hardswish_backward(grad.to(u.dtype), u) if hswish else grad.to(u.dtype)
     if scale is None:
@@ -233,8 +233,7 @@ def batch_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows_per_tile: i
 def batch_norm_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                         mean: torch.Tensor, var: torch.Tensor, eps: float, hswish: bool):
     """See ``mpvit_kernels::affine_hswish_batch_backward``."""
-    return torch.ops.mpvit_kernels.affine_hswish_batch_backward(grad, z, gamma, beta, mean, var, float(eps),
-                                                               bool(hswish))
+    return backend.call_op(_batch_backward, grad, z, gamma, beta, mean, var, float(eps), bool(hswish))
 
 
 @torch.library.custom_op("mpvit_kernels::affine_hswish_batch_backward", mutates_args=())
@@ -294,11 +293,11 @@ def _register() -> None:
 
     def backward(ctx, grad):
         x, scale, shift = ctx.saved_tensors
-        grad_x, grad_scale, grad_shift = torch.ops.mpvit_kernels.affine_hswish_backward(
-            grad, x, scale, shift, ctx.hswish)
+        grad_x, grad_scale, grad_shift = backend.call_op(torch.ops.mpvit_kernels.affine_hswish_backward.default,
+                                                         grad, x, scale, shift, ctx.hswish)
         return grad_x, grad_scale, grad_shift, None
 
-    torch.library.register_autograd("mpvit_kernels::affine_hswish", backward, setup_context=setup_context)
+    backend.register_autograd("mpvit_kernels::affine_hswish", backward, setup_context=setup_context)
     backend.refuse_double_backward("mpvit_kernels::affine_hswish_backward")
 
 

@@ -102,13 +102,13 @@ def _register() -> None:
     def backward(ctx, grad):
         x, weight, bias, scale, shift = ctx.saved_tensors
         stride, hswish, residual = ctx.args
-        gx, gw, gb, gs, gt = torch.ops.mpvit_kernels.depthwise_backward(
-            grad, x, weight, bias, stride, scale, shift, hswish, residual)
+        gx, gw, gb, gs, gt = backend.call_op(torch.ops.mpvit_kernels.depthwise_backward.default, grad, x, weight, bias,
+                                             stride, scale, shift, hswish, residual)
         with_scale = scale is not None
         return gx, gw, gb if bias is not None else None, None, gs if with_scale else None, \
             gt if with_scale else None, None, None
 
-    torch.library.register_autograd("mpvit_kernels::depthwise", backward, setup_context=setup_context)
+    backend.register_autograd("mpvit_kernels::depthwise", backward, setup_context=setup_context)
     backend.refuse_double_backward("mpvit_kernels::depthwise_backward")
 
 

@@ -109,8 +109,8 @@ def dwconv_bn_train(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.T
     _check_batch_norm(x, pw_weight, bn_weight, bn_bias, eps, stride)
     if backend.use_triton("dwconv_bn", x.device) and x.numel() > 0:
         w = pw_weight.reshape(pw_weight.shape[0], -1).to(x.dtype)
-        y, _, mean, var = torch.ops.mpvit_kernels.dwconv_bn_train(x, dw_weight, w, bn_weight, bn_bias, float(eps),
-                                                                  int(stride), bool(hswish))
+        y, _, mean, var = backend.call_op(_dwconv_bn_train, x, dw_weight, w, bn_weight, bn_bias, float(eps),
+                                          int(stride), bool(hswish))
         return y, mean, var
     return batch_norm_hswish(F.conv2d(depthwise(x, dw_weight, None, stride), pw_weight.to(x.dtype)), bn_weight,
                              bn_bias, eps, hswish)
@@ -205,8 +205,8 @@ def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
     grad_pw = g.t() @ dm
     gd = (g @ pw_weight).reshape(B, Ho, Wo, Cin).permute(0, 3, 1, 2)  # channels-last (B, Cin, Ho, Wo)
     if backend.extension_runs_on(x.device):
-        gx, gdw = torch.ops.mpvit_kernels.depthwise_backward(gd, x, dw_weight, None, stride, None, None, False,
-                                                            False)[:2]
+        gx, gdw = backend.call_op(torch.ops.mpvit_kernels.depthwise_backward.default, gd, x, dw_weight, None, stride,
+                                  None, None, False, False)[:2]
     else:
         K = dw_weight.shape[-1]
         xd, wd = x.detach().requires_grad_(), dw_weight.detach().to(x.dtype).requires_grad_()
@@ -234,7 +234,7 @@ def _backward(ctx, grad):
     return *_conv_backward(x, dw_weight, pw_weight, stride, g, d), grad_scale, grad_shift, None, None
 
 
-_dwconv_bn.register_autograd(_backward, setup_context=_setup_context)
+backend.register_autograd(_dwconv_bn, _backward, setup_context=_setup_context)
 
 
 def _train_setup_context(ctx, inputs, output):
@@ -259,4 +259,4 @@ def _train_backward(ctx, grad, *_):
             grad_bias.to(bn_bias.dtype), None, None, None)
 
 
-_dwconv_bn_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+backend.register_autograd(_dwconv_bn_train, _train_backward, setup_context=_train_setup_context)

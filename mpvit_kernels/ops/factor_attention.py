@@ -166,7 +166,7 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
         need_stats = backward_follows
         args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases), need_stats)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in crpe)):
-            return torch.ops.mpvit_kernels.factor_attention_fwd(*args)[0]
+            return backend.call_op(factor_attention_fwd, *args)[0]
         token = _REUSE_PACKING.set(True)
         try:
             return backend.call_op(factor_attention_fwd, *args)[0]
@@ -462,10 +462,10 @@ def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
     qkv, context, lse, packed, *crpe = ctx.saved_tensors
     weights, biases = crpe[:n], crpe[n:]
     if not need_stats:  # a forward told that no backward would come kept nothing: one more forward
-        _, context, lse, packed = torch.ops.mpvit_kernels.factor_attention_fwd(qkv, H, W, num_heads, scale, weights,
-                                                                               biases, True)
-    dqkv, dw, db = torch.ops.mpvit_kernels.factor_attention_bwd(
-        dout, qkv, context, lse, packed, H, W, num_heads, scale, weights, biases)
+        _, context, lse, packed = backend.call_op(factor_attention_fwd, qkv, H, W, num_heads, scale, weights, biases,
+                                                  True)
+    dqkv, dw, db = backend.call_op(factor_attention_bwd, dout, qkv, context, lse, packed, H, W, num_heads, scale,
+                                   weights, biases)
     return dqkv, None, None, None, None, _grads_of(dw, weights), _grads_of(db, biases), None
 
 
@@ -485,7 +485,7 @@ def _grads_of(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.
     return grads
 
 
-factor_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+backend.register_autograd(factor_attention_fwd, _backward, setup_context=_setup_context)
 backend.refuse_double_backward("mpvit_kernels::factor_attention_bwd")
 
 
@@ -544,11 +544,11 @@ def _register_cpu_twin() -> None:
     def backward(ctx, dout):
         H, W, num_heads, scale, n = ctx.args
         qkv, *crpe = ctx.saved_tensors
-        dqkv, dweights, dbiases = torch.ops.mpvit_kernels.factor_attention_backward(
-            dout, qkv, H, W, num_heads, scale, crpe[:n], crpe[n:])
+        dqkv, dweights, dbiases = backend.call_op(factor_attention_backward, dout, qkv, H, W, num_heads, scale,
+                                                  crpe[:n], crpe[n:])
         return dqkv, None, None, None, None, dweights, dbiases
 
-    torch.library.register_autograd("mpvit_kernels::factor_attention", backward, setup_context=setup_context)
+    backend.register_autograd("mpvit_kernels::factor_attention", backward, setup_context=setup_context)
     backend.refuse_double_backward("mpvit_kernels::factor_attention_backward")
 
 

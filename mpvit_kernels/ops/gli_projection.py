@@ -176,8 +176,7 @@ def gli_projection_train(inputs, weight: torch.Tensor, bn_weight: torch.Tensor, 
                          "give 1")
     if backend.use_triton("gli_projection", device) and B * H * W > 0:
         w = weight.reshape(weight.shape[0], -1).to(rows[0].dtype)
-        y, _, mean, var = torch.ops.mpvit_kernels.gli_projection_train(rows, w, bn_weight, bn_bias, float(eps),
-                                                                       bool(hswish))
+        y, _, mean, var = backend.call_op(_gli_projection_train, rows, w, bn_weight, bn_bias, float(eps), bool(hswish))
         return _image(y, B, H, W), mean, var
     return batch_norm_hswish(_unfused_pre_bn(rows, weight, B, H, W), bn_weight, bn_bias, eps, hswish)
 
@@ -337,14 +336,14 @@ def _backward(ctx, grad):
     g = grad.reshape(-1, Cout)
     grad_scale = grad_shift = None
     if scale is not None or ctx.hswish:
-        z = torch.ops.mpvit_kernels.gli_projection(xs, weight, None, None, False, None).reshape(-1, Cout)  # recomputed
+        z = backend.call_op(_gli_projection, xs, weight, None, None, False, None).reshape(-1, Cout)  # recomputed
         g, grad_scale, grad_shift = affine_hswish_grad(g.to(z.dtype), z, scale, shift, ctx.hswish)
     grad_xs, grad_w = _gemm_backward(xs, weight, g.to(xs[0].dtype))
     # the residual is added last: its grad is the output's
     return grad_xs, grad_w, grad_scale, grad_shift, None, grad if ctx.residual else None
 
 
-_gli_projection.register_autograd(_backward, setup_context=_setup_context)
+backend.register_autograd(_gli_projection, _backward, setup_context=_setup_context)
 
 
 def _train_setup_context(ctx, inputs, output):
@@ -368,4 +367,4 @@ def _train_backward(ctx, grad, *_):
     return grad_xs, grad_w, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype), None, None
 
 
-_gli_projection_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+backend.register_autograd(_gli_projection_train, _train_backward, setup_context=_train_setup_context)

@@ -330,7 +330,7 @@ def _gelu_grad_backward(ctx, grad, grad_bias):
     return (d_dy, low @ weight, low.t() @ x, None if bias is None else dh.sum(0).to(bias.dtype))
 
 
-_linear_gelu_grad.register_autograd(_gelu_grad_backward, setup_context=_gelu_grad_setup_context)
+backend.register_autograd(_linear_gelu_grad, _gelu_grad_backward, setup_context=_gelu_grad_setup_context)
 
 
 @torch.library.custom_op("mpvit_kernels::linear_proj_mlp", mutates_args=())
@@ -407,7 +407,7 @@ def _proj_mlp_backward(ctx, grad):
     return (*got[:6], None, *got[6:])
 
 
-_linear_proj_mlp.register_autograd(_proj_mlp_backward, setup_context=_proj_mlp_setup_context)
+backend.register_autograd(_linear_proj_mlp, _proj_mlp_backward, setup_context=_proj_mlp_setup_context)
 
 
 @_linear.register_fake
@@ -440,7 +440,7 @@ def _backward(ctx, grad):
     g = grad.to(dtype)
     grad_bias = None
     if gelu:  # the bias grad from the same pass
-        g, sums = torch.ops.mpvit_kernels.linear_gelu_grad(g, u, weight, bias)
+        g, sums = backend.call_op(_linear_gelu_grad, g, u, weight, bias)
         grad_bias = None if bias is None else sums
     elif bias is not None:
         grad_bias = g.sum(0).to(bias.dtype)
@@ -454,4 +454,4 @@ def _backward(ctx, grad):
             grad_ln_bias.to(ln_bias.dtype), None, None)
 
 
-_linear.register_autograd(_backward, setup_context=_setup_context)
+backend.register_autograd(_linear, _backward, setup_context=_setup_context)

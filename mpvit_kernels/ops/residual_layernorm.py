@@ -182,7 +182,7 @@ def _grads_of_outputs(x, grad_r, grad_u):
 def _triton_backward(ctx, grad_r, grad_u, *_):
     x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
     grad_r, grad_u = _grads_of_outputs(x, grad_r, grad_u)
-    grad_s, grads = torch.ops.mpvit_kernels.residual_layernorm_bwd(grad_r, grad_u, x, y, bias, weight, mean, rstd)
+    grad_s, grads = backend.call_op(_residual_layernorm_bwd, grad_r, grad_u, x, y, bias, weight, mean, rstd)
     return (grad_s, grad_s, *grads.to(bias.dtype).unbind(0), None)  # the four parameters share a dtype
 
 
@@ -203,8 +203,7 @@ def _eager_backward(ctx, grad_r, grad_u, *_):
 
 
 _residual_layernorm.register_fake(_fake)
-_residual_layernorm.register_autograd(_triton_backward, setup_context=_setup_context)
+backend.register_autograd(_residual_layernorm, _triton_backward, setup_context=_setup_context)
 if backend.extension_available():  # the C++ twin: the same contract
     torch.library.register_fake("mpvit_kernels::residual_layernorm", _fake)
-    torch.library.register_autograd("mpvit_kernels::residual_layernorm", _eager_backward,
-                                    setup_context=_setup_context)
+    backend.register_autograd("mpvit_kernels::residual_layernorm", _eager_backward, setup_context=_setup_context)
