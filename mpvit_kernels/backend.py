@@ -376,8 +376,8 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
-# op (a custom_op, or an extension op's OpOverload) -> (setup_context, backward): the autograd
-# formulas register_autograd gave torch, for call_op's eager path
+# op (a custom_op, or an extension op's OpOverload) -> (setup_context, backward, the schema's
+# default arguments): the autograd formulas register_autograd gave torch, for call_op's eager path
 _AUTOGRAD: dict = {}
 
 
@@ -390,9 +390,12 @@ def register_autograd(op, backward, setup_context) -> None:
         torch.library.register_autograd(op, backward, setup_context=setup_context)
         namespace, name = op.split("::")
         op = getattr(getattr(torch.ops, namespace), name).default
+        schema = op._schema
     else:
         op.register_autograd(backward, setup_context=setup_context)
-    _AUTOGRAD[op] = (setup_context, backward)
+        schema = op._opoverload._schema
+    # setup_context sees every argument, those left to their defaults too (as torch.library passes them)
+    _AUTOGRAD[op] = (setup_context, backward, tuple(a.default_value for a in schema.arguments))
 
 
 def _regroup(flat, spec) -> list:
@@ -481,8 +484,11 @@ def call_op(op, *args):
                     return op(*args)
                 graph |= grad and t.requires_grad
     if graph:
-        if op not in _AUTOGRAD:
+        formulas = _AUTOGRAD.get(op)
+        if formulas is None:
             return op(*args)
+        if len(args) < len(formulas[2]):
+            args += formulas[2][len(args):]
         if not lists:
             return _EagerAutograd.apply(op, (-1,) * len(args), *args)
         spec, flat = [], []

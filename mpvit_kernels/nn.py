@@ -370,7 +370,8 @@ class FactorAttention(nn.Module):
     reference (its CRPE convs on the ``depthwise`` twin) where a backward follows; the eager
     reference with kernels off.
 
-    ``forward(x: (B, N, C), size: (H, W)) -> (B, N, C)`` with N = H * W row-major.
+    ``forward(x: (B, N, C), size: (H, W), crpe_packed=None) -> (B, N, C)`` with N = H * W
+    row-major; ``crpe_packed`` as ``ops.factor_attention`` takes it.
     ``crpe_window`` maps kernel size to head count (default ``{3: 2, 5: 3, 7: 3}``);
     ``shared_crpe`` reuses another module's CRPE, as MPViT's blocks do.
     """
@@ -388,19 +389,20 @@ class FactorAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.crpe = shared_crpe if shared_crpe is not None else ConvRelPosEnc(head_dim, num_heads, crpe_window)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.proj(self.attend(x, size))
+    def forward(self, x: torch.Tensor, size: tuple[int, int], crpe_packed: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.attend(x, size, crpe_packed))
 
-    def attend(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, size: tuple[int, int], crpe_packed: torch.Tensor | None = None) -> torch.Tensor:
         """Everything but ``proj``: the attention output (B, N, C) that ``proj`` would take (MPViT's
         block folds proj's bias and its residual add into ``ops.residual_layernorm``)."""
         check_input("FactorAttention", x, "(B, N, C)", 2, self.qkv.in_features, self.qkv.weight)
-        return self.core(self.qkv(x), size)
+        return self.core(self.qkv(x), size, crpe_packed)
 
-    def core(self, qkv: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def core(self, qkv: torch.Tensor, size: tuple[int, int], crpe_packed: torch.Tensor | None = None) -> torch.Tensor:
         """The attention between the two Linears, from the qkv Linear's output (B, N, 3C) (MPViT's
-        block computes it with norm1 fused in, ``ops.linear``)."""
+        block computes it with norm1 fused in, ``ops.linear``); ``crpe_packed``: the CRPE's
+        ``ops.crpe_packing``, made once by the encoder whose layers share it."""
         size = check_size("FactorAttention", size, qkv.shape[1])
         convs = self.crpe.conv_list
         return ops.factor_attention(qkv, size, self.num_heads, self.scale, [c.weight for c in convs],
-                                    [c.bias for c in convs])
+                                    [c.bias for c in convs], crpe_packed)

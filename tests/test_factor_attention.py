@@ -204,12 +204,15 @@ def test_crpe_grads_take_the_layout_of_channels_last_weights():
     grads of contiguous weights."""
     qkv, size, heads, scale, weights, biases = make_inputs(1, 3, 4, 4, {3: 1, 5: 1}, torch.float32)
     nhwc = [w.detach().to(memory_format=torch.channels_last).requires_grad_() for w in weights]
+    shared = [w.detach().to(memory_format=torch.channels_last).requires_grad_() for w in weights]
     assert all(w.stride() != v.stride() for w, v in zip(nhwc, weights))
-    for ws in (weights, nhwc):
-        ops.factor_attention(qkv, size, heads, scale, ws, biases).sum().backward()
-    for w, v in zip(nhwc, weights):
-        assert w.grad.stride() == w.stride() and v.grad.stride() == v.stride()
+    for ws in (weights, nhwc, shared):  # the last through a packing shared as an encoder's layers share it
+        packed = ops.crpe_packing(ws, biases, heads, qkv) if ws is shared else None
+        ops.factor_attention(qkv, size, heads, scale, ws, biases, packed).sum().backward()
+    for w, s, v in zip(nhwc, shared, weights):
+        assert w.grad.stride() == w.stride() and s.grad.stride() == s.stride() and v.grad.stride() == v.stride()
         torch.testing.assert_close(w.grad, v.grad, atol=0, rtol=0)
+        torch.testing.assert_close(s.grad, v.grad, atol=0, rtol=0)
 
 
 @pytest.mark.slow
@@ -292,6 +295,93 @@ def test_crpe_weights_are_packed_once_per_version_in_inference(monkeypatch):
     out = ops.factor_attention(*args)
     torch.autograd.grad(out.sum(), [qkv, *weights, *biases])
     assert len(calls) == 4  # with grads: the forward packs, and its backward reads that packing
+
+
+@pytest.mark.parametrize("window, dtype", [({3: 1, 5: 1}, torch.float32), ({3: 2, 7: 1}, torch.float64)],
+                         ids=["C8-fp32", "C9-fp64"])
+def test_calls_sharing_one_crpe_packing_pack_once_and_give_the_same_grads(window, dtype):
+    """An MPViT encoder's layers share one CRPE: packed once for all of them (crpe_packing: a cat
+    and a gather), autograd sums the layers' grads of the packing (one add a layer, not one per
+    weight and bias) and takes the sum apart once (one gather); outputs and grads are those of
+    calls that pack for themselves, bit for bit (the same sums in the same order; with 9
+    channels the packing has an alignment gap before the biases, whose grad is zeroed)."""
+    qkv1, size, heads, scale, weights, biases = make_inputs(2, 3, 5, 3, window, dtype)
+    qkv2 = torch.randn_like(qkv1).requires_grad_()
+    inputs = [qkv1, qkv2, *weights, *biases]
+
+    def two_layers(shared: bool):
+        packed = ops.crpe_packing(weights, biases, heads, qkv1) if shared else None
+        assert (packed is not None) == shared
+        out = [ops.factor_attention(q, size, heads, scale, weights, biases, packed) for q in (qkv1, qkv2)]
+        return out[0] * out[1], packed
+
+    ops.crpe_packing(weights, biases, heads, qkv1)  # the layout's tables, built once
+    with RecordOps() as forward:
+        out, packed = two_layers(True)
+    with RecordOps() as backward:
+        grads = torch.autograd.grad(out.sum(), inputs)
+    assert packed.shape == (fa_ops().packed_size(weights),) and packed.grad_fn is not None
+    assert forward.compute == ["aten.cat", "aten.index_select"] + ["mpvit_kernels.factor_attention_fwd"] * 2 + ["aten.mul"]
+    # the two calls' grads of the packing summed (one add), then taken apart (one gather)
+    assert backward.compute.count("aten.add") == 1 and backward.compute.count("aten.index_select") == 1
+    unshared = two_layers(False)[0]
+    with RecordOps() as backward:
+        unshared_grads = torch.autograd.grad(unshared.sum(), inputs)
+    assert backward.compute.count("aten.add") == len(weights) + len(biases)  # one per weight and bias
+    torch.testing.assert_close(out, unshared, atol=0, rtol=0)
+    for got, want in zip(grads, unshared_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.no_grad():  # inference: each call reads the cached packing
+        assert ops.crpe_packing(weights, biases, heads, qkv1) is None
+    with mpvit_kernels.use_backend("reference"):  # no kernel of ours reads one
+        assert ops.crpe_packing(weights, biases, heads, qkv1) is None
+    # a compiled graph would rebuild the packing's index tables in its trace: each op packs there
+    compiled = torch.compile(lambda q: ops.crpe_packing(weights, biases, heads, q) is None, backend="eager",
+                             fullgraph=True)
+    assert compiled(qkv1)
+
+
+def test_a_crpe_packing_of_other_weights_or_dtype_is_refused():
+    qkv, size, heads, scale, weights, biases = make_inputs(1, 2, 3, 4, {3: 1, 5: 1}, torch.float32)
+    packed = ops.crpe_packing(weights, biases, heads, qkv)
+    other = make_inputs(1, 2, 3, 4, {3: 1, 7: 1}, torch.float32)
+    for bad in (packed[1:], packed.double(), ops.crpe_packing(other[4], other[5], heads, qkv),
+                packed.detach().repeat(2)[::2]):
+        with pytest.raises(ValueError, match="crpe_packed must be crpe_packing's packing"):
+            ops.factor_attention(qkv, size, heads, scale, weights, biases, bad)
+        with pytest.raises(ValueError, match="crpe_packed must be crpe_packing's packing"):
+            torch.ops.mpvit_kernels.factor_attention_fwd(qkv, *size, heads, scale, weights, biases, True, bad)
+
+
+def test_opcheck_and_gradcheck_with_a_shared_crpe_packing():
+    qkv, size, heads, scale, weights, biases = make_inputs(1, 2, 3, 4, {3: 1, 5: 1}, torch.float64)
+    packed = ops.crpe_packing(weights, biases, heads, qkv)
+    detached = [w.detach() for w in weights], [b.detach() for b in biases]
+    fwd, bwd = torch.ops.mpvit_kernels.factor_attention_fwd, torch.ops.mpvit_kernels.factor_attention_bwd
+    leaf = packed.detach().requires_grad_()
+    for need_stats in (True, False):
+        torch.library.opcheck(fwd.default, (qkv, *size, heads, scale, *detached, need_stats, leaf))
+    with torch.no_grad():
+        out, ctx, lse, none = fwd(qkv, *size, heads, scale, *detached, True, leaf)
+    assert none.shape == (0,)  # the backward reads the given packing
+    bwd_args = (torch.randn_like(out), qkv.detach(), ctx, lse, leaf.detach(), *size, heads, scale, *detached, True)
+    torch.library.opcheck(bwd.default, bwd_args)
+    dqkv, dpacked, empty = bwd(*bwd_args)
+    assert dpacked.shape == packed.shape and empty.shape == (0,)
+    # the same grads as the backward that takes them apart itself
+    apart = bwd(*bwd_args[:-1])
+    torch.testing.assert_close(dqkv, apart[0], atol=0, rtol=0)
+    crpe = [*weights, *biases]
+    by_packing = torch.autograd.grad(packed, crpe, dpacked)
+    flat = torch.cat([apart[1], apart[2]])
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in by_packing]), flat, atol=0, rtol=0)
+    n = len(weights)
+
+    def f(qkv, *crpe):
+        shared = ops.crpe_packing(list(crpe[:n]), list(crpe[n:]), heads, qkv)
+        return ops.factor_attention(qkv, size, heads, scale, list(crpe[:n]), list(crpe[n:]), shared)
+
+    assert torch.autograd.gradcheck(f, (qkv, *crpe), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("path", ["whole_map", "one_chunk", "three_passes"])

@@ -350,6 +350,27 @@ def test_activation_checkpointing_of_the_blocks_gives_the_grads_of_kernels_off()
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
 
 
+def test_an_encoder_through_the_kernels_packs_its_shared_crpe_once_a_training_forward():
+    """The layers of an encoder share one CRPE: in training it is packed once a forward (one
+    gather) for all of them, and in the backward taken apart once (one gather), autograd summing
+    the layers' grads of the packing; inference reads the cached packing. On meta tensors, where
+    the ops run their fakes."""
+    from mpvit_kernels.models.mpvit import MHCAEncoder
+
+    encoder = MHCAEncoder(16, 3, 2.0, [0.0] * 3).to(device="meta").train()
+    x = torch.empty(2, 16, 3, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    with RecordOps() as forward:
+        out = encoder(x)
+    with RecordOps() as backward:
+        out.sum().backward()
+    assert forward.names.count("mpvit_kernels.factor_attention_fwd") == 3
+    assert forward.names.count("aten.index_select") == 1 and backward.names.count("aten.index_select") == 1
+    assert backward.names.count("mpvit_kernels.factor_attention_bwd") == 3
+    with torch.no_grad(), RecordOps() as inference:
+        encoder(x)
+    assert "aten.index_select" not in inference.names
+
+
 def test_whole_model_through_the_kernels_training_step_fills_no_zero_grads_for_side_outputs():
     """The fused ops' side outputs (the attention's S, lse and CRPE packing, the training
     BatchNorms' pre-BN map and statistics, residual_layernorm's mean and rstd) take no grads:

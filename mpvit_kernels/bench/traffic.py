@@ -271,7 +271,9 @@ def training_model(impl: str, size: str, B: int, res: int, dtype) -> tuple[torch
         model = PublicStyleMPViT(size).to(device="meta", dtype=dtype).train()
         return model, torch.empty(B, 3, res, res, device="meta", dtype=dtype)
     model = getattr(models, f"mpvit_{size}")().to(device="meta", dtype=dtype).train()
-    return model, torch.empty(B, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.empty(B, 3, res, res, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    model(x)  # the CRPE packing's index tables, built at a process's first step, as later steps find them
+    return model, x
 
 
 def train_activations(impl: str, size: str, B: int, res: int, dtype) -> dict:

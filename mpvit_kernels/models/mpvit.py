@@ -63,14 +63,14 @@ class MHCABlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int], crpe_packed: torch.Tensor | None = None) -> torch.Tensor:
         x = self.cpe(x, size)
         att, mlp = self.factoratt_crpe, self.mlp
         norm1, norm2 = self.norm1, self.norm2
         # `is None` tests: `None in (tensors)` would call each tensor's __eq__ (70 us a block)
         if (self.training and self.drop_path_rate > 0) or att.proj.bias is None or mlp.fc2.bias is None or \
                 any(p is None for p in (norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
-            x = x + drop_path(att(norm1(x), size), self.drop_path_rate, self.training)
+            x = x + drop_path(att(norm1(x), size, crpe_packed), self.drop_path_rate, self.training)
             return x + drop_path(mlp(norm2(x)), self.drop_path_rate, self.training)
         # norm1 inside the qkv GEMM and GELU in fc1's (ops.linear); the residual adds, norm2 and
         # both biases in one pass (ops.residual_layernorm); fc2 accumulates onto its residual
@@ -80,7 +80,7 @@ class MHCABlock(nn.Module):
         # on a CPU a fresh map costs its page faults (MPViT-T eval batch 8 fp32: 4% a forward).
         B, N, C = x.shape
         qkv = ops.linear(x, att.qkv.weight, att.qkv.bias, norm1.weight, norm1.bias, norm1.eps)
-        a = att.core(qkv, size).reshape(B * N, C)
+        a = att.core(qkv, size, crpe_packed).reshape(B * N, C)
         del qkv
         fc1, fc2 = mlp.fc1, mlp.fc2
         if C <= MLP_MAX_C and fc1.bias is not None and backend.use_triton("linear", x.device) and \
@@ -121,8 +121,12 @@ class MHCAEncoder(nn.Module):
         if images < B:
             return torch.cat([self.forward(x[i:i + images]) for i in range(0, B, images)])
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view of a channels-last image
+        # the layers' shared CRPE packed once a forward where each layer would pack it (training),
+        # so that autograd sums the layers' grads on the packing and takes them apart once
+        convs = self.crpe.conv_list
+        packed = ops.crpe_packing([c.weight for c in convs], [c.bias for c in convs], NUM_HEADS, tokens)
         for layer in self.MHCA_layers:
-            tokens = layer(tokens, (H, W))
+            tokens = layer(tokens, (H, W), packed)
         return tokens.transpose(1, 2).reshape(B, C, H, W)
 
 

@@ -10,7 +10,10 @@ launch (``whole_map_kernel``) on maps of at most _WHOLE_MAP_MAX_N tokens, three 
 partials, combine, output) on larger ones; the backward is three launches (grad partials,
 combine, grad qkv), then two sums and a gather for the CRPE grads. Where one chunk covers a
 head's N (_chunking: B*heads >= _TARGET_PROGRAMS, or N <= 128), the context and grad passes
-finish what the combines would do, and neither combine is launched.
+finish what the combines would do, and neither combine is launched. Calls that share a CRPE
+(an MPViT encoder's layers) may share its packing too (``crpe_packing``, passed as
+``crpe_packed``): in training it is then made once a forward, and its grad is summed over the
+calls and taken apart once.
 
 On CPU tensors: the extension's C++ twin ``mpvit_kernels::factor_attention`` (csrc/cpu), a
 forward kernel for inference. Its backward, ``factor_attention_backward``, is written with eager
@@ -128,7 +131,8 @@ def _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases) -> tuple[int,
 
 
 def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, scale: float,
-                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+                     crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor],
+                     crpe_packed: torch.Tensor | None = None) -> torch.Tensor:
     """Factorized attention with convolutional relative position encoding.
 
     qkv: the qkv Linear's output (B, N, 3C), read in place as (B, N, 3, heads, Ch); size: (H, W)
@@ -139,12 +143,18 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     parameters may have any floating dtype (fp32 ones next to a bf16 qkv under autocast): they
     are read in the accumulation type. The Triton kernels take head dims up to
     MAX_TRITON_HEAD_DIM (64); wider heads run on the eager reference under ``auto``.
+
+    ``crpe_packed``: :func:`crpe_packing` of these weights and biases, made once for several
+    calls that share them (an MPViT encoder's layers): the Triton kernels read it instead of
+    packing the weights at every call, and the weights' grads flow through it (autograd sums the
+    calls' grads on it, then takes them apart once). Ignored where the kernels do not run.
     """
     size = tuple(size)
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
     crpe = (*crpe_weights, *crpe_biases)
-    backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe))
+    backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe)
+                                                    or (crpe_packed is not None and crpe_packed.requires_grad))
     # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
     # whose autograd is faster than the twin's backward (which recomputes the softmax and S), with
     # its CRPE convs on the depthwise twin: oneDNN's depthwise backward is 2-5x slower at these
@@ -164,6 +174,11 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
         # conservative as it gets).
         # S and lse are kept for the backward only where autograd will ask for it.
         need_stats = backward_follows
+        if crpe_packed is not None:  # the weights reach the grads through it alone
+            _check_packed("factor_attention", crpe_packed, crpe_weights, qkv)
+            return backend.call_op(factor_attention_fwd, qkv, size[0], size[1], num_heads, float(scale),
+                                   [w.detach() for w in crpe_weights], [b.detach() for b in crpe_biases],
+                                   need_stats, crpe_packed)[0]
         args = (qkv, size[0], size[1], num_heads, float(scale), list(crpe_weights), list(crpe_biases), need_stats)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in crpe)):
             return backend.call_op(factor_attention_fwd, *args)[0]
@@ -173,6 +188,61 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
         finally:
             _REUSE_PACKING.reset(token)
     return reference.factor_attention(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
+
+
+def crpe_packing(crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[torch.Tensor], num_heads: int,
+                 tokens: torch.Tensor) -> torch.Tensor | None:
+    """The CRPE packing that :func:`factor_attention` calls sharing these weights and biases
+    would each make, made once, to pass as their ``crpe_packed``; ``tokens``: what their qkv is
+    computed from (its device, and its dtype as autocast makes it, choose the packing's). Made
+    where each call would pack afresh: the Triton kernels with an autograd graph through the
+    weights (training; in inference every call reads one cached packing). Else None, and under
+    torch.compile, whose trace of this Python would rebuild the packing's index tables in every
+    graph (each call packs inside its op there). Plain ATen ops (a cat and a gather), so
+    autograd takes the packing's grad apart into the weights'."""
+    if torch.compiler.is_compiling() or not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (*crpe_weights, *crpe_biases))):
+        return None
+    Ch = sum(w.shape[0] for w in crpe_weights) // num_heads
+    if (tokens.shape[0] == 0 or Ch > MAX_TRITON_HEAD_DIM or not backend.use_triton("factor_attention", tokens.device)
+            or tokens.device != crpe_weights[0].device):
+        return None
+    return _SharedPacking.apply(Ch, _acc_dtype(backend.autocast_dtype(tokens)), len(crpe_weights), *crpe_weights,
+                                *crpe_biases)
+
+
+class _SharedPacking(torch.autograd.Function):
+    """crpe_packing's packing (_pack_crpe), whose backward takes the packing's grad apart into the
+    weights' and biases' as the attention's own backward does (one gather, the grads views of its
+    output in the parameters' strides and dtypes: _grads_of), not through the gather's autograd
+    (a zero fill and a scatter, and contiguous grads where a channels-last weight's strides are
+    what DDP's buckets expect)."""
+
+    @staticmethod
+    def forward(ctx, Ch, acc, n, *crpe):
+        weights = crpe[:n]
+        ctx.n, ctx.unpack_index = n, _layout_of(weights, Ch)[6]
+        ctx.save_for_backward(*crpe)  # (for their shapes, strides and dtypes)
+        return _pack_crpe(weights, crpe[n:], Ch, acc)[0]
+
+    @staticmethod
+    def backward(ctx, dpacked):
+        crpe = ctx.saved_tensors
+        weights, biases = crpe[:ctx.n], crpe[ctx.n:]
+        flat = dpacked.index_select(0, ctx.unpack_index)
+        nw = sum(w.numel() for w in weights)
+        return None, None, None, *_grads_of(flat[:nw], weights), *_grads_of(flat[nw:], biases)
+
+
+def _check_packed(who: str, packed: torch.Tensor, weights: Sequence[torch.Tensor], qkv: torch.Tensor) -> None:
+    """``packed`` must be a packing of these weights for this qkv, as crpe_packing makes it."""
+    acc, size = _acc_dtype(qkv.dtype), packed_size(weights)
+    if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != (size,) or packed.dtype != acc \
+            or not packed.is_contiguous() or packed.device != qkv.device:
+        got = f"{packed.dtype} {tuple(packed.shape)} on {packed.device}" if isinstance(packed, torch.Tensor) \
+            else type(packed).__name__
+        raise ValueError(f"{who}: crpe_packed must be crpe_packing's packing of crpe_weights and crpe_biases, a "
+                         f"contiguous {acc} tensor of shape ({size},) on qkv's device, got {got}")
 
 
 # ---- launch helpers -----------------------------------------------------------------------
@@ -208,9 +278,10 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     out cat(flat weights, biases, 0) as the packed (C, KMAX*KMAX) weights, each window centred in
     KMAX x KMAX with zeros around it, then the (C,) bias (from an offset of a multiple of 16
     elements, aligned as a tensor of its own would start); the zero the padding reads; the
-    (heads,) int32 window of each head; KMAX and the bias's offset; and the backward's gather
+    (heads,) int32 window of each head; KMAX and the bias's offset; the backward's gather
     index from the (heads, KMAX*KMAX, Ch) sum of its weight grads to the weights' own layouts,
-    each window's (c, 1, k, k) in turn. A function of the layout alone (a model has one or two),
+    each window's (c, 1, k, k) in turn; and the gather index from a grad of the packing to the
+    weights' layouts, then the biases (crpe_packing's backward). A function of the layout alone (a model has one or two),
     so built once: each table is a synchronous copy from the host, complete on the device before
     any stream reads it, so the streams share them, and a CUDA graph capture, which runs on a
     stream of its own and could not copy from the host, finds them made."""
@@ -237,8 +308,11 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
         grad_index.append(((chan // Ch) * (kmax * kmax) + tap) * Ch + chan % Ch)
         row += c
     grad_index = torch.cat([g.reshape(-1) for g in grad_index])
+    real = index != zero_at
+    unpack_index = torch.empty(weights + C, dtype=torch.int32)
+    unpack_index[index[real].long()] = torch.arange(index.numel(), dtype=torch.int32)[real]
     return (index.to(device), torch.zeros(1, dtype=dtype).to(device), ksize.to(device), kmax, bias_at,
-            grad_index.to(device))
+            grad_index.to(device), unpack_index.to(device))
 
 
 def pack_launches(weights: Sequence[torch.Tensor], acc: torch.dtype) -> int:
@@ -271,7 +345,7 @@ def _pack_crpe(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], 
 
 
 def _views(packed: torch.Tensor, layout):
-    _, _, ksize, kmax, bias_at, _ = layout
+    _, _, ksize, kmax, bias_at, _, _ = layout
     C = packed.numel() - bias_at
     return packed[:C * kmax * kmax].view(C, kmax * kmax), packed[bias_at:], ksize, kmax
 
@@ -336,17 +410,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_fwd", mutates_args=())
 def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
-                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], need_stats: bool
+                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], need_stats: bool,
+                         crpe_packed: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (B, N, C), context S (B*heads, Ch, Ch), column log-sum-exp of k (B*heads, Ch),
     the packed CRPE weights and bias (packed_size(crpe_weights),)): S, lse and the packing are what
     the backward reads, so that it packs nothing. With ``need_stats`` False (no backward expected)
     they come back empty, (0, Ch, Ch), (0, Ch) and (0,), a map of at most _WHOLE_MAP_MAX_N tokens
-    writes nothing but out, and a backward, should one run after all, recomputes them."""
+    writes nothing but out, and a backward, should one run after all, recomputes them. Given
+    ``crpe_packed`` (crpe_packing's), the kernels read it and the packing comes back empty (the
+    backward reads the input); its grad is then the CRPE weights' and biases'."""
     qkv = _rows(qkv)
+    if crpe_packed is not None:
+        _check_packed("factor_attention_fwd", crpe_packed, crpe_weights, qkv)
     # a packing that is returned is made here (a cached one would be an output shared by calls)
-    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, fresh=need_stats)
-    packed = L.packed if need_stats else L.empty(0)
+    L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, packed=crpe_packed, fresh=need_stats)
+    packed = L.packed if need_stats and crpe_packed is None else L.empty(0)
     k = L.kernels
     out = torch.empty(L.B, L.N, L.C, device=qkv.device, dtype=qkv.dtype)
     ctx, lse = (L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)) if need_stats else _no_stats(L)
@@ -381,23 +460,26 @@ def _no_stats(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @factor_attention_fwd.register_fake
-def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases, need_stats):
+def _(qkv, H, W, num_heads, scale, crpe_weights, crpe_biases, need_stats, crpe_packed=None):
     B, N, C3 = qkv.shape
     Ch = C3 // 3 // num_heads
     acc = _acc_dtype(qkv.dtype)
     rows = B * num_heads if need_stats else 0
     return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(rows, Ch, Ch, dtype=acc), qkv.new_empty(rows, Ch, dtype=acc),
-            qkv.new_empty(packed_size(crpe_weights) if need_stats else 0, dtype=acc))
+            qkv.new_empty(packed_size(crpe_weights) if need_stats and crpe_packed is None else 0, dtype=acc))
 
 
 @torch.library.custom_op("mpvit_kernels::factor_attention_bwd", mutates_args=())
 def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tensor, lse: torch.Tensor,
                          crpe_packed: torch.Tensor, H: int, W: int, num_heads: int, scale: float,
-                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor]
+                         crpe_weights: list[torch.Tensor], crpe_biases: list[torch.Tensor], packed_grad: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d qkv (B, N, 3C), d CRPE weights (each window's (c, 1, k, k) flat in turn), d CRPE
     biases (C,)), in fp32/fp64 for the two CRPE grads. ``crpe_packed`` is the forward's packing of
-    the CRPE weights and biases, or an empty tensor to pack them here."""
+    the CRPE weights and biases, or an empty tensor to pack them here. With ``packed_grad``, the
+    CRPE grads come back as the grad of the packing instead: (d qkv, d crpe_packed
+    (packed_size(crpe_weights),), an empty tensor), what a forward given crpe_packed needs (the
+    taps a head's window lacks get their grads too, which the packing's own backward drops)."""
     qkv = _rows(qkv)
     dout = _rows(dout.to(qkv.dtype))
     acc, size = _acc_dtype(qkv.dtype), packed_size(crpe_weights)
@@ -432,41 +514,55 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
             ACC=L.tl_acc, DOT_PRECISION=L.precision, KMAX=L.kmax, BLOCK_D=L.BD)
     # CRPE weights are shared by the batch: sum the (b, chunk) partials in a fixed order.
     # (the sums read only the taps and head dims that exist: (heads, KMAX*KMAX, Ch) and (heads, Ch) out)
-    dw = dw_part.view(L.B, num_heads, L.splits, kk, L.BD)[:, :, :, :L.kmax * L.kmax, :L.Ch].sum(dim=(0, 2))
-    db = db_part.view(L.B, num_heads, L.splits, L.BD)[..., :L.Ch].sum(dim=(0, 2))
+    taps = L.kmax * L.kmax
+    dw_parts = dw_part.view(L.B, num_heads, L.splits, kk, L.BD)[:, :, :, :taps, :L.Ch]
+    db_parts = db_part.view(L.B, num_heads, L.splits, L.BD)[..., :L.Ch]
+    if packed_grad:  # the sums written straight into the packing's layout: (C, KMAX*KMAX) weights, gap, bias
+        dpacked = L.empty(packed_size(crpe_weights))
+        torch.sum(dw_parts, dim=(0, 2), out=dpacked[:L.C * taps].view(num_heads, L.Ch, taps).transpose(1, 2))
+        torch.sum(db_parts, dim=(0, 2), out=dpacked[-L.C:].view(num_heads, L.Ch))
+        if dpacked.numel() > L.C * (taps + 1):  # the alignment gap (none where C is a multiple of 16)
+            dpacked[L.C * taps:-L.C].zero_()
+        return dqkv, dpacked, L.empty(0)
+    dw, db = dw_parts.sum(dim=(0, 2)), db_parts.sum(dim=(0, 2))
     return dqkv, dw.view(-1).index_select(0, _layout_of(crpe_weights, L.Ch)[5]), db.view(L.C)
 
 
 @factor_attention_bwd.register_fake
-def _(dout, qkv, ctx, lse, crpe_packed, H, W, num_heads, scale, crpe_weights, crpe_biases):
+def _(dout, qkv, ctx, lse, crpe_packed, H, W, num_heads, scale, crpe_weights, crpe_biases, packed_grad=False):
     B, N, C3 = qkv.shape
     C = C3 // 3
     acc = _acc_dtype(qkv.dtype)
+    if packed_grad:
+        return qkv.new_empty(B, N, C3), qkv.new_empty(packed_size(crpe_weights), dtype=acc), qkv.new_empty(0, dtype=acc)
     return (qkv.new_empty(B, N, C3), qkv.new_empty(sum(w.numel() for w in crpe_weights), dtype=acc),
             qkv.new_empty(C, dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, H, W, num_heads, scale, weights, biases, need_stats = inputs
+    qkv, H, W, num_heads, scale, weights, biases, need_stats, given = inputs
     _, context, lse, packed = output
     ctx.mark_non_differentiable(context, lse, packed)
     ctx.set_materialize_grads(False)  # no zero-filled grads for them (a launch each)
-    ctx.save_for_backward(qkv, context, lse, packed, *weights, *biases)
-    ctx.shape = (H, W, num_heads, scale, len(weights), need_stats)
+    ctx.save_for_backward(qkv, context, lse, packed if given is None else given, *weights, *biases)
+    ctx.shape = (H, W, num_heads, scale, len(weights), need_stats, given is not None)
 
 
 def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
-    H, W, num_heads, scale, n, need_stats = ctx.shape
+    H, W, num_heads, scale, n, need_stats, given = ctx.shape
     if dout is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
-        return None, None, None, None, None, [None] * n, [None] * n, None
+        return None, None, None, None, None, [None] * n, [None] * n, None, None
     qkv, context, lse, packed, *crpe = ctx.saved_tensors
     weights, biases = crpe[:n], crpe[n:]
     if not need_stats:  # a forward told that no backward would come kept nothing: one more forward
-        _, context, lse, packed = backend.call_op(factor_attention_fwd, qkv, H, W, num_heads, scale, weights, biases,
-                                                  True)
+        _, context, lse, fresh = backend.call_op(factor_attention_fwd, qkv, H, W, num_heads, scale, weights, biases,
+                                                 True, packed if given else None)
+        packed = packed if given else fresh
     dqkv, dw, db = backend.call_op(factor_attention_bwd, dout, qkv, context, lse, packed, H, W, num_heads, scale,
-                                   weights, biases)
-    return dqkv, None, None, None, None, _grads_of(dw, weights), _grads_of(db, biases), None
+                                   weights, biases, given)
+    if given:  # the packing's grad: its own backward (crpe_packing's ATen ops) reaches the weights
+        return dqkv, None, None, None, None, [None] * n, [None] * n, None, dw
+    return dqkv, None, None, None, None, _grads_of(dw, weights), _grads_of(db, biases), None, None
 
 
 def _grads_of(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
