@@ -653,3 +653,8 @@ def test_train_step_traffic_tool_counts_a_step_of_both_models():
     # fc1's GELU grad and bias grad in the GEMM that recomputes the pre-activation (+ the partial sums' sum)
     assert ours.op_launches["mpvit_kernels.linear_gelu_grad"] == 2 * eager.op_launches["aten.gelu_backward"] > 0
     assert "aten.gelu_backward" not in ours.op_launches
+    # with drop path the blocks keep their fused ops (GELU in fc1's GEMM, norm2 with the residual add)
+    dropped = tool.count("ours", "tiny", 2, 64, torch.float32, drop_path=0.2)
+    assert "aten.gelu" not in dropped.op_launches and "aten.native_layer_norm" in ours.op_launches
+    assert dropped.op_launches["aten.native_layer_norm"] == ours.op_launches["aten.native_layer_norm"]
+    assert dropped.op_launches["mpvit_kernels.residual_layernorm_fwd"] == 23  # every block of MPViT-T

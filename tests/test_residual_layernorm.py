@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import ops
-from mpvit_kernels.models.mpvit import MHCABlock
+from mpvit_kernels.models.mpvit import MHCABlock, drop_path
 from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
 from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import RecordOps, assert_close
@@ -219,10 +219,12 @@ def make_block(C, dtype, drop_path_rate=0.0):
 
 
 def eager_block(block, x, size):
-    """The block as the public code writes it: no op of ours after the CPE."""
+    """The block as the public code writes it: no op of ours after the CPE (drop path as the
+    block's rate and mode say)."""
+    rate, training = block.drop_path_rate, block.training
     x = block.cpe(x, size)
-    x = x + block.factoratt_crpe(block.norm1(x), size)
-    return x + block.mlp(block.norm2(x))
+    x = x + drop_path(block.factoratt_crpe(block.norm1(x), size), rate, training)
+    return x + drop_path(block.mlp(block.norm2(x)), rate, training)
 
 
 @pytest.mark.slow
@@ -263,11 +265,32 @@ def test_mpvit_block_under_autocast_casts_fc2_weight_once_per_version():
     assert not casts(rec) and len(casts(changed)) == 1
 
 
-def test_mpvit_block_with_drop_path_runs_unfused_while_training():
-    block = make_block(16, torch.float32, drop_path_rate=0.5).train()
+@pytest.mark.slow
+def test_mpvit_block_with_drop_path_trains_through_the_fused_ops():
+    """Drop path (training): each branch's output scaled per image by 0 or 1/keep, its masks
+    drawn as the public block draws them, so one seed drops the same images; the fused ops (qkv
+    with norm1, residual_layernorm, fc1 with GELU) as without drop path. Output and every grad
+    those of the public form, fp64."""
+    block = make_block(16, torch.float64, drop_path_rate=0.5).train()
+    B = 4
+    x = torch.randn(B, 6, 16, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    params = [x, *block.parameters()]
+    g = torch.randn(B, 6, 16, dtype=torch.float64, device=KERNEL_DEVICE)
+    for seed in range(100):  # a seed whose two masks (the block draws nothing else) each keep some images, not all
+        torch.manual_seed(seed)
+        masks = [torch.empty(B, 1, 1, dtype=torch.float64, device=KERNEL_DEVICE).bernoulli_(0.5) for _ in range(2)]
+        if all(0 < m.sum() < B for m in masks):
+            break
+    torch.manual_seed(seed)
     with RecordOps() as rec:
-        block(torch.randn(4, 6, 16, device=KERNEL_DEVICE), (2, 3))
-    assert not [n for n in rec.names if "residual_layernorm" in n]
+        out = block(x, (2, 3))
+    got = torch.autograd.grad(out, params, g)
+    assert "mpvit_kernels.residual_layernorm_fwd" in rec.names and "mpvit_kernels.linear" in rec.names
+    torch.manual_seed(seed)
+    want = eager_block(block, x, (2, 3))
+    assert_close(out, want)
+    for a, b in zip(got, torch.autograd.grad(want, params, g)):
+        assert_close(a, b, scale=10)
 
 
 def test_mpvit_block_under_autocast_runs_fc2_in_the_autocast_dtype():

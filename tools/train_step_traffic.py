@@ -9,6 +9,10 @@ CRPE packing and its backward's three kernels and CRPE sums) are not seen. A mod
 timing: where the step's bytes go, and what a change takes off them.
 
     python tools/train_step_traffic.py [--size small] [--batch 16] [--res 224] [--dtype bf16] [--top 15]
+                                       [--drop-path 0.1]
+
+--drop-path R: stochastic depth in both models, the blocks' rates rising from 0 to R as the
+models' drop_path_rate sets them (MPViT's training recipes use 0.05-0.3).
 """
 import argparse
 import collections
@@ -36,8 +40,17 @@ def by_op(base):
     return ByOp()
 
 
-def count(impl: str, size: str, batch: int, res: int, dtype: torch.dtype):
+def set_drop_path(model: torch.nn.Module, rate: float) -> None:
+    """The blocks' drop path rates (ours: MHCABlock.drop_path_rate; the public model's DropPath
+    modules: drop_prob) rising linearly from 0 to ``rate``, block after block."""
+    blocks = [m for m in model.modules() if hasattr(m, "drop_path_rate") or hasattr(m, "drop_prob")]
+    for block, r in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+        setattr(block, "drop_path_rate" if hasattr(block, "drop_path_rate") else "drop_prob", r)
+
+
+def count(impl: str, size: str, batch: int, res: int, dtype: torch.dtype, drop_path: float = 0.0):
     model, x = training_model(impl, size, batch, res, dtype)
+    set_drop_path(model, drop_path)
     counter = by_op(CountTraffic if impl == "eager" else CountOurs)
     with counter:
         loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device="meta"))
@@ -52,10 +65,11 @@ def main() -> None:
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--top", type=int, default=15, help="ops listed per column, by bytes")
+    p.add_argument("--drop-path", type=float, default=0.0, help="the last block's drop path rate")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for impl in ("eager", "ours"):
-        c = count(impl, args.size, args.batch, args.res, dtype)
+        c = count(impl, args.size, args.batch, args.res, dtype, args.drop_path)
         print(f"{impl}: {c.launches} launches, {c.bytes / 1e6:.1f} MB")
         for name, nbytes in c.op_bytes.most_common(args.top):
             print(f"  {name:48s} {c.op_launches[name]:5d} launches {nbytes / 1e6:9.1f} MB")

@@ -40,6 +40,13 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
+def _kept(branch: torch.Tensor, B: int, rate: float) -> torch.Tensor:
+    """drop_path's per-image factor for a branch of B images, 0 or 1/keep, (B, 1, 1): drawn as
+    drop_path draws its mask (shape, dtype, one draw a branch), so one seed gives both the same."""
+    keep = 1.0 - rate
+    return branch.new_empty((B, 1, 1)).bernoulli_(keep).div_(keep)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -67,8 +74,9 @@ class MHCABlock(nn.Module):
         x = self.cpe(x, size)
         att, mlp = self.factoratt_crpe, self.mlp
         norm1, norm2 = self.norm1, self.norm2
+        drop = self.drop_path_rate if self.training else 0.0
         # `is None` tests: `None in (tensors)` would call each tensor's __eq__ (70 us a block)
-        if (self.training and self.drop_path_rate > 0) or att.proj.bias is None or mlp.fc2.bias is None or \
+        if att.proj.bias is None or mlp.fc2.bias is None or \
                 any(p is None for p in (norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
             x = x + drop_path(att(norm1(x), size, crpe_packed), self.drop_path_rate, self.training)
             return x + drop_path(mlp(norm2(x)), self.drop_path_rate, self.training)
@@ -83,6 +91,19 @@ class MHCABlock(nn.Module):
         a = att.core(qkv, size, crpe_packed).reshape(B * N, C)
         del qkv
         fc1, fc2 = mlp.fc1, mlp.fc2
+        if drop:
+            # drop path: each branch's output, its bias in, scaled per image (_kept), the masks
+            # drawn in the unfused block's order; residual_layernorm then adds no bias of its own
+            y = F.linear(a, att.proj.weight, att.proj.bias)
+            del a
+            y = (y.view(B, N, C) * _kept(y, B, drop)).view(B * N, C)
+            zero = y.new_zeros(C, dtype=norm2.weight.dtype)
+            r, u = ops.residual_layernorm(x.reshape(B * N, C), y, zero, zero, norm2.weight, norm2.bias, norm2.eps)
+            del x, y
+            h = ops.linear(u, fc1.weight, fc1.bias, gelu=True)
+            del u
+            z = F.linear(h, fc2.weight, fc2.bias).view(B, N, C)
+            return torch.addcmul(r.view(B, N, C), z, _kept(z, B, drop))
         if C <= MLP_MAX_C and fc1.bias is not None and backend.use_triton("linear", x.device) and \
                 backend.use_triton("residual_layernorm", x.device) and not (torch.is_grad_enabled() and any(
                     t.requires_grad for t in (x, a, att.proj.weight, att.proj.bias, norm2.weight, norm2.bias,
