@@ -394,8 +394,14 @@ def register_autograd(op, backward, setup_context) -> None:
     else:
         op.register_autograd(backward, setup_context=setup_context)
         schema = op._opoverload._schema
-    # setup_context sees every argument, those left to their defaults too (as torch.library passes them)
-    _AUTOGRAD[op] = (setup_context, backward, tuple(a.default_value for a in schema.arguments))
+    # setup_context sees every argument, those left to their defaults too (as torch.library passes
+    # them): the defaults of the trailing arguments that have one
+    defaults = []
+    for argument in reversed(schema.arguments):
+        if not argument.has_default_value():
+            break
+        defaults.insert(0, argument.default_value)
+    _AUTOGRAD[op] = (setup_context, backward, len(schema.arguments), tuple(defaults))
 
 
 def _regroup(flat, spec) -> list:
@@ -449,8 +455,12 @@ class _EagerAutograd(torch.autograd.Function):
         for n, g in zip(spec, got):
             if n < 0:
                 flat.append(g)
+            elif g is None:
+                flat.extend([None] * n)
+            elif isinstance(g, (list, tuple)) and len(g) == n:
+                flat.extend(g)
             else:
-                flat.extend([None] * n if g is None else g)
+                raise RuntimeError(f"the backward of {op} returned {type(g).__name__} for a list of {n} tensors")
         return tuple(flat)
 
 
@@ -487,8 +497,9 @@ def call_op(op, *args):
         formulas = _AUTOGRAD.get(op)
         if formulas is None:
             return op(*args)
-        if len(args) < len(formulas[2]):
-            args += formulas[2][len(args):]
+        missing = formulas[2] - len(args)
+        if 0 < missing <= len(formulas[3]):
+            args += formulas[3][len(formulas[3]) - missing:]
         if not lists:
             return _EagerAutograd.apply(op, (-1,) * len(args), *args)
         spec, flat = [], []

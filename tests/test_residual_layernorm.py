@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels import ops
-from mpvit_kernels.models.mpvit import MHCABlock, drop_path
+from mpvit_kernels.models.mpvit import MHCABlock, drop_path, dropped
 from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
 from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import RecordOps, assert_close
@@ -291,6 +291,31 @@ def test_mpvit_block_with_drop_path_trains_through_the_fused_ops():
     assert_close(out, want)
     for a, b in zip(got, torch.autograd.grad(want, params, g)):
         assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_fused_blocks_drop_path_drops_and_scales_as_drop_path(dtype):
+    """The fused block's drop path (models.mpvit.dropped): the same images dropped for a seed,
+    the kept ones scaled by 1/keep in fp32: in 16 bits almost always drop_path's x * mask / keep
+    (a 16-bit 1/keep, bf16 1.109375 for 1/0.9, left 28% of the elements an ulp low), in fp32
+    within an ulp of its division; added to a base in the same pass, within the rounding of
+    drop_path's separate add."""
+    branch = torch.randn(64, 7, 31, device=KERNEL_DEVICE).to(dtype)
+    base = torch.randn(64, 7, 31, device=KERNEL_DEVICE).to(dtype)
+    torch.manual_seed(5)
+    alone = dropped(branch, 0.1)
+    torch.manual_seed(5)
+    want = drop_path(branch, 0.1, True)
+    kept = (want != 0).any(dim=(1, 2))
+    assert torch.equal(alone != 0, want != 0) and 0 < kept.sum().item() < 64  # the same images dropped
+    eps = torch.finfo(dtype).eps
+    if dtype != torch.float32:
+        differ = (alone != want).float().mean().item()
+        assert differ < 0.02, differ
+    torch.testing.assert_close(alone, want, atol=0, rtol=eps)
+    torch.manual_seed(5)
+    got = dropped(branch, 0.1, base)
+    torch.testing.assert_close(got, base + want, atol=2 * eps * (base.abs() + want.abs()).max().item(), rtol=0)
 
 
 def test_mpvit_block_under_autocast_runs_fc2_in_the_autocast_dtype():

@@ -198,8 +198,8 @@ def crpe_packing(crpe_weights: Sequence[torch.Tensor], crpe_biases: Sequence[tor
     where each call would pack afresh: the Triton kernels with an autograd graph through the
     weights (training; in inference every call reads one cached packing). Else None, and under
     torch.compile, whose trace of this Python would rebuild the packing's index tables in every
-    graph (each call packs inside its op there). Plain ATen ops (a cat and a gather), so
-    autograd takes the packing's grad apart into the weights'."""
+    graph (each call packs inside its op there). A cat and a gather, whose backward (one gather)
+    takes the packing's grad apart into the weights' and biases' (_SharedPacking)."""
     if torch.compiler.is_compiling() or not (
             torch.is_grad_enabled() and any(t.requires_grad for t in (*crpe_weights, *crpe_biases))):
         return None
@@ -222,15 +222,16 @@ class _SharedPacking(torch.autograd.Function):
     def forward(ctx, Ch, acc, n, *crpe):
         weights = crpe[:n]
         ctx.n, ctx.unpack_index = n, _layout_of(weights, Ch)[6]
-        ctx.save_for_backward(*crpe)  # (for their shapes, strides and dtypes)
+        # (what the grads need of them: saving the parameters would put them through saved-tensor
+        # hooks, such as save_on_cpu's copies, at every forward)
+        ctx.params = _layouts(crpe)
         return _pack_crpe(weights, crpe[n:], Ch, acc)[0]
 
     @staticmethod
     def backward(ctx, dpacked):
-        crpe = ctx.saved_tensors
-        weights, biases = crpe[:ctx.n], crpe[ctx.n:]
+        weights, biases = ctx.params[:ctx.n], ctx.params[ctx.n:]
         flat = dpacked.index_select(0, ctx.unpack_index)
-        nw = sum(w.numel() for w in weights)
+        nw = sum(math.prod(shape) for shape, *_ in weights)
         return None, None, None, *_grads_of(flat[:nw], weights), *_grads_of(flat[nw:], biases)
 
 
@@ -549,6 +550,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
+    # a grad for each input passed: torch 2.11's registered autograd refuses one for crpe_packed
+    # where the caller left it to its default
+    return _grads(ctx, dout)[:len(ctx.needs_input_grad)]
+
+
+def _grads(ctx, dout):
     H, W, num_heads, scale, n, need_stats, given = ctx.shape
     if dout is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
         return None, None, None, None, None, [None] * n, [None] * n, None, None
@@ -560,23 +567,31 @@ def _backward(ctx, dout, _dcontext, _dlse, _dpacked):
         packed = packed if given else fresh
     dqkv, dw, db = backend.call_op(factor_attention_bwd, dout, qkv, context, lse, packed, H, W, num_heads, scale,
                                    weights, biases, given)
-    if given:  # the packing's grad: its own backward (crpe_packing's ATen ops) reaches the weights
+    if given:  # the packing's grad: its own backward (_SharedPacking's) reaches the weights
         return dqkv, None, None, None, None, [None] * n, [None] * n, None, dw
-    return dqkv, None, None, None, None, _grads_of(dw, weights), _grads_of(db, biases), None, None
+    return (dqkv, None, None, None, None, _grads_of(dw, _layouts(weights)), _grads_of(db, _layouts(biases)), None,
+            None)
 
 
-def _grads_of(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _layouts(params: Sequence[torch.Tensor]) -> list[tuple]:
+    """(shape, strides, dtype, contiguous) of each parameter: what _grads_of needs of them."""
+    return [(p.shape, p.stride(), p.dtype, p.is_contiguous()) for p in params]
+
+
+def _grads_of(flat: torch.Tensor, params: Sequence[tuple]) -> list[torch.Tensor]:
     """Each parameter's grad as a view of ``flat`` (their grads in turn), in its shape, dtype and
-    strides: one cast, where they share a dtype that is not flat's (16-bit parameters). A
-    channels-last (c, 1, k, k) weight is laid out as a contiguous one (its size-1 dim aside), so
-    its grad takes its strides too, as DDP's buckets expect (they warn at every other stride)."""
-    shared = all(p.dtype == params[0].dtype for p in params)
-    parts = (flat.to(params[0].dtype) if shared else flat).split([p.numel() for p in params])
+    strides (params: their _layouts): one cast, where they share a dtype that is not flat's
+    (16-bit parameters). A channels-last (c, 1, k, k) weight is laid out as a contiguous one (its
+    size-1 dim aside), so its grad takes its strides too, as DDP's buckets expect (they warn at
+    every other stride)."""
+    dtype = params[0][2]
+    shared = all(p[2] == dtype for p in params)
+    parts = (flat.to(dtype) if shared else flat).split([math.prod(shape) for shape, *_ in params])
     grads = []
-    for g, p in zip(parts, params):
-        g = g.view(p.shape).to(p.dtype)
-        if g.stride() != p.stride() and p.is_contiguous():
-            g = g.as_strided(p.shape, p.stride(), g.storage_offset())
+    for g, (shape, stride, dtype, contiguous) in zip(parts, params):
+        g = g.view(shape).to(dtype)
+        if g.stride() != stride and contiguous:
+            g = g.as_strided(shape, stride, g.storage_offset())
         grads.append(g)
     return grads
 
