@@ -353,14 +353,14 @@ def test_a_crpe_packing_of_other_weights_or_dtype_is_refused():
             torch.ops.mpvit_kernels.factor_attention_fwd(qkv, *size, heads, scale, weights, biases, True, bad)
 
 
+@pytest.mark.slow
 def test_opcheck_and_gradcheck_with_a_shared_crpe_packing():
     qkv, size, heads, scale, weights, biases = make_inputs(1, 2, 3, 4, {3: 1, 5: 1}, torch.float64)
     packed = ops.crpe_packing(weights, biases, heads, qkv)
     detached = [w.detach() for w in weights], [b.detach() for b in biases]
     fwd, bwd = torch.ops.mpvit_kernels.factor_attention_fwd, torch.ops.mpvit_kernels.factor_attention_bwd
     leaf = packed.detach().requires_grad_()
-    for need_stats in (True, False):
-        torch.library.opcheck(fwd.default, (qkv, *size, heads, scale, *detached, need_stats, leaf))
+    torch.library.opcheck(fwd.default, (qkv, *size, heads, scale, *detached, True, leaf))
     with torch.no_grad():
         out, ctx, lse, none = fwd(qkv, *size, heads, scale, *detached, True, leaf)
     assert none.shape == (0,)  # the backward reads the given packing
