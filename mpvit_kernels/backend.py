@@ -377,7 +377,8 @@ _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 # op (a custom_op, or an extension op's OpOverload) -> (setup_context, backward, the schema's
-# default arguments): the autograd formulas register_autograd gave torch, for call_op's eager path
+# argument count, the defaults of its trailing arguments): the autograd formulas
+# register_autograd gave torch, for call_op's eager path
 _AUTOGRAD: dict = {}
 
 

@@ -124,8 +124,8 @@ def _summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2]}
 
 
-def _spread(summary: dict) -> str:
-    return (f"{summary['median_ms']:.2f} ms a forward (p25-p75 {summary['p25_ms']:.2f}-"
+def _spread(summary: dict, what: str = "a forward") -> str:
+    return (f"{summary['median_ms']:.2f} ms {what} (p25-p75 {summary['p25_ms']:.2f}-"
             f"{summary['p75_ms']:.2f})")
 
 
@@ -216,12 +216,12 @@ def main(argv=None) -> dict:
     name = f"MPViT-{args.size[0].upper()}{args.size[1:]}{f' {args.width} wide' if args.width else ''}"
     also = " (and the GEMMs and convs)" if args.eager and not args.train else ""
     print(f"{name} batch {args.batch} {args.res}x{args.res} {mode}, kernels stubbed{also}, {args.threads} thread(s): "
-          f"{_spread(result).replace('a forward', what)}, {launches} Triton launches stubbed")
+          f"{_spread(result, what)}, {launches} Triton launches stubbed")
     if args.eager:
         eager = _summary(runs[1][2])
         result.update({f"eager_{k}": v for k, v in eager.items()})
         stubbed = "" if args.train else ", its GEMMs and convs stubbed"
-        print(f"public model, eager (NCHW{stubbed}): {_spread(eager).replace('a forward', what)}; "
+        print(f"public model, eager (NCHW{stubbed}): {_spread(eager, what)}; "
               f"ours/eager {result['median_ms'] / eager['median_ms']:.2f}")
     if args.by_op:
         result["by_op"] = {name: {"calls": calls // forwards, "us_per_call": seconds / calls * 1e6}

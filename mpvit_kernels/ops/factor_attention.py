@@ -153,8 +153,8 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
     qkv = backend.autocast(qkv)  # as autocast casts a matmul's input (the qkv Linear's output already is)
     _check(qkv, size, num_heads, scale, crpe_weights, crpe_biases)
     crpe = (*crpe_weights, *crpe_biases)
-    backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe)
-                                                    or (crpe_packed is not None and crpe_packed.requires_grad))
+    backward_follows = torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in crpe) or (
+        isinstance(crpe_packed, torch.Tensor) and crpe_packed.requires_grad))
     # On CPU the C++ twin runs inference; where a backward follows, auto takes the eager reference,
     # whose autograd is faster than the twin's backward (which recomputes the softmax and S), with
     # its CRPE convs on the depthwise twin: oneDNN's depthwise backward is 2-5x slower at these
@@ -174,8 +174,7 @@ def factor_attention(qkv: torch.Tensor, size: Sequence[int], num_heads: int, sca
         # conservative as it gets).
         # S and lse are kept for the backward only where autograd will ask for it.
         need_stats = backward_follows
-        if crpe_packed is not None:  # the weights reach the grads through it alone
-            _check_packed("factor_attention", crpe_packed, crpe_weights, qkv)
+        if crpe_packed is not None:  # the weights reach the grads through it alone (the op checks it)
             return backend.call_op(factor_attention_fwd, qkv, size[0], size[1], num_heads, float(scale),
                                    [w.detach() for w in crpe_weights], [b.detach() for b in crpe_biases],
                                    need_stats, crpe_packed)[0]
@@ -235,14 +234,14 @@ class _SharedPacking(torch.autograd.Function):
         return None, None, None, *_grads_of(flat[:nw], weights), *_grads_of(flat[nw:], biases)
 
 
-def _check_packed(who: str, packed: torch.Tensor, weights: Sequence[torch.Tensor], qkv: torch.Tensor) -> None:
+def _check_packed(packed: torch.Tensor, weights: Sequence[torch.Tensor], qkv: torch.Tensor) -> None:
     """``packed`` must be a packing of these weights for this qkv, as crpe_packing makes it."""
     acc, size = _acc_dtype(qkv.dtype), packed_size(weights)
     if not isinstance(packed, torch.Tensor) or tuple(packed.shape) != (size,) or packed.dtype != acc \
             or not packed.is_contiguous() or packed.device != qkv.device:
         got = f"{packed.dtype} {tuple(packed.shape)} on {packed.device}" if isinstance(packed, torch.Tensor) \
             else type(packed).__name__
-        raise ValueError(f"{who}: crpe_packed must be crpe_packing's packing of crpe_weights and crpe_biases, a "
+        raise ValueError(f"factor_attention: crpe_packed must be crpe_packing's packing of crpe_weights and crpe_biases, a "
                          f"contiguous {acc} tensor of shape ({size},) on qkv's device, got {got}")
 
 
@@ -282,8 +281,8 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     (heads,) int32 window of each head; KMAX and the bias's offset; the backward's gather
     index from the (heads, KMAX*KMAX, Ch) sum of its weight grads to the weights' own layouts,
     each window's (c, 1, k, k) in turn; and the gather index from a grad of the packing to the
-    weights' layouts, then the biases (crpe_packing's backward). A function of the layout alone (a model has one or two),
-    so built once: each table is a synchronous copy from the host, complete on the device before
+    weights' layouts, then the biases (crpe_packing's backward). A function of the layout alone
+    (a model has one or two), so built once: each table is a synchronous copy from the host, complete on the device before
     any stream reads it, so the streams share them, and a CUDA graph capture, which runs on a
     stream of its own and could not copy from the host, finds them made."""
     kmax = max(k for k, _ in windows)
@@ -423,7 +422,7 @@ def factor_attention_fwd(qkv: torch.Tensor, H: int, W: int, num_heads: int, scal
     backward reads the input); its grad is then the CRPE weights' and biases'."""
     qkv = _rows(qkv)
     if crpe_packed is not None:
-        _check_packed("factor_attention_fwd", crpe_packed, crpe_weights, qkv)
+        _check_packed(crpe_packed, crpe_weights, qkv)
     # a packing that is returned is made here (a cached one would be an output shared by calls)
     L = _Launch(qkv, num_heads, crpe_weights, crpe_biases, packed=crpe_packed, fresh=need_stats)
     packed = L.packed if need_stats and crpe_packed is None else L.empty(0)
