@@ -81,7 +81,17 @@ def _onnx_exporting() -> bool:
     return (torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None) and _in_onnx_export()
 
 
-@torch.compiler.assume_constant_result  # a constant for a strict (Dynamo) export's trace
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing Dynamo, which that call does
+    (1.3 of the 1.4 s that ``import mpvit_kernels`` took after ``import torch``): the mark it sets
+    on fn, which Dynamo reads when a trace calls fn (torch 2.11-2.14; a test compares the two)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # a constant for a strict (Dynamo) export's trace
 def _in_onnx_export() -> bool:
     onnx = sys.modules.get("torch.onnx")  # not imported: nothing is exported to ONNX
     return onnx is not None and onnx.is_in_onnx_export()
