@@ -79,8 +79,8 @@ class MHCABlock(nn.Module):
         norm1, norm2 = self.norm1, self.norm2
         drop = self.drop_path_rate if self.training else 0.0
         # `is None` tests: `None in (tensors)` would call each tensor's __eq__ (70 us a block)
-        if att.proj.bias is None or mlp.fc2.bias is None or \
-                any(p is None for p in (norm1.weight, norm1.bias, norm2.weight, norm2.bias)):
+        if att.proj.bias is None or mlp.fc2.bias is None or norm1.weight is None or norm1.bias is None or \
+                norm2.weight is None or norm2.bias is None:
             x = x + drop_path(att(norm1(x), size, crpe_packed), self.drop_path_rate, self.training)
             return x + drop_path(mlp(norm2(x)), self.drop_path_rate, self.training)
         # norm1 inside the qkv GEMM and GELU in fc1's (ops.linear); the residual adds, norm2 and
