@@ -315,7 +315,7 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype:
     region for its device, the autocast dtype for a float16/bfloat16/float32 tensor; else (float64
     too, as autocast leaves it) t's own."""
     if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
-        return t.dtype  # eager code outside autocast, at every op call: 0.4 us here, 2.2 below
+        return t.dtype  # eager code outside autocast (every op call asks): a quarter of the checks below
     if (t.dtype in (torch.float16, torch.bfloat16, torch.float32) and t.device.type in ("cpu", "cuda")
             and torch.is_autocast_enabled(t.device.type)):
         return torch.get_autocast_dtype(t.device.type)
