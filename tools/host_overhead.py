@@ -4,13 +4,14 @@ is the slower side (batch 1, or any batch once the host takes longer than the ke
 
 Measured on a CPU, no GPU needed: TRITON_INTERPRET=1 takes the ops down their Triton path on CPU
 tensors, and each Triton launch returns at once (Triton's own launch cost on a GPU, its argument
-binding and the driver call, comes on top). The attention's and depthwise's CPU twins, the
+binding and the driver call, comes on top: --gpu-launch measures the first). The attention's and depthwise's CPU twins, the
 GEMMs around them and the tensors' allocations still run, so a small input keeps their share
 small; the figure is for comparing the code's host cost before and after a change, on one
 machine, not a GPU's time.
 
     python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op] [--eager]
     python tools/host_overhead.py --train [--width 32] [--batch 2] [--eager]
+    python tools/host_overhead.py --gpu-launch [--size small] [--eager]
 
 --eager compares with the public model's eager forward (mpvit_kernels.bench.public_mpvit, NCHW,
 no op of ours) at the same shape, the two timed in turns, with the GEMMs and convs of both stubbed
@@ -32,6 +33,15 @@ ops and their backward ops. The GEMMs and convs cannot be stubbed there (autogra
 graph), so --width narrows every stage of both models to that many channels: the same modules,
 ops and launches, little arithmetic (MPViT-S at full width spends most of a CPU step reading its
 weights). --eager then times the public model's step in turns with ours, at the same width.
+
+--gpu-launch takes each Triton launch down Triton's own launch path as on a GPU instead of
+returning at once: the kernels compiled for sm_90 (ptxas on this CPU, at the first forward:
+about 20 s for MPViT-S, then Triton's disk cache) and launched through ``JITFunction.run``
+(argument binding and specialisation, the compiled-kernel lookup, the grid, launch metadata and
+hooks), a stand-in driver (device 0, stream 0, an H100's target) answering for the GPU and the
+launcher itself a no-op; an autotuned kernel runs its first config that fits. In turns with
+forwards whose launches return at once, it then gives that path's share: per forward and per
+launch (Triton 3.8's Python; a GPU image's Triton may differ).
 """
 from __future__ import annotations
 
@@ -41,7 +51,10 @@ import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+# before triton is imported: interpreted functions whose launches the tool stubs, or (--gpu-launch)
+# the JIT functions a GPU launches
+GPU_LAUNCH = "--gpu-launch" in sys.argv[1:]
+os.environ["TRITON_INTERPRET"] = "0" if GPU_LAUNCH else "1"
 
 import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
@@ -51,6 +64,41 @@ LAUNCHES = [0]
 
 def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
+
+
+def _stand_in_gpu() -> None:
+    """Triton's GPU launch path on CPU tensors (--gpu-launch): a stand-in driver for an H100 whose
+    launches count and return; the ops take their Triton path on CPU tensors, as under the
+    interpreter (the backend's TRITON_INTERPRET test answers yes)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime import autotuner, driver
+
+    class StandIn:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_benchmarker(self):  # an autotuner's timings (one config left to time)
+            return lambda fn, quantiles=None, **kwargs: [1.0] * len(quantiles) if quantiles else 1.0
+
+    def handles(self):  # the module "loaded" (what a launch asks of it first), its launcher a count
+        if self.module is None:
+            self.module, self.function, self._run = object(), 0, _stub
+
+    driver.set_active(StandIn())
+    CompiledKernel._init_handles = handles
+    prune = autotuner.Autotuner.prune_configs
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+    from mpvit_kernels import backend
+
+    env_flag = backend._env_flag
+    backend._env_flag = lambda name: name == "TRITON_INTERPRET" or env_flag(name)
 
 
 def _empty_like_result(shape, like: torch.Tensor) -> torch.Tensor:
@@ -109,6 +157,25 @@ def _time_ops(totals: dict) -> None:
         setattr(ops, name, timed(name, getattr(ops, name)))
 
 
+def _launch_path_share(step, reps: int) -> tuple[float, float]:
+    """Median ms of ``step`` with Triton's launch path (--gpu-launch) and with JITFunction.run
+    returning at once, timed in turns."""
+    from triton.runtime.jit import JITFunction
+
+    path = JITFunction.run
+    times = ([], [])
+    try:
+        for _ in range(reps):
+            for run, out in ((path, times[0]), (_stub, times[1])):
+                JITFunction.run = run
+                start = time.perf_counter()
+                step()
+                out.append((time.perf_counter() - start) * 1e3)
+    finally:
+        JITFunction.run = path
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def _by_op_table(totals: dict, forwards: int, forward_ms: float) -> str:
     lines = [f"host time by op, {forwards} forwards with each op timed ({forward_ms:.2f} ms a forward):",
              "| op | calls a forward | us a call | ms a forward |", "|---|---|---|---|"]
@@ -153,12 +220,16 @@ def main(argv=None) -> dict:
                    help="also time the public model's eager forward, in turns with ours, both with GEMMs and convs stubbed")
     p.add_argument("--train", action="store_true", help="time a training step (forward, loss, backward) instead")
     p.add_argument("--width", type=int, default=None, help="every stage this many channels wide (for --train)")
+    p.add_argument("--gpu-launch", action="store_true",
+                   help="launch through Triton's GPU launch path (a stand-in driver), and give its share")
     args = p.parse_args(argv)
     if args.train and args.by_op:
         p.error("--by-op times the ops' forward calls: an eval forward only")
     args.batch = args.batch or (2 if args.train else 1)
 
     interpreter.InterpretedFunction.run = _stub
+    if args.gpu_launch:
+        _stand_in_gpu()
     torch.set_flush_denormal(True)  # the stubs' outputs are uninitialised memory
     if args.eager and not args.train:
         _stub_gemms()
@@ -204,6 +275,8 @@ def main(argv=None) -> dict:
             for _ in range(10):
                 call(model, x)
             profiler.disable()
+        if args.gpu_launch:
+            launch_path = _launch_path_share(lambda: call(model, x), args.reps)
         if args.by_op:
             totals, forwards = {}, max(args.reps, 1)
             _time_ops(totals)
@@ -213,10 +286,17 @@ def main(argv=None) -> dict:
             by_op_ms = (time.perf_counter() - start) * 1e3 / forwards
     result = {**_summary(times), "triton_launches": launches}
     what = "a training step" if args.train else "a forward"
+    launched = "through Triton's GPU launch path" if args.gpu_launch else "stubbed"
     name = f"MPViT-{args.size[0].upper()}{args.size[1:]}{f' {args.width} wide' if args.width else ''}"
     also = " (and the GEMMs and convs)" if args.eager and not args.train else ""
     print(f"{name} batch {args.batch} {args.res}x{args.res} {mode}, kernels stubbed{also}, {args.threads} thread(s): "
-          f"{_spread(result, what)}, {launches} Triton launches stubbed")
+          f"{_spread(result, what)}, {launches} Triton launches {launched}")
+    if args.gpu_launch:
+        with_path, without = launch_path
+        result["launch_path_ms"] = with_path - without
+        print(f"Triton's launch path (stand-in sm_90 driver), in turns with launches returning at once: {with_path:.2f} "
+              f"vs {without:.2f} ms {what}, {with_path - without:.2f} ms, "
+              f"{(with_path - without) / max(launches, 1) * 1e3:.1f} us a launch")
     if args.eager:
         eager = _summary(runs[1][2])
         result.update({f"eager_{k}": v for k, v in eager.items()})
