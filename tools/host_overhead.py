@@ -40,8 +40,8 @@ about 20 s for MPViT-S, then Triton's disk cache) and launched through ``JITFunc
 (argument binding and specialisation, the compiled-kernel lookup, the grid, launch metadata and
 hooks), a stand-in driver (device 0, stream 0, an H100's target) answering for the GPU and the
 launcher itself a no-op; an autotuned kernel runs its first config that fits. In turns with
-forwards whose launches return at once, it then gives that path's share: per forward and per
-launch (Triton 3.8's and 3.6's Python cost about the same here).
+forwards (or --train steps) whose launches return at once, it then gives that path's share: per
+forward and per launch (Triton 3.8's and 3.6's Python cost about the same here).
 """
 from __future__ import annotations
 
