@@ -4,10 +4,10 @@ is the slower side (batch 1, or any batch once the host takes longer than the ke
 
 Measured on a CPU, no GPU needed: TRITON_INTERPRET=1 takes the ops down their Triton path on CPU
 tensors, and each Triton launch returns at once (Triton's own launch cost on a GPU, its argument
-binding and the driver call, comes on top: --gpu-launch measures the first). The attention's and depthwise's CPU twins, the
-GEMMs around them and the tensors' allocations still run, so a small input keeps their share
-small; the figure is for comparing the code's host cost before and after a change, on one
-machine, not a GPU's time.
+binding and the driver call, comes on top: --gpu-launch measures the first). The attention's
+and depthwise's CPU twins, the GEMMs around them and the tensors' allocations still run, so a
+small input keeps their share small; the figure is for comparing the code's host cost before
+and after a change, on one machine, not a GPU's time.
 
     python tools/host_overhead.py [--size small] [--res 16] [--reps 50] [--profile 25] [--by-op] [--eager]
     python tools/host_overhead.py --train [--width 32] [--batch 2] [--eager]
@@ -225,6 +225,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.train and args.by_op:
         p.error("--by-op times the ops' forward calls: an eval forward only")
+    if args.gpu_launch != GPU_LAUNCH:  # (main called with other arguments than the process's)
+        p.error("--gpu-launch decides at import whether Triton interprets: give it on the command line")
     args.batch = args.batch or (2 if args.train else 1)
 
     interpreter.InterpretedFunction.run = _stub
