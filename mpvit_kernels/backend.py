@@ -301,9 +301,11 @@ def use_cpu_kernel(op: str, device: torch.device) -> bool:
     tensors on ``device``: CPU tensors, except under ``reference``, and except where Triton's
     interpreter runs them (``TRITON_INTERPRET=1`` under ``auto`` or ``triton``: how CI checks the
     Triton kernels without a GPU). ``cuda`` always takes the twin on CPU tensors."""
+    if device.type != "cpu":  # before the switch, whose environment read a GPU call need not pay
+        return False
     backend = get_backend(op)
     # triton: use_triton runs the interpreter, or says why it cannot
-    if device.type != "cpu" or backend in ("reference", "triton"):
+    if backend in ("reference", "triton"):
         return False
     if backend == "auto" and _env_flag("TRITON_INTERPRET") and _triton_importable():
         return False
