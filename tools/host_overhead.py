@@ -66,41 +66,6 @@ def _stub(self, *args, **kwargs):
     LAUNCHES[0] += 1
 
 
-def _stand_in_gpu() -> None:
-    """Triton's GPU launch path on CPU tensors (--gpu-launch): a stand-in driver for an H100 whose
-    launches count and return; the ops take their Triton path on CPU tensors, as under the
-    interpreter (the backend's TRITON_INTERPRET test answers yes)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import CompiledKernel
-    from triton.runtime import autotuner, driver
-
-    class StandIn:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_benchmarker(self):  # an autotuner's timings (one config left to time)
-            return lambda fn, quantiles=None, **kwargs: [1.0] * len(quantiles) if quantiles else 1.0
-
-    def handles(self):  # the module "loaded" (what a launch asks of it first), its launcher a count
-        if self.module is None:
-            self.module, self.function, self._run = object(), 0, _stub
-
-    driver.set_active(StandIn())
-    CompiledKernel._init_handles = handles
-    prune = autotuner.Autotuner.prune_configs
-    autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
-    from mpvit_kernels import backend
-
-    env_flag = backend._env_flag
-    backend._env_flag = lambda name: name == "TRITON_INTERPRET" or env_flag(name)
-
-
 def _empty_like_result(shape, like: torch.Tensor) -> torch.Tensor:
     fmt = torch.channels_last if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
         and not like.is_contiguous() else torch.contiguous_format
@@ -231,7 +196,9 @@ def main(argv=None) -> dict:
 
     interpreter.InterpretedFunction.run = _stub
     if args.gpu_launch:
-        _stand_in_gpu()
+        from stand_in_gpu import stand_in_gpu  # (tools/, beside this script)
+
+        stand_in_gpu(lambda *launch: _stub(None))
     torch.set_flush_denormal(True)  # the stubs' outputs are uninitialised memory
     if args.eager and not args.train:
         _stub_gemms()

@@ -1,0 +1,47 @@
+"""Triton's GPU launch path in a process without a GPU, for tools/host_overhead.py --gpu-launch
+(what a launch costs the host) and the test that every Triton launch of the model compiles for
+sm_90 and binds its arguments as launched (tests/test_static_compile.py), which the interpreter
+checks neither of: it runs the Python of each kernel, with no compile, no type of the arguments
+and no specialisation.
+
+A stand-in driver (device 0, stream 0, the target of ``arch``) answers what a launch asks of the
+GPU; each kernel compiles for that target at its first launch as on a GPU (ptxas runs here), goes
+through ``JITFunction.run`` (binding and specialisation, the compiled-kernel lookup, the grid,
+launch metadata and hooks), and its launch calls ``on_launch`` instead of the driver; an
+autotuned kernel times only its first config that fits (the stand-in's timer answers 1). The
+ops take their Triton path on CPU tensors, as under the interpreter; their outputs are left
+unwritten. For a process that does nothing else: Triton's active driver is replaced, and the
+kernels must be JIT functions (imported without TRITON_INTERPRET=1).
+"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime import autotuner, driver
+
+
+def stand_in_gpu(on_launch, arch: int = 90) -> None:
+    """Put the stand-in in place (see above): launches call ``on_launch(*launcher_args)``."""
+    from mpvit_kernels import backend
+
+    class StandIn:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_benchmarker(self):  # an autotuner's timings (one config left to time)
+            return lambda fn, quantiles=None, **kwargs: [1.0] * len(quantiles) if quantiles else 1.0
+
+    def handles(self):  # the module "loaded" (what a launch asks of it first), its launcher on_launch
+        if self.module is None:
+            self.module, self.function, self._run = object(), 0, on_launch
+
+    driver.set_active(StandIn())
+    CompiledKernel._init_handles = handles
+    prune = autotuner.Autotuner.prune_configs
+    autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+    env_flag = backend._env_flag
+    backend._env_flag = lambda name: name == "TRITON_INTERPRET" or env_flag(name)
