@@ -4,7 +4,7 @@ spill (STACK or LOCAL bytes in cuobjdump's resource usage), within the per-block
 limit and with one block's registers (per thread x threads) within an SM's; the kernels told
 their alignment (VEC) read 16 bytes at a time as MPViT launches them; no launchable kernel lacks
 a compile spec; the CUDA kernels of the extension likewise; and every launch of an MPViT-T
-bf16 step, through Triton's own launch path (tools/stand_in_gpu.py), compiles for sm_90 and
+bf16 step, through Triton's own launch path (tools/launch_check.py), compiles for sm_90 and
 binds its arguments as the ops pass them.
 The table: benchmarks/results/static/resource_usage.md, its rows in resource_usage.json
 (`make static-report`). A cold compile of all of them costs about 10 CPU minutes, more than the
@@ -130,53 +130,21 @@ def test_compile_refuses_interpreted_kernels(monkeypatch):
         static_compile.compile_jobs([("mpvit_kernels.triton.linear", 0, 0, 80)])
 
 
-_LAUNCH_EVERY_KERNEL = """
-import sys
-sys.path.insert(0, "tools")
-import torch
-from triton.runtime.jit import JITFunction
-from stand_in_gpu import stand_in_gpu
-from mpvit_kernels import models
-
-stand_in_gpu(lambda *launch: None)
-launched, run = set(), JITFunction.run
-
-def named(self, *args, **kwargs):
-    launched.add(self.__name__)
-    return run(self, *args, **kwargs)
-
-JITFunction.run = named
-torch.manual_seed(0)
-model = models.mpvit_tiny().to(memory_format=torch.channels_last)
-x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
-with torch.autocast("cpu", dtype=torch.bfloat16):
-    with torch.no_grad():
-        model.eval()(x)
-    print(" ".join(sorted(launched)))
-    launched.clear()
-    model.train()(x).float().sum().backward()
-print(" ".join(sorted(launched)))
-from mpvit_kernels.triton.static_compile import jit_function, kernel_modules, launched_kernels
-print(" ".join(sorted(jit_function(k).__name__ for m in kernel_modules() for k in launched_kernels(m).values())))
-"""
-
 
 @pytest.mark.slow
 def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launched():
     # Triton's interpreter neither compiles a kernel nor types its arguments. Through Triton's own
-    # launch path (tools/stand_in_gpu.py: a stand-in driver, the launch a no-op), every launch of
-    # MPViT-T's eval forward and training step under bf16 autocast compiles for sm_90 with the
-    # specialisation it gets there (16-bit paths no CPU test runs) and binds its arguments as the
-    # ops pass them (a misspelt keyword or a float for an int fails here, not on a GPU); at 96x96
-    # stage 1's attention (576 tokens) takes its multi-pass kernels. About 23 s, Triton's cache cold.
+    # launch path (tools/launch_check.py over tools/stand_in_gpu.py: a stand-in driver, the launch
+    # a no-op), every launch of MPViT-T's eval forward and training step under bf16 autocast
+    # compiles for sm_90 with the specialisation it gets there (16-bit paths no other CPU test
+    # runs) and binds its arguments as the ops pass them (a misspelt keyword or a float for an
+    # int fails here, not on a GPU); at 96x96 stage 1's attention (576 tokens) takes its
+    # multi-pass kernels. About 23 s, Triton's cache cold.
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", _LAUNCH_EVERY_KERNEL], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    inference, training, every_kernel = (set(line.split()) for line in out.stdout.splitlines()[-3:])
-    assert inference == {"context_partial_kernel", "context_combine_kernel", "output_kernel", "whole_map_kernel",
-                         "linear_kernel", "proj_mlp_kernel", "residual_layernorm_kernel", "gli_gemm_kernel",
-                         "dwconv_pw_kernel"}, inference
-    # the backward's kernels too: between them, every kernel the package launches
-    assert inference | training == every_kernel and len(every_kernel) == 16, (training, every_kernel)
+    out = subprocess.run([sys.executable, "tools/launch_check.py", "--sizes", "tiny", "--dtypes", "bf16", "--shape",
+                          "2,3,96,96"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["MPViT-tiny bf16 eval (2, 3, 96, 96) sm_90: ok", "MPViT-tiny bf16 train (2, 3, 96, 96) sm_90: ok"]
+    # between them every kernel the package launches, the backward's too
+    assert len(lines[2].split()) == 1 + 16 and lines[3] == "never launched: -", out.stdout

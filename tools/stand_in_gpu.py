@@ -1,8 +1,8 @@
 """Triton's GPU launch path in a process without a GPU, for tools/host_overhead.py --gpu-launch
-(what a launch costs the host) and the test that every Triton launch of the model compiles for
-sm_90 and binds its arguments as launched (tests/test_static_compile.py), which the interpreter
-checks neither of: it runs the Python of each kernel, with no compile, no type of the arguments
-and no specialisation.
+(what a launch costs the host) and tools/launch_check.py (every Triton launch of the models
+compiles for the GPU and binds its arguments as launched), which the interpreter checks neither
+of: it runs the Python of each kernel, with no compile, no type of the arguments and no
+specialisation.
 
 A stand-in driver (device 0, stream 0, the target of ``arch``) answers what a launch asks of the
 GPU; each kernel compiles for that target at its first launch as on a GPU (ptxas runs here), goes
