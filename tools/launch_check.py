@@ -5,10 +5,11 @@ its arguments bound and specialised as the ops pass them, the launch itself a no
 launch a GPU would refuse (a misspelt keyword, an argument of the wrong type, a kernel that does
 not compile with the specialisation it gets) fails here rather than in a GPU session. Triton's
 interpreter, which the kernel tests run, checks none of that. Only the first config of an
-autotuned kernel is launched (the static report compiles every config).
+autotuned kernel is launched, unless --every-config (the tuner's every candidate, as on a GPU;
+the static report compiles every config too, for the shapes in its specs).
 
     python tools/launch_check.py [--arch 90] [--sizes tiny,xsmall] [--dtypes bf16,fp16,fp32,fp64]
-                                 [--modes eval,train] [--shape 2,3,97,83]
+                                 [--modes eval,train] [--shape 2,3,97,83] [--every-config]
 
 16-bit dtypes run under autocast over fp32 weights, fp64 as a double model; each case prints
 ok or FAILED with the error, then the kernels launched and any of the package's kernels no case
@@ -37,8 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32,fp64")
     p.add_argument("--modes", default="eval,train")
     p.add_argument("--shape", default="2,3,97,83", help="input batch,channels,height,width (channels-last)")
+    p.add_argument("--every-config", action="store_true",
+                   help="an autotuned kernel compiles and launches every config it would time on a GPU")
     args = p.parse_args(argv)
-    stand_in_gpu(lambda *launch: None, args.arch)
+    stand_in_gpu(lambda *launch: None, args.arch, args.every_config)
     launched, run = set(), JITFunction.run
 
     def named(self, *a, **kw):

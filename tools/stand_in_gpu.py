@@ -8,7 +8,8 @@ A stand-in driver (device 0, stream 0, the target of ``arch``) answers what a la
 GPU; each kernel compiles for that target at its first launch as on a GPU (ptxas runs here), goes
 through ``JITFunction.run`` (binding and specialisation, the compiled-kernel lookup, the grid,
 launch metadata and hooks), and its launch calls ``on_launch`` instead of the driver; an
-autotuned kernel times only its first config that fits (the stand-in's timer answers 1). The
+autotuned kernel times only its first config that fits, unless told to time every one (the
+stand-in's timer launches the config once and answers 1 ms). The
 ops take their Triton path on CPU tensors, as under the interpreter; their outputs are left
 unwritten. For a process that does nothing else: Triton's active driver is replaced, and the
 kernels must be JIT functions (imported without TRITON_INTERPRET=1).
@@ -18,8 +19,10 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime import autotuner, driver
 
 
-def stand_in_gpu(on_launch, arch: int = 90) -> None:
-    """Put the stand-in in place (see above): launches call ``on_launch(*launcher_args)``."""
+def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False) -> None:
+    """Put the stand-in in place (see above): launches call ``on_launch(*launcher_args)``;
+    ``every_config``: an autotuned kernel times (so compiles and launches) every config that
+    fits, as on a GPU, not the first alone."""
     from mpvit_kernels import backend
 
     class StandIn:
@@ -32,8 +35,11 @@ def stand_in_gpu(on_launch, arch: int = 90) -> None:
         def get_current_target(self):
             return GPUTarget("cuda", arch, 32)
 
-        def get_benchmarker(self):  # an autotuner's timings (one config left to time)
-            return lambda fn, quantiles=None, **kwargs: [1.0] * len(quantiles) if quantiles else 1.0
+        def get_benchmarker(self):  # an autotuner's timer: one launch of the config, then "1 ms"
+            def bench(fn, quantiles=None, **kwargs):
+                fn()
+                return [1.0] * len(quantiles) if quantiles else 1.0
+            return bench
 
     def handles(self):  # the module "loaded" (what a launch asks of it first), its launcher on_launch
         if self.module is None:
@@ -41,7 +47,8 @@ def stand_in_gpu(on_launch, arch: int = 90) -> None:
 
     driver.set_active(StandIn())
     CompiledKernel._init_handles = handles
-    prune = autotuner.Autotuner.prune_configs
-    autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+    if not every_config:
+        prune = autotuner.Autotuner.prune_configs
+        autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
     env_flag = backend._env_flag
     backend._env_flag = lambda name: name == "TRITON_INTERPRET" or env_flag(name)
