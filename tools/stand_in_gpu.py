@@ -7,7 +7,9 @@ specialisation.
 A stand-in driver (device 0, stream 0, the target of ``arch``) answers what a launch asks of the
 GPU; each kernel compiles for that target at its first launch as on a GPU (ptxas runs here), goes
 through ``JITFunction.run`` (binding and specialisation, the compiled-kernel lookup, the grid,
-launch metadata and hooks), and its launch calls ``on_launch`` instead of the driver; an
+launch metadata and hooks) and the checks a GPU's module load and launch make (shared memory
+and threads per block, the grid's limits), and its launch calls ``on_launch`` instead of the
+driver; an
 autotuned kernel times only its first config that fits, unless told to time every one (the
 stand-in's timer launches the config once and answers 1 ms). The
 ops take their Triton path on CPU tensors, as under the interpreter; their outputs are left
@@ -17,6 +19,9 @@ kernels must be JIT functions (imported without TRITON_INTERPRET=1).
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import CompiledKernel
 from triton.runtime import autotuner, driver
+from triton.runtime.errors import OutOfResources
+
+from mpvit_kernels.triton.static_compile import SHARED_LIMIT  # per block, for the archs it compiles
 
 
 def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False) -> None:
@@ -41,9 +46,22 @@ def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False) -> None:
                 return [1.0] * len(quantiles) if quantiles else 1.0
             return bench
 
-    def handles(self):  # the module "loaded" (what a launch asks of it first), its launcher on_launch
+    def launch(grid_x, grid_y, grid_z, *rest):
+        # the driver's limits (an empty grid launches nothing, as Triton's launcher skips it)
+        if grid_x > 2**31 - 1 or grid_y > 65535 or grid_z > 65535:
+            raise RuntimeError(f"a grid of ({grid_x}, {grid_y}, {grid_z}) programs: CUDA allows 2^31 - 1 in x, "
+                               "65535 in y and z")
+        on_launch(grid_x, grid_y, grid_z, *rest)
+
+    def handles(self):
+        """The module "loaded", after the checks a GPU's load makes (a tuner skips a config that
+        fails them, as on a GPU); its launcher ``launch``."""
         if self.module is None:
-            self.module, self.function, self._run = object(), 0, on_launch
+            if self.metadata.shared > SHARED_LIMIT[arch]:
+                raise OutOfResources(self.metadata.shared, SHARED_LIMIT[arch], "shared memory")
+            if self.metadata.num_warps * 32 > 1024:
+                raise OutOfResources(self.metadata.num_warps * 32, 1024, "threads")
+            self.module, self.function, self._run = object(), 0, launch
 
     driver.set_active(StandIn())
     CompiledKernel._init_handles = handles
