@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 BENCH_ARGS ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 
-.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton asan-twins test-old-torch
+.PHONY: test bench build wheel clean gpu-proof static-report static-report-triton asan-twins test-old-torch launch-check
 
 # The packages' bytecode is compiled on every core (11 s on 2) rather than by pip, one file at a
 # time (19 s); a few files in the wheels are for other Pythons and fail, as they did under pip.
@@ -65,6 +65,13 @@ test-old-torch:
 # memory, spills, occupancy.
 static-report: build
 	$(PY) -m mpvit_kernels.triton.static_compile --out benchmarks/results/static/resource_usage.md
+
+# Every Triton launch of the models' eval forwards and training steps as a GPU would take it
+# (compiled for sm_90 and bound through Triton's launch path, no GPU needed; options:
+# LAUNCH_ARGS="--arch 80 --every-config", see tools/launch_check.py). 2 minutes cold.
+LAUNCH_ARGS ?=
+launch-check: build
+	$(PY) tools/launch_check.py $(LAUNCH_ARGS)
 
 # The same ahead-of-time compile with another Triton (default 3.6.0, the GPU image's) in a side
 # venv of its own (that Triton and a CPU torch): `make static-report-triton TRITON=3.6.0` writes
