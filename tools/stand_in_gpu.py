@@ -5,14 +5,13 @@ of: it runs the Python of each kernel, with no compile, no type of the arguments
 specialisation.
 
 A stand-in driver (device 0, stream 0, the target of ``arch``) answers what a launch asks of the
-GPU; each kernel compiles for that target at its first launch as on a GPU (ptxas runs here), goes
-through ``JITFunction.run`` (binding and specialisation, the compiled-kernel lookup, the grid,
-launch metadata and hooks) and the checks a GPU's module load and launch make (shared memory
-and threads per block, the grid's limits), and its launch calls ``on_launch`` instead of the
-driver; an
-autotuned kernel times only its first config that fits, unless told to time every one (the
-stand-in's timer launches the config once and answers 1 ms). The
-ops take their Triton path on CPU tensors, as under the interpreter; their outputs are left
+GPU. Each kernel compiles for that target at its first launch as on a GPU (ptxas runs here) and
+goes through ``JITFunction.run`` (binding and specialisation, the compiled-kernel lookup, the
+grid, launch metadata and hooks) and through the checks a GPU's module load and launch make
+(shared memory and threads per block, the grid's limits); the launch itself calls ``on_launch``
+instead of the driver. An autotuned kernel times only its first config that fits, unless told
+to time every one (the stand-in's timer launches the config once and answers 1 ms). The ops
+take their Triton path on CPU tensors, as under the interpreter; their outputs are left
 unwritten. For a process that does nothing else: Triton's active driver is replaced, and the
 kernels must be JIT functions (imported without TRITON_INTERPRET=1).
 """
