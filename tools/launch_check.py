@@ -9,9 +9,11 @@ autotuned kernel is launched, unless --every-config (the tuner's every candidate
 the static report compiles every config too, for the shapes in its specs).
 
     python tools/launch_check.py [--arch 90] [--sizes tiny,xsmall] [--dtypes bf16,fp16,fp32,fp64]
-                                 [--modes eval,train] [--shape 2,3,97,83] [--every-config]
+                                 [--modes eval,train] [--shape 2,3,97,83] [--every-config] [--compile]
 
-16-bit dtypes run under autocast over fp32 weights, fp64 as a double model; each case prints
+16-bit dtypes run under autocast over fp32 weights, fp64 as a double model; --compile runs each
+model under torch.compile(fullgraph=True) (our ops whole in its graph, the arguments Inductor's
+buffers give them; a minute or more a case on a CPU); each case prints
 ok or FAILED with the error, then the kernels launched and any of the package's kernels no case
 launched. Exit status 1 if a case failed. The first run compiles (minutes for every case);
 Triton's disk cache serves later ones.
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32,fp64")
     p.add_argument("--modes", default="eval,train")
     p.add_argument("--shape", default="2,3,97,83", help="input batch,channels,height,width (channels-last)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each model under torch.compile(fullgraph=True), as 'ours + compile' does")
     p.add_argument("--every-config", action="store_true",
                    help="an autotuned kernel compiles and launches every config it would time on a GPU")
     args = p.parse_args(argv)
@@ -64,11 +68,12 @@ def main(argv=None) -> int:
                 if dtype == torch.float64:
                     model, x = model.double(), x.double()
                 model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+                forward = torch.compile(model, fullgraph=True) if args.compile else model
                 autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
-                case = f"MPViT-{size} {name} {mode} {tuple(shape)} sm_{args.arch}"
+                case = f"MPViT-{size} {name} {mode} {tuple(shape)} sm_{args.arch}" + (" compiled" if args.compile else "")
                 try:
                     with autocast, torch.set_grad_enabled(mode == "train"):
-                        y = model(x)
+                        y = forward(x)
                         if mode == "train":
                             y.float().sum().backward()
                     print(f"{case}: ok", flush=True)
