@@ -130,7 +130,6 @@ def test_compile_refuses_interpreted_kernels(monkeypatch):
         static_compile.compile_jobs([("mpvit_kernels.triton.linear", 0, 0, 80)])
 
 
-
 @pytest.mark.slow
 def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launched():
     # Triton's interpreter neither compiles a kernel nor types its arguments. Through Triton's own
@@ -145,6 +144,7 @@ def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launc
                           "2,3,96,96"], cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert lines[:2] == ["MPViT-tiny bf16 eval (2, 3, 96, 96) sm_90: ok", "MPViT-tiny bf16 train (2, 3, 96, 96) sm_90: ok"]
+    assert lines[:2] == ["MPViT-tiny bf16 eval (2, 3, 96, 96) sm_90: ok",
+                         "MPViT-tiny bf16 train (2, 3, 96, 96) sm_90: ok"], out.stdout
     # between them every kernel the package launches, the backward's too
     assert len(lines[2].split()) == 1 + 16 and lines[3] == "never launched: -", out.stdout

@@ -35,13 +35,11 @@ ops and launches, little arithmetic (MPViT-S at full width spends most of a CPU 
 weights). --eager then times the public model's step in turns with ours, at the same width.
 
 --gpu-launch takes each Triton launch down Triton's own launch path as on a GPU instead of
-returning at once: the kernels compiled for sm_90 (ptxas on this CPU, at the first forward:
-about 20 s for MPViT-S, then Triton's disk cache) and launched through ``JITFunction.run``
-(argument binding and specialisation, the compiled-kernel lookup, the grid, launch metadata and
-hooks), a stand-in driver (device 0, stream 0, an H100's target) answering for the GPU and the
-launcher itself a no-op; an autotuned kernel runs its first config that fits. In turns with
-forwards (or --train steps) whose launches return at once, it then gives that path's share: per
-forward and per launch (Triton 3.8's and 3.6's Python cost about the same here).
+returning at once (tools/stand_in_gpu.py: the kernels compiled for sm_90 by ptxas at the first
+forward, about 20 s for MPViT-S, then Triton's disk cache; a stand-in driver; the launch itself
+a no-op; an autotuned kernel runs its first config that fits). In turns with forwards (or
+--train steps) whose launches return at once, it then gives that path's share: per forward and
+per launch (Triton 3.8's and 3.6's Python cost about the same here).
 """
 from __future__ import annotations
 
@@ -263,8 +261,8 @@ def main(argv=None) -> dict:
     if args.gpu_launch:
         with_path, without = launch_path
         result["launch_path_ms"] = with_path - without
-        print(f"Triton's launch path (stand-in sm_90 driver), in turns with launches returning at once: {with_path:.2f} "
-              f"vs {without:.2f} ms {what}, {with_path - without:.2f} ms, "
+        print(f"Triton's launch path (stand-in sm_90 driver), in turns with launches returning at once: "
+              f"{with_path:.2f} vs {without:.2f} ms {what}, {with_path - without:.2f} ms, "
               f"{(with_path - without) / max(launches, 1) * 1e3:.1f} us a launch")
     if args.eager:
         eager = _summary(runs[1][2])

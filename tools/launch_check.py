@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                 model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
                 forward = torch.compile(model, fullgraph=True) if args.compile else model
                 autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
-                case = f"MPViT-{size} {name} {mode} {tuple(shape)} sm_{args.arch}" + (" compiled" if args.compile else "")
+                case = f"MPViT-{size} {name} {mode} {tuple(shape)} sm_{args.arch}"
+                case += " compiled" if args.compile else ""
                 try:
                     with autocast, torch.set_grad_enabled(mode == "train"):
                         y = forward(x)

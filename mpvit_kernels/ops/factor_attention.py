@@ -241,8 +241,8 @@ def _check_packed(packed: torch.Tensor, weights: Sequence[torch.Tensor], qkv: to
             or not packed.is_contiguous() or packed.device != qkv.device:
         got = f"{packed.dtype} {tuple(packed.shape)} on {packed.device}" if isinstance(packed, torch.Tensor) \
             else type(packed).__name__
-        raise ValueError(f"factor_attention: crpe_packed must be crpe_packing's packing of crpe_weights and crpe_biases, a "
-                         f"contiguous {acc} tensor of shape ({size},) on qkv's device, got {got}")
+        raise ValueError(f"factor_attention: crpe_packed must be crpe_packing's packing of crpe_weights and "
+                         f"crpe_biases, a contiguous {acc} tensor of shape ({size},) on qkv's device, got {got}")
 
 
 # ---- launch helpers -----------------------------------------------------------------------
@@ -282,9 +282,10 @@ def _crpe_layout(windows: tuple[tuple[int, int], ...], Ch: int, device: torch.de
     index from the (heads, KMAX*KMAX, Ch) sum of its weight grads to the weights' own layouts,
     each window's (c, 1, k, k) in turn; and the gather index from a grad of the packing to the
     weights' layouts, then the biases (crpe_packing's backward). A function of the layout alone
-    (a model has one or two), so built once: each table is a synchronous copy from the host, complete on the device before
-    any stream reads it, so the streams share them, and a CUDA graph capture, which runs on a
-    stream of its own and could not copy from the host, finds them made."""
+    (a model has one or two), so built once: each table is a synchronous copy from the host,
+    complete on the device before any stream reads it, so the streams share them, and a CUDA
+    graph capture, which runs on a stream of its own and could not copy from the host, finds
+    them made."""
     kmax = max(k for k, _ in windows)
     C = sum(c for _, c in windows)
     weights = sum(c * k * k for k, c in windows)
