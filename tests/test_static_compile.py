@@ -138,7 +138,7 @@ def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launc
     # compiles for sm_90 with the specialisation it gets there (16-bit paths no other CPU test
     # runs) and binds its arguments as the ops pass them (a misspelt keyword or a float for an
     # int fails here, not on a GPU); at 96x96 stage 1's attention (576 tokens) takes its
-    # multi-pass kernels. About 23 s, Triton's cache cold.
+    # multi-pass kernels. About 25 s, Triton's cache cold.
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "tools/launch_check.py", "--sizes", "tiny", "--dtypes", "bf16", "--shape",
                           "2,3,96,96"], cwd=root, capture_output=True, text=True, timeout=900)
@@ -146,5 +146,66 @@ def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launc
     lines = out.stdout.splitlines()
     assert lines[:2] == ["MPViT-tiny bf16 eval (2, 3, 96, 96) sm_90: ok",
                          "MPViT-tiny bf16 train (2, 3, 96, 96) sm_90: ok"], out.stdout
-    # between them every kernel the package launches, the backward's too
+    # between them every kernel the package launches, the backward's too; each case ran twice, the
+    # second launch of every kernel skipping Triton's binding (DirectLaunch), checked against it
     assert len(lines[2].split()) == 1 + 16 and lines[3] == "never launched: -", out.stdout
+    assert lines[4].split(": ")[1].split() == lines[2].split()[1:], out.stdout
+
+
+DIRECT_LAUNCH_SCRIPT = '''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, "tools")
+import torch
+import triton
+import triton.language as tl
+from stand_in_gpu import stand_in_gpu
+
+launches = []
+stand_in_gpu(lambda *args: launches.append(args))  # each direct launch checked against Triton's binding
+from mpvit_kernels.triton.affine_hswish import DirectLaunch
+
+
+@triton.jit
+def scale(x_ptr, y_ptr, n, s, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * s, mask=i < n)
+
+
+launch = DirectLaunch(scale)
+buf = torch.zeros(80)
+half = buf[:64].half()
+cases = [(buf[:64], 64), (buf[1:65], 64), (buf[:64], 1), (buf[:64], 17), (half, 64), (buf[:64], 2**40)]
+cases = [(x, torch.empty_like(x), n) for x, n in cases]
+for x, y, n in cases + cases:  # the first round through Triton's launch path, the second directly
+    launch.run(x, y, n, 0.5, grid=lambda meta: (triton.cdiv(min(meta["n"], 64), meta["BLOCK"]),), BLOCK=64)
+first, second = launches[:len(cases)], launches[len(cases):]
+# the same launcher call but for the launch metadata, which no hook asks for
+same = all(len(a) == len(b) and all(u is v or u == v for i, (u, v) in enumerate(zip(a, b)) if i != 6)
+           for a, b in zip(first, second))
+print(len(launch.kernels), len({id(k) for k in launch.kernels.values()}), same, sorted(DirectLaunch.verified))
+if sys.argv[1:] == ["coarse"]:  # a key blind to the arguments: the misaligned x would reuse the aligned kernel
+    launch.kernels.clear()
+    launch.key = lambda args, kwargs: (len(args), tuple(kwargs))
+    for x, y, n in cases[:2] * 2:
+        launch.run(x, y, n, 0.5, grid=(1,), BLOCK=64)
+'''
+
+
+def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp_path):
+    # DirectLaunch (triton.affine_hswish), which every pinned and tuned kernel of ours launches
+    # through: a key per specialisation Triton makes (address aligned or not, an integer 1, a
+    # multiple of 16 or neither, 64-bit, another dtype: six kernels), each later launch of it
+    # checked against Triton's own binding (the stand-in's verify) and calling the launcher as
+    # Triton's path did; a key too coarse to tell two specialisations apart fails that check.
+    script = tmp_path / "direct_launch.py"
+    script.write_text(DIRECT_LAUNCH_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.split("\n")[0] == "6 6 True ['scale']", out.stdout
+    out = subprocess.run([sys.executable, str(script), "coarse"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0, out.stdout
+    assert "Triton's binding picks another kernel" in out.stderr, out.stderr[-3000:]

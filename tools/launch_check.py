@@ -6,7 +6,10 @@ launch a GPU would refuse (a misspelt keyword, an argument of the wrong type, a 
 not compile with the specialisation it gets) fails here rather than in a GPU session. Triton's
 interpreter, which the kernel tests run, checks none of that. Only the first config of an
 autotuned kernel is launched, unless --every-config (the tuner's every candidate, as on a GPU;
-the static report compiles every config too, for the shapes in its specs).
+the static report compiles every config too, for the shapes in its specs). Each case runs twice,
+so that every launch also goes the way it goes once its kernel is compiled: the launches of the
+pinned and tuned kernels skip Triton's argument binding there (DirectLaunch), and each is
+checked against that binding (the same compiled kernel, the same arguments).
 
     python tools/launch_check.py [--arch 90] [--sizes tiny,xsmall] [--dtypes bf16,fp16,fp32,fp64]
                                  [--modes eval,train] [--shape 2,3,97,83] [--every-config] [--compile]
@@ -14,8 +17,8 @@ the static report compiles every config too, for the shapes in its specs).
 16-bit dtypes run under autocast over fp32 weights, fp64 as a double model; --compile runs each
 model under torch.compile(fullgraph=True) (our ops whole in its graph, the arguments Inductor's
 buffers give them; a minute or more a case on a CPU); each case prints
-ok or FAILED with the error, then the kernels launched and any of the package's kernels no case
-launched. Exit status 1 if a case failed. The first run compiles (minutes for every case);
+ok or FAILED with the error, then the kernels launched, any of the package's kernels no case
+launched, and those launched directly. Exit status 1 if a case failed. The first run compiles (minutes for every case);
 Triton's disk cache serves later ones.
 """
 import argparse
@@ -28,14 +31,16 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: JIT functions
 import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from stand_in_gpu import stand_in_gpu  # noqa: E402  (tools/, beside this script)
+from stand_in_gpu import SHARED_LIMIT, stand_in_gpu  # noqa: E402  (tools/, beside this script)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability of the stand-in GPU (80, 90)")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                   help="compute capability of the stand-in GPU (80 A100, 86 A10/RTX 30xx, 89 L4/RTX 40xx, "
+                        "90 H100, 100 B200, 120 RTX 50xx)")
     p.add_argument("--sizes", default="tiny,xsmall")
     p.add_argument("--dtypes", default="bf16,fp16,fp32,fp64")
     p.add_argument("--modes", default="eval,train")
@@ -54,6 +59,7 @@ def main(argv=None) -> int:
 
     JITFunction.run = named
     from mpvit_kernels import models
+    from mpvit_kernels.triton.affine_hswish import DirectLaunch
     from mpvit_kernels.triton.static_compile import jit_function, kernel_modules, launched_kernels
 
     shape = tuple(int(n) for n in args.shape.split(","))
@@ -73,10 +79,12 @@ def main(argv=None) -> int:
                 case = f"MPViT-{size} {name} {mode} {tuple(shape)} sm_{args.arch}"
                 case += " compiled" if args.compile else ""
                 try:
-                    with autocast, torch.set_grad_enabled(mode == "train"):
-                        y = forward(x)
-                        if mode == "train":
-                            y.float().sum().backward()
+                    # twice: the second's launches find their compiled kernels (DirectLaunch's path)
+                    for _ in range(2):
+                        with autocast, torch.set_grad_enabled(mode == "train"):
+                            y = forward(x)
+                            if mode == "train":
+                                y.float().sum().backward()
                     print(f"{case}: ok", flush=True)
                 except Exception:  # noqa: BLE001 (each case reports its own failure)
                     failed += 1
@@ -84,6 +92,7 @@ def main(argv=None) -> int:
     every = {jit_function(k).__name__ for module in kernel_modules() for k in launched_kernels(module).values()}
     print("launched:", " ".join(sorted(launched)))
     print("never launched:", " ".join(sorted(every - launched)) or "-")
+    print("launched directly, as Triton's binding would:", " ".join(sorted(DirectLaunch.verified)) or "-")
     return 1 if failed else 0
 
 

@@ -20,14 +20,26 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime import autotuner, driver
 from triton.runtime.errors import OutOfResources
 
-from mpvit_kernels.triton.static_compile import SHARED_LIMIT  # per block, for the archs it compiles
+from mpvit_kernels.triton import static_compile
+
+# Shared memory a block may opt in to, by compute capability (the CUDA C++ Programming Guide's
+# table of technical specifications): the static report's A100 and H100, a B200, and the
+# workstation and consumer GPUs (A10/RTX 30xx, L4/L40/RTX 40xx, RTX 50xx), whose 99 KB a tile
+# picked for the first two could overflow. Blocks are 1024 threads at most on all.
+SHARED_LIMIT = {**static_compile.SHARED_LIMIT, 86: 99 * 1024, 89: 99 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
 
-def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False) -> None:
+def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False, verify: bool = True) -> None:
     """Put the stand-in in place (see above): launches call ``on_launch(*launcher_args)``;
     ``every_config``: an autotuned kernel times (so compiles and launches) every config that
-    fits, as on a GPU, not the first alone."""
+    fits, as on a GPU, not the first alone; ``verify``: every launch of ours that skips Triton's
+    argument binding (triton.affine_hswish.DirectLaunch) is checked against that binding (off
+    where host time is measured)."""
     from mpvit_kernels import backend
+    from mpvit_kernels.triton.affine_hswish import DirectLaunch
+
+    if arch not in SHARED_LIMIT:
+        raise ValueError(f"arch must be a compute capability of {sorted(SHARED_LIMIT)}, got {arch}")
 
     class StandIn:
         def get_current_device(self):
@@ -63,6 +75,7 @@ def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False) -> None:
             self.module, self.function, self._run = object(), 0, launch
 
     driver.set_active(StandIn())
+    DirectLaunch.VERIFY = verify
     CompiledKernel._init_handles = handles
     if not every_config:
         prune = autotuner.Autotuner.prune_configs

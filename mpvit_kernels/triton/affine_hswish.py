@@ -16,10 +16,15 @@ order and there are no atomics.
 
 Also what every family's launches share, as this module is the one they all import: the vector
 width of channel rows (``vector_width``), ``next_pow2``, and the launch wrappers ``pinned`` and
-``tuned`` (Triton's heuristics and autotune with less host time a launch).
+``tuned`` (Triton's heuristics and autotune with less host time a launch), which launch
+through ``DirectLaunch``.
 """
+import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 
 def vector_width(element_size: int, *extents: int) -> int:
@@ -44,6 +49,110 @@ def next_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+class DirectLaunch:
+    """Launches of the JIT function ``fn`` that skip Triton's argument binding once a launch of the
+    same kind went through it: ``JITFunction.run`` binds every argument to the signature,
+    specialises it and builds the compiled-kernel cache's key at every launch (a launch of
+    ``linear``'s kernel in a loop, the driver's call stubbed, on this project's CPU: 17.6-19.6
+    us through ``JITFunction.run``, 10.5-11.1 here). Launched here, a compiled kernel is looked
+    up under a key at least as fine as Triton's specialisation: the current device; for each
+    tensor its dtype and its address modulo 16; for each runtime integer whether it is 1, a
+    multiple of 16, 32- or 64-bit; a float's type; every constexpr, option and other value
+    itself. A key seen for the first time (or anything else: hooks before the launch, an
+    argument of another kind, a runtime argument passed by keyword, Triton's interpreter) goes
+    through ``JITFunction.run``, which compiles or finds the kernel and launches it; the kernel
+    it returns is kept under the key. A hit then calls the kernel's launcher as
+    ``JITFunction.run`` does (Triton 3.6-3.8): the grid from the arguments by name, every
+    argument in signature order with the defaults, the launch hooks of the moment (their
+    metadata only where a hook is set: Triton 3.6-3.8 build it for their empty chains too, 10
+    us). Triton's debug and instrumentation knobs are read at a key's first launch. ``VERIFY``
+    (tools/stand_in_gpu.py sets it) checks each hit against Triton's own binding: the same
+    compiled kernel, the same arguments."""
+
+    VERIFY = False
+    verified: set = set()  # (VERIFY) the names of the kernels whose direct launches were checked
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.jit = type(fn) is JITFunction  # (an InterpretedFunction under TRITON_INTERPRET=1)
+        params = fn.params if self.jit else ()
+        self.names = [p.name for p in params]
+        self.constexpr = [p.is_constexpr for p in params]
+        self.defaults = {p.name: p.default for p in params if p.has_default}
+        self.runtime = {p.name for p in params if not p.is_constexpr}
+        self.kernels = {}
+        self.keywords = {}  # the names of a launch's keywords -> whether none is a runtime argument
+
+    def key(self, args, kwargs):
+        """The launch's key, or None where Triton's own path must launch it."""
+        names = tuple(kwargs)
+        plain = self.keywords.get(names)
+        if plain is None:
+            plain = self.keywords[names] = not self.runtime.intersection(names)
+        if not plain or len(args) > len(self.names):
+            return None
+        key = [driver.active.get_current_device(), names, *kwargs.values()]
+        for a, constexpr in zip(args, self.constexpr):
+            t = type(a)
+            if t is torch.Tensor or t is torch.nn.Parameter:
+                key += (a.dtype, a.data_ptr() & 15)
+            elif constexpr or a is None or t is bool:
+                key.append(a)
+            elif t is int:
+                key.append((a == 1, (a & 15) == 0, -2**31 <= a < 2**31, a < 2**63))
+            elif t is float:
+                key.append(float)
+            else:
+                return None
+        return tuple(key)
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        fn = self.fn
+        key = None if warmup or not self.jit or fn.pre_run_hooks or \
+            knobs.runtime.add_stages_inspection_hook is not None else self.key(args, kwargs)
+        try:
+            kernel = None if key is None else self.kernels.get(key)
+        except TypeError:  # an unhashable option
+            kernel = key = None
+        if kernel is None:
+            kernel = fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+            if hasattr(kernel, "result"):  # (Triton 3.6's asynchronous compile)
+                kernel = kernel.result()
+            if key is not None and kernel is not None:
+                self.kernels[key] = kernel
+            return kernel
+        n = len(args)
+        values = [*args, *[kwargs[k] if k in kwargs else self.defaults[k] for k in self.names[n:]]]
+        if callable(grid):
+            grid = grid(dict(zip(self.names, values)))
+        if self.VERIFY:
+            self._verify(kernel, key[0], args, kwargs, values)
+        stream = driver.active.get_current_stream(key[0])
+        enter = knobs.runtime.launch_enter_hook
+        # (an empty HookChain calls nothing: the metadata it would be given, 10 us, is not built)
+        metadata = kernel.launch_metadata(grid, stream, *values) if getattr(enter, "calls", enter) else None
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, metadata, enter, knobs.runtime.launch_exit_hook, *values)
+        return kernel
+
+    def _verify(self, kernel, device, args, kwargs, values) -> None:
+        """That Triton's own binding of this launch picks ``kernel`` and passes ``values``."""
+        from triton.runtime.jit import compute_cache_key
+
+        fn = self.fn
+        kwargs = dict(kwargs)
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kernel_cache, key_cache, _, _, binder = fn.device_caches[device]
+        bound, specialization, options = binder(*args, **kwargs)
+        triton_kernel = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+        bound = list(bound.values())
+        if triton_kernel is not kernel or len(bound) != len(values) or any(a is not b for a, b in zip(bound, values)):
+            raise AssertionError(f"DirectLaunch of {fn.__name__}: Triton's binding picks another kernel or other "
+                                 f"arguments ({specialization})")
+        DirectLaunch.verified.add(fn.__name__)
+
+
 class PinnedHeuristics(triton.runtime.Heuristics):
     """``triton.heuristics`` for a pinned launch whose values (the tile, warps, stages, register
     budget) are functions of the constexprs named in ``keys`` alone, which every launch passes
@@ -57,6 +166,7 @@ class PinnedHeuristics(triton.runtime.Heuristics):
     def __init__(self, fn, keys, values) -> None:
         self.keys = tuple(keys)
         self._picked = {}
+        self._launch = DirectLaunch(fn)
         super().__init__(fn, fn.arg_names, _Values(values, self._picked))
 
     def run(self, *args, **kwargs):
@@ -71,7 +181,7 @@ class PinnedHeuristics(triton.runtime.Heuristics):
                 picked[name] = meta[name] = value(meta)
             self._picked[key] = picked
         kwargs.update(picked)
-        return self.fn.run(*args, **kwargs)
+        return self._launch.run(*args, **kwargs)
 
 
 class _Values(dict):
@@ -116,6 +226,7 @@ class TunedLaunch(triton.runtime.Autotuner):
         super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
         self._key_at = [(name, fn.arg_names.index(name)) for name in key]
         self._picked = {}
+        self._launch = DirectLaunch(fn)
 
     def _triton_key(self, args, kwargs) -> tuple:
         """Autotuner.run's key for this launch (Triton 3.6-3.8)."""
@@ -132,7 +243,7 @@ class TunedLaunch(triton.runtime.Autotuner):
             current = self.cache.get(triton_key) if len(self.configs) > 1 else self.configs[0]
             if current is config and config.pre_hook is None:
                 self.best_config = config
-                return self.fn.run(*args, **kwargs, **config_kwargs)
+                return self._launch.run(*args, **kwargs, **config_kwargs)
         out = super().run(*args, **kwargs)
         self._picked[key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
         return out
@@ -219,6 +330,7 @@ def _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC: tl.co
     return invstd, scale, tl.load(beta_ptr + offs_c, mask=cmask, other=0.0) - mean * scale
 
 
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["P", "M"])
 def stats_kernel(
     tile_mean_ptr, tile_m2_ptr,  # (P, C) each: the row tiles' statistics, tile p has rows p*ROWS..
@@ -266,6 +378,7 @@ def _grad_u(g_ptr, z_ptr, offs_m, offs_c, mask, C, mean, scale, shift, HSWISH: t
     return g, z - mean[None, :]
 
 
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["M"])
 def grad_sums_kernel(
     g_ptr, z_ptr,  # (M, C) each: grad of the output, the pre-BatchNorm output (rows NHWC)
@@ -293,6 +406,7 @@ def grad_sums_kernel(
     tl.store(sum_dev_ptr + pid_m * C + offs_c, s_dev, mask=cmask)
 
 
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["M"])
 def grad_kernel(
     g_ptr, z_ptr,  # (M, C) each, as grad_sums_kernel's

@@ -247,7 +247,7 @@ def context_partial_kernel(
         tl.store(s_ptr + row * Ch * Ch + square, acc, mask=smask)
 
 
-@triton.autotune(COMBINE_CONFIGS, key=[])
+@tuned(COMBINE_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["splits"])
 def context_combine_kernel(
     m_ptr, l_ptr, s_ptr,  # chunk partials of context_partial_kernel
@@ -476,7 +476,7 @@ def grad_partial_kernel(
     tl.store(db_ptr + row * BLOCK_D + offs_d, db_acc)
 
 
-@triton.autotune(COMBINE_CONFIGS, key=[])
+@tuned(COMBINE_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["splits"])
 def grad_combine_kernel(
     ds_part_ptr,  # (B*heads, SPLITS, Ch, Ch) chunk q^T dO
