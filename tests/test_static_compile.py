@@ -183,7 +183,17 @@ first, second = launches[:len(cases)], launches[len(cases):]
 # the same launcher call but for the launch metadata, which no hook asks for
 same = all(len(a) == len(b) and all(u is v or u == v for i, (u, v) in enumerate(zip(a, b)) if i != 6)
            for a, b in zip(first, second))
-print(len(launch.kernels), len({id(k) for k in launch.kernels.values()}), same, sorted(DirectLaunch.verified))
+from triton import knobs
+knobs.runtime.debug = True  # in Triton's options, so in the key: another kernel
+for _ in range(2):
+    launch.run(*cases[0], 0.5, grid=(1,), BLOCK=64)
+knobs.runtime.debug = False
+hook = lambda metadata: None  # (the stand-in's launcher calls no hook) an exit hook alone: metadata built
+knobs.runtime.launch_exit_hook.add(hook)
+launch.run(*cases[0], 0.5, grid=(1,), BLOCK=64)
+knobs.runtime.launch_exit_hook.remove(hook)
+seen = [type(launches[-1][6]).__name__]
+print(len(launch.kernels), len({id(k) for k in launch.kernels.values()}), same, sorted(DirectLaunch.verified), seen)
 if sys.argv[1:] == ["coarse"]:  # a key blind to the arguments: the misaligned x would reuse the aligned kernel
     launch.kernels.clear()
     launch.key = lambda args, kwargs: (len(args), tuple(kwargs))
@@ -197,14 +207,15 @@ def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp
     # through: a key per specialisation Triton makes (address aligned or not, an integer 1, a
     # multiple of 16 or neither, 64-bit, another dtype: six kernels), each later launch of it
     # checked against Triton's own binding (the stand-in's verify) and calling the launcher as
-    # Triton's path did; a key too coarse to tell two specialisations apart fails that check.
+    # Triton's path did; Triton's debug knob is part of the key (a seventh); a launch hook gets
+    # its metadata; a key too coarse to tell two specialisations apart fails that check.
     script = tmp_path / "direct_launch.py"
     script.write_text(DIRECT_LAUNCH_SCRIPT)
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.split("\n")[0] == "6 6 True ['scale']", out.stdout
+    assert out.stdout.split("\n")[0] == "7 7 True ['scale'] ['LazyDict']", out.stdout
     out = subprocess.run([sys.executable, str(script), "coarse"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode != 0, out.stdout

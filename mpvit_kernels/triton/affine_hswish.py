@@ -55,22 +55,26 @@ class DirectLaunch:
     specialises it and builds the compiled-kernel cache's key at every launch (a launch of
     ``linear``'s kernel in a loop, the driver's call stubbed, on this project's CPU: 17.6-19.6
     us through ``JITFunction.run``, 10.5-11.1 here). Launched here, a compiled kernel is looked
-    up under a key at least as fine as Triton's specialisation: the current device; for each
-    tensor its dtype and its address modulo 16; for each runtime integer whether it is 1, a
-    multiple of 16, 32- or 64-bit; a float's type; every constexpr, option and other value
-    itself. A key seen for the first time (or anything else: hooks before the launch, an
-    argument of another kind, a runtime argument passed by keyword, Triton's interpreter) goes
-    through ``JITFunction.run``, which compiles or finds the kernel and launches it; the kernel
-    it returns is kept under the key. A hit then calls the kernel's launcher as
-    ``JITFunction.run`` does (Triton 3.6-3.8): the grid from the arguments by name, every
-    argument in signature order with the defaults, the launch hooks of the moment (their
-    metadata only where a hook is set: Triton 3.6-3.8 build it for their empty chains too, 10
-    us). Triton's debug and instrumentation knobs are read at a key's first launch. ``VERIFY``
-    (tools/stand_in_gpu.py sets it) checks each hit against Triton's own binding: the same
-    compiled kernel, the same arguments."""
+    up under a key at least as fine as Triton's specialisation and options: the current device;
+    the debug and instrumentation knobs; for each tensor its dtype and its address modulo 16;
+    for each runtime integer whether it is 1, a multiple of 16, 32- or 64-bit; a float's type;
+    every constexpr, option and other value itself. A key seen for the first time (or anything
+    else: hooks before the launch, an argument of another kind, a runtime argument passed by
+    keyword, a global the kernel read changed since, Triton's interpreter, a Triton other than
+    3.6-3.8 or a backend other than NVIDIA's) goes through ``JITFunction.run``, which compiles
+    or finds the kernel and launches it; the kernel it returns is kept under the key. A hit then
+    calls the kernel's launcher as ``JITFunction.run`` does (Triton 3.6-3.8): the grid from the
+    arguments by name, every argument in signature order with the defaults, the launch hooks of
+    the moment (their metadata only where a hook is set: Triton builds it for their empty chains
+    too, 10 us). ``VERIFY`` (tools/stand_in_gpu.py sets it) checks each hit against Triton's own
+    binding: the same compiled kernel, the same arguments."""
 
     VERIFY = False
     verified: set = set()  # (VERIFY) the names of the kernels whose direct launches were checked
+    # the Triton versions whose launch path this follows, on NVIDIA's backend (AMD's specialises
+    # tensors on more than their alignment): decided at the first launch
+    VERSIONS = ("3.6.", "3.7.", "3.8.")
+    supported: bool | None = None
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -91,7 +95,9 @@ class DirectLaunch:
             plain = self.keywords[names] = not self.runtime.intersection(names)
         if not plain or len(args) > len(self.names):
             return None
-        key = [driver.active.get_current_device(), names, *kwargs.values()]
+        # (Triton's options take the debug and instrumentation knobs: plain attributes)
+        key = [driver.active.get_current_device(), self.fn.debug, knobs.runtime.debug,
+               knobs.compilation.instrumentation_mode, names, *kwargs.values()]
         for a, constexpr in zip(args, self.constexpr):
             t = type(a)
             if t is torch.Tensor or t is torch.nn.Parameter:
@@ -99,6 +105,8 @@ class DirectLaunch:
             elif constexpr or a is None or t is bool:
                 key.append(a)
             elif t is int:
+                if not -2**63 <= a < 2**64:  # (Triton refuses it)
+                    return None
                 key.append((a == 1, (a & 15) == 0, -2**31 <= a < 2**31, a < 2**63))
             elif t is float:
                 key.append(float)
@@ -106,14 +114,24 @@ class DirectLaunch:
                 return None
         return tuple(key)
 
+    @classmethod
+    def _supported(cls) -> bool:
+        if cls.supported is None:
+            cls.supported = triton.__version__.startswith(cls.VERSIONS) and \
+                driver.active.get_current_target().backend == "cuda"
+        return cls.supported
+
     def run(self, *args, grid, warmup=False, **kwargs):
         fn = self.fn
-        key = None if warmup or not self.jit or fn.pre_run_hooks or \
+        key = None if warmup or not self.jit or fn.pre_run_hooks or not self._supported() or \
             knobs.runtime.add_stages_inspection_hook is not None else self.key(args, kwargs)
         try:
             kernel = None if key is None else self.kernels.get(key)
         except TypeError:  # an unhashable option
             kernel = key = None
+        if kernel is not None and fn.used_global_vals and any(
+                g.get(name, _ABSENT) != value for (name, _), (value, g) in fn.used_global_vals.items()):
+            kernel = None  # a global the kernel read has changed: Triton's path says so
         if kernel is None:
             kernel = fn.run(*args, grid=grid, warmup=warmup, **kwargs)
             if hasattr(kernel, "result"):  # (Triton 3.6's asynchronous compile)
@@ -128,11 +146,12 @@ class DirectLaunch:
         if self.VERIFY:
             self._verify(kernel, key[0], args, kwargs, values)
         stream = driver.active.get_current_stream(key[0])
-        enter = knobs.runtime.launch_enter_hook
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         # (an empty HookChain calls nothing: the metadata it would be given, 10 us, is not built)
-        metadata = kernel.launch_metadata(grid, stream, *values) if getattr(enter, "calls", enter) else None
+        hooked = getattr(enter, "calls", enter) or getattr(leave, "calls", leave)
+        metadata = kernel.launch_metadata(grid, stream, *values) if hooked else None
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, metadata, enter, knobs.runtime.launch_exit_hook, *values)
+                   kernel.function, kernel.packed_metadata, metadata, enter, leave, *values)
         return kernel
 
     def _verify(self, kernel, device, args, kwargs, values) -> None:
