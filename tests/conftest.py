@@ -30,6 +30,12 @@ if KERNEL_DEVICE == "cpu":
     torch.use_deterministic_algorithms(True)
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
+    try:  # each launch that skips Triton's binding checked against that binding, on the device
+        from mpvit_kernels.triton.affine_hswish import DirectLaunch
+
+        DirectLaunch.VERIFY = True
+    except ImportError:  # (no Triton: the tests that need it skip)
+        pass
 
 import pytest  # noqa: E402
 

@@ -194,6 +194,8 @@ launch.run(*cases[0], 0.5, grid=(1,), BLOCK=64)
 knobs.runtime.launch_exit_hook.remove(hook)
 seen = [type(launches[-1][6]).__name__]
 print(len(launch.kernels), len({id(k) for k in launch.kernels.values()}), same, sorted(DirectLaunch.verified), seen)
+if sys.argv[1:] == ["off"]:  # MPVIT_KERNELS_DIRECT_LAUNCH=0: each launch through Triton's path
+    assert not launch.kernels and not DirectLaunch.verified and len(launches) == 2 * len(cases) + 3
 if sys.argv[1:] == ["coarse"]:  # a key blind to the arguments: the misaligned x would reuse the aligned kernel
     launch.kernels.clear()
     launch.key = lambda args, kwargs: (len(args), tuple(kwargs))
@@ -208,7 +210,8 @@ def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp
     # multiple of 16 or neither, 64-bit, another dtype: six kernels), each later launch of it
     # checked against Triton's own binding (the stand-in's verify) and calling the launcher as
     # Triton's path did; Triton's debug knob is part of the key (a seventh); a launch hook gets
-    # its metadata; a key too coarse to tell two specialisations apart fails that check.
+    # its metadata; MPVIT_KERNELS_DIRECT_LAUNCH=0 leaves every launch to Triton's path; a key too
+    # coarse to tell two specialisations apart fails that check.
     script = tmp_path / "direct_launch.py"
     script.write_text(DIRECT_LAUNCH_SCRIPT)
     root = Path(__file__).resolve().parents[1]
@@ -216,6 +219,9 @@ def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp
     out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.split("\n")[0] == "7 7 True ['scale'] ['LazyDict']", out.stdout
+    off = subprocess.run([sys.executable, str(script), "off"], cwd=root, capture_output=True, text=True,
+                         env={**env, "MPVIT_KERNELS_DIRECT_LAUNCH": "0"}, timeout=600)
+    assert off.returncode == 0 and off.stdout.startswith("0 0 True [] ['LazyDict']"), off.stdout + off.stderr[-3000:]
     out = subprocess.run([sys.executable, str(script), "coarse"], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode != 0, out.stdout

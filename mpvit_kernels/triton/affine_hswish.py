@@ -19,6 +19,8 @@ width of channel rows (``vector_width``), ``next_pow2``, and the launch wrappers
 ``tuned`` (Triton's heuristics and autotune with less host time a launch), which launch
 through ``DirectLaunch``.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -72,9 +74,11 @@ class DirectLaunch:
     VERIFY = False
     verified: set = set()  # (VERIFY) the names of the kernels whose direct launches were checked
     # the Triton versions whose launch path this follows, on NVIDIA's backend (AMD's specialises
-    # tensors on more than their alignment): decided at the first launch
+    # tensors on more than their alignment): decided at the first launch; never with
+    # MPVIT_KERNELS_DIRECT_LAUNCH=0 (every launch through JITFunction.run, to tell a launch-path
+    # problem from a kernel's)
     VERSIONS = ("3.6.", "3.7.", "3.8.")
-    supported: bool | None = None
+    supported: bool | None = False if os.environ.get("MPVIT_KERNELS_DIRECT_LAUNCH", "1") in ("", "0") else None
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -165,6 +169,8 @@ class DirectLaunch:
         kernel_cache, key_cache, _, _, binder = fn.device_caches[device]
         bound, specialization, options = binder(*args, **kwargs)
         triton_kernel = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+        if hasattr(triton_kernel, "result"):  # (an asynchronous compile's future)
+            triton_kernel = triton_kernel.result()
         bound = list(bound.values())
         if triton_kernel is not kernel or len(bound) != len(values) or any(a is not b for a, b in zip(bound, values)):
             raise AssertionError(f"DirectLaunch of {fn.__name__}: Triton's binding picks another kernel or other "
