@@ -500,14 +500,23 @@ def call_op(op, *args):
             or torch._C._get_tracing_state() is not None):
         return op(*args)
     grad, graph, lists = torch.is_grad_enabled(), False, False
-    for arg in args:
-        is_list = isinstance(arg, (list, tuple))
-        lists |= is_list
-        for t in arg if is_list else (arg,):
-            if isinstance(t, torch.Tensor):
-                if type(t) not in _PLAIN_TENSORS or t.is_meta:
-                    return op(*args)
-                graph |= grad and t.requires_grad
+    for arg in args:  # (the common kinds by type first: isinstance costs a call per argument)
+        kind = type(arg)
+        if kind in _PLAIN_TENSORS:
+            if arg.is_meta:
+                return op(*args)
+            graph = graph or (grad and arg.requires_grad)
+        elif kind is int or kind is float or kind is bool or arg is None:
+            continue
+        elif isinstance(arg, (list, tuple)):
+            lists = True
+            for t in arg:
+                if isinstance(t, torch.Tensor):
+                    if type(t) not in _PLAIN_TENSORS or t.is_meta:
+                        return op(*args)
+                    graph = graph or (grad and t.requires_grad)
+        elif isinstance(arg, torch.Tensor):  # a subclass: through the dispatcher's layers
+            return op(*args)
     if graph:
         formulas = _AUTOGRAD.get(op)
         if formulas is None:
