@@ -16,10 +16,10 @@ checked against that binding (the same compiled kernel, the same arguments).
 
 16-bit dtypes run under autocast over fp32 weights, fp64 as a double model; --compile runs each
 model under torch.compile(fullgraph=True) (our ops whole in its graph, the arguments Inductor's
-buffers give them; a minute or more a case on a CPU); each case prints
-ok or FAILED with the error, then the kernels launched, any of the package's kernels no case
-launched, and those launched directly. Exit status 1 if a case failed. The first run compiles (minutes for every case);
-Triton's disk cache serves later ones.
+buffers give them; a minute or more a case on a CPU); each case prints ok or FAILED with the
+error, then the kernels launched, any of the package's kernels no case launched, and those
+launched directly. Exit status 1 if a case failed. The first run compiles (minutes for every
+case); Triton's disk cache serves later ones.
 """
 import argparse
 import os
