@@ -193,12 +193,25 @@ knobs.runtime.launch_exit_hook.add(hook)
 launch.run(*cases[0], 0.5, grid=(1,), BLOCK=64)
 knobs.runtime.launch_exit_hook.remove(hook)
 seen = [type(launches[-1][6]).__name__]
-print(len(launch.kernels), len({id(k) for k in launch.kernels.values()}), same, sorted(DirectLaunch.verified), seen)
+# the key generated for a call shape equals the general one, whatever each argument is then
+x, y = cases[0][:2]
+kinds = [x, y, x[1:], half, torch.nn.Parameter(x), None, True, False, 1, 0, 17, 32, -16, 2**31, 2**40, 2**63, 2**64,
+         -2**63 - 1, 0.5, "s"]
+for kw in ({"BLOCK": 64}, {"BLOCK": 32, "num_warps": 4}, {"n": 3, "BLOCK": 64}):
+    for i in range(4):
+        for kind in kinds:
+            args = [x, y, 64, 0.5]
+            args[i] = kind
+            args, k = tuple(args), dict(kw)
+            if "n" in k:
+                args = args[:2] + args[3:]
+            assert launch.fast_key(args, k) == launch.key(args, k), (i, kind, kw)
+print(len(launch.kernels), len({id(e[0]) for e in launch.kernels.values()}), same, sorted(DirectLaunch.verified), seen)
 if sys.argv[1:] == ["off"]:  # MPVIT_KERNELS_DIRECT_LAUNCH=0: each launch through Triton's path
     assert not launch.kernels and not DirectLaunch.verified and len(launches) == 2 * len(cases) + 3
 if sys.argv[1:] == ["coarse"]:  # a key blind to the arguments: the misaligned x would reuse the aligned kernel
     launch.kernels.clear()
-    launch.key = lambda args, kwargs: (len(args), tuple(kwargs))
+    launch.fast_key = lambda args, kwargs: (len(args), tuple(kwargs))
     for x, y, n in cases[:2] * 2:
         launch.run(x, y, n, 0.5, grid=(1,), BLOCK=64)
 '''

@@ -122,22 +122,26 @@ def _time_ops(totals: dict) -> None:
 
 def _launch_path_share(step, reps: int) -> tuple[float, float]:
     """Median ms of ``step`` with Triton's launch path (--gpu-launch) and with launches returning
-    at once (JITFunction.run, and our launches that skip it: DirectLaunch.run), timed in turns."""
+    at once (JITFunction.run, and our pinned and tuned launches, which skip it once a kernel is
+    compiled: their whole launch), timed in turns."""
     from triton.runtime.jit import JITFunction
 
-    from mpvit_kernels.triton.affine_hswish import DirectLaunch
+    from mpvit_kernels.triton.affine_hswish import PinnedHeuristics, TunedLaunch
 
-    paths = JITFunction.run, DirectLaunch.run
+    def put(runs):
+        JITFunction.run, PinnedHeuristics._run, TunedLaunch._run = runs
+
+    paths = JITFunction.run, PinnedHeuristics._run, TunedLaunch._run
     times = ([], [])
     try:
         for _ in range(reps):
-            for runs, out in ((paths, times[0]), ((_stub, _stub), times[1])):
-                JITFunction.run, DirectLaunch.run = runs
+            for runs, out in ((paths, times[0]), ((_stub,) * 3, times[1])):
+                put(runs)
                 start = time.perf_counter()
                 step()
                 out.append((time.perf_counter() - start) * 1e3)
     finally:
-        JITFunction.run, DirectLaunch.run = paths
+        put(paths)
     return statistics.median(times[0]), statistics.median(times[1])
 
 

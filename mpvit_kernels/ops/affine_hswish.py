@@ -248,9 +248,10 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     M, C = z.shape
     acc = mean.dtype
     ACC = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
-    gamma, beta = gamma.to(acc).contiguous(), beta.to(acc).contiguous()
-    mean, var = mean.contiguous(), var.to(acc).contiguous()
-    grad, z = grad.to(z.dtype).contiguous(), z.contiguous()  # the kernels index (M, C) row-major
+    cast = backend.cast
+    gamma, beta = cast(gamma, acc).contiguous(), cast(beta, acc).contiguous()
+    mean, var = mean.contiguous(), cast(var, acc).contiguous()
+    grad, z = cast(grad, z.dtype).contiguous(), z.contiguous()  # the kernels index (M, C) row-major
     P = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES))
     BC = kernels.block_c(C)
     sums, sums_dev = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
@@ -266,7 +267,7 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
         kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, VEC=vec)
-    return grad_z, (sum_dev * torch.rsqrt(var + eps)).to(acc), grad_beta
+    return grad_z, cast(sum_dev * torch.rsqrt(var + eps), acc), grad_beta
 
 
 @_batch_backward.register_fake

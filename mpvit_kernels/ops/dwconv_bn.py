@@ -193,7 +193,7 @@ def _(x, dw_weight, pw_weight, bn_weight, bn_bias, eps, stride, hswish):
 def _depthwise_rows(x, dw_weight, stride):
     """The depthwise output as (M, Cin) rows (a view of its NHWC memory), recomputed: the forward
     never stored it."""
-    return depthwise(x, dw_weight.to(x.dtype), None, stride).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return depthwise(x, backend.cast(dw_weight, x.dtype), None, stride).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
@@ -209,11 +209,11 @@ def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
                                   None, None, False, False)[:2]
     else:
         K = dw_weight.shape[-1]
-        xd, wd = x.detach().requires_grad_(), dw_weight.detach().to(x.dtype).requires_grad_()
+        xd, wd = x.detach().requires_grad_(), backend.cast(dw_weight.detach(), x.dtype).requires_grad_()
         with torch.enable_grad():
             out = F.conv2d(xd, wd, None, stride, K // 2, groups=Cin)
         gx, gdw = torch.autograd.grad(out, (xd, wd), gd)
-    return gx, gdw.to(dw_weight.dtype), grad_pw.to(pw_weight.dtype)
+    return gx, backend.cast(gdw, dw_weight.dtype), backend.cast(grad_pw, pw_weight.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -226,7 +226,7 @@ def _backward(ctx, grad):
     x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
     stride, hswish = ctx.args
     Cout = pw_weight.shape[0]
-    g = grad.to(x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
+    g = backend.cast(grad, x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
     grad_scale = grad_shift = d = None
     if scale is not None or hswish:
         d = _depthwise_rows(x, dw_weight, stride)
@@ -255,8 +255,8 @@ def _train_backward(ctx, grad, *_):
     g, grad_weight, grad_bias = batch_norm_backward(grad.permute(0, 2, 3, 1).reshape(-1, Cout),
                                                     z.permute(0, 2, 3, 1).reshape(-1, Cout), bn_weight, bn_bias,
                                                     mean, var, eps, hswish)
-    return (*_conv_backward(x, dw_weight, pw_weight, stride, g), grad_weight.to(bn_weight.dtype),
-            grad_bias.to(bn_bias.dtype), None, None, None)
+    return (*_conv_backward(x, dw_weight, pw_weight, stride, g), backend.cast(grad_weight, bn_weight.dtype),
+            backend.cast(grad_bias, bn_bias.dtype), None, None, None)
 
 
 backend.register_autograd(_dwconv_bn_train, _train_backward, setup_context=_train_setup_context)

@@ -482,7 +482,7 @@ def factor_attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, ctx: torch.Tenso
     (packed_size(crpe_weights),), an empty tensor), what a forward given crpe_packed needs (the
     taps a head's window lacks get their grads too, which the packing's own backward drops)."""
     qkv = _rows(qkv)
-    dout = _rows(dout.to(qkv.dtype))
+    dout = _rows(backend.cast(dout, qkv.dtype))
     acc, size = _acc_dtype(qkv.dtype), packed_size(crpe_weights)
     if crpe_packed.numel() and (tuple(crpe_packed.shape) != (size,) or crpe_packed.dtype != acc
                                 or not crpe_packed.is_contiguous() or crpe_packed.device != qkv.device):
@@ -586,10 +586,10 @@ def _grads_of(flat: torch.Tensor, params: Sequence[tuple]) -> list[torch.Tensor]
     every other stride)."""
     dtype = params[0][2]
     shared = all(p[2] == dtype for p in params)
-    parts = (flat.to(dtype) if shared else flat).split([math.prod(shape) for shape, *_ in params])
+    parts = (backend.cast(flat, dtype) if shared else flat).split([math.prod(shape) for shape, *_ in params])
     grads = []
     for g, (shape, stride, dtype, contiguous) in zip(parts, params):
-        g = g.view(shape).to(dtype)
+        g = backend.cast(g.view(shape), dtype)
         if g.stride() != stride and contiguous:
             g = g.as_strided(shape, stride, g.storage_offset())
         grads.append(g)

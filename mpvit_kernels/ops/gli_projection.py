@@ -337,8 +337,8 @@ def _backward(ctx, grad):
     grad_scale = grad_shift = None
     if scale is not None or ctx.hswish:
         z = backend.call_op(_gli_projection, xs, weight, None, None, False, None).reshape(-1, Cout)  # recomputed
-        g, grad_scale, grad_shift = affine_hswish_grad(g.to(z.dtype), z, scale, shift, ctx.hswish)
-    grad_xs, grad_w = _gemm_backward(xs, weight, g.to(xs[0].dtype))
+        g, grad_scale, grad_shift = affine_hswish_grad(backend.cast(g, z.dtype), z, scale, shift, ctx.hswish)
+    grad_xs, grad_w = _gemm_backward(xs, weight, backend.cast(g, xs[0].dtype))
     # the residual is added last: its grad is the output's
     return grad_xs, grad_w, grad_scale, grad_shift, None, grad if ctx.residual else None
 
@@ -364,7 +364,8 @@ def _train_backward(ctx, grad, *_):
     g, grad_bn_weight, grad_bn_bias = batch_norm_backward(grad.reshape(-1, Cout), z.reshape(-1, Cout), bn_weight,
                                                           bn_bias, mean, var, eps, hswish)
     grad_xs, grad_w = _gemm_backward(xs, weight, g)
-    return grad_xs, grad_w, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype), None, None
+    cast = backend.cast
+    return grad_xs, grad_w, cast(grad_bn_weight, bn_weight.dtype), cast(grad_bn_bias, bn_bias.dtype), None, None
 
 
 backend.register_autograd(_gli_projection_train, _train_backward, setup_context=_train_setup_context)

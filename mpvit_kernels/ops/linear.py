@@ -293,7 +293,7 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
             m_bucket(M), 1e-5, NORM=False, BIAS=bias is not None, GELU=False,
             ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32, DOT_PRECISION=_dot_precision(dtype),
             BLOCK_N=bn, VEC=vec, GELU_GRAD=True)
-    return dh, dh.new_empty(0) if bias is None else parts.sum(0).to(bias.dtype)
+    return dh, dh.new_empty(0) if bias is None else backend.cast(parts.sum(0), bias.dtype)
 
 
 @_linear_gelu_grad.register_fake
@@ -432,26 +432,27 @@ def _backward(ctx, grad):
         # in x's dtype where the parameters share it (eager's LayerNorm), else the wider of the two
         # (fp32 parameters over a bf16 stream: eager under autocast)
         ln_dtype = torch.promote_types(x.dtype, ln_weight.dtype)
-        xn, wn, bn = (t.to(ln_dtype) for t in (x, ln_weight, ln_bias))
+        cast = backend.cast
+        xn, wn, bn = cast(x, ln_dtype), cast(ln_weight, ln_dtype), cast(ln_bias, ln_dtype)
         u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], wn, bn, eps)
-        u = u.to(dtype)
+        u = cast(u, dtype)
     else:
-        u = x.to(dtype)
-    g = grad.to(dtype)
+        u = backend.cast(x, dtype)
+    g = backend.cast(grad, dtype)
     grad_bias = None
     if gelu:  # the bias grad from the same pass
         g, sums = backend.call_op(_linear_gelu_grad, g, u, weight, bias)
         grad_bias = None if bias is None else sums
     elif bias is not None:
-        grad_bias = g.sum(0).to(bias.dtype)
+        grad_bias = backend.cast(g.sum(0), bias.dtype)
     grad_weight = g.t() @ u
     grad_u = g @ weight
     if ln_weight is None:
-        return grad_u.to(x.dtype), grad_weight, grad_bias, None, None, None, None
+        return backend.cast(grad_u, x.dtype), grad_weight, grad_bias, None, None, None, None
     grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
-        grad_u.to(ln_dtype), xn, [K], mean, rstd, wn, bn, [True, True, True])
-    return (grad_x.to(x.dtype), grad_weight, grad_bias, grad_ln_weight.to(ln_weight.dtype),
-            grad_ln_bias.to(ln_bias.dtype), None, None)
+        cast(grad_u, ln_dtype), xn, [K], mean, rstd, wn, bn, [True, True, True])
+    return (cast(grad_x, x.dtype), grad_weight, grad_bias, cast(grad_ln_weight, ln_weight.dtype),
+            cast(grad_ln_bias, ln_bias.dtype), None, None)
 
 
 backend.register_autograd(_linear, _backward, setup_context=_setup_context)

@@ -142,7 +142,7 @@ def _residual_layernorm_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, x: torch
     grad_s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     (x, B, N, sxb, sxn), (y, _, _, syb, syn) = _rows(x), _rows(y)
     C, M = x.shape[-1], B * N
-    grad_r, grad_u = (g.to(x.dtype).reshape(M, C).contiguous() for g in (grad_r, grad_u))
+    grad_r, grad_u = (backend.cast(g, x.dtype).reshape(M, C).contiguous() for g in (grad_r, grad_u))
     if M == 0:
         return grad_s, torch.zeros((4, C), dtype=acc, device=x.device)
     wide = acc == torch.float64
@@ -183,7 +183,7 @@ def _triton_backward(ctx, grad_r, grad_u, *_):
     x, y, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
     grad_r, grad_u = _grads_of_outputs(x, grad_r, grad_u)
     grad_s, grads = backend.call_op(_residual_layernorm_bwd, grad_r, grad_u, x, y, bias, weight, mean, rstd)
-    return (grad_s, grad_s, *grads.to(bias.dtype).unbind(0), None)  # the four parameters share a dtype
+    return (grad_s, grad_s, *backend.cast(grads, bias.dtype).unbind(0), None)  # the four parameters share a dtype
 
 
 def _eager_backward(ctx, grad_r, grad_u, *_):

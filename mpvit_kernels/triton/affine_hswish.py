@@ -19,6 +19,7 @@ width of channel rows (``vector_width``), ``next_pow2``, and the launch wrappers
 ``tuned`` (Triton's heuristics and autotune with less host time a launch), which launch
 through ``DirectLaunch``.
 """
+import functools
 import os
 
 import torch
@@ -64,12 +65,16 @@ class DirectLaunch:
     else: hooks before the launch, an argument of another kind, a runtime argument passed by
     keyword, a global the kernel read changed since, Triton's interpreter, a Triton other than
     3.6-3.8 or a backend other than NVIDIA's) goes through ``JITFunction.run``, which compiles
-    or finds the kernel and launches it; the kernel it returns is kept under the key. A hit then
-    calls the kernel's launcher as ``JITFunction.run`` does (Triton 3.6-3.8): the grid from the
-    arguments by name, every argument in signature order with the defaults, the launch hooks of
-    the moment (their metadata only where a hook is set: Triton builds it for their empty chains
-    too, 10 us). ``VERIFY`` (tools/stand_in_gpu.py sets it) checks each hit against Triton's own
-    binding: the same compiled kernel, the same arguments."""
+    or finds the kernel and launches it; the kernel it returns is kept under the key, with the
+    values of the arguments after the positional ones (constexprs and defaults, which the key
+    holds). A hit then calls the kernel's launcher as ``JITFunction.run`` does (Triton 3.6-3.8):
+    the grid from the arguments by name, every argument in signature order, the launch hooks
+    of the moment (their metadata only where a hook is set: Triton builds it for their empty
+    chains too, 10 us). The key comes from code generated once per call shape (the number of
+    positional arguments, the keywords' names; :meth:`fast_key`): 1.5 us for ``linear``'s
+    fourteen arguments where the general :meth:`key` takes 4.8. ``VERIFY``
+    (tools/stand_in_gpu.py sets it) checks each hit against Triton's own binding: the same
+    compiled kernel, the same arguments."""
 
     VERIFY = False
     verified: set = set()  # (VERIFY) the names of the kernels whose direct launches were checked
@@ -88,8 +93,14 @@ class DirectLaunch:
         self.constexpr = [p.is_constexpr for p in params]
         self.defaults = {p.name: p.default for p in params if p.has_default}
         self.runtime = {p.name for p in params if not p.is_constexpr}
-        self.kernels = {}
+        self.kernels = {}  # key -> (kernel, the values after the positional ones, device)
         self.keywords = {}  # the names of a launch's keywords -> whether none is a runtime argument
+        self._keys = {}  # (positional count, keyword names) -> the key function generated for them
+
+    def direct(self) -> bool:
+        """Whether a launch may skip Triton's path at all (but for ``warmup``)."""
+        return self.jit and not self.fn.pre_run_hooks and self._supported() and \
+            knobs.runtime.add_stages_inspection_hook is None
 
     def key(self, args, kwargs):
         """The launch's key, or None where Triton's own path must launch it."""
@@ -118,6 +129,49 @@ class DirectLaunch:
                 return None
         return tuple(key)
 
+    def fast_key(self, args, kwargs):
+        """:meth:`key`'s value, from code generated for the call's shape at its first launch: the
+        kind of each positional argument then (a tensor, an int, ...) is checked, and its part of
+        the key computed inline; any other kind goes to :meth:`key`."""
+        shape = len(args), tuple(kwargs)
+        keyer = self._keys.get(shape)
+        if keyer is None:
+            keyer = self._keys[shape] = self._generate_key(args, kwargs)
+        return keyer(args, kwargs)
+
+    def _generate_key(self, args, kwargs):
+        if self.key(args, kwargs) is None:  # Triton's path (a runtime keyword, an unknown kind)
+            return self.key
+        checks, parts = [], []
+        for i, (a, constexpr) in enumerate(zip(args, self.constexpr)):
+            t, v = type(a), f"a{i}"
+            if constexpr:
+                parts.append(v)
+            elif t is torch.Tensor or t is torch.nn.Parameter:
+                checks.append(f"(type({v}) is _Tensor or type({v}) is _Parameter)")
+                parts.append(f"{v}.dtype, {v}.data_ptr() & 15")
+            elif a is None:
+                checks.append(f"{v} is None")
+                parts.append(v)
+            elif t is bool:
+                checks.append(f"type({v}) is bool")
+                parts.append(v)
+            elif t is int:
+                checks.append(f"type({v}) is int and {-2**63} <= {v} < {2**64}")
+                parts.append(f"({v} == 1, ({v} & 15) == 0, {-2**31} <= {v} < {2**31}, {v} < {2**63})")
+            else:  # float
+                checks.append(f"type({v}) is float")
+                parts.append("float")
+        unpack = f"    {''.join(f'a{i}, ' for i in range(len(args)))}= args\n" if args else ""
+        check = f"    if not ({' and '.join(checks)}):\n        return general(args, kwargs)\n" if checks else ""
+        source = (f"def fast_key(args, kwargs):\n{unpack}{check}"
+                  f"    return (driver.active.get_current_device(), fn.debug, knobs.runtime.debug, "
+                  f"knobs.compilation.instrumentation_mode, names, *kwargs.values(), {', '.join(parts)})\n")
+        scope = {"driver": driver, "knobs": knobs, "fn": self.fn, "names": tuple(kwargs), "general": self.key,
+                 "_Tensor": torch.Tensor, "_Parameter": torch.nn.Parameter}
+        exec(compile(source, f"<DirectLaunch key of {self.fn.__name__}>", "exec"), scope)
+        return scope["fast_key"]
+
     @classmethod
     def _supported(cls) -> bool:
         if cls.supported is None:
@@ -125,41 +179,55 @@ class DirectLaunch:
                 driver.active.get_current_target().backend == "cuda"
         return cls.supported
 
+    def globals_changed(self) -> bool:
+        """Whether a global the kernel read has changed since it was compiled (Triton's path then
+        says so)."""
+        used = self.fn.used_global_vals
+        return bool(used) and any(g.get(name, _ABSENT) != value for (name, _), (value, g) in used.items())
+
     def run(self, *args, grid, warmup=False, **kwargs):
-        fn = self.fn
-        key = None if warmup or not self.jit or fn.pre_run_hooks or not self._supported() or \
-            knobs.runtime.add_stages_inspection_hook is not None else self.key(args, kwargs)
+        return self.launch(args, kwargs, grid, warmup)[0]
+
+    def launch(self, args, kwargs, grid, warmup=False):
+        """Launch; returns the compiled kernel and its entry for :meth:`launch_entry` (None where
+        the launch took Triton's path and kept nothing)."""
+        key = None if warmup or not self.direct() else self.fast_key(args, kwargs)
         try:
-            kernel = None if key is None else self.kernels.get(key)
+            entry = None if key is None else self.kernels.get(key)
         except TypeError:  # an unhashable option
-            kernel = key = None
-        if kernel is not None and fn.used_global_vals and any(
-                g.get(name, _ABSENT) != value for (name, _), (value, g) in fn.used_global_vals.items()):
-            kernel = None  # a global the kernel read has changed: Triton's path says so
-        if kernel is None:
-            kernel = fn.run(*args, grid=grid, warmup=warmup, **kwargs)
-            if hasattr(kernel, "result"):  # (Triton 3.6's asynchronous compile)
-                kernel = kernel.result()
-            if key is not None and kernel is not None:
-                self.kernels[key] = kernel
-            return kernel
-        n = len(args)
-        values = [*args, *[kwargs[k] if k in kwargs else self.defaults[k] for k in self.names[n:]]]
+            entry = key = None
+        if entry is not None and not self.globals_changed():
+            self.launch_entry(entry, args, grid, kwargs)
+            return entry[0], entry
+        kernel = self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        if hasattr(kernel, "result"):  # (Triton 3.6's asynchronous compile)
+            kernel = kernel.result()
+        if key is None or kernel is None:
+            return kernel, None
+        tail = tuple([kwargs[k] if k in kwargs else self.defaults[k] for k in self.names[len(args):]])
+        entry = self.kernels[key] = (kernel, tail, key[0])
+        return kernel, entry
+
+    def launch_entry(self, entry, args, grid, kwargs, extra=None) -> None:
+        """The launch of an entry that :meth:`launch` kept for these arguments' key: ``args`` the
+        positional ones, ``kwargs`` (and ``extra``, keywords a wrapper added) for VERIFY."""
+        kernel, tail, device = entry
+        values = args + tail
         if callable(grid):
             grid = grid(dict(zip(self.names, values)))
         if self.VERIFY:
-            self._verify(kernel, key[0], args, kwargs, values)
-        stream = driver.active.get_current_stream(key[0])
+            self._verify(kernel, device, args, {**kwargs, **(extra or {})}, values)
+        stream = driver.active.get_current_stream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         # (an empty HookChain calls nothing: the metadata it would be given, 10 us, is not built)
         hooked = getattr(enter, "calls", enter) or getattr(leave, "calls", leave)
         metadata = kernel.launch_metadata(grid, stream, *values) if hooked else None
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                    kernel.function, kernel.packed_metadata, metadata, enter, leave, *values)
-        return kernel
 
     def _verify(self, kernel, device, args, kwargs, values) -> None:
-        """That Triton's own binding of this launch picks ``kernel`` and passes ``values``."""
+        """That Triton's own binding of this launch picks ``kernel`` and passes ``values`` (the
+        positional arguments themselves; the kept constexprs and defaults equal to this launch's)."""
         from triton.runtime.jit import compute_cache_key
 
         fn = self.fn
@@ -171,8 +239,10 @@ class DirectLaunch:
         triton_kernel = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
         if hasattr(triton_kernel, "result"):  # (an asynchronous compile's future)
             triton_kernel = triton_kernel.result()
-        bound = list(bound.values())
-        if triton_kernel is not kernel or len(bound) != len(values) or any(a is not b for a, b in zip(bound, values)):
+        bound, n = list(bound.values()), len(args)
+        if triton_kernel is not kernel or len(bound) != len(values) or \
+                any(a is not b for a, b in zip(bound[:n], values[:n])) or \
+                any(a is not b and not a == b for a, b in zip(bound[n:], values[n:])):
             raise AssertionError(f"DirectLaunch of {fn.__name__}: Triton's binding picks another kernel or other "
                                  f"arguments ({specialization})")
         DirectLaunch.verified.add(fn.__name__)
@@ -186,42 +256,63 @@ class PinnedHeuristics(triton.runtime.Heuristics):
     host time a launch on this project's CPU, about half a ``linear`` call's, against under a
     microsecond here. The values run in order, each seeing the ones before it, as Triton's do,
     but on a ``meta`` that holds only ``keys``: a value reading any other argument fails at once
-    rather than being held to its first launch's value."""
+    rather than being held to its first launch's value. A launch whose DirectLaunch key was
+    seen launches that key's kernel at once (its picks are in the key, as its keywords)."""
 
     def __init__(self, fn, keys, values) -> None:
         self.keys = tuple(keys)
         self._picked = {}
+        self._direct = {}  # DirectLaunch key of the call's arguments -> (its picks, DirectLaunch's entry)
         self._launch = DirectLaunch(fn)
-        super().__init__(fn, fn.arg_names, _Values(values, self._picked))
+        super().__init__(fn, fn.arg_names, _Values(values, (self._picked, self._direct)))
 
-    def run(self, *args, **kwargs):
+    def __getitem__(self, grid):
+        return functools.partial(self._run, grid)
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        return self._run(grid, *args, warmup=warmup, **kwargs)
+
+    def _run(self, grid, *args, warmup=False, **kwargs):
+        launch = self._launch
+        key = None if warmup or not launch.direct() else launch.fast_key(args, kwargs)
+        if key is not None:
+            try:
+                hit = self._direct.get(key)
+            except TypeError:  # an unhashable option
+                hit = key = None
+            if hit is not None and not launch.globals_changed():
+                launch.launch_entry(hit[1], args, grid, kwargs, hit[0])
+                return hit[1][0]
         try:
-            key = tuple(kwargs[k] for k in self.keys)
+            values = tuple(kwargs[k] for k in self.keys)
         except KeyError as e:
             raise TypeError(f"{self.fn.__name__}: pass {e.args[0]} as a keyword (it keys the launch's tile)") from None
-        picked = self._picked.get(key)
+        picked = self._picked.get(values)
         if picked is None:
-            meta, picked = dict(zip(self.keys, key)), {}
+            meta, picked = dict(zip(self.keys, values)), {}
             for name, value in self.values.items():
                 picked[name] = meta[name] = value(meta)
-            self._picked[key] = picked
-        kwargs.update(picked)
-        return self._launch.run(*args, **kwargs)
+            self._picked[values] = picked
+        kernel, entry = launch.launch(args, {**kwargs, **picked}, grid, warmup)
+        if key is not None and entry is not None:
+            self._direct[key] = picked, entry
+        return kernel
 
 
 class _Values(dict):
     """A PinnedHeuristics' values: a change (a test forcing a tile) forgets the picks made so far."""
 
-    def __init__(self, values, picked):
+    def __init__(self, values, picks):
         super().__init__(values)
-        self._picked = picked
+        self._picks = picks
 
     def _changed(method):
         def call(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
             finally:  # after the change: a launch in between cannot keep a pick of the old values
-                self._picked.clear()
+                for picks in self._picks:
+                    picks.clear()
         return call
 
     __setitem__, __delitem__ = _changed(dict.__setitem__), _changed(dict.__delitem__)
@@ -245,12 +336,14 @@ class TunedLaunch(triton.runtime.Autotuner):
     arguments' dtypes) with Triton's key itself, and launched directly only while it is still
     what the Autotuner would launch (its cache's entry for that key, or its one config): a new
     key, a cleared cache (a re-tune) or configs replaced (a test forcing a tile) go through the
-    Autotuner as before."""
+    Autotuner as before. Once a pick has launched, a launch of the same DirectLaunch key and
+    ``key`` values finds its kernel at once."""
 
     def __init__(self, fn, configs, key, prune_configs_by=None) -> None:
         super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
         self._key_at = [(name, fn.arg_names.index(name)) for name in key]
         self._picked = {}
+        self._direct = {}  # (DirectLaunch key, the key arguments) -> (config, Triton's key, DirectLaunch's entry)
         self._launch = DirectLaunch(fn)
 
     def _triton_key(self, args, kwargs) -> tuple:
@@ -259,18 +352,42 @@ class TunedLaunch(triton.runtime.Autotuner):
         return tuple([named[k] for k in self.keys if k in named]
                      + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
 
-    def run(self, *args, **kwargs):
-        key = tuple([args[i] if i < len(args) else kwargs.get(name, _ABSENT) for name, i in self._key_at]
-                    + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
-        picked = self._picked.get(key)
-        if picked is not None:
+    def _current(self, config, triton_key) -> bool:
+        """Whether ``config`` is still what the Autotuner launches for ``triton_key``."""
+        current = self.cache.get(triton_key) if len(self.configs) > 1 else self.configs[0]
+        return current is config and config.pre_hook is None
+
+    def __getitem__(self, grid):
+        return functools.partial(self._run, grid)
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        return self._run(grid, *args, warmup=warmup, **kwargs)
+
+    def _run(self, grid, *args, warmup=False, **kwargs):
+        launch, n = self._launch, len(args)
+        key = None if warmup or not launch.direct() else launch.fast_key(args, kwargs)
+        if key is not None:
+            key = (key, *[args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at])
+            try:
+                hit = self._direct.get(key)
+            except TypeError:  # an unhashable option
+                hit = key = None
+            if hit is not None and self._current(hit[0], hit[1]) and not launch.globals_changed():
+                self.best_config = hit[0]
+                launch.launch_entry(hit[2], args, grid, kwargs, hit[0].all_kwargs() if launch.VERIFY else None)
+                return hit[2][0]
+        picked_key = tuple([args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at]
+                           + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
+        picked = self._picked.get(picked_key)
+        if picked is not None and self._current(picked[0], picked[2]):
             config, config_kwargs, triton_key = picked
-            current = self.cache.get(triton_key) if len(self.configs) > 1 else self.configs[0]
-            if current is config and config.pre_hook is None:
-                self.best_config = config
-                return self._launch.run(*args, **kwargs, **config_kwargs)
-        out = super().run(*args, **kwargs)
-        self._picked[key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
+            self.best_config = config
+            kernel, entry = launch.launch(args, {**kwargs, **config_kwargs}, grid, warmup)
+            if key is not None and entry is not None:
+                self._direct[key] = config, triton_key, entry
+            return kernel
+        out = super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        self._picked[picked_key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
         return out
 
 
