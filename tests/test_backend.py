@@ -209,6 +209,10 @@ def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkey
     assert launch(70) == {32} and tunings[-1] == 70
     calls = len(tunings)
     assert launch(70) == {32} and len(tunings) == calls  # the pick again, directly
+    x = torch.zeros(70, device=KERNEL_DEVICE)
+    with backend.triton_device(x), pytest.raises(TypeError, match="multiple values"):
+        fill[(1,)](x, torch.zeros_like(x), 70, BLOCK=64)  # a keyword the pick sets: refused, as the Autotuner does
+    calls = len(tunings)  # (through the Autotuner, which refused it)
     fill.cache.clear()  # a re-tune asked for: through the Autotuner, which times both configs again
     assert launch(70) == {32} and len(tunings) == calls + 1 and benched[-2:] == [(16, 70), (32, 70)]
 

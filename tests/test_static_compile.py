@@ -197,15 +197,18 @@ seen = [type(launches[-1][6]).__name__]
 x, y = cases[0][:2]
 kinds = [x, y, x[1:], half, torch.nn.Parameter(x), None, True, False, 1, 0, 17, 32, -16, 2**31, 2**40, 2**63, 2**64,
          -2**63 - 1, 0.5, "s"]
-for kw in ({"BLOCK": 64}, {"BLOCK": 32, "num_warps": 4}, {"n": 3, "BLOCK": 64}):
-    for i in range(4):
+for kw in ({"BLOCK": 64}, {"BLOCK": 32, "num_warps": 4}, {"n": 3, "BLOCK": 64}, {}):
+    for i in range(5 if not kw else 4):
         for kind in kinds:
-            args = [x, y, 64, 0.5]
+            args = [x, y, 64, 0.5, 64][:4 if kw else 5]  # without keywords, the constexpr BLOCK positional
             args[i] = kind
             args, k = tuple(args), dict(kw)
             if "n" in k:
                 args = args[:2] + args[3:]
             assert launch.fast_key(args, k) == launch.key(args, k), (i, kind, kw)
+# values a dict takes for one key (2 and 2.0, True and 1) are kept apart: the kept ones are this launch's
+assert launch.fast_key((x, y, 64, 0.5), {"BLOCK": 64}) != launch.fast_key((x, y, 64, 0.5), {"BLOCK": 64.0})
+assert launch.fast_key((x, y, 64, 0.5, True), {}) != launch.fast_key((x, y, 64, 0.5, 1), {})
 print(len(launch.kernels), len({id(e[0]) for e in launch.kernels.values()}), same, sorted(DirectLaunch.verified), seen)
 if sys.argv[1:] == ["off"]:  # MPVIT_KERNELS_DIRECT_LAUNCH=0: each launch through Triton's path
     assert not launch.kernels and not DirectLaunch.verified and len(launches) == 2 * len(cases) + 3

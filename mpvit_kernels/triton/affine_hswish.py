@@ -61,7 +61,7 @@ class DirectLaunch:
     up under a key at least as fine as Triton's specialisation and options: the current device;
     the debug and instrumentation knobs; for each tensor its dtype and its address modulo 16;
     for each runtime integer whether it is 1, a multiple of 16, 32- or 64-bit; a float's type;
-    every constexpr, option and other value itself. A key seen for the first time (or anything
+    every constexpr, option and other value itself, with its type. A key seen for the first time (or anything
     else: hooks before the launch, an argument of another kind, a runtime argument passed by
     keyword, a global the kernel read changed since, Triton's interpreter, a Triton other than
     3.6-3.8 or a backend other than NVIDIA's) goes through ``JITFunction.run``, which compiles
@@ -111,13 +111,17 @@ class DirectLaunch:
         if not plain or len(args) > len(self.names):
             return None
         # (Triton's options take the debug and instrumentation knobs: plain attributes)
+        # (the values' types too: 2 and 2.0, True and 1 are one dict key, but the kept values
+        # must be this launch's, and Triton's Autotuner keys a numpy scalar by its dtype)
         key = [driver.active.get_current_device(), self.fn.debug, knobs.runtime.debug,
-               knobs.compilation.instrumentation_mode, names, *kwargs.values()]
+               knobs.compilation.instrumentation_mode, names, *kwargs.values(), *map(type, kwargs.values())]
         for a, constexpr in zip(args, self.constexpr):
             t = type(a)
-            if t is torch.Tensor or t is torch.nn.Parameter:
+            if constexpr:
+                key += (a, t)
+            elif t is torch.Tensor or t is torch.nn.Parameter:
                 key += (a.dtype, a.data_ptr() & 15)
-            elif constexpr or a is None or t is bool:
+            elif a is None or t is bool:
                 key.append(a)
             elif t is int:
                 if not -2**63 <= a < 2**64:  # (Triton refuses it)
@@ -136,17 +140,22 @@ class DirectLaunch:
         shape = len(args), tuple(kwargs)
         keyer = self._keys.get(shape)
         if keyer is None:
-            keyer = self._keys[shape] = self._generate_key(args, kwargs)
+            keyer = self._generate_key(args, kwargs)
+            if keyer is None:  # an argument the key cannot take, this time: no code for the shape yet
+                return None
+            self._keys[shape] = keyer
         return keyer(args, kwargs)
 
     def _generate_key(self, args, kwargs):
-        if self.key(args, kwargs) is None:  # Triton's path (a runtime keyword, an unknown kind)
-            return self.key
+        if self.runtime.intersection(kwargs) or len(args) > len(self.names):
+            return self.key  # Triton's path for every launch of this shape (a runtime keyword)
+        if self.key(args, kwargs) is None:  # an argument of a kind the key cannot take
+            return None
         checks, parts = [], []
         for i, (a, constexpr) in enumerate(zip(args, self.constexpr)):
             t, v = type(a), f"a{i}"
             if constexpr:
-                parts.append(v)
+                parts.append(f"{v}, type({v})")
             elif t is torch.Tensor or t is torch.nn.Parameter:
                 checks.append(f"(type({v}) is _Tensor or type({v}) is _Parameter)")
                 parts.append(f"{v}.dtype, {v}.data_ptr() & 15")
@@ -166,7 +175,8 @@ class DirectLaunch:
         check = f"    if not ({' and '.join(checks)}):\n        return general(args, kwargs)\n" if checks else ""
         source = (f"def fast_key(args, kwargs):\n{unpack}{check}"
                   f"    return (driver.active.get_current_device(), fn.debug, knobs.runtime.debug, "
-                  f"knobs.compilation.instrumentation_mode, names, *kwargs.values(), {', '.join(parts)})\n")
+                  f"knobs.compilation.instrumentation_mode, names, *kwargs.values(), *map(type, kwargs.values()), "
+                  f"{', '.join(parts)})\n")
         scope = {"driver": driver, "knobs": knobs, "fn": self.fn, "names": tuple(kwargs), "general": self.key,
                  "_Tensor": torch.Tensor, "_Parameter": torch.nn.Parameter}
         exec(compile(source, f"<DirectLaunch key of {self.fn.__name__}>", "exec"), scope)
@@ -287,15 +297,16 @@ class PinnedHeuristics(triton.runtime.Heuristics):
             values = tuple(kwargs[k] for k in self.keys)
         except KeyError as e:
             raise TypeError(f"{self.fn.__name__}: pass {e.args[0]} as a keyword (it keys the launch's tile)") from None
-        picked = self._picked.get(values)
+        version, picked = self.values.version, self._picked.get(values)
         if picked is None:
             meta, picked = dict(zip(self.keys, values)), {}
             for name, value in self.values.items():
                 picked[name] = meta[name] = value(meta)
-            self._picked[values] = picked
         kernel, entry = launch.launch(args, {**kwargs, **picked}, grid, warmup)
-        if key is not None and entry is not None:
-            self._direct[key] = picked, entry
+        if self.values.version == version:  # (no test changed the values meanwhile, on another thread)
+            self._picked[values] = picked
+            if key is not None and entry is not None:
+                self._direct[key] = picked, entry
         return kernel
 
 
@@ -305,12 +316,14 @@ class _Values(dict):
     def __init__(self, values, picks):
         super().__init__(values)
         self._picks = picks
+        self.version = 0
 
     def _changed(method):
         def call(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
             finally:  # after the change: a launch in between cannot keep a pick of the old values
+                self.version += 1
                 for picks in self._picks:
                     picks.clear()
         return call
@@ -379,7 +392,8 @@ class TunedLaunch(triton.runtime.Autotuner):
         picked_key = tuple([args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at]
                            + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
         picked = self._picked.get(picked_key)
-        if picked is not None and self._current(picked[0], picked[2]):
+        # (a keyword of the caller's that the config also sets: the Autotuner refuses the launch)
+        if picked is not None and self._current(picked[0], picked[2]) and not picked[1].keys() & kwargs.keys():
             config, config_kwargs, triton_key = picked
             self.best_config = config
             kernel, entry = launch.launch(args, {**kwargs, **config_kwargs}, grid, warmup)
