@@ -428,27 +428,27 @@ def _backward(ctx, grad):
     x, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
     eps, gelu = ctx.args
     dtype, K = weight.dtype, x.shape[-1]
+    cast = backend.cast
     if ln_weight is not None:
         # in x's dtype where the parameters share it (eager's LayerNorm), else the wider of the two
         # (fp32 parameters over a bf16 stream: eager under autocast)
         ln_dtype = torch.promote_types(x.dtype, ln_weight.dtype)
-        cast = backend.cast
         xn, wn, bn = cast(x, ln_dtype), cast(ln_weight, ln_dtype), cast(ln_bias, ln_dtype)
         u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], wn, bn, eps)
         u = cast(u, dtype)
     else:
-        u = backend.cast(x, dtype)
-    g = backend.cast(grad, dtype)
+        u = cast(x, dtype)
+    g = cast(grad, dtype)
     grad_bias = None
     if gelu:  # the bias grad from the same pass
         g, sums = backend.call_op(_linear_gelu_grad, g, u, weight, bias)
         grad_bias = None if bias is None else sums
     elif bias is not None:
-        grad_bias = backend.cast(g.sum(0), bias.dtype)
+        grad_bias = cast(g.sum(0), bias.dtype)
     grad_weight = g.t() @ u
     grad_u = g @ weight
     if ln_weight is None:
-        return backend.cast(grad_u, x.dtype), grad_weight, grad_bias, None, None, None, None
+        return cast(grad_u, x.dtype), grad_weight, grad_bias, None, None, None, None
     grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
         cast(grad_u, ln_dtype), xn, [K], mean, rstd, wn, bn, [True, True, True])
     return (cast(grad_x, x.dtype), grad_weight, grad_bias, cast(grad_ln_weight, ln_weight.dtype),

@@ -61,8 +61,8 @@ class DirectLaunch:
     up under a key at least as fine as Triton's specialisation and options: the current device;
     the debug and instrumentation knobs; for each tensor its dtype and its address modulo 16;
     for each runtime integer whether it is 1, a multiple of 16, 32- or 64-bit; a float's type;
-    every constexpr, option and other value itself, with its type. A key seen for the first time (or anything
-    else: hooks before the launch, an argument of another kind, a runtime argument passed by
+    every constexpr, option and other value itself, with its type. A key seen for the first
+    time (or anything else: hooks before the launch, an argument of another kind, a runtime argument passed by
     keyword, a global the kernel read changed since, Triton's interpreter, a Triton other than
     3.6-3.8 or a backend other than NVIDIA's) goes through ``JITFunction.run``, which compiles
     or finds the kernel and launches it; the kernel it returns is kept under the key, with the
@@ -71,8 +71,8 @@ class DirectLaunch:
     the grid from the arguments by name, every argument in signature order, the launch hooks
     of the moment (their metadata only where a hook is set: Triton builds it for their empty
     chains too, 10 us). The key comes from code generated once per call shape (the number of
-    positional arguments, the keywords' names; :meth:`fast_key`): 1.5 us for ``linear``'s
-    fourteen arguments where the general :meth:`key` takes 4.8. ``VERIFY``
+    positional arguments, the keywords' names; :meth:`fast_key`): 3.0 us for ``linear``'s
+    fourteen arguments where the general :meth:`key` takes 4.6. ``VERIFY``
     (tools/stand_in_gpu.py sets it) checks each hit against Triton's own binding: the same
     compiled kernel, the same arguments."""
 
@@ -378,9 +378,10 @@ class TunedLaunch(triton.runtime.Autotuner):
 
     def _run(self, grid, *args, warmup=False, **kwargs):
         launch, n = self._launch, len(args)
+        key_values = [args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at]
         key = None if warmup or not launch.direct() else launch.fast_key(args, kwargs)
         if key is not None:
-            key = (key, *[args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at])
+            key = (key, *key_values)
             try:
                 hit = self._direct.get(key)
             except TypeError:  # an unhashable option
@@ -389,8 +390,7 @@ class TunedLaunch(triton.runtime.Autotuner):
                 self.best_config = hit[0]
                 launch.launch_entry(hit[2], args, grid, kwargs, hit[0].all_kwargs() if launch.VERIFY else None)
                 return hit[2][0]
-        picked_key = tuple([args[i] if i < n else kwargs.get(name, _ABSENT) for name, i in self._key_at]
-                           + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
+        picked_key = tuple(key_values + [a.dtype for a in (*args, *kwargs.values()) if hasattr(a, "dtype")])
         picked = self._picked.get(picked_key)
         # (a keyword of the caller's that the config also sets: the Autotuner refuses the launch)
         if picked is not None and self._current(picked[0], picked[2]) and not picked[1].keys() & kwargs.keys():
