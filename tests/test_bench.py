@@ -662,3 +662,9 @@ def test_train_step_traffic_tool_counts_a_step_of_both_models():
     assert "aten.gelu" not in dropped.op_launches and "aten.native_layer_norm" in ours.op_launches
     assert dropped.op_launches["aten.native_layer_norm"] == ours.op_launches["aten.native_layer_norm"]
     assert dropped.op_launches["mpvit_kernels.residual_layernorm_fwd"] == 23  # every block of MPViT-T
+    # norm1 -> qkv's backward in one GEMM from 8192 rows (+ the partial sums' sum): at batch 12,
+    # 224, the 8 blocks of stages 1 and 2; the 15 others recompute the LayerNorm, as eager does
+    assert "mpvit_kernels.linear_norm_grad" not in ours.op_launches
+    wide = tool.count("ours", "tiny", 12, 224, torch.float32)
+    assert wide.op_launches["mpvit_kernels.linear_norm_grad"] == 2 * 8
+    assert wide.op_launches["aten.native_layer_norm_backward"] == wide.op_launches["aten.native_layer_norm"] == 15

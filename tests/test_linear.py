@@ -1,6 +1,8 @@
 """linear: the block's token Linears with norm1 fused before the qkv GEMM and GELU after fc1's
 (Triton, interpreted on CPU here, real on a GPU), against the eager LayerNorm -> Linear -> GELU
 chain, every gradient; and MPViT's block, which runs its qkv and fc1 through it."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,14 @@ from tests.utils import LaunchSpy, RecordLaunches, RecordOps, assert_close, norm
 
 # what the model runs (norm1 -> qkv; fc1 -> GELU), a plain Linear, and both fusions at once
 SITES = {"norm": (True, False), "gelu": (False, True), "plain": (False, False), "norm+gelu": (True, True)}
+linear_op = importlib.import_module("mpvit_kernels.ops.linear")
+
+
+@pytest.fixture
+def norm_grad_at_any_rows(monkeypatch):
+    """norm1 -> qkv's backward through linear_norm_grad at the interpreter's few rows (on a GPU
+    from NORM_GRAD_ROWS)."""
+    monkeypatch.setattr(linear_op, "NORM_GRAD_ROWS", 0)
 
 
 def chain(x, weight, bias, ln_weight, ln_bias, eps, gelu):
@@ -53,7 +63,7 @@ def make_inputs(M, K, N, dtype, layout, site, bias=True, device=KERNEL_DEVICE):
 @pytest.mark.parametrize("layout", ["rows", "tokens", "strided", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(7, 8, 24), (15, 22, 50), (33, 70, 130)], ids=lambda s: "x".join(map(str, s)))
-def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
+def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site, norm_grad_at_any_rows):
     x, params = make_inputs(*shape, dtype, layout, site)
     gelu = SITES[site][1]
     with RecordOps() as rec:
@@ -69,6 +79,11 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site):
     # GELU's grad from the GEMM that recomputes the pre-activation, which never reaches memory
     assert rec.names.count("mpvit_kernels.linear_gelu_grad") == gelu
     assert not {"aten.gelu_backward", "aten.addmm", "aten.gelu"} & set(rec.names)
+    # norm1 -> qkv: the LayerNorm's backward in the input grad's GEMM, its output recomputed there
+    fused = SITES[site] == (True, False)
+    assert rec.names.count("mpvit_kernels.linear_norm_grad") == fused
+    if fused:
+        assert not {"aten.native_layer_norm", "aten.native_layer_norm_backward", "aten.sum"} & set(rec.names)
     for a, b in zip(got, torch.autograd.grad(want, leaves, g)):
         assert a.dtype == b.dtype
         assert_close(a, b, scale=10)
@@ -221,7 +236,7 @@ def test_what_a_gpu_tunes():
     assert on["fit"]["64 ieee"] == [[32, 16, 4], [32, 16, 8], [64, 16, 4], [64, 16, 8], [128, 16, 8]]
 
 
-def test_fp64_gradcheck():
+def test_fp64_gradcheck(norm_grad_at_any_rows):
     for site in ("norm", "gelu"):
         x, params = make_inputs(4, 6, 5, torch.float64, "strided", site)
         leaves = [p for p in params if p is not None]
@@ -230,8 +245,9 @@ def test_fp64_gradcheck():
         def fn(x, w, b, *ln):
             return ops.linear(x, w, b, *ln, eps=1e-5, gelu=gelu)
         assert torch.autograd.gradcheck(fn, (x, *leaves))
-        if gelu:  # the fused GELU grad has a second derivative, as eager's GELU backward has
-            assert torch.autograd.gradgradcheck(fn, (x, *leaves))
+        # the fused GELU grad has a second derivative, as eager's GELU backward has; norm1's
+        # backward takes ATen's ops where it is differentiated itself
+        assert torch.autograd.gradgradcheck(fn, (x, *leaves))
 
 
 def test_opcheck():
@@ -244,6 +260,10 @@ def test_opcheck():
         dy = torch.randn(10, 20, device=KERNEL_DEVICE)
         for bias in (b, None):
             torch.library.opcheck(torch.ops.mpvit_kernels.linear_gelu_grad.default, (dy, x.detach(), w.detach(), bias))
+        x, (w, _, lw, lb) = make_inputs(10, 12, 20, torch.float32, layout, "norm")
+        for bias_grad in (True, False):
+            torch.library.opcheck(torch.ops.mpvit_kernels.linear_norm_grad.default,
+                                  (dy, x.detach(), w.detach(), lw.detach(), lb.detach(), 1e-6, bias_grad))
 
 
 def test_gelu_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
@@ -269,6 +289,53 @@ def test_gelu_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
             torch.ops.mpvit_kernels.linear_gelu_grad(*[a.detach() for a in args])
 
 
+@pytest.mark.parametrize("K, N", [(22, 66), (136, 408)], ids=["one tile", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_norm_grad_is_the_layernorm_and_linear_backward_and_refuses_mismatched_inputs(K, N, dtype):
+    # M = 70: several programs' rows at every pinned tile, so the parameters' grads add partial
+    # sums; K = 136 takes the channels in tiles of 128 (64 in fp64), the GEMM computed twice
+    x, (w, _, lw, lb) = make_inputs(70, K, N, dtype, "strided", "norm")
+    x, w, lw, lb = (t.detach() for t in (x, w, lw, lb))
+    dy = torch.randn(70, N, dtype=dtype, device=KERNEL_DEVICE)
+    u, mean, rstd = torch.ops.aten.native_layer_norm(x, [K], lw, lb, 1e-6)
+    want_dx, want_dlw, want_dlb = torch.ops.aten.native_layer_norm_backward(dy @ w, x, [K], mean, rstd, lw, lb,
+                                                                            [True, True, True])
+    dx, got_u, sums = torch.ops.mpvit_kernels.linear_norm_grad(dy, x, w, lw, lb, 1e-6, True)
+    assert dx.is_contiguous() and got_u.is_contiguous() and sums.shape == (2 * K + N,)
+    assert_close(dx, want_dx, scale=10)
+    assert_close(got_u, u, scale=4)
+    for got, want in zip(sums.split([K, K, N]), (want_dlw, want_dlb, dy.sum(0))):
+        assert_close(got, want, scale=10)
+    _, _, no_bias = torch.ops.mpvit_kernels.linear_norm_grad(dy, x, w, lw, lb, 1e-6, False)
+    assert torch.equal(no_bias, sums[:2 * K])
+    empty = torch.ops.mpvit_kernels.linear_norm_grad(dy[:0], x[:0], w, lw, lb, 1e-6, True)
+    assert empty[0].shape == empty[1].shape == (0, K) and torch.equal(empty[2], torch.zeros_like(sums))
+    dy, x = dy[:9], x[:9]
+    for args, error, match in (((dy.float() if dtype == torch.float64 else dy.double(), x, w, lw, lb), ValueError,
+                                "dy must be"),
+                               ((dy[:, :-1], x, w, lw, lb), ValueError, "dy must be"),
+                               ((dy, x[:, :-1], w, lw, lb), ValueError, "x must be"),
+                               ((dy, x.int(), w, lw, lb), ValueError, "x must be a float"),
+                               ((dy, x, w, lw[:-1], lb), ValueError, "ln_weight must have shape"),
+                               ((dy, x, w, lw, lb.half()), ValueError, "ln_weight and ln_bias must share")):
+        with pytest.raises(error, match=match):
+            torch.ops.mpvit_kernels.linear_norm_grad(*args, 1e-6, True)
+
+
+def test_norm_grad_from_its_row_count_and_not_where_the_backward_is_differentiated(monkeypatch):
+    monkeypatch.setattr(linear_op, "NORM_GRAD_ROWS", 16)
+    for rows, fused in ((15, False), (16, True)):
+        x, params = make_inputs(rows, 8, 24, torch.float32, "rows", "norm")
+        y = ops.linear(x, *params)
+        with RecordOps() as rec:
+            torch.autograd.grad(y.sum(), [x, *params])
+        assert rec.names.count("mpvit_kernels.linear_norm_grad") == fused
+        assert ("aten.native_layer_norm_backward" in rec.names) != fused
+    with RecordOps() as rec:  # create_graph: ATen's ops, which autograd can differentiate again
+        torch.autograd.grad(ops.linear(x, *params).sum(), [x, *params], create_graph=True)
+    assert "mpvit_kernels.linear_norm_grad" not in rec.names
+
+
 def test_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     x, params = make_inputs(10, 12, 20, torch.float32, "tokens", "norm+gelu")
@@ -281,7 +348,7 @@ def test_under_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
-def test_autocast_through_the_kernel_is_as_accurate_as_eager(dtype):
+def test_autocast_through_the_kernel_is_as_accurate_as_eager(dtype, norm_grad_at_any_rows):
     """fp16/bf16 autocast over an fp32 stream of tokens: the LayerNorm from the fp32 tokens, the
     GEMM in the autocast dtype, output in it, grads of fp32 leaves fp32; our error against fp64 at
     most twice eager's, grads too."""
@@ -368,6 +435,30 @@ def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(C):
     assert "mpvit_kernels.linear_proj_mlp" not in rec.names and rec.names.count("mpvit_kernels.linear") == 2
 
 
+@pytest.mark.parametrize("C", [16, 136])
+def test_mpvit_block_training_step_takes_norm1_backward_in_one_gemm(C, norm_grad_at_any_rows):
+    """A training step of the block through its GEMM ops: norm1 -> qkv's backward in
+    linear_norm_grad (136 channels: over two tiles), fc1's in linear_gelu_grad; every grad equal
+    to kernels off (fp64; the attention, whose interpreted backward is slow, on the reference)."""
+    block = make_block(C, torch.float64).train()
+    x = torch.randn(2, 15, C, device=KERNEL_DEVICE, dtype=torch.float64)
+    g = torch.randn_like(x)
+    grads = []
+    for backend in ("auto", "reference"):
+        inp = x.clone().requires_grad_()
+        with mpvit_kernels.use_backend(backend), mpvit_kernels.use_backend("reference", ops=["factor_attention"]), \
+                RecordOps() as rec:
+            (block(inp, (3, 5)) * g).sum().backward()
+        grads.append([inp.grad] + [p.grad for p in block.parameters()])
+        block.zero_grad(set_to_none=True)
+        if backend == "auto":
+            assert rec.names.count("mpvit_kernels.linear_norm_grad") == 1
+            assert rec.names.count("mpvit_kernels.linear_gelu_grad") == 1
+            assert "aten.native_layer_norm_backward" not in rec.names
+    for (name, _), a, b in zip([("x", None), *block.named_parameters()], *grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+
+
 # ---- CUDA (run with a GPU: pytest -m cuda) --------------------------------------------------
 
 # MPViT-S and -B at a 224 input: (tokens, channels, hidden) of their qkv (3C) and fc1 (4C)
@@ -379,7 +470,7 @@ SHAPES = [(side * side, C, n * C) for dims in ((64, 128, 216, 288), (128, 224, 3
 @pytest.mark.parametrize("shape", [(21, 22, 66), (21, 22, 88), (21, 16, 48), (21, 16, 64)]
                          + [pytest.param(s, marks=MODEL_SHAPES) for s in SHAPES],
                          ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
-def test_low_precision_within_twice_eager(shape, dtype):
+def test_low_precision_within_twice_eager(shape, dtype, norm_grad_at_any_rows):
     """Under fp16/bf16 autocast, forward and every grad against fp64, within twice eager's error in
     the same dtype. The first cases are small enough for the interpreter (bf16 there as a GPU
     computes it: tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte vector

@@ -6,7 +6,8 @@ Sites: "norm1 + qkv" (``qkv(norm1(x))``, hidden 3C) and "fc1 + GELU" (``gelu(fc1
 bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM with the
 LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM);
 forward+backward rows add fc1's backward, whose GELU grad and bias grad come from the epilogue
-of a GEMM that recomputes the pre-activation (``linear_gelu_grad``).
+of a GEMM that recomputes the pre-activation (``linear_gelu_grad``), and norm1 -> qkv's, from
+8192 rows one GEMM with the LayerNorm's backward in its epilogue (``linear_norm_grad``).
 Site "block after attention" (proj, residual add, norm2, MLP, residual add: inference, the
 stages with C <= 128): eager as the public block runs it (cuBLAS's GEMMs with their biases, the
 adds, LayerNorm and GELU passes); ours ``ops.linear_proj_mlp``, one kernel whose proj output,

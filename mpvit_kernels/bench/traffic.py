@@ -147,8 +147,9 @@ class CountOurs(CountTraffic):
     """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
     outputs (what our fused kernels read and write), except the attention forward, whose
     launches and bytes come from its kernels (``ours_factor_attention``), and the
-    residual_layernorm backward and fc1's GELU grad (``linear_gelu_grad``), whose kernels also
-    write per-program partial sums that one small sum then reduces."""
+    residual_layernorm backward, fc1's GELU grad (``linear_gelu_grad``) and norm1 -> qkv's
+    backward (``linear_norm_grad``), whose kernels also write per-program partial sums that one
+    small sum then reduces."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
@@ -175,6 +176,17 @@ class CountOurs(CountTraffic):
                 self.bytes += N * acc
                 self.launches += 1
                 self.ops.append("linear_gelu_grad bias grad cast")
+        if func is torch.ops.mpvit_kernels.linear_norm_grad.default:
+            from mpvit_kernels.ops.linear import norm_grad_tiles
+
+            (M, N), K = args[0].shape, args[1].shape[1]
+            width, acc = 2 * K + (N if args[6] else 0), 8 if args[2].dtype == torch.float64 else 4
+            # the parameters' grads: the kernel's partial sums, written, then summed into the op's
+            # output (counted with the op); their casts are ATen ops, counted as such
+            partials = -(-M // norm_grad_tiles(K, args[2].dtype, vec=8, on_gpu=True)[1]) * width * acc
+            self.bytes += partials + partials
+            self.launches += 1
+            self.ops.append("linear_norm_grad partial sums")
         if func is not torch.ops.mpvit_kernels.factor_attention_fwd.default:
             return super().__torch_dispatch__(func, types, args, kwargs)
         qkv = args[0]

@@ -21,7 +21,11 @@ Backward: with GELU, ``mpvit_kernels::linear_gelu_grad``, the same Triton GEMM r
 pre-activation h with dh = dy * gelu'(h) in its epilogue (h never reaches memory: eager's
 autograd keeps it, and the GELU's backward reads it back beside dy); then, in ATen ops as
 eager's autograd runs them, the GEMMs' grads and the LayerNorm's (its output recomputed, as the
-forward does not store it; ``native_layer_norm_backward``). Deterministic.
+forward does not store it; ``native_layer_norm_backward``). norm1 -> qkv from NORM_GRAD_ROWS
+rows: ``mpvit_kernels::linear_norm_grad``, the input grad's GEMM with the LayerNorm's backward in
+its epilogue (the normalised tokens' grad never reaches memory; it also writes the recomputed
+LayerNorm output for the weight grad's GEMM and the sums of the parameters' grads).
+Deterministic.
 """
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ MAX_OUTPUTS = 65535 * 128
 # memory-bound (the unfused ops write and read proj's output, r, u and a 4C-wide hidden per
 # token); wider stages keep them apart.
 MLP_MAX_C = 128
+# From this many rows norm1 -> qkv's backward is one Triton GEMM with the LayerNorm's backward in
+# its epilogue (linear_norm_grad): at least 128 programs (of 16 to 64 whole rows each, by tile),
+# about one per SM of an A100 or H100 or more; fewer rows keep eager's ops (LayerNorm recomputed,
+# column sum, cuBLAS GEMM, LayerNorm backward), whose GEMM spreads a few rows over more programs.
+# Not timed on a GPU yet. MPViT at 224: stage 1 from batch 3, stage 2 from 11, stage 3 from 42.
+NORM_GRAD_ROWS = 8192
 
 
 def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
@@ -296,6 +306,83 @@ def _linear_gelu_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     return dh, dh.new_empty(0) if bias is None else backend.cast(parts.sum(0), bias.dtype)
 
 
+def norm_grad_tiles(K: int, dtype: torch.dtype, vec: int, on_gpu: bool = False) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_M) of linear_norm_grad's launch for x with K channels, a GEMM in ``dtype``
+    and VEC ``vec``: gli_projection's width (all K channels in one tile up to 128), at most 64 in
+    fp64 (128 spilled; static report). ``on_gpu``: a GPU's tile even under the interpreter."""
+    from mpvit_kernels.triton import gli_projection, linear as kernels
+
+    bc = gli_projection.block_n(K)
+    if dtype == torch.float64:
+        bc = min(64, bc)
+    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
+    return bc, kernels.norm_grad_tile(bc, kind, K > bc, vec, on_gpu)[0]
+
+
+@torch.library.custom_op("mpvit_kernels::linear_norm_grad", mutates_args=())
+def _linear_norm_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ln_weight: torch.Tensor,
+                      ln_bias: torch.Tensor, eps: float, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(dx, u, sums): the backward of y = layer_norm(x) @ weight^T (+ bias) from dy, y's grad, in
+    one Triton GEMM with the LayerNorm's backward in its epilogue. dx (M, K) contiguous in x's
+    dtype, x's grad; u = layer_norm(x) (M, K) contiguous in weight's dtype, the operand of the
+    weight grad dy^T u (left to cuBLAS); sums (2K,), or (2K + N,) with ``bias_grad``, in fp32
+    (fp64 for an fp64 GEMM): the grads of ln_weight, ln_bias and the bias, as one vector. dy
+    (M, N) and weight (N, K) in one dtype; x (M, K) in any float dtype; ln_weight and ln_bias
+    (K,) in one dtype. The normalised tokens' grad dy weight is never stored, dy is read once for
+    it and the bias grad, and the LayerNorm's output is written once (eager: recomputed by one
+    pass, its grad written and read by another, dy read again for the bias grad). Always the
+    pinned tile: the parameters' grads add per-program partial sums in a fixed order
+    (deterministic)."""
+    kernels, vector_width, _, _, _ = _kernels()
+    if weight.dim() != 2 or x.dim() != 2 or dy.dim() != 2:
+        raise ValueError(f"linear_norm_grad: dy, x and weight must be 2-d, got {tuple(dy.shape)}, {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    (N, K), M, dtype = weight.shape, x.shape[0], weight.dtype
+    if tuple(x.shape) != (M, K) or x.device != weight.device or not x.dtype.is_floating_point:
+        raise ValueError(f"linear_norm_grad: x must be a float ({M}, {K}) on {weight.device} (weight "
+                         f"{tuple(weight.shape)}), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if dy.dtype != dtype or tuple(dy.shape) != (M, N) or dy.device != weight.device:
+        raise ValueError(f"linear_norm_grad: dy must be {dtype} {(M, N)} on {weight.device} (weight "
+                         f"{tuple(weight.shape)}), got {dy.dtype} {tuple(dy.shape)} on {dy.device}")
+    check_channel_params("linear_norm_grad", K, weight.device, ln_weight=ln_weight, ln_bias=ln_bias)
+    if ln_weight.dtype != ln_bias.dtype:
+        raise ValueError(f"linear_norm_grad: ln_weight and ln_bias must share a dtype, got {ln_weight.dtype} and "
+                         f"{ln_bias.dtype}")
+    check_layernorm_eps("linear_norm_grad", eps)
+    if x.stride(1) != 1 and K != 1:  # the kernel indexes channels with unit stride
+        x = x.contiguous()
+    dy, w, lw, lb = dy.contiguous(), weight.contiguous(), ln_weight.contiguous(), ln_bias.contiguous()
+    acc = reference._acc_dtype(dtype)
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, K), dtype=dtype, device=x.device)
+    width = 2 * K + (N if bias_grad else 0)
+    if M == 0:
+        return dx, u, torch.zeros(width, dtype=acc, device=x.device)
+    vec = vector_width(dy.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
+    bc, block_m = norm_grad_tiles(K, dtype, vec)  # BLOCK_M: the pinned tile's, which sizes the partial sums
+    parts = torch.empty((-(-M // block_m), width), dtype=acc, device=x.device)
+
+    def grid(meta):
+        if meta["BLOCK_M"] != block_m:  # the partial sums have a row per program
+            raise RuntimeError(f"linear_norm_grad: launched with BLOCK_M={meta['BLOCK_M']}, sized for {block_m}")
+        return (-(-M // block_m),)
+
+    with backend.triton_device(x):
+        kernels.linear_norm_grad_kernel[grid](
+            dy, w, x, lw, lb, dx, u, parts, M, K, N, x.stride(0), float(eps), BIAS=bias_grad, WIDE=K > bc,
+            ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_C=bc, VEC=vec)
+    return dx, u, parts.sum(0)
+
+
+@_linear_norm_grad.register_fake
+def _(dy, x, weight, ln_weight, ln_bias, eps, bias_grad):
+    (N, K), M = weight.shape, x.shape[0]
+    return (x.new_empty((M, K)), x.new_empty((M, K), dtype=weight.dtype),
+            x.new_empty(2 * K + (N if bias_grad else 0), dtype=reference._acc_dtype(weight.dtype)))
+
+
 @_linear_gelu_grad.register_fake
 def _(dy, x, weight, bias):
     n = 0 if bias is None else weight.shape[0]
@@ -422,13 +509,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """In the GEMM's dtype as eager's autograd runs it (no casts where x, weight and the grad share
-    a dtype), from u = layer_norm(x) recomputed; GELU's grad from the fused GEMM (h recomputed in
-    registers)."""
+    """norm1 -> qkv from NORM_GRAD_ROWS rows: ``linear_norm_grad`` (the LayerNorm's backward in the
+    input grad's GEMM), then the weight grad's GEMM. Otherwise (and where the backward itself is
+    differentiated) in ATen ops, in the GEMM's dtype as eager's autograd runs them (no casts
+    where x, weight and the grad share a dtype), from u = layer_norm(x) recomputed; GELU's grad
+    from the fused GEMM (h recomputed in registers)."""
     x, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
     eps, gelu = ctx.args
     dtype, K = weight.dtype, x.shape[-1]
     cast = backend.cast
+    if ln_weight is not None and not gelu and x.shape[0] >= NORM_GRAD_ROWS and not torch.is_grad_enabled():
+        g = cast(grad, dtype)
+        grad_x, u, sums = backend.call_op(_linear_norm_grad, g, x, weight, ln_weight, ln_bias, eps, bias is not None)
+        if bias is None or bias.dtype == ln_weight.dtype:  # (one cast for all three, where any is needed)
+            sums = cast(sums, ln_weight.dtype)
+        return (grad_x, g.t() @ u, None if bias is None else cast(sums[2 * K:], bias.dtype),
+                cast(sums[:K], ln_weight.dtype), cast(sums[K:2 * K], ln_bias.dtype), None, None)
     if ln_weight is not None:
         # in x's dtype where the parameters share it (eager's LayerNorm), else the wider of the two
         # (fp32 parameters over a bf16 stream: eager under autocast)

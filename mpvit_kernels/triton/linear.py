@@ -12,6 +12,12 @@ grads of fc1 are computed from, and its column sums of dh, which the op adds up,
 order, into the bias grad (so that dh is not read again for it). Always the pinned tile: the
 sums' order must not depend on a tuner's pick.
 
+``linear_norm_grad_kernel`` (the op ``mpvit_kernels::linear_norm_grad``) is norm1 -> qkv's
+backward: the input grad's GEMM dy W with the LayerNorm's backward in its epilogue (its row sums
+need all K channels of a row: one program owns whole rows), writing dx, the recomputed LayerNorm
+output u the weight grad's GEMM reads, and per-program column sums for the LayerNorm's and the
+bias's grads (dy is read once for its GEMM and the bias grad); pinned tile too.
+
 One program owns BLOCK_M whole rows and BLOCK_N outputs. With NORM it first walks its rows'
 K channels twice (mean, then the centred variance, as eager's two-pass LayerNorm: no
 cancellation for tokens far from zero mean); the GEMM's K loop then reads the same rows a third
@@ -33,6 +39,7 @@ from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # epilogue too (static report)
 from mpvit_kernels.triton.gli_projection import AUTOTUNE, INTERPRET, LAUNCH, TUNED_CONFIGS, dot_kind
 from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
+from mpvit_kernels.triton.gli_projection import gpu_tile as _gli_gpu_tile, tile as _gli_tile
 
 
 @triton.jit
@@ -45,6 +52,33 @@ def _normal_cdf(h, ACC: tl.constexpr):
 def _gelu(h, ACC: tl.constexpr):
     """The exact (erf) GELU, h Phi(h), in ACC."""
     return h * _normal_cdf(h, ACC)
+
+
+@triton.jit
+def _row_stats(rows, mmask, K, eps, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, rstd) of the LayerNorm over K channels of the rows at pointers ``rows`` (unit channel
+    stride), BLOCK_K channels at a time: eager's two passes, the mean, then the centred variance
+    (no cancellation for tokens far from zero mean); rstd = 1 / sqrt(var + eps) correctly rounded."""
+    count = tl.full([], 0.0, ACC) + K
+    total = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0)
+        total += tl.sum(a.to(ACC), axis=1)
+    mean = _div(total, count, ACC)
+    total = tl.zeros([BLOCK_M], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = mmask[:, None] & (offs_k < K)[None, :]
+        a = tl.load(rows[:, None] + offs_k[None, :], mask=kmask, other=0.0)
+        d = tl.where(kmask, a.to(ACC) - mean[:, None], 0.0)
+        total += tl.sum(d * d, axis=1)
+    var = _div(total, count, ACC) + tl.full([], eps, ACC)
+    if ACC == tl.float64:
+        root = tl.sqrt(var)
+    else:  # tl.sqrt is the approximate square root in fp32
+        root = tl.sqrt_rn(var)
+    return mean, _div(tl.full([BLOCK_M], 1.0, ACC), root, ACC)
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket"])
@@ -73,26 +107,7 @@ def linear_kernel(
     nmask = offs_n < N
     rows = x_ptr + offs_m.to(tl.int64) * stride_xm
     if NORM:
-        count = tl.full([], 0.0, ACC) + K
-        total = tl.zeros([BLOCK_M], ACC)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(rows[:, None] + offs_k[None, :], mask=mmask[:, None] & (offs_k < K)[None, :], other=0.0)
-            total += tl.sum(a.to(ACC), axis=1)
-        mean = _div(total, count, ACC)
-        total = tl.zeros([BLOCK_M], ACC)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = mmask[:, None] & (offs_k < K)[None, :]
-            a = tl.load(rows[:, None] + offs_k[None, :], mask=kmask, other=0.0)
-            d = tl.where(kmask, a.to(ACC) - mean[:, None], 0.0)
-            total += tl.sum(d * d, axis=1)
-        var = _div(total, count, ACC) + tl.full([], eps, ACC)
-        if ACC == tl.float64:
-            root = tl.sqrt(var)
-        else:  # tl.sqrt is the approximate square root in fp32
-            root = tl.sqrt_rn(var)
-        rstd = _div(tl.full([BLOCK_M], 1.0, ACC), root, ACC)
+        mean, rstd = _row_stats(rows, mmask, K, eps, ACC, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -120,6 +135,129 @@ def linear_kernel(
             tl.store(db_ptr + tl.program_id(0).to(tl.int64) * N + offs_n,
                      tl.sum(tl.where(omask, acc, 0.0), axis=0), mask=nmask)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _grad_u_tile(dy_rows, w_ptr, offs_c, cmask, mmask, K, N, db_ptr, sums_wanted, BIAS_SUMS: tl.constexpr,
+                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """The (BLOCK_M, BLOCK_C) tile dy W[:, offs_c] of the normalised tokens' grad, N columns of dy
+    BLOCK_R at a time; with BIAS_SUMS, where ``sums_wanted``, also the column sums of the dy rows
+    it reads (this program's part of the bias grad) stored at db_ptr."""
+    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for r0 in range(0, N, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rmask = offs_r < N
+        a = tl.load(dy_rows[:, None] + offs_r[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
+        if BIAS_SUMS:
+            tl.store(db_ptr + offs_r, tl.sum(a.to(ACC), axis=0), mask=rmask & sums_wanted)
+        w = tl.load(w_ptr + offs_r[:, None].to(tl.int64) * K + offs_c[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _xhat_tile(rows, offs_c, cmask, mmask, mean, rstd, ACC: tl.constexpr):
+    """(x - mean) * rstd of the rows' channels offs_c, zero where masked."""
+    mask = mmask[:, None] & cmask[None, :]
+    x = tl.load(rows[:, None] + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _norm_grad_sums(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, ln_weight_ptr, ln_bias_ptr, u_ptr, part,
+                    ACC: tl.constexpr):
+    """For one tile gu of the normalised tokens' grad: stores u = layer_norm(x) (the weight grad's
+    operand) and this program's column sums for the LayerNorm's weight and bias grads; returns
+    each row's sums of g = gu * gamma and of g * xhat over these channels."""
+    xhat = _xhat_tile(rows, offs_c, cmask, mmask, mean, rstd, ACC)
+    gamma = tl.load(ln_weight_ptr + offs_c, mask=cmask, other=0.0).to(ACC)
+    beta = tl.load(ln_bias_ptr + offs_c, mask=cmask, other=0.0).to(ACC)
+    u = xhat * gamma[None, :] + beta[None, :]
+    tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * K + offs_c[None, :], u.to(u_ptr.dtype.element_ty),
+             mask=mmask[:, None] & cmask[None, :])
+    tl.store(part + offs_c, tl.sum(gu * xhat, axis=0), mask=cmask)
+    tl.store(part + K + offs_c, tl.sum(gu, axis=0), mask=cmask)
+    g = gu * gamma[None, :]
+    return tl.sum(g, axis=1), tl.sum(g * xhat, axis=1)
+
+
+@triton.jit
+def _store_dx(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, mean_g, mean_g_xhat, ln_weight_ptr, dx_ptr,
+              ACC: tl.constexpr):
+    """dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)), g = gu * gamma, for one tile."""
+    xhat = _xhat_tile(rows, offs_c, cmask, mmask, mean, rstd, ACC)
+    g = gu * tl.load(ln_weight_ptr + offs_c, mask=cmask, other=0.0).to(ACC)[None, :]
+    dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_g_xhat[:, None])
+    tl.store(dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mmask[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def linear_norm_grad_kernel(
+    dy_ptr,  # (M, N) contiguous: the grad of y = layer_norm(x) @ W^T (+ bias), in the GEMM's dtype
+    w_ptr,  # (N, K) contiguous, in the GEMM's dtype
+    x_ptr,  # (M, K) rows with unit channel stride, row stride below; any float dtype
+    ln_weight_ptr, ln_bias_ptr,  # (K,) each: the LayerNorm's affine, read in ACC
+    dx_ptr,  # (M, K) contiguous out, in x's dtype
+    u_ptr,  # (M, K) contiguous out, in the GEMM's dtype: layer_norm(x) recomputed, the weight grad's operand
+    part_ptr,  # (cdiv(M, BLOCK_M), 2K (+ N with BIAS)) out, in ACC: each program's column sums (below)
+    M, K, N, stride_xm,
+    eps: tl.float64,  # fp64 whatever ACC: a plain Python float would be passed as fp32
+    BIAS: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, VEC: tl.constexpr = 1,
+):
+    """The backward of norm1 -> the qkv Linear from its output's grad dy, for BLOCK_M whole rows:
+    gu = dy W (the normalised tokens' grad, BLOCK_C channels a tile, never stored), then the
+    LayerNorm's backward on it, dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)) with g = gu gamma,
+    and u = layer_norm(x) for the weight grad's GEMM (dW = dy^T u, cuBLAS). Each program writes
+    its column sums of gu xhat and gu (the LayerNorm weight's and bias's grads) and, with BIAS, of
+    dy (the Linear bias's grad), which the op adds up in a fixed order: dy is read once for both
+    the GEMM and the bias grad. The row sums need every channel: WIDE (K > BLOCK_C) computes the
+    tiles twice (the second time from cache), else the one tile stays in registers."""
+    K = _known_multiple(K, VEC)
+    N = _known_multiple(N, VEC)
+    stride_xm = _known_multiple(stride_xm, VEC)
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    dy_rows = dy_ptr + offs_m.to(tl.int64) * N
+    mean, rstd = _row_stats(rows, mmask, K, eps, ACC, BLOCK_M, BLOCK_C)
+    if BIAS:
+        part = part_ptr + pid.to(tl.int64) * (2 * K + N)
+    else:
+        part = part_ptr + pid.to(tl.int64) * (2 * K)
+    count = tl.full([], 0.0, ACC) + K
+    if WIDE:
+        # one loop, one GEMM in the code, over the tiles twice: the row sums, then dx (a loop per
+        # phase unrolled three GEMMs' address arithmetic and spilled where rows are not aligned)
+        tiles = tl.cdiv(K, BLOCK_C)
+        sum_g = tl.zeros([BLOCK_M], ACC)
+        sum_g_xhat = tl.zeros([BLOCK_M], ACC)
+        for t in range(0, 2 * tiles):
+            offs_c = (t % tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = offs_c < K
+            gu = _grad_u_tile(dy_rows, w_ptr, offs_c, cmask, mmask, K, N, part + 2 * K, t == 0, BIAS, ACC,
+                              DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_R)
+            if t < tiles:
+                s, s_xhat = _norm_grad_sums(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, ln_weight_ptr,
+                                            ln_bias_ptr, u_ptr, part, ACC)
+                sum_g += s
+                sum_g_xhat += s_xhat
+            else:
+                _store_dx(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, _div(sum_g, count, ACC),
+                          _div(sum_g_xhat, count, ACC), ln_weight_ptr, dx_ptr, ACC)
+    else:
+        offs_c = tl.arange(0, BLOCK_C)
+        cmask = offs_c < K
+        gu = _grad_u_tile(dy_rows, w_ptr, offs_c, cmask, mmask, K, N, part + 2 * K, True, BIAS, ACC, DOT_PRECISION,
+                          BLOCK_M, BLOCK_C, BLOCK_R)
+        sum_g, sum_g_xhat = _norm_grad_sums(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, ln_weight_ptr,
+                                            ln_bias_ptr, u_ptr, part, ACC)
+        _store_dx(gu, rows, offs_c, cmask, mmask, offs_m, K, mean, rstd, _div(sum_g, count, ACC),
+                  _div(sum_g_xhat, count, ACC), ln_weight_ptr, dx_ptr, ACC)
 
 
 @triton.jit
@@ -239,6 +377,31 @@ linear_tuned = tuned(
 linear_kernel = LAUNCH(linear_kernel)
 
 
+def norm_grad_tile(block_c: int, kind: str, wide: bool, vec: int, on_gpu: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, num_warps, num_stages) of linear_norm_grad_kernel for this BLOCK_C, GEMM
+    dtype ("fp64", "fp32" or "16-bit"), WIDE and VEC: gli_projection's tile with half its rows
+    (the LayerNorm's epilogue holds several tiles' worth of values; the full tile spilled), and a
+    quarter where WIDE rows are read element by element (VEC < 8: Triton 3.6 spilled 8-96 bytes
+    at half), which compile without spills for sm_80 and sm_90a (static report, Triton 3.8 and
+    3.6); ``on_gpu``: a GPU's tile even under the interpreter (the traffic model). The op sizes
+    the partial sums with BLOCK_M."""
+    block_m, block_r, warps, stages = (_gli_gpu_tile if on_gpu else _gli_tile)(block_c, kind)
+    return max(16, block_m // (4 if wide and vec < 8 else 2)), block_r, warps, stages
+
+
+def _norm_grad_tile(meta):
+    return norm_grad_tile(meta["BLOCK_C"], dot_kind(meta), meta["WIDE"], meta["VEC"])
+
+
+# gli_projection's pinned tiles, BLOCK_C wide over x's channels, dy's columns BLOCK_R (its
+# BLOCK_K) at a time; always pinned: the partial sums' order must not depend on a tuner's pick
+linear_norm_grad_kernel = pinned(("BLOCK_C", "ACC", "DOT_PRECISION", "WIDE", "VEC"), {
+    "BLOCK_M": lambda meta: _norm_grad_tile(meta)[0], "BLOCK_R": lambda meta: _norm_grad_tile(meta)[1],
+    "num_warps": lambda meta: _norm_grad_tile(meta)[2], "num_stages": lambda meta: _norm_grad_tile(meta)[3],
+    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
+})(linear_norm_grad_kernel)
+
+
 # (what the model launches) the qkv Linear after norm1, fc1 with GELU and its backward (pinned
 # tile only); plus the plain Linear
 SITES = {"norm": dict(NORM=True, BIAS=True, GELU=False), "gelu": dict(NORM=False, BIAS=True, GELU=True),
@@ -278,6 +441,31 @@ def compile_specs():
                         specs.append(as_launched(spec))
                         if not grad:
                             specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
+    # norm1 -> qkv's backward: every BLOCK_C, the channels in one tile or over several (WIDE), with
+    # and without the bias's sums; x (dx) in the GEMM's dtype or, for a 16-bit GEMM, in fp32
+    # (autocast's fp32 stream), the LayerNorm's parameters in it or in fp32
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
+        dtypes = [(dt, dt), (dt, "fp32"), ("fp32", "fp32")] if dt in ("fp16", "bf16") else [(dt, dt)]
+        for x_dt, p_dt in dtypes:
+            for bc in (16, 32, 64, 128):
+                for wide, bias in ((False, True), (True, True), (True, False)):
+                    # a tile narrower than 64 covers its K channels whole; fp64 tiles are at most 64
+                    # wide (ops.linear.norm_grad_tiles)
+                    if (wide and bc < 64) or (dt == "fp64" and bc > 64):
+                        continue
+                    types = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "x_ptr": f"*{x_dt}", "ln_weight_ptr": f"*{p_dt}",
+                             "ln_bias_ptr": f"*{p_dt}", "dx_ptr": f"*{x_dt}", "u_ptr": f"*{dt}",
+                             "part_ptr": "*fp64" if dt == "fp64" else "*fp32", "eps": "fp64"}
+                    spec = (linear_norm_grad_kernel,
+                            f"{dt} x={x_dt} params={p_dt} BLOCK_C={bc}" + (" wide" if wide else "")
+                            + ("" if bias else " no bias"), types,
+                            {"BIAS": bias, "WIDE": wide, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_C": bc,
+                             "VEC": 1})  # (VEC keys the tile: stated)
+                    specs.append(spec)
+                    if bc >= 64 and dt != "fp64" and bias:  # MPViT's widths (64 to 480) as it launches them
+                        specs.append(as_launched(spec))
     # the block after its attention: every BLOCK_C; x (and the output, the parameters) in the
     # GEMMs' dtype (a 16-bit or fp32 model) or, for a 16-bit GEMM, in fp32 (autocast: the fp32
     # residual stream and parameters; the attention's output a in the GEMMs' dtype either way)
