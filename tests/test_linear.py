@@ -322,6 +322,19 @@ def test_norm_grad_is_the_layernorm_and_linear_backward_and_refuses_mismatched_i
             torch.ops.mpvit_kernels.linear_norm_grad(*args, 1e-6, True)
 
 
+def test_norm_grad_only_for_layernorm_parameters_of_one_dtype(norm_grad_at_any_rows):
+    # ops.linear gives them one dtype; the registered op also takes a mix, whose backward keeps ATen's ops
+    x, (w, b, lw, lb) = make_inputs(20, 8, 24, torch.float64, "rows", "norm")
+    lb32 = lb.detach().float().requires_grad_()
+    with RecordOps() as rec:
+        got = torch.autograd.grad(torch.ops.mpvit_kernels.linear(x, w, b, lw, lb32, 1e-6, False).sum(), [x, lw, lb32])
+    assert "mpvit_kernels.linear_norm_grad" not in rec.names
+    want = torch.autograd.grad(chain(x, w, b, lw, lb32.double(), 1e-6, False).sum(), [x, lw, lb32])
+    for a, b_ in zip(got, want):
+        assert a.dtype == b_.dtype
+        assert_close(a, b_, scale=10)
+
+
 def test_norm_grad_from_its_row_count_and_not_where_the_backward_is_differentiated(monkeypatch):
     monkeypatch.setattr(linear_op, "NORM_GRAD_ROWS", 16)
     for rows, fused in ((15, False), (16, True)):
@@ -509,6 +522,35 @@ def test_cuda_fp32_at_model_shapes_is_deterministic(shape):
     g = torch.randn_like(runs[0])
     grads = [torch.autograd.grad(y, leaves, g) for y in runs]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["rows", "strided"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES[0::2], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
+def test_cuda_norm_grad_at_model_shapes_is_deterministic_and_within_twice_eager(shape, dtype, layout,
+                                                                               norm_grad_at_any_rows):
+    # norm1 -> qkv's backward in linear_norm_grad (here at every row count; MPViT-B's 224 to 480
+    # channels over several tiles; a last row block in part; rows of their own stride, read
+    # element by element): every grad against fp64 within twice eager's error in the same
+    # dtype, and the same bits twice (fixed-order partial sums)
+    tokens, K, N = shape
+    x, params = make_inputs(4 * tokens + 5, K, N, dtype, layout, "norm")
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    want = chain(x64, *p64, 1e-6, False)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x64, *p64], g)
+    errs, grads = {}, []
+    for name, fn in (("ours", lambda *a: ops.linear(*a, eps=1e-6)), ("ours", lambda *a: ops.linear(*a, eps=1e-6)),
+                     ("eager", lambda *a: chain(*a, 1e-6, False))):
+        with RecordOps() as rec:
+            got = torch.autograd.grad(fn(x, *params), [x, *params], g.to(dtype))
+        assert rec.names.count("mpvit_kernels.linear_norm_grad") == (name == "ours")
+        grads.append(got)
+        errs[name] = [normwise_error(a, b) for a, b in zip(got, want_grads)]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    assert all(o <= 2 * e + 1e-6 for o, e in zip(errs["ours"], errs["eager"])), errs
 
 
 @pytest.mark.cuda

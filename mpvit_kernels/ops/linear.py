@@ -360,6 +360,8 @@ def _linear_norm_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, l
     if M == 0:
         return dx, u, torch.zeros(width, dtype=acc, device=x.device)
     vec = vector_width(dy.element_size(), K, N, *((x.stride(0),) if M > 1 else ()))
+    if any(t.data_ptr() % 16 for t in (dy, w, x, lw, lb)):  # rows then read element by element: VEC=1's tile
+        vec = 1
     bc, block_m = norm_grad_tiles(K, dtype, vec)  # BLOCK_M: the pinned tile's, which sizes the partial sums
     parts = torch.empty((-(-M // block_m), width), dtype=acc, device=x.device)
 
@@ -381,6 +383,9 @@ def _(dy, x, weight, ln_weight, ln_bias, eps, bias_grad):
     (N, K), M = weight.shape, x.shape[0]
     return (x.new_empty((M, K)), x.new_empty((M, K), dtype=weight.dtype),
             x.new_empty(2 * K + (N if bias_grad else 0), dtype=reference._acc_dtype(weight.dtype)))
+
+
+backend.refuse_double_backward("mpvit_kernels::linear_norm_grad")  # (linear's backward takes ATen's ops then)
 
 
 @_linear_gelu_grad.register_fake
@@ -518,7 +523,8 @@ def _backward(ctx, grad):
     eps, gelu = ctx.args
     dtype, K = weight.dtype, x.shape[-1]
     cast = backend.cast
-    if ln_weight is not None and not gelu and x.shape[0] >= NORM_GRAD_ROWS and not torch.is_grad_enabled():
+    if ln_weight is not None and not gelu and x.shape[0] >= NORM_GRAD_ROWS and not torch.is_grad_enabled() \
+            and ln_weight.dtype == ln_bias.dtype:  # (ops.linear gives them one dtype; a direct call may not)
         g = cast(grad, dtype)
         grad_x, u, sums = backend.call_op(_linear_norm_grad, g, x, weight, ln_weight, ln_bias, eps, bias is not None)
         if bias is None or bias.dtype == ln_weight.dtype:  # (one cast for all three, where any is needed)

@@ -150,7 +150,8 @@ def _grad_u_tile(dy_rows, w_ptr, offs_c, cmask, mmask, K, N, db_ptr, sums_wanted
         rmask = offs_r < N
         a = tl.load(dy_rows[:, None] + offs_r[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
         if BIAS_SUMS:
-            tl.store(db_ptr + offs_r, tl.sum(a.to(ACC), axis=0), mask=rmask & sums_wanted)
+            if sums_wanted:  # (a branch, not a store mask: the WIDE passes after the first skip the sum)
+                tl.store(db_ptr + offs_r, tl.sum(a.to(ACC), axis=0), mask=rmask)
         w = tl.load(w_ptr + offs_r[:, None].to(tl.int64) * K + offs_c[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0)
         acc += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
