@@ -668,3 +668,19 @@ def test_train_step_traffic_tool_counts_a_step_of_both_models():
     wide = tool.count("ours", "tiny", 12, 224, torch.float32)
     assert wide.op_launches["mpvit_kernels.linear_norm_grad"] == 2 * 8
     assert wide.op_launches["aten.native_layer_norm_backward"] == wide.op_launches["aten.native_layer_norm"] == 15
+
+
+def test_linear_section_forces_norm1_backward_either_way():
+    # the linear section's extra forward+backward impls of norm1 + qkv, which let a GPU run show
+    # from which rows linear_norm_grad pays: the threshold forced inside, restored after
+    from mpvit_kernels.bench import linear as section
+    from tests.test_linear import linear_op, make_inputs
+    from tests.utils import RecordOps
+
+    kept = linear_op.NORM_GRAD_ROWS
+    for impl, fused in (("ours, norm1 backward fused", True), ("ours, norm1 backward in ATen ops", False)):
+        x, params = make_inputs(10, 8, 24, torch.float32, "tokens", "norm")
+        with section.norm_grad_rows(section.NORM_GRAD_IMPLS[impl]), RecordOps() as rec:
+            section.ours_norm_qkv(x, *params).sum().backward()
+        assert rec.names.count("mpvit_kernels.linear_norm_grad") == fused
+        assert linear_op.NORM_GRAD_ROWS == kept

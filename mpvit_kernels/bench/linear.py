@@ -7,7 +7,9 @@ bias; cuBLAS's GEMM, then a GELU pass); ours is ``ops.linear``, one Triton GEMM 
 LayerNorm on its A tiles or GELU in its epilogue (on a CPU: the same eager ops, oneDNN's GEMM);
 forward+backward rows add fc1's backward, whose GELU grad and bias grad come from the epilogue
 of a GEMM that recomputes the pre-activation (``linear_gelu_grad``), and norm1 -> qkv's, from
-8192 rows one GEMM with the LayerNorm's backward in its epilogue (``linear_norm_grad``).
+``NORM_GRAD_ROWS`` rows one GEMM with the LayerNorm's backward in its epilogue
+(``linear_norm_grad``); those rows also time ours with that backward forced either way ("ours,
+norm1 backward fused" / "... in ATen ops"): from which rows the fusion pays is for a GPU to say.
 Site "block after attention" (proj, residual add, norm2, MLP, residual add: inference, the
 stages with C <= 128): eager as the public block runs it (cuBLAS's GEMMs with their biases, the
 adds, LayerNorm and GELU passes); ours ``ops.linear_proj_mlp``, one kernel whose proj output,
@@ -17,10 +19,14 @@ the model runs elsewhere (proj's cuBLAS GEMM, ``ops.residual_layernorm``, ``ops.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from mpvit_kernels import ops
+from mpvit_kernels import backend, ops
 from mpvit_kernels.bench.factor_attention import STAGES  # (stage, channels, stride) of MPViT-S
 from mpvit_kernels.bench.timing import compiled, keep, measure
 from mpvit_kernels.models.mpvit import CONFIGS
@@ -65,6 +71,21 @@ def ours_unfused_mlp(a, wp, pb, lnw, lnb, w1, b1, w2, b2, x):
     return torch.addmm(r, h, w2.t()).view(x.shape)
 
 
+# norm1 + qkv's forward+backward also with its backward forced either way: impl -> NORM_GRAD_ROWS
+NORM_GRAD_IMPLS = {"ours, norm1 backward fused": 0, "ours, norm1 backward in ATen ops": sys.maxsize}
+
+
+@contextlib.contextmanager
+def norm_grad_rows(rows: int):
+    """ops.linear's backward fused (linear_norm_grad) from ``rows`` rows while inside."""
+    module = importlib.import_module("mpvit_kernels.ops.linear")
+    kept, module.NORM_GRAD_ROWS = module.NORM_GRAD_ROWS, rows
+    try:
+        yield
+    finally:
+        module.NORM_GRAD_ROWS = kept
+
+
 IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu),
          MLP: (eager_mlp, ours_mlp)}
 
@@ -106,10 +127,14 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                     leaf = x.detach().requires_grad_(backward)
                     weights = [p.detach().requires_grad_(backward) for p in params]
                     grad = torch.randn(args.batch, N, C if site == MLP else SITES[site] * C, device=device, dtype=dtype)
-                    for impl, fn in impls.items():
+                    # (where ours runs its Triton kernels: elsewhere both are eager's ops)
+                    forced = NORM_GRAD_IMPLS if backward and site == "norm1 + qkv" and \
+                        backend.use_triton("linear", device) else {}
+                    for impl, fn in {**impls, **{name: ours for name in forced}}.items():
                         if backward:
-                            def step(fn=fn):
-                                fn(leaf, *weights).backward(grad)
+                            def step(fn=fn, rows=forced.get(impl)):
+                                with contextlib.nullcontext() if rows is None else norm_grad_rows(rows):
+                                    fn(leaf, *weights).backward(grad)
                         else:
                             def step(fn=fn):
                                 with torch.no_grad():
