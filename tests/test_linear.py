@@ -442,17 +442,21 @@ def test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(C):
     assert rec.names.count("aten.addmm_") == rec.names.count("aten.mm") == (0 if fused else 1)
     assert not {"aten.gelu", "aten.native_layer_norm"} & set(rec.names)
     assert_close(out, want, scale=4)
-    # where a graph is recorded (the parameters train), the separate ops with their backward kernels
+    # where a graph is recorded (the parameters train), the separate ops with their backward
+    # kernels: norm1 -> qkv, and the MLP onto its residual (fc1's GEMM inside it)
     with RecordOps() as rec:
         block(x, (3, 5))
-    assert "mpvit_kernels.linear_proj_mlp" not in rec.names and rec.names.count("mpvit_kernels.linear") == 2
+    assert "mpvit_kernels.linear_proj_mlp" not in rec.names
+    assert rec.names.count("mpvit_kernels.linear") == rec.names.count("mpvit_kernels.linear_mlp") == 1
 
 
 @pytest.mark.parametrize("C", [16, 136])
 def test_mpvit_block_training_step_takes_norm1_backward_in_one_gemm(C, norm_grad_at_any_rows):
     """A training step of the block through its GEMM ops: norm1 -> qkv's backward in
-    linear_norm_grad (136 channels: over two tiles), fc1's in linear_gelu_grad; every grad equal
-    to kernels off (fp64; the attention, whose interpreted backward is slow, on the reference)."""
+    linear_norm_grad (136 channels: over two tiles), the MLP in linear_mlp, whose backward takes
+    fc1's pre-activation grad from linear_mlp_grad (the hidden's grad in registers); every grad
+    equal to kernels off (fp64; the attention, whose interpreted backward is slow, on the
+    reference)."""
     block = make_block(C, torch.float64).train()
     x = torch.randn(2, 15, C, device=KERNEL_DEVICE, dtype=torch.float64)
     g = torch.randn_like(x)
@@ -466,8 +470,9 @@ def test_mpvit_block_training_step_takes_norm1_backward_in_one_gemm(C, norm_grad
         block.zero_grad(set_to_none=True)
         if backend == "auto":
             assert rec.names.count("mpvit_kernels.linear_norm_grad") == 1
-            assert rec.names.count("mpvit_kernels.linear_gelu_grad") == 1
-            assert "aten.native_layer_norm_backward" not in rec.names
+            assert rec.names.count("mpvit_kernels.linear_mlp") == rec.names.count("mpvit_kernels.linear_mlp_grad") == 1
+            assert not {"aten.native_layer_norm_backward", "mpvit_kernels.linear_gelu_grad", "aten.gelu_backward",
+                        "aten.addmm_"} & set(rec.names)
     for (name, _), a, b in zip([("x", None), *block.named_parameters()], *grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
 
@@ -554,6 +559,32 @@ def test_cuda_norm_grad_at_model_shapes_is_deterministic_and_within_twice_eager(
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES[1::2], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
+def test_cuda_mlp_at_model_shapes_is_deterministic_and_within_twice_eager(shape, dtype):
+    # the MLP onto its residual in training (linear_mlp, its backward linear_mlp_grad): every
+    # grad against fp64 within twice eager's error in the same dtype, the same bits twice; a
+    # last row block in part, rows of their own stride
+    tokens, C, hidden = shape
+    leaves32 = mlp_inputs(4 * tokens + 5, C, hidden, torch.float32, "strided")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves32]
+    want = mlp_chain(*leaves64)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves64, g)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves32]
+    errs, grads = {}, []
+    for name, fn in (("ours", ops.linear_mlp), ("ours", ops.linear_mlp), ("eager", mlp_chain)):
+        with RecordOps() as rec:
+            y = fn(*leaves)
+            got = torch.autograd.grad(y, leaves, g.to(dtype))
+        assert rec.names.count("mpvit_kernels.linear_mlp_grad") == (name == "ours")
+        grads.append((y, *got))
+        errs[name] = [normwise_error(a, b) for a, b in zip((y, *got), (want, *want_grads))]
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    assert all(o <= 2 * e + 1e-6 for o, e in zip(errs["ours"], errs["eager"])), errs
+
+
+@pytest.mark.cuda
 @pytest.mark.model_shapes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES[1::3], ids=lambda s: f"N{s[0]}-K{s[1]}-N{s[2]}")
@@ -589,6 +620,137 @@ def test_layernorm_parameters_narrower_than_x_keep_x_precision_in_the_backward()
     want = torch.autograd.grad(chain(x, w, b, lw16.double(), lb16.double(), 1e-5, False).sum(), [x])
     assert [g.dtype for g in got] == [torch.float64, torch.float16, torch.float16]
     assert_close(got[0], want[0], scale=10)
+
+
+# ---- linear_mlp: the MLP onto its residual in training, fc1's grad through fc2 in one kernel --------
+
+def mlp_inputs(M, C, hidden, dtype, layout="rows", bias=True):
+    """x (leaf) in ``layout`` (tokens_in), r (leaf, (M, C) or the tokens' shape), fc1's weight and
+    bias, fc2's weight (leaves)."""
+    x = tokens_in(layout, M, C, dtype).detach().requires_grad_()
+    r = torch.randn(x.shape, dtype=dtype, device=KERNEL_DEVICE).requires_grad_()
+    w1 = (torch.randn(hidden, C, dtype=dtype, device=KERNEL_DEVICE) * C ** -0.5).requires_grad_()
+    b1 = torch.randn(hidden, dtype=dtype, device=KERNEL_DEVICE).requires_grad_() if bias else None
+    w2 = (torch.randn(C, hidden, dtype=dtype, device=KERNEL_DEVICE) * hidden ** -0.5).requires_grad_()
+    return x, r, w1, b1, w2
+
+
+def mlp_chain(x, r, w1, b1, w2):
+    """What eager runs."""
+    return r + F.linear(F.gelu(F.linear(x, w1, b1)), w2)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("layout", ["rows", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(7, 8, 32), (37, 22, 88), (21, 24, 136)], ids=lambda s: "x".join(map(str, s)))
+def test_mlp_matches_the_eager_chain_with_every_grad(shape, dtype, layout, bias):
+    # 136 hidden channels: two column tiles of the grad kernel
+    x, r, w1, b1, w2 = mlp_inputs(*shape, dtype, layout, bias)
+    leaves = [t for t in (x, r, w1, b1, w2) if t is not None]
+    with RecordOps() as rec:
+        y = ops.linear_mlp(x, r, w1, b1, w2)
+    assert rec.names.count("mpvit_kernels.linear_mlp") == 1
+    want = mlp_chain(x, r, w1, b1, w2)
+    assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, want, scale=4)
+    g = torch.randn_like(want)
+    with RecordOps() as rec:
+        got = torch.autograd.grad(y, leaves, g)
+    # fc1's pre-activation grad through fc2 in one kernel: no 4C-wide grad of the hidden written
+    assert rec.names.count("mpvit_kernels.linear_mlp_grad") == 1
+    assert not {"mpvit_kernels.linear_gelu_grad", "aten.gelu_backward"} & set(rec.names)
+    for a, b in zip(got, torch.autograd.grad(want, leaves, g)):
+        assert a.dtype == b.dtype
+        assert_close(a, b, scale=10)
+
+
+def test_mlp_fp64_gradcheck_opcheck_and_second_derivative():
+    x, r, w1, b1, w2 = mlp_inputs(6, 5, 12, torch.float64, "strided")
+    fn = ops.linear_mlp
+    assert torch.autograd.gradcheck(fn, (x, r, w1, b1, w2))
+    # create_graph: fc1's grad through linear_gelu_grad, which autograd differentiates again
+    assert torch.autograd.gradgradcheck(fn, (x, r, w1, b1, w2))
+    x, r, w1, b1, w2 = mlp_inputs(10, 12, 40, torch.float32, "strided")
+    for bias in (b1, None):
+        torch.library.opcheck(torch.ops.mpvit_kernels.linear_mlp.default, (x.reshape(-1, 12), r, w1, bias, w2))
+        torch.library.opcheck(torch.ops.mpvit_kernels.linear_mlp_grad.default,
+                              (r.detach(), x.detach(), w1.detach(), None if bias is None else bias.detach(), w2.detach()))
+
+
+def test_mlp_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
+    # M = 70: several programs' rows, so the bias grad adds partial sums
+    x, r, w1, b1, w2 = (t.detach() for t in mlp_inputs(70, 12, 40, torch.float64, "strided"))
+    g = torch.randn(70, 12, dtype=torch.float64, device=KERNEL_DEVICE)
+    h = torch.addmm(b1, x, w1.t()).requires_grad_()
+    want, = torch.autograd.grad(F.gelu(h), h, g @ w2)
+    dh, db = torch.ops.mpvit_kernels.linear_mlp_grad(g, x, w1, b1, w2)
+    assert dh.is_contiguous()
+    assert_close(dh, want, scale=4)
+    assert_close(db, want.sum(0), scale=4)
+    dh_nb, none = torch.ops.mpvit_kernels.linear_mlp_grad(g, x, w1, None, w2)
+    assert none.shape == (0,)
+    assert_close(dh_nb, torch.autograd.grad(F.gelu(h - b1), h, g @ w2)[0], scale=4)
+    empty = torch.ops.mpvit_kernels.linear_mlp_grad(g[:0], x[:0], w1, b1, w2)
+    assert empty[0].shape == (0, 40) and torch.equal(empty[1], torch.zeros_like(b1))
+    g, x = g[:9], x[:9]
+    for args, match in (((g.float(), x, w1, b1, w2), "g must be torch.float64 \\(9, 12\\)"),
+                        ((g, x[:, :11], w1, b1, w2), "x must be"), ((g, x, w1, b1, w2[:, :39]), "weight2 must be"),
+                        ((g, x, w1, b1[:39], w2), "bias must have shape \\(40,\\)")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.mpvit_kernels.linear_mlp_grad(*args)
+
+
+def test_mlp_under_autocast_over_a_wider_stream_keeps_the_separate_ops_and_compiles():
+    # bf16 GEMMs over an fp32 residual stream: fc2 in the autocast dtype, the add in the stream's
+    x, r, w1, b1, w2 = mlp_inputs(10, 8, 32, torch.float32)
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16), mpvit_kernels.use_backend("reference", ops=["linear"]), \
+            RecordOps() as rec:
+        y = ops.linear_mlp(x, r, w1, b1, w2)
+    assert y.dtype == torch.float32 and "mpvit_kernels.linear_mlp" not in rec.names
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.linear_mlp, fullgraph=True, backend="aot_eager")
+    y = compiled(x, r, w1, b1, w2)
+    want = mlp_chain(x, r, w1, b1, w2)
+    assert_close(y, want, scale=4)
+    leaves = [x, r, w1, b1, w2]
+    for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.ones(4, 8, dtype=torch.int32)), TypeError, "x must be float"),
+    (dict(r=torch.randn(5, 8)), ValueError, "x and r must be tokens"),
+    (dict(fc1_weight=torch.randn(32, 9)), ValueError, "fc1_weight must be \\(hidden, 8\\)"),
+    (dict(fc2_weight=torch.randn(8, 31)), ValueError, "fc2_weight must be \\(8, 32\\)"),
+    (dict(fc1_bias=torch.randn(31)), ValueError, "fc1_bias must have shape \\(32,\\)"),
+    (dict(r=torch.randn(4, 8, device="meta")), ValueError, "r is on meta"),
+])
+def test_mlp_bad_inputs_are_refused_before_any_kernel(change, error, match):
+    args = dict(x=torch.randn(4, 8), r=torch.randn(4, 8), fc1_weight=torch.randn(32, 8), fc1_bias=torch.randn(32),
+                fc2_weight=torch.randn(8, 32))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.linear_mlp(**args)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_mlp_low_precision_within_twice_eager(dtype):
+    """A 16-bit model (x, r and the weights in it): every grad against fp64 within twice eager's
+    error in the same dtype."""
+    x, r, w1, b1, w2 = mlp_inputs(42, 16, 64, torch.float32)
+    leaves32 = [x, r, w1, b1, w2]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves32]
+    want = mlp_chain(*leaves64)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves64, g)
+    errs = {}
+    for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in leaves32]
+        y = fn(*leaves)
+        got = torch.autograd.grad(y, leaves, g.to(dtype))
+        errs[name] = [normwise_error(a, b) for a, b in zip([y, *got], [want, *want_grads])]
+    assert all(o <= 2 * e + 1e-3 for o, e in zip(errs["ours"], errs["eager"])), errs
 
 
 # ---- linear_proj_mlp: the block after its attention in one kernel (C <= 128) ---------------------

@@ -10,6 +10,10 @@ of a GEMM that recomputes the pre-activation (``linear_gelu_grad``), and norm1 -
 ``NORM_GRAD_ROWS`` rows one GEMM with the LayerNorm's backward in its epilogue
 (``linear_norm_grad``); those rows also time ours with that backward forced either way ("ours,
 norm1 backward fused" / "... in ATen ops"): from which rows the fusion pays is for a GPU to say.
+Site "MLP onto residual" (fc1, GELU, fc2 onto the residual r: what the model's blocks run in
+training): eager as the public block (cuBLAS's GEMMs, a GELU pass, the add), ours
+``ops.linear_mlp``, whose backward takes fc1's pre-activation grad from one kernel computing fc2's
+input grad and the GELU grad together (``linear_mlp_grad``: the 4C-wide grad never stored).
 Site "block after attention" (proj, residual add, norm2, MLP, residual add: inference, the
 stages with C <= 128): eager as the public block runs it (cuBLAS's GEMMs with their biases, the
 adds, LayerNorm and GELU passes); ours ``ops.linear_proj_mlp``, one kernel whose proj output,
@@ -35,7 +39,9 @@ from mpvit_kernels.ops.linear import MLP_MAX_C
 MLP_RATIO = CONFIGS["small"][2]
 EPS = 1e-6  # MPViT's LayerNorms'
 MLP = "block after attention"
-SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO, MLP: MLP_RATIO}  # site: hidden width / C
+TRAIN_MLP = "MLP onto residual"
+SITES = {"norm1 + qkv": 3, "fc1 + GELU": MLP_RATIO, MLP: MLP_RATIO, TRAIN_MLP: MLP_RATIO}  # site: hidden width / C
+ROWS_OUT = (MLP, TRAIN_MLP)  # the sites whose output is C wide (the others': their hidden)
 
 
 def eager_norm_qkv(x, w, b, gamma, beta):
@@ -86,8 +92,16 @@ def norm_grad_rows(rows: int):
         module.NORM_GRAD_ROWS = kept
 
 
+def eager_mlp_onto(x, w1, b1, w2, r):
+    return r + F.linear(F.gelu(F.linear(x, w1, b1)), w2)
+
+
+def ours_mlp_onto(x, w1, b1, w2, r):
+    return ops.linear_mlp(x, r, w1, b1, w2)
+
+
 IMPLS = {"norm1 + qkv": (eager_norm_qkv, ours_norm_qkv), "fc1 + GELU": (eager_fc1_gelu, ours_fc1_gelu),
-         MLP: (eager_mlp, ours_mlp)}
+         MLP: (eager_mlp, ours_mlp), TRAIN_MLP: (eager_mlp_onto, ours_mlp_onto)}
 
 
 def site_inputs(site: str, B: int, N: int, C: int, dtype, device):
@@ -99,6 +113,9 @@ def site_inputs(site: str, B: int, N: int, C: int, dtype, device):
     params = [torch.randn(hidden, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(hidden, device=device, dtype=dtype)]
     if site == "norm1 + qkv":
         params += [torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype)]
+    if site == TRAIN_MLP:  # fc1's weight and bias, fc2's weight, the residual (B, N, C)
+        params += [torch.randn(C, hidden, device=device, dtype=dtype) * hidden ** -0.5,
+                   torch.randn(B, N, C, device=device, dtype=dtype)]
     if site == MLP:
         params = [torch.randn(C, C, device=device, dtype=dtype) * C ** -0.5, torch.randn(C, device=device, dtype=dtype),
                   torch.rand(C, device=device, dtype=dtype) + 0.5, torch.randn(C, device=device, dtype=dtype),
@@ -121,12 +138,13 @@ def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list
                 x, params = site_inputs(site, args.batch, N, C, dtype, device)
                 # the least any implementation moves: x read once, the hidden written once (the
                 # block after attention: its two inputs read, its output written)
-                nbytes = args.batch * N * C * x.element_size() * (3 if site == MLP else 1 + SITES[site])
+                nbytes = args.batch * N * C * x.element_size() * (3 if site in ROWS_OUT else 1 + SITES[site])
                 for mode in ("forward",) if site == MLP else ("forward", "forward+backward"):
                     backward = mode != "forward"
                     leaf = x.detach().requires_grad_(backward)
                     weights = [p.detach().requires_grad_(backward) for p in params]
-                    grad = torch.randn(args.batch, N, C if site == MLP else SITES[site] * C, device=device, dtype=dtype)
+                    grad = torch.randn(args.batch, N, C if site in ROWS_OUT else SITES[site] * C, device=device,
+                                       dtype=dtype)
                     # (where ours runs its Triton kernels: elsewhere both are eager's ops)
                     forced = NORM_GRAD_IMPLS if backward and site == "norm1 + qkv" and \
                         backend.use_triton("linear", device) else {}

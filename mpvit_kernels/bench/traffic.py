@@ -147,9 +147,9 @@ class CountOurs(CountTraffic):
     """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
     outputs (what our fused kernels read and write), except the attention forward, whose
     launches and bytes come from its kernels (``ours_factor_attention``), and the
-    residual_layernorm backward, fc1's GELU grad (``linear_gelu_grad``) and norm1 -> qkv's
-    backward (``linear_norm_grad``), whose kernels also write per-program partial sums that one
-    small sum then reduces."""
+    residual_layernorm backward, fc1's GELU grad (``linear_gelu_grad``, ``linear_mlp_grad``) and
+    norm1 -> qkv's backward (``linear_norm_grad``), whose kernels also write per-program partial
+    sums that one small sum then reduces."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
@@ -161,21 +161,33 @@ class CountOurs(CountTraffic):
             self.bytes += partials + partials + 4 * C * 4
             self.launches += 1
             self.ops.append("residual_layernorm_bwd partial sums")
-        if func is torch.ops.mpvit_kernels.linear_gelu_grad.default and args[3] is not None:
-            from mpvit_kernels.ops.linear import gelu_grad_tiles
+        if func is torch.ops.mpvit_kernels.linear_mlp.default:
+            # two launches: fc1 + GELU (reads x, writes h), then cuBLAS's fc2 onto r (reads h and r,
+            # writes the output): the op's inputs and outputs (counted below) and h read once more
+            (M, N), elem = (args[0].shape[0], args[2].shape[0]), args[2].element_size()
+            self.bytes += M * N * elem
+            self.launches += 1
+            self.ops.append("linear_mlp fc2 GEMM")
+        gelu_grad = func is torch.ops.mpvit_kernels.linear_gelu_grad.default
+        if (gelu_grad or func is torch.ops.mpvit_kernels.linear_mlp_grad.default) and args[3] is not None:
+            from mpvit_kernels.ops.linear import gelu_grad_tiles, mlp_grad_tiles
 
-            (M, N), acc = args[0].shape, 8 if args[0].dtype == torch.float64 else 4
+            (N, _), M = args[2].shape, args[1].shape[0]
+            dtype, acc = args[2].dtype, 8 if args[2].dtype == torch.float64 else 4
             # the bias grad: the kernel's partial sums (MPViT's launches are aligned), written, then
             # summed (into the op's output, counted with the op), then cast unless the bias is in
             # the accumulation dtype
-            partials = -(-M // gelu_grad_tiles(N, args[0].dtype, aligned=True, on_gpu=True)[1]) * N * acc
+            tiles = gelu_grad_tiles(N, dtype, aligned=True, on_gpu=True) if gelu_grad else \
+                mlp_grad_tiles(N, dtype, on_gpu=True)
+            partials = -(-M // tiles[1]) * N * acc
+            name = "linear_gelu_grad" if gelu_grad else "linear_mlp_grad"
             self.bytes += partials + partials
             self.launches += 1
-            self.ops.append("linear_gelu_grad bias partial sums")
+            self.ops.append(f"{name} bias partial sums")
             if args[3].element_size() != acc:
                 self.bytes += N * acc
                 self.launches += 1
-                self.ops.append("linear_gelu_grad bias grad cast")
+                self.ops.append(f"{name} bias grad cast")
         if func is torch.ops.mpvit_kernels.linear_norm_grad.default:
             from mpvit_kernels.ops.linear import norm_grad_tiles
 
@@ -321,8 +333,9 @@ def block_middle(impl: str, B: int, N: int, C: int, dtype, backward: bool) -> Co
 
 
 def token_linear(impl: str, site: str, B: int, N: int, C: int, dtype, backward: bool) -> CountTraffic:
-    """norm1 -> qkv, fc1 -> GELU or the block after its attention (bench.linear's sites) as the
-    public block runs them ("eager") or as ``ops.linear`` / ``ops.linear_proj_mlp`` ("ours"),
+    """norm1 -> qkv, fc1 -> GELU, the MLP onto its residual or the block after its attention
+    (bench.linear's sites) as the public block runs them ("eager") or as ``ops.linear`` /
+    ``ops.linear_mlp`` / ``ops.linear_proj_mlp`` ("ours"),
     forward or forward+backward with every parameter training, counted on meta tensors."""
     eager, ours = linear_bench.IMPLS[site]
     x, params = linear_bench.site_inputs(site, B, N, C, dtype, "meta")

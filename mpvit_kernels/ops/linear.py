@@ -153,6 +153,41 @@ def linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor,
     return out.view(x.shape)
 
 
+def linear_mlp(x: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+               fc2_weight: torch.Tensor) -> torch.Tensor:
+    """An MLP onto a residual, ``r + gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T``: x tokens
+    (..., C) with any strides, r (..., C_out) of x's leading shape, fc1_weight (hidden, C),
+    fc2_weight (C_out, hidden), fc1_bias (hidden,) or None. Returns r's shape, contiguous, in r's
+    dtype. For training: where the GEMMs run in r's dtype (no autocast over a wider stream) on
+    the Triton kernels, one op whose backward computes the grad of fc1's pre-activation, (g
+    fc2_weight) * gelu'(h), in one kernel (``linear_mlp_grad``: both GEMMs over the same K, h
+    recomputed), so the hidden's 4C-wide grad never reaches memory; elsewhere :func:`linear`
+    with GELU, then fc2 added onto r, as the model's inference runs them."""
+    check_float_tensors("linear_mlp", x=x, r=r, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
+    if x.dim() < 2 or r.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"linear_mlp: x and r must be tokens (..., C) with one leading shape, got {tuple(x.shape)} "
+                         f"and {tuple(r.shape)}")
+    C, C_out = x.shape[-1], r.shape[-1]
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or fc1_weight.shape[0] < 1:
+        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}), got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    if tuple(fc2_weight.shape) != (C_out, hidden):
+        raise ValueError(f"linear_mlp: fc2_weight must be ({C_out}, {hidden}), got {tuple(fc2_weight.shape)}")
+    for name, t in (("r", r), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if t.device != x.device:
+            raise ValueError(f"linear_mlp: {name} is on {t.device}, x on {x.device}")
+    dtype = backend.autocast_dtype(x)
+    if dtype != r.dtype or not backend.use_triton("linear", x.device):
+        h = linear(x, fc1_weight, fc1_bias, gelu=True)
+        return r + F.linear(h, backend.weight_as(fc2_weight, h.dtype))
+    if fc1_bias is not None:
+        check_channel_params("linear_mlp", hidden, x.device, fc1_bias=fc1_bias)
+    check_rows("linear_mlp", x.numel() // C)
+    w1, w2 = backend.weight_as(fc1_weight, dtype), backend.weight_as(fc2_weight, dtype)
+    out, _ = backend.call_op(_linear_mlp, x.reshape(-1, C), r.reshape(-1, C_out), w1, fc1_bias, w2)
+    return out.view(r.shape)
+
+
 def _check_proj_mlp(a, x, proj_weight, proj_bias, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight,
                     fc2_bias):
     check_float_tensors("linear_proj_mlp", a=a, x=x, proj_weight=proj_weight, fc1_weight=fc1_weight,
@@ -386,6 +421,118 @@ def _(dy, x, weight, ln_weight, ln_bias, eps, bias_grad):
 
 
 backend.refuse_double_backward("mpvit_kernels::linear_norm_grad")  # (linear's backward takes ATen's ops then)
+
+
+def mlp_grad_tiles(N: int, dtype: torch.dtype, on_gpu: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) of linear_mlp_grad's pinned launch for N hidden channels and a GEMM in
+    ``dtype``: gli_projection's width, at most 64 in fp64. ``on_gpu``: a GPU's tile even under the
+    interpreter (the traffic model)."""
+    from mpvit_kernels.triton import gli_projection, linear as kernels
+
+    bn = gli_projection.block_n(N)
+    if dtype == torch.float64:
+        bn = min(64, bn)
+    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
+    return bn, kernels.mlp_grad_tile(bn, kind, on_gpu)[0]
+
+
+@torch.library.custom_op("mpvit_kernels::linear_mlp_grad", mutates_args=())
+def _linear_mlp_grad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weight2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, d bias) of an MLP x -> fc1 (weight (N, K), bias) -> GELU -> fc2 (weight2 (K, N)) from g,
+    the grad of fc2's output (M, K): dh = (g weight2) * gelu'(h), h = x weight^T + bias
+    recomputed, (M, N) contiguous in weight's dtype; the bias grad, dh's column sums before their
+    rounding, in bias's dtype (empty without a bias). x (M, K) with unit channel stride, g,
+    weight and weight2 in one dtype. One Triton GEMM pair over the same K: g weight2, the
+    hidden's grad, stays in registers (linear_gelu_grad reads it). Pinned tile; the partial sums
+    add in a fixed order (deterministic)."""
+    kernels, vector_width, _, _, _ = _kernels()
+    if weight.dim() != 2 or x.dim() != 2 or weight2.dim() != 2:
+        raise ValueError(f"linear_mlp_grad: x, weight and weight2 must be 2-d, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)} and {tuple(weight2.shape)}")
+    (N, K), M, dtype = weight.shape, x.shape[0], weight.dtype
+    if bias is not None:
+        check_channel_params("linear_mlp_grad", N, weight.device, bias=bias)
+    for name, t, shape in (("x", x, (M, K)), ("g", g, (M, K)), ("weight2", weight2, (K, N))):
+        if t.dtype != dtype or tuple(t.shape) != shape or t.device != weight.device:
+            raise ValueError(f"linear_mlp_grad: {name} must be {dtype} {shape} on {weight.device} (weight "
+                             f"{tuple(weight.shape)}), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if x.stride(1) != 1 and K != 1:
+        x = x.contiguous()
+    g, w, w2 = g.contiguous(), weight.contiguous(), weight2.contiguous()
+    dh = torch.empty((M, N), dtype=dtype, device=x.device)
+    if M == 0:
+        return dh, dh.new_empty(0) if bias is None else torch.zeros_like(bias)
+    acc = reference._acc_dtype(dtype)
+    bn, block_m = mlp_grad_tiles(N, dtype)  # BLOCK_M: the pinned tile's, which sizes the partial sums
+    parts = torch.empty((-(-M // block_m), N) if bias is not None else (0,), dtype=acc, device=x.device)
+
+    def grid(meta):
+        if meta["BLOCK_M"] != block_m:  # the partial sums have a row per program
+            raise RuntimeError(f"linear_mlp_grad: launched with BLOCK_M={meta['BLOCK_M']}, sized for {block_m}")
+        return -(-M // block_m), -(-N // bn)
+
+    with backend.triton_device(x):
+        kernels.mlp_gelu_grad_kernel[grid](
+            x, w, dh if bias is None else bias.contiguous(), g, w2, dh, parts, M, K, N, x.stride(0),
+            BIAS=bias is not None, ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            DOT_PRECISION=_dot_precision(dtype), BLOCK_N=bn,
+            VEC=vector_width(dh.element_size(), K, N, *((x.stride(0),) if M > 1 else ())))
+    return dh, dh.new_empty(0) if bias is None else backend.cast(parts.sum(0), bias.dtype)
+
+
+@_linear_mlp_grad.register_fake
+def _(g, x, weight, bias, weight2):
+    n = 0 if bias is None else weight.shape[0]
+    return (x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype),
+            x.new_empty(n, dtype=weight.dtype if bias is None else bias.dtype))
+
+
+backend.refuse_double_backward("mpvit_kernels::linear_mlp_grad")  # (linear_mlp's backward takes linear_gelu_grad then)
+
+
+@torch.library.custom_op("mpvit_kernels::linear_mlp", mutates_args=())
+def _linear_mlp(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                weight2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h): out = r + h weight2^T (M, K2) contiguous in r's dtype, h = gelu(x weight^T + bias)
+    (M, N) contiguous in weight's dtype (the hidden fc2 read, kept for its weight grad; it takes
+    no grad). x (M, K) any strides, weight (N, K), weight2 (K2, N) and r (M, K2) in one dtype."""
+    h = torch.ops.mpvit_kernels.linear(x, weight, bias, None, None, 1e-5, True)
+    return torch.addmm(r, h, weight2.t()), h
+
+
+@_linear_mlp.register_fake
+def _(x, r, weight, bias, weight2):
+    return r.new_empty(r.shape), x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, r, weight, bias, weight2 = inputs
+    ctx.save_for_backward(x, weight, bias, weight2, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _mlp_backward(ctx, grad, _):
+    """fc1's pre-activation grad from ``linear_mlp_grad`` (the hidden's grad never stored), then
+    cuBLAS's GEMMs for the weights' and x's grads; r's grad is out's. Where the backward is itself
+    differentiated (``create_graph``): the hidden's grad as a GEMM, then ``linear_gelu_grad``, and
+    the hidden recomputed in ATen ops, all of which autograd can differentiate again."""
+    if grad is None:
+        return None, None, None, None, None
+    x, weight, bias, weight2, h = ctx.saved_tensors
+    g = backend.cast(grad, weight.dtype)
+    if torch.is_grad_enabled():
+        h = F.gelu(F.linear(x, weight, bias))  # recomputed: the saved one has no graph to x and the weight
+        dh, grad_bias = backend.call_op(_linear_gelu_grad, g @ weight2, x, weight, bias)
+    else:
+        dh, grad_bias = backend.call_op(_linear_mlp_grad, g, x, weight, bias, weight2)
+    grad_x = dh @ weight
+    return (backend.cast(grad_x, x.dtype), grad, dh.t() @ backend.cast(x, weight.dtype),
+            None if bias is None else grad_bias, g.t() @ h)
+
+
+backend.register_autograd(_linear_mlp, _mlp_backward, setup_context=_mlp_setup_context)
 
 
 @_linear_gelu_grad.register_fake

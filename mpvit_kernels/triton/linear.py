@@ -137,6 +137,56 @@ def linear_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit(do_not_specialize=["M"])
+def mlp_gelu_grad_kernel(
+    x_ptr,  # (M, K) rows with unit channel stride, row stride below: fc1's input
+    w_ptr,  # (N, K) contiguous: fc1's weight, in the GEMM's dtype
+    bias_ptr,  # (N,) fc1's bias (BIAS), read in ACC
+    g_ptr,  # (M, K) contiguous: the grad of the MLP's output (fc2's), in the GEMM's dtype
+    w2_ptr,  # (K, N) contiguous: fc2's weight, in the GEMM's dtype
+    dh_ptr,  # (M, N) contiguous out, in the GEMM's dtype
+    db_ptr,  # (cdiv(M, BLOCK_M), N) out, in ACC: each program's column sums of dh (BIAS)
+    M, K, N, stride_xm,
+    BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
+):
+    """fc1's pre-activation grad in an MLP x -> fc1 -> GELU -> fc2: dh = (g W2) * gelu'(h), both
+    GEMMs over the same K = fc1's inputs = fc2's outputs in one loop, h = x W1^T + b recomputed
+    (linear_kernel's GELU_GRAD, with dy = g W2 computed here instead of read: the 4C-wide grad of
+    the hidden never reaches memory), and each program's column sums of dh for fc1's bias grad."""
+    K = _known_multiple(K, VEC)
+    N = _known_multiple(N, VEC)
+    stride_xm = _known_multiple(stride_xm, VEC)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    g_rows = g_ptr + offs_m.to(tl.int64) * K
+    h = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    dy = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        amask = mmask[:, None] & kmask[None, :]
+        wmask = kmask[:, None] & nmask[None, :]
+        a = tl.load(rows[:, None] + offs_k[None, :], mask=amask, other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None], mask=wmask, other=0.0)
+        h += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
+        a = tl.load(g_rows[:, None] + offs_k[None, :], mask=amask, other=0.0)
+        w = tl.load(w2_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], mask=wmask, other=0.0)
+        dy += tl.dot(a, w, out_dtype=ACC, input_precision=DOT_PRECISION)
+    if BIAS:
+        h += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(ACC)[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    # gelu'(h) = Phi(h) + h phi(h)
+    dh = dy * (_normal_cdf(h, ACC) + h * tl.exp(-0.5 * h * h) * tl.full([], 0.3989422804014327, ACC))
+    if BIAS:
+        tl.store(db_ptr + tl.program_id(0).to(tl.int64) * N + offs_n, tl.sum(tl.where(omask, dh, 0.0), axis=0),
+                 mask=nmask)
+    tl.store(dh_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=omask)
+
+
 @triton.jit
 def _grad_u_tile(dy_rows, w_ptr, offs_c, cmask, mmask, K, N, db_ptr, sums_wanted, BIAS_SUMS: tl.constexpr,
                  ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -378,6 +428,27 @@ linear_tuned = tuned(
 linear_kernel = LAUNCH(linear_kernel)
 
 
+def mlp_grad_tile(block_n: int, kind: str, on_gpu: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of mlp_gelu_grad_kernel for this BLOCK_N and
+    GEMM dtype: gli_projection's tile with half its rows (two accumulators, h and dy), which
+    compiles without spills for sm_80 and sm_90a (static report); ``on_gpu``: a GPU's tile even
+    under the interpreter. The op sizes the partial sums with BLOCK_M."""
+    block_m, block_k, warps, stages = (_gli_gpu_tile if on_gpu else _gli_tile)(block_n, kind)
+    return max(16, block_m // 2), block_k, warps, stages
+
+
+def _mlp_grad_tile(meta):
+    return mlp_grad_tile(meta["BLOCK_N"], dot_kind(meta))
+
+
+# always pinned: the bias grad's partial sums keep one order
+mlp_gelu_grad_kernel = pinned(("BLOCK_N", "ACC", "DOT_PRECISION"), {
+    "BLOCK_M": lambda meta: _mlp_grad_tile(meta)[0], "BLOCK_K": lambda meta: _mlp_grad_tile(meta)[1],
+    "num_warps": lambda meta: _mlp_grad_tile(meta)[2], "num_stages": lambda meta: _mlp_grad_tile(meta)[3],
+    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
+})(mlp_gelu_grad_kernel)
+
+
 def norm_grad_tile(block_c: int, kind: str, wide: bool, vec: int, on_gpu: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, num_warps, num_stages) of linear_norm_grad_kernel for this BLOCK_C, GEMM
     dtype ("fp64", "fp32" or "16-bit"), WIDE and VEC: gli_projection's tile with half its rows
@@ -442,6 +513,21 @@ def compile_specs():
                         specs.append(as_launched(spec))
                         if not grad:
                             specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
+    # the MLP's fc1 grad through fc2 (training): every BLOCK_N and GEMM dtype (x and the
+    # parameters in it: autocast over a wider stream keeps the separate ops, ops.linear_mlp)
+    for dt in ("fp16", "bf16", "fp32", "fp64"):
+        acc_ty = tl.float64 if dt == "fp64" else tl.float32
+        precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
+        for bn in (16, 32, 64, 128):
+            if dt == "fp64" and bn > 64:  # (ops.linear.mlp_grad_tiles: at most 64 wide in fp64)
+                continue
+            types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "g_ptr": f"*{dt}", "w2_ptr": f"*{dt}",
+                     "dh_ptr": f"*{dt}", "db_ptr": "*fp64" if dt == "fp64" else "*fp32"}
+            spec = (mlp_gelu_grad_kernel, f"{dt} BLOCK_N={bn}", types,
+                    {"BIAS": True, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn})
+            specs.append(spec)
+            if bn >= 64 and dt != "fp64":
+                specs.append(as_launched(spec))
     # norm1 -> qkv's backward: every BLOCK_C, the channels in one tile or over several (WIDE), with
     # and without the bias's sums; x (dx) in the GEMM's dtype or, for a 16-bit GEMM, in fp32
     # (autocast's fp32 stream), the LayerNorm's parameters in it or in fp32
