@@ -701,19 +701,60 @@ def test_mlp_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
             torch.ops.mpvit_kernels.linear_mlp_grad(*args)
 
 
-def test_mlp_under_autocast_over_a_wider_stream_keeps_the_separate_ops_and_compiles():
-    # bf16 GEMMs over an fp32 residual stream: fc2 in the autocast dtype, the add in the stream's
-    x, r, w1, b1, w2 = mlp_inputs(10, 8, 32, torch.float32)
-    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16), mpvit_kernels.use_backend("reference", ops=["linear"]), \
-            RecordOps() as rec:
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_mlp_under_autocast_over_an_fp32_stream_takes_the_op_as_accurately_as_eager(dtype):
+    # AMP: fp32 tokens and parameters, the GEMMs in the autocast dtype, fc2's output added in fp32;
+    # the backward casts x and the grad to the GEMMs' dtype, as autocast's saved casts are
+    x, r, w1, b1, w2 = leaves = mlp_inputs(40, 16, 64, torch.float32)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = mlp_chain(*leaves64)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves64, g)
+    errs = {}
+    for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
+        with torch.autocast(KERNEL_DEVICE, dtype=dtype), RecordOps() as rec:
+            y = fn(*leaves)
+        assert y.dtype == torch.float32
+        assert rec.names.count("mpvit_kernels.linear_mlp") == (name == "ours")
+        got = torch.autograd.grad(y, leaves, g.float())
+        assert [t.dtype for t in got] == [torch.float32] * 5
+        errs[name] = [normwise_error(a, b) for a, b in zip([y, *got], [want, *want_grads])]
+    assert all(o <= 2 * e + 1e-4 for o, e in zip(errs["ours"], errs["eager"])), errs
+
+
+def test_mlp_other_widths_frozen_weights_mixed_bias_and_compile():
+    # fc2 to another width than x's: the separate ops (the grad kernel's one K loop needs C_out = C)
+    x, _, w1, b1, _ = mlp_inputs(9, 8, 32, torch.float64)
+    r = torch.randn(9, 12, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    w2 = torch.randn(12, 32, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    with RecordOps() as rec:
         y = ops.linear_mlp(x, r, w1, b1, w2)
-    assert y.dtype == torch.float32 and "mpvit_kernels.linear_mlp" not in rec.names
+    assert "mpvit_kernels.linear_mlp" not in rec.names
+    leaves = [x, r, w1, b1, w2]
+    for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(mlp_chain(*leaves).sum(), leaves)):
+        assert_close(a, b, scale=10)
+    # only fc2's weight trains: neither the grad kernel nor fc1's GEMMs run
+    x, r, w1, b1, w2 = mlp_inputs(9, 8, 32, torch.float64)
+    for t in (x, r, w1, b1):
+        t.requires_grad_(False)
+    with RecordOps() as rec:
+        got, = torch.autograd.grad(ops.linear_mlp(x, r, w1, b1, w2).sum(), [w2])
+    assert "mpvit_kernels.linear_mlp_grad" not in rec.names and rec.names.count("aten.mm") == 1
+    assert_close(got, torch.autograd.grad(mlp_chain(x, r, w1, b1, w2).sum(), [w2])[0], scale=10)
+    # an fp32 bias under fp64 weights, differentiated twice (create_graph takes ATen's ops)
+    x, r, w1, b1, w2 = mlp_inputs(9, 8, 32, torch.float64)
+    b32 = b1.detach().float().requires_grad_()
+    grads = []
+    for fn, bias in ((ops.linear_mlp, b32), (mlp_chain, b32.double())):
+        gx, = torch.autograd.grad(fn(x, r, w1, bias, w2).square().sum(), [x], create_graph=True)
+        grads.append(torch.autograd.grad(gx.sum(), [w1, w2, b32]))
+    for a, b in zip(*grads):
+        assert_close(a, b, scale=10)
     torch._dynamo.reset()
     compiled = torch.compile(ops.linear_mlp, fullgraph=True, backend="aot_eager")
-    y = compiled(x, r, w1, b1, w2)
-    want = mlp_chain(x, r, w1, b1, w2)
+    x, r, w1, b1, w2 = leaves = mlp_inputs(10, 8, 32, torch.float32)
+    y, want = compiled(*leaves), mlp_chain(*leaves)
     assert_close(y, want, scale=4)
-    leaves = [x, r, w1, b1, w2]
     for a, b in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
         assert_close(a, b, scale=10)
 

@@ -162,12 +162,15 @@ class CountOurs(CountTraffic):
             self.launches += 1
             self.ops.append("residual_layernorm_bwd partial sums")
         if func is torch.ops.mpvit_kernels.linear_mlp.default:
-            # two launches: fc1 + GELU (reads x, writes h), then cuBLAS's fc2 onto r (reads h and r,
-            # writes the output): the op's inputs and outputs (counted below) and h read once more
-            (M, N), elem = (args[0].shape[0], args[2].shape[0]), args[2].element_size()
-            self.bytes += M * N * elem
-            self.launches += 1
-            self.ops.append("linear_mlp fc2 GEMM")
+            # three launches: fc1 + GELU (reads x, writes h), then fc2 onto r: cuBLAS's addmm copies r
+            # into the output and its GEMM reads that back (beta = 1) as it reads h; under autocast
+            # over a wider stream fc2's GEMM writes its output and an add reads it with r. The op's
+            # inputs and outputs are counted below; here h read again and fc2's C-wide output twice
+            (M, N), K = (args[0].shape[0], args[2].shape[0]), args[1].shape[1]
+            elem = args[2].element_size() if args[1].dtype != args[2].dtype else args[1].element_size()
+            self.bytes += M * N * args[2].element_size() + 2 * M * K * elem
+            self.launches += 2
+            self.ops += ["linear_mlp fc2 GEMM", "linear_mlp residual (addmm's copy, or the add)"]
         gelu_grad = func is torch.ops.mpvit_kernels.linear_gelu_grad.default
         if (gelu_grad or func is torch.ops.mpvit_kernels.linear_mlp_grad.default) and args[3] is not None:
             from mpvit_kernels.ops.linear import gelu_grad_tiles, mlp_grad_tiles

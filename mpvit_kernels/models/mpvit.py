@@ -119,8 +119,7 @@ class MHCABlock(nn.Module):
                                       norm2.eps)
         del x, y
         if torch.is_grad_enabled() and backend.use_triton("linear", u.device) and \
-                backend.autocast_dtype(u) == r.dtype and (u.requires_grad or mlp.fc1.weight.requires_grad or
-                                                          mlp.fc2.weight.requires_grad):
+                (u.requires_grad or mlp.fc1.weight.requires_grad or mlp.fc2.weight.requires_grad):
             # a graph is recorded: fc1, GELU and fc2 onto r in one op, whose backward computes fc1's
             # pre-activation grad with the hidden's grad in registers (ops.linear_mlp)
             return ops.linear_mlp(u, r, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight).view(B, N, C)

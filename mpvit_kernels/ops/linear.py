@@ -157,34 +157,39 @@ def linear_mlp(x: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_b
                fc2_weight: torch.Tensor) -> torch.Tensor:
     """An MLP onto a residual, ``r + gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T``: x tokens
     (..., C) with any strides, r (..., C_out) of x's leading shape, fc1_weight (hidden, C),
-    fc2_weight (C_out, hidden), fc1_bias (hidden,) or None. Returns r's shape, contiguous, in r's
-    dtype. For training: where the GEMMs run in r's dtype (no autocast over a wider stream) on
-    the Triton kernels, one op whose backward computes the grad of fc1's pre-activation, (g
-    fc2_weight) * gelu'(h), in one kernel (``linear_mlp_grad``: both GEMMs over the same K, h
-    recomputed), so the hidden's 4C-wide grad never reaches memory; elsewhere :func:`linear`
-    with GELU, then fc2 added onto r, as the model's inference runs them."""
+    fc2_weight (C_out, hidden), fc1_bias (hidden,) or None, any float dtypes. Returns r's shape,
+    contiguous, in the dtype of r + fc2's output (the residual stream's, as eager's promotion
+    gives it); the GEMMs run in the autocast dtype inside an autocast region (x's dtype float64
+    excepted), else in x's, the weights cast to it, as :func:`linear` runs them. For training: on
+    the Triton kernels with C_out = C (MPViT's), one op whose backward computes the grad of fc1's
+    pre-activation, (g fc2_weight) * gelu'(h), in one kernel (``linear_mlp_grad``: both GEMMs over
+    the same K, h recomputed), so the hidden's 4C-wide grad never reaches memory; elsewhere
+    :func:`linear` with GELU, then fc2 added onto r, as the model's inference runs them."""
     check_float_tensors("linear_mlp", x=x, r=r, fc1_weight=fc1_weight, fc2_weight=fc2_weight)
     if x.dim() < 2 or r.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"linear_mlp: x and r must be tokens (..., C) with one leading shape, got {tuple(x.shape)} "
                          f"and {tuple(r.shape)}")
     C, C_out = x.shape[-1], r.shape[-1]
-    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or fc1_weight.shape[0] < 1:
-        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}), got {tuple(fc1_weight.shape)}")
+    if C < 1 or C_out < 1:
+        raise ValueError(f"linear_mlp: x and r need at least one channel, got {C} and {C_out}")
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or not 1 <= fc1_weight.shape[0] <= MAX_OUTPUTS:
+        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}) with 1 <= hidden <= {MAX_OUTPUTS}, got "
+                         f"{tuple(fc1_weight.shape)}")
     hidden = fc1_weight.shape[0]
     if tuple(fc2_weight.shape) != (C_out, hidden):
         raise ValueError(f"linear_mlp: fc2_weight must be ({C_out}, {hidden}), got {tuple(fc2_weight.shape)}")
     for name, t in (("r", r), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
         if t.device != x.device:
             raise ValueError(f"linear_mlp: {name} is on {t.device}, x on {x.device}")
-    dtype = backend.autocast_dtype(x)
-    if dtype != r.dtype or not backend.use_triton("linear", x.device):
-        h = linear(x, fc1_weight, fc1_bias, gelu=True)
-        return r + F.linear(h, backend.weight_as(fc2_weight, h.dtype))
     if fc1_bias is not None:
         check_channel_params("linear_mlp", hidden, x.device, fc1_bias=fc1_bias)
+    if C_out != C or not backend.use_triton("linear", x.device):  # (the grad kernel's one K loop: C_out = C)
+        h = linear(x, fc1_weight, fc1_bias, gelu=True)
+        return r + F.linear(h, backend.weight_as(fc2_weight, h.dtype))
     check_rows("linear_mlp", x.numel() // C)
+    dtype = backend.autocast_dtype(x)
     w1, w2 = backend.weight_as(fc1_weight, dtype), backend.weight_as(fc2_weight, dtype)
-    out, _ = backend.call_op(_linear_mlp, x.reshape(-1, C), r.reshape(-1, C_out), w1, fc1_bias, w2)
+    out, _ = backend.call_op(_linear_mlp, x.reshape(-1, C), r.reshape(-1, C), w1, fc1_bias, w2)
     return out.view(r.shape)
 
 
@@ -470,7 +475,7 @@ def _linear_mlp_grad(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     def grid(meta):
         if meta["BLOCK_M"] != block_m:  # the partial sums have a row per program
             raise RuntimeError(f"linear_mlp_grad: launched with BLOCK_M={meta['BLOCK_M']}, sized for {block_m}")
-        return -(-M // block_m), -(-N // bn)
+        return (-(-M // block_m) * -(-N // bn),)  # (a row block's column tiles next to each other)
 
     with backend.triton_device(x):
         kernels.mlp_gelu_grad_kernel[grid](
@@ -494,42 +499,57 @@ backend.refuse_double_backward("mpvit_kernels::linear_mlp_grad")  # (linear_mlp'
 @torch.library.custom_op("mpvit_kernels::linear_mlp", mutates_args=())
 def _linear_mlp(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 weight2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, h): out = r + h weight2^T (M, K2) contiguous in r's dtype, h = gelu(x weight^T + bias)
-    (M, N) contiguous in weight's dtype (the hidden fc2 read, kept for its weight grad; it takes
-    no grad). x (M, K) any strides, weight (N, K), weight2 (K2, N) and r (M, K2) in one dtype."""
-    h = torch.ops.mpvit_kernels.linear(x, weight, bias, None, None, 1e-5, True)
-    return torch.addmm(r, h, weight2.t()), h
+    """(out, h): h = gelu(x weight^T + bias) (M, N) contiguous in weight's dtype (the hidden fc2
+    reads, kept for its weight grad; it takes no grad), out = r + h weight2^T (M, K) contiguous in
+    the dtype of r + h (r's where it is the wider, as under autocast). x (M, K) any strides and
+    float dtype, weight (N, K) and weight2 (K, N) in the GEMMs' dtype, bias (N,) or None, r (M, K)
+    any float dtype."""
+    h = backend.call_op(_linear, x, weight, bias, None, None, 1e-5, True)  # (its implementation: no graph here)
+    if r.dtype == h.dtype:
+        return torch.addmm(r, h, weight2.t()), h
+    return r + h @ weight2.t(), h  # fc2 in the GEMMs' dtype, the add in the stream's (autocast's order)
 
 
 @_linear_mlp.register_fake
 def _(x, r, weight, bias, weight2):
-    return r.new_empty(r.shape), x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype)
+    return (r.new_empty(r.shape, dtype=torch.promote_types(r.dtype, weight.dtype)),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=weight.dtype))
 
 
 def _mlp_setup_context(ctx, inputs, output):
     x, r, weight, bias, weight2 = inputs
     ctx.save_for_backward(x, weight, bias, weight2, output[1])
+    ctx.r_dtype = r.dtype
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _mlp_backward(ctx, grad, _):
     """fc1's pre-activation grad from ``linear_mlp_grad`` (the hidden's grad never stored), then
-    cuBLAS's GEMMs for the weights' and x's grads; r's grad is out's. Where the backward is itself
-    differentiated (``create_graph``): the hidden's grad as a GEMM, then ``linear_gelu_grad``, and
-    the hidden recomputed in ATen ops, all of which autograd can differentiate again."""
+    cuBLAS's GEMMs for the weights' and x's grads, each only where its input needs it; r's grad
+    is out's. In the GEMMs' dtype, x and the grad cast to it as eager's autocast casts them.
+    Where the backward is itself differentiated (``create_graph``): the hidden's grad as a GEMM,
+    then ``linear_gelu_grad``, and the hidden recomputed in ATen ops, all of which autograd can
+    differentiate again."""
+    needs = ctx.needs_input_grad
     if grad is None:
         return None, None, None, None, None
     x, weight, bias, weight2, h = ctx.saved_tensors
-    g = backend.cast(grad, weight.dtype)
-    if torch.is_grad_enabled():
-        h = F.gelu(F.linear(x, weight, bias))  # recomputed: the saved one has no graph to x and the weight
-        dh, grad_bias = backend.call_op(_linear_gelu_grad, g @ weight2, x, weight, bias)
-    else:
-        dh, grad_bias = backend.call_op(_linear_mlp_grad, g, x, weight, bias, weight2)
-    grad_x = dh @ weight
-    return (backend.cast(grad_x, x.dtype), grad, dh.t() @ backend.cast(x, weight.dtype),
-            None if bias is None else grad_bias, g.t() @ h)
+    dtype, cast = weight.dtype, backend.cast
+    grad_r = cast(grad, ctx.r_dtype) if needs[1] else None
+    g = cast(grad, dtype)
+    xg = cast(x, dtype)
+    dh = grad_bias = None
+    create_graph = torch.is_grad_enabled()
+    if create_graph and needs[4]:  # recomputed: the saved h has no graph to x and the weight
+        h = F.gelu(F.linear(xg, weight, None if bias is None else cast(bias, dtype)))
+    if needs[0] or needs[2] or needs[3]:
+        if create_graph:
+            dh, grad_bias = backend.call_op(_linear_gelu_grad, g @ weight2, xg, weight, bias)
+        else:
+            dh, grad_bias = backend.call_op(_linear_mlp_grad, g, xg, weight, bias, weight2)
+    return (cast(dh @ weight, x.dtype) if needs[0] else None, grad_r, dh.t() @ xg if needs[2] else None,
+            grad_bias if needs[3] and bias is not None else None, g.t() @ h if needs[4] else None)
 
 
 backend.register_autograd(_linear_mlp, _mlp_backward, setup_context=_mlp_setup_context)

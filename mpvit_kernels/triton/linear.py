@@ -157,8 +157,12 @@ def mlp_gelu_grad_kernel(
     K = _known_multiple(K, VEC)
     N = _known_multiple(N, VEC)
     stride_xm = _known_multiple(stride_xm, VEC)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one grid axis, a row block's column tiles next to each other: they run together and read
+    # that block's x and g rows from L2 (row blocks first, each tile would stream all of x and g)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     nmask = offs_n < N
     rows = x_ptr + offs_m.to(tl.int64) * stride_xm
@@ -182,8 +186,7 @@ def mlp_gelu_grad_kernel(
     # gelu'(h) = Phi(h) + h phi(h)
     dh = dy * (_normal_cdf(h, ACC) + h * tl.exp(-0.5 * h * h) * tl.full([], 0.3989422804014327, ACC))
     if BIAS:
-        tl.store(db_ptr + tl.program_id(0).to(tl.int64) * N + offs_n, tl.sum(tl.where(omask, dh, 0.0), axis=0),
-                 mask=nmask)
+        tl.store(db_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(tl.where(omask, dh, 0.0), axis=0), mask=nmask)
     tl.store(dh_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=omask)
 
 
@@ -430,11 +433,13 @@ linear_kernel = LAUNCH(linear_kernel)
 
 def mlp_grad_tile(block_n: int, kind: str, on_gpu: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) of mlp_gelu_grad_kernel for this BLOCK_N and
-    GEMM dtype: gli_projection's tile with half its rows (two accumulators, h and dy), which
-    compiles without spills for sm_80 and sm_90a (static report); ``on_gpu``: a GPU's tile even
-    under the interpreter. The op sizes the partial sums with BLOCK_M."""
+    GEMM dtype: gli_projection's tile with half its rows (two accumulators, h and dy), fp32's
+    always on 8 warps (its FMA dots' operands live in registers: at 4 warps an unaligned 32-wide
+    tile spilled 8 bytes), which compiles without spills for sm_80 and sm_90a (static report);
+    ``on_gpu``: a GPU's tile even under the interpreter. The op sizes the partial sums with
+    BLOCK_M."""
     block_m, block_k, warps, stages = (_gli_gpu_tile if on_gpu else _gli_tile)(block_n, kind)
-    return max(16, block_m // 2), block_k, warps, stages
+    return max(16, block_m // 2), block_k, 8 if kind == "fp32" else warps, stages
 
 
 def _mlp_grad_tile(meta):
