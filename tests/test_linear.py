@@ -670,7 +670,7 @@ def test_mlp_fp64_gradcheck_opcheck_and_second_derivative():
     fn = ops.linear_mlp
     assert torch.autograd.gradcheck(fn, (x, r, w1, b1, w2))
     # create_graph: fc1's grad through linear_gelu_grad, which autograd differentiates again
-    assert torch.autograd.gradgradcheck(fn, (x, r, w1, b1, w2))
+    assert torch.autograd.gradgradcheck(fn, (x, r, w1, b1, w2), fast_mode=True)
     x, r, w1, b1, w2 = mlp_inputs(10, 12, 40, torch.float32, "strided")
     for bias in (b1, None):
         torch.library.opcheck(torch.ops.mpvit_kernels.linear_mlp.default, (x.reshape(-1, 12), r, w1, bias, w2))
