@@ -24,7 +24,10 @@ eager's autograd runs them, the GEMMs' grads and the LayerNorm's (its output rec
 forward does not store it; ``native_layer_norm_backward``). norm1 -> qkv from NORM_GRAD_ROWS
 rows: ``mpvit_kernels::linear_norm_grad``, the input grad's GEMM with the LayerNorm's backward in
 its epilogue (the normalised tokens' grad never reaches memory; it also writes the recomputed
-LayerNorm output for the weight grad's GEMM and the sums of the parameters' grads).
+LayerNorm output for the weight grad's GEMM and the sums of the parameters' grads). In training
+the blocks' MLP onto its residual is one op, ``linear_mlp``, whose backward takes fc1's
+pre-activation grad from ``mpvit_kernels::linear_mlp_grad``: fc2's input grad g W2 as a second
+GEMM in the same kernel, so the 4C-wide grad of the hidden never reaches memory either.
 Deterministic.
 """
 from __future__ import annotations
