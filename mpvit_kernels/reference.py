@@ -118,6 +118,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.gelu(y) if gelu else y
 
 
+def linear_mlp(x: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+               fc2_weight: torch.Tensor) -> torch.Tensor:
+    """``r + gelu(x @ fc1_weight^T + fc1_bias) @ fc2_weight^T``, as eager's MLP and residual add run
+    it: the GEMMs in the weights' dtype, fc2's output added to r with type promotion."""
+    return r + F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight)
+
+
 def linear_proj_mlp(a: torch.Tensor, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, fc1_weight: torch.Tensor,
                     fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
