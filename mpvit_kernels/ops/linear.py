@@ -255,6 +255,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def _gemm_kind(dtype: torch.dtype) -> str:
+    """The GEMM's dtype class that sizes the Triton tiles: "fp64", "fp32" or "16-bit"."""
+    return "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def _grad_width(n: int, dtype: torch.dtype) -> int:
+    """The output width of the backward GEMMs' pinned tiles over n channels: gli_projection's,
+    at most 64 in fp64 (128 spilled; static report)."""
+    from mpvit_kernels.triton import gli_projection  # (after the first call: a sys.modules lookup)
+
+    width = gli_projection.block_n(n)
+    return min(64, width) if dtype == torch.float64 else width
+
+
 def gelu_grad_tiles(N: int, dtype: torch.dtype, aligned: bool, on_gpu: bool = False) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_M) of linear_gelu_grad's pinned launch for N outputs of a GEMM in ``dtype``:
     gli_projection's tile, but 64 wide where 128-wide tiles spilled (fp64, and 16-bit GEMMs whose
@@ -262,11 +276,10 @@ def gelu_grad_tiles(N: int, dtype: torch.dtype, aligned: bool, on_gpu: bool = Fa
     ``on_gpu``: a GPU's tile even under the interpreter (the traffic model)."""
     from mpvit_kernels.triton import gli_projection  # (after the first call: a sys.modules lookup)
 
-    bn = gli_projection.block_n(N)
-    if dtype == torch.float64 or (_dot_precision(dtype) == "tf32" and not aligned):
+    bn = _grad_width(N, dtype)
+    if _dot_precision(dtype) == "tf32" and not aligned:
         bn = min(64, bn)
-    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
-    return bn, (gli_projection.gpu_tile if on_gpu else gli_projection.tile)(bn, kind)[0]
+    return bn, (gli_projection.gpu_tile if on_gpu else gli_projection.tile)(bn, _gemm_kind(dtype))[0]
 
 
 @torch.library.custom_op("mpvit_kernels::linear", mutates_args=())
@@ -353,13 +366,8 @@ def norm_grad_tiles(K: int, dtype: torch.dtype, vec: int, on_gpu: bool = False) 
     """(BLOCK_C, BLOCK_M) of linear_norm_grad's launch for x with K channels, a GEMM in ``dtype``
     and VEC ``vec``: gli_projection's width (all K channels in one tile up to 128), at most 64 in
     fp64 (128 spilled; static report). ``on_gpu``: a GPU's tile even under the interpreter."""
-    from mpvit_kernels.triton import gli_projection, linear as kernels
-
-    bc = gli_projection.block_n(K)
-    if dtype == torch.float64:
-        bc = min(64, bc)
-    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
-    return bc, kernels.norm_grad_tile(bc, kind, K > bc, vec, on_gpu)[0]
+    bc = _grad_width(K, dtype)
+    return bc, _kernels()[0].norm_grad_tile(bc, _gemm_kind(dtype), K > bc, vec, on_gpu)[0]
 
 
 @torch.library.custom_op("mpvit_kernels::linear_norm_grad", mutates_args=())
@@ -435,13 +443,8 @@ def mlp_grad_tiles(N: int, dtype: torch.dtype, on_gpu: bool = False) -> tuple[in
     """(BLOCK_N, BLOCK_M) of linear_mlp_grad's pinned launch for N hidden channels and a GEMM in
     ``dtype``: gli_projection's width, at most 64 in fp64. ``on_gpu``: a GPU's tile even under the
     interpreter (the traffic model)."""
-    from mpvit_kernels.triton import gli_projection, linear as kernels
-
-    bn = gli_projection.block_n(N)
-    if dtype == torch.float64:
-        bn = min(64, bn)
-    kind = "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "16-bit"
-    return bn, kernels.mlp_grad_tile(bn, kind, on_gpu)[0]
+    bn = _grad_width(N, dtype)
+    return bn, _kernels()[0].mlp_grad_tile(bn, _gemm_kind(dtype), on_gpu)[0]
 
 
 @torch.library.custom_op("mpvit_kernels::linear_mlp_grad", mutates_args=())
@@ -541,12 +544,13 @@ def _mlp_backward(ctx, grad, _):
     dtype, cast = weight.dtype, backend.cast
     grad_r = cast(grad, ctx.r_dtype) if needs[1] else None
     g = cast(grad, dtype)
-    xg = cast(x, dtype)
     dh = grad_bias = None
     create_graph = torch.is_grad_enabled()
+    fc1_grads = needs[0] or needs[2] or needs[3]
+    xg = cast(x, dtype) if fc1_grads or create_graph else None
     if create_graph and needs[4]:  # recomputed: the saved h has no graph to x and the weight
         h = F.gelu(F.linear(xg, weight, None if bias is None else cast(bias, dtype)))
-    if needs[0] or needs[2] or needs[3]:
+    if fc1_grads:
         if create_graph:
             dh, grad_bias = backend.call_op(_linear_gelu_grad, g @ weight2, xg, weight, bias)
         else:

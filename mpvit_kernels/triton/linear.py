@@ -398,17 +398,22 @@ def proj_mlp_tile(block_c: int, kind: str) -> tuple[int, int, int, int]:
     return (128 if block_c <= 64 else 64), 32, 8, 2
 
 
+def _pinned_tile(keys, tile, names):
+    """``pinned(keys, ...)`` whose values ``names`` (a block size, its reduction step, num_warps,
+    num_stages) are the entries of ``tile(meta)``, with ptxas's register budget pinned at 255, as
+    gli_projection's LAUNCH pins it."""
+    values = {name: (lambda meta, i=i: tile(meta)[i]) for i, name in enumerate(names)}
+    return pinned(keys, {**values, **({} if INTERPRET else {"maxnreg": lambda meta: 255})})
+
+
 def _proj_mlp_tile(meta):
     return proj_mlp_tile(meta["BLOCK_C"], dot_kind(meta))
 
 
-# ptxas's register budget pinned, as gli_projection's LAUNCH pins it: Triton 3.6's ptxas capped
-# the aligned 16-bit 64 x 128 tile at 128 registers and spilled 8 bytes on sm_80
-proj_mlp_kernel = pinned(("BLOCK_C", "ACC", "DOT_PRECISION"), {
-    "BLOCK_M": lambda meta: _proj_mlp_tile(meta)[0], "BLOCK_H": lambda meta: _proj_mlp_tile(meta)[1],
-    "num_warps": lambda meta: _proj_mlp_tile(meta)[2], "num_stages": lambda meta: _proj_mlp_tile(meta)[3],
-    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
-})(proj_mlp_kernel)
+# (the register budget: Triton 3.6's ptxas capped the aligned 16-bit 64 x 128 tile at 128
+# registers and spilled 8 bytes on sm_80)
+proj_mlp_kernel = _pinned_tile(("BLOCK_C", "ACC", "DOT_PRECISION"), _proj_mlp_tile,
+                               ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages"))(proj_mlp_kernel)
 
 
 def _fitting(configs, named_args, **meta):
@@ -447,11 +452,8 @@ def _mlp_grad_tile(meta):
 
 
 # always pinned: the bias grad's partial sums keep one order
-mlp_gelu_grad_kernel = pinned(("BLOCK_N", "ACC", "DOT_PRECISION"), {
-    "BLOCK_M": lambda meta: _mlp_grad_tile(meta)[0], "BLOCK_K": lambda meta: _mlp_grad_tile(meta)[1],
-    "num_warps": lambda meta: _mlp_grad_tile(meta)[2], "num_stages": lambda meta: _mlp_grad_tile(meta)[3],
-    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
-})(mlp_gelu_grad_kernel)
+mlp_gelu_grad_kernel = _pinned_tile(("BLOCK_N", "ACC", "DOT_PRECISION"), _mlp_grad_tile,
+                                    ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"))(mlp_gelu_grad_kernel)
 
 
 def norm_grad_tile(block_c: int, kind: str, wide: bool, vec: int, on_gpu: bool = False) -> tuple[int, int, int, int]:
@@ -472,11 +474,8 @@ def _norm_grad_tile(meta):
 
 # gli_projection's pinned tiles, BLOCK_C wide over x's channels, dy's columns BLOCK_R (its
 # BLOCK_K) at a time; always pinned: the partial sums' order must not depend on a tuner's pick
-linear_norm_grad_kernel = pinned(("BLOCK_C", "ACC", "DOT_PRECISION", "WIDE", "VEC"), {
-    "BLOCK_M": lambda meta: _norm_grad_tile(meta)[0], "BLOCK_R": lambda meta: _norm_grad_tile(meta)[1],
-    "num_warps": lambda meta: _norm_grad_tile(meta)[2], "num_stages": lambda meta: _norm_grad_tile(meta)[3],
-    **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
-})(linear_norm_grad_kernel)
+linear_norm_grad_kernel = _pinned_tile(("BLOCK_C", "ACC", "DOT_PRECISION", "WIDE", "VEC"), _norm_grad_tile,
+                                       ("BLOCK_M", "BLOCK_R", "num_warps", "num_stages"))(linear_norm_grad_kernel)
 
 
 # (what the model launches) the qkv Linear after norm1, fc1 with GELU and its backward (pinned
@@ -518,21 +517,23 @@ def compile_specs():
                         specs.append(as_launched(spec))
                         if not grad:
                             specs.append(as_launched(spec, linear_tuned, " tuned"))  # every tile it may pick
-    # the MLP's fc1 grad through fc2 (training): every BLOCK_N and GEMM dtype (x and the
-    # parameters in it: autocast over a wider stream keeps the separate ops, ops.linear_mlp)
+    # the MLP's fc1 grad through fc2 (training): every BLOCK_N and GEMM dtype, x, g and the
+    # weights in it (ops.linear_mlp casts x under autocast), fc1's bias in it or, for a 16-bit
+    # GEMM, in fp32 (autocast's fp32 parameters)
     for dt in ("fp16", "bf16", "fp32", "fp64"):
         acc_ty = tl.float64 if dt == "fp64" else tl.float32
         precision = "ieee" if dt in ("fp32", "fp64") else "tf32"
-        for bn in (16, 32, 64, 128):
-            if dt == "fp64" and bn > 64:  # (ops.linear.mlp_grad_tiles: at most 64 wide in fp64)
-                continue
-            types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "g_ptr": f"*{dt}", "w2_ptr": f"*{dt}",
-                     "dh_ptr": f"*{dt}", "db_ptr": "*fp64" if dt == "fp64" else "*fp32"}
-            spec = (mlp_gelu_grad_kernel, f"{dt} BLOCK_N={bn}", types,
-                    {"BIAS": True, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn})
-            specs.append(spec)
-            if bn >= 64 and dt != "fp64":
-                specs.append(as_launched(spec))
+        for bias_dt in ([dt, "fp32"] if dt in ("fp16", "bf16") else [dt]):
+            for bn in (16, 32, 64, 128):
+                if dt == "fp64" and bn > 64:  # (ops.linear.mlp_grad_tiles: at most 64 wide in fp64)
+                    continue
+                types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{bias_dt}", "g_ptr": f"*{dt}",
+                         "w2_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "db_ptr": "*fp64" if dt == "fp64" else "*fp32"}
+                spec = (mlp_gelu_grad_kernel, f"{dt} bias={bias_dt} BLOCK_N={bn}", types,
+                        {"BIAS": True, "ACC": acc_ty, "DOT_PRECISION": precision, "BLOCK_N": bn})
+                specs.append(spec)
+                if bn >= 64 and dt != "fp64":
+                    specs.append(as_launched(spec))
     # norm1 -> qkv's backward: every BLOCK_C, the channels in one tile or over several (WIDE), with
     # and without the bias's sums; x (dx) in the GEMM's dtype or, for a 16-bit GEMM, in fp32
     # (autocast's fp32 stream), the LayerNorm's parameters in it or in fp32
