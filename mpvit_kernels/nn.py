@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpvit_kernels import backend, ops, reference
-from mpvit_kernels.ops.affine_hswish import check_strided, conv_folded_bn, folds_into_conv
+from mpvit_kernels.ops.affine_hswish import (batch_norm_hswish, batch_norm_in_kernels, check_strided, conv_folded_bn,
+                                             folds_into_conv)
 from mpvit_kernels.ops.gli_projection import MAX_INPUTS as GLI_MAX_INPUTS
 
 DEFAULT_CRPE_WINDOW = {3: 2, 5: 3, 7: 3}  # kernel size: number of heads, in head order
@@ -181,9 +182,18 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor:
-    """BatchNorm then optional Hardswish. In training (batch statistics) the module runs as is;
-    in eval it is folded to a per-channel affine and runs as one ``affine_hswish`` op."""
+    """BatchNorm then optional Hardswish. With batch statistics (training) one
+    ``affine_hswish_batch`` op on the Triton kernels where x is a channels-last map (running
+    statistics kept as nn.BatchNorm2d keeps them), else the module as is; in eval it is folded to
+    a per-channel affine and runs as one ``affine_hswish`` op."""
     if bn.training or bn.running_mean is None:
+        if bn.affine and batch_norm_in_kernels(x) and sync_group(bn) is None:
+            if x.numel() == x.shape[1]:
+                raise ValueError(f"{type(bn).__name__}: batch statistics need more than 1 value per channel, got "
+                                 f"an input of shape {tuple(x.shape)}")
+            y, mean, var = batch_norm_hswish(x, bn.weight, bn.bias, bn.eps, hswish)
+            track_batch_stats(bn, mean, var, x.numel() // x.shape[1])
+            return y
         x = bn(x)
         return F.hardswish(x) if hswish else x
     scale, shift = folded_bn(bn)

@@ -1,4 +1,5 @@
 """affine_hswish: the compiled op (C++ CPU twin here, CUDA with a GPU) against the reference."""
+import copy
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import Conv2dBN
+from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
 from tests.utils import LAYOUTS, RecordOps, across_thread_counts, assert_close, build_cuda_host, make_image
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
@@ -167,36 +169,177 @@ def test_empty_input():
     assert y.shape == x.shape and torch.equal(shift.grad, torch.zeros(3))
 
 
+# (shape, path): one program of rows on both paths; on the kernels, rows over three programs
+# (the last one short) and channels over two column blocks (the last one short)
+BATCH_NORM_CASES = [((3, 12, 7, 5), "aten"), ((3, 12, 7, 5), "kernels"), ((2, 70, 23, 13), "kernels")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_training_batch_norm_path_matches_batchnorm2d(dtype):
-    """The fused GEMM ops' unfused training path (CPU, or no Triton): outputs, grads and batch
-    statistics as nn.BatchNorm2d + Hardswish, on channels-last maps whose mean is far above their
-    spread (the variance comes back from aten's 1/sqrt(var + eps): it must stay exact there)."""
+@pytest.mark.parametrize("shape, path", BATCH_NORM_CASES, ids=lambda c: c if isinstance(c, str) else "x".join(map(str, c)))
+def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype):
+    """BatchNorm with batch statistics + Hardswish (batch_norm_hswish): on the Triton kernels (one
+    ``affine_hswish_batch`` op: statistics pass, normalise, two-pass backward) and on ATen's
+    BatchNorm (a CPU, or no Triton): outputs, grads and batch statistics as nn.BatchNorm2d +
+    Hardswish, on channels-last maps whose mean is above their spread (the kernels merge row
+    tiles' (mean, M2)). On aten's, far above (up to 3e4 times): its variance comes back from
+    1/sqrt(var + eps) and must stay exact there. The kernels normalise as z * scale + shift, the
+    fused GEMMs' training epilogue: that form loses (mean / std) * 2^-24 of the unit in fp32, so
+    their maps' mean stays within 20 times their spread."""
     from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
 
+    if path == "kernels" and dtype == torch.bfloat16 and not BF16_KERNELS:
+        pytest.skip(NO_BF16_KERNELS)
+    device = KERNEL_DEVICE if path == "kernels" else "cpu"
     acc = reference._acc_dtype(dtype)
-    z = (torch.randn(3, 12, 7, 5, dtype=acc) * torch.logspace(-3, 1, 12, dtype=acc).view(1, -1, 1, 1) + 30)
+    B, C, H, W = shape
+    low, offset = (-1, 2) if path == "kernels" else (-3, 30)
+    z = torch.randn(shape, dtype=acc, device=device) * torch.logspace(low, 1, C, dtype=acc, device=device).view(1, -1, 1, 1)
+    z = z + offset
     z = z.to(dtype).to(memory_format=torch.channels_last).requires_grad_()
-    bn = torch.nn.BatchNorm2d(12).to(acc).train()
+    bn = torch.nn.BatchNorm2d(C).to(device, acc).train()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.normal_()
-    y, mean, var = batch_norm_hswish(z, bn.weight, bn.bias, bn.eps, True)
-    z_ref = z.detach().clone().requires_grad_()
+    with mpvit_kernels.use_backend("auto" if path == "kernels" else "reference", ops=["affine_hswish"]), \
+            RecordOps() as rec:
+        y, mean, var = batch_norm_hswish(z, bn.weight, bn.bias, bn.eps, True)
+    assert ("mpvit_kernels.affine_hswish_batch" in rec.names) == (path == "kernels"), rec.names
+    # the kernels round bf16 once (from fp32, as the fp32 reference then rounded), aten's BatchNorm
+    # and Hardswish each round their output; their fp32 sums are fp32's, aten's on a CPU fp64's
+    once = path == "kernels" and dtype == torch.bfloat16
+    tol = dict(atol=2e-3, rtol=8e-3) if once else \
+        dict(atol=1e-4, rtol=1e-4) if path == "kernels" and dtype == torch.float32 else {}
+    z_ref = z.detach().clone().to(acc if once else dtype).requires_grad_()
     y_ref = torch.nn.functional.hardswish(bn(z_ref))
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert mean.dtype == var.dtype == acc and not mean.requires_grad and not var.requires_grad
-    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_ref.to(dtype), **tol)
     var_ref, mean_ref = torch.var_mean(z.detach().to(torch.float64), dim=(0, 2, 3), correction=0)
     # a few ulp of var + eps: bf16 rounds the narrowest channels to constants (var 0)
     rtol, atol = (1e-10, 1e-18) if dtype == torch.float64 else (2e-5, 1e-11)
     torch.testing.assert_close(mean.double(), mean_ref, rtol=rtol, atol=0)
     torch.testing.assert_close(var.double(), var_ref, rtol=rtol, atol=atol)
     grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad)
-    want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad)
+    with mpvit_kernels.use_backend("auto" if path == "kernels" else "reference", ops=["affine_hswish"]):
+        got = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad)
+    want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad.to(y_ref.dtype))
     for g, r in zip(got, want):
-        torch.testing.assert_close(g, r)
+        torch.testing.assert_close(g, r.to(g.dtype), **tol)
+
+
+def test_batch_norm_op_opcheck_and_fp64_gradcheck():
+    """``affine_hswish_batch``: opcheck on channels-last and NCHW maps (read channels-last, a
+    copy), with and without Hardswish; a float64 gradcheck of y in z, weight and bias."""
+    op = torch.ops.mpvit_kernels.affine_hswish_batch.default
+    for layout, hswish in (("channels_last", True), ("channels_last", False), ("nchw", True)):
+        z = make_image((2, 6, 5, 3), torch.float32, layout, KERNEL_DEVICE, requires_grad=True)
+        gamma = (torch.rand(6, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+        beta = torch.randn(6, device=KERNEL_DEVICE, requires_grad=True)
+        torch.library.opcheck(op, (z, gamma, beta, 1e-5, hswish))
+    z = make_image((2, 3, 4, 3), torch.float64, "channels_last", KERNEL_DEVICE, requires_grad=True)
+    gamma = (torch.rand(3, dtype=torch.float64, device=KERNEL_DEVICE) + 0.5).requires_grad_()
+    beta = torch.randn(3, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: op(*a, 1e-5, True)[0], (z, gamma, beta), fast_mode=True)
+
+
+def _stem_and_invres(training: bool, momentum=0.1, track_running_stats=True):
+    """The stem's first Conv2dBN (a 3x3 conv, cuDNN's, then BatchNorm + Hardswish) and an InvRes
+    (its depthwise conv, then BatchNorm + Hardswish), BatchNorms randomised."""
+    from mpvit_kernels.models.mpvit import ResBlock
+
+    torch.manual_seed(0)
+    stem, invres = Conv2dBN(3, 8, 3, 2, hswish=True), ResBlock(8)
+    for bn in (stem.bn, invres.norm):
+        bn.momentum, bn.track_running_stats = momentum, track_running_stats
+        if not track_running_stats:
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    for m in stem.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return torch.nn.Sequential(stem, invres).to(KERNEL_DEVICE, torch.float64).train(training)
+
+
+@pytest.mark.parametrize("momentum, track", [(0.1, True), (None, True), (0.1, False)],
+                         ids=["momentum", "cumulative", "untracked"])
+def test_stem_and_invres_train_their_batch_norms_in_one_op(momentum, track):
+    """In training the stem's and InvRes's BatchNorm + Hardswish run as ``affine_hswish_batch``
+    (not aten's batch_norm and hardswish): the output, every grad and the running statistics
+    (momentum or cumulative average; none kept) as with kernels off, two steps running; eval
+    without running statistics normalises with the batch's too."""
+    model = _stem_and_invres(True, momentum, track)
+    plain = copy.deepcopy(model)
+    for step in range(2):
+        x = make_image((2, 3, 13, 11), torch.float64, "channels_last", KERNEL_DEVICE, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        with RecordOps() as rec:
+            y = model(x)
+        assert rec.names.count("mpvit_kernels.affine_hswish_batch") == 2, rec.names
+        assert "aten.native_batch_norm" not in rec.names and "aten.hardswish" not in rec.names, rec.names
+        with mpvit_kernels.use_backend("reference"):
+            y_ref = plain(x_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-12, rtol=1e-10)
+        for (name, p), p_ref in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-12, rtol=1e-10, msg=name)
+        for (name, b), b_ref in zip(model.named_buffers(), plain.buffers()):
+            torch.testing.assert_close(b, b_ref, atol=1e-12, rtol=1e-10, msg=name)
+    if not track:  # no running statistics: eval takes the batch's as well
+        model.eval()
+        plain.eval()
+        with torch.no_grad(), RecordOps() as rec:
+            y = model(x)
+        assert "mpvit_kernels.affine_hswish_batch" in rec.names
+        with torch.no_grad(), mpvit_kernels.use_backend("reference"):
+            torch.testing.assert_close(y, plain(x), atol=1e-12, rtol=1e-10)
+
+
+def test_stem_and_invres_train_under_torch_compile_fullgraph():
+    """One graph (aot_eager) through ``affine_hswish_batch`` and the running statistics' in-place
+    updates: the output, the input's grad and the running statistics as eager's."""
+    torch._dynamo.reset()
+    model = _stem_and_invres(True).float()
+    plain = copy.deepcopy(model)
+    x = make_image((2, 3, 13, 11), torch.float32, "channels_last", KERNEL_DEVICE, requires_grad=True)
+    y = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    y_ref = plain(x)
+    assert_close(y, y_ref)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    assert_close(g, g_ref, scale=10)
+    for (name, b), b_ref in zip(model.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(b, b_ref, msg=name)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(z=torch.randn(4, 3, 5)), ValueError, "z must be"),
+    (dict(z=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError, "z must be"),
+    (dict(weight=torch.rand(4)), ValueError, "weight must have shape"),
+    (dict(bias=torch.randn(3, 1)), ValueError, "bias must have shape"),
+    (dict(eps=-1.0), ValueError, "eps"),
+])
+def test_batch_norm_op_rejects_bad_inputs_before_any_kernel(change, exc, match):
+    args = dict(z=torch.randn(2, 3, 4, 4), weight=torch.rand(3), bias=torch.randn(3), eps=1e-5, hswish=True)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        torch.ops.mpvit_kernels.affine_hswish_batch(*args.values())
+
+
+def test_batch_norm_op_needs_more_than_one_value_per_channel_and_leaves_nchw_maps_to_aten():
+    stem = _stem_and_invres(True)[0]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        stem(torch.randn(1, 3, 2, 2, dtype=torch.float64, device=KERNEL_DEVICE))
+    # an NCHW map (what a contiguous input gives cuDNN's conv) would be copied: aten's BatchNorm
+    with RecordOps() as rec:
+        stem.bn.train()
+        from mpvit_kernels.nn import bn_hswish
+
+        bn_hswish(torch.randn(2, 8, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE), stem.bn, True)
+    assert "aten.native_batch_norm" in rec.names and "mpvit_kernels.affine_hswish_batch" not in rec.names
 
 
 @requires_ext
@@ -274,6 +417,42 @@ def test_cuda_matches_cpu_twin(shape, layout, dtype):
     n = x.numel() / shape[1]
     assert_close(gs.cpu(), gsc, torch.float32, scale=max(10.0, n ** 0.5))
     assert_close(gb.cpu(), gbc, torch.float32, scale=max(10.0, n ** 0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [pytest.param((16, 32, 112, 112), marks=pytest.mark.model_shapes), (3, 70, 23, 13),
+                                   pytest.param((16, 288, 7, 7), marks=pytest.mark.model_shapes)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_batch_norm_op_matches_batchnorm2d_in_fp32(shape, dtype):
+    """``affine_hswish_batch`` on a GPU (MPViT-S's stem map and InvRes's last, at batch 16): y,
+    the batch statistics and every grad as nn.BatchNorm2d + Hardswish in fp32 on the same values
+    (which the op rounds once), its backward's bits the same twice."""
+    from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
+
+    torch.manual_seed(0)
+    C = shape[1]
+    z = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    z.requires_grad_()
+    bn = torch.nn.BatchNorm2d(C).cuda().train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    y, mean, var = batch_norm_hswish(z, bn.weight, bn.bias, bn.eps, True)
+    z_ref = z.detach().float().requires_grad_()
+    y_ref = torch.nn.functional.hardswish(bn(z_ref))
+    tol = dict(atol=2e-3, rtol=8e-3) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    var_ref, mean_ref = torch.var_mean(z_ref.detach().double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad, retain_graph=True)
+    want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad.float())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.float(), r, **tol)
+    again = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.cuda

@@ -180,7 +180,7 @@ def test_speed_report_writes_its_files(capsys, tmp_path):
     attention = [c for c in cases if c["label"].startswith("factor_attention")]
     impls = {"eager", "ours"} if mpvit_kernels.extension_available() else {"eager"}
     assert len(attention) == 16 and all(set(c["impls"]) == impls for c in attention)
-    assert len(cases) == 16 + 8  # affine_hswish: 4 sites x 2 modes
+    assert len(cases) == 16 + 12  # affine_hswish: 4 sites x 3 modes
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speedup.png").read_bytes()[:8] == PNG_MAGIC
     else:
@@ -252,7 +252,7 @@ def test_speed_report_without_matplotlib_skips_the_figure_only(capsys, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "rows.json", "speed_report.md"]
     assert (tmp_path / "speed_report.md").read_text() == captured.out
     rows = json.loads(rows_json.read_text())  # --json as before: device, torch, the rows
-    assert set(rows) == {"device", "torch", "rows"} and len(rows["rows"]) == 16
+    assert set(rows) == {"device", "torch", "rows"} and len(rows["rows"]) == 24  # 4 sites x 3 modes x 2 impls
 
 
 def test_quick_defaults_and_explicit_options_win():

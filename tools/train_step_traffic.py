@@ -1,10 +1,10 @@
 """Launches and bytes of one MPViT training step (forward, cross-entropy, backward), eager (the
 public model's op sequence) vs ours, counted on meta tensors the way the speed report's traffic
 rows count (mpvit_kernels.bench.traffic: every op that moves data one launch reading its inputs
-and writing its outputs; views move nothing). Ours: each fused op one launch, except the
-attention's forward (counted from its inference kernels) and the partial sums of
-residual_layernorm's and fc1's backward (CountOurs), so the kernels inside a fused training op
-(the BatchNorm statistics passes of dwconv_bn_train and gli_projection_train, the attention's
+and writing its outputs; views move nothing; a training BatchNorm, aten's or ours, with its
+statistics or sums pass as well). Ours: each fused op one launch, except the attention's
+forward (counted from its inference kernels) and the partial sums of residual_layernorm's, fc1's
+and norm1 -> qkv's backward (CountOurs), so the kernels inside the attention's training op (its
 CRPE packing and its backward's three kernels and CRPE sums) are not seen. A model, not a
 timing: where the step's bytes go, and what a change takes off them.
 

@@ -1,5 +1,7 @@
 """Speed report section: affine_hswish (eval BatchNorm + Hardswish) at the MPViT-S sites,
-eager vs torch.compile vs ours, channels-last."""
+eager vs torch.compile vs ours, channels-last; and the training form, BatchNorm with batch
+statistics + Hardswish (``affine_hswish_batch`` on a GPU: the stem's and InvRes's), forward and
+backward."""
 from __future__ import annotations
 
 import torch
@@ -21,20 +23,36 @@ def ours(x, w, b, mean, var):
     return mpvit_kernels.ops.affine_hswish(x, scale, shift, True)
 
 
+def eager_train(x, w, b, mean, var):
+    return F.hardswish(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
+
+
+def ours_train(x, w, b, mean, var):
+    from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
+
+    return batch_norm_hswish(x, w, b, 1e-5, True)[0]
+
+
+# (mode, bytes the op must move in units of the map's bytes): forward reads x and writes y, its
+# backward reads grad and x and writes grad_x; with batch statistics the forward also reads x
+# for them first, and the backward reads grad and x for its sums before the elementwise pass
+MODES = (("forward", 2), ("forward+backward", 5), ("train forward+backward", 8))
+
+
 def run(args, device: torch.device, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     impls = {"eager": eager, "ours": ours, **compiled(args, eager, ours)}
+    train_impls = {"eager": eager_train, "ours": ours_train, **compiled(args, eager_train, ours_train)}
     rows = []
     for name, C, R in SITES:
         x = torch.randn(args.batch, C, R, R, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         params = [torch.randn(C, device=device).requires_grad_(), torch.randn(C, device=device).requires_grad_(),
                   torch.randn(C, device=device), torch.rand(C, device=device) + 0.5]
         elem = x.element_size() * x.numel()
-        for mode in ("forward", "forward+backward"):
+        for mode, passes in MODES:
             xg = x.detach().requires_grad_(mode != "forward")
             grad = torch.randn_like(x)
-            # fwd reads x, writes y; bwd reads grad and x, writes grad_x (parameters are tiny)
-            nbytes = 2 * elem if mode == "forward" else 5 * elem
-            for impl, fn in impls.items():
+            nbytes = passes * elem  # (the parameters are tiny)
+            for impl, fn in (train_impls if mode.startswith("train") else impls).items():
                 if mode == "forward":
                     def step(fn=fn):
                         with torch.no_grad():

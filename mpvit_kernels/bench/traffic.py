@@ -43,6 +43,23 @@ _NO_DATA_MOVED = (torch.ops.aten.empty.memory_format, torch.ops.aten._unsafe_vie
                   torch.ops.aten.promote_types.default)
 
 
+def _as_cudnn_lays_out(func, args, out):
+    """A meta convolution's output laid out as cuDNN lays it out on a GPU: channels-last for a
+    channels-last input (meta's kernel returns every output contiguous), so that the ops after
+    it (our model's stem) take the path they take there."""
+    if func is torch.ops.aten.convolution.default and out.device.type == "meta" and out.dim() == 4 and \
+            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous():
+        return torch.empty_like(out, memory_format=torch.channels_last)
+    return out
+
+
+class CudnnLayouts(TorchDispatchMode):
+    """Every op as it is, convolutions' outputs laid out as cuDNN's (``_as_cudnn_lays_out``)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return _as_cudnn_lays_out(func, args, func(*args, **(kwargs or {})))
+
+
 class CountTraffic(TorchDispatchMode):
     """Counts the non-view ops dispatched inside the context and the bytes they touch."""
 
@@ -53,7 +70,7 @@ class CountTraffic(TorchDispatchMode):
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _as_cudnn_lays_out(func, args, func(*args, **(kwargs or {})))
         if not func.is_view and func not in _NO_DATA_MOVED:
             self.launches += 1
             self.ops.append(str(func.overloadpacket))
@@ -65,7 +82,18 @@ class CountTraffic(TorchDispatchMode):
                     if isinstance(t, torch.Tensor) and id(t) not in seen:
                         seen.add(id(t))
                         self.bytes += t.numel() * t.element_size()
+            # a BatchNorm with batch statistics is two kernels on a GPU, forward and backward:
+            # a reduction pass over its input (input, grad) before the elementwise one counted above
+            if func is torch.ops.aten.native_batch_norm.default and args[5]:
+                self._launch("native_batch_norm statistics pass", args[0])
+            elif func is torch.ops.aten.native_batch_norm_backward.default and args[7]:
+                self._launch("native_batch_norm_backward reduction pass", args[0], args[1])
         return out
+
+    def _launch(self, name: str, *reads: torch.Tensor) -> None:
+        self.launches += 1
+        self.ops.append(name)
+        self.bytes += sum(t.numel() * t.element_size() for t in reads)
 
 
 def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") -> CountTraffic:
@@ -143,15 +171,64 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     return launches
 
 
+def _batch_norm_passes(func, args) -> list[tuple[str, int]]:
+    """(launch, bytes) of a training BatchNorm op's passes beyond the one that CountOurs counts
+    for the op (its inputs read, its outputs written): the statistics and their combine, or the
+    backward's sums pass and the reduction of its partial sums. Empty for any other op."""
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    ops = torch.ops.mpvit_kernels
+    if func in (ops.dwconv_bn_train.default, ops.gli_projection_train.default):
+        # the GEMM writes z with its tiles' (mean, M2); counted: x (or the inputs) read, y and z
+        # written. Not counted: the combine and the normalise pass's read of z
+        if func is ops.dwconv_bn_train.default:
+            from mpvit_kernels.ops.dwconv_bn import _out_shape
+            from mpvit_kernels.triton import dwconv_bn as gemm
+
+            B, C, Ho, Wo = _out_shape(args[0], args[2], args[6])
+            M, z, rows = B * Ho * Wo, args[0], gemm.tile(gemm.block_n(C), args[0].dtype == torch.float64)[0]
+        else:
+            from mpvit_kernels.triton import gli_projection as gemm
+
+            z, C = args[0][0], args[1].shape[0]
+            M = z.shape[0] * z.shape[1]
+            rows = gemm.tile(gemm.block_n(C), {torch.float64: "fp64", torch.float32: "fp32"}.get(z.dtype, "16-bit"))[0]
+        acc = 8 if z.dtype == torch.float64 else 4
+        partials = 2 * -(-M // rows) * C * acc
+        return [("batch statistics: combine the tiles'", partials + 4 * C * acc),
+                ("normalise: the read of z", M * C * z.element_size())]
+    if func is ops.affine_hswish_batch.default:
+        z = args[0]
+        C, acc = z.shape[1], 8 if z.dtype == torch.float64 else 4
+        M = z.numel() // max(C, 1)
+        partials = 2 * -(-M // (kernels.GRAD_ROWS * kernels.STATS_TILES)) * C * acc
+        return [("batch statistics: read z, write the programs'", M * C * z.element_size() + partials),
+                ("batch statistics: combine the programs'", partials + 4 * C * acc)]
+    if func is ops.affine_hswish_batch_backward.default:
+        # counted: the elementwise pass (grad and z read, grad_z written)
+        (M, C), elt = args[1].shape, args[1].element_size()
+        acc = 8 if args[1].dtype == torch.float64 else 4
+        partials = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES)) * C * acc
+        return [("batch norm backward sums: read grad and z, write the programs'", 2 * M * C * elt + 2 * partials),
+                ("batch norm backward sums: add up the programs'", 2 * partials + 4 * C * acc)]
+    return []
+
+
 class CountOurs(CountTraffic):
     """CountTraffic for our model: a registered op of ours is one launch moving its inputs and
     outputs (what our fused kernels read and write), except the attention forward, whose
-    launches and bytes come from its kernels (``ours_factor_attention``), and the
-    residual_layernorm backward, fc1's GELU grad (``linear_gelu_grad``, ``linear_mlp_grad``) and
-    norm1 -> qkv's backward (``linear_norm_grad``), whose kernels also write per-program partial
-    sums that one small sum then reduces."""
+    launches and bytes come from its kernels (``ours_factor_attention``); the residual_layernorm
+    backward, fc1's GELU grad (``linear_gelu_grad``, ``linear_mlp_grad``) and norm1 -> qkv's
+    backward (``linear_norm_grad``), whose kernels also write per-program partial sums that one
+    small sum then reduces; and the training BatchNorms (``affine_hswish_batch``, the fused GEMMs'
+    ``*_train`` ops and their backward), whose statistics and sums passes are counted too
+    (``_batch_norm_passes``)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for name, nbytes in _batch_norm_passes(func, args):
+            self.launches += 1
+            self.bytes += nbytes
+            self.ops.append(name)
         if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
             from mpvit_kernels.triton import residual_layernorm as kernels
 
@@ -252,7 +329,7 @@ def saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, in
         saved[storage._cdata] = (storage.nbytes(), t)  # t kept alive: no address is reused meanwhile
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CudnnLayouts():
         model(x)
     resident = _resident(model)
     held = [nbytes for key, (nbytes, _) in saved.items() if key not in resident]
@@ -276,7 +353,7 @@ class LiveBytes(TorchDispatchMode):
         self.now -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _as_cudnn_lays_out(func, args, func(*args, **(kwargs or {})))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()

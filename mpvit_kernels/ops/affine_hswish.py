@@ -175,15 +175,31 @@ def check_eps(where: str, eps) -> None:
         raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, hswish: bool):
-    """``act(batch_norm(z))`` with z's batch statistics over every dim but 1, as eager ops (the
-    fused GEMM ops' unfused path; autograd as usual). Returns (y, mean, biased var), the
-    statistics in the accumulation type, without grad.
+def batch_norm_in_kernels(z: torch.Tensor) -> bool:
+    """Whether :func:`batch_norm_hswish` of ``z`` runs its Triton statistics pass
+    (``mpvit_kernels::affine_hswish_batch``): a non-empty channels-last (B, C, H, W) map on the
+    Triton kernels (CUDA, or the interpreter). Elsewhere, and for an NCHW map (which the kernels
+    would copy), ATen's BatchNorm."""
+    return z.dim() == 4 and z.numel() > 0 and z.is_contiguous(memory_format=torch.channels_last) and \
+        backend.use_triton("affine_hswish", z.device)
 
-    aten's native_batch_norm, eager BatchNorm2d's own kernel: on a CPU its statistics pass and
-    backward are 5x faster than ``var_mean`` + ``affine_hswish`` and their autograd (MPViT-T
-    stage 1, channels-last). Its variance comes back as 1/sqrt(var + eps), inverted here
+
+def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, hswish: bool):
+    """``act(batch_norm(z))`` with z's batch statistics over every dim but 1 (autograd as usual).
+    Returns (y, mean, biased var), the statistics in the accumulation type, without grad.
+
+    Where :func:`batch_norm_in_kernels`, one op, ``mpvit_kernels::affine_hswish_batch``: a
+    statistics pass over z, then one ``affine_hswish`` pass, and in the backward the two passes of
+    ``affine_hswish_batch_backward``; against ATen's BatchNorm and Hardswish, the Hardswish's own
+    read and write of the map go, forward and backward, and autograd keeps z alone, not also the
+    BatchNorm's output.
+
+    Elsewhere aten's native_batch_norm, eager BatchNorm2d's own kernel: on a CPU its statistics
+    pass and backward are 5x faster than ``var_mean`` + ``affine_hswish`` and their autograd
+    (MPViT-T stage 1, channels-last). Its variance comes back as 1/sqrt(var + eps), inverted here
     (relative error ~1e-7 * (var + eps) / var, as good as its fp32 sums)."""
+    if batch_norm_in_kernels(z):
+        return backend.call_op(_batch, z, weight, bias, float(eps), bool(hswish))
     acc = reference._acc_dtype(z.dtype)
     weight, bias = weight.to(acc), bias.to(acc)
     if z.numel() == 0:  # an empty batch has no statistics: placeholders the caller does not keep
@@ -193,6 +209,77 @@ def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     y, mean, invstd = torch.ops.aten.native_batch_norm(z, weight, bias, None, None, True, 0.0, eps)
     var = (invstd.detach().to(acc).pow(-2) - eps).clamp_min(0)
     return (F.hardswish(y) if hswish else y), mean.detach().to(acc), var
+
+
+def _channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) as (B*H*W, C) rows: a view of a channels-last map."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+@torch.library.custom_op("mpvit_kernels::affine_hswish_batch", mutates_args=())
+def _batch(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+           hswish: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``act(batch_norm(z))`` with the batch's statistics: z (B, C, H, W), read channels-last
+    (copied so where it is not); BatchNorm ``weight``, ``bias`` (C,). Returns (y channels-last in
+    z's dtype, mean, biased var (C,) in the accumulation type). A statistics pass writes each
+    program's (mean, M2) over its rows, the GEMMs' ``stats_kernel`` combines them, and
+    ``affine_hswish`` normalises."""
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    check_float_tensors("affine_hswish_batch", z=z)
+    if z.dim() != 4:
+        raise ValueError(f"affine_hswish_batch: z must be (B, C, H, W), got shape {tuple(z.shape)}")
+    C = z.shape[1]
+    M = z.numel() // max(C, 1)
+    check_channel_params("affine_hswish_batch", C, z.device, weight=weight, bias=bias)
+    check_eps("affine_hswish_batch", eps)
+    check_rows("affine_hswish_batch", M)
+    acc = reference._acc_dtype(z.dtype)
+    z = z.contiguous(memory_format=torch.channels_last)
+    if M == 0 or C == 0:  # no statistics (as batch_norm_hswish's placeholders)
+        mean, var = z.new_zeros(C, dtype=acc), z.new_ones(C, dtype=acc)
+        return torch.empty_like(z), mean, var
+    rows = kernels.GRAD_ROWS * kernels.STATS_TILES
+    P, BC = -(-M // rows), kernels.block_c(C)
+    tile_mean, tile_m2 = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
+    with backend.triton_device(z):
+        kernels.tile_stats_kernel[(P, -(-C // BC))](
+            z, tile_mean, tile_m2, M, C, ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
+            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.STATS_TILES,
+            VEC=kernels.vector_width(z.element_size(), C))
+    mean, var, scale, shift = batch_stats(tile_mean, tile_m2, rows, M, weight, bias, eps)
+    return affine_hswish(z, scale, shift, hswish), mean, var
+
+
+@_batch.register_fake
+def _(z, weight, bias, eps, hswish):
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(z, memory_format=torch.channels_last), z.new_empty(z.shape[1], dtype=acc),
+            z.new_empty(z.shape[1], dtype=acc))
+
+
+def _batch_setup_context(ctx, inputs, output):
+    z, weight, bias, eps, hswish = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for mean and var (a launch each)
+    ctx.save_for_backward(z, weight, bias, mean, var)
+    ctx.args = (eps, hswish)
+
+
+def _batch_grad(ctx, grad, *_):
+    if grad is None:  # an undefined grad (grads are not materialised): zero, so none for the inputs
+        return (None,) * 5
+    z, weight, bias, mean, var = ctx.saved_tensors
+    eps, hswish = ctx.args
+    B, C, H, W = z.shape
+    g, grad_weight, grad_bias = batch_norm_backward(_channel_rows(grad), _channel_rows(z), weight, bias, mean, var,
+                                                    eps, hswish)
+    return (g.view(B, H, W, C).permute(0, 3, 1, 2), backend.cast(grad_weight, weight.dtype),
+            backend.cast(grad_bias, bias.dtype), None, None)
+
+
+backend.register_autograd(_batch, _batch_grad, setup_context=_batch_setup_context)
 
 
 def affine_hswish_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -242,7 +329,8 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     """Backward of ``y = act(batch_norm(z))`` with the batch's statistics (mean, biased var, in
     the accumulation type): grad and z (M, C) row-major in z's dtype. Returns (grad_z in z's
     dtype, grad_gamma, grad_beta in the accumulation type). Two passes over (grad, z): the
-    per-channel sums, then the elementwise grad_z."""
+    per-channel sums (per row block, then added up in one small launch), then the elementwise
+    grad_z."""
     from mpvit_kernels.triton import affine_hswish as kernels
 
     M, C = z.shape
@@ -258,16 +346,18 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     grad_z = torch.empty((M, C), dtype=z.dtype, device=z.device)
     if M == 0 or C == 0:
         return grad_z, torch.zeros_like(mean), torch.zeros_like(mean)
+    grad_beta, sum_dev, grad_gamma = (torch.empty(C, dtype=acc, device=z.device) for _ in range(3))
     vec = kernels.vector_width(z.element_size(), C)
     with backend.triton_device(z):
         kernels.grad_sums_kernel[(P, -(-C // BC))](
             grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.GRAD_TILES, VEC=vec)
-        grad_beta, sum_dev = sums.sum(0), sums_dev.sum(0)  # fixed order: torch's sum has no atomics
+        kernels.grad_totals_kernel[(-(-C // BC),)](
+            sums, sums_dev, var, grad_beta, sum_dev, grad_gamma, P, C, float(eps), ACC=ACC, BLOCK_P=32, BLOCK_C=BC)
         kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, VEC=vec)
-    return grad_z, cast(sum_dev * torch.rsqrt(var + eps), acc), grad_beta
+    return grad_z, grad_gamma, grad_beta
 
 
 @_batch_backward.register_fake

@@ -1,6 +1,7 @@
 """Triton kernels of a training BatchNorm + Hardswish that follows a fused GEMM (``dwconv_bn``,
-``gli_projection``): the statistics and the backward. The normalise pass itself is the
-``affine_hswish`` op with the batch's (scale, shift).
+``gli_projection``) or any channels-last map (``affine_hswish_batch``: the stem's convs, InvRes's
+depthwise): the statistics and the backward. The normalise pass itself is the ``affine_hswish``
+op with the batch's (scale, shift).
 
 Rows are pixels (M = B*H*W, NHWC), columns channels. Deterministic: every reduction has a fixed
 order and there are no atomics.
@@ -8,10 +9,12 @@ order and there are no atomics.
 - The GEMM's epilogue (``_gemm_epilogue``, shared by both ops' kernels) writes, per row tile and channel, the tile's mean
   and M2 (sum of squared deviations from that mean), so a large mean cannot cancel the variance
   away as a plain sum of squares would.
+- ``tile_stats_kernel`` writes the same for a map that no GEMM of ours wrote, in a pass of its own.
 - ``stats_kernel`` combines them (Chan et al.) into the batch mean and biased variance, and gives
   the normalise pass its scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
 - Backward: ``grad_sums_kernel`` reduces sum(g_u) and sum(g_u * (z - mean)) per row block, with
-  g_u = grad * hardswish'(u); ``grad_kernel`` is the elementwise
+  g_u = grad * hardswish'(u); ``grad_totals_kernel`` adds the blocks' up (and gives the
+  BatchNorm weight's grad); ``grad_kernel`` is the elementwise
   grad_z = scale * (g_u - sum(g_u) / M - xhat * sum(g_u * xhat) / M).
 
 Also what every family's launches share, as this module is the one they all import: the vector
@@ -487,6 +490,44 @@ def _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC: tl.co
 
 
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
+@triton.jit(do_not_specialize=["M"])
+def tile_stats_kernel(
+    z_ptr,  # (M, C) rows NHWC: a map that no GEMM of ours wrote (a cuDNN conv's, a depthwise op's)
+    tile_mean_ptr, tile_m2_ptr,  # (P, C) out: program p's mean and M2 over rows p*BLOCK_M*TILES..
+    M, C, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
+    VEC: tl.constexpr = 1,
+):
+    """What the GEMMs' epilogue writes for stats_kernel, as a pass of its own: TILES row tiles a
+    program, each tile's (mean, M2) merged into the program's (Chan et al.), so z is read once.
+    The tiles unrolled (static_range): their loads are independent, so all are in flight at once
+    (a loop waited for each, and Triton pipelines no load that feeds no dot)."""
+    C = _known_multiple(C, VEC)
+    pid_m = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    count = tl.zeros([], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for t in tl.static_range(TILES):
+        start = (pid_m * TILES + t).to(tl.int64) * BLOCK_M  # (past 2^31 in the last program's tiles)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        rows = offs_m < M
+        z = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=rows[:, None] & cmask[None, :],
+                    other=0.0).to(ACC)
+        # a tile past the last row (the last program's) has n = 0 and changes nothing
+        n = tl.minimum(tl.maximum(M - start, 0), BLOCK_M).to(ACC)
+        t_mean, t_m2 = _tile_stats(z, rows, tl.maximum(n, 1.0), ACC)
+        total = count + n
+        delta = t_mean - mean
+        share = _div(n, tl.maximum(total, 1.0), ACC)
+        mean += delta * share
+        m2 += t_m2 + delta * delta * (count * share)
+        count = total
+    tl.store(tile_mean_ptr + pid_m * C + offs_c, mean, mask=cmask)
+    tl.store(tile_m2_ptr + pid_m * C + offs_c, m2, mask=cmask)
+
+
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["P", "M"])
 def stats_kernel(
     tile_mean_ptr, tile_m2_ptr,  # (P, C) each: the row tiles' statistics, tile p has rows p*ROWS..
@@ -563,6 +604,37 @@ def grad_sums_kernel(
 
 
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
+@triton.jit(do_not_specialize=["P"])
+def grad_totals_kernel(
+    sum_ptr, sum_dev_ptr,  # (P, C): grad_sums_kernel's per row block
+    var_ptr,  # (C,) the batch's biased variance
+    total_ptr, total_dev_ptr, grad_gamma_ptr,  # (C,) out: sum(g_u) (beta's grad), sum(g_u (z - mean)), gamma's grad
+    P, C, eps: tl.float64, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The row blocks' sums added up in a fixed order (BLOCK_P rows at a time), and gamma's grad
+    sum(g_u xhat) = sum(g_u (z - mean)) / sqrt(var + eps): one launch where torch's two sums and
+    the ops of the scaling were five."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    total = tl.zeros([BLOCK_C], ACC)
+    total_dev = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        at = offs_p[:, None] * C + offs_c[None, :]
+        mask = (offs_p < P)[:, None] & cmask[None, :]
+        total += tl.sum(tl.load(sum_ptr + at, mask=mask, other=0.0), 0)
+        total_dev += tl.sum(tl.load(sum_dev_ptr + at, mask=mask, other=0.0), 0)
+    var = tl.load(var_ptr + offs_c, mask=cmask, other=0.0)
+    if ACC == tl.float64:
+        root = tl.sqrt(var + tl.full([], eps, ACC))
+    else:  # tl.sqrt is the approximate square root in fp32
+        root = tl.sqrt_rn(var + tl.full([], eps, ACC))
+    tl.store(total_ptr + offs_c, total, mask=cmask)
+    tl.store(total_dev_ptr + offs_c, total_dev, mask=cmask)
+    tl.store(grad_gamma_ptr + offs_c, _div(total_dev, root, ACC), mask=cmask)
+
+
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["M"])
 def grad_kernel(
     g_ptr, z_ptr,  # (M, C) each, as grad_sums_kernel's
@@ -590,6 +662,9 @@ def grad_kernel(
 # Rows per tile and tiles per program of the backward kernels: a 64-channel tile of 32 rows is what
 # fits 4 warps' registers in fp64 without spills; a sums program covers 512 rows.
 GRAD_ROWS, GRAD_TILES = 32, 16
+# Tiles per program of tile_stats_kernel, all loaded at once: 128 rows, 16 KB of a 64-channel bf16
+# map in flight a program; its (mean, M2) are 3% of the map's bytes (bf16; 1.6% fp32)
+STATS_TILES = 4
 
 
 def block_c(C: int) -> int:
@@ -611,6 +686,15 @@ def compile_specs():
             specs.append((stats_kernel, f"{dt} BLOCK_C={bc}",
                           {n: acc for n in ("tile_mean_ptr", "tile_m2_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
                                             "var_ptr", "scale_ptr", "shift_ptr")} | {"eps": "fp64"},
+                          {"ACC": acc_ty, "BLOCK_P": 32, "BLOCK_C": bc}))
+            specs.append((tile_stats_kernel, f"{dt} BLOCK_C={bc}",
+                          {"z_ptr": f"*{dt}", "tile_mean_ptr": acc, "tile_m2_ptr": acc},
+                          {"ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc, "TILES": STATS_TILES}))
+            if bc >= 32 and dt != "fp64":  # the stem's 32 channels and the InvRes widths, as launched
+                specs.append(as_launched(specs[-1]))
+            specs.append((grad_totals_kernel, f"{dt} BLOCK_C={bc}",
+                          {n: acc for n in ("sum_ptr", "sum_dev_ptr", "var_ptr", "total_ptr", "total_dev_ptr",
+                                            "grad_gamma_ptr")} | {"eps": "fp64"},
                           {"ACC": acc_ty, "BLOCK_P": 32, "BLOCK_C": bc}))
             for hswish in (True, False):
                 per_channel = {n: acc for n in ("gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "sum_ptr",
