@@ -191,6 +191,8 @@ def bn_hswish(x: torch.Tensor, bn: nn.BatchNorm2d, hswish: bool) -> torch.Tensor
             if x.numel() == x.shape[1]:
                 raise ValueError(f"{type(bn).__name__}: batch statistics need more than 1 value per channel, got "
                                  f"an input of shape {tuple(x.shape)}")
+            if not bn.eps > 0:  # (as F.batch_norm refuses it with batch statistics)
+                raise ValueError(f"{type(bn).__name__}: eps must be positive with batch statistics, got {bn.eps}")
             y, mean, var = batch_norm_hswish(x, bn.weight, bn.bias, bn.eps, hswish)
             track_batch_stats(bn, mean, var, x.numel() // x.shape[1])
             return y

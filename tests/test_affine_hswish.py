@@ -333,6 +333,10 @@ def test_batch_norm_op_needs_more_than_one_value_per_channel_and_leaves_nchw_map
     stem = _stem_and_invres(True)[0]
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         stem(torch.randn(1, 3, 2, 2, dtype=torch.float64, device=KERNEL_DEVICE))
+    stem.bn.eps = 0.0  # as nn.BatchNorm2d's own path refuses it
+    with pytest.raises(ValueError, match="eps must be positive"):
+        stem(torch.randn(2, 3, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE))
+    stem.bn.eps = 1e-5
     # an NCHW map (what a contiguous input gives cuDNN's conv) would be copied: aten's BatchNorm
     with RecordOps() as rec:
         stem.bn.train()

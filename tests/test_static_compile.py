@@ -89,6 +89,17 @@ def test_check_refuses_rows_of_other_sources_or_other_figures(tmp_path):
     assert out.returncode == 1 and "linear_kernel" in out.stdout and "compiles unlike" in out.stdout, out.stdout
 
 
+def test_tensor_core_instructions_read_off_the_ptx():
+    from mpvit_kernels.triton.static_compile import Usage, mma_summary, tensor_core_instructions
+
+    assert tensor_core_instructions("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert tensor_core_instructions("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
+    assert tensor_core_instructions("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
+    rows = [Usage("k", "bf16 a", "warps=8", 90, mma="mma.sync"), Usage("k", "bf16 a", "warps=8", 80, mma="mma.sync"),
+            Usage("g", "bf16", "warps=8", 90, mma="wgmma"), Usage("d", "fp64 b", "warps=8", 90, mma="mma.sync")]
+    assert mma_summary(rows) == "sm_90a, 16-bit: 1 compiles run their dots as wgmma, 1 as mma.sync:\n- k: 1 (bf16 a)"
+
+
 def test_widest_load_reads_vector_loads_and_cp_async_off_the_ptx():
     from mpvit_kernels.triton.static_compile import load_widths, widest_load
 

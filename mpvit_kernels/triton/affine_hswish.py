@@ -509,22 +509,29 @@ def tile_stats_kernel(
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for t in tl.static_range(TILES):
-        start = (pid_m * TILES + t).to(tl.int64) * BLOCK_M  # (past 2^31 in the last program's tiles)
+        # (64-bit: the last program's tiles reach M + 127, past 2^31 - 1 for M near it)
+        start = (pid_m * TILES + t).to(tl.int64) * BLOCK_M
         offs_m = start + tl.arange(0, BLOCK_M)
         rows = offs_m < M
-        z = tl.load(z_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=rows[:, None] & cmask[None, :],
+        z = tl.load(z_ptr + offs_m[:, None] * C + offs_c[None, :], mask=rows[:, None] & cmask[None, :],
                     other=0.0).to(ACC)
-        # a tile past the last row (the last program's) has n = 0 and changes nothing
+        # the first tile (n >= 1: every program starts within M) takes share 1; a tile past the
+        # last row has n = 0 and changes nothing
         n = tl.minimum(tl.maximum(M - start, 0), BLOCK_M).to(ACC)
         t_mean, t_m2 = _tile_stats(z, rows, tl.maximum(n, 1.0), ACC)
         total = count + n
         delta = t_mean - mean
         share = _div(n, tl.maximum(total, 1.0), ACC)
         mean += delta * share
-        m2 += t_m2 + delta * delta * (count * share)
+        # count * share first: 0 for the first tile and any past the last row, where delta * delta
+        # would overflow fp32 for a mean past 1.8e19 (and inf * 0 be NaN)
+        m2 += t_m2 + (count * share) * delta * delta
         count = total
-    tl.store(tile_mean_ptr + pid_m * C + offs_c, mean, mask=cmask)
-    tl.store(tile_m2_ptr + pid_m * C + offs_c, m2, mask=cmask)
+    # (32-bit: P * C < 2^31 unless the map holds over 2^38 elements; 64-bit cost an 8-byte spill on
+    # sm_90a, fp32 BLOCK_C=64 aligned, Triton 3.8)
+    out = pid_m * C + offs_c
+    tl.store(tile_mean_ptr + out, mean, mask=cmask)
+    tl.store(tile_m2_ptr + out, m2, mask=cmask)
 
 
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
@@ -620,7 +627,7 @@ def grad_totals_kernel(
     total_dev = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        at = offs_p[:, None] * C + offs_c[None, :]
+        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
         mask = (offs_p < P)[:, None] & cmask[None, :]
         total += tl.sum(tl.load(sum_ptr + at, mask=mask, other=0.0), 0)
         total_dev += tl.sum(tl.load(sum_dev_ptr + at, mask=mask, other=0.0), 0)

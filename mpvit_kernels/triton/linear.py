@@ -463,8 +463,14 @@ def norm_grad_tile(block_c: int, kind: str, wide: bool, vec: int, on_gpu: bool =
     quarter where WIDE rows are read element by element (VEC < 8: Triton 3.6 spilled 8-96 bytes
     at half), which compile without spills for sm_80 and sm_90a (static report, Triton 3.8 and
     3.6); ``on_gpu``: a GPU's tile even under the interpreter (the traffic model). The op sizes
-    the partial sums with BLOCK_M."""
+    the partial sums with BLOCK_M. A 16-bit WIDE launch with 16-byte rows (VEC = 8, MPViT's
+    stages 3 and 4) takes the whole tile: 64 rows compile without spills there in 220-252
+    registers, the same 8 warps an SM as 32 rows' 155-178, and on sm_90a the dots become wgmma
+    (at 32 rows, under its 64-row minimum, mma.sync); each row tile reads the weight's tiles
+    once for twice the rows."""
     block_m, block_r, warps, stages = (_gli_gpu_tile if on_gpu else _gli_tile)(block_c, kind)
+    if wide and vec == 8 and kind == "16-bit":
+        return block_m, block_r, warps, stages
     return max(16, block_m // (4 if wide and vec < 8 else 2)), block_r, warps, stages
 
 

@@ -58,6 +58,7 @@ class Usage:
     scratch: int = 0  # global scratch bytes (device-side tensor descriptors): the launch needs triton.set_allocator
     widest_load: int = 0  # bytes of the kernel's widest load from global memory (ld.global or cp.async), 0 unread
     two_byte_loads: int = 0  # global loads of one 16-bit element each: a 16-bit row read element by element
+    mma: str = ""  # the dots' instructions: "wgmma" (Hopper's), "mma.sync" (Ampere's tensor cores), "-" none
 
 
 def kernel_modules():
@@ -130,6 +131,13 @@ def load_widths(ptx: str) -> list[int]:
         [int(n, 0) for n in _CP_ASYNC.findall(ptx)]
 
 
+def tensor_core_instructions(ptx: str) -> str:
+    """What the kernel's dots run as: "wgmma" (sm_90a's asynchronous warpgroup MMA, which needs
+    64 rows a warpgroup), "mma.sync" (the warp-level MMA, Ampere's and the fallback on sm_90a) or
+    "-" (no tensor-core instruction: FMA dots, fp32/fp64, or no dot)."""
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if re.search(r"\bmma\.sync\b", ptx) else "-"
+
+
 def widest_load(ptx: str) -> int:
     return max(load_widths(ptx) + [0])
 
@@ -188,6 +196,7 @@ def compile_one(kernel, tag, types, constexprs, config, arch) -> Usage:
     usage.scratch = int(getattr(compiled.metadata, "global_scratch_size", 0) or 0)
     widths = load_widths(compiled.asm["ptx"])
     usage.widest_load, usage.two_byte_loads = max(widths + [0]), widths.count(2)
+    usage.mma = tensor_core_instructions(compiled.asm["ptx"])
     regs_per_warp = max(usage.registers, 1) * 32
     usage.warps_per_sm = min(MAX_WARPS_PER_SM, (REGS_PER_SM // (regs_per_warp * warps)) * warps)
     if usage.shared:
@@ -287,7 +296,7 @@ def report_json(results: list[Usage]) -> str:
     return f'{head}, "kernels": [\n{rows}\n]}}\n'
 
 
-SAMPLE_FIELDS = ("registers", "shared", "spill_bytes", "scratch", "widest_load", "two_byte_loads", "error")
+SAMPLE_FIELDS = ("registers", "shared", "spill_bytes", "scratch", "widest_load", "two_byte_loads", "mma", "error")
 
 
 def check_committed(path: str) -> list[str]:
@@ -362,10 +371,27 @@ def cuda_extension_usage(library: str) -> list[Usage]:
     return sorted(results, key=lambda u: (u.arch, u.kernel))  # the library's order varies between builds
 
 
+def mma_summary(results: list[Usage]) -> str:
+    """Which kernels' 16-bit sm_90a compiles run their dots as mma.sync rather than wgmma (a tile
+    under 64 rows a warpgroup), with the tags: where Hopper's tensor cores run at Ampere's rate.
+    (fp64 dots are mma.sync on sm_90a whatever the tile; fp32 ones FMA.)"""
+    sync = {}
+    sixteen = [u for u in results if u.arch == 90 and u.tag.split()[0] in ("fp16", "bf16")]
+    for u in sixteen:
+        if u.mma == "mma.sync":
+            sync.setdefault(u.kernel, []).append(u.tag)
+    wgmma = sum(u.mma == "wgmma" for u in sixteen)
+    lines = [f"sm_90a, 16-bit: {wgmma} compiles run their dots as wgmma, {sum(map(len, sync.values()))} as mma.sync"
+             + (":" if sync else ".")]
+    lines += [f"- {kernel}: {len(tags)} ({'; '.join(sorted(set(tags))[:4])}{'; ...' if len(set(tags)) > 4 else ''})"
+              for kernel, tags in sorted(sync.items())]
+    return "\n".join(lines)
+
+
 def table(results: list[Usage]) -> str:
     lines = ["| kernel | inputs | config | arch | registers | shared memory (B) | spills (B) | warps/SM | widest load (B) "
-             "| 2-byte loads | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| 2-byte loads | tensor cores | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in results:
         status = "COMPILE ERROR: " + u.error if u.error else (
             "SPILLS" if u.spill_bytes else ("SHARED OVER LIMIT" if u.shared > SHARED_LIMIT[u.arch] else
@@ -375,7 +401,7 @@ def table(results: list[Usage]) -> str:
                                             else "ok"))
         lines.append(f"| {u.kernel} | {u.tag} | {u.config} | {ARCHS[u.arch]} | {u.registers} | {u.shared} | "
                      f"{u.spill_bytes} | {u.warps_per_sm} | {u.widest_load or '-'} | {u.two_byte_loads if u.widest_load else '-'} "
-                     f"| {status} |")
+                     f"| {u.mma or '-'} | {status} |")
     return "\n".join(lines)
 
 
@@ -397,9 +423,12 @@ def main(argv=None) -> int:
             f"triton {triton.__version__}; registers and spills from cuobjdump --dump-resource-usage, shared memory "
             "from the compiled kernel's metadata (Triton) or cuobjdump (CUDA); warps/SM is the occupancy those "
             "allow; widest load is the widest ld.global or cp.async in the PTX (16 B: vectorised), 2-byte loads "
-            "how many read one 16-bit element each (a row read element by element). Inputs "
+            "how many read one 16-bit element each (a row read element by element); tensor cores what the "
+            "dots compile to (wgmma: sm_90a's warpgroup MMA, which takes 64 rows a warpgroup; mma.sync: the "
+            "warp-level MMA, Ampere's, and sm_90a's below that; -: FMA dots or none). Inputs "
             "marked 'aligned' compile with the alignment a launch on 16-byte-aligned tensors gets, the "
-            "others with none (the worst case).\n\n## Triton kernels\n\n" + table(results) + "\n")
+            "others with none (the worst case).\n\n" + mma_summary(results) + "\n\n## Triton kernels\n\n"
+            + table(results) + "\n")
     text += ("\n## CUDA kernels of mpvit_kernels._C\n\n" + table(cuda) + "\n") if cuda else \
         "\n(mpvit_kernels._C is not built: no CUDA kernels read)\n"
     results += cuda
