@@ -329,7 +329,7 @@ def test_batch_norm_op_rejects_bad_inputs_before_any_kernel(change, exc, match):
         torch.ops.mpvit_kernels.affine_hswish_batch(*args.values())
 
 
-def test_batch_norm_op_needs_more_than_one_value_per_channel_and_leaves_nchw_maps_to_aten():
+def test_batch_norm_op_needs_more_than_one_value_per_channel_and_leaves_nchw_maps_and_cuda_to_aten():
     stem = _stem_and_invres(True)[0]
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         stem(torch.randn(1, 3, 2, 2, dtype=torch.float64, device=KERNEL_DEVICE))
@@ -337,13 +337,16 @@ def test_batch_norm_op_needs_more_than_one_value_per_channel_and_leaves_nchw_map
     with pytest.raises(ValueError, match="eps must be positive"):
         stem(torch.randn(2, 3, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE))
     stem.bn.eps = 1e-5
-    # an NCHW map (what a contiguous input gives cuDNN's conv) would be copied: aten's BatchNorm
-    with RecordOps() as rec:
-        stem.bn.train()
-        from mpvit_kernels.nn import bn_hswish
+    # an NCHW map (what a contiguous input gives cuDNN's conv) would be copied: aten's BatchNorm;
+    # so under the cuda backend (the extension's kernels alone)
+    from mpvit_kernels.nn import bn_hswish
 
-        bn_hswish(torch.randn(2, 8, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE), stem.bn, True)
-    assert "aten.native_batch_norm" in rec.names and "mpvit_kernels.affine_hswish_batch" not in rec.names
+    stem.bn.train()
+    nchw = torch.randn(2, 8, 5, 4, dtype=torch.float64, device=KERNEL_DEVICE)
+    for z, backend in ((nchw, "auto"), (nchw.contiguous(memory_format=torch.channels_last), "cuda")):
+        with RecordOps() as rec, mpvit_kernels.use_backend(backend, ops=["affine_hswish"]):
+            bn_hswish(z, stem.bn, True)
+        assert "aten.native_batch_norm" in rec.names and "mpvit_kernels.affine_hswish_batch" not in rec.names
 
 
 @requires_ext

@@ -178,10 +178,11 @@ def check_eps(where: str, eps) -> None:
 def batch_norm_in_kernels(z: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_hswish` of ``z`` runs its Triton statistics pass
     (``mpvit_kernels::affine_hswish_batch``): a non-empty channels-last (B, C, H, W) map on the
-    Triton kernels (CUDA, or the interpreter). Elsewhere, and for an NCHW map (which the kernels
-    would copy), ATen's BatchNorm."""
+    Triton kernels (CUDA, or the interpreter), the family's backend not ``cuda`` (the extension's
+    kernels alone). Elsewhere, and for an NCHW map (which the kernels would copy), ATen's
+    BatchNorm."""
     return z.dim() == 4 and z.numel() > 0 and z.is_contiguous(memory_format=torch.channels_last) and \
-        backend.use_triton("affine_hswish", z.device)
+        backend.get_backend("affine_hswish") != "cuda" and backend.use_triton("affine_hswish", z.device)
 
 
 def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, hswish: bool):
