@@ -240,14 +240,14 @@ def _batch(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     if M == 0 or C == 0:  # no statistics (as batch_norm_hswish's placeholders)
         mean, var = z.new_zeros(C, dtype=acc), z.new_ones(C, dtype=acc)
         return torch.empty_like(z), mean, var
-    rows = kernels.GRAD_ROWS * kernels.STATS_TILES
+    block_m, tiles = kernels.stats_tile()
+    rows = block_m * tiles
     P, BC = -(-M // rows), kernels.block_c(C)
     tile_mean, tile_m2 = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
     with backend.triton_device(z):
         kernels.tile_stats_kernel[(P, -(-C // BC))](
             z, tile_mean, tile_m2, M, C, ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
-            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.STATS_TILES,
-            VEC=kernels.vector_width(z.element_size(), C))
+            BLOCK_M=block_m, BLOCK_C=BC, TILES=tiles, VEC=kernels.vector_width(z.element_size(), C))
     mean, var, scale, shift = batch_stats(tile_mean, tile_m2, rows, M, weight, bias, eps)
     return affine_hswish(z, scale, shift, hswish), mean, var
 
@@ -341,7 +341,8 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     gamma, beta = cast(gamma, acc).contiguous(), cast(beta, acc).contiguous()
     mean, var = mean.contiguous(), cast(var, acc).contiguous()
     grad, z = cast(grad, z.dtype).contiguous(), z.contiguous()  # the kernels index (M, C) row-major
-    P = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES))
+    rows, tiles = kernels.grad_tile()
+    P = -(-M // (rows * tiles))
     BC = kernels.block_c(C)
     sums, sums_dev = (torch.empty(P, C, dtype=acc, device=z.device) for _ in range(2))
     grad_z = torch.empty((M, C), dtype=z.dtype, device=z.device)
@@ -352,12 +353,12 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     with backend.triton_device(z):
         kernels.grad_sums_kernel[(P, -(-C // BC))](
             grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,
-            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, TILES=kernels.GRAD_TILES, VEC=vec)
+            BLOCK_M=rows, BLOCK_C=BC, TILES=tiles, VEC=vec)
         kernels.grad_totals_kernel[(-(-C // BC),)](
             sums, sums_dev, var, grad_beta, sum_dev, grad_gamma, P, C, float(eps), ACC=ACC, BLOCK_P=32, BLOCK_C=BC)
-        kernels.grad_kernel[(-(-M // kernels.GRAD_ROWS), -(-C // BC))](
+        kernels.grad_kernel[(-(-M // rows), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
-            BLOCK_M=kernels.GRAD_ROWS, BLOCK_C=BC, VEC=vec)
+            BLOCK_M=rows, BLOCK_C=BC, VEC=vec)
     return grad_z, grad_gamma, grad_beta
 
 

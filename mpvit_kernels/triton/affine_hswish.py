@@ -669,6 +669,20 @@ def grad_kernel(
 # Rows per tile and tiles per program of the backward kernels: a 64-channel tile of 32 rows is what
 # fits 4 warps' registers in fp64 without spills; a sums program covers 512 rows.
 GRAD_ROWS, GRAD_TILES = 32, 16
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def grad_tile() -> tuple[int, int]:
+    """(BLOCK_M, TILES) of the backward's launches: (GRAD_ROWS, GRAD_TILES) on a GPU; under the
+    interpreter, whose cost goes with programs and loop steps, not their size, tiles 4 times as
+    tall (a sums program still covers 512 rows, so its partial sums are the GPU's)."""
+    return (GRAD_ROWS * 4, GRAD_TILES // 4) if INTERPRET else (GRAD_ROWS, GRAD_TILES)
+
+
+def stats_tile() -> tuple[int, int]:
+    """(BLOCK_M, TILES) of tile_stats_kernel: (GRAD_ROWS, STATS_TILES) on a GPU; under the
+    interpreter tiles 4 times as tall, two a program (still merged as on a GPU)."""
+    return (GRAD_ROWS * 4, 2) if INTERPRET else (GRAD_ROWS, STATS_TILES)
 # Tiles per program of tile_stats_kernel, all loaded at once: 128 rows, 16 KB of a 64-channel bf16
 # map in flight a program; its (mean, M2) are 3% of the map's bytes (bf16; 1.6% fp32)
 STATS_TILES = 4
