@@ -701,15 +701,20 @@ def test_mlp_grad_is_the_pre_activation_grad_and_refuses_mismatched_inputs():
             torch.ops.mpvit_kernels.linear_mlp_grad(*args)
 
 
+def mlp_fp64_reference(leaves):
+    """(output, a random grad of it, every input's grad) of eager's MLP in fp64 on ``leaves``' values."""
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = mlp_chain(*leaves64)
+    g = torch.randn_like(want)
+    return want, g, torch.autograd.grad(want, leaves64, g)
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
 def test_mlp_under_autocast_over_an_fp32_stream_takes_the_op_as_accurately_as_eager(dtype):
     # AMP: fp32 tokens and parameters, the GEMMs in the autocast dtype, fc2's output added in fp32;
     # the backward casts x and the grad to the GEMMs' dtype, as autocast's saved casts are
-    x, r, w1, b1, w2 = leaves = mlp_inputs(40, 16, 64, torch.float32)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    want = mlp_chain(*leaves64)
-    g = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, leaves64, g)
+    leaves = mlp_inputs(40, 16, 64, torch.float32)
+    want, g, want_grads = mlp_fp64_reference(leaves)
     errs = {}
     for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
         with torch.autocast(KERNEL_DEVICE, dtype=dtype), RecordOps() as rec:
@@ -779,12 +784,8 @@ def test_mlp_bad_inputs_are_refused_before_any_kernel(change, error, match):
 def test_mlp_low_precision_within_twice_eager(dtype):
     """A 16-bit model (x, r and the weights in it): every grad against fp64 within twice eager's
     error in the same dtype."""
-    x, r, w1, b1, w2 = mlp_inputs(42, 16, 64, torch.float32)
-    leaves32 = [x, r, w1, b1, w2]
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves32]
-    want = mlp_chain(*leaves64)
-    g = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, leaves64, g)
+    leaves32 = list(mlp_inputs(42, 16, 64, torch.float32))
+    want, g, want_grads = mlp_fp64_reference(leaves32)
     errs = {}
     for name, fn in (("ours", ops.linear_mlp), ("eager", mlp_chain)):
         leaves = [t.detach().to(dtype).requires_grad_() for t in leaves32]

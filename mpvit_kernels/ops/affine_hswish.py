@@ -212,8 +212,9 @@ def batch_norm_hswish(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return (F.hardswish(y) if hswish else y), mean.detach().to(acc), var
 
 
-def _channel_rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) as (B*H*W, C) rows: a view of a channels-last map."""
+def channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) as (B*H*W, C) rows, what the BatchNorm kernels index: a view of a channels-last
+    map (a copy of any other)."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
@@ -274,7 +275,7 @@ def _batch_grad(ctx, grad, *_):
     z, weight, bias, mean, var = ctx.saved_tensors
     eps, hswish = ctx.args
     B, C, H, W = z.shape
-    g, grad_weight, grad_bias = batch_norm_backward(_channel_rows(grad), _channel_rows(z), weight, bias, mean, var,
+    g, grad_weight, grad_bias = batch_norm_backward(channel_rows(grad), channel_rows(z), weight, bias, mean, var,
                                                     eps, hswish)
     return (g.view(B, H, W, C).permute(0, 3, 1, 2), backend.cast(grad_weight, weight.dtype),
             backend.cast(grad_bias, bias.dtype), None, None)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mpvit_kernels import backend
 from mpvit_kernels.ops.affine_hswish import (affine_hswish, affine_hswish_grad, batch_norm_backward,
-                                             batch_norm_hswish, batch_stats, check_channel_params,
+                                             batch_norm_hswish, batch_stats, channel_rows, check_channel_params,
                                              check_eps, check_item_span, check_rows, check_strided, conv_folded_bn,
                                              folds_into_conv)
 from mpvit_kernels.ops.depthwise import _FLOATS, _out_size, depthwise
@@ -193,7 +193,7 @@ def _(x, dw_weight, pw_weight, bn_weight, bn_bias, eps, stride, hswish):
 def _depthwise_rows(x, dw_weight, stride):
     """The depthwise output as (M, Cin) rows (a view of its NHWC memory), recomputed: the forward
     never stored it."""
-    return depthwise(x, backend.cast(dw_weight, x.dtype), None, stride).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return channel_rows(depthwise(x, backend.cast(dw_weight, x.dtype), None, stride))
 
 
 def _conv_backward(x, dw_weight, pw_weight, stride, g, dm=None):
@@ -225,8 +225,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, dw_weight, pw_weight, scale, shift = ctx.saved_tensors
     stride, hswish = ctx.args
-    Cout = pw_weight.shape[0]
-    g = backend.cast(grad, x.dtype).permute(0, 2, 3, 1).reshape(-1, Cout)
+    g = channel_rows(backend.cast(grad, x.dtype))
     grad_scale = grad_shift = d = None
     if scale is not None or hswish:
         d = _depthwise_rows(x, dw_weight, stride)
@@ -251,10 +250,8 @@ def _train_backward(ctx, grad, *_):
         return (None,) * 8
     x, dw_weight, pw_weight, bn_weight, bn_bias, z, mean, var = ctx.saved_tensors
     eps, stride, hswish = ctx.args
-    Cout = pw_weight.shape[0]
-    g, grad_weight, grad_bias = batch_norm_backward(grad.permute(0, 2, 3, 1).reshape(-1, Cout),
-                                                    z.permute(0, 2, 3, 1).reshape(-1, Cout), bn_weight, bn_bias,
-                                                    mean, var, eps, hswish)
+    g, grad_weight, grad_bias = batch_norm_backward(channel_rows(grad), channel_rows(z), bn_weight, bn_bias, mean,
+                                                    var, eps, hswish)
     return (*_conv_backward(x, dw_weight, pw_weight, stride, g), backend.cast(grad_weight, bn_weight.dtype),
             backend.cast(grad_bias, bn_bias.dtype), None, None, None)
 
