@@ -13,8 +13,8 @@ import mpvit_kernels
 from mpvit_kernels import fuse, ops
 from mpvit_kernels.bench.public_mpvit import MHCA_stage, Patch_Embed_stage
 from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
-from tests.test_fuse import TRITON, randomized
-from tests.utils import normwise_error, randomize_bn
+from tests.test_fuse import randomized
+from tests.utils import cpu_auto, normwise_error, randomize_bn
 
 LOW = [torch.bfloat16, torch.float16]
 fuse_module = importlib.import_module("mpvit_kernels.fuse")  # the package's `fuse` is the function
@@ -25,7 +25,7 @@ def test_op_output_dtypes_follow_autocast(dtype):
     x = torch.randn(2, 8, 7, 5)
     w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
     pw, scale, shift = torch.randn(6, 8, 1, 1), torch.rand(6) + 0.5, torch.randn(6)
-    with torch.autocast("cpu", dtype=dtype), mpvit_kernels.use_backend("reference", ops=TRITON):
+    with torch.autocast("cpu", dtype=dtype), cpu_auto():
         assert ops.depthwise(x, w, b).dtype == dtype
         assert ops.depthwise(x, w, b, residual=True).dtype == torch.float32  # as x + conv(x)
         assert ops.dwconv_bn(x, w, pw, 1, scale, shift, hswish=True).dtype == dtype
@@ -55,11 +55,11 @@ def check_grads_as_accurate(ours, eager, truth):
         assert d_ours <= 2 * d_eager + 1e-2 * g64.norm() + floor, (name, d_ours.item(), d_eager.item())
 
 
-# CPU tensors: the C++ twins with the Triton families on the reference, or the Triton kernels in
+# CPU tensors: a CPU's auto (the C++ twins, the Triton families on the reference), or the Triton kernels in
 # the interpreter (where it runs; bf16 computed as a GPU does: tests/interpreter_bf16.py) with
 # the attention on its twin (interpreted, it alone took 13 of the MHCA stage's 15 s; its
 # kernels' own low-precision test runs them)
-KERNELS = {"twins": lambda: mpvit_kernels.use_backend("reference", ops=TRITON),
+KERNELS = {"twins": cpu_auto,
            "triton": lambda: mpvit_kernels.use_backend("cuda", ops=["factor_attention"])}
 
 
@@ -129,7 +129,7 @@ def test_fused_model_under_autocast_is_as_accurate_as_eager(dtype):
 def test_fused_module_under_autocast_compiles_fullgraph():
     m = mpvit_kernels.DWConv2dBN(8, 12, 3, 2).eval()
     x = torch.randn(2, 8, 9, 7)
-    with torch.autocast("cpu", dtype=torch.bfloat16), mpvit_kernels.use_backend("reference", ops=TRITON):
+    with torch.autocast("cpu", dtype=torch.bfloat16), cpu_auto():
         want = m(x)
         got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
     assert got.dtype == want.dtype == torch.bfloat16

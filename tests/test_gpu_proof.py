@@ -131,10 +131,10 @@ def test_a_stage_cut_short_at_its_limit_still_reports_what_failed(tmp_path):
                      "def test_outlasts_the_limit():\n    time.sleep(60)\n")
     out_dir = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(stand_in_python(tmp_path)), OUT=str(out_dir), STAGES="tests",
-               TESTS=f"{tests} -p no:xdist", TESTS_WORKERS="0", TESTS_TIMEOUT="8")
+               TESTS=f"{tests} -p no:xdist", TESTS_WORKERS="0", TESTS_TIMEOUT="5")
     out = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     summary = (out_dir / "summary.md").read_text()
-    assert out.returncode == 1 and "| tests | TIMED OUT after 8s |" in summary, summary
+    assert out.returncode == 1 and "| tests | TIMED OUT after 5s |" in summary, summary
     assert "test_cut_short.py::test_fails_first" in summary and "seen before the limit" in summary, summary
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         xml = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("pytest.xml"))).read().decode()

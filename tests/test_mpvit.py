@@ -8,7 +8,7 @@ import torch
 
 import mpvit_kernels
 from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
-from tests.utils import RecordOps, normwise_error, randomize_bn
+from tests.utils import RecordOps, cpu_auto, normwise_error, randomize_bn
 from mpvit_kernels.models import MPViT, load_checkpoint, mpvit_base, mpvit_small, mpvit_tiny, mpvit_xsmall
 from mpvit_kernels.models.mpvit import CONFIGS
 
@@ -33,18 +33,15 @@ def reference_keys(size):
         return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
 
 
-TRITON_FAMILIES = ["factor_attention", "dwconv_bn", "gli_projection", "linear"]
-
-
 @pytest.fixture(autouse=True)
-def _triton_families_on_the_reference_path(request):
-    """Model tests run on CPU tensors, where the Triton kernels (attention, the patch
-    embeddings' dwconv_bn, the GLI projections) only run through the interpreter (seconds per call): they take the
-    reference for those, except the tests that run the model (or a stage of it) through the kernels."""
+def _auto_as_on_a_cpu(request):
+    """Model tests run on CPU tensors, where the Triton kernels run only through the interpreter
+    (seconds per call): they run what auto runs on a CPU (the C++ twins, the Triton families'
+    reference), except the tests that run the model (or a stage of it) through the kernels."""
     if "through_the_kernels" in request.node.name:
         yield
         return
-    with mpvit_kernels.use_backend("reference", ops=TRITON_FAMILIES):
+    with cpu_auto():
         yield
 
 
@@ -157,16 +154,14 @@ def test_kernels_on_equal_kernels_off(memory_format):
         with mpvit_kernels.use_backend("reference"):
             off = model(x)
     if mpvit_kernels.extension_available():
-        # every eval BatchNorm runs as a compiled op when kernels are on, none when off: the
-        # InvRes one (one per stage) folded into its depthwise conv, the stem's two (fp32 on a
-        # CPU) into their convs' weights, the others as affine_hswish; every block's CPE is one
-        # depthwise op too
-        num_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        # what auto runs on a CPU: every eval BatchNorm folded away (the stem's two and the 1x1
+        # convs' into their weights, InvRes's into its depthwise op), every block's CPE one
+        # depthwise op and its attention one op (the C++ twins)
         num_blocks = sum(type(m).__name__ == "MHCABlock" for m in model.modules())
         num_embeds = sum(isinstance(m, mpvit_kernels.DWConv2dBN) for m in model.modules())
-        assert rec.names.count("mpvit_kernels.affine_hswish") == num_bn - 4 - 2
-        # (dwconv_bn runs unfused here, CPU tests take its reference: its depthwise is the op too)
+        assert not [n for n in rec.names if "batch_norm" in n or n == "mpvit_kernels.affine_hswish"], rec.names
         assert rec.names.count("mpvit_kernels.depthwise") == 4 + num_blocks + num_embeds
+        assert rec.names.count("mpvit_kernels.factor_attention") == num_blocks
     torch.testing.assert_close(on, off, atol=1e-4, rtol=1e-4)
 
 
@@ -317,7 +312,7 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_of_the_blocks_gives_the_grads_of_kernels_off():
+def test_activation_checkpointing_of_the_blocks_through_the_kernels_gives_the_grads_of_kernels_off():
     """torch.utils.checkpoint around each encoder block (what segmentation code bases do at high
     resolution to save memory), through the Triton ops: non-reentrant (the block recomputed in
     the backward, its saved tensors checked against the first forward's, so the ops must take the
@@ -333,7 +328,8 @@ def test_activation_checkpointing_of_the_blocks_gives_the_grads_of_kernels_off()
     plain = copy.deepcopy(ckpt)
     for layer, reentrant in zip(ckpt.MHCA_layers, (False, True)):
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=reentrant)
-    x = torch.randn(2, 16, 3, 4, device=KERNEL_DEVICE, dtype=torch.float64).contiguous(
+    # one image: the attention's kernels take a program per (image, head), the interpreted time
+    x = torch.randn(1, 16, 3, 4, device=KERNEL_DEVICE, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last)
     g = torch.randn_like(x)
     grads = []

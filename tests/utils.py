@@ -23,6 +23,21 @@ TOL = {
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 
+@contextlib.contextmanager
+def cpu_auto():
+    """``auto`` as a CPU runs it without Triton's interpreter: the C++ twins, oneDNN and ATen,
+    the Triton families on their reference (the switch reads TRITON_INTERPRET at each op)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 def assert_close(actual, expected, dtype=None, scale=1.0):
     atol, rtol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale)
