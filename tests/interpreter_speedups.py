@@ -1,8 +1,8 @@
-"""Test-only: six shortcuts in Triton 3.8's interpreter that leave what it computes unchanged
-(the 19x19 attention case: 10.4 -> 7.8 s with the first two when they came; the third, measured
-back to back a session later, 8.3 -> 5.8 s; the fourth, test_factor_attention, test_gli_projection
-and test_dwconv_bn in one process, alternating runs: 87.6 -> 77.0 s and 105.4 -> 90.9 s; the last
-two, test_factor_attention and test_gli_projection so: 73.2 -> 66.4 s and 65.1 -> 62.6 s).
+"""Test-only: shortcuts in Triton 3.8's interpreter that leave what it computes unchanged (the
+19x19 attention case: 10.4 -> 7.8 s with the first two when they came; the third, measured back
+to back a session later, 8.3 -> 5.8 s; the fourth, test_factor_attention, test_gli_projection and
+test_dwconv_bn in one process, alternating runs: 87.6 -> 77.0 s and 105.4 -> 90.9 s; the rest, an
+MHCA encoder's training step on 2 x 32 x 13 x 14, best of 5 in alternating runs: 6.4 -> 4.9 s).
 
 - A ``@triton.jit`` helper called inside a kernel re-patches ``triton.language`` on every call
   (``inspect.getmembers`` over four namespaces, about 1 ms), although the launch that runs it
@@ -27,6 +27,12 @@ two, test_factor_attention and test_gli_projection so: 73.2 -> 66.4 s and 65.1 -
   are, which is what that comes to.
 - Every binary op works out its result type from the operands' element types and scalar-ness
   (a pure function of the five arguments): here each answer is kept.
+- A block type is built afresh wherever an op needs one (its shape validated, its name
+  formatted): here one built from the same element type and shape lends its attributes.
+- ``tl.tuple`` equality (block shapes are tl.tuples) wraps a plain list or tuple in a new
+  tl.tuple first; here the values are compared directly.
+- A launch lists every member of four namespaces (``inspect.getmembers``) to find the builtins
+  it patches; here each namespace's builtins are listed once.
 
 Installed by conftest when the kernels run interpreted, on Triton 3.8 only (the code it wraps
 is that version's); with another Triton nothing is changed and the tests run at its own speed.
@@ -109,7 +115,8 @@ def install() -> bool:
         return found[0]
 
     def with_element_ty(self, scalar_ty):
-        return block_type_once(scalar_ty, self.shape)
+        # (the key a plain tuple of ints: a tl.tuple key hashes alike but compares slowly)
+        return block_type_once(scalar_ty, tuple(self.shape.values))
 
     def get_block_ty(self, dtype, shape):
         if all(type(d) is int for d in shape):
@@ -137,7 +144,7 @@ def install() -> bool:
     if broadcast_value is not None:
         def broadcast_value_unless_same_shape(self, lhs, rhs):
             lhs_ty, rhs_ty = lhs.type, rhs.type
-            if lhs_ty is rhs_ty or (lhs_ty.is_block() and rhs_ty.is_block() and lhs_ty.shape == rhs_ty.shape):
+            if lhs_ty is rhs_ty or (lhs_ty.is_block() and rhs_ty.is_block() and lhs_ty.shape.values == rhs_ty.shape.values):
                 return lhs, rhs  # (what Triton's returns: two scalars, or the same blocks broadcast to their shape)
             return broadcast_value(self, lhs, rhs)
 
@@ -153,6 +160,53 @@ def install() -> bool:
             return found
 
         semantic.computation_type_impl = computation_type_once
+
+    block_type_init = block_type.__init__
+    built = {}  # (id(element type), shape) -> a block type built so: its attributes, copied
+
+    def block_type_init_once(self, element_ty, shape):
+        key = None
+        if type(shape) in (list, tuple) and all(type(d) is int for d in shape):
+            key = (id(element_ty), tuple(shape))
+            found = built.get(key)
+            if found is not None and found.element_ty is element_ty:
+                self.__dict__.update(found.__dict__)
+                return
+        block_type_init(self, element_ty, shape)
+        if key is not None:
+            if len(built) > 4096:
+                built.clear()
+            built[key] = self
+
+    block_type.__init__ = block_type_init_once
+    tuple_eq = tl_tuple.__eq__
+
+    def tuple_eq_plain(self, other):
+        # what _normalize_tuple makes of a tl.tuple, list or tuple, without building a tl.tuple
+        kind = type(other)
+        if kind is tl_tuple:
+            return constexpr(self.values == other.values)
+        if kind is list or kind is tuple:
+            return constexpr(self.values == list(other))
+        return tuple_eq(self, other)
+
+    tl_tuple.__eq__ = tuple_eq_plain
+    patch_builtin = getattr(interpreter, "_patch_builtin", None)
+    patch_attr = getattr(interpreter, "_patch_attr", None)
+    if patch_builtin is not None and patch_attr is not None:
+        builtins_of = {}  # namespace -> its builtins (name, function), as inspect.getmembers lists them
+
+        def patch_builtin_once(pkg, builder, scope):
+            members = builtins_of.get(pkg)
+            if members is None:
+                members = [(n, m) for n, m in inspect.getmembers(pkg) if tl.core.is_builtin(m)]
+                if not members:  # a namespace patched already (inside a launch): asked again later
+                    return
+                builtins_of[pkg] = members
+            for name, member in members:
+                patch_attr(pkg, name, member, builder, scope)
+
+        interpreter._patch_builtin = patch_builtin_once
 
     launch.memoised = True
     interpreter.GridExecutor.__call__ = launch

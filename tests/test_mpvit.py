@@ -296,7 +296,7 @@ def test_whole_model_through_the_kernels_training_step_of_the_gemm_ops():
     interpreted backward would cost minutes here), and so does ``linear`` (test_linear checks its
     training step in the block)."""
     torch.manual_seed(0)
-    on = randomize_bn(mpvit_tiny(num_classes=5)).train().to(KERNEL_DEVICE, torch.float64)
+    on = randomize_bn(shallow_tiny(num_classes=5)).train().to(KERNEL_DEVICE, torch.float64)
     off = copy.deepcopy(on)
     x, target = torch.randn(2, 3, 24, 28, device=KERNEL_DEVICE, dtype=torch.float64), torch.tensor([1, 3], device=KERNEL_DEVICE)
     with mpvit_kernels.use_backend("reference", ops=["factor_attention", "linear"]), RecordOps() as rec:
