@@ -102,17 +102,31 @@ def install() -> bool:
     if dataclasses.is_dataclass(options) and not options.debug and getattr(options, "sanitize_overflow", False):
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
-    block_types = {}  # (id(element type), shape) -> (the block type, the element type: alive, so its id is its own)
+    # (id(element type), shape) -> the first block type built so: ops that ask for one
+    # (block_type_once) get it, constructors elsewhere in Triton a copy of its attributes
+    # (block_type_init_once). It keeps its element type alive, so the id stays that type's own.
+    built = {}
     block_type = tl.block_type
+    block_type_init = block_type.__init__
+
+    def block_type_init_once(self, element_ty, shape):
+        key = None
+        if type(shape) in (list, tuple) and all(type(d) is int for d in shape):
+            key = (id(element_ty), tuple(shape))
+            found = built.get(key)
+            if found is not None:
+                self.__dict__.update(found.__dict__)
+                return
+        block_type_init(self, element_ty, shape)
+        if key is not None:
+            if len(built) > 4096:  # pointer types are built per launch
+                built.clear()
+            built[key] = self
 
     def block_type_once(element_ty, shape: tuple):
-        key = (id(element_ty), shape)
-        found = block_types.get(key)
-        if found is None:
-            if len(block_types) > 4096:  # pointer types are built per launch
-                block_types.clear()
-            found = block_types[key] = (block_type(element_ty, list(shape)), element_ty)
-        return found[0]
+        found = built.get((id(element_ty), shape))
+        # (a new one enters ``built`` as it is built)
+        return block_type(element_ty, list(shape)) if found is None else found
 
     def with_element_ty(self, scalar_ty):
         # (the key a plain tuple of ints: a tl.tuple key hashes alike but compares slowly)
@@ -160,23 +174,6 @@ def install() -> bool:
             return found
 
         semantic.computation_type_impl = computation_type_once
-
-    block_type_init = block_type.__init__
-    built = {}  # (id(element type), shape) -> a block type built so: its attributes, copied
-
-    def block_type_init_once(self, element_ty, shape):
-        key = None
-        if type(shape) in (list, tuple) and all(type(d) is int for d in shape):
-            key = (id(element_ty), tuple(shape))
-            found = built.get(key)
-            if found is not None and found.element_ty is element_ty:
-                self.__dict__.update(found.__dict__)
-                return
-        block_type_init(self, element_ty, shape)
-        if key is not None:
-            if len(built) > 4096:
-                built.clear()
-            built[key] = self
 
     block_type.__init__ = block_type_init_once
     tuple_eq = tl_tuple.__eq__

@@ -253,11 +253,9 @@ def _stem_and_invres(training: bool, momentum=0.1, track_running_stats=True):
         bn.momentum, bn.track_running_stats = momentum, track_running_stats
         if not track_running_stats:
             bn.running_mean = bn.running_var = bn.num_batches_tracked = None
-    for m in stem.modules():
-        if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
     return torch.nn.Sequential(stem, invres).to(KERNEL_DEVICE, torch.float64).train(training)
 
 

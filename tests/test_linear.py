@@ -207,7 +207,8 @@ def test_gelu_grad_runs_the_pinned_tile_at_the_widths_its_compiles_allow(case, w
 
 def test_what_a_gpu_tunes():
     # Aligned launches tune per (bucket of M, widths, fusions) over gli_projection's tiles of the
-    # pinned BLOCK_K; MPVIT_KERNELS_AUTOTUNE=0 (read by gli_projection's module) pins them
+    # pinned BLOCK_K; MPVIT_KERNELS_AUTOTUNE=0 pins them (gli_projection's module builds its tiles
+    # from the switch at import: reloaded too)
     from tests.utils import read_as_a_gpu_process
 
     results = read_as_a_gpu_process("mpvit_kernels.triton.linear", """

@@ -182,10 +182,12 @@ def read_as_a_gpu_process(module: str, read: str) -> dict:
     """What a GPU run's Triton module looks like, read in a process of its own without the
     interpreter: ``read`` is the source of ``def read(m)`` (JSON-able result) over ``module``
     imported as ``m``; returns {"1": read(m) as imported, "0": read(m) after reloading it with
-    MPVIT_KERNELS_AUTOTUNE=0, which the kernel modules read at import}."""
+    MPVIT_KERNELS_AUTOTUNE=0, which triton/affine_hswish.py reads at import (reloaded first) and
+    the kernel modules take from it at theirs}."""
     code = "if True:\n    import importlib, json, os, triton\n    import " + module + " as m\n" + \
         textwrap.indent(textwrap.dedent(read), "    ") + \
         "    on = read(m)\n    os.environ['MPVIT_KERNELS_AUTOTUNE'] = '0'\n" \
+        "    importlib.reload(importlib.import_module('mpvit_kernels.triton.affine_hswish'))\n" \
         "    print(json.dumps({'1': on, '0': read(importlib.reload(m))}))\n"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

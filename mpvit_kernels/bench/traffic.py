@@ -85,15 +85,17 @@ class CountTraffic(TorchDispatchMode):
             # a BatchNorm with batch statistics is two kernels on a GPU, forward and backward:
             # a reduction pass over its input (input, grad) before the elementwise one counted above
             if func is torch.ops.aten.native_batch_norm.default and args[5]:
-                self._launch("native_batch_norm statistics pass", args[0])
+                self._launch("native_batch_norm statistics pass", args[0].numel() * args[0].element_size())
             elif func is torch.ops.aten.native_batch_norm_backward.default and args[7]:
-                self._launch("native_batch_norm_backward reduction pass", args[0], args[1])
+                self._launch("native_batch_norm_backward reduction pass",
+                             sum(t.numel() * t.element_size() for t in args[:2]))
         return out
 
-    def _launch(self, name: str, *reads: torch.Tensor) -> None:
+    def _launch(self, name: str, nbytes: int) -> None:
+        """One more launch, of ``nbytes``, beside those of the dispatched ops."""
         self.launches += 1
         self.ops.append(name)
-        self.bytes += sum(t.numel() * t.element_size() for t in reads)
+        self.bytes += nbytes
 
 
 def eager_factor_attention(B, N, C, dtype, backward: bool, scope: str = "core") -> CountTraffic:
@@ -226,9 +228,7 @@ class CountOurs(CountTraffic):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for name, nbytes in _batch_norm_passes(func, args):
-            self.launches += 1
-            self.bytes += nbytes
-            self.ops.append(name)
+            self._launch(name, nbytes)
         if func is torch.ops.mpvit_kernels.residual_layernorm_bwd.default:
             from mpvit_kernels.triton import residual_layernorm as kernels
 

@@ -17,10 +17,11 @@ order and there are no atomics.
   BatchNorm weight's grad); ``grad_kernel`` is the elementwise
   grad_z = scale * (g_u - sum(g_u) / M - xhat * sum(g_u * xhat) / M).
 
-Also what every family's launches share, as this module is the one they all import: the vector
-width of channel rows (``vector_width``), ``next_pow2``, and the launch wrappers ``pinned`` and
-``tuned`` (Triton's heuristics and autotune with less host time a launch), which launch
-through ``DirectLaunch``.
+Also what every family's launches share, as this module is the one they all import: whether
+the kernels run interpreted (``INTERPRET``) and autotune (``AUTOTUNE``), the vector width of
+channel rows (``vector_width``), ``next_pow2``, and the launch wrappers ``pinned`` and ``tuned``
+(Triton's heuristics and autotune with less host time a launch), which launch through
+``DirectLaunch``.
 """
 import functools
 import os
@@ -31,6 +32,12 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+# Triton's interpreter runs the kernels (on CPU tensors): read at import, as Triton reads it.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The tuned families autotune their tiles; MPVIT_KERNELS_AUTOTUNE=0 pins each to its first
+# fitting tile (compute-sanitizer, runs that must not spend time tuning), and so does the interpreter.
+AUTOTUNE = not INTERPRET and os.environ.get("MPVIT_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 
 def vector_width(element_size: int, *extents: int) -> int:
@@ -669,7 +676,9 @@ def grad_kernel(
 # Rows per tile and tiles per program of the backward kernels: a 64-channel tile of 32 rows is what
 # fits 4 warps' registers in fp64 without spills; a sums program covers 512 rows.
 GRAD_ROWS, GRAD_TILES = 32, 16
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Tiles per program of tile_stats_kernel, all loaded at once: 128 rows, 16 KB of a 64-channel bf16
+# map in flight a program; its (mean, M2) are 3% of the map's bytes (bf16; 1.6% fp32)
+STATS_TILES = 4
 
 
 def grad_tile() -> tuple[int, int]:
@@ -683,9 +692,6 @@ def stats_tile() -> tuple[int, int]:
     """(BLOCK_M, TILES) of tile_stats_kernel: (GRAD_ROWS, STATS_TILES) on a GPU; under the
     interpreter tiles 4 times as tall, two a program (still merged as on a GPU)."""
     return (GRAD_ROWS * 4, 2) if INTERPRET else (GRAD_ROWS, STATS_TILES)
-# Tiles per program of tile_stats_kernel, all loaded at once: 128 rows, 16 KB of a 64-channel bf16
-# map in flight a program; its (mean, M2) are 3% of the map's bytes (bf16; 1.6% fp32)
-STATS_TILES = 4
 
 
 def block_c(C: int) -> int:

@@ -10,14 +10,10 @@ shift) is the folded BatchNorm; in training (STATS) the epilogue also writes eac
 per-channel mean and M2 of the pre-BatchNorm output it stores, for the batch statistics
 (triton/affine_hswish.py).
 """
-import os
-
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mpvit_kernels.triton.affine_hswish import INTERPRET, _gemm_epilogue, _known_multiple, next_pow2, pinned
 
 
 def block_n(cout: int) -> int:

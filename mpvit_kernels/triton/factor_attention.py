@@ -35,12 +35,11 @@ with the same convention. CRPE weights are packed to (C, KMAX*KMAX), each head's
 centred in KMAX x KMAX; ``ksize`` (heads,) holds each head's k.
 """
 import functools
-import os
 
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import next_pow2, pinned, tuned
+from mpvit_kernels.triton.affine_hswish import AUTOTUNE, INTERPRET, next_pow2, pinned, tuned
 
 
 # Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of
@@ -52,8 +51,6 @@ from mpvit_kernels.triton.affine_hswish import next_pow2, pinned, tuned
 # MPVIT_KERNELS_AUTOTUNE=0 pins every kernel to its first fitting tile (no benchmarking), for
 # compute-sanitizer and for runs that must not spend time tuning; the interpreter runs one
 # tile, the largest (it runs programs one by one in Python: fewest programs is fastest).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-AUTOTUNE = not INTERPRET and os.environ.get("MPVIT_KERNELS_AUTOTUNE", "1") not in ("", "0")
 _INTERPRETER_TILE = (128, 4)
 
 

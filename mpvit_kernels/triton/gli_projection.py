@@ -11,16 +11,12 @@ pre-BatchNorm output for the batch statistics (triton/affine_hswish.py). With TM
 are read through device-side tensor descriptors (sm_90's tensor-memory accelerator; the launch
 needs triton.set_allocator for their scratch, which ops/gli_projection.py sets).
 """
-import os
-
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple, next_pow2, pinned, tuned
+from mpvit_kernels.triton.affine_hswish import (AUTOTUNE, INTERPRET, _gemm_epilogue, _known_multiple, next_pow2, pinned,
+                                               tuned)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# MPVIT_KERNELS_AUTOTUNE=0 pins the tile (factor_attention's switch)
-AUTOTUNE = not INTERPRET and os.environ.get("MPVIT_KERNELS_AUTOTUNE", "1") not in ("", "0")
 MAX_INPUTS = 5
 
 

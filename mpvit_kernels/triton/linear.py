@@ -32,12 +32,12 @@ output, norm2's and the hidden in registers.
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, pinned, tuned
+from mpvit_kernels.triton.affine_hswish import AUTOTUNE, INTERPRET, _div, _known_multiple, pinned, tuned
 from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
 # epilogue too (static report)
-from mpvit_kernels.triton.gli_projection import AUTOTUNE, INTERPRET, LAUNCH, TUNED_CONFIGS, dot_kind
+from mpvit_kernels.triton.gli_projection import LAUNCH, TUNED_CONFIGS, dot_kind
 from mpvit_kernels.triton.gli_projection import _fitting as _gli_fitting
 from mpvit_kernels.triton.gli_projection import gpu_tile as _gli_gpu_tile, tile as _gli_tile
 

@@ -14,15 +14,11 @@ The backward (``residual_layernorm_bwd_kernel``) reads x, y, grad_r and grad_u o
 grad_s once (the grad of x, of y and of the proj GEMM's output alike), with per-program column
 sums for the four parameters' grads.
 """
-import os
-
 import triton
 import triton.language as tl
 
 from mpvit_kernels.ops.residual_layernorm import MAX_CHANNELS
-from mpvit_kernels.triton.affine_hswish import _div, _known_multiple, next_pow2, pinned
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mpvit_kernels.triton.affine_hswish import INTERPRET, _div, _known_multiple, next_pow2, pinned
 
 
 def gpu_tile(block_c: int) -> tuple[int, int]:
@@ -44,9 +40,6 @@ LAUNCH = pinned(("BLOCK_C",), {
     "num_warps": lambda meta: tile(meta["BLOCK_C"])[1],
     **({} if INTERPRET else {"maxnreg": lambda meta: 255}),
 })
-
-
-
 
 
 @triton.jit
