@@ -170,13 +170,16 @@ def test_empty_input():
 
 
 # (shape, path): one program of rows on both paths; on the kernels, rows over three programs
-# (the last one short) and channels over two column blocks (the last one short)
-BATCH_NORM_CASES = [((3, 12, 7, 5), "aten"), ((3, 12, 7, 5), "kernels"), ((2, 70, 23, 13), "kernels")]
+# (the last one short) and channels over two column blocks (the last one short); "chunked": the
+# combines of the programs' partials in levels of 2 (COMBINE_CHUNK), as past 256 on a GPU: the
+# statistics' 5 programs' in 3 then 2, the backward sums' 3 in 2
+BATCH_NORM_CASES = [((3, 12, 7, 5), "aten"), ((3, 12, 7, 5), "kernels"), ((2, 70, 23, 13), "kernels"),
+                    ((2, 70, 29, 19), "kernels, chunked")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape, path", BATCH_NORM_CASES, ids=lambda c: c if isinstance(c, str) else "x".join(map(str, c)))
-def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype):
+def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype, monkeypatch):
     """BatchNorm with batch statistics + Hardswish (batch_norm_hswish): on the Triton kernels (one
     ``affine_hswish_batch`` op: statistics pass, normalise, two-pass backward) and on ATen's
     BatchNorm (a CPU, or no Triton): outputs, grads and batch statistics as nn.BatchNorm2d +
@@ -187,6 +190,16 @@ def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype):
     their maps' mean stays within 20 times their spread."""
     from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
 
+    levels = []
+    if path == "kernels, chunked":
+        if KERNEL_DEVICE != "cpu":
+            pytest.skip("the interpreter's tiles: on a GPU other shapes reach the first levels")
+        from mpvit_kernels.triton import affine_hswish as kernels
+
+        combine_chunks = kernels.combine_chunks
+        monkeypatch.setattr(kernels, "COMBINE_CHUNK", 2)
+        monkeypatch.setattr(kernels, "combine_chunks", lambda P: levels.append(P) or combine_chunks(P))
+        path = "kernels"
     if path == "kernels" and dtype == torch.bfloat16 and not BF16_KERNELS:
         pytest.skip(NO_BF16_KERNELS)
     device = KERNEL_DEVICE if path == "kernels" else "cpu"
@@ -225,6 +238,8 @@ def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype):
     want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad.to(y_ref.dtype))
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r.to(g.dtype), **tol)
+    if levels:  # (each level asks combine_chunks again: the last call's P is what the last launch combined)
+        assert levels == [5, 3, 2, 3, 2], levels
 
 
 def test_batch_norm_op_opcheck_and_fp64_gradcheck():

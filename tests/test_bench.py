@@ -675,6 +675,21 @@ def test_train_step_traffic_tool_counts_a_step_of_both_models():
     wide = tool.count("ours", "tiny", 12, 224, torch.float32)
     assert wide.op_launches["mpvit_kernels.linear_norm_grad"] == 2 * 8
     assert wide.op_launches["aten.native_layer_norm_backward"] == wide.op_launches["aten.native_layer_norm"] == 15
+    # the training BatchNorms' combines take a first level past 256 partial rows: at batch 12 (the
+    # stem's first BatchNorm: 1176 programs' statistics), not at batch 2 and 64x64
+    assert "batch statistics: combine the programs' (a first level)" in wide.ops
+    assert not any(op.endswith("(a first level)") for op in ours.ops)
+
+
+def test_traffic_model_of_a_batch_norm_combine():
+    # two (P, C) arrays of partials into four (C,) results; past 256 rows (COMBINE_CHUNK) first
+    # levels, each reading its input and writing two (cdiv(P, 256), C) arrays
+    from mpvit_kernels.bench.traffic import _combine
+
+    assert _combine("c", 256, 8, 4) == [("c", 2 * 256 * 8 * 4 + 4 * 8 * 4)]
+    assert _combine("c", 600, 8, 4) == [("c (a first level)", 2 * 600 * 8 * 4 + 2 * 3 * 8 * 4),
+                                        ("c", 2 * 3 * 8 * 4 + 4 * 8 * 4)]
+    assert [name for name, _ in _combine("c", 256 ** 2 + 1, 8, 8)] == ["c (a first level)"] * 2 + ["c"]
 
 
 def test_linear_section_forces_norm1_backward_either_way():

@@ -416,6 +416,9 @@ def test_dtypes_follow_autocast_and_fp64_is_left_alone():
     (dict(x=torch.randn(4, 8, device="meta", dtype=torch.float64), gelu=True,  # fp64's GELU grad: 64-wide tiles
           weight=torch.empty(65535 * 64 + 1, 8, device="meta", dtype=torch.float64)), ValueError,
      "at most 4194240 outputs"),
+    (dict(x=torch.randn(4, 8, device="meta", dtype=torch.bfloat16), gelu=True,  # unaligned 16-bit rows: 64-wide too
+          weight=torch.empty(65535 * 64 + 1, 8, device="meta", dtype=torch.bfloat16)), ValueError,
+     "at most 4194240 outputs"),
 ])
 def test_bad_inputs_are_refused_before_any_kernel(change, error, match):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(12, 8), bias=torch.randn(12), ln_weight=torch.randn(8),

@@ -159,7 +159,7 @@ def test_every_triton_launch_of_a_bf16_step_compiles_for_sm90_and_binds_as_launc
                          "MPViT-tiny bf16 train (2, 3, 96, 96) sm_90: ok"], out.stdout
     # between them every kernel the package launches, the backward's too; each case ran twice, the
     # second launch of every kernel skipping Triton's binding (DirectLaunch), checked against it
-    assert len(lines[2].split()) == 1 + 20 and lines[3] == "never launched: -", out.stdout
+    assert len(lines[2].split()) == 1 + 22 and lines[3] == "never launched: -", out.stdout
     assert lines[4].split(": ")[1].split() == lines[2].split()[1:], out.stdout
 
 
@@ -231,6 +231,15 @@ if sys.argv[1:] == ["coarse"]:  # a key blind to the arguments: the misaligned x
 '''
 
 
+def _run_script(tmp_path, source: str, *argv: str, **env) -> subprocess.CompletedProcess:
+    """``source`` run as a script from the repository's root, without TRITON_INTERPRET."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    return subprocess.run([sys.executable, str(script), *argv], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp_path):
     # DirectLaunch (triton.affine_hswish), which every pinned and tuned kernel of ours launches
     # through: a key per specialisation Triton makes (address aligned or not, an integer 1, a
@@ -239,17 +248,60 @@ def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp
     # Triton's path did; Triton's debug knob is part of the key (a seventh); a launch hook gets
     # its metadata; MPVIT_KERNELS_DIRECT_LAUNCH=0 leaves every launch to Triton's path; a key too
     # coarse to tell two specialisations apart fails that check.
-    script = tmp_path / "direct_launch.py"
-    script.write_text(DIRECT_LAUNCH_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = _run_script(tmp_path, DIRECT_LAUNCH_SCRIPT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.split("\n")[0] == "7 7 True ['scale'] ['LazyDict']", out.stdout
-    off = subprocess.run([sys.executable, str(script), "off"], cwd=root, capture_output=True, text=True,
-                         env={**env, "MPVIT_KERNELS_DIRECT_LAUNCH": "0"}, timeout=600)
+    off = _run_script(tmp_path, DIRECT_LAUNCH_SCRIPT, "off", MPVIT_KERNELS_DIRECT_LAUNCH="0")
     assert off.returncode == 0 and off.stdout.startswith("0 0 True [] ['LazyDict']"), off.stdout + off.stderr[-3000:]
-    out = subprocess.run([sys.executable, str(script), "coarse"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = _run_script(tmp_path, DIRECT_LAUNCH_SCRIPT, "coarse")
     assert out.returncode != 0, out.stdout
     assert "Triton's binding picks another kernel" in out.stderr, out.stderr[-3000:]
+
+
+CAPTURE_SCRIPT = '''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, "tools")
+import torch
+import triton
+import triton.language as tl
+from stand_in_gpu import stand_in_gpu
+
+grids = []
+stand_in_gpu(lambda *args: grids.append(args[0]), every_config=True)
+from mpvit_kernels.triton.affine_hswish import tuned
+
+
+@triton.jit
+def scale(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * 2, mask=i < n)
+
+
+kernel = tuned([triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 32})], key=["n"])(scale)
+x = torch.zeros(100)
+y = torch.empty_like(x)
+capturing = [True]
+torch.cuda.is_initialized = lambda: True
+torch.cuda.is_current_stream_capturing = lambda: capturing[0]
+grid = lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]),)
+for _ in range(2):
+    kernel[grid](x, y, 100)
+print(grids, len(kernel.cache))
+capturing[0] = False
+kernel[grid](x, y, 100)
+capturing[0] = True
+kernel[grid](x, y, 100)
+print(grids, [c.kwargs for c in kernel.cache.values()])
+'''
+
+
+def test_a_tuned_kernel_inside_a_cuda_graph_capture_launches_untimed(tmp_path):
+    # A key first seen while a CUDA graph is being captured (a new batch or image size): the
+    # Autotuner's timing synchronises the device, which a capture refuses with an error, so the
+    # first config that fits launches untimed (BLOCK=64: 2 programs) and is not kept; outside a
+    # capture the key is timed as before (the stand-in's timer launches each config: 2, 4
+    # programs), and a capture then launches its pick.
+    out = _run_script(tmp_path, CAPTURE_SCRIPT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["[2, 2] 0", "[2, 2, 2, 4, 2, 2] [{'BLOCK': 64}]"], out.stdout

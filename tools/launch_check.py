@@ -64,6 +64,8 @@ def main(argv=None) -> int:
 
     # norm1 -> qkv's fused backward at these shapes' few rows too (a GPU takes it from NORM_GRAD_ROWS)
     importlib.import_module("mpvit_kernels.ops.linear").NORM_GRAD_ROWS = 0
+    # the BatchNorm combines' first levels over these shapes' few partials too (a GPU's past 256)
+    importlib.import_module("mpvit_kernels.triton.affine_hswish").COMBINE_CHUNK = 4
     from mpvit_kernels.triton.static_compile import jit_function, kernel_modules, launched_kernels
 
     shape = tuple(int(n) for n in args.shape.split(","))

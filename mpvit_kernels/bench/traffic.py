@@ -173,6 +173,19 @@ def ours_factor_attention(B, N, C, dtype, backward: bool) -> list[tuple[str, int
     return launches
 
 
+def _combine(name: str, P: int, C: int, acc: int) -> list[tuple[str, int]]:
+    """(launch, bytes) of the combine of two (P, C) arrays of partials in ``acc``-byte values into
+    four (C,) results: its first levels where P is long (stats_chunks_kernel, sums_chunks_kernel,
+    each writing two (cdiv(P, COMBINE_CHUNK), C) arrays), then the last."""
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    passes = []
+    while chunks := kernels.combine_chunks(P):
+        passes.append((f"{name} (a first level)", 2 * P * C * acc + 2 * chunks * C * acc))
+        P = chunks
+    return passes + [(name, 2 * P * C * acc + 4 * C * acc)]
+
+
 def _batch_norm_passes(func, args) -> list[tuple[str, int]]:
     """(launch, bytes) of a training BatchNorm op's passes beyond the one that CountOurs counts
     for the op (its inputs read, its outputs written): the statistics and their combine, or the
@@ -196,23 +209,22 @@ def _batch_norm_passes(func, args) -> list[tuple[str, int]]:
             M = z.shape[0] * z.shape[1]
             rows = gemm.tile(gemm.block_n(C), {torch.float64: "fp64", torch.float32: "fp32"}.get(z.dtype, "16-bit"))[0]
         acc = 8 if z.dtype == torch.float64 else 4
-        partials = 2 * -(-M // rows) * C * acc
-        return [("batch statistics: combine the tiles'", partials + 4 * C * acc),
-                ("normalise: the read of z", M * C * z.element_size())]
+        return _combine("batch statistics: combine the tiles'", -(-M // rows), C, acc) + \
+            [("normalise: the read of z", M * C * z.element_size())]
     if func is ops.affine_hswish_batch.default:
         z = args[0]
         C, acc = z.shape[1], 8 if z.dtype == torch.float64 else 4
         M = z.numel() // max(C, 1)
-        partials = 2 * -(-M // (kernels.GRAD_ROWS * kernels.STATS_TILES)) * C * acc
-        return [("batch statistics: read z, write the programs'", M * C * z.element_size() + partials),
-                ("batch statistics: combine the programs'", partials + 4 * C * acc)]
+        P = -(-M // (kernels.GRAD_ROWS * kernels.STATS_TILES))
+        return [("batch statistics: read z, write the programs'", M * C * z.element_size() + 2 * P * C * acc)] + \
+            _combine("batch statistics: combine the programs'", P, C, acc)
     if func is ops.affine_hswish_batch_backward.default:
         # counted: the elementwise pass (grad and z read, grad_z written)
         (M, C), elt = args[1].shape, args[1].element_size()
         acc = 8 if args[1].dtype == torch.float64 else 4
-        partials = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES)) * C * acc
-        return [("batch norm backward sums: read grad and z, write the programs'", 2 * M * C * elt + 2 * partials),
-                ("batch norm backward sums: add up the programs'", 2 * partials + 4 * C * acc)]
+        P = -(-M // (kernels.GRAD_ROWS * kernels.GRAD_TILES))
+        return [("batch norm backward sums: read grad and z, write the programs'", 2 * M * C * elt + 2 * P * C * acc)] \
+            + _combine("batch norm backward sums: add up the programs'", P, C, acc)
     return []
 
 

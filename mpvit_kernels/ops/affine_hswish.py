@@ -303,18 +303,26 @@ def batch_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows_per_tile: i
                 gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     """Batch (mean, biased var) per channel from the row tiles' (mean, M2), each (P, C) with tile
     p over rows p*rows_per_tile.. of M, and the normalise pass's (scale, shift) for BatchNorm
-    weight ``gamma`` and bias ``beta``; all (C,) in tile_mean's dtype (the accumulation type)."""
+    weight ``gamma`` and bias ``beta``; all (C,) in tile_mean's dtype (the accumulation type).
+    One launch (``stats_kernel``), with a first one per level over more than COMBINE_CHUNK tiles
+    (``stats_chunks_kernel``: a program per COMBINE_CHUNK of them)."""
     from mpvit_kernels.triton import affine_hswish as kernels
 
     P, C = tile_mean.shape
     acc = tile_mean.dtype
+    ACC = kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32
     mean, var, scale, shift = (torch.empty(C, dtype=acc, device=tile_mean.device) for _ in range(4))
     BC = kernels.block_c(C)
     with backend.triton_device(tile_mean):
+        while chunks := kernels.combine_chunks(P):  # many tiles: merged COMBINE_CHUNK at a time first
+            chunk_mean, chunk_m2 = (torch.empty(chunks, C, dtype=acc, device=tile_mean.device) for _ in range(2))
+            kernels.stats_chunks_kernel[(chunks, -(-C // BC))](
+                tile_mean, tile_m2, chunk_mean, chunk_m2, P, M, C, rows_per_tile, kernels.COMBINE_CHUNK, ACC=ACC,
+                BLOCK_P=kernels.COMBINE_ROWS, BLOCK_C=BC)
+            tile_mean, tile_m2, P, rows_per_tile = chunk_mean, chunk_m2, chunks, rows_per_tile * kernels.COMBINE_CHUNK
         kernels.stats_kernel[(-(-C // BC),)](
             tile_mean, tile_m2, gamma.to(acc).contiguous(), beta.to(acc).contiguous(), mean, var, scale, shift,
-            P, M, C, rows_per_tile, float(eps), ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
-            BLOCK_P=32, BLOCK_C=BC)
+            P, M, C, rows_per_tile, float(eps), ACC=ACC, BLOCK_P=kernels.COMBINE_ROWS, BLOCK_C=BC)
     return mean, var, scale, shift
 
 
@@ -331,8 +339,8 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     """Backward of ``y = act(batch_norm(z))`` with the batch's statistics (mean, biased var, in
     the accumulation type): grad and z (M, C) row-major in z's dtype. Returns (grad_z in z's
     dtype, grad_gamma, grad_beta in the accumulation type). Two passes over (grad, z): the
-    per-channel sums (per row block, then added up in one small launch), then the elementwise
-    grad_z."""
+    per-channel sums (per row block, then added up in one small launch, a level more per
+    COMBINE_CHUNK factor of row blocks), then the elementwise grad_z."""
     from mpvit_kernels.triton import affine_hswish as kernels
 
     M, C = z.shape
@@ -355,8 +363,15 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
         kernels.grad_sums_kernel[(P, -(-C // BC))](
             grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=rows, BLOCK_C=BC, TILES=tiles, VEC=vec)
+        while chunks := kernels.combine_chunks(P):  # many row blocks: added up COMBINE_CHUNK at a time first
+            chunk_sums, chunk_sums_dev = (torch.empty(chunks, C, dtype=acc, device=z.device) for _ in range(2))
+            kernels.sums_chunks_kernel[(chunks, -(-C // BC))](
+                sums, sums_dev, chunk_sums, chunk_sums_dev, P, C, kernels.COMBINE_CHUNK, ACC=ACC,
+                BLOCK_P=kernels.COMBINE_ROWS, BLOCK_C=BC)
+            sums, sums_dev, P = chunk_sums, chunk_sums_dev, chunks
         kernels.grad_totals_kernel[(-(-C // BC),)](
-            sums, sums_dev, var, grad_beta, sum_dev, grad_gamma, P, C, float(eps), ACC=ACC, BLOCK_P=32, BLOCK_C=BC)
+            sums, sums_dev, var, grad_beta, sum_dev, grad_gamma, P, C, float(eps), ACC=ACC,
+            BLOCK_P=kernels.COMBINE_ROWS, BLOCK_C=BC)
         kernels.grad_kernel[(-(-M // rows), -(-C // BC))](
             grad, z, gamma, beta, mean, var, grad_beta, sum_dev, grad_z, M, C, float(eps), HSWISH=hswish, ACC=ACC,
             BLOCK_M=rows, BLOCK_C=BC, VEC=vec)

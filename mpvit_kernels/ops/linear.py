@@ -40,8 +40,10 @@ from mpvit_kernels.ops.affine_hswish import (check_channel_params, check_float_t
                                              conv_runs_1x1)
 
 
-# a CUDA grid's second dimension (65535 programs) of 128-wide output tiles
+# a CUDA grid's second dimension (65535 programs) of 128-wide output tiles; with GELU half that:
+# its grad's GEMM may take 64-wide ones (fp64, and 16-bit rows read element by element)
 MAX_OUTPUTS = 65535 * 128
+MAX_GELU_OUTPUTS = 65535 * 64
 # linear_proj_mlp's widths: one program holds whole rows of C channels (the residual stream's and
 # norm2's), so C is at most 128: MPViT's first two stages, where the block's GEMMs are
 # memory-bound (the unfused ops write and read proj's output, r, u and a 4C-wide hidden per
@@ -64,8 +66,7 @@ def _check(x, weight, bias, ln_weight, ln_bias, eps, gelu):
         raise ValueError(f"linear: weight must be (N, {K}) for x with {K} channels, got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"linear: weight is on {weight.device}, x on {x.device}")
-    # (fp64's GELU grad runs 64-wide output tiles)
-    limit = MAX_OUTPUTS // 2 if gelu is True and x.dtype == torch.float64 else MAX_OUTPUTS
+    limit = MAX_GELU_OUTPUTS if gelu is True else MAX_OUTPUTS
     if weight.shape[0] > limit:
         raise ValueError(f"linear: at most {limit} outputs (weight rows), got {weight.shape[0]}")
     if bias is not None:
@@ -175,8 +176,8 @@ def linear_mlp(x: torch.Tensor, r: torch.Tensor, fc1_weight: torch.Tensor, fc1_b
     C, C_out = x.shape[-1], r.shape[-1]
     if C < 1 or C_out < 1:
         raise ValueError(f"linear_mlp: x and r need at least one channel, got {C} and {C_out}")
-    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or not 1 <= fc1_weight.shape[0] <= MAX_OUTPUTS:
-        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}) with 1 <= hidden <= {MAX_OUTPUTS}, got "
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != C or not 1 <= fc1_weight.shape[0] <= MAX_GELU_OUTPUTS:
+        raise ValueError(f"linear_mlp: fc1_weight must be (hidden, {C}) with 1 <= hidden <= {MAX_GELU_OUTPUTS}, got "
                          f"{tuple(fc1_weight.shape)}")
     hidden = fc1_weight.shape[0]
     if tuple(fc2_weight.shape) != (C_out, hidden):

@@ -360,7 +360,8 @@ class TunedLaunch(triton.runtime.Autotuner):
     what the Autotuner would launch (its cache's entry for that key, or its one config): a new
     key, a cleared cache (a re-tune) or configs replaced (a test forcing a tile) go through the
     Autotuner as before. Once a pick has launched, a launch of the same DirectLaunch key and
-    ``key`` values finds its kernel at once."""
+    ``key`` values finds its kernel at once. A key first seen inside a CUDA graph capture
+    launches the first config that fits, untimed (timing would end the capture)."""
 
     def __init__(self, fn, configs, key, prune_configs_by=None) -> None:
         super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
@@ -410,6 +411,20 @@ class TunedLaunch(triton.runtime.Autotuner):
             if key is not None and entry is not None:
                 self._direct[key] = config, triton_key, entry
             return kernel
+        if not warmup and len(self.configs) > 1 and torch.cuda.is_initialized() and \
+                torch.cuda.is_current_stream_capturing():
+            triton_key = self._triton_key(args, kwargs)
+            if triton_key not in self.cache:
+                # a key first seen inside a CUDA graph capture: no timing there (the benchmark
+                # synchronises, which ends the capture with an error), the first config that fits
+                # instead, remembered for no later launch (the next one outside a capture tunes)
+                self.nargs = dict(zip(self.arg_names, args))
+                try:
+                    config = self.prune_configs(kwargs)[0]
+                finally:
+                    self.nargs = None
+                self.best_config = config
+                return launch.launch(args, {**kwargs, **config.all_kwargs()}, grid, warmup)[0]
         out = super().run(*args, grid=grid, warmup=warmup, **kwargs)
         self._picked[picked_key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
         return out
@@ -541,6 +556,33 @@ def tile_stats_kernel(
     tl.store(tile_m2_ptr + out, m2, mask=cmask)
 
 
+@triton.jit
+def _merged_tiles(tile_mean_ptr, tile_m2_ptr, p_lo, p_hi, count, M, C, ROWS, offs_c, cmask, ACC: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, M2) over the ``count`` rows (in ACC) of tiles p_lo..p_hi-1 of (P, C) (mean, M2)
+    tiles, tile p over rows p*ROWS.. of M: their mean first, then M2 about it (each tile's M2
+    plus its n (mean_p - mean)^2), in a fixed order."""
+    # (the rows' counts in 64 bits: a masked tile past the last starts at row (p_hi + BLOCK_P) * ROWS,
+    # past 2^31 - 1 for M near it)
+    total = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < p_hi)[:, None] & cmask[None, :]
+        n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
+        total += tl.sum(tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+                        * n[:, None], 0)
+    mean = _div(total, count, ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < p_hi)[:, None] & cmask[None, :]
+        n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
+        d = tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask,
+                                            other=0.0) + n[:, None] * d * d, 0.0), 0)
+    return mean, m2
+
+
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["P", "M"])
 def stats_kernel(
@@ -553,28 +595,37 @@ def stats_kernel(
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    total = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & cmask[None, :]
-        n = tl.minimum(M - offs_p * ROWS, ROWS).to(ACC)
-        total += tl.sum(tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-                        * n[:, None], 0)
-    mean = _div(total, M.to(ACC), ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & cmask[None, :]
-        n = tl.minimum(M - offs_p * ROWS, ROWS).to(ACC)
-        d = tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask,
-                                            other=0.0) + n[:, None] * d * d, 0.0), 0)
-    var = _div(m2, M.to(ACC), ACC)
+    count = M.to(ACC)
+    mean, m2 = _merged_tiles(tile_mean_ptr, tile_m2_ptr, 0, P, count, M, C, ROWS, offs_c, cmask, ACC, BLOCK_P, BLOCK_C)
+    var = _div(m2, count, ACC)
     invstd, scale, shift = _batch_affine(gamma_ptr, beta_ptr, mean, var, offs_c, cmask, eps, ACC)
     tl.store(mean_ptr + offs_c, mean, mask=cmask)
     tl.store(var_ptr + offs_c, var, mask=cmask)
     tl.store(scale_ptr + offs_c, scale, mask=cmask)
     tl.store(shift_ptr + offs_c, shift, mask=cmask)
+
+
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
+@triton.jit(do_not_specialize=["P", "M", "CHUNK"])
+def stats_chunks_kernel(
+    tile_mean_ptr, tile_m2_ptr,  # (P, C) each, as stats_kernel's
+    chunk_mean_ptr, chunk_m2_ptr,  # (cdiv(P, CHUNK), C) out: chunk s's over tiles s*CHUNK..
+    P, M, C, ROWS, CHUNK, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """stats_kernel's first level where P is long: program s merges CHUNK tiles into the (mean,
+    M2) of their rows, which stats_kernel then takes as tiles of CHUNK*ROWS rows. One program
+    walking every tile waits on each load in turn (about a microsecond a BLOCK_P step on an
+    A100 or H100): 0.4 ms for the stem's 6272 tiles at batch 64, where the pass that wrote
+    them takes tens of microseconds."""
+    s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    p_lo = s * CHUNK  # (p_lo * ROWS < M; CHUNK * ROWS a few thousand)
+    count = tl.minimum(M - p_lo * ROWS, CHUNK * ROWS).to(ACC)
+    mean, m2 = _merged_tiles(tile_mean_ptr, tile_m2_ptr, p_lo, tl.minimum(p_lo + CHUNK, P), count, M, C, ROWS,
+                             offs_c, cmask, ACC, BLOCK_P, BLOCK_C)
+    tl.store(chunk_mean_ptr + s * C + offs_c, mean, mask=cmask)
+    tl.store(chunk_m2_ptr + s * C + offs_c, m2, mask=cmask)
 
 
 @triton.jit
@@ -617,6 +668,39 @@ def grad_sums_kernel(
     tl.store(sum_dev_ptr + pid_m * C + offs_c, s_dev, mask=cmask)
 
 
+@triton.jit
+def _summed_rows(a_ptr, b_ptr, p_lo, p_hi, C, offs_c, cmask, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """The sums of rows p_lo..p_hi-1 of two (P, C) arrays, BLOCK_P rows at a time (a fixed order)."""
+    total_a = tl.zeros([BLOCK_C], ACC)
+    total_b = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        mask = (offs_p < p_hi)[:, None] & cmask[None, :]
+        total_a += tl.sum(tl.load(a_ptr + at, mask=mask, other=0.0), 0)
+        total_b += tl.sum(tl.load(b_ptr + at, mask=mask, other=0.0), 0)
+    return total_a, total_b
+
+
+@pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
+@triton.jit(do_not_specialize=["P", "CHUNK"])
+def sums_chunks_kernel(
+    sum_ptr, sum_dev_ptr,  # (P, C): grad_sums_kernel's per row block
+    chunk_sum_ptr, chunk_sum_dev_ptr,  # (cdiv(P, CHUNK), C) out: the sums of rows s*CHUNK.. of each
+    P, C, CHUNK, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_totals_kernel's first level where P is long (stats_chunks_kernel's reason)."""
+    s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    p_lo = s * CHUNK
+    total, total_dev = _summed_rows(sum_ptr, sum_dev_ptr, p_lo, tl.minimum(p_lo + CHUNK, P), C, offs_c, cmask, ACC,
+                                    BLOCK_P, BLOCK_C)
+    tl.store(chunk_sum_ptr + s * C + offs_c, total, mask=cmask)
+    tl.store(chunk_sum_dev_ptr + s * C + offs_c, total_dev, mask=cmask)
+
+
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
 @triton.jit(do_not_specialize=["P"])
 def grad_totals_kernel(
@@ -630,14 +714,7 @@ def grad_totals_kernel(
     the ops of the scaling were five."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    total = tl.zeros([BLOCK_C], ACC)
-    total_dev = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-        mask = (offs_p < P)[:, None] & cmask[None, :]
-        total += tl.sum(tl.load(sum_ptr + at, mask=mask, other=0.0), 0)
-        total_dev += tl.sum(tl.load(sum_dev_ptr + at, mask=mask, other=0.0), 0)
+    total, total_dev = _summed_rows(sum_ptr, sum_dev_ptr, 0, P, C, offs_c, cmask, ACC, BLOCK_P, BLOCK_C)
     var = tl.load(var_ptr + offs_c, mask=cmask, other=0.0)
     if ACC == tl.float64:
         root = tl.sqrt(var + tl.full([], eps, ACC))
@@ -680,6 +757,13 @@ GRAD_ROWS, GRAD_TILES = 32, 16
 # map in flight a program; its (mean, M2) are 3% of the map's bytes (bf16; 1.6% fp32)
 STATS_TILES = 4
 
+# The combines of per-program partials (stats_kernel, grad_totals_kernel): one program per 64
+# channels reads COMBINE_ROWS partial rows a step, each step waiting on its loads (about a
+# microsecond on an A100 or H100). Past COMBINE_CHUNK rows a first launch (stats_chunks_kernel,
+# sums_chunks_kernel) combines them COMBINE_CHUNK at a time, a program each: 16 steps cost
+# about what the extra launch does.
+COMBINE_ROWS, COMBINE_CHUNK = 32, 256
+
 
 def grad_tile() -> tuple[int, int]:
     """(BLOCK_M, TILES) of the backward's launches: (GRAD_ROWS, GRAD_TILES) on a GPU; under the
@@ -692,6 +776,12 @@ def stats_tile() -> tuple[int, int]:
     """(BLOCK_M, TILES) of tile_stats_kernel: (GRAD_ROWS, STATS_TILES) on a GPU; under the
     interpreter tiles 4 times as tall, two a program (still merged as on a GPU)."""
     return (GRAD_ROWS * 4, 2) if INTERPRET else (GRAD_ROWS, STATS_TILES)
+
+
+def combine_chunks(P: int) -> int:
+    """The programs of a combine's first level over P partial rows (each COMBINE_CHUNK of them,
+    at least 2, so that each level shortens P), 0 where one launch combines them."""
+    return -(-P // COMBINE_CHUNK) if P > COMBINE_CHUNK else 0
 
 
 def block_c(C: int) -> int:
@@ -713,7 +803,10 @@ def compile_specs():
             specs.append((stats_kernel, f"{dt} BLOCK_C={bc}",
                           {n: acc for n in ("tile_mean_ptr", "tile_m2_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
                                             "var_ptr", "scale_ptr", "shift_ptr")} | {"eps": "fp64"},
-                          {"ACC": acc_ty, "BLOCK_P": 32, "BLOCK_C": bc}))
+                          {"ACC": acc_ty, "BLOCK_P": COMBINE_ROWS, "BLOCK_C": bc}))
+            specs.append((stats_chunks_kernel, f"{dt} BLOCK_C={bc}",
+                          {n: acc for n in ("tile_mean_ptr", "tile_m2_ptr", "chunk_mean_ptr", "chunk_m2_ptr")},
+                          {"ACC": acc_ty, "BLOCK_P": COMBINE_ROWS, "BLOCK_C": bc}))
             specs.append((tile_stats_kernel, f"{dt} BLOCK_C={bc}",
                           {"z_ptr": f"*{dt}", "tile_mean_ptr": acc, "tile_m2_ptr": acc},
                           {"ACC": acc_ty, "BLOCK_M": GRAD_ROWS, "BLOCK_C": bc, "TILES": STATS_TILES}))
@@ -722,7 +815,10 @@ def compile_specs():
             specs.append((grad_totals_kernel, f"{dt} BLOCK_C={bc}",
                           {n: acc for n in ("sum_ptr", "sum_dev_ptr", "var_ptr", "total_ptr", "total_dev_ptr",
                                             "grad_gamma_ptr")} | {"eps": "fp64"},
-                          {"ACC": acc_ty, "BLOCK_P": 32, "BLOCK_C": bc}))
+                          {"ACC": acc_ty, "BLOCK_P": COMBINE_ROWS, "BLOCK_C": bc}))
+            specs.append((sums_chunks_kernel, f"{dt} BLOCK_C={bc}",
+                          {n: acc for n in ("sum_ptr", "sum_dev_ptr", "chunk_sum_ptr", "chunk_sum_dev_ptr")},
+                          {"ACC": acc_ty, "BLOCK_P": COMBINE_ROWS, "BLOCK_C": bc}))
             for hswish in (True, False):
                 per_channel = {n: acc for n in ("gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "sum_ptr",
                                                 "sum_dev_ptr")}
