@@ -12,7 +12,8 @@ import mpvit_kernels
 from mpvit_kernels import ops, reference
 from mpvit_kernels.nn import Conv2dBN
 from tests.conftest import BF16_KERNELS, KERNEL_DEVICE, NO_BF16_KERNELS
-from tests.utils import LAYOUTS, RecordOps, across_thread_counts, assert_close, build_cuda_host, make_image
+from tests.utils import (LAYOUTS, RecordOps, across_thread_counts, assert_close, build_cuda_host, gpu_tiles,
+                         make_image)
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 9, 13), (2, 64, 8, 8)]
 requires_ext = pytest.mark.skipif(not mpvit_kernels.extension_available(), reason="mpvit_kernels._C not built")
@@ -240,6 +241,14 @@ def test_training_batch_norm_matches_batchnorm2d(shape, path, dtype, monkeypatch
         torch.testing.assert_close(g, r.to(g.dtype), **tol)
     if levels:  # (each level asks combine_chunks again: the last call's P is what the last launch combined)
         assert levels == [5, 3, 2, 3, 2], levels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_training_batch_norm_with_a_gpus_tiles(dtype, monkeypatch):
+    # the statistics and backward passes as a GPU tiles them (32 rows: 19 programs' statistics,
+    # 2 of backward sums, 19 row tiles of grad_z), where the interpreter's are 4 times as tall
+    with gpu_tiles():
+        test_training_batch_norm_matches_batchnorm2d((2, 70, 23, 13), "kernels", dtype, monkeypatch)
 
 
 def test_batch_norm_op_opcheck_and_fp64_gradcheck():
@@ -671,3 +680,24 @@ def test_cpu_fold_is_for_fp32_and_fp64_outside_reference_and_autocast():
         assert not folds_into_conv("affine_hswish", x)
     with mpvit_kernels.use_backend("reference", ops=["dwconv_bn"]):
         assert not folds_into_conv("dwconv_bn", x) and folds_into_conv("gli_projection", x)
+
+
+def test_gpu_tiles_are_what_every_family_launches_on_a_gpu():
+    # tests.utils.gpu_tiles, which the "with a GPU's tiles" tests of each family run under
+    from mpvit_kernels.triton import affine_hswish, dwconv_bn, factor_attention, gli_projection, residual_layernorm
+    from mpvit_kernels.triton.affine_hswish import GRAD_ROWS, GRAD_TILES, STATS_TILES
+
+    meta = {"BLOCK_D": 16, "ACC": factor_attention.tl.float32, "DOT_PRECISION": "ieee"}
+
+    def tiles():
+        return (affine_hswish.grad_tile(), affine_hswish.stats_tile(), dwconv_bn.tile(16, False),
+                gli_projection.tile(32, "fp32"), residual_layernorm.tile(32), factor_attention.OUTPUT_TILES.fitting(meta))
+
+    gpu = ((GRAD_ROWS, GRAD_TILES), (GRAD_ROWS, STATS_TILES), (32, 32, 4), gli_projection.gpu_tile(32, "fp32"),
+           residual_layernorm.gpu_tile(32), factor_attention.OUTPUT_TILES._fitting(16, False, "ieee"))
+    interpreted = tiles()
+    with gpu_tiles():
+        assert tiles() == gpu
+    assert tiles() == interpreted
+    if KERNEL_DEVICE == "cpu":
+        assert all(a != b for a, b in zip(interpreted, gpu)), (interpreted, gpu)

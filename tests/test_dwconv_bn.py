@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import DWConv2dBN, ops
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import RecordOps, assert_close, away_from_the_kinks, make_image, output_and_grad_errors
+from tests.utils import RecordOps, assert_close, away_from_the_kinks, gpu_tiles, make_image, output_and_grad_errors
 
 # (B, Cin, Cout, H, W, k, stride): odd sizes, Cin != Cout, channels not multiples of the tiles
 CASES = [
@@ -65,6 +65,15 @@ def test_module_matches_the_eager_chain(case, training, dtype, layout):
     if training:  # running statistics exactly as nn.BatchNorm2d keeps them
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", [CASES[0], (2, 8, 136, 7, 9, 3, 1)], ids=case_id)
+def test_module_with_a_gpus_tiles(case, training):
+    # the GEMM as a GPU tiles it (32 rows at 16 outputs, 64 at 128: 4 and 2 row tiles, the last
+    # short; two output tiles of 128 for 136), and the BatchNorm passes likewise
+    with gpu_tiles():
+        test_module_matches_the_eager_chain(case, training, torch.float32, "channels_last")
 
 
 @pytest.mark.parametrize("pad, cout, vec", [(8, 24, 8), (4, 24, 4), (8, 20, 4), (3, 24, 1)])

@@ -11,7 +11,7 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, ops, reference
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import (RecordLaunches, RecordOps, assert_close, normwise_error, read_as_a_gpu_process,
+from tests.utils import (RecordLaunches, RecordOps, assert_close, gpu_tiles, normwise_error, read_as_a_gpu_process,
                          warnings_as_errors)
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
@@ -95,6 +95,15 @@ def test_kernels_match_reference(case, dtype):
     assert_close(out, ref, scale=4)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, scale=10)  # grads reduce over N (and B): summation order differs
+
+
+@pytest.mark.parametrize("case", [(1, 17, 16, 12, {3: 1, 5: 1}), (2, 7, 7, 20, {3: 1, 5: 1, 7: 1})], ids=case_id)
+def test_kernels_match_reference_with_a_gpus_tiles(case):
+    # the passes as a GPU tiles them (tokens 32 or 64 a tile by head dim and register budget,
+    # the last tile short), where the interpreter's take 128: the three passes (272 tokens) and
+    # the whole-map forward
+    with gpu_tiles():
+        test_kernels_match_reference(case, torch.float32)
 
 
 def test_kernels_are_used():

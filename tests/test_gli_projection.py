@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import (LaunchSpy, RecordOps, assert_close, away_from_the_kinks, output_and_grad_errors,
+from tests.utils import (LaunchSpy, RecordOps, assert_close, away_from_the_kinks, gpu_tiles, output_and_grad_errors,
                          read_as_a_gpu_process)
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
@@ -90,6 +90,14 @@ def assert_matches_the_chain(y, m, ref, leaves, maps, training):
     if training:  # running statistics exactly as nn.BatchNorm2d keeps them
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(m.bn, name), getattr(ref.bn, name))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_module_with_a_gpus_tiles(training):
+    # the GEMM as a GPU tiles fp32 (64 rows, K 16 at a time: 2 row tiles, the last short; each
+    # 27-channel input over two K steps), on strided token inputs
+    with gpu_tiles():
+        test_module_matches_the_eager_chain(CASES[2], training, torch.float32, "tokens")
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

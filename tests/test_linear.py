@@ -11,7 +11,7 @@ import mpvit_kernels
 from mpvit_kernels import ops
 from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES, NO_BF16_KERNELS
 from tests.test_residual_layernorm import make_block
-from tests.utils import LaunchSpy, RecordLaunches, RecordOps, assert_close, normwise_error
+from tests.utils import LaunchSpy, RecordLaunches, RecordOps, assert_close, gpu_tiles, normwise_error
 
 # what the model runs (norm1 -> qkv; fc1 -> GELU), a plain Linear, and both fusions at once
 SITES = {"norm": (True, False), "gelu": (False, True), "plain": (False, False), "norm+gelu": (True, True)}
@@ -87,6 +87,22 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, site, nor
     for a, b in zip(got, torch.autograd.grad(want, leaves, g)):
         assert a.dtype == b.dtype
         assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("site", list(SITES))
+def test_matches_the_eager_chain_with_a_gpus_tiles(site, norm_grad_at_any_rows):
+    # the GEMMs as a GPU tiles fp32 (32 rows at 128 outputs, K 16 at a time; the LayerNorm's
+    # backward 16 rows), where the interpreter's take the fewest programs
+    with gpu_tiles():
+        test_matches_the_eager_chain_with_every_grad((33, 70, 130), torch.float32, "rows", site, None)
+
+
+def test_mpvit_block_with_a_gpus_tiles(norm_grad_at_any_rows):
+    # a block's inference (linear_proj_mlp, the whole-map attention) and training step (linear_mlp
+    # and its grad, linear_norm_grad over two 64-channel tiles) with a GPU's tiles
+    with gpu_tiles():
+        test_mpvit_block_runs_norm1_and_gelu_inside_its_gemms(16)
+        test_mpvit_block_training_step_takes_norm1_backward_in_one_gemm(136, None)
 
 
 def test_cpu_composition_takes_gelu_in_place_only_where_no_graph_needs_the_pre_activation(monkeypatch):

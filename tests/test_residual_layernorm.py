@@ -14,7 +14,7 @@ from mpvit_kernels import ops
 from mpvit_kernels.models.mpvit import MHCABlock, drop_path, dropped
 from mpvit_kernels.nn import ConvPosEnc, ConvRelPosEnc
 from tests.conftest import BF16, BF16_KERNELS, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import RecordOps, assert_close
+from tests.utils import RecordOps, assert_close, gpu_tiles
 
 
 def chain(x, y, bias, next_bias, weight, ln_bias, eps):
@@ -68,6 +68,14 @@ def test_matches_the_eager_chain_with_every_grad(shape, dtype, layout, impl):
     want = torch.autograd.grad((r_ref, u_ref), leaves, grads)
     for a, b in zip(got, want):  # x, y, bias, next_bias, weight, ln_bias
         assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("shape", [(3, 41, 22), (1, 9, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_matches_the_eager_chain_with_a_gpus_tiles(shape):
+    # the passes as a GPU tiles them (at 130 channels 4 rows a forward program, 32 a backward
+    # one), where the interpreter's cover up to 8192 values a program
+    with gpu_tiles():
+        test_matches_the_eager_chain_with_every_grad(shape, torch.float32, "strided", "triton")
 
 
 @pytest.mark.parametrize("pad, vec", [(8, 8), (4, 4), (3, 1)])

@@ -38,6 +38,36 @@ def cpu_auto():
             os.environ["TRITON_INTERPRET"] = before
 
 
+@contextlib.contextmanager
+def gpu_tiles():
+    """The Triton kernels launched with a GPU's tiles, where the interpreter's are taller (fewer
+    programs, each as cheap to interpret as a small one): every family module's INTERPRET read
+    as on a GPU, and the pinned launches' picks made under the other tiles forgotten, before
+    and after. On CUDA tensors those are the tiles anyway."""
+    from mpvit_kernels.triton.affine_hswish import PinnedHeuristics
+    from mpvit_kernels.triton.static_compile import kernel_modules
+
+    modules = list(kernel_modules())
+
+    def forget():
+        for module in modules:
+            for launch in vars(module).values():
+                if isinstance(launch, PinnedHeuristics):
+                    launch._picked.clear()
+                    launch._direct.clear()
+
+    kept = [module.INTERPRET for module in modules]
+    forget()
+    for module in modules:
+        module.INTERPRET = False
+    try:
+        yield
+    finally:
+        for module, interpret in zip(modules, kept):
+            module.INTERPRET = interpret
+        forget()
+
+
 def assert_close(actual, expected, dtype=None, scale=1.0):
     atol, rtol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol * scale)
