@@ -144,7 +144,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         C, acc = x.shape[1], reference._acc_dtype(x.dtype)
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, C] + [1] * (x.dim() - 2)
-        count = torch.tensor([x.numel() // max(C, 1)], dtype=acc, device=x.device)
+        # filled on the device and never read back: torch.tensor([n], device=...) copies from the
+        # host (a stream sync on a GPU), count.item() waits for the all-reduce; either makes the
+        # host wait for the GPU at every BatchNorm of every step
+        count = torch.full((1,), x.numel() // max(C, 1), dtype=acc, device=x.device)
         dist.all_reduce(count, group=group)
         xa = x.to(acc)
         mean = all_reduce(xa.sum(dims)) / count
@@ -156,7 +159,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         y = centred * scale.view(shape)
         if self.bias is not None:
             y = y + self.bias.to(acc).view(shape)
-        track_batch_stats(self, mean.detach(), var.detach(), int(count.item()))
+        track_batch_stats(self, mean.detach(), var.detach(), count)
         return y.to(x.dtype)
 
 
@@ -239,17 +242,28 @@ class Conv2dBN(nn.Module):
         return y if residual is None else y + residual
 
 
-def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
     """Update ``bn``'s running statistics with a batch's (mean, biased var) over ``count`` values
     per channel, as a training nn.BatchNorm2d does: momentum, or the cumulative average when
-    momentum is None; the unbiased variance goes into running_var."""
+    momentum is None; the unbiased variance goes into running_var. ``count`` an int, or a
+    one-element tensor on the statistics' device (a synchronised batch's, all-reduced there),
+    which is never read back to the host."""
     if not (bn.training and bn.track_running_stats):
         return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+        if isinstance(count, torch.Tensor):
+            # an empty batch keeps the statistics (its mean and var are NaN): chosen on the device
+            count = count.reshape(())
+            kept = count == 0
+            mean = torch.where(kept, bn.running_mean, mean.to(bn.running_mean.dtype))
+            var = torch.where(kept, bn.running_var, (var * (count / (count - 1).clamp_min(1))).to(bn.running_var.dtype))
+            bn.running_mean.lerp_(mean, factor)
+            bn.running_var.lerp_(var, factor)
+            return
         if count == 0:  # an empty batch: counted, the statistics kept (as nn.BatchNorm2d does)
             return
-        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
         # (1 - f) * running + f * batch as one lerp_ a statistic (mul_, mul, add_ before; the
         # variance is scaled to unbiased first)
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)

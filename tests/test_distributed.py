@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mpvit_kernels
 from mpvit_kernels.models import mpvit_tiny
-from tests.utils import randomize_bn
+from tests.utils import RecordOps, randomize_bn
 
 WORLD = 2
 # Every op family on its reference path: interpreted Triton cost 6 s a step in fp64 (its
@@ -46,7 +46,11 @@ def _worker(rank, init_file, out_dir):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         x, target = _batch()
         per = x.shape[0] // WORLD
-        loss = _step(ddp, x[rank * per:(rank + 1) * per], target[rank * per:(rank + 1) * per])
+        with RecordOps() as rec:
+            loss = _step(ddp, x[rank * per:(rank + 1) * per], target[rank * per:(rank + 1) * per])
+        # no value read back to the host (.item(): on a GPU a wait for the all-reduce and the
+        # work queued before it, at every BatchNorm)
+        assert "aten._local_scalar_dense" not in rec.names
         dist.all_reduce(loss)
         if rank == 0:
             torch.save((loss / WORLD, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())),
@@ -90,3 +94,25 @@ def test_convert_sync_batchnorm_shares_the_tensors_and_acts_alone_as_batchnorm()
     plain = torch.nn.BatchNorm2d(6).double()
     torch.testing.assert_close(sync(x), plain(x))  # no process group: a BatchNorm2d
     torch.testing.assert_close(sync.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_from_a_count_left_on_the_device(momentum):
+    # SyncBatchNorm2d's all-reduced count stays a tensor: the update is the int count's, and an
+    # empty batch (NaN mean and var) keeps the statistics, chosen without reading the count back
+    from mpvit_kernels.nn import track_batch_stats
+
+    bns = [torch.nn.BatchNorm2d(6, momentum=momentum).double().train() for _ in range(2)]
+    start = torch.randn(6, dtype=torch.float64)
+    for bn in bns:
+        bn.running_mean.copy_(start)
+    for count in (7, 1, 0):
+        mean, var = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+        if count == 0:
+            mean, var = mean * float("nan"), var * float("nan")
+        track_batch_stats(bns[0], mean, var, count)
+        with RecordOps() as rec:
+            track_batch_stats(bns[1], mean, var, torch.full((1,), count, dtype=torch.float64))
+        assert "aten._local_scalar_dense" not in rec.names
+        for a, b in zip(bns[0].buffers(), bns[1].buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
