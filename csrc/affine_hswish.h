@@ -27,6 +27,14 @@ inline void check_affine_args(const at::Tensor& x, const at::Tensor& scale, cons
                     "affine_hswish: x, scale and shift must be on one device");
 }
 
+inline void check_affine_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "affine_hswish_backward: grad must have x's shape ", x.sizes(),
+                    ", got ", grad.sizes());
+  // (a grad elsewhere with x's strides would reach the kernel as it is: a pointer it cannot read)
+  TORCH_CHECK_VALUE(grad.device() == x.device(), "affine_hswish_backward: grad must be on x's device ", x.device(),
+                    ", got ", grad.device());
+}
+
 // The layout the output is allocated in (empty_like keeps a dense input's strides, so the fake
 // implementation, `torch.empty_like(x)`, agrees), and x brought to it.
 inline at::Tensor dense_as(const at::Tensor& t, const at::Tensor& like) {

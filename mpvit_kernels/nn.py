@@ -252,7 +252,8 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
         return
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+        # (the cumulative average's weight in fp64, as nn.BatchNorm2d's Python float, without reading the count back)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.double()
         if isinstance(count, torch.Tensor):
             # an empty batch keeps the statistics (its mean and var are NaN): chosen on the device
             count = count.reshape(())

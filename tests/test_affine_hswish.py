@@ -497,6 +497,16 @@ def test_cuda_backward_is_deterministic():
 
 
 @pytest.mark.cuda
+def test_cuda_backward_refuses_a_grad_on_another_device():
+    # a CPU grad with x's strides would reach the kernel as a host pointer (an illegal address,
+    # which leaves the process's CUDA context unusable)
+    x = make_image((2, 8, 5, 7), torch.float32, "nchw", device="cuda")
+    scale, shift = params(8, device="cuda")
+    with pytest.raises(ValueError, match="grad must be on x's device"):
+        torch.ops.mpvit_kernels.affine_hswish_backward(torch.randn(2, 8, 5, 7), x, scale, shift, True)
+
+
+@pytest.mark.cuda
 def test_cuda_opcheck():
     for args in sample_inputs(device="cuda"):
         torch.library.opcheck(torch.ops.mpvit_kernels.affine_hswish.default, args)
@@ -691,13 +701,25 @@ def test_gpu_tiles_are_what_every_family_launches_on_a_gpu():
 
     def tiles():
         return (affine_hswish.grad_tile(), affine_hswish.stats_tile(), dwconv_bn.tile(16, False),
-                gli_projection.tile(32, "fp32"), residual_layernorm.tile(32), factor_attention.OUTPUT_TILES.fitting(meta))
+                gli_projection.tile(32, "fp32"), residual_layernorm.tile(32),
+                factor_attention.OUTPUT_TILES.fitting(meta))
 
-    gpu = ((GRAD_ROWS, GRAD_TILES), (GRAD_ROWS, STATS_TILES), (32, 32, 4), gli_projection.gpu_tile(32, "fp32"),
-           residual_layernorm.gpu_tile(32), factor_attention.OUTPUT_TILES._fitting(16, False, "ieee"))
+    gpu = ((GRAD_ROWS, GRAD_TILES), (GRAD_ROWS, STATS_TILES), dwconv_bn.gpu_tile(16, False),
+           gli_projection.gpu_tile(32, "fp32"), residual_layernorm.gpu_tile(32),
+           factor_attention.OUTPUT_TILES._fitting(16, False, "ieee"))
     interpreted = tiles()
     with gpu_tiles():
         assert tiles() == gpu
     assert tiles() == interpreted
     if KERNEL_DEVICE == "cpu":
         assert all(a != b for a, b in zip(interpreted, gpu)), (interpreted, gpu)
+
+
+def test_combine_levels_need_a_chunk_of_two_rows_or_more(monkeypatch):
+    # each level of a combine must shorten its rows (affine_hswish.combine_chunks), or the ops' loop would not end
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    assert [kernels.combine_chunks(P) for P in (1, 256, 257, 65536)] == [0, 0, 2, 256]
+    monkeypatch.setattr(kernels, "COMBINE_CHUNK", 1)
+    with pytest.raises(ValueError, match="COMBINE_CHUNK must be at least 2"):
+        kernels.combine_chunks(3)

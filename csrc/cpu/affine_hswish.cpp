@@ -94,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_hswish_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift,
     bool hswish) {
   check_affine_args(x_in, scale, shift);
-  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(), "affine_hswish_backward: grad must have x's shape ",
-                    x_in.sizes(), ", got ", grad_in.sizes());
+  check_affine_grad(grad_in, x_in);
   at::Tensor grad_x = at::empty_like(x_in);
   const at::Tensor x = dense_as(x_in, grad_x);
   const at::Tensor grad = dense_as(grad_in.to(x_in.scalar_type()), grad_x);

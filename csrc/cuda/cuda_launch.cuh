@@ -16,6 +16,10 @@ struct CudaLaunch {
   template <typename... KArgs, typename... Args>
   void operator()(void (*kernel)(KArgs...), Grid grid, Args... args) {
     if (error != cudaSuccess) return;
+    if (grid.x > 2147483647 || grid.y > 65535 || grid.z > 65535) {  // (narrowed to unsigned below: would wrap)
+      error = cudaErrorInvalidConfiguration;
+      return;
+    }
     kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), static_cast<unsigned>(grid.z)),
              threads, 0, stream>>>(args...);
     error = cudaGetLastError();

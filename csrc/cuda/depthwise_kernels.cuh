@@ -17,6 +17,31 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// *dst = v as 16-byte (or 8-byte) stores. nvcc compiled the Vec's own assignment here to one
+// store per element (sm_80 and sm_90 PTX: st.global.f32 x4, st.global.u16 x6 + v2; a copy
+// through uint4 too), where its loads are one ld.global.v4; the PTX store says it once. dst is
+// aligned to the Vec, as the vector loads' pointers are (the launcher's check).
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* dst, const Vec<T, N>& v) {
+#ifdef __CUDACC__
+  if constexpr (sizeof(v) % 8 == 0) {
+    uint32_t w[sizeof(v) / 4];
+    memcpy(w, &v, sizeof(v));
+    if constexpr (sizeof(v) % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < static_cast<int>(sizeof(v) / 16); ++i)
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<char*>(dst) + 16 * i),
+                     "r"(w[4 * i]), "r"(w[4 * i + 1]), "r"(w[4 * i + 2]), "r"(w[4 * i + 3])
+                     : "memory");
+    } else {
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]) : "memory");
+    }
+    return;
+  }
+#endif
+  *reinterpret_cast<Vec<T, N>*>(dst) = v;
+}
+
 // Minimum resident blocks per SM, given to ptxas: without it ptxas aims at an occupancy that makes
 // it spill a few registers in the 5x5/7x7 and parameter-grad kernels; with it, it uses what it
 // needs up to 65536 / (kThreads * blocks) registers (read off the cubins: make static-report).
@@ -121,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, kConvMinBlocks<K>)
     if (residual) z += static_cast<acc_t>(self.v[j]);
     out.v[j] = static_cast<T>(z);
   }
-  *reinterpret_cast<Vec<T, VEC>*>(y + ((b * g.Ho + oh) * g.Wo + ow) * g.C + ch) = out;
+  store_vec(y + ((b * g.Ho + oh) * g.Wo + ow) * g.C + ch, out);
 }
 
 // row[ch + j] = the sum of v[j] over the block's pixel lanes, as a fixed-order tree in `red`
@@ -220,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, kParamMinBlocks<K>)
           s_shift[j] += gz;
           gc[j] = out.v[j] = scale ? gz * scale[ch + j] : gz;
         }
-        *reinterpret_cast<Vec<acc_t, VEC>*>(gconv + at) = out;
+        store_vec(gconv + at, out);
       }
 #pragma unroll
       for (int j = 0; j < VEC; ++j) s_bias[j] += gc[j];
@@ -306,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, kConvMinBlocks<K>)
   if (residual) r = *reinterpret_cast<const Vec<T, VEC>*>(grad + at);  // stride 1: grad has x's shape
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<T>(residual ? acc[j] + static_cast<acc_t>(r.v[j]) : acc[j]);
-  *reinterpret_cast<Vec<T, VEC>*>(grad_x + at) = out;
+  store_vec(grad_x + at, out);
 }
 
 // Backward, pass 3: sums pass 1's partials over the chunks in chunk order. One thread per output

@@ -201,13 +201,14 @@ def _batch_norm_passes(func, args) -> list[tuple[str, int]]:
             from mpvit_kernels.triton import dwconv_bn as gemm
 
             B, C, Ho, Wo = _out_shape(args[0], args[2], args[6])
-            M, z, rows = B * Ho * Wo, args[0], gemm.tile(gemm.block_n(C), args[0].dtype == torch.float64)[0]
+            M, z, rows = B * Ho * Wo, args[0], gemm.gpu_tile(gemm.block_n(C), args[0].dtype == torch.float64)[0]
         else:
             from mpvit_kernels.triton import gli_projection as gemm
 
             z, C = args[0][0], args[1].shape[0]
             M = z.shape[0] * z.shape[1]
-            rows = gemm.tile(gemm.block_n(C), {torch.float64: "fp64", torch.float32: "fp32"}.get(z.dtype, "16-bit"))[0]
+            kind = {torch.float64: "fp64", torch.float32: "fp32"}.get(z.dtype, "16-bit")
+            rows = gemm.gpu_tile(gemm.block_n(C), kind)[0]
         acc = 8 if z.dtype == torch.float64 else 4
         return _combine("batch statistics: combine the tiles'", -(-M // rows), C, acc) + \
             [("normalise: the read of z", M * C * z.element_size())]

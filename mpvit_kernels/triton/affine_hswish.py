@@ -416,15 +416,20 @@ class TunedLaunch(triton.runtime.Autotuner):
             triton_key = self._triton_key(args, kwargs)
             if triton_key not in self.cache:
                 # a key first seen inside a CUDA graph capture: no timing there (the benchmark
-                # synchronises, which ends the capture with an error), the first config that fits
-                # instead, remembered for no later launch (the next one outside a capture tunes)
+                # synchronises, which ends the capture with an error), a config that fits instead,
+                # one another key picked where there is one (compiled, if for these arguments'
+                # specialisation: a compile's module load inside a capture fails too), remembered
+                # for no later launch (the next one outside a capture tunes)
                 self.nargs = dict(zip(self.arg_names, args))
                 try:
-                    config = self.prune_configs(kwargs)[0]
+                    fitting = self.prune_configs(kwargs)
                 finally:
                     self.nargs = None
-                self.best_config = config
-                return launch.launch(args, {**kwargs, **config.all_kwargs()}, grid, warmup)[0]
+                picked = set(self.cache.values())
+                config = next((c for c in fitting if c in picked), fitting[0])
+                if not config.all_kwargs().keys() & kwargs.keys():  # (else the Autotuner refuses the call)
+                    self.best_config = config
+                    return launch.launch(args, {**kwargs, **config.all_kwargs()}, grid, warmup)[0]
         out = super().run(*args, grid=grid, warmup=warmup, **kwargs)
         self._picked[picked_key] = (self.best_config, self.best_config.all_kwargs(), self._triton_key(args, kwargs))
         return out
@@ -569,17 +574,17 @@ def _merged_tiles(tile_mean_ptr, tile_m2_ptr, p_lo, p_hi, count, M, C, ROWS, off
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < p_hi)[:, None] & cmask[None, :]
         n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
-        total += tl.sum(tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-                        * n[:, None], 0)
+        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        total += tl.sum(tl.load(tile_mean_ptr + at, mask=mask, other=0.0) * n[:, None], 0)
     mean = _div(total, count, ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < p_hi)[:, None] & cmask[None, :]
         n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
-        d = tl.load(tile_mean_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + offs_p[:, None] * C + offs_c[None, :], mask=mask,
-                                            other=0.0) + n[:, None] * d * d, 0.0), 0)
+        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        d = tl.load(tile_mean_ptr + at, mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + at, mask=mask, other=0.0) + n[:, None] * d * d, 0.0), 0)
     return mean, m2
 
 
@@ -624,8 +629,9 @@ def stats_chunks_kernel(
     count = tl.minimum(M - p_lo * ROWS, CHUNK * ROWS).to(ACC)
     mean, m2 = _merged_tiles(tile_mean_ptr, tile_m2_ptr, p_lo, tl.minimum(p_lo + CHUNK, P), count, M, C, ROWS,
                              offs_c, cmask, ACC, BLOCK_P, BLOCK_C)
-    tl.store(chunk_mean_ptr + s * C + offs_c, mean, mask=cmask)
-    tl.store(chunk_m2_ptr + s * C + offs_c, m2, mask=cmask)
+    out = s.to(tl.int64) * C + offs_c
+    tl.store(chunk_mean_ptr + out, mean, mask=cmask)
+    tl.store(chunk_m2_ptr + out, m2, mask=cmask)
 
 
 @triton.jit
@@ -697,8 +703,9 @@ def sums_chunks_kernel(
     p_lo = s * CHUNK
     total, total_dev = _summed_rows(sum_ptr, sum_dev_ptr, p_lo, tl.minimum(p_lo + CHUNK, P), C, offs_c, cmask, ACC,
                                     BLOCK_P, BLOCK_C)
-    tl.store(chunk_sum_ptr + s * C + offs_c, total, mask=cmask)
-    tl.store(chunk_sum_dev_ptr + s * C + offs_c, total_dev, mask=cmask)
+    out = s.to(tl.int64) * C + offs_c
+    tl.store(chunk_sum_ptr + out, total, mask=cmask)
+    tl.store(chunk_sum_dev_ptr + out, total_dev, mask=cmask)
 
 
 @pinned((), {})  # nothing to pick: the launch alone, without Triton's binding (DirectLaunch)
@@ -781,6 +788,8 @@ def stats_tile() -> tuple[int, int]:
 def combine_chunks(P: int) -> int:
     """The programs of a combine's first level over P partial rows (each COMBINE_CHUNK of them,
     at least 2, so that each level shortens P), 0 where one launch combines them."""
+    if COMBINE_CHUNK < 2:
+        raise ValueError(f"COMBINE_CHUNK must be at least 2, got {COMBINE_CHUNK}")
     return -(-P // COMBINE_CHUNK) if P > COMBINE_CHUNK else 0
 
 

@@ -29,6 +29,11 @@ def tile(block_n: int, wide: bool) -> tuple[int, int, int]:
     buffers of training with BLOCK_M."""
     if INTERPRET:
         return 64, 16 if wide else 32, 4
+    return gpu_tile(block_n, wide)
+
+
+def gpu_tile(block_n: int, wide: bool) -> tuple[int, int, int]:
+    """tile's answer on a GPU, even under the interpreter (the traffic model)."""
     if block_n == 128:
         return 64, 16 if wide else 32, 8
     return 32, 16 if wide else 32, 4
