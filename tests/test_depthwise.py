@@ -364,6 +364,12 @@ def test_cuda_fp32_matches_cpu_twin(case, layout):
     args = make_args(shape, k, stride, epilogue, torch.float32, layout, device="cuda")
     y = ops.depthwise(**args)
     grad = torch.randn_like(y)
+    if args["hswish"]:
+        # no grad where the pre-activation lies within 1e-4 of a Hardswish kink (+-3): the GPU's
+        # sums and FMAs round otherwise than the twin's, and a crossing changes the slope by 0.5
+        z = reference.depthwise(**{**{k: v.detach().double() if isinstance(v, torch.Tensor) else v
+                                      for k, v in args.items()}, "hswish": False, "residual": False})
+        grad = grad.masked_fill((z.abs() - 3).abs().float() < 1e-4, 0)
     got = torch.autograd.grad(y, leaves(args), grad)
     cpu = {k: v.detach().cpu().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     y_cpu = ops.depthwise(**cpu)
