@@ -474,13 +474,17 @@ def test_cuda_batch_norm_op_matches_batchnorm2d_in_fp32(shape, dtype):
         bn.bias.normal_()
     y, mean, var = batch_norm_hswish(z, bn.weight, bn.bias, bn.eps, True)
     z_ref = z.detach().float().requires_grad_()
-    y_ref = torch.nn.functional.hardswish(bn(z_ref))
+    u_ref = bn(z_ref)
+    y_ref = torch.nn.functional.hardswish(u_ref)
     tol = dict(atol=2e-3, rtol=8e-3) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y.float(), y_ref, **tol)
     var_ref, mean_ref = torch.var_mean(z_ref.detach().double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(y)
+    # no grad within 1e-5 of a Hardswish kink, where the two fp32 normalisations (z * scale + shift,
+    # ATen's (z - mean) * invstd * weight + bias) may land on either slope (0.5 apart): about one
+    # such element a run of the 16x32x112x112 cases, which would fail the comparison
+    grad = away_from_the_kinks(torch.randn_like(y), u_ref, torch.float32, margin=1e-5)
     got = torch.autograd.grad(y, [z, bn.weight, bn.bias], grad, retain_graph=True)
     want = torch.autograd.grad(y_ref, [z_ref, bn.weight, bn.bias], grad.float())
     for g, r in zip(got, want):
