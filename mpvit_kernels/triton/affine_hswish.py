@@ -361,7 +361,8 @@ class TunedLaunch(triton.runtime.Autotuner):
     key, a cleared cache (a re-tune) or configs replaced (a test forcing a tile) go through the
     Autotuner as before. Once a pick has launched, a launch of the same DirectLaunch key and
     ``key`` values finds its kernel at once. A key first seen inside a CUDA graph capture
-    launches the first config that fits, untimed (timing would end the capture)."""
+    launches a config that fits, untimed (timing would end the capture): one another key picked
+    where there is one, else the first."""
 
     def __init__(self, fn, configs, key, prune_configs_by=None) -> None:
         super().__init__(fn, fn.arg_names, configs, key, None, None, prune_configs_by=prune_configs_by)
@@ -425,8 +426,8 @@ class TunedLaunch(triton.runtime.Autotuner):
                     fitting = self.prune_configs(kwargs)
                 finally:
                     self.nargs = None
-                picked = set(self.cache.values())
-                config = next((c for c in fitting if c in picked), fitting[0])
+                chosen = set(self.cache.values())
+                config = next((c for c in fitting if c in chosen), fitting[0])
                 if not config.all_kwargs().keys() & kwargs.keys():  # (else the Autotuner refuses the call)
                     self.best_config = config
                     return launch.launch(args, {**kwargs, **config.all_kwargs()}, grid, warmup)[0]
