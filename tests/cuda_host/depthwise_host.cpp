@@ -2,6 +2,7 @@
 // on the CPU through shim.h, behind a C interface for tests/test_depthwise.py (ctypes).
 #include "shim.h"
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "../../csrc/cuda/depthwise_kernels.cuh"
@@ -53,6 +54,7 @@ int dispatch(const Call& c, int dtype, int vec, bool backward) {
     case 0: return by_vec<float, float>(c, vec, backward);
     case 1: return by_vec<double, double>(c, vec, backward);
     case 2: return by_vec<c10::Half, float>(c, vec, backward);
+    case 3: return by_vec<c10::BFloat16, float>(c, vec, backward);
   }
   return 1;
 }
@@ -76,7 +78,7 @@ int dw_fits_grid(int vec, int64_t B, int64_t H, int64_t W, int64_t C, int stride
   return fits_grid(geometry_for(vec, B, H, W, C, stride));
 }
 
-// dtype: 0 float, 1 double, 2 half; vec: 1 or 16 / sizeof(element). All tensors NHWC, dense;
+// dtype: 0 float, 1 double, 2 half, 3 bfloat16; vec: 1 or 16 / sizeof(element). All tensors NHWC, dense;
 // parameters in the accumulation type (float, double for double). Returns 0 when it ran.
 int dw_forward(int dtype, int vec, int K, int64_t B, int64_t H, int64_t W, int64_t C, int stride, const void* x,
                const void* weight, const void* bias, const void* scale, const void* shift, int hswish, int residual,
