@@ -31,7 +31,7 @@ if KERNEL_DEVICE == "cpu":
 else:  # fp32 references in fp32: cuDNN's convs would otherwise run in TF32 (1e-3 relative error)
     torch.backends.cudnn.allow_tf32 = False
     try:  # each launch that skips Triton's binding checked against that binding, on the device
-        from mpvit_kernels.triton.affine_hswish import DirectLaunch
+        from mpvit_kernels.triton.launch import DirectLaunch
 
         DirectLaunch.VERIFY = True
     except ImportError:  # (no Triton: the tests that need it skip)

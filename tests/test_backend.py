@@ -99,7 +99,7 @@ def test_threads_tuning_one_kernel_at_once_each_get_their_result(monkeypatch):
 
 
 def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
-    """triton.affine_hswish.pinned, the ops' pinned launches: each value computed once per
+    """triton.launch.pinned, the ops' pinned launches: each value computed once per
     distinct key (Triton's heuristics recompute every value at every launch), the values in
     order as Triton's, a value reading a launch argument outside the keys refused, and a test
     forcing another value (kernel.values.update) taking effect at the next launch."""
@@ -107,7 +107,7 @@ def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
     import triton.language as tl
 
     from mpvit_kernels import backend
-    from mpvit_kernels.triton.affine_hswish import pinned
+    from mpvit_kernels.triton.launch import pinned
 
     calls = []
 
@@ -154,7 +154,7 @@ def test_pinned_launch_picks_its_tile_once_per_key_from_the_keys_alone():
 
 
 def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkeypatch):
-    """triton.affine_hswish.tuned, the ops' autotuned launches: the first launch of a key tunes
+    """triton.launch.tuned, the ops' autotuned launches: the first launch of a key tunes
     through Triton's Autotuner; later ones launch the remembered pick without it, the config
     Triton's cache holds for that key. A new key value, another dtype, configs replaced (a
     test forcing a tile) or a cleared cache (a re-tune) go through the Autotuner again. The
@@ -163,7 +163,7 @@ def test_tuned_launch_tunes_each_key_once_then_launches_its_pick_directly(monkey
     import triton.language as tl
 
     from mpvit_kernels import backend
-    from mpvit_kernels.triton.affine_hswish import TunedLaunch, tuned
+    from mpvit_kernels.triton.launch import TunedLaunch, tuned
 
     benched, tunings = [], []
 

@@ -81,7 +81,7 @@ def test_strides_and_widths_narrow_the_vector_width(pad, cout, vec):
     # a channels-last map sliced out of one cin + pad channels wide: the kernels are told (VEC)
     # what the widths and strides are multiples of, for 16-byte accesses; the BatchNorm's
     # backward kernels read (M, cout) rows
-    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.launch import vector_width
     from tests.utils import RecordLaunches
 
     m = make_module(16, cout, 3, 1, torch.float32, True)

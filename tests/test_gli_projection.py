@@ -191,7 +191,7 @@ def test_tensor_descriptor_launches_get_a_scratch_allocator():
 
 
 def test_vector_width_is_what_every_width_and_row_stride_is_a_multiple_of():
-    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.launch import vector_width
 
     assert vector_width(2, 216, 216, 216 * 196) == 8  # MPViT-S stage 3: not a multiple of 16, so only VEC says it
     assert vector_width(4, 64, 128) == 8  # at most 8 (16 bytes of a 16-bit dtype)

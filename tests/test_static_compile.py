@@ -174,7 +174,7 @@ from stand_in_gpu import stand_in_gpu
 
 launches = []
 stand_in_gpu(lambda *args: launches.append(args))  # each direct launch checked against Triton's binding
-from mpvit_kernels.triton.affine_hswish import DirectLaunch
+from mpvit_kernels.triton.launch import DirectLaunch
 
 
 @triton.jit
@@ -241,7 +241,7 @@ def _run_script(tmp_path, source: str, *argv: str, **env) -> subprocess.Complete
 
 
 def test_direct_launches_take_the_kernel_and_arguments_tritons_binding_takes(tmp_path):
-    # DirectLaunch (triton.affine_hswish), which every pinned and tuned kernel of ours launches
+    # DirectLaunch (triton.launch), which every pinned and tuned kernel of ours launches
     # through: a key per specialisation Triton makes (address aligned or not, an integer 1, a
     # multiple of 16 or neither, 64-bit, another dtype: six kernels), each later launch of it
     # checked against Triton's own binding (the stand-in's verify) and calling the launcher as
@@ -269,7 +269,7 @@ from stand_in_gpu import stand_in_gpu
 
 grids = []
 stand_in_gpu(lambda *args: grids.append(args[0]), every_config=True)
-from mpvit_kernels.triton.affine_hswish import tuned
+from mpvit_kernels.triton.launch import tuned
 
 
 @triton.jit

@@ -44,7 +44,7 @@ def gpu_tiles():
     programs, each as cheap to interpret as a small one): every family module's INTERPRET read
     as on a GPU, and the pinned launches' picks made under the other tiles forgotten, before
     and after. On CUDA tensors those are the tiles anyway."""
-    from mpvit_kernels.triton.affine_hswish import PinnedHeuristics
+    from mpvit_kernels.triton.launch import PinnedHeuristics
     from mpvit_kernels.triton.static_compile import kernel_modules
 
     modules = list(kernel_modules())
@@ -215,12 +215,12 @@ def read_as_a_gpu_process(module: str, read: str) -> dict:
     """What a GPU run's Triton module looks like, read in a process of its own without the
     interpreter: ``read`` is the source of ``def read(m)`` (JSON-able result) over ``module``
     imported as ``m``; returns {"1": read(m) as imported, "0": read(m) after reloading it with
-    MPVIT_KERNELS_AUTOTUNE=0, which triton/affine_hswish.py reads at import (reloaded first) and
+    MPVIT_KERNELS_AUTOTUNE=0, which triton/launch.py reads at import (reloaded first) and
     the kernel modules take from it at theirs}."""
     code = "if True:\n    import importlib, json, os, triton\n    import " + module + " as m\n" + \
         textwrap.indent(textwrap.dedent(read), "    ") + \
         "    on = read(m)\n    os.environ['MPVIT_KERNELS_AUTOTUNE'] = '0'\n" \
-        "    importlib.reload(importlib.import_module('mpvit_kernels.triton.affine_hswish'))\n" \
+        "    importlib.reload(importlib.import_module('mpvit_kernels.triton.launch'))\n" \
         "    print(json.dumps({'1': on, '0': read(importlib.reload(m))}))\n"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MPVIT_KERNELS_AUTOTUNE")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

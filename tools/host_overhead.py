@@ -126,7 +126,7 @@ def _launch_path_share(step, reps: int) -> tuple[float, float]:
     compiled: their whole launch), timed in turns."""
     from triton.runtime.jit import JITFunction
 
-    from mpvit_kernels.triton.affine_hswish import PinnedHeuristics, TunedLaunch
+    from mpvit_kernels.triton.launch import PinnedHeuristics, TunedLaunch
 
     def put(runs):
         JITFunction.run, PinnedHeuristics._run, TunedLaunch._run = runs

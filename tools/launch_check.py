@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     JITFunction.run = named
     from mpvit_kernels import models
-    from mpvit_kernels.triton.affine_hswish import DirectLaunch
+    from mpvit_kernels.triton.launch import DirectLaunch
 
     # norm1 -> qkv's fused backward at these shapes' few rows too (a GPU takes it from NORM_GRAD_ROWS)
     importlib.import_module("mpvit_kernels.ops.linear").NORM_GRAD_ROWS = 0

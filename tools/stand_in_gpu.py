@@ -33,10 +33,10 @@ def stand_in_gpu(on_launch, arch: int = 90, every_config: bool = False, verify: 
     """Put the stand-in in place (see above): launches call ``on_launch(*launcher_args)``;
     ``every_config``: an autotuned kernel times (so compiles and launches) every config that
     fits, as on a GPU, not the first alone; ``verify``: every launch of ours that skips Triton's
-    argument binding (triton.affine_hswish.DirectLaunch) is checked against that binding (off
+    argument binding (triton.launch.DirectLaunch) is checked against that binding (off
     where host time is measured)."""
     from mpvit_kernels import backend
-    from mpvit_kernels.triton.affine_hswish import DirectLaunch
+    from mpvit_kernels.triton.launch import DirectLaunch
 
     if arch not in SHARED_LIMIT:
         raise ValueError(f"arch must be a compute capability of {sorted(SHARED_LIMIT)}, got {arch}")

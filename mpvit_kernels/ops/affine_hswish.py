@@ -227,6 +227,7 @@ def _batch(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     program's (mean, M2) over its rows, the GEMMs' ``stats_kernel`` combines them, and
     ``affine_hswish`` normalises."""
     from mpvit_kernels.triton import affine_hswish as kernels
+    from mpvit_kernels.triton.launch import vector_width
 
     check_float_tensors("affine_hswish_batch", z=z)
     if z.dim() != 4:
@@ -248,7 +249,7 @@ def _batch(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     with backend.triton_device(z):
         kernels.tile_stats_kernel[(P, -(-C // BC))](
             z, tile_mean, tile_m2, M, C, ACC=kernels.tl.float64 if acc == torch.float64 else kernels.tl.float32,
-            BLOCK_M=block_m, BLOCK_C=BC, TILES=tiles, VEC=kernels.vector_width(z.element_size(), C))
+            BLOCK_M=block_m, BLOCK_C=BC, TILES=tiles, VEC=vector_width(z.element_size(), C))
     mean, var, scale, shift = batch_stats(tile_mean, tile_m2, rows, M, weight, bias, eps)
     return affine_hswish(z, scale, shift, hswish), mean, var
 
@@ -342,6 +343,7 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     per-channel sums (per row block, then added up in one small launch, a level more per
     COMBINE_CHUNK factor of row blocks), then the elementwise grad_z."""
     from mpvit_kernels.triton import affine_hswish as kernels
+    from mpvit_kernels.triton.launch import vector_width
 
     M, C = z.shape
     acc = mean.dtype
@@ -358,7 +360,7 @@ def _batch_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, be
     if M == 0 or C == 0:
         return grad_z, torch.zeros_like(mean), torch.zeros_like(mean)
     grad_beta, sum_dev, grad_gamma = (torch.empty(C, dtype=acc, device=z.device) for _ in range(3))
-    vec = kernels.vector_width(z.element_size(), C)
+    vec = vector_width(z.element_size(), C)
     with backend.triton_device(z):
         kernels.grad_sums_kernel[(P, -(-C // BC))](
             grad, z, gamma, beta, mean, var, sums, sums_dev, M, C, float(eps), HSWISH=hswish, ACC=ACC,

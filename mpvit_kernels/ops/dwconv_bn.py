@@ -125,7 +125,7 @@ def _launch(x, dw_weight, pw_weight, scale, shift, stride, hswish, stats):
     """The fused kernel: y (B, Cout, H', W') channels-last, and with ``stats`` the row tiles'
     (mean, M2) of y and the rows per tile."""
     from mpvit_kernels.triton import dwconv_bn as kernels
-    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.launch import vector_width
 
     B, Cout, Ho, Wo = _out_shape(x, pw_weight, stride)
     Cin, K = x.shape[1], dw_weight.shape[-1]

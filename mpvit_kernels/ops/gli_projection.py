@@ -227,7 +227,7 @@ def _launch(xs, weight, scale, shift, hswish, stats, residual=None):
     """The fused GEMM: y (B, N, Cout) (plus ``residual``, (B, N, Cout) contiguous, if given), and
     with ``stats`` the row tiles' (mean, M2) of y and the rows per tile."""
     from mpvit_kernels.triton import gli_projection as kernels
-    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.launch import vector_width
 
     B, N, C = xs[0].shape
     if any(len({x.stride(d) >= 2**31 for x in xs}) > 1 for d in (0, 1)):

@@ -241,7 +241,7 @@ def _kernels():
     global _KERNELS
     if _KERNELS is None:
         from mpvit_kernels.triton import linear
-        from mpvit_kernels.triton.affine_hswish import next_pow2, vector_width
+        from mpvit_kernels.triton.launch import next_pow2, vector_width
         from mpvit_kernels.triton.gli_projection import block_n, m_bucket
 
         _KERNELS = linear, vector_width, next_pow2, block_n, m_bucket

@@ -92,7 +92,7 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
 def _vector_width(x, C, B, N, sxb, sxn, syb, syn) -> int:
     """The kernels' VEC: what C and the strides the kernels multiply by are multiples of (a
     batch stride with B = 1 or a token stride with N = 1 only ever multiplies 0)."""
-    from mpvit_kernels.triton.affine_hswish import vector_width
+    from mpvit_kernels.triton.launch import vector_width
 
     return vector_width(x.element_size(), C, *(s for s, size in ((sxb, B), (sxn, N), (syb, B), (syn, N)) if size > 1))
 

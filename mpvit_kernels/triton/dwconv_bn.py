@@ -13,7 +13,8 @@ per-channel mean and M2 of the pre-BatchNorm output it stores, for the batch sta
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import INTERPRET, _gemm_epilogue, _known_multiple, next_pow2, pinned
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
+from mpvit_kernels.triton.launch import INTERPRET, next_pow2, pinned
 
 
 def block_n(cout: int) -> int:
@@ -67,7 +68,7 @@ def dwconv_pw_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr = 1,
 ):
-    # the widths and strides are multiples of VEC (affine_hswish.vector_width): 16-byte accesses
+    # the widths and strides are multiples of VEC (launch.vector_width): 16-byte accesses
     Cin = _known_multiple(Cin, VEC)
     Cout = _known_multiple(Cout, VEC)
     stride_b = _known_multiple(stride_b, VEC)

@@ -39,7 +39,7 @@ import functools
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import AUTOTUNE, INTERPRET, next_pow2, pinned, tuned
+from mpvit_kernels.triton.launch import AUTOTUNE, INTERPRET, next_pow2, pinned, tuned
 
 
 # Launch settings. The reduction passes (context_partial, grad_partial) sum over tiles of

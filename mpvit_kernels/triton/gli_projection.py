@@ -14,8 +14,8 @@ needs triton.set_allocator for their scratch, which ops/gli_projection.py sets).
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import (AUTOTUNE, INTERPRET, _gemm_epilogue, _known_multiple, next_pow2, pinned,
-                                               tuned)
+from mpvit_kernels.triton.affine_hswish import _gemm_epilogue, _known_multiple
+from mpvit_kernels.triton.launch import AUTOTUNE, INTERPRET, next_pow2, pinned, tuned
 
 MAX_INPUTS = 5
 

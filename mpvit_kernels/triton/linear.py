@@ -32,7 +32,8 @@ output, norm2's and the hidden in registers.
 import triton
 import triton.language as tl
 
-from mpvit_kernels.triton.affine_hswish import AUTOTUNE, INTERPRET, _div, _known_multiple, pinned, tuned
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
+from mpvit_kernels.triton.launch import AUTOTUNE, INTERPRET, pinned, tuned
 from mpvit_kernels.triton.residual_layernorm import _row_layernorm
 # gli_projection's GEMM tiles, pinned and tuned: the same loop (rows of A with unit channel
 # stride, W (N, K)), and they compile without spills with the LayerNorm prologue and GELU
@@ -97,7 +98,7 @@ def linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr = 1,
     GELU_GRAD: tl.constexpr = False,
 ):
-    # K, N and the row stride are multiples of VEC (affine_hswish.vector_width): vector loads
+    # K, N and the row stride are multiples of VEC (launch.vector_width): vector loads
     K = _known_multiple(K, VEC)
     N = _known_multiple(N, VEC)
     stride_xm = _known_multiple(stride_xm, VEC)

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from mpvit_kernels.ops.residual_layernorm import MAX_CHANNELS
-from mpvit_kernels.triton.affine_hswish import INTERPRET, _div, _known_multiple, next_pow2, pinned
+from mpvit_kernels.triton.affine_hswish import _div, _known_multiple
+from mpvit_kernels.triton.launch import INTERPRET, next_pow2, pinned
 
 
 def gpu_tile(block_c: int) -> tuple[int, int]:
@@ -53,7 +54,7 @@ def _tokens(ptr, rows, cols, mask, N, stride_b, stride_n, ACC: tl.constexpr):
 
 @triton.jit
 def _aligned(C, stride_xb, stride_xn, stride_yb, stride_yn, VEC: tl.constexpr):
-    """C and the strides, which the op has checked are multiples of VEC (affine_hswish.vector_width),
+    """C and the strides, which the op has checked are multiples of VEC (launch.vector_width),
     stated so: 16-byte loads and stores at widths such as 216."""
     return (_known_multiple(C, VEC), _known_multiple(stride_xb, VEC), _known_multiple(stride_xn, VEC),
             _known_multiple(stride_yb, VEC), _known_multiple(stride_yn, VEC))

@@ -145,7 +145,7 @@ def widest_load(ptx: str) -> int:
 def as_launched(spec, kernel=None, suffix: str = ""):
     """``spec`` (kernel, tag, types, constexprs) as MPViT launches the kernel: every pointer
     marked as a launch on 16-byte-aligned tensors specialises it (fresh allocations are), and
-    VEC=8 (widths and row strides multiples of 8, affine_hswish.vector_width); tagged "VEC=8
+    VEC=8 (widths and row strides multiples of 8, launch.vector_width); tagged "VEC=8
     aligned", plus ``suffix``, through ``kernel`` if given (another launcher of the same code)."""
     spec_kernel, tag, types, constexprs = spec
     return (kernel or spec_kernel, tag + " VEC=8 aligned" + suffix,
