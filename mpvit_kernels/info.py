@@ -17,8 +17,8 @@ import torch
 
 from mpvit_kernels import __version__, backend
 
-ENV_VARS = ("MPVIT_KERNELS_BACKEND", "MPVIT_KERNELS_AUTOTUNE", "MPVIT_KERNELS_GLI_TMA", "MPVIT_KERNELS_NO_EXTENSION",
-            "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
+ENV_VARS = ("MPVIT_KERNELS_BACKEND", "MPVIT_KERNELS_AUTOTUNE", "MPVIT_KERNELS_DIRECT_LAUNCH", "MPVIT_KERNELS_GLI_TMA",
+            "MPVIT_KERNELS_NO_EXTENSION", "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
 # families whose GPU kernels are the extension's CUDA ones (the others' are Triton's)
 CUDA_FAMILIES = ("affine_hswish", "depthwise")
 # families whose C++ CPU twin runs inference only under auto (a call that autograd records runs the

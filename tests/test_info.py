@@ -111,3 +111,17 @@ def test_notes_are_the_package_warnings_not_a_library_s(monkeypatch):
     monkeypatch.setattr(backend, "use_triton", library_warns)
     report = info.report()
     assert "a library's own warning" not in report and "- ours, from the package" in report, report
+
+
+def test_report_lists_every_switch_the_package_reads():
+    # an MPVIT_KERNELS_* variable read anywhere in the package (or its build) is one a user sets:
+    # the report says whether it is set
+    import glob
+    import re
+
+    read = set()
+    for path in glob.glob(os.path.join(ROOT, "mpvit_kernels", "**", "*.py"), recursive=True) + \
+            [os.path.join(ROOT, "setup.py")]:
+        with open(path) as f:
+            read |= set(re.findall(r"MPVIT_KERNELS_[A-Z_]+", f.read()))
+    assert read and read <= set(info.ENV_VARS), sorted(read - set(info.ENV_VARS))
