@@ -15,6 +15,11 @@ where a GPU's answer is well defined:
   TypeError rather than returning garbage, so a kernel that does is caught by its bf16 test.
 
 fp16 needs none of this: numpy computes float16 natively (rounding to nearest even).
+
+One fp32 hazard is caught here too: a ``tl.dot`` of two fp32 blocks at input_precision "tf32",
+Triton's default, which the interpreter computes in full fp32 but a GPU's tensor cores with
+operands cut to TF32's 10 mantissa bits (about 1e-3 relative error, which fails the fp32 tests
+on a GPU alone). It raises (Tf32Dot): the kernels ask for "ieee" or "tf32x3" there.
 Installed by conftest when the kernels run interpreted; ``install`` returns False (and the
 tests that need it skip, saying so) where the interpreter's internals are not the ones wrapped.
 """
@@ -23,6 +28,10 @@ import torch
 
 
 class Bf16Arithmetic(TypeError):
+    pass
+
+
+class Tf32Dot(TypeError):
     pass
 
 
@@ -61,8 +70,13 @@ def install() -> bool:
         return torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
     dot = builder.create_dot
+    tf32 = getattr(getattr(getattr(interpreter, "_ir", None), "INPUT_PRECISION", None), "TF32", None)
 
     def create_dot(self, a, b, d, *rest):
+        if rest and tf32 is not None and rest[0] == tf32 and a.dtype.scalar == tl.float32 and \
+                b.dtype.scalar == tl.float32:
+            raise Tf32Dot("tl.dot of two fp32 blocks at input_precision 'tf32' (Triton's default): a GPU cuts "
+                          "the operands to 10 mantissa bits; ask for 'ieee' (or 'tf32x3')")
         if is_bf16(d):
             raise Bf16Arithmetic("tl.dot accumulating in bf16: accumulate in fp32")
         if is_bf16(a):

@@ -15,7 +15,7 @@ if KERNEL_DEVICE == "cpu":
 
     from triton.runtime.errors import InterpreterError
 
-    from tests.interpreter_bf16 import Bf16Arithmetic
+    from tests.interpreter_bf16 import Bf16Arithmetic, Tf32Dot
 
     @triton.jit
     def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
@@ -23,6 +23,18 @@ if KERNEL_DEVICE == "cpu":
         a = tl.load(a_ptr + m[:, None] * K + k[None, :])
         b = tl.load(b_ptr + k[:, None] * N + n[None, :])
         tl.store(out_ptr + m[:, None] * N + n[None, :], tl.dot(a, b, out_dtype=tl.float32))
+
+    @triton.jit
+    def _fp32_dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+        if PRECISION == "default":
+            c = tl.dot(a, b)
+        else:
+            c = tl.dot(a, b, input_precision=PRECISION)
+        tl.store(out_ptr + m[:, None] * N + n[None, :], c)
 
     @triton.jit
     def _cast_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, RTZ: tl.constexpr):
@@ -49,6 +61,18 @@ def test_a_bf16_dot_is_the_fp32_product_of_the_bf16_values():
     out = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, out, 16, 32, 16)
     torch.testing.assert_close(out, a.float() @ b.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["default", "tf32", "tf32x3", "ieee"])
+def test_an_fp32_dot_a_gpu_would_run_in_tf32_raises(precision):
+    # Triton's default input_precision for fp32 operands is tf32: exact here, 10 mantissa bits on a GPU
+    a, b, out = torch.randn(16, 32), torch.randn(32, 16), torch.empty(16, 16)
+    if precision in ("default", "tf32"):
+        with pytest.raises(InterpreterError, match=Tf32Dot.__name__):
+            _fp32_dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
+    else:
+        _fp32_dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
+        torch.testing.assert_close(out, a @ b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("src", [torch.float32, torch.float64], ids=["fp32", "fp64"])
