@@ -14,10 +14,11 @@ if KERNEL_DEVICE == "cpu":
         from tests.interpreter_speedups import install
 
         install()
-    # bf16 computed as a GPU computes it (see the module); without it the bf16 kernel cases skip
-    from tests.interpreter_bf16 import install as install_bf16
+    # bf16 computed as a GPU computes it, fp32 dots at TF32 refused, float arguments passed as a
+    # GPU's launch passes them (see the module); without it the bf16 kernel cases skip
+    from tests.interpreter_numerics import install as install_numerics
 
-    _BF16_INTERPRETED = install_bf16()
+    _BF16_INTERPRETED = install_numerics()
     # every load and store of an interpreted launch checked against its tensor arguments, and
     # against the other programs' (see the module)
     from tests.interpreter_sanitizer import install as install_sanitizer
@@ -41,7 +42,7 @@ import pytest  # noqa: E402
 
 # bf16 through the Triton kernels: on a GPU, or in an interpreter that computes it as one does
 BF16_KERNELS = KERNEL_DEVICE != "cpu" or _BF16_INTERPRETED
-NO_BF16_KERNELS = "this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_bf16.py does not fit it"
+NO_BF16_KERNELS = "this Triton's interpreter computes bf16 on raw bits, and tests/interpreter_numerics.py does not fit it"
 BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(not BF16_KERNELS, reason=NO_BF16_KERNELS))
 
 # a parameter set at the model's full shapes: on a GPU only (too big for the interpreter), and left

@@ -56,7 +56,7 @@ def check_grads_as_accurate(ours, eager, truth):
 
 
 # CPU tensors: a CPU's auto (the C++ twins, the Triton families on the reference), or the Triton kernels in
-# the interpreter (where it runs; bf16 computed as a GPU does: tests/interpreter_bf16.py) with
+# the interpreter (where it runs; bf16 computed as a GPU does: tests/interpreter_numerics.py) with
 # the attention on its twin (interpreted, it alone took 13 of the MHCA stage's 15 s; its
 # kernels' own low-precision test runs them)
 KERNELS = {"twins": cpu_auto,

@@ -253,7 +253,7 @@ PATCH_EMBEDS = [(C, side, s) for dims in ((64, 128, 216, 288), (128, 224, 368, 4
 def test_low_precision_within_twice_eager(embed, dtype, training):
     """fp16/bf16 forward and every grad against fp64, within twice eager's error in the same dtype.
     The first cases are small enough for the interpreter (bf16 there as a GPU computes it:
-    tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte vector loads the
+    tests/interpreter_numerics.py), one with channels a multiple of 8 (the 16-byte vector loads the
     model's widths take); the others run at the model's shapes on a GPU."""
     C, side, stride = embed
     exact = make_module(C, C, 3, stride, torch.float64, training)

@@ -918,7 +918,7 @@ def _all_grads(out, inputs, g):
 def test_low_precision_every_gradient_within_twice_eager(N, C, forward, dtype, monkeypatch):
     """fp16/bf16 forward and every grad against fp64, within LOW_PRECISION_FACTOR times eager's
     error in the same dtype: the first cases small enough for the interpreter (bf16 there as a
-    GPU computes it: tests/interpreter_bf16.py), one per forward path, the others at the
+    GPU computes it: tests/interpreter_numerics.py), one per forward path, the others at the
     model's shapes on a GPU."""
     if forward == "three_passes":
         monkeypatch.setattr(fa_ops(), "_WHOLE_MAP_MAX_N", 0)

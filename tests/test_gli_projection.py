@@ -380,7 +380,7 @@ AGGREGATES = [(C, Cout, side, 4) for dims in ((64, 128, 216, 288), (128, 224, 36
 def test_low_precision_within_twice_eager(agg, dtype, training):
     """fp16/bf16 forward and every grad against fp64, within twice eager's error in the same dtype.
     The first cases are small enough for the interpreter (bf16 there as a GPU computes it:
-    tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte vector loads the
+    tests/interpreter_numerics.py), one with channels a multiple of 8 (the 16-byte vector loads the
     model's widths take); the others run at the model's shapes on a GPU."""
     C, Cout, side, n = agg
     batch = 8 if KERNEL_DEVICE == "cuda" else 2

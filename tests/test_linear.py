@@ -511,7 +511,7 @@ SHAPES = [(side * side, C, n * C) for dims in ((64, 128, 216, 288), (128, 224, 3
 def test_low_precision_within_twice_eager(shape, dtype, norm_grad_at_any_rows):
     """Under fp16/bf16 autocast, forward and every grad against fp64, within twice eager's error in
     the same dtype. The first cases are small enough for the interpreter (bf16 there as a GPU
-    computes it: tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte vector
+    computes it: tests/interpreter_numerics.py), one with channels a multiple of 8 (the 16-byte vector
     loads the model's widths take); the others run at the model's shapes on a GPU."""
     tokens, K, N = shape
     site = "norm" if N == 3 * K else "gelu"

@@ -211,7 +211,7 @@ def test_whole_model_through_the_kernels_under_bf16_autocast():
     """The configuration of the speed goals, bf16 autocast over fp32 parameters, through every
     fused op (the weights cast once per version, the activations bf16): eval logits within twice
     eager autocast's error against the fp64 model. On CPU the Triton kernels compute bf16 as a
-    GPU does (tests/interpreter_bf16.py) and the attention takes its C++ twin, as above."""
+    GPU does (tests/interpreter_numerics.py) and the attention takes its C++ twin, as above."""
     twin = KERNEL_DEVICE == "cpu" and mpvit_kernels.extension_available()
     model = randomize_bn(mpvit_tiny(num_classes=10)).eval().to(KERNEL_DEVICE)
     x = torch.randn(1, 3, 24, 20, device=KERNEL_DEVICE)

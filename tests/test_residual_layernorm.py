@@ -355,7 +355,7 @@ SHAPES = [(C, side * side) for dims in ((64, 128, 216, 288), (128, 224, 368, 480
 def test_low_precision_within_twice_eager(shape, dtype):
     """Under fp16/bf16 autocast, both outputs and every grad against fp64, within twice eager's
     error in the same dtype. The first cases are small enough for the interpreter (bf16 there as a
-    GPU computes it: tests/interpreter_bf16.py), one with channels a multiple of 8 (the 16-byte
+    GPU computes it: tests/interpreter_numerics.py), one with channels a multiple of 8 (the 16-byte
     vector loads the model's widths take); the others run at the model's shapes on a GPU."""
     C, N = shape
     (x64, y64), params64 = make_inputs(8 if KERNEL_DEVICE == "cuda" else 2, N, C, torch.float64, "dense")

@@ -1,6 +1,7 @@
-"""tests/interpreter_bf16.py, which the bf16 kernel tests rely on without a GPU: bf16 in Triton's
+"""tests/interpreter_numerics.py, which the bf16 kernel tests rely on without a GPU: bf16 in Triton's
 interpreter as a GPU computes it (dots of exact products accumulated in fp32, casts rounded to
-nearest even), and any other bf16 arithmetic refused rather than done on the raw bits."""
+nearest even), and any other bf16 arithmetic refused rather than done on the raw bits; an fp32
+dot at TF32 refused; a float argument rounded to fp32 unless its parameter is typed."""
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ if KERNEL_DEVICE == "cpu":
 
     from triton.runtime.errors import InterpreterError
 
-    from tests.interpreter_bf16 import Bf16Arithmetic, Tf32Dot
+    from tests.interpreter_numerics import Bf16Arithmetic, Tf32Dot
 
     @triton.jit
     def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
@@ -35,6 +36,11 @@ if KERNEL_DEVICE == "cpu":
         else:
             c = tl.dot(a, b, input_precision=PRECISION)
         tl.store(out_ptr + m[:, None] * N + n[None, :], c)
+
+    @triton.jit
+    def _scalar_kernel(out_ptr, plain, typed: tl.float64):
+        tl.store(out_ptr, tl.full([], plain, tl.float64))
+        tl.store(out_ptr + 1, tl.full([], typed, tl.float64))
 
     @triton.jit
     def _cast_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, RTZ: tl.constexpr):
@@ -73,6 +79,14 @@ def test_an_fp32_dot_a_gpu_would_run_in_tf32_raises(precision):
     else:
         _fp32_dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
         torch.testing.assert_close(out, a @ b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float_argument_arrives_as_a_gpu_launch_passes_it():
+    # unannotated: fp32, as Triton's launcher types a Python float; annotated tl.float64: all 64 bits
+    out = torch.empty(2, dtype=torch.float64)
+    _scalar_kernel[(1,)](out, 0.1, 0.1)
+    assert out[0].item() == float(torch.tensor(0.1, dtype=torch.float32)) != 0.1
+    assert out[1].item() == 0.1
 
 
 @pytest.mark.parametrize("src", [torch.float32, torch.float64], ids=["fp32", "fp64"])

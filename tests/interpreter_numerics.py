@@ -1,5 +1,6 @@
-"""Test-only: bf16 in Triton's interpreter, computed as a GPU computes it, so that CI runs the
-kernels' bf16 paths (the speed goals' dtype) on CPU tensors.
+"""Test-only: Triton's interpreter computing as a GPU does where their answers differ. bf16 computed
+as a GPU computes it, so that CI runs the kernels' bf16 paths (the speed goals' dtype) on CPU
+tensors; fp32 dots at TF32 refused; float arguments passed as a GPU's launch passes them.
 
 The interpreter holds a bf16 block as its raw bits in numpy uint16. Three things then go wrong
 where a GPU's answer is well defined:
@@ -19,10 +20,15 @@ fp16 needs none of this: numpy computes float16 natively (rounding to nearest ev
 One fp32 hazard is caught here too: a ``tl.dot`` of two fp32 blocks at input_precision "tf32",
 Triton's default, which the interpreter computes in full fp32 but a GPU's tensor cores with
 operands cut to TF32's 10 mantissa bits (about 1e-3 relative error, which fails the fp32 tests
-on a GPU alone). It raises (Tf32Dot): the kernels ask for "ieee" or "tf32x3" there.
+on a GPU alone). It raises (Tf32Dot): the kernels ask for "ieee" or "tf32x3" there. And a Python
+float passed to a kernel parameter without a type annotation reaches the kernel as a GPU's launch
+passes it, rounded to fp32, where the interpreter kept all 64 bits: an fp64 kernel whose scale or
+eps is not annotated ``tl.float64`` then fails its fp64 tests here too.
 Installed by conftest when the kernels run interpreted; ``install`` returns False (and the
 tests that need it skip, saying so) where the interpreter's internals are not the ones wrapped.
 """
+import inspect
+
 import numpy as np
 import torch
 
@@ -43,6 +49,7 @@ def install() -> bool:
     if installed:
         return True
     try:
+        import triton
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
@@ -119,6 +126,30 @@ def install() -> bool:
             return original(self, input, *args, **kwargs)
         return wrapped
 
+    grid = getattr(interpreter, "GridExecutor", None)
+    launch = getattr(grid, "__call__", None)
+    kernel_param = getattr(triton.runtime.jit, "KernelParam", None)
+    if launch is None or kernel_param is None:
+        return False
+    fp32_params = {}  # kernel function -> the names of its parameters that take a float as fp32
+
+    def floats_as_fp32(fn):
+        names = fp32_params.get(fn)
+        if names is None:
+            params = [kernel_param(i, p, False, False) for i, p in enumerate(inspect.signature(fn).parameters.values())]
+            names = fp32_params[fn] = frozenset(p.name for p in params if not p.is_constexpr and not p.annotation_type)
+        return names
+
+    def gpu_float_launch(self, *args, **kwargs):
+        # (a loop over the arguments, not a comprehension per launch: most launches pass no float)
+        names = floats_as_fp32(self.fn)
+        if any(isinstance(a, float) for a in args) or any(isinstance(a, float) for a in kwargs.values()):
+            args = tuple(float(np.float32(a)) if isinstance(a, float) and name in names else a
+                         for name, a in zip(self.arg_names, args)) + tuple(args[len(self.arg_names):])
+            kwargs = {k: float(np.float32(a)) if isinstance(a, float) and k in names else a for k, a in kwargs.items()}
+        return launch(self, *args, **kwargs)
+
+    grid.__call__ = gpu_float_launch
     builder.create_dot = create_dot
     builder.cast_impl = cast(builder.cast_impl)
     builder.create_fp_to_fp = cast(builder.create_fp_to_fp)
