@@ -18,6 +18,10 @@ the caching allocator's block, corrupts it or faults, and the programs run in no
   program other than the one that stores it (Race), elements compared by their first byte.
   Atomics are left out of this (they are for sharing; the kernels have none).
 
+- undefined lanes: a masked load without ``other`` leaves its masked-off lanes undefined on a GPU,
+  where the interpreter gave zeros; here they are NaN (integers: their largest value), so a kernel
+  that reduces or stores them fails its test.
+
 Each names the kernel, the programs and where the address lies against the nearest argument.
 Installed by conftest when the kernels run interpreted, so every launch of the suite is checked
 (6-10% of the interpreted kernel tests' time). ``install`` returns False where the interpreter's
@@ -199,9 +203,23 @@ def install() -> bool:
         checked_launches += 1
         return result
 
+    handle = getattr(interpreter, "TensorHandle", None)
+    np_dtype = getattr(interpreter, "_get_np_dtype", None)
+
+    def undefined(ptrs):
+        """What a masked-off lane of a load without ``other`` holds: undefined on a GPU, zero in
+        the interpreter; here NaN (integers: their largest value), so a kernel that uses it shows."""
+        elem = ptrs.get_element_ty()
+        dtype = np_dtype(elem)
+        fill = np.nan if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max if np.issubdtype(
+            dtype, np.integer) else 0
+        return handle(np.full(ptrs.data.shape, fill, dtype=dtype), elem)
+
     def masked_load(self, ptrs, mask, other, *rest, **kwargs):
         if (running := _running_launch()) is not None:
             running.access("a load", ptrs, mask, self.grid_idx, False)
+        if other is None and mask is not None and handle is not None and np_dtype is not None:
+            other = undefined(ptrs)
         return load(self, ptrs, mask, other, *rest, **kwargs)
 
     def masked_store(self, ptrs, value, mask, *rest, **kwargs):

@@ -1,8 +1,9 @@
 """tests/interpreter_sanitizer.py, which checks every interpreted launch of the suite: an access of
 an active lane outside the launch's tensor arguments is refused, naming the kernel and the
 argument, and so is an element stored by two programs or loaded by one that another stores;
-masked-off lanes, and views of one storage passed side by side, are not. And conftest's NaN in
-fresh allocations, which shows a read of memory nothing wrote."""
+masked-off lanes, and views of one storage passed side by side, are not; a masked-off lane of a
+load without ``other`` reads NaN, not zero. And conftest's NaN in fresh allocations, which shows
+a read of memory nothing wrote."""
 import pytest
 import torch
 
@@ -23,6 +24,15 @@ if KERNEL_DEVICE == "cpu":
         i = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < n + READ_PAST, other=0.0)
         tl.store(y_ptr + i, x, mask=i < n + WRITE_PAST)
+
+    @triton.jit
+    def _masked_load_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, OTHER: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        if OTHER:
+            x = tl.load(x_ptr + i, mask=i < n, other=0)
+        else:
+            x = tl.load(x_ptr + i, mask=i < n)  # the masked-off lanes undefined on a GPU
+        tl.store(out_ptr + i, x)  # every lane
 
     @triton.jit
     def _add_kernel(x_ptr, n, BLOCK: tl.constexpr, PAST: tl.constexpr):
@@ -55,6 +65,19 @@ def test_masked_lanes_and_views_of_one_storage_pass():
     both = torch.randn(2, 10)  # two views of one storage, as q, k and v of one qkv
     _copy_kernel[(1,)](both[0], both[1], 10, BLOCK=16, READ_PAST=0, WRITE_PAST=0)
     assert torch.equal(both[0], both[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int32], ids=["fp32", "fp16", "int32"])
+def test_a_masked_off_lane_of_a_load_without_other_is_not_zero(dtype):
+    # Triton leaves those lanes undefined, which its interpreter filled with zeros: a kernel that
+    # used them passed here and not on a GPU. Now NaN (integers: their largest value)
+    x, out = torch.arange(1, 11).to(dtype), torch.empty(16, dtype=dtype)
+    _masked_load_kernel[(1,)](x, out, 10, BLOCK=16, OTHER=True)
+    assert torch.equal(out[:10], x) and (out[10:] == 0).all()
+    _masked_load_kernel[(1,)](x, out, 10, BLOCK=16, OTHER=False)
+    past = out[10:]
+    assert torch.equal(out[:10], x)
+    assert past.isnan().all() if dtype.is_floating_point else (past == torch.iinfo(dtype).max).all()
 
 
 def test_a_lane_past_a_tensor_is_refused_naming_the_kernel_and_the_argument():
