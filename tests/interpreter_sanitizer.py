@@ -18,6 +18,8 @@ the caching allocator's block, corrupts it or faults, and the programs run in no
   program other than the one that stores it (Race), elements compared by their first byte.
   Atomics are left out of this (they are for sharing; the kernels have none).
 
+- grids: a launch of more programs than CUDA's grid limits (2^31 - 1 on the first axis, 65535 on
+  the others) raises GridTooLarge, as a GPU refuses it;
 - undefined lanes: a masked load without ``other`` leaves its masked-off lanes undefined on a GPU,
   where the interpreter gave zeros; here they are NaN (integers: their largest value), so a kernel
   that reduces or stores them fails its test.
@@ -39,6 +41,14 @@ class OutOfBounds(RuntimeError):
 
 class Race(RuntimeError):
     pass
+
+
+class GridTooLarge(RuntimeError):
+    pass
+
+
+# CUDA's grid limits, which a GPU's launch refuses past and the interpreter never checked
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 
 
 installed = False
@@ -178,7 +188,8 @@ def install() -> bool:
         return False
     builder = getattr(interpreter, "InterpreterBuilder", None)
     grid = getattr(interpreter, "GridExecutor", None)
-    names = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas", "set_grid_idx")
+    names = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas", "set_grid_idx",
+             "set_grid_dim")
     if builder is None or grid is None or any(not hasattr(builder, n) for n in names):
         return False
     launch = grid.__call__
@@ -237,7 +248,17 @@ def install() -> bool:
             running.access("an atomic", ptr, None, self.grid_idx, None)
         return cas(self, ptr, cmp, val, *rest, **kwargs)
 
+    grid_dim = builder.set_grid_dim
+
+    def checked_grid_dim(self, *dims):
+        if any(d > limit for d, limit in zip(dims, GRID_LIMITS)):
+            running = _running_launch()
+            raise GridTooLarge(f"{running.kernel if running is not None else 'a Triton kernel'}: a grid of {dims} "
+                               f"programs, past CUDA's limits {GRID_LIMITS}: a GPU refuses the launch")
+        return grid_dim(self, *dims)
+
     grid.__call__ = checked_launch
+    builder.set_grid_dim = checked_grid_dim
     builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
     builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
     installed = True

@@ -80,6 +80,13 @@ def test_a_masked_off_lane_of_a_load_without_other_is_not_zero(dtype):
     assert past.isnan().all() if dtype.is_floating_point else (past == torch.iinfo(dtype).max).all()
 
 
+def test_a_grid_past_cuda_limits_is_refused():
+    x, y = torch.randn(16), torch.empty(16)
+    for grid in ((1, 65536), (1, 1, 65536), (2 ** 31, )):  # refused before any program runs
+        with pytest.raises(interpreter_sanitizer.GridTooLarge, match="_copy_kernel"):
+            _copy_kernel[grid](x, y, 16, BLOCK=16, READ_PAST=0, WRITE_PAST=0)
+
+
 def test_a_lane_past_a_tensor_is_refused_naming_the_kernel_and_the_argument():
     x, y = torch.randn(10, dtype=torch.float64), torch.empty(10, dtype=torch.float64)
     message = _refused(lambda: _copy_kernel[(1,)](x, y, 10, BLOCK=16, READ_PAST=1, WRITE_PAST=0))
