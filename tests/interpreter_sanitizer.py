@@ -18,6 +18,10 @@ the caching allocator's block, corrupts it or faults, and the programs run in no
   program other than the one that stores it (Race), elements compared by their first byte.
   Atomics are left out of this (they are for sharing; the kernels have none).
 
+- devices: a kernel of the package launched outside ``backend.triton_device`` raises
+  UnguardedLaunch: Triton launches on the current CUDA device, not the tensors', so on a GPU
+  other than the current one such a launch reads another device's addresses (and it would run
+  without the launch lock that lets threads tune side by side);
 - grids: a launch of more programs than CUDA's grid limits (2^31 - 1 on the first axis, 65535 on
   the others) raises GridTooLarge, as a GPU refuses it;
 - undefined lanes: a masked load without ``other`` leaves its masked-off lanes undefined on a GPU,
@@ -44,6 +48,10 @@ class Race(RuntimeError):
 
 
 class GridTooLarge(RuntimeError):
+    pass
+
+
+class UnguardedLaunch(RuntimeError):
     pass
 
 
@@ -196,8 +204,13 @@ def install() -> bool:
     load, store = builder.create_masked_load, builder.create_masked_store
     rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
 
+    from mpvit_kernels import backend
+
     def checked_launch(self, *args, **kwargs):
         global checked_launches
+        if getattr(self.fn, "__module__", "").startswith("mpvit_kernels.") and not backend._LAUNCH_LOCK._is_owned():
+            raise UnguardedLaunch(f"{self.fn.__name__} launched outside backend.triton_device: on a GPU it would "
+                                  "launch on the current device, not its tensors', without the launch lock")
         extents = []
         for name, value in zip(getattr(self, "arg_names", ()), args):
             _extents(name, value, extents)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mpvit_kernels
-from mpvit_kernels import FactorAttention, ops, reference
+from mpvit_kernels import FactorAttention, backend, ops, reference
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
 from tests.utils import (RecordLaunches, RecordOps, assert_close, gpu_tiles, normwise_error, read_as_a_gpu_process,
                          warnings_as_errors)
@@ -430,21 +430,22 @@ def test_one_chunk_passes_write_what_the_combines_would_to_the_bit(dtype, Ch):
     kk = fa_ops()._next_pow2(L.kmax ** 2)
     common = dict(ACC=L.tl_acc, DOT_PRECISION=L.precision, BLOCK_D=L.BD)
     runs = []
-    for final in (False, True):
-        m, l, s = L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch, L.Ch)
-        ctx, lse = L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)
-        fa.context_partial_kernel[(L.BH, 1)](qkv, m, l, s, ctx, lse, N, L.C, L.Ch, heads, qkv.stride(0),
-                                             qkv.stride(1), chunk, FINAL=final, **common)
-        if not final:
-            fa.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, 1, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
-        ds_part, dw, db = L.empty(L.BH, 1, L.Ch, L.Ch), L.empty(L.BH, 1, kk, L.BD), L.empty(L.BH, 1, L.BD)
-        ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
-        fa.grad_partial_kernel[(L.BH, 1)](qkv, dout, ds_part, dw, db, L.ksize, ctx, ds, c, N, *size, L.C, L.Ch, heads,
-                                          qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), chunk, scale,
-                                          KMAX=L.kmax, KK=kk, FINAL=final, **common)
-        if not final:
-            fa.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, 1, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
-        runs.append((ctx, lse, ds, c, dw, db))
+    with backend.triton_device(qkv):  # (as the op launches them: on the tensors' device)
+        for final in (False, True):
+            m, l, s = L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch), L.empty(L.BH, 1, L.Ch, L.Ch)
+            ctx, lse = L.empty(L.BH, L.Ch, L.Ch), L.empty(L.BH, L.Ch)
+            fa.context_partial_kernel[(L.BH, 1)](qkv, m, l, s, ctx, lse, N, L.C, L.Ch, heads, qkv.stride(0),
+                                                 qkv.stride(1), chunk, FINAL=final, **common)
+            if not final:
+                fa.context_combine_kernel[(L.BH,)](m, l, s, ctx, lse, 1, L.Ch, ACC=L.tl_acc, BLOCK_D=L.BD)
+            ds_part, dw, db = L.empty(L.BH, 1, L.Ch, L.Ch), L.empty(L.BH, 1, kk, L.BD), L.empty(L.BH, 1, L.BD)
+            ds, c = L.empty(L.BH, L.BD, L.BD), L.empty(L.BH, L.BD)
+            fa.grad_partial_kernel[(L.BH, 1)](qkv, dout, ds_part, dw, db, L.ksize, ctx, ds, c, N, *size, L.C, L.Ch, heads,
+                                              qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), chunk, scale,
+                                              KMAX=L.kmax, KK=kk, FINAL=final, **common)
+            if not final:
+                fa.grad_combine_kernel[(L.BH,)](ds_part, ctx, ds, c, 1, L.Ch, scale, ACC=L.tl_acc, BLOCK_D=L.BD)
+            runs.append((ctx, lse, ds, c, dw, db))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     _, k, v = qkv.float().reshape(2, N, 3, heads, Ch).permute(2, 0, 3, 1, 4)  # each (B, heads, N, Ch)

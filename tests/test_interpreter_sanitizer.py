@@ -80,6 +80,26 @@ def test_a_masked_off_lane_of_a_load_without_other_is_not_zero(dtype):
     assert past.isnan().all() if dtype.is_floating_point else (past == torch.iinfo(dtype).max).all()
 
 
+def test_a_kernel_of_ours_launched_outside_triton_device_is_refused():
+    # on a GPU it would launch on the current device rather than its tensors'
+    from mpvit_kernels import backend
+    from mpvit_kernels.triton import affine_hswish as kernels
+
+    M, C = 8, 4
+    z, tile_mean, tile_m2 = torch.randn(M, C), torch.empty(1, C), torch.empty(1, C)
+    block_m, tiles = kernels.stats_tile()
+
+    def launch():
+        kernels.tile_stats_kernel[(1, 1)](z, tile_mean, tile_m2, M, C, ACC=tl.float32, BLOCK_M=block_m,
+                                           BLOCK_C=kernels.block_c(C), TILES=tiles, VEC=1)
+
+    with pytest.raises(interpreter_sanitizer.UnguardedLaunch, match="tile_stats_kernel"):
+        launch()
+    with backend.triton_device(z):
+        launch()
+    torch.testing.assert_close(tile_mean[0], z.mean(0))
+
+
 def test_a_grid_past_cuda_limits_is_refused():
     x, y = torch.randn(16), torch.empty(16)
     for grid in ((1, 65536), (1, 1, 65536), (2 ** 31, )):  # refused before any program runs
