@@ -57,9 +57,12 @@ def install() -> bool:
     builder = getattr(interpreter, "InterpreterBuilder", None)
     handle = getattr(interpreter, "TensorHandle", None)
     reduce_ops = getattr(interpreter, "ReduceOps", None)
+    grid = getattr(interpreter, "GridExecutor", None)
+    kernel_param = getattr(triton.runtime.jit, "KernelParam", None)
     names = ("create_dot", "cast_impl", "create_fp_to_fp", "binary_op", "unary_op", "create_fma", "create_clampf",
              "create_erf", "create_rsqrt")
-    if handle is None or reduce_ops is None or any(not hasattr(builder, n) for n in names) or any(
+    if handle is None or reduce_ops is None or grid is None or kernel_param is None or any(
+            not hasattr(builder, n) for n in names) or any(
             not hasattr(reduce_ops, n) for n in ("sum", "min_max", "generic_reduce")):
         return False
     bf16 = tl.bfloat16
@@ -126,11 +129,7 @@ def install() -> bool:
             return original(self, input, *args, **kwargs)
         return wrapped
 
-    grid = getattr(interpreter, "GridExecutor", None)
-    launch = getattr(grid, "__call__", None)
-    kernel_param = getattr(triton.runtime.jit, "KernelParam", None)
-    if launch is None or kernel_param is None:
-        return False
+    launch = grid.__call__
     fp32_params = {}  # kernel function -> the names of its parameters that take a float as fp32
 
     def floats_as_fp32(fn):
@@ -141,9 +140,9 @@ def install() -> bool:
         return names
 
     def gpu_float_launch(self, *args, **kwargs):
-        # (a loop over the arguments, not a comprehension per launch: most launches pass no float)
-        names = floats_as_fp32(self.fn)
+        # (the parameters looked up only for a launch that passes a float: most pass none)
         if any(isinstance(a, float) for a in args) or any(isinstance(a, float) for a in kwargs.values()):
+            names = floats_as_fp32(self.fn)
             args = tuple(float(np.float32(a)) if isinstance(a, float) and name in names else a
                          for name, a in zip(self.arg_names, args)) + tuple(args[len(self.arg_names):])
             kwargs = {k: float(np.float32(a)) if isinstance(a, float) and k in names else a for k, a in kwargs.items()}

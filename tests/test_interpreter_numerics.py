@@ -19,22 +19,15 @@ if KERNEL_DEVICE == "cpu":
     from tests.interpreter_numerics import Bf16Arithmetic, Tf32Dot
 
     @triton.jit
-    def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    def _dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                    PRECISION: tl.constexpr = "default"):
         m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
         a = tl.load(a_ptr + m[:, None] * K + k[None, :])
         b = tl.load(b_ptr + k[:, None] * N + n[None, :])
-        tl.store(out_ptr + m[:, None] * N + n[None, :], tl.dot(a, b, out_dtype=tl.float32))
-
-    @triton.jit
-    def _fp32_dot_kernel(a_ptr, b_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                         PRECISION: tl.constexpr):
-        m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
-        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
-        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
-        if PRECISION == "default":
-            c = tl.dot(a, b)
+        if PRECISION == "default":  # Triton's default input precision (tf32 for fp32 blocks)
+            c = tl.dot(a, b, out_dtype=tl.float32)
         else:
-            c = tl.dot(a, b, input_precision=PRECISION)
+            c = tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
         tl.store(out_ptr + m[:, None] * N + n[None, :], c)
 
     @triton.jit
@@ -75,9 +68,9 @@ def test_an_fp32_dot_a_gpu_would_run_in_tf32_raises(precision):
     a, b, out = torch.randn(16, 32), torch.randn(32, 16), torch.empty(16, 16)
     if precision in ("default", "tf32"):
         with pytest.raises(InterpreterError, match=Tf32Dot.__name__):
-            _fp32_dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
+            _dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
     else:
-        _fp32_dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
+        _dot_kernel[(1,)](a, b, out, 16, 32, 16, precision)
         torch.testing.assert_close(out, a @ b, atol=1e-5, rtol=1e-5)
 
 

@@ -141,27 +141,32 @@ def tile_stats_kernel(
 
 
 @triton.jit
+def _tile_block(p0, p_hi, M, C, ROWS, offs_c, cmask, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Tiles p0..p0+BLOCK_P-1 (below p_hi) of a (P, C) statistics table over rows p*ROWS.. of M:
+    their (BLOCK_P, BLOCK_C) mask, each tile's row count (in ACC) and element offsets."""
+    # (the rows' counts in 64 bits: a masked tile past the last starts at row (p_hi + BLOCK_P) * ROWS,
+    # past 2^31 - 1 for M near it)
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    mask = (offs_p < p_hi)[:, None] & cmask[None, :]
+    n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
+    at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    return mask, n, at
+
+
+@triton.jit
 def _merged_tiles(tile_mean_ptr, tile_m2_ptr, p_lo, p_hi, count, M, C, ROWS, offs_c, cmask, ACC: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """(mean, M2) over the ``count`` rows (in ACC) of tiles p_lo..p_hi-1 of (P, C) (mean, M2)
     tiles, tile p over rows p*ROWS.. of M: their mean first, then M2 about it (each tile's M2
     plus its n (mean_p - mean)^2), in a fixed order."""
-    # (the rows' counts in 64 bits: a masked tile past the last starts at row (p_hi + BLOCK_P) * ROWS,
-    # past 2^31 - 1 for M near it)
     total = tl.zeros([BLOCK_C], ACC)
     for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < p_hi)[:, None] & cmask[None, :]
-        n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
-        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        mask, n, at = _tile_block(p0, p_hi, M, C, ROWS, offs_c, cmask, ACC, BLOCK_P)
         total += tl.sum(tl.load(tile_mean_ptr + at, mask=mask, other=0.0) * n[:, None], 0)
     mean = _div(total, count, ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < p_hi)[:, None] & cmask[None, :]
-        n = tl.minimum(M - offs_p.to(tl.int64) * ROWS, ROWS).to(ACC)
-        at = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        mask, n, at = _tile_block(p0, p_hi, M, C, ROWS, offs_c, cmask, ACC, BLOCK_P)
         d = tl.load(tile_mean_ptr + at, mask=mask, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.where(mask, tl.load(tile_m2_ptr + at, mask=mask, other=0.0) + n[:, None] * d * d, 0.0), 0)
     return mean, m2
