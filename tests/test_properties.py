@@ -1,8 +1,10 @@
 """Property tests (hypothesis): every op family on the ``auto`` backend (the Triton kernels,
 interpreted on CPU here, and the C++ twins) against the reference, forward and every gradient,
 over drawn shapes (empty batch, 1x1 maps, sizes that are no multiple of any tile), layouts,
-dtypes and options. Derandomised and bounded, so a run draws the same examples every time and
-stays within CI's budget; the fixed cases of each op's own test file cover model shapes."""
+dtypes and options. fp32 and fp64 against the reference in the same dtype; fp16 and bf16 against
+fp64 within twice eager's error, with a GPU's tiles (the 16-bit paths run on GPUs alone).
+Derandomised and bounded, so a run draws the same examples every time and stays within CI's
+budget; the fixed cases of each op's own test file cover model shapes."""
 import contextlib
 import sys
 
@@ -11,14 +13,17 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels import ops
-from tests.conftest import KERNEL_DEVICE
-from tests.utils import assert_close
+from tests.conftest import BF16, KERNEL_DEVICE
+from tests.utils import assert_close, gpu_tiles, normwise_error
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
-DTYPES = st.sampled_from([torch.float32, torch.float64])
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# a pytest parameter, not a draw: every family's examples in every dtype
+DTYPES = pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64"),
+                                           pytest.param(torch.float16, id="fp16"), BF16])
 LAYOUTS = st.sampled_from(["nchw", "channels_last", "strided"])
 SIDE = st.integers(1, 9)
 
@@ -43,7 +48,11 @@ def rand(g, *shape, dtype, low=None):
 
 def against_reference(fn, leaves, g, grad_scale=10, out_scale=4):
     """fn(*leaves) on the auto backend and the reference one: the outputs (the first one, if fn
-    returns several, gets the gradient) and the grads of every leaf that requires one agree."""
+    returns several, gets the gradient) and the grads of every leaf that requires one agree.
+    16-bit leaves: :func:`within_twice_eager` instead, with a GPU's tiles."""
+    if leaves[0].dtype in LOW_PRECISION:
+        with gpu_tiles():
+            return within_twice_eager(fn, leaves, g)
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in leaves]
     results = []
     for backend in ("auto", "reference"):
@@ -65,9 +74,43 @@ def against_reference(fn, leaves, g, grad_scale=10, out_scale=4):
             assert_close(a, b, scale=grad_scale)
 
 
-@hypothesis.settings(max_examples=20, **SETTINGS)
+def within_twice_eager(fn, leaves, g):
+    """fn's first output and its grads w.r.t. every leaf in the leaves' 16-bit dtype, on the auto
+    backend (ours) and the reference one (eager), each against the reference on fp64 copies
+    (the truth): ours' normwise error within twice eager's, plus a rounding of the dtype (a
+    drawn output may be a few elements, where one rounding decides the ratio). No upstream grad
+    where the truth lies within a few roundings of what a Hardswish makes of its kinks (3 at +3,
+    0 at -3): there ours and eager may round to either side, where the slope jumps by 0.5."""
+    dtype = leaves[0].dtype
+    eps = torch.finfo(dtype).eps
+
+    def run(backend, as_dtype):
+        inputs = [t.detach().to(as_dtype).requires_grad_() for t in leaves]
+        with mpvit_kernels.use_backend(backend):
+            out = fn(*inputs)
+        return inputs, (out[0] if isinstance(out, tuple) else out)
+
+    inputs, truth = run("reference", torch.float64)
+    grad = torch.randn(truth.shape, dtype=torch.float64, generator=g).to(KERNEL_DEVICE)
+    grad = grad.masked_fill((truth.detach().abs() < 24 * eps) | ((truth.detach() - 3).abs() < 24 * eps), 0)
+    want = [truth, *torch.autograd.grad(truth, inputs, grad, allow_unused=True)]
+    errors = {}
+    for name, backend in (("ours", "auto"), ("eager", "reference")):
+        inputs, out = run(backend, dtype)
+        assert out.dtype == dtype and out.shape == truth.shape, (name, out.dtype, out.shape)
+        got = [out, *torch.autograd.grad(out, inputs, grad.to(dtype), allow_unused=True)]
+        errors[name] = [None if w is None or a is None else normwise_error(a, w) for a, w in zip(got, want)]
+        for i, (a, w) in enumerate(zip(got, want)):
+            if a is None or w is None:  # no grad on one side: none on the other either
+                assert (a is None or not a.any()) and (w is None or not w.any()), (name, i)
+    for i, (o, e) in enumerate(zip(errors["ours"], errors["eager"])):
+        assert o is None or o <= 2 * e + eps, (i, o, e)
+
+
+@DTYPES
+@hypothesis.settings(max_examples=8, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, hswish=st.booleans(), layout=LAYOUTS,
-                  dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  seed=st.integers(0, 2 ** 16))
 def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = 3 * image(g, (B, C, H, W), dtype, layout)  # both sides of Hardswish's kinks at +-3
@@ -75,10 +118,11 @@ def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
     against_reference(lambda x, s, t: ops.affine_hswish(x, s, t, hswish), [x, scale, shift], g)
 
 
-@hypothesis.settings(max_examples=40, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=15, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, k=st.sampled_from([3, 5, 7]),
                   stride=st.sampled_from([1, 2]), epilogue=st.sampled_from(["plain", "bias", "bn_hswish", "cpe"]),
-                  layout=LAYOUTS, dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  layout=LAYOUTS, seed=st.integers(0, 2 ** 16))
 def test_depthwise(B, C, H, W, k, stride, epilogue, layout, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = image(g, (B, C, H, W), dtype, layout)
@@ -94,13 +138,18 @@ def test_depthwise(B, C, H, W, k, stride, epilogue, layout, dtype, seed):
     against_reference(fn, leaves, g)
 
 
-@hypothesis.settings(max_examples=12, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=6, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), Cin=st.integers(1, 13), Cout=st.integers(1, 20), H=SIDE, W=SIDE,
                   k=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]), training=st.booleans(),
-                  layout=LAYOUTS, dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  layout=LAYOUTS, seed=st.integers(0, 2 ** 16))
 def test_dwconv_bn(B, Cin, Cout, H, W, k, stride, training, layout, dtype, seed):
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     hypothesis.assume(not training or B * Ho * Wo > 1)  # batch statistics need two values
+    # a training BatchNorm is blind to the scale of each output channel's row of the 1x1 weight: with
+    # one input channel that row's exact grad is zero (but for eps), all rounding error (16 bits: 0.1-0.4 of
+    # its norm, eager's too), no measure of either
+    hypothesis.assume(not training or dtype not in LOW_PRECISION or Cin > 1)
     g = torch.Generator().manual_seed(seed)
     x = image(g, (B, Cin, H, W), dtype, layout)
     dw, pw = 0.3 * rand(g, Cin, 1, k, k, dtype=dtype), 0.3 * rand(g, Cout, Cin, 1, 1, dtype=dtype)
@@ -114,13 +163,15 @@ def test_dwconv_bn(B, Cin, Cout, H, W, k, stride, training, layout, dtype, seed)
                           [x, dw, pw, gamma, beta], g)
 
 
-@hypothesis.settings(max_examples=12, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=6, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), n=st.integers(1, 5), C=st.integers(1, 13), Cout=st.integers(1, 20),
                   H=SIDE, W=SIDE, training=st.booleans(),
-                  layout=st.sampled_from(["nchw", "channels_last", "strided", "tokens"]), dtype=DTYPES,
+                  layout=st.sampled_from(["nchw", "channels_last", "strided", "tokens"]),
                   seed=st.integers(0, 2 ** 16))
 def test_gli_projection(B, n, C, Cout, H, W, training, layout, dtype, seed):
     hypothesis.assume(not training or B * H * W > 1)
+    hypothesis.assume(not training or dtype not in LOW_PRECISION or n * C > 1)  # (as dwconv_bn's)
     g = torch.Generator().manual_seed(seed)
     if layout == "tokens":  # (B, N, C) column slices of a wider token tensor
         xs = [rand(g, B, H * W, C + 2, dtype=dtype)[..., 1:C + 1] for _ in range(n)]
@@ -148,10 +199,11 @@ def whole_map_limit(n):
 
 
 @pytest.mark.slow
-@hypothesis.settings(max_examples=7, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=3, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), H=SIDE, W=SIDE, Ch=st.integers(1, 13),
                   window=st.dictionaries(st.sampled_from([3, 5, 7]), st.integers(1, 2), min_size=1, max_size=3),
-                  strided=st.booleans(), three_passes=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  strided=st.booleans(), three_passes=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_factor_attention(B, H, W, Ch, window, strided, three_passes, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     heads = sum(window.values())
@@ -166,9 +218,10 @@ def test_factor_attention(B, H, W, Ch, window, strided, three_passes, dtype, see
                           [qkv, *weights, *biases], g)
 
 
-@hypothesis.settings(max_examples=20, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=8, **SETTINGS)
 @hypothesis.given(B=st.integers(0, 2), N=st.integers(1, 20), C=st.integers(1, 40),
-                  layout=st.sampled_from(["dense", "strided", "rows"]), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  layout=st.sampled_from(["dense", "strided", "rows"]), seed=st.integers(0, 2 ** 16))
 def test_residual_layernorm(B, N, C, layout, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     if layout == "rows":
@@ -185,10 +238,15 @@ def test_residual_layernorm(B, N, C, layout, dtype, seed):
     against_reference(both, [x, y, *params], g)
 
 
-@hypothesis.settings(max_examples=20, **SETTINGS)
+@DTYPES
+@hypothesis.settings(max_examples=8, **SETTINGS)
+# a LayerNorm over two features: its normalised values are +-1 whatever x is, so the input's true grad is
+# tiny and any inconsistency between the statistics and the grad's cancellation shows (ATen's CPU
+# LayerNorm once handed the interpreted backward 16-bit statistics: 300x eager's error in fp16)
+@hypothesis.example(M=1, K=2, N=1, layout="rows", norm=True, bias=False, gelu=False, seed=0)
 @hypothesis.given(M=st.integers(0, 80), K=st.integers(1, 70), N=st.integers(1, 140),
                   layout=st.sampled_from(["rows", "strided", "tokens"]), norm=st.booleans(), bias=st.booleans(),
-                  gelu=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+                  gelu=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     if layout == "tokens":

@@ -710,6 +710,12 @@ def _backward(ctx, grad):
         # in x's dtype where the parameters share it (eager's LayerNorm), else the wider of the two
         # (fp32 parameters over a bf16 stream: eager under autocast)
         ln_dtype = torch.promote_types(x.dtype, ln_weight.dtype)
+        if x.device.type == "cpu" and ln_dtype in (torch.float16, torch.bfloat16):
+            # (Triton's interpreter) a CPU's 16-bit LayerNorm rounds its mean and rstd to 16 bits
+            # where a GPU's keeps them in fp32; its backward from them then loses the cancellation
+            # that makes each row's grad sum to zero (K = 2 in fp16: 300x eager's error), so
+            # compute it as a GPU does
+            ln_dtype = torch.float32
         xn, wn, bn = cast(x, ln_dtype), cast(ln_weight, ln_dtype), cast(ln_bias, ln_dtype)
         u, mean, rstd = torch.ops.aten.native_layer_norm(xn, [K], wn, bn, eps)
         u = cast(u, dtype)
