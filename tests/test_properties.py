@@ -26,6 +26,8 @@ DTYPES = pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"
                                            pytest.param(torch.float16, id="fp16"), BF16])
 LAYOUTS = st.sampled_from(["nchw", "channels_last", "strided"])
 SIDE = st.integers(1, 9)
+# channel counts: any small one, and multiples of 8, which the 16-byte vector loads of 16-bit rows take
+CHANNELS = st.one_of(st.integers(1, 13), st.sampled_from([16, 24]))
 
 
 def image(g, shape, dtype, layout):
@@ -109,7 +111,7 @@ def within_twice_eager(fn, leaves, g):
 
 @DTYPES
 @hypothesis.settings(max_examples=8, **SETTINGS)
-@hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, hswish=st.booleans(), layout=LAYOUTS,
+@hypothesis.given(B=st.integers(0, 2), C=CHANNELS, H=SIDE, W=SIDE, hswish=st.booleans(), layout=LAYOUTS,
                   seed=st.integers(0, 2 ** 16))
 def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +122,7 @@ def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
 
 @DTYPES
 @hypothesis.settings(max_examples=15, **SETTINGS)
-@hypothesis.given(B=st.integers(0, 2), C=st.integers(1, 13), H=SIDE, W=SIDE, k=st.sampled_from([3, 5, 7]),
+@hypothesis.given(B=st.integers(0, 2), C=CHANNELS, H=SIDE, W=SIDE, k=st.sampled_from([3, 5, 7]),
                   stride=st.sampled_from([1, 2]), epilogue=st.sampled_from(["plain", "bias", "bn_hswish", "cpe"]),
                   layout=LAYOUTS, seed=st.integers(0, 2 ** 16))
 def test_depthwise(B, C, H, W, k, stride, epilogue, layout, dtype, seed):
@@ -140,7 +142,7 @@ def test_depthwise(B, C, H, W, k, stride, epilogue, layout, dtype, seed):
 
 @DTYPES
 @hypothesis.settings(max_examples=6, **SETTINGS)
-@hypothesis.given(B=st.integers(0, 2), Cin=st.integers(1, 13), Cout=st.integers(1, 20), H=SIDE, W=SIDE,
+@hypothesis.given(B=st.integers(0, 2), Cin=CHANNELS, Cout=st.integers(1, 20), H=SIDE, W=SIDE,
                   k=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]), training=st.booleans(),
                   layout=LAYOUTS, seed=st.integers(0, 2 ** 16))
 def test_dwconv_bn(B, Cin, Cout, H, W, k, stride, training, layout, dtype, seed):
@@ -165,7 +167,7 @@ def test_dwconv_bn(B, Cin, Cout, H, W, k, stride, training, layout, dtype, seed)
 
 @DTYPES
 @hypothesis.settings(max_examples=6, **SETTINGS)
-@hypothesis.given(B=st.integers(0, 2), n=st.integers(1, 5), C=st.integers(1, 13), Cout=st.integers(1, 20),
+@hypothesis.given(B=st.integers(0, 2), n=st.integers(1, 5), C=CHANNELS, Cout=st.integers(1, 20),
                   H=SIDE, W=SIDE, training=st.booleans(),
                   layout=st.sampled_from(["nchw", "channels_last", "strided", "tokens"]),
                   seed=st.integers(0, 2 ** 16))
@@ -223,6 +225,9 @@ def test_factor_attention(B, H, W, Ch, window, strided, three_passes, dtype, see
 @hypothesis.given(B=st.integers(0, 2), N=st.integers(1, 20), C=st.integers(1, 40),
                   layout=st.sampled_from(["dense", "strided", "rows"]), seed=st.integers(0, 2 ** 16))
 def test_residual_layernorm(B, N, C, layout, dtype, seed):
+    # over one channel a LayerNorm's exact input grad is zero: eager's CPU backward leaves 1e-4 of
+    # rounding where ours gives zero, out of an fp32 comparison's reach (16 bits: against fp64)
+    hypothesis.assume(C > 1 or dtype in LOW_PRECISION)
     g = torch.Generator().manual_seed(seed)
     if layout == "rows":
         x, y = rand(g, B * N, C, dtype=dtype), rand(g, B * N, C + 2, dtype=dtype)[:, :C]
@@ -248,6 +253,7 @@ def test_residual_layernorm(B, N, C, layout, dtype, seed):
                   layout=st.sampled_from(["rows", "strided", "tokens"]), norm=st.booleans(), bias=st.booleans(),
                   gelu=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
+    hypothesis.assume(K > 1 or not norm or dtype in LOW_PRECISION)  # (as residual_layernorm's)
     g = torch.Generator().manual_seed(seed)
     if layout == "tokens":
         x = rand(g, 2, M, K, dtype=dtype)
