@@ -11,8 +11,8 @@ import torch
 import mpvit_kernels
 from mpvit_kernels import FactorAttention, backend, ops, reference
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import (RecordLaunches, RecordOps, assert_close, gpu_tiles, normwise_error, read_as_a_gpu_process,
-                         warnings_as_errors)
+from tests.utils import (RecordLaunches, RecordOps, assert_close, forget_pinned_tiles, gpu_tiles, normwise_error,
+                         read_as_a_gpu_process, warnings_as_errors)
 
 DEFAULT = {3: 2, 5: 3, 7: 3}
 
@@ -104,6 +104,26 @@ def test_kernels_match_reference_with_a_gpus_tiles(case):
     # the whole-map forward
     with gpu_tiles():
         test_kernels_match_reference(case, torch.float32)
+
+
+def test_kernels_match_reference_with_the_smallest_token_tile(monkeypatch):
+    # 16 tokens a tile, the smallest a GPU's tuner may pick for every pass (the interpreter's tile
+    # is 128 and a GPU's pinned one 32 or 64 here, which the cases above take): a 7-wide window
+    # over a 23-wide map reaches 3 rows, 69 tokens, so each tile's CRPE reads across several
+    # tiles; the three passes, forward and backward, in fp64
+    from mpvit_kernels.triton import factor_attention as fa
+
+    forget_pinned_tiles()
+    monkeypatch.setattr(fa, "_INTERPRETER_TILE", (16, 4))
+    try:
+        with forced_three_passes(), RecordLaunches() as rec:
+            out, ref, grads, ref_grads = run_both(make_inputs(2, 3, 23, 8, {3: 1, 5: 1, 7: 1}, torch.float64))
+    finally:
+        forget_pinned_tiles()
+    assert {bound["BLOCK_N"] for _, bound in rec.launches if "BLOCK_N" in bound} == {16}
+    assert_close(out, ref, scale=4)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, scale=10)
 
 
 def test_kernels_are_used():

@@ -44,20 +44,11 @@ def gpu_tiles():
     programs, each as cheap to interpret as a small one): every family module's INTERPRET read
     as on a GPU, and the pinned launches' picks made under the other tiles forgotten, before
     and after. On CUDA tensors those are the tiles anyway."""
-    from mpvit_kernels.triton.launch import PinnedHeuristics
     from mpvit_kernels.triton.static_compile import kernel_modules
 
     modules = list(kernel_modules())
-
-    def forget():
-        for module in modules:
-            for launch in vars(module).values():
-                if isinstance(launch, PinnedHeuristics):
-                    launch._picked.clear()
-                    launch._direct.clear()
-
     kept = [module.INTERPRET for module in modules]
-    forget()
+    forget_pinned_tiles()
     for module in modules:
         module.INTERPRET = False
     try:
@@ -65,7 +56,20 @@ def gpu_tiles():
     finally:
         for module, interpret in zip(modules, kept):
             module.INTERPRET = interpret
-        forget()
+        forget_pinned_tiles()
+
+
+def forget_pinned_tiles():
+    """Every pinned launch's picks (tiles computed once per key) forgotten: what a test that
+    changes how tiles are chosen calls before and after."""
+    from mpvit_kernels.triton.launch import PinnedHeuristics
+    from mpvit_kernels.triton.static_compile import kernel_modules
+
+    for module in kernel_modules():
+        for launch in vars(module).values():
+            if isinstance(launch, PinnedHeuristics):
+                launch._picked.clear()
+                launch._direct.clear()
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0):
