@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import mpvit_kernels
 from mpvit_kernels import GLIProjection, ops
 from tests.conftest import BF16, KERNEL_DEVICE, MODEL_SHAPES
-from tests.utils import (LaunchSpy, RecordOps, assert_close, away_from_the_kinks, gpu_tiles, output_and_grad_errors,
+from tests.utils import (LaunchSpy, RecordLaunches, RecordOps, assert_close, away_from_the_kinks, gpu_tiles,
+                         normwise_error, output_and_grad_errors,
                          read_as_a_gpu_process)
 
 # (B, C, Cout, H, W, inputs): odd sizes, Cout != C, channels not multiples of the tiles
@@ -265,6 +266,30 @@ def test_what_a_gpu_tunes():
             fit, pinned = on["fit"][f"{bn} {precision}"], on["tiles"][f"{bn} {dtype}"]
             assert len(fit) >= 3 and pinned in fit, (bn, dtype, fit, pinned)
             assert all(bk == pinned[1] and bm * bn <= 64 * 32 * w for bm, bk, w, _ in fit)
+
+
+def test_every_tile_the_tuner_may_pick_matches_the_reference(monkeypatch):
+    # a GPU's tuner launches one of TUNED_CONFIGS' tiles (the interpreter the pinned tile alone):
+    # each forced in turn at an aligned fp16 launch over 70 pixels and 40 output channels (no
+    # multiple of any tile), against fp64 within twice eager's error
+    import triton
+
+    from mpvit_kernels.triton import gli_projection as kernels
+    from mpvit_kernels.triton.static_compile import jit_function
+
+    m = make_module(24, 40, 3, torch.float16, False)
+    xs = [torch.randn(2, 24, 5, 7, dtype=torch.float16, device=KERNEL_DEVICE).contiguous(
+        memory_format=torch.channels_last) for _ in range(3)]
+    want = chain(copy.deepcopy(m).double(), [x.double() for x in xs])
+    eager = normwise_error(chain(m, xs), want)
+    for config in kernels.TUNED_CONFIGS:
+        monkeypatch.setattr(kernels, "gli_gemm_tuned",
+                            triton.autotune([config], key=[])(jit_function(kernels.gli_gemm_kernel)))
+        with RecordLaunches() as rec:
+            out = m(xs)
+        assert [(meta["BLOCK_M"], meta["BLOCK_K"]) for _, meta in rec.launches] == \
+            [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"])]
+        assert normwise_error(out, want) <= 2 * eager + 1e-3, config
 
 
 def test_gradcheck_float64():

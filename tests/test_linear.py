@@ -253,6 +253,30 @@ def test_what_a_gpu_tunes():
     assert on["fit"]["64 ieee"] == [[32, 16, 4], [32, 16, 8], [64, 16, 4], [64, 16, 8], [128, 16, 8]]
 
 
+@pytest.mark.parametrize("site", ["norm", "gelu"])
+def test_every_tile_the_tuner_may_pick_matches_the_reference(site, monkeypatch):
+    # a GPU's tuner launches one of gli_projection's TUNED_CONFIGS tiles (the interpreter the
+    # pinned tile alone): each forced in turn at an aligned fp16 launch of 70 rows, 24 -> 40
+    # (no multiple of any tile), against fp64 within twice eager's error
+    import triton
+
+    from mpvit_kernels.triton import gli_projection, linear as kernels
+    from mpvit_kernels.triton.static_compile import jit_function
+
+    x, params = make_inputs(70, 24, 40, torch.float16, "rows", site)
+    with torch.no_grad():
+        want = chain(x.double(), *[None if p is None else p.double() for p in params], 1e-6, SITES[site][1])
+        eager = normwise_error(chain(x, *params, 1e-6, SITES[site][1]), want)
+        for config in gli_projection.TUNED_CONFIGS:
+            monkeypatch.setattr(kernels, "linear_tuned",
+                                triton.autotune([config], key=[])(jit_function(kernels.linear_kernel)))
+            with RecordLaunches() as rec:
+                out = ops.linear(x, *params, eps=1e-6, gelu=SITES[site][1])
+            assert [(meta["BLOCK_M"], meta["BLOCK_K"]) for _, meta in rec.launches] == \
+                [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"])]
+            assert normwise_error(out, want) <= 2 * eager + 1e-3, config
+
+
 def test_fp64_gradcheck(norm_grad_at_any_rows):
     for site in ("norm", "gelu"):
         x, params = make_inputs(4, 6, 5, torch.float64, "strided", site)
