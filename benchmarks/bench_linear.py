@@ -1,12 +1,13 @@
 """pytest-benchmark: the block's token Linears with norm1 (qkv) or GELU (fc1) fused, at the
 MPViT-S stage-1 shape, eager vs torch.compile vs ours (ops.linear), forward and
-forward+backward; and the whole MLP onto the residual (ops.linear_mlp), forward (the model runs
-it in inference); on CUDA when there is one (else the eager composition ours runs on a CPU).
-`pytest benchmarks/`."""
+forward+backward; the block after its attention (ops.linear_proj_mlp), forward (the model runs
+it in inference); and the MLP onto the residual (ops.linear_mlp), forward and forward+backward
+(the model runs it in training); on CUDA when there is one (else the eager composition ours runs
+on a CPU). `pytest benchmarks/`."""
 import pytest
 import torch
 
-from mpvit_kernels.bench.linear import IMPLS, MLP, SITES, site_inputs
+from mpvit_kernels.bench.linear import IMPLS, MLP, ROWS_OUT, SITES, site_inputs
 from mpvit_kernels.bench.timing import SUITE_DEVICE as DEVICE, sync
 
 BATCH = 16 if DEVICE == "cuda" else 2
@@ -22,7 +23,7 @@ def test_linear(benchmark, site, impl, backward):
     fn = {"eager": eager, "torch.compile": torch.compile(eager), "ours": ours}[impl]
     x, params = site_inputs(site, BATCH, N, C, torch.float32, DEVICE)
     leaves = [t.requires_grad_(backward) for t in (x, *params)]
-    grad = torch.randn(BATCH, N, C if site == MLP else SITES[site] * C, device=DEVICE)
+    grad = torch.randn(BATCH, N, C if site in ROWS_OUT else SITES[site] * C, device=DEVICE)
 
     def step():
         if backward:
