@@ -3,7 +3,6 @@ reference, forward and every gradient, through the op and through the public mod
 import contextlib
 import itertools
 import sys
-import warnings
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ import torch
 
 import mpvit_kernels
 from mpvit_kernels import ops
+from mpvit_kernels.ops.affine_hswish import batch_norm_hswish
 from tests.conftest import BF16, KERNEL_DEVICE
 from tests.utils import assert_close, gpu_tiles, normwise_error
 
@@ -46,6 +47,14 @@ def rand(g, *shape, dtype, low=None):
     if low is None:
         return torch.randn(shape, dtype=dtype, generator=g).to(KERNEL_DEVICE)
     return (torch.rand(shape, dtype=dtype, generator=g) + low).to(KERNEL_DEVICE)
+
+
+def token_pair(g, M, C, layout, dtype):
+    """Two token tensors of one shape: (2, M, C) each ("tokens"), or (M, C) rows, the first sliced
+    out of wider rows ("strided": a row stride of its own)."""
+    if layout == "tokens":
+        return rand(g, 2, M, C, dtype=dtype), rand(g, 2, M, C, dtype=dtype)
+    return rand(g, M, C + (3 if layout == "strided" else 0), dtype=dtype)[:, :C], rand(g, M, C, dtype=dtype)
 
 
 def against_reference(fn, leaves, g, grad_scale=10, out_scale=4):
@@ -95,6 +104,7 @@ def within_twice_eager(fn, leaves, g):
     inputs, truth = run("reference", torch.float64)
     grad = torch.randn(truth.shape, dtype=torch.float64, generator=g).to(KERNEL_DEVICE)
     grad = grad.masked_fill((truth.detach().abs() < 24 * eps) | ((truth.detach() - 3).abs() < 24 * eps), 0)
+    grad = grad.to(dtype).to(torch.float64)  # the truth's too: ours and eager get it in their dtype
     want = [truth, *torch.autograd.grad(truth, inputs, grad, allow_unused=True)]
     errors = {}
     for name, backend in (("ours", "auto"), ("eager", "reference")):
@@ -118,6 +128,20 @@ def test_affine_hswish(B, C, H, W, hswish, layout, dtype, seed):
     x = 3 * image(g, (B, C, H, W), dtype, layout)  # both sides of Hardswish's kinks at +-3
     scale, shift = rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)
     against_reference(lambda x, s, t: ops.affine_hswish(x, s, t, hswish), [x, scale, shift], g)
+
+
+@DTYPES
+@hypothesis.settings(max_examples=8, **SETTINGS)
+@hypothesis.given(B=st.integers(1, 3), C=CHANNELS, H=SIDE, W=SIDE, hswish=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_affine_hswish_batch(B, C, H, W, hswish, dtype, seed):
+    # a training BatchNorm (batch statistics) + Hardswish on a channels-last map: the stem's and
+    # InvRes's (ops.affine_hswish.batch_norm_hswish)
+    hypothesis.assume(B * H * W > 1)  # batch statistics need two values
+    g = torch.Generator().manual_seed(seed)
+    z = 2 * image(g, (B, C, H, W), dtype, "channels_last") + 0.5
+    gamma, beta = rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)
+    against_reference(lambda z, w, b: batch_norm_hswish(z, w, b, 1e-5, hswish)[0], [z, gamma, beta], g,
+                      grad_scale=100)
 
 
 @DTYPES
@@ -268,3 +292,35 @@ def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
         return ops.linear(x, w, b, *rest[int(bias):], eps=1e-5, gelu=gelu)
 
     against_reference(fn, [x * 2 + 1, *params], g)
+
+
+@DTYPES
+@hypothesis.settings(max_examples=8, **SETTINGS)
+@hypothesis.given(M=st.integers(0, 70), C=st.one_of(st.integers(2, 20), st.sampled_from([16, 24, 32])),
+                  ratio=st.sampled_from([2, 4]), bias=st.booleans(), layout=st.sampled_from(["rows", "strided", "tokens"]),
+                  seed=st.integers(0, 2 ** 16))
+def test_linear_mlp(M, C, ratio, bias, layout, dtype, seed):
+    # the MLP onto its residual, as the blocks train it; at least 2 channels and a hidden of 4 (a
+    # narrower one's weight grads are a few sums whose 16-bit rounding decides any ratio)
+    g = torch.Generator().manual_seed(seed)
+    x, r = token_pair(g, M, C, layout, dtype)
+    w1, w2 = 0.3 * rand(g, ratio * C, C, dtype=dtype), 0.3 * rand(g, C, ratio * C, dtype=dtype)
+    against_reference(lambda x, r, w1, w2, *b: ops.linear_mlp(x, r, w1, b[0] if b else None, w2),
+                      [x, r, w1, w2] + ([rand(g, ratio * C, dtype=dtype)] if bias else []), g)
+
+
+@DTYPES
+@hypothesis.settings(max_examples=6, **SETTINGS)
+@hypothesis.given(M=st.integers(0, 70), C=st.one_of(st.integers(2, 20), st.sampled_from([16, 24, 64, 128])),
+                  ratio=st.sampled_from([1, 4]), layout=st.sampled_from(["rows", "strided", "tokens"]),
+                  seed=st.integers(0, 2 ** 16))
+def test_linear_proj_mlp(M, C, ratio, layout, dtype, seed):
+    # a block after its attention, as inference runs it at C <= 128
+    g = torch.Generator().manual_seed(seed)
+    a, x = token_pair(g, M, C, layout, dtype)
+    hidden = ratio * C
+    leaves = [a, x, 0.3 * rand(g, C, C, dtype=dtype), rand(g, C, dtype=dtype), rand(g, C, dtype=dtype, low=0.5),
+              rand(g, C, dtype=dtype), 0.3 * rand(g, hidden, C, dtype=dtype), rand(g, hidden, dtype=dtype),
+              0.3 * rand(g, C, hidden, dtype=dtype), rand(g, C, dtype=dtype)]
+    against_reference(lambda a, x, wp, pb, lw, lb, w1, b1, w2, b2: ops.linear_proj_mlp(a, x, wp, pb, lw, lb, 1e-6, w1, b1,
+                                                                                       w2, b2), leaves, g)
