@@ -598,20 +598,21 @@ def test_report_settings_let_every_row_compile_and_turn_tf32_off():
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite times CUDA kernels: the speed report's stage")
 def test_pytest_benchmark_suite_runs():
-    # `pytest benchmarks/` (the README's), each case run once (--benchmark-disable), on this CPU
-    # (the C++ twins and eager's ops, not the interpreter), without its torch.compile columns (a
-    # minute of compiles): a wrong grad shape once failed three of its cases for a day unseen
+    # `pytest benchmarks/` (the README's), each of ours' cases run once (--benchmark-disable), on
+    # this CPU (the C++ twins and eager's ops, not the interpreter); a case's set-up is its
+    # column's too (a wrong grad shape once failed all three of a case's columns for a day unseen),
+    # and the eager and torch.compile columns (a minute of compiles) are left out for time
     import os
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks",
-                          "--benchmark-disable", "-k", "not compile"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+                          "--benchmark-disable", "-k", "not compile and not eager"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     passed = re.search(r"([0-9]+) passed", out.stdout)
-    assert passed and int(passed.group(1)) >= 30, out.stdout[-3000:]
+    assert passed and int(passed.group(1)) >= 15, out.stdout[-3000:]
 
 
 def test_host_overhead_tool_runs_the_model_through_tritons_gpu_launch_path():
