@@ -271,7 +271,7 @@ def test_residual_layernorm(B, N, C, layout, dtype, seed):
 @hypothesis.settings(max_examples=8, **SETTINGS)
 # a LayerNorm over two features: its normalised values are +-1 whatever x is, so the input's true grad is
 # tiny and any inconsistency between the statistics and the grad's cancellation shows (ATen's CPU
-# LayerNorm once handed the interpreted backward 16-bit statistics: 300x eager's error in fp16)
+# LayerNorm once handed the interpreted backward 16-bit statistics: a normwise error of 300 in fp16, eager's 0.035)
 @hypothesis.example(M=1, K=2, N=1, layout="rows", norm=True, bias=False, gelu=False, seed=0)
 @hypothesis.given(M=st.integers(0, 80), K=st.integers(1, 70), N=st.integers(1, 140),
                   layout=st.sampled_from(["rows", "strided", "tokens"]), norm=st.booleans(), bias=st.booleans(),

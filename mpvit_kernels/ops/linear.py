@@ -713,7 +713,7 @@ def _backward(ctx, grad):
         if x.device.type == "cpu" and ln_dtype in (torch.float16, torch.bfloat16):
             # (Triton's interpreter) a CPU's 16-bit LayerNorm rounds its mean and rstd to 16 bits
             # where a GPU's keeps them in fp32; its backward from them then loses the cancellation
-            # that makes each row's grad sum to zero (K = 2 in fp16: 300x eager's error), so
+            # that makes each row's grad sum to zero (K = 2 in fp16: a normwise error of 300, eager's 0.035), so
             # compute it as a GPU does
             ln_dtype = torch.float32
         xn, wn, bn = cast(x, ln_dtype), cast(ln_weight, ln_dtype), cast(ln_bias, ln_dtype)
