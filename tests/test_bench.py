@@ -612,7 +612,7 @@ def test_pytest_benchmark_suite_runs():
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     passed = re.search(r"([0-9]+) passed", out.stdout)
-    assert passed and int(passed.group(1)) >= 15, out.stdout[-3000:]
+    assert passed and int(passed.group(1)) >= 19, out.stdout[-3000:]  # ours' cases, the CPU's
 
 
 def test_host_overhead_tool_runs_the_model_through_tritons_gpu_launch_path():

@@ -2,7 +2,8 @@
 interpreted on CPU here, and the C++ twins) against the reference, forward and every gradient,
 over drawn shapes (empty batch, 1x1 maps, sizes that are no multiple of any tile), layouts,
 dtypes and options. fp32 and fp64 against the reference in the same dtype; fp16 and bf16 against
-fp64 within twice eager's error, with a GPU's tiles (the 16-bit paths run on GPUs alone).
+fp64 within twice eager's normwise error plus one rounding, the Triton kernels with a GPU's tiles
+(their 16-bit paths run on GPUs alone; affine_hswish and depthwise take their C++ twins on a CPU).
 Derandomised and bounded, so a run draws the same examples every time and stays within CI's
 budget; the fixed cases of each op's own test file cover model shapes."""
 import contextlib
@@ -140,8 +141,7 @@ def test_affine_hswish_batch(B, C, H, W, hswish, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     z = 2 * image(g, (B, C, H, W), dtype, "channels_last") + 0.5
     gamma, beta = rand(g, C, dtype=dtype, low=0.5), rand(g, C, dtype=dtype)
-    against_reference(lambda z, w, b: batch_norm_hswish(z, w, b, 1e-5, hswish)[0], [z, gamma, beta], g,
-                      grad_scale=100)
+    against_reference(lambda z, w, b: batch_norm_hswish(z, w, b, 1e-5, hswish)[0], [z, gamma, beta], g)
 
 
 @DTYPES
@@ -283,6 +283,7 @@ def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
         x = rand(g, 2, M, K, dtype=dtype)
     else:
         x = rand(g, M, K + (3 if layout == "strided" else 0), dtype=dtype)[:, :K]
+    x.mul_(2).add_(1)  # in place: a strided x stays a view with a row stride of its own
     params = [rand(g, N, K, dtype=dtype)] + ([rand(g, N, dtype=dtype)] if bias else [])
     if norm:
         params += [rand(g, K, dtype=dtype, low=0.5), rand(g, K, dtype=dtype)]
@@ -291,7 +292,7 @@ def test_linear(M, K, N, layout, norm, bias, gelu, dtype, seed):
         b = rest[0] if bias else None
         return ops.linear(x, w, b, *rest[int(bias):], eps=1e-5, gelu=gelu)
 
-    against_reference(fn, [x * 2 + 1, *params], g)
+    against_reference(fn, [x, *params], g)
 
 
 @DTYPES

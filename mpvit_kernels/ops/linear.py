@@ -692,7 +692,8 @@ def _backward(ctx, grad):
     """norm1 -> qkv from NORM_GRAD_ROWS rows: ``linear_norm_grad`` (the LayerNorm's backward in the
     input grad's GEMM), then the weight grad's GEMM. Otherwise (and where the backward itself is
     differentiated) in ATen ops, in the GEMM's dtype as eager's autograd runs them (no casts
-    where x, weight and the grad share a dtype), from u = layer_norm(x) recomputed; GELU's grad
+    where x, weight and the grad share a dtype; on CPU tensors a 16-bit LayerNorm in fp32, as a
+    GPU computes it), from u = layer_norm(x) recomputed; GELU's grad
     from the fused GEMM (h recomputed in registers)."""
     x, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
     eps, gelu = ctx.args
